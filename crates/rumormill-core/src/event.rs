@@ -1,0 +1,32 @@
+use crate::membership::MemberInfo;
+
+/// How a member changed, as seen by the local member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberChange {
+    /// A member was seen for the first time.
+    Joined,
+    /// A member is suspected of having failed.
+    Suspect,
+    /// A member was declared failed.
+    Failed,
+    /// A member left gracefully.
+    Left,
+    /// A suspected, failed or departed member is alive again (it refuted
+    /// the suspicion, or came back).
+    Alive,
+    /// An alive member changed address or restarted (new boot epoch).
+    Updated,
+}
+
+/// What the core tells its driver through [`crate::Overlay::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A membership change.
+    Member {
+        /// What happened.
+        change: MemberChange,
+        /// The member after the change.
+        member: MemberInfo,
+    },
+}

@@ -1,0 +1,419 @@
+//! The rules by which a member's state changes.
+//!
+//! Versions are ordered by `(boot epoch, incarnation)`: a restarted member
+//! (new epoch) supersedes everything said about its previous life, and
+//! within one life only the member itself raises its incarnation, to refute
+//! a suspicion. For one version, failed beats suspect beats alive, so:
+//!
+//! - **alive** is accepted for an unknown member, a newer epoch, or a higher
+//!   incarnation; the same incarnation never revives a failed or departed
+//!   member (tombstones), and an alive member cannot move to another address
+//!   within one epoch (a name conflict);
+//! - **suspect** at the current or a higher incarnation marks an alive member
+//!   suspect and starts a [`Suspicion`]; on a suspect member it counts as a
+//!   confirmation;
+//! - **dead** at the current or a higher version marks a member failed, or
+//!   left when the member said so itself;
+//! - news about the local member at its current version is **refuted**: its
+//!   incarnation goes up and the new alive spreads.
+//!
+//! Every accepted change is queued for piggybacking, so it spreads further.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rumormill_wire::proto::{Alive, Dead, Envelope, Suspect, envelope::Body};
+
+use super::suspicion::Suspicion;
+use super::{Member, MemberState};
+use crate::event::{Event, MemberChange};
+use crate::overlay::Overlay;
+
+pub(crate) fn alive_envelope(name: &str, incarnation: u32, epoch: u64, addr: SocketAddr) -> Envelope {
+    Envelope {
+        body: Some(Body::Alive(Alive {
+            name: name.to_owned(),
+            incarnation,
+            epoch,
+            addr: Some(addr.into()),
+        })),
+    }
+}
+
+pub(crate) fn suspect_envelope(name: &str, incarnation: u32, epoch: u64, from: &str) -> Envelope {
+    Envelope {
+        body: Some(Body::Suspect(Suspect {
+            name: name.to_owned(),
+            incarnation,
+            epoch,
+            from: from.to_owned(),
+        })),
+    }
+}
+
+pub(crate) fn dead_envelope(name: &str, incarnation: u32, epoch: u64, from: &str) -> Envelope {
+    Envelope {
+        body: Some(Body::Dead(Dead {
+            name: name.to_owned(),
+            incarnation,
+            epoch,
+            from: from.to_owned(),
+        })),
+    }
+}
+
+impl Overlay {
+    pub(crate) fn apply_alive(&mut self, now: Instant, name: &str, incarnation: u32, epoch: u64, addr: SocketAddr) {
+        if name == &*self.me.name {
+            if epoch == self.me.epoch && incarnation > self.me.incarnation && !self.is_leaving() {
+                self.refute(incarnation);
+            }
+            return;
+        }
+        let Some(i) = self.members.position(name) else {
+            let name: Arc<str> = name.into();
+            let i = self.members.insert(Member {
+                name: name.clone(),
+                addr,
+                incarnation,
+                epoch,
+                state: MemberState::Alive,
+                since: now,
+            });
+            self.emit(MemberChange::Joined, i);
+            self.piggyback
+                .push(name, alive_envelope(&self.members.at(i).name, incarnation, epoch, addr));
+            return;
+        };
+        let m = self.members.at(i);
+        let new_life = epoch > m.epoch;
+        if epoch < m.epoch {
+            return;
+        }
+        if !new_life {
+            if addr != m.addr {
+                self.stats.name_conflicts += 1;
+                return;
+            }
+            if incarnation <= m.incarnation {
+                return;
+            }
+        }
+        let was = m.state;
+        let moved = addr != m.addr;
+        let name = m.name.clone();
+        self.members.update(i, |m| {
+            m.incarnation = incarnation;
+            m.epoch = epoch;
+            m.addr = addr;
+            if was != MemberState::Alive {
+                m.state = MemberState::Alive;
+                m.since = now;
+            }
+        });
+        self.suspicions.remove(&name);
+        let change = match was {
+            MemberState::Alive if new_life || moved => Some(MemberChange::Updated),
+            MemberState::Alive => None,
+            _ => Some(MemberChange::Alive),
+        };
+        if let Some(change) = change {
+            self.emit(change, i);
+        }
+        self.piggyback
+            .push(name.clone(), alive_envelope(&name, incarnation, epoch, addr));
+    }
+
+    pub(crate) fn apply_suspect(&mut self, now: Instant, name: &str, incarnation: u32, epoch: u64, from: &str) {
+        if name == &*self.me.name {
+            self.about_me(epoch, incarnation);
+            return;
+        }
+        let Some(i) = self.members.position(name) else { return };
+        let m = self.members.at(i);
+        if epoch != m.epoch || incarnation < m.incarnation {
+            return;
+        }
+        let name = m.name.clone();
+        match m.state {
+            MemberState::Failed | MemberState::Left => {}
+            MemberState::Suspect => {
+                if incarnation > m.incarnation {
+                    self.members.update(i, |m| m.incarnation = incarnation);
+                }
+                let confirmed = self.suspicions.get_mut(&name).is_some_and(|s| s.confirm(from.into()));
+                if confirmed {
+                    self.piggyback
+                        .push(name.clone(), suspect_envelope(&name, incarnation, epoch, from));
+                }
+            }
+            MemberState::Alive => {
+                self.members.update(i, |m| {
+                    m.state = MemberState::Suspect;
+                    m.incarnation = incarnation;
+                    m.since = now;
+                });
+                let n = self.cluster_size();
+                let (min, max) = self.config.suspicion_timeouts(n);
+                let k = self.config.suspicion_mult.saturating_sub(2);
+                let k = if n.saturating_sub(2) < k as usize { 0 } else { k };
+                let s = Suspicion::new(now, (epoch, incarnation), from.into(), k, min, max);
+                self.suspicions.insert(name.clone(), s);
+                self.emit(MemberChange::Suspect, i);
+                self.piggyback
+                    .push(name.clone(), suspect_envelope(&name, incarnation, epoch, from));
+            }
+        }
+    }
+
+    pub(crate) fn apply_dead(&mut self, now: Instant, name: &str, incarnation: u32, epoch: u64, from: &str) {
+        let left = name == from;
+        if name == &*self.me.name {
+            if !left {
+                self.about_me(epoch, incarnation);
+            }
+            return;
+        }
+        let Some(i) = self.members.position(name) else { return };
+        let m = self.members.at(i);
+        if (epoch, incarnation) < m.version() {
+            return;
+        }
+        let name = m.name.clone();
+        let state = if left { MemberState::Left } else { MemberState::Failed };
+        if !m.state.is_live() {
+            // Already a tombstone: only keep the newest version.
+            self.members.update(i, |m| {
+                m.epoch = epoch;
+                m.incarnation = incarnation;
+            });
+            return;
+        }
+        self.members.update(i, |m| {
+            m.state = state;
+            m.epoch = epoch;
+            m.incarnation = incarnation;
+            m.since = now;
+        });
+        self.suspicions.remove(&name);
+        self.emit(if left { MemberChange::Left } else { MemberChange::Failed }, i);
+        self.piggyback
+            .push(name.clone(), dead_envelope(&name, incarnation, epoch, from));
+    }
+
+    /// Suspicion timed out: the local member declares the suspect failed.
+    pub(crate) fn expire_suspicions(&mut self, now: Instant) {
+        let expired: Vec<(Arc<str>, Suspicion)> = self
+            .suspicions
+            .iter()
+            .filter(|(_, s)| s.deadline <= now)
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let me = self.me.name.clone();
+        for (name, s) in expired {
+            self.suspicions.remove(&name);
+            self.apply_dead(now, &name, s.incarnation, s.epoch, &me);
+        }
+    }
+
+    /// Someone suspects the local member, or declares it failed. At the
+    /// current version: refute. At an older version the sender missed the
+    /// refutation: spread the current alive again (no new incarnation).
+    fn about_me(&mut self, epoch: u64, incarnation: u32) {
+        if self.is_leaving() || epoch != self.me.epoch {
+            return;
+        }
+        if incarnation >= self.me.incarnation {
+            self.refute(incarnation);
+        } else {
+            let env = self.local_alive();
+            self.piggyback.push(self.me.name.clone(), env);
+        }
+    }
+
+    /// Someone says the local member is suspect or failed (or is alive at a
+    /// version it never had): raise the incarnation and spread the news.
+    pub(crate) fn refute(&mut self, seen: u32) {
+        self.me.incarnation = seen.max(self.me.incarnation).saturating_add(1);
+        self.awareness.apply(1);
+        self.stats.refutations += 1;
+        let env = self.local_alive();
+        self.piggyback.push(self.me.name.clone(), env);
+    }
+
+    pub(crate) fn local_alive(&self) -> Envelope {
+        alive_envelope(&self.me.name, self.me.incarnation, self.me.epoch, self.me.addr)
+    }
+
+    pub(crate) fn emit(&mut self, change: MemberChange, i: usize) {
+        self.events.push_back(Event::Member {
+            change,
+            member: self.members.at(i).info(),
+        });
+    }
+
+    /// Live members including the local one.
+    pub(crate) fn cluster_size(&self) -> usize {
+        self.members.live() + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::testkit::{Net, addr, name};
+    use crate::{Config, MemberChange, MemberInfo, MemberState, Overlay, Security};
+
+    fn lan() -> Config {
+        Config::new_lan()
+    }
+
+    #[test]
+    fn members_join_through_a_seed_and_converge() {
+        let mut net = Net::new(5, lan());
+        net.run_for(Duration::from_secs(5));
+        assert!(net.all_alive());
+        assert_eq!(net.node(4).live_count(), 5);
+    }
+
+    #[test]
+    fn a_suspected_member_refutes_with_a_higher_incarnation() {
+        let mut net = Net::new(4, lan());
+        net.run_for(Duration::from_secs(3));
+        // Cut n3 off long enough to be suspected, not long enough to be failed.
+        net.partition(&[3]);
+        for _ in 0..100 {
+            if !net.changes(3, MemberChange::Suspect).is_empty() {
+                break;
+            }
+            net.run_for(Duration::from_millis(100));
+        }
+        assert!(
+            !net.changes(3, MemberChange::Suspect).is_empty(),
+            "n3 should be suspected"
+        );
+        net.cut.clear();
+        net.run_for(Duration::from_secs(3));
+        assert!(net.node(3).local().incarnation >= 1, "n3 must have refuted");
+        assert!(
+            net.changes(3, MemberChange::Failed).is_empty(),
+            "refuted in time: never failed"
+        );
+        assert!(!net.changes(3, MemberChange::Alive).is_empty());
+        assert!(net.all_alive());
+    }
+
+    #[test]
+    fn a_silent_member_is_declared_failed_by_everyone() {
+        let mut net = Net::new(5, lan());
+        net.run_for(Duration::from_secs(3));
+        net.kill(2);
+        net.run_for(Duration::from_secs(40));
+        for i in [0, 1, 3, 4] {
+            assert_eq!(net.state_at(i, 2), Some(MemberState::Failed), "seen by n{i}");
+        }
+    }
+
+    #[test]
+    fn graceful_leave_is_left_not_failed() {
+        let mut net = Net::new(4, lan());
+        net.run_for(Duration::from_secs(3));
+        let now = net.now;
+        net.node(1).leave(now);
+        net.run_for(Duration::from_secs(5));
+        assert!(net.node(1).is_closed());
+        for i in [0, 2, 3] {
+            assert_eq!(net.state_at(i, 1), Some(MemberState::Left));
+        }
+        assert!(net.changes(1, MemberChange::Failed).is_empty());
+    }
+
+    #[test]
+    fn a_stale_state_sync_never_resurrects_a_departed_member() {
+        let mut net = Net::new(3, lan());
+        net.run_for(Duration::from_secs(3));
+        let old = net.node(0).member(&name(2)).expect("n0 knows n2");
+        let now = net.now;
+        net.node(2).leave(now);
+        net.run_for(Duration::from_secs(5));
+        assert_eq!(net.state_at(0, 2), Some(MemberState::Left));
+        // A member that still holds n2 alive at the same version syncs with n0.
+        let mut stale = Overlay::new(
+            lan(),
+            crate::Identity::new("stale", addr(99), 1),
+            Security::Plaintext,
+            5,
+            now,
+        );
+        stale.restore(
+            now,
+            [MemberInfo {
+                state: MemberState::Alive,
+                ..old
+            }],
+        );
+        stale.join(now, &[addr(0)]);
+        net.nodes.push(Some(stale));
+        net.run_for(Duration::from_millis(10));
+        assert_eq!(net.state_at(0, 2), Some(MemberState::Left), "the tombstone wins");
+        assert!(net.changes(2, MemberChange::Alive).is_empty());
+        // And n0's reply taught the stale member the tombstone.
+        let stale = net.nodes[3].as_ref().expect("running");
+        assert_eq!(stale.member(&name(2)).map(|m| m.state), Some(MemberState::Left));
+    }
+
+    #[test]
+    fn a_restarted_member_takes_over_its_name_at_a_new_address() {
+        let mut net = Net::new(4, lan());
+        net.run_for(Duration::from_secs(3));
+        net.kill(3);
+        net.run_for(Duration::from_secs(40));
+        assert_eq!(net.state_at(0, 3), Some(MemberState::Failed));
+        net.restart(3, 2, addr(50));
+        net.run_for(Duration::from_secs(3));
+        for i in 0..3 {
+            let m = net.node(i).member(&name(3)).expect("known");
+            assert_eq!(
+                (m.state, m.epoch, m.addr),
+                (MemberState::Alive, 2, addr(50)),
+                "seen by n{i}"
+            );
+        }
+        assert!(!net.changes(3, MemberChange::Alive).is_empty());
+    }
+
+    #[test]
+    fn a_quick_restart_before_detection_is_an_update() {
+        let mut net = Net::new(3, lan());
+        net.run_for(Duration::from_secs(3));
+        net.kill(2);
+        net.restart(2, 2, addr(2));
+        net.run_for(Duration::from_secs(2));
+        assert!(!net.changes(2, MemberChange::Updated).is_empty());
+        assert_eq!(net.node(0).member(&name(2)).map(|m| m.epoch), Some(2));
+        assert!(net.changes(2, MemberChange::Failed).is_empty());
+    }
+
+    #[test]
+    fn an_address_conflict_within_one_epoch_is_refused() {
+        let mut net = Net::new(2, lan());
+        net.run_for(Duration::from_secs(2));
+        let now = net.now;
+        // An impostor claims n1's name and epoch from another address.
+        let mut impostor = Overlay::new(
+            lan(),
+            crate::Identity::new(name(1), addr(77), 1),
+            Security::Plaintext,
+            9,
+            now,
+        );
+        impostor.join(now, &[addr(0)]);
+        while let Some(t) = impostor.poll_transmit() {
+            net.raw(0, addr(77), t.kind, &t.payload);
+        }
+        assert_eq!(net.node(0).member(&name(1)).map(|m| m.addr), Some(addr(1)));
+        assert!(net.node(0).stats().name_conflicts >= 1);
+    }
+}

@@ -1,0 +1,122 @@
+//! Membership changes piggybacked on every packet.
+//!
+//! Each change (alive, suspect, dead) waits here and is added to outgoing
+//! packets — probes, acks and gossip rounds — whenever there is room, the
+//! least-sent first and, among equals, the newest first. A change is
+//! retransmitted `retransmit_mult · ceil(log10(n + 1))` times, enough for an
+//! epidemic to reach every member with high probability, then dropped. News
+//! about a member replaces older news about the same member.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use rumormill_wire::proto::Envelope;
+use rumormill_wire::{PacketBuilder, envelope_len};
+
+type Priority = (u32, Reverse<u64>);
+
+#[derive(Debug)]
+struct Entry {
+    member: Arc<str>,
+    envelope: Envelope,
+    len: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Piggyback {
+    queue: BTreeMap<Priority, Entry>,
+    by_member: HashMap<Arc<str>, Priority>,
+    next_id: u64,
+}
+
+impl Piggyback {
+    pub(crate) fn push(&mut self, member: Arc<str>, envelope: Envelope) {
+        if let Some(old) = self.by_member.remove(&member) {
+            self.queue.remove(&old);
+        }
+        let prio = (0, Reverse(self.next_id));
+        self.next_id += 1;
+        let len = envelope_len(&envelope);
+        self.by_member.insert(member.clone(), prio);
+        self.queue.insert(prio, Entry { member, envelope, len });
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Adds as many changes as fit, counting a transmission for each and
+    /// dropping those sent `limit` times.
+    pub(crate) fn fill(&mut self, packet: &mut PacketBuilder, limit: u32) {
+        let mut taken = Vec::new();
+        for (prio, e) in &self.queue {
+            if packet.remaining() < 4 {
+                break;
+            }
+            if packet.fits(e.len) {
+                taken.push(*prio);
+                // Cannot fail: it fits.
+                let _ = packet.push(e.envelope.clone());
+            }
+        }
+        for prio in taken {
+            let Some(e) = self.queue.remove(&prio) else { continue };
+            let sent = prio.0 + 1;
+            if sent >= limit {
+                self.by_member.remove(&e.member);
+            } else {
+                let next = (sent, prio.1);
+                self.by_member.insert(e.member.clone(), next);
+                self.queue.insert(next, e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumormill_wire::proto::{Ack, envelope::Body};
+
+    fn env(seq: u32) -> Envelope {
+        Envelope {
+            body: Some(Body::Ack(Ack { seq })),
+        }
+    }
+
+    #[test]
+    fn each_change_is_sent_limit_times_then_dropped() {
+        let mut q = Piggyback::default();
+        q.push("a".into(), env(1));
+        for round in 0..3 {
+            let mut b = PacketBuilder::new(1000);
+            q.fill(&mut b, 3);
+            assert_eq!(b.len(), 1, "round {round}");
+        }
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn newer_news_about_a_member_replaces_the_old_and_least_sent_go_first() {
+        let mut q = Piggyback::default();
+        q.push("a".into(), env(1));
+        let mut b = PacketBuilder::new(1000);
+        q.fill(&mut b, 10);
+        q.push("b".into(), env(2));
+        q.push("a".into(), env(3));
+        assert_eq!(q.len(), 2);
+        // Room for one envelope only: the newest unsent goes first.
+        let mut b = PacketBuilder::new(envelope_len(&env(3)));
+        q.fill(&mut b, 10);
+        assert_eq!(
+            rumormill_wire::decode_packet(&b.finish()).unwrap().envelopes,
+            vec![env(3)]
+        );
+    }
+}

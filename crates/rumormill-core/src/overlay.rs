@@ -1,0 +1,610 @@
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rumormill_wire::proto::{Envelope, envelope::Body};
+use rumormill_wire::{Codec, FrameKind, KeyId, KeyInfo, Keyring, PacketBuilder, Security, WireError};
+
+use crate::config::Config;
+use crate::event::Event;
+use crate::membership::awareness::Awareness;
+use crate::membership::piggyback::Piggyback;
+use crate::membership::suspicion::Suspicion;
+use crate::membership::swim::{Probe, Relay};
+use crate::membership::{Member, MemberInfo, MemberState, Members};
+
+/// Who the local member is.
+///
+/// ```
+/// let id = rumormill_core::Identity::new("web-1", "127.0.0.1:7950".parse().unwrap(), 3);
+/// assert_eq!(&*id.name, "web-1");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Unique name in the overlay. A member restarted with the same name
+    /// (and a higher epoch) takes over its old identity.
+    pub name: Arc<str>,
+    /// Address others reach it at (datagrams and streams).
+    pub addr: SocketAddr,
+    /// Boot epoch: must be higher at every start of the same name, e.g. a
+    /// counter kept on disk. It orders the lives of a member and keys the
+    /// nonce space of its packets.
+    pub epoch: u64,
+}
+
+impl Identity {
+    /// An identity.
+    pub fn new(name: impl Into<Arc<str>>, addr: SocketAddr, epoch: u64) -> Identity {
+        Identity {
+            name: name.into(),
+            addr,
+            epoch,
+        }
+    }
+
+    /// The sender id in packet headers: derived from the name, so unique in
+    /// the overlay; together with the epoch it keys the per-sender subkey.
+    pub fn sender_id(&self) -> u64 {
+        use std::hash::Hasher;
+        // FNV-1a: stable across builds and platforms.
+        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+        h.write(self.name.as_bytes());
+        h.finish()
+    }
+}
+
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Errors of API calls on an [`Overlay`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// A keyring operation failed.
+    #[error(transparent)]
+    Key(#[from] WireError),
+    /// The member has left the overlay.
+    #[error("this member has left the overlay")]
+    Left,
+}
+
+/// Something the driver must send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub to: SocketAddr,
+    /// A datagram, or a frame for a stream (which the driver prefixes with
+    /// its length, see [`rumormill_wire::encode_frame`]).
+    pub kind: FrameKind,
+    /// The sealed bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Counters of what the overlay sent, received and rejected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams sent.
+    pub datagrams_sent: u64,
+    /// Bytes of datagrams sent.
+    pub datagram_bytes_sent: u64,
+    /// Stream frames sent.
+    pub frames_sent: u64,
+    /// Bytes of stream frames sent.
+    pub frame_bytes_sent: u64,
+    /// Datagrams received.
+    pub datagrams_received: u64,
+    /// Stream frames received.
+    pub frames_received: u64,
+    /// Bytes received (datagrams and frames).
+    pub bytes_received: u64,
+    /// Packets dropped because the wire layer rejected them (foreign key,
+    /// replay, garbage…).
+    pub rejected: u64,
+    /// The last reason for a rejection.
+    pub last_rejection: Option<WireError>,
+    /// Messages that decoded but made no sense (bad address, empty name).
+    pub malformed: u64,
+    /// Pings addressed to another member name.
+    pub misdirected: u64,
+    /// Alive messages for a known name, same epoch, other address.
+    pub name_conflicts: u64,
+    /// Times the local member refuted a suspicion.
+    pub refutations: u64,
+    /// Packets that could not be sealed (nonce counter exhausted).
+    pub seal_errors: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Local {
+    pub(crate) name: Arc<str>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) epoch: u64,
+    pub(crate) incarnation: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Timers {
+    pub(crate) probe: Instant,
+    pub(crate) gossip: Instant,
+    pub(crate) push_pull: Instant,
+    pub(crate) reconnect: Instant,
+    pub(crate) reap: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Active,
+    Leaving,
+    Closed,
+}
+
+/// One member's participation in one overlay: the sans-IO state machine.
+///
+/// See the [crate documentation](crate) for the input/output contract.
+pub struct Overlay {
+    pub(crate) config: Config,
+    pub(crate) me: Local,
+    codec: Codec,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) members: Members,
+    pub(crate) piggyback: Piggyback,
+    pub(crate) awareness: Awareness,
+    pub(crate) suspicions: BTreeMap<Arc<str>, Suspicion>,
+    pub(crate) probe: Option<Probe>,
+    pub(crate) probe_index: usize,
+    pub(crate) relays: BTreeMap<u32, Relay>,
+    pub(crate) reconnects: BTreeMap<u32, (SocketAddr, Instant)>,
+    pub(crate) next_seq: u32,
+    pub(crate) seeds: Vec<SocketAddr>,
+    pub(crate) timers: Timers,
+    status: Status,
+    transmits: VecDeque<Transmit>,
+    pub(crate) events: VecDeque<Event>,
+    pub(crate) stats: Stats,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("me", &self.me)
+            .field("members", &self.members.len())
+            .field("codec", &self.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Overlay {
+    /// A new member of an overlay named by `config`-independent identity;
+    /// `security` decides whether packets are sealed; `seed` seeds the RNG.
+    /// The overlay id in headers is derived from nothing but the keyring and
+    /// is set with [`Overlay::with_overlay_id`] when several overlays share
+    /// a port.
+    pub fn new(config: Config, identity: Identity, security: Security, seed: u64, now: Instant) -> Overlay {
+        Overlay::with_overlay_id(config, identity, security, seed, now, 0)
+    }
+
+    /// Like [`Overlay::new`], tagging every packet with `overlay_id` (see
+    /// [`rumormill_wire::overlay_id`]) and rejecting packets of others.
+    pub fn with_overlay_id(
+        config: Config,
+        identity: Identity,
+        security: Security,
+        seed: u64,
+        now: Instant,
+        overlay_id: u32,
+    ) -> Overlay {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Random phases, so that members started together do not act in lockstep.
+        let mut phase = |d: Duration| now + d.mul_f64(rng.random::<f64>());
+        let timers = Timers {
+            probe: phase(config.probe_interval),
+            gossip: phase(config.gossip_interval),
+            push_pull: phase(config.push_pull_interval),
+            reconnect: phase(config.reconnect_interval),
+            reap: now + config.tombstone_ttl.min(Duration::from_secs(60)),
+        };
+        let codec = Codec::new(overlay_id, identity.sender_id(), identity.epoch, security);
+        Overlay {
+            awareness: Awareness::new(config.awareness_max),
+            config,
+            me: Local {
+                name: identity.name,
+                addr: identity.addr,
+                epoch: identity.epoch,
+                incarnation: 0,
+            },
+            codec,
+            rng,
+            members: Members::default(),
+            piggyback: Piggyback::default(),
+            suspicions: BTreeMap::new(),
+            probe: None,
+            probe_index: 0,
+            relays: BTreeMap::new(),
+            reconnects: BTreeMap::new(),
+            next_seq: 0,
+            seeds: Vec::new(),
+            timers,
+            status: Status::Active,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    // ----- inputs -------------------------------------------------------
+
+    /// Handles a datagram or a stream frame.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, kind: FrameKind, bytes: &[u8]) {
+        match kind {
+            FrameKind::Datagram => self.handle_datagram(now, from, bytes),
+            FrameKind::Stream => self.handle_stream(now, from, bytes),
+        }
+    }
+
+    /// Handles a received datagram. Anything that does not open and decode
+    /// is counted in [`Stats::rejected`] and dropped.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.stats.datagrams_received += 1;
+        self.stats.bytes_received += bytes.len() as u64;
+        if self.status == Status::Closed {
+            return;
+        }
+        let packet = self
+            .codec
+            .open(FrameKind::Datagram, bytes)
+            .and_then(|o| rumormill_wire::decode_packet(&o.body));
+        match packet {
+            Ok(p) => {
+                for e in p.envelopes {
+                    self.handle_envelope(now, from, e);
+                }
+            }
+            Err(e) => self.reject(e),
+        }
+    }
+
+    /// Handles one frame received on a stream (without its length prefix).
+    pub fn handle_stream(&mut self, now: Instant, from: SocketAddr, frame: &[u8]) {
+        self.stats.frames_received += 1;
+        self.stats.bytes_received += frame.len() as u64;
+        if self.status == Status::Closed {
+            return;
+        }
+        if frame.len() > self.config.max_stream_frame {
+            self.reject(WireError::FrameTooLarge {
+                len: frame.len(),
+                max: self.config.max_stream_frame,
+            });
+            return;
+        }
+        match self
+            .codec
+            .open(FrameKind::Stream, frame)
+            .and_then(|o| rumormill_wire::decode_envelope(&o.body))
+        {
+            Ok(e) => self.handle_envelope(now, from, e),
+            Err(e) => self.reject(e),
+        }
+    }
+
+    fn reject(&mut self, e: WireError) {
+        self.stats.rejected += 1;
+        self.stats.last_rejection = Some(e);
+    }
+
+    fn handle_envelope(&mut self, now: Instant, from: SocketAddr, e: Envelope) {
+        let Some(body) = e.body else {
+            self.stats.malformed += 1;
+            return;
+        };
+        match body {
+            Body::Ping(p) => self.on_ping(now, from, p),
+            Body::Ack(a) => self.on_ack(now, a),
+            Body::PingReq(r) => self.on_ping_req(now, from, r),
+            Body::Nack(n) => self.on_nack(n),
+            Body::Alive(a) => match rumormill_wire::socket_addr(a.addr.as_ref()) {
+                Ok(addr) if !a.name.is_empty() => self.apply_alive(now, &a.name, a.incarnation, a.epoch, addr),
+                _ => self.stats.malformed += 1,
+            },
+            Body::Suspect(s) => self.apply_suspect(now, &s.name, s.incarnation, s.epoch, &s.from),
+            Body::Dead(d) => self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from),
+            Body::PushPull(pp) => self.on_push_pull(now, from, pp),
+        }
+    }
+
+    /// Advances timers: probes, gossip, push-pull, reconnection, suspicion
+    /// timeouts. Call it at (or after) [`Overlay::poll_timeout`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.status {
+            Status::Closed => return,
+            Status::Leaving if self.piggyback.is_empty() => {
+                self.status = Status::Closed;
+                return;
+            }
+            Status::Leaving => {}
+            Status::Active => {
+                if let Some(deadline) = self.probe.as_ref().and_then(|p| p.direct_deadline) {
+                    if deadline <= now {
+                        self.start_indirect_probe(now);
+                    }
+                }
+                self.expire_relays(now);
+                self.expire_suspicions(now);
+                if self.timers.probe <= now {
+                    self.probe_tick(now);
+                }
+                if self.timers.push_pull <= now {
+                    self.push_pull_tick(now);
+                }
+                if self.timers.reconnect <= now {
+                    self.reconnect_tick(now);
+                }
+                if self.timers.reap <= now {
+                    self.reap_tick(now);
+                }
+            }
+        }
+        if self.timers.gossip <= now {
+            self.gossip_tick(now);
+        }
+    }
+
+    /// Contacts the given addresses (seeds) with a full-state exchange. They
+    /// are also remembered as seeds to re-contact whenever none of them is
+    /// seen alive.
+    pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) {
+        if self.status == Status::Active {
+            self.join_via(now, seeds);
+        }
+    }
+
+    /// Replaces the seed addresses re-contacted when not seen alive.
+    pub fn set_seeds(&mut self, seeds: Vec<SocketAddr>) {
+        self.seeds = seeds;
+    }
+
+    /// Adds members known from elsewhere (a snapshot taken before a
+    /// restart, or a bootstrap list) without events. Entries about the local
+    /// member, or already known, are ignored.
+    pub fn restore(&mut self, now: Instant, members: impl IntoIterator<Item = MemberInfo>) {
+        for m in members {
+            if m.name == self.me.name || self.members.position(&m.name).is_some() {
+                continue;
+            }
+            self.members.insert(Member {
+                name: m.name,
+                addr: m.addr,
+                incarnation: m.incarnation,
+                epoch: m.epoch,
+                state: m.state,
+                since: now,
+            });
+        }
+    }
+
+    /// Leaves gracefully: tells the overlay, keeps gossiping until the news
+    /// has been retransmitted enough, then goes quiet ([`Overlay::is_closed`]).
+    pub fn leave(&mut self, now: Instant) {
+        if self.status != Status::Active {
+            return;
+        }
+        self.status = Status::Leaving;
+        self.probe = None;
+        let (name, inc, epoch) = (self.me.name.clone(), self.me.incarnation, self.me.epoch);
+        let dead = crate::membership::lifecycle::dead_envelope(&name, inc, epoch, &name);
+        self.piggyback.push(name, dead);
+        self.timers.gossip = now;
+    }
+
+    /// Whether a [`Overlay::leave`] has completed.
+    pub fn is_closed(&self) -> bool {
+        self.status == Status::Closed
+    }
+
+    pub(crate) fn is_leaving(&self) -> bool {
+        self.status != Status::Active
+    }
+
+    /// Installs a key (the overlay must be encrypted).
+    pub fn install_key(&mut self, key: &[u8]) -> Result<KeyId, CoreError> {
+        Ok(self.codec.with_keyring(|r| r.install(key))?)
+    }
+
+    /// Makes an installed key the one outgoing packets are sealed with.
+    pub fn use_key(&mut self, id: KeyId) -> Result<(), CoreError> {
+        Ok(self.codec.with_keyring(|r| r.use_key(id))?)
+    }
+
+    /// Removes a key that is not the primary one.
+    pub fn remove_key(&mut self, id: KeyId) -> Result<(), CoreError> {
+        Ok(self.codec.with_keyring(|r| r.remove(id))?)
+    }
+
+    /// Runs any keyring operation.
+    pub fn with_keyring<T>(&mut self, f: impl FnOnce(&mut Keyring) -> Result<T, WireError>) -> Result<T, CoreError> {
+        Ok(self.codec.with_keyring(f)?)
+    }
+
+    /// The installed keys, or `None` on a plain-text overlay.
+    pub fn keys(&self) -> Option<Vec<KeyInfo>> {
+        self.codec.keys()
+    }
+
+    // ----- outputs ------------------------------------------------------
+
+    /// The next datagram or stream frame to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Overlay::handle_timeout`] must be called next; `None` once
+    /// closed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let gossip = (!self.piggyback.is_empty()).then_some(self.timers.gossip);
+        match self.status {
+            Status::Closed => None,
+            Status::Leaving => gossip.or(Some(self.timers.gossip)),
+            Status::Active => {
+                let t = &self.timers;
+                let mut next = t.probe.min(t.push_pull).min(t.reconnect).min(t.reap);
+                let others = [
+                    gossip,
+                    self.probe.as_ref().and_then(|p| p.direct_deadline),
+                    self.relays.values().map(|r| r.deadline).min(),
+                    self.reconnects.values().map(|r| r.1).min(),
+                    self.suspicions.values().map(|s| s.deadline).min(),
+                ];
+                for d in others.into_iter().flatten() {
+                    next = next.min(d);
+                }
+                Some(next)
+            }
+        }
+    }
+
+    // ----- queries ------------------------------------------------------
+
+    /// The local member's name.
+    pub fn name(&self) -> &str {
+        &self.me.name
+    }
+
+    /// The local member's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.me.addr
+    }
+
+    /// The local member as others should see it.
+    pub fn local(&self) -> MemberInfo {
+        MemberInfo {
+            name: self.me.name.clone(),
+            addr: self.me.addr,
+            incarnation: self.me.incarnation,
+            epoch: self.me.epoch,
+            state: if self.is_leaving() {
+                MemberState::Left
+            } else {
+                MemberState::Alive
+            },
+        }
+    }
+
+    /// One member by name (not the local one).
+    pub fn member(&self, name: &str) -> Option<MemberInfo> {
+        self.members.get(name).map(Member::info)
+    }
+
+    /// All known members except the local one, tombstones included, in no
+    /// particular but deterministic order.
+    pub fn members(&self) -> impl Iterator<Item = MemberInfo> + '_ {
+        self.members.iter().map(Member::info)
+    }
+
+    /// Alive and suspect members, the local one included.
+    pub fn live_count(&self) -> usize {
+        self.cluster_size()
+    }
+
+    /// Lifeguard's local health score (0 = healthy).
+    pub fn health_score(&self) -> u32 {
+        self.awareness.score()
+    }
+
+    /// Traffic counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    // ----- sending ------------------------------------------------------
+
+    /// Sends messages in one datagram, filling the rest with piggybacked
+    /// membership changes.
+    pub(crate) fn send(&mut self, _now: Instant, to: SocketAddr, msgs: Vec<Envelope>) {
+        let budget = self.config.mtu.saturating_sub(self.codec.overhead());
+        let mut packet = PacketBuilder::new(budget);
+        for m in msgs {
+            if let Err(m) = packet.push(m) {
+                // Too big for one datagram: it goes over a stream instead.
+                self.send_stream(_now, to, m);
+            }
+        }
+        let limit = self.config.retransmit_limit(self.cluster_size());
+        self.piggyback.fill(&mut packet, limit);
+        if packet.is_empty() {
+            return;
+        }
+        self.seal(to, FrameKind::Datagram, &packet.finish());
+    }
+
+    pub(crate) fn send_stream(&mut self, _now: Instant, to: SocketAddr, msg: Envelope) {
+        self.seal(to, FrameKind::Stream, &rumormill_wire::encode_envelope(&msg));
+    }
+
+    fn seal(&mut self, to: SocketAddr, kind: FrameKind, body: &[u8]) {
+        match self.codec.seal(kind, body) {
+            Ok(payload) => {
+                match kind {
+                    FrameKind::Datagram => {
+                        self.stats.datagrams_sent += 1;
+                        self.stats.datagram_bytes_sent += payload.len() as u64;
+                    }
+                    FrameKind::Stream => {
+                        self.stats.frames_sent += 1;
+                        self.stats.frame_bytes_sent += payload.len() as u64;
+                    }
+                }
+                self.transmits.push_back(Transmit { to, kind, payload });
+            }
+            Err(_) => self.stats.seal_errors += 1,
+        }
+    }
+
+    /// A gossip round: piggybacked changes to a few random members (live
+    /// ones, and recently failed ones so they can refute).
+    fn gossip_tick(&mut self, now: Instant) {
+        let interval = self.config.gossip_interval;
+        while self.timers.gossip <= now {
+            self.timers.gossip += interval;
+        }
+        if self.piggyback.is_empty() {
+            return;
+        }
+        let dead_window = self.config.gossip_to_the_dead;
+        let targets = self.members.random(self.config.gossip_nodes, &mut self.rng, |m| {
+            m.state.is_live()
+                || (m.state == MemberState::Failed && now.saturating_duration_since(m.since) < dead_window)
+        });
+        for i in targets {
+            let addr = self.members.at(i).addr;
+            self.send(now, addr, Vec::new());
+            if self.piggyback.is_empty() {
+                break;
+            }
+        }
+    }
+}

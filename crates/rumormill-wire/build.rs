@@ -1,0 +1,17 @@
+//! Compiles `proto/` with protox (pure Rust, no `protoc`) and prost-build.
+use std::path::PathBuf;
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["rumormill/v1/membership.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", root.join(f).display());
+    }
+    let fds = match protox::compile(files, [&root]) {
+        Ok(fds) => fds,
+        Err(e) => panic!("proto/ does not compile: {e:?}"),
+    };
+    if let Err(e) = prost_build::Config::new().compile_fds(fds) {
+        panic!("prost-build failed: {e}");
+    }
+}

@@ -1,0 +1,316 @@
+use std::collections::BTreeMap;
+
+use hkdf::Hkdf;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::aead::{Cipher, NONCE_LEN, TAG_LEN};
+use crate::error::WireError;
+use crate::header::{FrameKind, HEADER_LEN, Header};
+use crate::keyring::{KeyId, KeyInfo, Keyring};
+use crate::replay::ReplayGuard;
+
+const MAX_CACHED_PEER_CIPHERS: usize = 4096;
+
+/// Whether an overlay's packets are sealed.
+#[derive(Debug)]
+pub enum Security {
+    /// No encryption and no authentication: for tests and simulation only.
+    Plaintext,
+    /// AEAD with the keyring's primary key; any installed key is accepted.
+    Encrypted(Keyring),
+}
+
+/// A packet that passed every check, with its decrypted body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The packet's header.
+    pub header: Header,
+    /// The protobuf body.
+    pub body: Vec<u8>,
+}
+
+/// Seals outgoing and opens incoming packets of one member of one overlay.
+///
+/// Nonces never repeat under one key: each sender seals with a subkey derived
+/// by HKDF-SHA256 from the overlay key over (key id, sender id, boot epoch),
+/// and the nonce is a counter that only goes up. A sender must therefore use
+/// a new boot epoch (or sender id) each time it starts. Receivers reject
+/// replays with a [`ReplayGuard`].
+pub struct Codec {
+    overlay_id: u32,
+    sender_id: u64,
+    epoch: u64,
+    security: Security,
+    counter: u64,
+    own: BTreeMap<KeyId, Box<dyn Cipher>>,
+    peers: BTreeMap<(KeyId, u64, u64), Box<dyn Cipher>>,
+    replay: ReplayGuard,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("overlay_id", &self.overlay_id)
+            .field("sender_id", &self.sender_id)
+            .field("epoch", &self.epoch)
+            .field("security", &self.security)
+            .field("counter", &self.counter)
+            .finish_non_exhaustive()
+    }
+}
+
+fn nonce(counter: u64) -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    n
+}
+
+impl Codec {
+    /// A codec for the member instance `(sender_id, epoch)` of an overlay.
+    pub fn new(overlay_id: u32, sender_id: u64, epoch: u64, security: Security) -> Codec {
+        Codec {
+            overlay_id,
+            sender_id,
+            epoch,
+            security,
+            counter: 0,
+            own: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            replay: ReplayGuard::default(),
+        }
+    }
+
+    /// Whether packets are sealed.
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self.security, Security::Encrypted(_))
+    }
+
+    /// Bytes a sealed packet adds to its body (header and tag).
+    pub fn overhead(&self) -> usize {
+        HEADER_LEN + if self.is_encrypted() { TAG_LEN } else { 0 }
+    }
+
+    /// The keys installed, if encrypted.
+    pub fn keys(&self) -> Option<Vec<KeyInfo>> {
+        match &self.security {
+            Security::Plaintext => None,
+            Security::Encrypted(ring) => Some(ring.list()),
+        }
+    }
+
+    /// Changes the keyring (install, use, remove). Fails on a plain-text
+    /// overlay.
+    pub fn with_keyring<T>(&mut self, f: impl FnOnce(&mut Keyring) -> Result<T, WireError>) -> Result<T, WireError> {
+        let Security::Encrypted(ring) = &mut self.security else {
+            return Err(WireError::NoKeyring);
+        };
+        let out = f(ring)?;
+        // Drop cached ciphers of keys that are gone.
+        let installed: Vec<KeyId> = ring.list().iter().map(|k| k.id).collect();
+        self.own.retain(|id, _| installed.contains(id));
+        self.peers.retain(|(id, _, _), _| installed.contains(id));
+        Ok(out)
+    }
+
+    /// Seals `body` as a datagram or stream frame.
+    pub fn seal(&mut self, kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, WireError> {
+        let counter = self.counter;
+        self.counter = counter.checked_add(1).ok_or(WireError::NonceExhausted)?;
+        let (suite, key_id) = match &self.security {
+            Security::Plaintext => (0, 0),
+            Security::Encrypted(ring) => {
+                let id = ring.primary();
+                let entry = ring.get(id).ok_or(WireError::KeyNotInstalled(id))?;
+                (entry.suite.id(), id)
+            }
+        };
+        let header = Header {
+            suite,
+            kind,
+            overlay_id: self.overlay_id,
+            key_id,
+            sender_id: self.sender_id,
+            epoch: self.epoch,
+            counter,
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
+        out.extend_from_slice(&header.encode());
+        out.extend_from_slice(body);
+        if let Security::Encrypted(ring) = &self.security {
+            if !self.own.contains_key(&key_id) {
+                let c = derive(ring, key_id, self.sender_id, self.epoch)?;
+                self.own.insert(key_id, c);
+            }
+            let cipher = self.own.get(&key_id).ok_or(WireError::KeyNotInstalled(key_id))?;
+            cipher.seal(&nonce(counter), &mut out, HEADER_LEN)?;
+        }
+        Ok(out)
+    }
+
+    /// Checks and opens a received packet of the expected kind.
+    pub fn open(&mut self, kind: FrameKind, packet: &[u8]) -> Result<Opened, WireError> {
+        let header = Header::decode(packet)?;
+        header.expect_kind(kind)?;
+        if header.overlay_id != self.overlay_id {
+            return Err(WireError::WrongOverlay { expected: self.overlay_id, got: header.overlay_id });
+        }
+        let ring = match &self.security {
+            Security::Plaintext if header.suite == 0 => {
+                return Ok(Opened { header, body: packet[HEADER_LEN..].to_vec() });
+            }
+            Security::Plaintext => return Err(WireError::EncryptedRejected),
+            Security::Encrypted(_) if header.suite == 0 => return Err(WireError::PlaintextRejected),
+            Security::Encrypted(ring) => ring,
+        };
+        let entry = ring.get(header.key_id).ok_or(WireError::UnknownKey(header.key_id))?;
+        if entry.suite.id() != header.suite {
+            return Err(WireError::SuiteMismatch { key_id: header.key_id, expected: entry.suite.id(), got: header.suite });
+        }
+        if packet.len() < HEADER_LEN + TAG_LEN {
+            return Err(WireError::Truncated { len: packet.len(), min: HEADER_LEN + TAG_LEN });
+        }
+        self.replay.check(&header)?;
+        let slot = (header.key_id, header.sender_id, header.epoch);
+        let mut buf = packet.to_vec();
+        match self.peers.get(&slot) {
+            Some(cipher) => cipher.open(&nonce(header.counter), &mut buf, HEADER_LEN)?,
+            None => {
+                // Cache the subkey only once a packet authenticated under it,
+                // so forged headers cannot evict the ciphers of real peers.
+                let cipher = derive(ring, header.key_id, header.sender_id, header.epoch)?;
+                cipher.open(&nonce(header.counter), &mut buf, HEADER_LEN)?;
+                if self.peers.len() >= MAX_CACHED_PEER_CIPHERS {
+                    self.peers.pop_first();
+                }
+                self.peers.insert(slot, cipher);
+            }
+        }
+        self.replay.accept(&header);
+        buf.drain(..HEADER_LEN);
+        Ok(Opened { header, body: buf })
+    }
+}
+
+/// HKDF-SHA256 over the overlay key, with (key id, sender id, epoch) as info:
+/// a distinct subkey for every sender instance, so counter nonces from
+/// different senders never collide.
+fn derive(ring: &Keyring, key_id: KeyId, sender: u64, epoch: u64) -> Result<Box<dyn Cipher>, WireError> {
+    let entry = ring.get(key_id).ok_or(WireError::KeyNotInstalled(key_id))?;
+    let hk = Hkdf::<Sha256>::new(Some(b"rumormill v1 subkey"), &entry.secret);
+    let mut info = [0u8; 20];
+    info[..4].copy_from_slice(&key_id.to_be_bytes());
+    info[4..12].copy_from_slice(&sender.to_be_bytes());
+    info[12..].copy_from_slice(&epoch.to_be_bytes());
+    let mut sub = Zeroizing::new(vec![0u8; entry.suite.key_len()]);
+    hk.expand(&info, &mut sub).map_err(|_| WireError::KeyLength(sub.len()))?;
+    entry.suite.cipher(&sub)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(key: &[u8]) -> (Codec, Codec) {
+        let a = Codec::new(7, 1, 1, Security::Encrypted(Keyring::new(key).unwrap()));
+        let b = Codec::new(7, 2, 1, Security::Encrypted(Keyring::new(key).unwrap()));
+        (a, b)
+    }
+
+    #[test]
+    fn all_three_aes_sizes_round_trip() {
+        for len in [16, 24, 32] {
+            let (mut a, mut b) = pair(&vec![3u8; len]);
+            let p = a.seal(FrameKind::Datagram, b"body").unwrap();
+            assert_eq!(p.len(), HEADER_LEN + 4 + TAG_LEN);
+            assert_eq!(b.open(FrameKind::Datagram, &p).unwrap().body, b"body");
+        }
+    }
+
+    #[test]
+    fn replays_and_tampering_are_rejected() {
+        let (mut a, mut b) = pair(&[1; 32]);
+        let p = a.seal(FrameKind::Datagram, b"x").unwrap();
+        let mut bad = p.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(b.open(FrameKind::Datagram, &bad), Err(WireError::Authentication));
+        b.open(FrameKind::Datagram, &p).unwrap();
+        assert_eq!(b.open(FrameKind::Datagram, &p), Err(WireError::Replay { sender: 1 }));
+        // Changing the header (the associated data) breaks authentication.
+        let mut hdr = a.seal(FrameKind::Datagram, b"y").unwrap();
+        hdr[20] ^= 1; // epoch
+        assert_eq!(b.open(FrameKind::Datagram, &hdr), Err(WireError::Authentication));
+    }
+
+    #[test]
+    fn foreign_keys_overlays_and_plain_text_are_rejected() {
+        let (mut a, _) = pair(&[1; 16]);
+        let (_, mut other) = pair(&[2; 16]);
+        let p = a.seal(FrameKind::Datagram, b"x").unwrap();
+        assert!(matches!(other.open(FrameKind::Datagram, &p), Err(WireError::UnknownKey(_))));
+        let mut plain = Codec::new(7, 3, 1, Security::Plaintext);
+        assert_eq!(plain.open(FrameKind::Datagram, &p), Err(WireError::EncryptedRejected));
+        let q = plain.seal(FrameKind::Datagram, b"x").unwrap();
+        assert_eq!(a.open(FrameKind::Datagram, &q), Err(WireError::PlaintextRejected));
+        let mut elsewhere = Codec::new(8, 3, 1, Security::Plaintext);
+        assert!(matches!(elsewhere.open(FrameKind::Datagram, &q), Err(WireError::WrongOverlay { .. })));
+        assert!(matches!(plain.open(FrameKind::Stream, &q), Err(WireError::KindMismatch { .. })));
+    }
+
+    #[test]
+    fn rotation_keeps_traffic_flowing() {
+        let (mut a, mut b) = pair(&[1; 32]);
+        let new = [9u8; 32];
+        // Step 1: install everywhere. Traffic under the old key still flows.
+        let id = a.with_keyring(|r| r.install(&new)).unwrap();
+        b.with_keyring(|r| r.install(&new)).unwrap();
+        let p = a.seal(FrameKind::Datagram, b"1").unwrap();
+        b.open(FrameKind::Datagram, &p).unwrap();
+        // Step 2: a switches first; b still accepts, and a still accepts b's old-key packets.
+        a.with_keyring(|r| r.use_key(id)).unwrap();
+        let p = a.seal(FrameKind::Datagram, b"2").unwrap();
+        assert_eq!(Header::decode(&p).unwrap().key_id, id);
+        b.open(FrameKind::Datagram, &p).unwrap();
+        let q = b.seal(FrameKind::Datagram, b"3").unwrap();
+        a.open(FrameKind::Datagram, &q).unwrap();
+        // Step 3: b switches, both drop the old key.
+        b.with_keyring(|r| r.use_key(id)).unwrap();
+        let old = crate::key_id(&[1; 32]);
+        a.with_keyring(|r| r.remove(old)).unwrap();
+        b.with_keyring(|r| r.remove(old)).unwrap();
+        let q = b.seal(FrameKind::Datagram, b"4").unwrap();
+        assert_eq!(a.open(FrameKind::Datagram, &q).unwrap().body, b"4");
+        assert_eq!(a.with_keyring(|r| r.remove(id)), Err(WireError::RemovePrimary(id)));
+    }
+
+    #[test]
+    fn forged_packets_do_not_fill_the_subkey_cache() {
+        let (mut a, mut b) = pair(&[1; 32]);
+        let mut p = a.seal(FrameKind::Datagram, b"x").unwrap();
+        for sender in 100..200u64 {
+            p[12..20].copy_from_slice(&sender.to_be_bytes());
+            assert_eq!(b.open(FrameKind::Datagram, &p), Err(WireError::Authentication));
+        }
+        assert!(b.peers.is_empty());
+        let q = a.seal(FrameKind::Datagram, b"y").unwrap();
+        b.open(FrameKind::Datagram, &q).unwrap();
+        assert_eq!(b.peers.len(), 1);
+    }
+
+    #[test]
+    fn subkeys_differ_per_sender_and_epoch() {
+        // Same key, same counter, same body: ciphertexts must differ across senders and epochs.
+        let ring = || Security::Encrypted(Keyring::new(&[5; 16]).unwrap());
+        let mut x = Codec::new(1, 1, 1, ring());
+        let mut y = Codec::new(1, 2, 1, ring());
+        let mut z = Codec::new(1, 1, 2, ring());
+        let body = [0u8; 32];
+        let (px, py, pz) = (
+            x.seal(FrameKind::Datagram, &body).unwrap(),
+            y.seal(FrameKind::Datagram, &body).unwrap(),
+            z.seal(FrameKind::Datagram, &body).unwrap(),
+        );
+        assert_ne!(px[HEADER_LEN..], py[HEADER_LEN..]);
+        assert_ne!(px[HEADER_LEN..], pz[HEADER_LEN..]);
+    }
+}
