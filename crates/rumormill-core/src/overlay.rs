@@ -395,6 +395,7 @@ impl Overlay {
                 since: now,
             });
         }
+        self.members.shuffle(&mut self.rng);
     }
 
     /// Leaves gracefully: tells the overlay, keeps gossiping until the news

@@ -9,7 +9,10 @@ impl From<SocketAddr> for Address {
             IpAddr::V4(v4) => v4.octets().to_vec(),
             IpAddr::V6(v6) => v6.octets().to_vec(),
         };
-        Address { ip, port: u32::from(a.port()) }
+        Address {
+            ip,
+            port: u32::from(a.port()),
+        }
     }
 }
 

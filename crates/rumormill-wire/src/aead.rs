@@ -110,7 +110,10 @@ struct Gcm<C>(C);
 impl<C: AeadInPlace<NonceSize = U12> + Send + Sync> Cipher for Gcm<C> {
     fn seal(&self, nonce: &[u8; NONCE_LEN], buf: &mut Vec<u8>, aad_len: usize) -> Result<(), WireError> {
         if buf.len() < aad_len {
-            return Err(WireError::Truncated { len: buf.len(), min: aad_len });
+            return Err(WireError::Truncated {
+                len: buf.len(),
+                min: aad_len,
+            });
         }
         let (aad, msg) = buf.split_at_mut(aad_len);
         let tag = self

@@ -37,7 +37,11 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder accepting frames of at most `max` bytes.
     pub fn new(max: usize) -> FrameDecoder {
-        FrameDecoder { buf: Vec::new(), start: 0, max }
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            max,
+        }
     }
 
     /// Appends received bytes.

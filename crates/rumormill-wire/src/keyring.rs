@@ -71,7 +71,10 @@ impl Keyring {
 
     /// A keyring whose primary key belongs to another cipher suite.
     pub fn with_suite(suite: Arc<dyn CipherSuite>, primary: &[u8]) -> Result<Keyring, WireError> {
-        let mut ring = Keyring { keys: BTreeMap::new(), primary: 0 };
+        let mut ring = Keyring {
+            keys: BTreeMap::new(),
+            primary: 0,
+        };
         ring.primary = ring.install_with(suite, primary)?;
         Ok(ring)
     }
@@ -145,7 +148,10 @@ impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Keyring")
             .field("primary", &format_args!("{:#010x}", self.primary))
-            .field("keys", &self.keys.keys().map(|k| format!("{k:#010x}")).collect::<Vec<_>>())
+            .field(
+                "keys",
+                &self.keys.keys().map(|k| format!("{k:#010x}")).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

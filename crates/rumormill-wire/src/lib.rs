@@ -40,7 +40,7 @@ pub mod proto {
 pub use address::socket_addr;
 pub use aead::{AesGcmSuite, Cipher, CipherSuite, NONCE_LEN, TAG_LEN};
 pub use error::WireError;
-pub use framing::{FrameDecoder, encode_frame, DEFAULT_MAX_FRAME};
+pub use framing::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame};
 pub use header::{FrameKind, HEADER_LEN, Header, MAGIC, VERSION};
 pub use keyring::{KeyId, KeyInfo, Keyring, key_id};
 pub use packing::{PacketBuilder, decode_envelope, decode_packet, encode_envelope, envelope_len};

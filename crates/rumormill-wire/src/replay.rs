@@ -25,11 +25,6 @@ impl Window {
     }
 
     fn fresh(&self, counter: u64) -> bool {
-        // `top` is one past the highest counter, so u64::MAX cannot be
-        // recorded; senders never use it (their counter is exhausted first).
-        if counter == u64::MAX {
-            return false;
-        }
         if counter >= self.top {
             return true;
         }
@@ -41,6 +36,8 @@ impl Window {
     }
 
     fn mark(&mut self, counter: u64) {
+        // `top` is one past the highest counter, so u64::MAX cannot be
+        // recorded. `ReplayGuard::check` refuses it.
         if counter == u64::MAX {
             return;
         }
@@ -82,6 +79,11 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     /// Returns an error if the packet described by `h` must be rejected.
     pub fn check(&self, h: &Header) -> Result<(), WireError> {
+        // Senders never use the last counter (theirs is exhausted first), and
+        // a window cannot record it: refuse it outright.
+        if h.counter == u64::MAX {
+            return Err(WireError::Replay { sender: h.sender_id });
+        }
         let Some(s) = self.senders.get(&h.sender_id) else {
             return Ok(());
         };
@@ -93,7 +95,11 @@ impl ReplayGuard {
                 FrameKind::Stream => s.stream.fresh(h.counter),
             },
         };
-        if fresh { Ok(()) } else { Err(WireError::Replay { sender: h.sender_id }) }
+        if fresh {
+            Ok(())
+        } else {
+            Err(WireError::Replay { sender: h.sender_id })
+        }
     }
 
     /// Records an authenticated packet.
@@ -104,7 +110,10 @@ impl ReplayGuard {
         }
         let s = self.senders.entry(h.sender_id).or_default();
         if h.epoch > s.epoch {
-            *s = SenderWindows { epoch: h.epoch, ..Default::default() };
+            *s = SenderWindows {
+                epoch: h.epoch,
+                ..Default::default()
+            };
         }
         match h.kind {
             FrameKind::Datagram => s.datagram.mark(h.counter),
@@ -118,7 +127,15 @@ mod tests {
     use super::*;
 
     fn h(epoch: u64, counter: u64) -> Header {
-        Header { suite: 1, kind: FrameKind::Datagram, overlay_id: 0, key_id: 1, sender_id: 9, epoch, counter }
+        Header {
+            suite: 1,
+            kind: FrameKind::Datagram,
+            overlay_id: 0,
+            key_id: 1,
+            sender_id: 9,
+            epoch,
+            counter,
+        }
     }
 
     fn take(g: &mut ReplayGuard, p: Header) -> bool {

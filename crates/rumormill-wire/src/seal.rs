@@ -153,11 +153,17 @@ impl Codec {
         let header = Header::decode(packet)?;
         header.expect_kind(kind)?;
         if header.overlay_id != self.overlay_id {
-            return Err(WireError::WrongOverlay { expected: self.overlay_id, got: header.overlay_id });
+            return Err(WireError::WrongOverlay {
+                expected: self.overlay_id,
+                got: header.overlay_id,
+            });
         }
         let ring = match &self.security {
             Security::Plaintext if header.suite == 0 => {
-                return Ok(Opened { header, body: packet[HEADER_LEN..].to_vec() });
+                return Ok(Opened {
+                    header,
+                    body: packet[HEADER_LEN..].to_vec(),
+                });
             }
             Security::Plaintext => return Err(WireError::EncryptedRejected),
             Security::Encrypted(_) if header.suite == 0 => return Err(WireError::PlaintextRejected),
@@ -165,10 +171,17 @@ impl Codec {
         };
         let entry = ring.get(header.key_id).ok_or(WireError::UnknownKey(header.key_id))?;
         if entry.suite.id() != header.suite {
-            return Err(WireError::SuiteMismatch { key_id: header.key_id, expected: entry.suite.id(), got: header.suite });
+            return Err(WireError::SuiteMismatch {
+                key_id: header.key_id,
+                expected: entry.suite.id(),
+                got: header.suite,
+            });
         }
         if packet.len() < HEADER_LEN + TAG_LEN {
-            return Err(WireError::Truncated { len: packet.len(), min: HEADER_LEN + TAG_LEN });
+            return Err(WireError::Truncated {
+                len: packet.len(),
+                min: HEADER_LEN + TAG_LEN,
+            });
         }
         self.replay.check(&header)?;
         let slot = (header.key_id, header.sender_id, header.epoch);
@@ -203,7 +216,8 @@ fn derive(ring: &Keyring, key_id: KeyId, sender: u64, epoch: u64) -> Result<Box<
     info[4..12].copy_from_slice(&sender.to_be_bytes());
     info[12..].copy_from_slice(&epoch.to_be_bytes());
     let mut sub = Zeroizing::new(vec![0u8; entry.suite.key_len()]);
-    hk.expand(&info, &mut sub).map_err(|_| WireError::KeyLength(sub.len()))?;
+    hk.expand(&info, &mut sub)
+        .map_err(|_| WireError::KeyLength(sub.len()))?;
     entry.suite.cipher(&sub)
 }
 
@@ -247,14 +261,23 @@ mod tests {
         let (mut a, _) = pair(&[1; 16]);
         let (_, mut other) = pair(&[2; 16]);
         let p = a.seal(FrameKind::Datagram, b"x").unwrap();
-        assert!(matches!(other.open(FrameKind::Datagram, &p), Err(WireError::UnknownKey(_))));
+        assert!(matches!(
+            other.open(FrameKind::Datagram, &p),
+            Err(WireError::UnknownKey(_))
+        ));
         let mut plain = Codec::new(7, 3, 1, Security::Plaintext);
         assert_eq!(plain.open(FrameKind::Datagram, &p), Err(WireError::EncryptedRejected));
         let q = plain.seal(FrameKind::Datagram, b"x").unwrap();
         assert_eq!(a.open(FrameKind::Datagram, &q), Err(WireError::PlaintextRejected));
         let mut elsewhere = Codec::new(8, 3, 1, Security::Plaintext);
-        assert!(matches!(elsewhere.open(FrameKind::Datagram, &q), Err(WireError::WrongOverlay { .. })));
-        assert!(matches!(plain.open(FrameKind::Stream, &q), Err(WireError::KindMismatch { .. })));
+        assert!(matches!(
+            elsewhere.open(FrameKind::Datagram, &q),
+            Err(WireError::WrongOverlay { .. })
+        ));
+        assert!(matches!(
+            plain.open(FrameKind::Stream, &q),
+            Err(WireError::KindMismatch { .. })
+        ));
     }
 
     #[test]

@@ -73,14 +73,8 @@ impl Overlay {
         }
         let Some(i) = self.members.position(name) else {
             let name: Arc<str> = name.into();
-            let i = self.members.insert(Member {
-                name: name.clone(),
-                addr,
-                incarnation,
-                epoch,
-                state: MemberState::Alive,
-                since: now,
-            });
+            let member = Member { name: name.clone(), addr, incarnation, epoch, state: MemberState::Alive, since: now };
+            let i = self.members.insert_randomly(member, &mut self.rng);
             self.emit(MemberChange::Joined, i);
             self.piggyback
                 .push(name, alive_envelope(&self.members.at(i).name, incarnation, epoch, addr));

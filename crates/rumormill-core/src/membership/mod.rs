@@ -138,6 +138,22 @@ impl Members {
         i
     }
 
+    /// Inserts a new member at a random position of the probe order (as
+    /// memberlist does), so that members that learn of each other at the
+    /// same time do not probe in lockstep.
+    pub(crate) fn insert_randomly(&mut self, m: Member, rng: &mut impl Rng) -> usize {
+        let i = self.insert(m);
+        let j = rng.random_range(0..self.list.len());
+        if i != j {
+            self.list.swap(i, j);
+            for k in [i, j] {
+                let name = self.list[k].name.clone();
+                self.index.insert(name, k);
+            }
+        }
+        j
+    }
+
     /// Changes a member, keeping the live count right.
     pub(crate) fn update(&mut self, i: usize, f: impl FnOnce(&mut Member)) {
         let was = self.list[i].state.is_live();

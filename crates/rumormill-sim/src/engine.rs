@@ -1,0 +1,355 @@
+//! The discrete-event engine: a global `(time, sequence)` queue, one seeded
+//! RNG for the network, and many [`Overlay`]s driven through their sans-IO
+//! interface.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rumormill_core::{Config, Event, FrameKind, Identity, MemberInfo, Overlay, Security};
+
+use crate::network::NetworkModel;
+
+/// Simulated time in nanoseconds since the start.
+pub type Nanos = u64;
+
+/// Seconds to [`Nanos`].
+pub fn secs(s: f64) -> Nanos {
+    (s * 1e9) as Nanos
+}
+
+#[derive(Debug)]
+enum Action {
+    Deliver { to: usize, from: SocketAddr, kind: FrameKind, bytes: Vec<u8> },
+    Timer { node: usize },
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    at: Nanos,
+    seq: u64,
+    action: Action,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+struct Slot {
+    overlay: Option<Overlay>,
+    addr: SocketAddr,
+    epoch: u64,
+    /// The wake-up currently scheduled for this node, if any.
+    timer: Option<Nanos>,
+}
+
+/// Traffic counted by the engine as it leaves the senders.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Datagrams and stream frames sent.
+    pub packets: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Datagrams lost by the network model.
+    pub lost: u64,
+}
+
+/// Many members of one overlay over a [`NetworkModel`], with simulated time.
+///
+/// Same seed, same inputs: same run, bit for bit.
+///
+/// ```
+/// use rumormill_sim::{NetworkModel, Simulation, secs};
+/// let mut sim = Simulation::new(4, rumormill_core::Config::new_lan(), NetworkModel::lan(0.0), 7);
+/// sim.bootstrap();
+/// sim.run_until(secs(5.0));
+/// assert!(sim.views_agree());
+/// ```
+pub struct Simulation {
+    slots: Vec<Slot>,
+    by_addr: HashMap<SocketAddr, usize>,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    seq: u64,
+    now: Nanos,
+    base: Instant,
+    rng: ChaCha8Rng,
+    seed: u64,
+    config: Config,
+    /// The network model; change it between runs to partition or heal.
+    pub network: NetworkModel,
+    events: Vec<(Nanos, usize, Event)>,
+    traffic: Traffic,
+    processed: u64,
+}
+
+/// The name of member `i` in a simulation.
+pub fn member_name(i: usize) -> String {
+    format!("m{i}")
+}
+
+fn member_addr(i: usize, epoch: u64) -> SocketAddr {
+    // Simulated only: nothing is ever sent to these addresses.
+    let ip = Ipv4Addr::new(127, (i >> 16) as u8, (i >> 8) as u8, i as u8);
+    SocketAddr::new(ip.into(), 7000 + (epoch % 1000) as u16)
+}
+
+impl Simulation {
+    /// `n` members with the given configuration, not yet in contact.
+    pub fn new(n: usize, config: Config, network: NetworkModel, seed: u64) -> Simulation {
+        let base = Instant::now();
+        let mut sim = Simulation {
+            slots: Vec::with_capacity(n),
+            by_addr: HashMap::with_capacity(n),
+            queue: BinaryHeap::new(),
+            seq: 0,
+            now: 0,
+            base,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            seed,
+            config,
+            network,
+            events: Vec::new(),
+            traffic: Traffic::default(),
+            processed: 0,
+        };
+        for i in 0..n {
+            let addr = member_addr(i, 1);
+            sim.by_addr.insert(addr, i);
+            sim.slots.push(Slot { overlay: None, addr, epoch: 1, timer: None });
+            sim.start(i);
+        }
+        sim
+    }
+
+    fn start(&mut self, i: usize) {
+        let slot = &self.slots[i];
+        let id = Identity::new(member_name(i), slot.addr, slot.epoch);
+        let seed = self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ slot.epoch.rotate_left(32);
+        let o = Overlay::new(self.config.clone(), id, Security::Plaintext, seed, self.instant());
+        self.slots[i].overlay = Some(o);
+        self.slots[i].timer = None;
+        self.reschedule(i);
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_nanos(self.now)
+    }
+
+    /// Simulated time now.
+    pub fn now(&self) -> Nanos {
+        self.now
+    }
+
+    /// Number of member slots (running or not).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are no members.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Gives every member the full member list, as if the cluster had
+    /// already converged (a warm start; joining 10,000 members one by one
+    /// through a seed is its own experiment).
+    pub fn bootstrap(&mut self) {
+        let all: Vec<MemberInfo> = (0..self.slots.len())
+            .filter_map(|i| self.slots[i].overlay.as_ref().map(Overlay::local))
+            .collect();
+        let now = self.instant();
+        for i in 0..self.slots.len() {
+            if let Some(o) = self.slots[i].overlay.as_mut() {
+                o.restore(now, all.iter().cloned());
+                o.set_seeds(vec![member_addr(0, 1)]);
+            }
+            self.reschedule(i);
+        }
+    }
+
+    /// Member `i` joins through member `via`.
+    pub fn join(&mut self, i: usize, via: usize) {
+        let now = self.instant();
+        let seed = self.slots[via].addr;
+        if let Some(o) = self.slots[i].overlay.as_mut() {
+            o.join(now, &[seed]);
+        }
+        self.flush(i);
+    }
+
+    /// Crashes member `i`: it stops at once, silently.
+    pub fn kill(&mut self, i: usize) {
+        self.slots[i].overlay = None;
+        self.slots[i].timer = None;
+    }
+
+    /// Restarts a crashed member under its name with a new boot epoch,
+    /// at a new address if `move_address`, and joins it through `via`.
+    pub fn restart(&mut self, i: usize, move_address: bool, via: usize) {
+        self.kill(i);
+        let slot = &mut self.slots[i];
+        slot.epoch += 1;
+        if move_address {
+            self.by_addr.remove(&slot.addr);
+            slot.addr = member_addr(i, slot.epoch);
+            self.by_addr.insert(slot.addr, i);
+        }
+        self.start(i);
+        self.join(i, via);
+    }
+
+    /// Whether member `i` is running.
+    pub fn is_running(&self, i: usize) -> bool {
+        self.slots[i].overlay.is_some()
+    }
+
+    /// Member `i`'s core, if running.
+    pub fn overlay(&self, i: usize) -> Option<&Overlay> {
+        self.slots[i].overlay.as_ref()
+    }
+
+    /// Member `i`'s core, mutably (to call its API), if running. Call
+    /// [`Simulation::flush`] afterwards so what it wants to send is sent.
+    pub fn overlay_mut(&mut self, i: usize) -> Option<&mut Overlay> {
+        self.slots[i].overlay.as_mut()
+    }
+
+    /// Events seen so far, with time and observer, in order.
+    pub fn events(&self) -> &[(Nanos, usize, Event)] {
+        &self.events
+    }
+
+    /// Traffic so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+
+    /// Scheduled actions processed so far.
+    pub fn processed(&self) -> u64 {
+        self.processed
+    }
+
+    fn push(&mut self, at: Nanos, action: Action) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled { at, seq: self.seq, action }));
+    }
+
+    fn reschedule(&mut self, i: usize) {
+        let Some(o) = self.slots[i].overlay.as_ref() else { return };
+        let Some(t) = o.poll_timeout() else {
+            self.slots[i].timer = None;
+            return;
+        };
+        let at = (t.saturating_duration_since(self.base).as_nanos() as Nanos).max(self.now);
+        if self.slots[i].timer != Some(at) {
+            self.slots[i].timer = Some(at);
+            self.push(at, Action::Timer { node: i });
+        }
+    }
+
+    /// Sends what member `i` queued, collects its events, reschedules it.
+    pub fn flush(&mut self, i: usize) {
+        let from = self.slots[i].addr;
+        let Some(o) = self.slots[i].overlay.as_mut() else { return };
+        let mut out = Vec::new();
+        while let Some(t) = o.poll_transmit() {
+            out.push(t);
+        }
+        while let Some(e) = o.poll_event() {
+            self.events.push((self.now, i, e));
+        }
+        for t in out {
+            self.traffic.packets += 1;
+            self.traffic.bytes += t.payload.len() as u64;
+            let Some(&to) = self.by_addr.get(&t.to) else { continue };
+            if !self.network.connected(i, to) {
+                continue;
+            }
+            let delay = match t.kind {
+                FrameKind::Datagram => match self.network.datagram_delay(&mut self.rng) {
+                    Some(d) => d,
+                    None => {
+                        self.traffic.lost += 1;
+                        continue;
+                    }
+                },
+                FrameKind::Stream => self.network.stream_delay(&mut self.rng, t.payload.len()),
+            };
+            self.push(self.now + delay, Action::Deliver { to, from, kind: t.kind, bytes: t.payload });
+        }
+        self.reschedule(i);
+    }
+
+    /// Processes everything scheduled up to and including `until`.
+    pub fn run_until(&mut self, until: Nanos) {
+        while let Some(Reverse(next)) = self.queue.peek() {
+            if next.at > until {
+                break;
+            }
+            let Some(Reverse(s)) = self.queue.pop() else { break };
+            self.now = s.at;
+            self.processed += 1;
+            match s.action {
+                Action::Timer { node } => {
+                    if self.slots[node].timer != Some(s.at) {
+                        continue; // superseded
+                    }
+                    self.slots[node].timer = None;
+                    let now = self.instant();
+                    if let Some(o) = self.slots[node].overlay.as_mut() {
+                        o.handle_timeout(now);
+                        self.flush(node);
+                    }
+                }
+                Action::Deliver { to, from, kind, bytes } => {
+                    // A partition that started while the packet was in flight drops it too.
+                    let sender = self.by_addr.get(&from).copied();
+                    if sender.is_some_and(|s| !self.network.connected(s, to)) {
+                        continue;
+                    }
+                    let now = self.instant();
+                    if let Some(o) = self.slots[to].overlay.as_mut() {
+                        o.handle(now, from, kind, &bytes);
+                        self.flush(to);
+                    }
+                }
+            }
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Whether every running member sees exactly the running members as
+    /// live (alive or suspect) and nobody else.
+    pub fn views_agree(&self) -> bool {
+        let running: Vec<usize> = (0..self.slots.len()).filter(|&i| self.is_running(i)).collect();
+        let expected = running.len();
+        running.iter().all(|&i| {
+            let Some(o) = self.overlay(i) else { return false };
+            if o.live_count() != expected {
+                return false;
+            }
+            running.iter().all(|&j| {
+                j == i
+                    || o.member(&member_name(j)).is_some_and(|m| {
+                        m.state.is_live() && Some(m.epoch) == self.overlay(j).map(|x| x.local().epoch)
+                    })
+            })
+        })
+    }
+}

@@ -1,0 +1,222 @@
+//! `rumormill sim …`: experiments in the simulator.
+
+use std::time::Instant;
+
+use clap::{Args, Subcommand, ValueEnum};
+use rumormill_core::Config;
+use rumormill_sim::epidemic::{self, Direction, Loss, Removal};
+use rumormill_sim::membership::{self, MembershipParams};
+use serde::Serialize;
+
+/// Simulator experiments.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// Failure detection: kill members, measure detection time, false
+    /// positives and traffic.
+    Membership(MembershipArgs),
+    /// Rumor mongering in the synchronous model of Demers et al. (1987).
+    Demers(DemersArgs),
+    /// Anti-entropy in the synchronous model of Demers et al. (1987).
+    AntiEntropy(AntiEntropyArgs),
+}
+
+/// Configuration presets.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Preset {
+    /// Local-area network.
+    Lan,
+    /// Wide-area network.
+    Wan,
+    /// One host.
+    Local,
+}
+
+impl Preset {
+    fn config(self) -> Config {
+        match self {
+            Preset::Lan => Config::new_lan(),
+            Preset::Wan => Config::new_wan(),
+            Preset::Local => Config::new_local(),
+        }
+    }
+}
+
+/// `rumormill sim membership`.
+#[derive(Debug, Args)]
+pub struct MembershipArgs {
+    /// Members in the overlay.
+    #[arg(long, default_value_t = 100)]
+    nodes: usize,
+    /// Probability that a datagram is lost, 0 ≤ P < 1.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Members killed per run, each at a random time in the first half.
+    #[arg(long, default_value_t = 1)]
+    kill: usize,
+    /// Simulated seconds per run.
+    #[arg(long = "duration-s", default_value_t = 60.0)]
+    duration_s: f64,
+    /// Seed of the first run (run r uses seed + r).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Independent runs to average over.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Protocol configuration preset.
+    #[arg(long, value_enum, default_value_t = Preset::Lan)]
+    preset: Preset,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `rumormill sim demers`.
+#[derive(Debug, Args)]
+pub struct DemersArgs {
+    /// Sites.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Runs to average over.
+    #[arg(long, default_value_t = 1000)]
+    runs: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// push, pull or push-pull.
+    #[arg(long, default_value = "push")]
+    direction: Direction,
+    /// feedback or blind.
+    #[arg(long, default_value = "feedback")]
+    removal: Removal,
+    /// counter or coin.
+    #[arg(long, default_value = "counter")]
+    loss: Loss,
+    /// Unnecessary contacts (counter) or 1/probability (coin) before losing interest.
+    #[arg(long, default_value_t = 1)]
+    k: u32,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `rumormill sim anti-entropy`.
+#[derive(Debug, Args)]
+pub struct AntiEntropyArgs {
+    /// Sites.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Runs.
+    #[arg(long, default_value_t = 1000)]
+    runs: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// push, pull or push-pull.
+    #[arg(long, default_value = "push-pull")]
+    direction: Direction,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs a simulator subcommand.
+pub fn run(cmd: SimCommand) -> Result<(), String> {
+    match cmd {
+        SimCommand::Membership(a) => membership_cmd(a),
+        SimCommand::Demers(a) => {
+            let params = epidemic::DemersParams {
+                nodes: a.nodes,
+                runs: a.runs,
+                seed: a.seed,
+                direction: a.direction,
+                removal: a.removal,
+                loss: a.loss,
+                k: a.k,
+            };
+            let r = epidemic::demers::run(&params).map_err(|e| e.to_string())?;
+            print(a.json, &r, || {
+                format!(
+                    "rumor mongering, {} sites, {} runs ({} {} {} k={}):\n  residue {:.3e}\n  traffic {:.3} messages/site\n  t_ave {:.3} cycles\n  t_last {:.3} cycles",
+                    r.nodes, r.runs, r.direction, r.removal, r.loss, r.k, r.residue, r.traffic, r.t_ave, r.t_last
+                )
+            })
+        }
+        SimCommand::AntiEntropy(a) => {
+            let params = epidemic::AntiEntropyParams { nodes: a.nodes, runs: a.runs, seed: a.seed, direction: a.direction };
+            let r = epidemic::anti_entropy::run(&params).map_err(|e| e.to_string())?;
+            let theory = epidemic::theory_rounds(a.direction, a.nodes);
+            print(a.json, &r, || {
+                format!(
+                    "anti-entropy ({}), {} sites, {} runs:\n  rounds mean {:.2} (theory ≈ {:.2}), p99 {}, max {}",
+                    a.direction, r.nodes, r.runs, r.rounds_mean, theory, r.rounds_p99, r.rounds_max
+                )
+            })
+        }
+    }
+}
+
+fn membership_cmd(a: MembershipArgs) -> Result<(), String> {
+    if a.nodes < 2 {
+        return Err(format!("--nodes must be at least 2, got {}", a.nodes));
+    }
+    if !(0.0..1.0).contains(&a.loss) {
+        return Err(format!("--loss must be in [0, 1), got {}", a.loss));
+    }
+    if a.kill >= a.nodes {
+        return Err(format!("--kill must be below --nodes ({}), got {}", a.nodes, a.kill));
+    }
+    if !(a.duration_s > 0.0 && a.duration_s.is_finite()) {
+        return Err(format!("--duration-s must be a positive number of seconds, got {}", a.duration_s));
+    }
+    if a.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    let params = MembershipParams {
+        nodes: a.nodes,
+        loss: a.loss,
+        kill: a.kill,
+        duration_s: a.duration_s,
+        seed: a.seed,
+        runs: a.runs,
+        config: a.preset.config(),
+    };
+    let started = Instant::now();
+    let r = membership::run(&params);
+    let wall = started.elapsed().as_secs_f64();
+    let secs = |v: Option<f64>| v.map_or("n/a".to_string(), |s| format!("{s:.2} s"));
+    print(a.json, &r, || {
+        format!(
+            "{} members, {:.1}% loss, {} killed per run, {} runs of {} s (seed {}):\n  \
+             detection: first {}, all {} (max {}), undetected {}\n  \
+             false positives {}, false suspicions {}\n  \
+             converged {}\n  \
+             traffic per member: {:.1} messages/s, {:.0} bytes/s\n  \
+             ({wall:.1} s of wall time)",
+            r.nodes,
+            r.loss * 100.0,
+            r.kill,
+            r.runs,
+            r.duration_s,
+            r.seed,
+            secs(r.detect_first_s),
+            secs(r.detect_all_s),
+            secs(r.detect_all_max_s),
+            r.undetected,
+            r.false_positives,
+            r.false_suspicions,
+            r.converged,
+            r.messages_per_member_per_s,
+            r.bytes_per_member_per_s,
+        )
+    })
+}
+
+fn print<T: Serialize>(json: bool, value: &T, summary: impl FnOnce() -> String) -> Result<(), String> {
+    if json {
+        let s = serde_json::to_string(value).map_err(|e| format!("cannot encode the report as JSON: {e}"))?;
+        println!("{s}");
+    } else {
+        println!("{}", summary());
+    }
+    Ok(())
+}
