@@ -48,25 +48,7 @@ impl Identity {
     /// The sender id in packet headers: derived from the name, so unique in
     /// the overlay; together with the epoch it keys the per-sender subkey.
     pub fn sender_id(&self) -> u64 {
-        use std::hash::Hasher;
-        // FNV-1a: stable across builds and platforms.
-        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-        h.write(self.name.as_bytes());
-        h.finish()
-    }
-}
-
-struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
+        crate::membership::name_hash(&self.name)
     }
 }
 
@@ -157,6 +139,8 @@ enum Status {
 /// See the [crate documentation](crate) for the input/output contract.
 pub struct Overlay {
     pub(crate) config: Config,
+    /// Zero of the member table's millisecond clock.
+    origin: Instant,
     pub(crate) me: Local,
     codec: Codec,
     pub(crate) rng: ChaCha8Rng,
@@ -219,6 +203,7 @@ impl Overlay {
         };
         let codec = Codec::new(overlay_id, identity.sender_id(), identity.epoch, security);
         Overlay {
+            origin: now,
             awareness: Awareness::new(config.awareness_max),
             config,
             me: Local {
@@ -382,20 +367,29 @@ impl Overlay {
     /// restart, or a bootstrap list) without events. Entries about the local
     /// member, or already known, are ignored.
     pub fn restore(&mut self, now: Instant, members: impl IntoIterator<Item = MemberInfo>) {
-        for m in members {
-            if m.name == self.me.name || self.members.position(&m.name).is_some() {
-                continue;
-            }
-            self.members.insert(Member {
+        let since = self.stamp(now);
+        let mut fresh: Vec<Member> = members
+            .into_iter()
+            .filter(|m| m.name != self.me.name && self.members.position(&m.name).is_none())
+            .map(|m| Member {
                 name: m.name,
-                addr: m.addr,
+                addr: m.addr.into(),
                 incarnation: m.incarnation,
                 epoch: m.epoch,
                 state: m.state,
-                since: now,
-            });
+                since,
+            })
+            .collect();
+        // A random place in the probe order for each, as if they had joined one by one.
+        rand::seq::SliceRandom::shuffle(&mut fresh[..], &mut self.rng);
+        self.members.reserve(fresh.len());
+        for m in fresh {
+            self.members.insert(m);
         }
-        self.members.shuffle(&mut self.rng);
+        // Spread the first full-state exchanges over the interval this
+        // cluster size calls for, not the base one.
+        let interval = self.config.push_pull_interval_for(self.cluster_size());
+        self.timers.push_pull = now + interval.mul_f64(self.rng.random::<f64>());
     }
 
     /// Leaves gracefully: tells the overlay, keeps gossiping until the news
@@ -526,6 +520,15 @@ impl Overlay {
         self.cluster_size()
     }
 
+    /// A fingerprint of the live view (the local member and every alive or
+    /// suspect member, with their boot epochs). Members whose digests and
+    /// [`Overlay::live_count`]s are equal see the same members, with high
+    /// probability: a cheap way to check that an overlay has converged.
+    pub fn view_digest(&self) -> u64 {
+        let me = crate::membership::name_hash(&self.me.name) ^ self.me.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.members.digest().wrapping_add(me)
+    }
+
     /// Lifeguard's local health score (0 = healthy).
     pub fn health_score(&self) -> u32 {
         self.awareness.score()
@@ -539,6 +542,10 @@ impl Overlay {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub(crate) fn stamp(&self, now: Instant) -> crate::membership::Stamp {
+        now.saturating_duration_since(self.origin).as_millis() as u64
     }
 
     // ----- sending ------------------------------------------------------
@@ -595,13 +602,13 @@ impl Overlay {
         if self.piggyback.is_empty() {
             return;
         }
-        let dead_window = self.config.gossip_to_the_dead;
+        let dead_window = self.config.gossip_to_the_dead.as_millis() as u64;
+        let t = self.stamp(now);
         let targets = self.members.random(self.config.gossip_nodes, &mut self.rng, |m| {
-            m.state.is_live()
-                || (m.state == MemberState::Failed && now.saturating_duration_since(m.since) < dead_window)
+            m.state.is_live() || (m.state == MemberState::Failed && t.saturating_sub(m.since) < dead_window)
         });
         for i in targets {
-            let addr = self.members.at(i).addr;
+            let addr = self.members.at(i).addr();
             self.send(now, addr, Vec::new());
             if self.piggyback.is_empty() {
                 break;

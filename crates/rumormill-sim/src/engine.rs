@@ -23,8 +23,15 @@ pub fn secs(s: f64) -> Nanos {
 
 #[derive(Debug)]
 enum Action {
-    Deliver { to: usize, from: SocketAddr, kind: FrameKind, bytes: Vec<u8> },
-    Timer { node: usize },
+    Deliver {
+        to: usize,
+        from: SocketAddr,
+        kind: FrameKind,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        node: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -131,7 +138,12 @@ impl Simulation {
         for i in 0..n {
             let addr = member_addr(i, 1);
             sim.by_addr.insert(addr, i);
-            sim.slots.push(Slot { overlay: None, addr, epoch: 1, timer: None });
+            sim.slots.push(Slot {
+                overlay: None,
+                addr,
+                epoch: 1,
+                timer: None,
+            });
             sim.start(i);
         }
         sim
@@ -247,11 +259,17 @@ impl Simulation {
 
     fn push(&mut self, at: Nanos, action: Action) {
         self.seq += 1;
-        self.queue.push(Reverse(Scheduled { at, seq: self.seq, action }));
+        self.queue.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            action,
+        }));
     }
 
     fn reschedule(&mut self, i: usize) {
-        let Some(o) = self.slots[i].overlay.as_ref() else { return };
+        let Some(o) = self.slots[i].overlay.as_ref() else {
+            return;
+        };
         let Some(t) = o.poll_timeout() else {
             self.slots[i].timer = None;
             return;
@@ -266,7 +284,9 @@ impl Simulation {
     /// Sends what member `i` queued, collects its events, reschedules it.
     pub fn flush(&mut self, i: usize) {
         let from = self.slots[i].addr;
-        let Some(o) = self.slots[i].overlay.as_mut() else { return };
+        let Some(o) = self.slots[i].overlay.as_mut() else {
+            return;
+        };
         let mut out = Vec::new();
         while let Some(t) = o.poll_transmit() {
             out.push(t);
@@ -291,7 +311,15 @@ impl Simulation {
                 },
                 FrameKind::Stream => self.network.stream_delay(&mut self.rng, t.payload.len()),
             };
-            self.push(self.now + delay, Action::Deliver { to, from, kind: t.kind, bytes: t.payload });
+            self.push(
+                self.now + delay,
+                Action::Deliver {
+                    to,
+                    from,
+                    kind: t.kind,
+                    bytes: t.payload,
+                },
+            );
         }
         self.reschedule(i);
     }
@@ -334,22 +362,18 @@ impl Simulation {
         self.now = self.now.max(until);
     }
 
-    /// Whether every running member sees exactly the running members as
-    /// live (alive or suspect) and nobody else.
+    /// Whether every running member sees exactly the running members (at
+    /// their current boot epoch) as live (alive or suspect) and nobody else.
+    ///
+    /// Each member includes itself in its view, so equal view digests and
+    /// live counts equal to the number of running members mean equal views
+    /// made of exactly the running members (up to a 64-bit hash collision).
     pub fn views_agree(&self) -> bool {
-        let running: Vec<usize> = (0..self.slots.len()).filter(|&i| self.is_running(i)).collect();
-        let expected = running.len();
-        running.iter().all(|&i| {
-            let Some(o) = self.overlay(i) else { return false };
-            if o.live_count() != expected {
-                return false;
-            }
-            running.iter().all(|&j| {
-                j == i
-                    || o.member(&member_name(j)).is_some_and(|m| {
-                        m.state.is_live() && Some(m.epoch) == self.overlay(j).map(|x| x.local().epoch)
-                    })
-            })
-        })
+        let running: Vec<&Overlay> = self.slots.iter().filter_map(|s| s.overlay.as_ref()).collect();
+        let Some(first) = running.first() else { return true };
+        let digest = first.view_digest();
+        running
+            .iter()
+            .all(|o| o.live_count() == running.len() && o.view_digest() == digest)
     }
 }

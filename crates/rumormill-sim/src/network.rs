@@ -34,7 +34,13 @@ pub struct NetworkModel {
 impl NetworkModel {
     /// A LAN: 0.1 ms floor, 0.5 ms mean one-way latency, 1 Gbit/s streams.
     pub fn lan(loss: f64) -> NetworkModel {
-        NetworkModel { loss, latency_min: 0.000_1, latency_mean: 0.000_5, bandwidth: 125e6, groups: None }
+        NetworkModel {
+            loss,
+            latency_min: 0.000_1,
+            latency_mean: 0.000_5,
+            bandwidth: 125e6,
+            groups: None,
+        }
     }
 
     /// Splits the members: member `i` can only reach members of group

@@ -73,7 +73,15 @@ impl Overlay {
         }
         let Some(i) = self.members.position(name) else {
             let name: Arc<str> = name.into();
-            let member = Member { name: name.clone(), addr, incarnation, epoch, state: MemberState::Alive, since: now };
+            let since = self.stamp(now);
+            let member = Member {
+                name: name.clone(),
+                addr: addr.into(),
+                incarnation,
+                epoch,
+                state: MemberState::Alive,
+                since,
+            };
             let i = self.members.insert_randomly(member, &mut self.rng);
             self.emit(MemberChange::Joined, i);
             self.piggyback
@@ -86,7 +94,7 @@ impl Overlay {
             return;
         }
         if !new_life {
-            if addr != m.addr {
+            if addr != m.addr() {
                 self.stats.name_conflicts += 1;
                 return;
             }
@@ -95,15 +103,16 @@ impl Overlay {
             }
         }
         let was = m.state;
-        let moved = addr != m.addr;
+        let moved = addr != m.addr();
+        let since = self.stamp(now);
         let name = m.name.clone();
         self.members.update(i, |m| {
             m.incarnation = incarnation;
             m.epoch = epoch;
-            m.addr = addr;
+            m.addr = addr.into();
             if was != MemberState::Alive {
                 m.state = MemberState::Alive;
-                m.since = now;
+                m.since = since;
             }
         });
         self.suspicions.remove(&name);
@@ -143,10 +152,11 @@ impl Overlay {
                 }
             }
             MemberState::Alive => {
+                let since = self.stamp(now);
                 self.members.update(i, |m| {
                     m.state = MemberState::Suspect;
                     m.incarnation = incarnation;
-                    m.since = now;
+                    m.since = since;
                 });
                 let n = self.cluster_size();
                 let (min, max) = self.config.suspicion_timeouts(n);
@@ -184,11 +194,12 @@ impl Overlay {
             });
             return;
         }
+        let since = self.stamp(now);
         self.members.update(i, |m| {
             m.state = state;
             m.epoch = epoch;
             m.incarnation = incarnation;
-            m.since = now;
+            m.since = since;
         });
         self.suspicions.remove(&name);
         self.emit(if left { MemberChange::Left } else { MemberChange::Failed }, i);

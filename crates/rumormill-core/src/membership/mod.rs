@@ -16,11 +16,10 @@ pub(crate) mod state_sync;
 pub(crate) mod suspicion;
 pub(crate) mod swim;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
 
+use hashbrown::HashTable;
 use rand::Rng;
 
 /// A member's state.
@@ -58,23 +57,60 @@ pub struct MemberInfo {
     pub state: MemberState,
 }
 
-/// One entry of the member table.
+/// A socket address in 19 bytes (std's takes 32): the member table of a
+/// large simulation holds 10⁸ of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CompactAddr {
+    ip: [u8; 16],
+    port: [u8; 2],
+    v6: bool,
+}
+
+impl From<SocketAddr> for CompactAddr {
+    fn from(a: SocketAddr) -> CompactAddr {
+        let (ip, v6) = match a.ip() {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), false),
+            IpAddr::V6(v6) => (v6.octets(), true),
+        };
+        CompactAddr {
+            ip,
+            port: a.port().to_be_bytes(),
+            v6,
+        }
+    }
+}
+
+impl CompactAddr {
+    pub(crate) fn get(self) -> SocketAddr {
+        let v6 = Ipv6Addr::from(self.ip);
+        let ip = match (self.v6, v6.to_ipv4_mapped()) {
+            (false, Some(v4)) => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        };
+        SocketAddr::new(ip, u16::from_be_bytes(self.port))
+    }
+}
+
+/// Milliseconds since the overlay was created: the member table's clock.
+pub(crate) type Stamp = u64;
+
+/// One entry of the member table (56 bytes).
 #[derive(Debug, Clone)]
 pub(crate) struct Member {
     pub(crate) name: Arc<str>,
-    pub(crate) addr: SocketAddr,
-    pub(crate) incarnation: u32,
     pub(crate) epoch: u64,
-    pub(crate) state: MemberState,
     /// When the state last changed.
-    pub(crate) since: Instant,
+    pub(crate) since: Stamp,
+    pub(crate) incarnation: u32,
+    pub(crate) addr: CompactAddr,
+    pub(crate) state: MemberState,
 }
 
 impl Member {
     pub(crate) fn info(&self) -> MemberInfo {
         MemberInfo {
             name: self.name.clone(),
-            addr: self.addr,
+            addr: self.addr.get(),
             incarnation: self.incarnation,
             epoch: self.epoch,
             state: self.state,
@@ -86,16 +122,42 @@ impl Member {
     pub(crate) fn version(&self) -> (u64, u32) {
         (self.epoch, self.incarnation)
     }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr.get()
+    }
+
+    /// This member's share of the view digest while it is live.
+    fn digest(&self) -> u64 {
+        if self.state.is_live() {
+            name_hash(&self.name) ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        } else {
+            0
+        }
+    }
+}
+
+/// FNV-1a: a fixed, fast hash for member names (no per-process seed, so
+/// nothing about a run depends on the process).
+pub(crate) fn name_hash(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// The other members (not the local one), addressable by index for O(1)
-/// random choice and by name. The name index is only looked up, never
-/// iterated, so its order cannot change behaviour.
+/// random choice and by name. The name index holds only positions (4 bytes
+/// a member: a simulation of 10,000 members holds 10⁸ entries) and is only
+/// looked up, never iterated, so its order cannot change behaviour.
 #[derive(Debug, Default)]
 pub(crate) struct Members {
     list: Vec<Member>,
-    index: HashMap<Arc<str>, usize>,
+    index: HashTable<u32>,
     live: usize,
+    digest: u64,
 }
 
 impl Members {
@@ -108,8 +170,23 @@ impl Members {
         self.live
     }
 
+    /// Sum of the live members' `(name, epoch)` hashes: two members with the
+    /// same digest (and count) see the same live members, whp.
+    pub(crate) fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    pub(crate) fn reserve(&mut self, more: usize) {
+        self.list.reserve(more);
+        let list = &self.list;
+        self.index.reserve(more, |&k| name_hash(&list[k as usize].name));
+    }
+
     pub(crate) fn position(&self, name: &str) -> Option<usize> {
-        self.index.get(name).copied()
+        let list = &self.list;
+        self.index
+            .find(name_hash(name), |&i| &*list[i as usize].name == name)
+            .map(|&i| i as usize)
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&Member> {
@@ -124,6 +201,15 @@ impl Members {
         self.list.iter()
     }
 
+    /// Points the index entry of the member at position `i` to `i`.
+    fn reindex(&mut self, i: usize, old: usize) {
+        let list = &self.list;
+        let name = &list[i].name;
+        if let Ok(mut e) = self.index.find_entry(name_hash(name), |&k| k as usize == old) {
+            *e.get_mut() = i as u32;
+        }
+    }
+
     pub(crate) fn insert(&mut self, m: Member) -> usize {
         if let Some(i) = self.position(&m.name) {
             self.update(i, |slot| *slot = m);
@@ -133,7 +219,11 @@ impl Members {
         if m.state.is_live() {
             self.live += 1;
         }
-        self.index.insert(m.name.clone(), i);
+        self.digest = self.digest.wrapping_add(m.digest());
+        let list = &self.list;
+        self.index.insert_unique(name_hash(&m.name), i as u32, |&k| {
+            name_hash(list.get(k as usize).map_or(&*m.name, |x| &*x.name))
+        });
         self.list.push(m);
         i
     }
@@ -144,20 +234,25 @@ impl Members {
     pub(crate) fn insert_randomly(&mut self, m: Member, rng: &mut impl Rng) -> usize {
         let i = self.insert(m);
         let j = rng.random_range(0..self.list.len());
-        if i != j {
-            self.list.swap(i, j);
-            for k in [i, j] {
-                let name = self.list[k].name.clone();
-                self.index.insert(name, k);
-            }
-        }
+        self.swap(i, j);
         j
+    }
+
+    fn swap(&mut self, i: usize, j: usize) {
+        if i == j {
+            return;
+        }
+        self.list.swap(i, j);
+        self.reindex(i, j);
+        self.reindex(j, i);
     }
 
     /// Changes a member, keeping the live count right.
     pub(crate) fn update(&mut self, i: usize, f: impl FnOnce(&mut Member)) {
         let was = self.list[i].state.is_live();
+        self.digest = self.digest.wrapping_sub(self.list[i].digest());
         f(&mut self.list[i]);
+        self.digest = self.digest.wrapping_add(self.list[i].digest());
         match (was, self.list[i].state.is_live()) {
             (true, false) => self.live -= 1,
             (false, true) => self.live += 1,
@@ -166,11 +261,18 @@ impl Members {
     }
 
     pub(crate) fn remove(&mut self, i: usize) -> Member {
-        let m = self.list.swap_remove(i);
-        self.index.remove(&m.name);
-        if let Some(moved) = self.list.get(i) {
-            self.index.insert(moved.name.clone(), i);
+        let last = self.list.len() - 1;
+        if let Ok(e) = self
+            .index
+            .find_entry(name_hash(&self.list[i].name), |&k| k as usize == i)
+        {
+            e.remove();
         }
+        let m = self.list.swap_remove(i);
+        if i != last {
+            self.reindex(i, last);
+        }
+        self.digest = self.digest.wrapping_sub(m.digest());
         if m.state.is_live() {
             self.live -= 1;
         }
@@ -181,10 +283,11 @@ impl Members {
     pub(crate) fn shuffle(&mut self, rng: &mut impl Rng) {
         use rand::seq::SliceRandom;
         self.list.shuffle(rng);
+        self.index.clear();
         for (i, m) in self.list.iter().enumerate() {
-            if let Some(slot) = self.index.get_mut(&m.name) {
-                *slot = i;
-            }
+            let list = &self.list;
+            self.index
+                .insert_unique(name_hash(&m.name), i as u32, |&k| name_hash(&list[k as usize].name));
         }
     }
 

@@ -43,7 +43,7 @@ impl Overlay {
         });
         members.extend(self.members.iter().map(|m| WireState {
             name: m.name.to_string(),
-            addr: Some(m.addr.into()),
+            addr: Some(m.addr().into()),
             incarnation: m.incarnation,
             epoch: m.epoch,
             status: to_wire(m.state) as i32,
@@ -68,7 +68,7 @@ impl Overlay {
         self.timers.push_pull = now + self.config.push_pull_interval_for(self.cluster_size());
         let peer = self.members.random(1, &mut self.rng, |m| m.state == MemberState::Alive);
         if let Some(&i) = peer.first() {
-            let addr = self.members.at(i).addr;
+            let addr = self.members.at(i).addr();
             self.push_pull_with(now, addr, false);
         }
     }
@@ -113,13 +113,14 @@ impl Overlay {
                         // Unknown here: keep the tombstone, quietly, so that
                         // nobody's stale view can resurrect the member.
                         None if name != &*self.me.name => {
+                            let since = self.stamp(now);
                             self.members.insert(Member {
                                 name: name.into(),
-                                addr,
+                                addr: addr.into(),
                                 incarnation: inc,
                                 epoch,
                                 state,
-                                since: now,
+                                since,
                             });
                         }
                         Some(m) if m.state.is_live() && state == MemberState::Failed => {
@@ -153,16 +154,17 @@ impl Overlay {
 
     pub(crate) fn reconnect_tick(&mut self, now: Instant) {
         self.timers.reconnect = now + self.config.reconnect_interval;
-        let live_addrs = |o: &Overlay, a: SocketAddr| o.members.iter().any(|m| m.state.is_live() && m.addr == a);
+        let live_addrs = |o: &Overlay, a: SocketAddr| o.members.iter().any(|m| m.state.is_live() && m.addr() == a);
         let seeds: Vec<SocketAddr> = self
             .seeds
             .iter()
             .copied()
             .filter(|&a| a != self.me.addr && !live_addrs(self, a))
             .collect();
-        let horizon = self.config.reconnect_timeout;
+        let horizon = self.config.reconnect_timeout.as_millis() as u64;
+        let t = self.stamp(now);
         let failed = self.members.random(1, &mut self.rng, |m| {
-            m.state == MemberState::Failed && now.saturating_duration_since(m.since) < horizon
+            m.state == MemberState::Failed && t.saturating_sub(m.since) < horizon
         });
         let choices = seeds.len() + failed.len();
         if choices == 0 {
@@ -173,18 +175,19 @@ impl Overlay {
             self.reconnect_ping(now, seeds[pick], "");
         } else {
             let m = self.members.at(failed[0]);
-            let (addr, name) = (m.addr, m.name.clone());
+            let (addr, name) = (m.addr(), m.name.clone());
             self.reconnect_ping(now, addr, &name);
         }
     }
 
     pub(crate) fn reap_tick(&mut self, now: Instant) {
         self.timers.reap = now + self.config.tombstone_ttl.min(std::time::Duration::from_secs(60));
-        let ttl = self.config.tombstone_ttl;
+        let ttl = self.config.tombstone_ttl.as_millis() as u64;
+        let t = self.stamp(now);
         let mut i = 0;
         while i < self.members.len() {
             let m = self.members.at(i);
-            if !m.state.is_live() && now.saturating_duration_since(m.since) >= ttl {
+            if !m.state.is_live() && t.saturating_sub(m.since) >= ttl {
                 self.members.remove(i);
             } else {
                 i += 1;

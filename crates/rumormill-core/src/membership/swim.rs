@@ -76,7 +76,7 @@ impl Overlay {
         self.timers.probe = now + self.awareness.scale(self.config.probe_interval);
         let Some(i) = self.next_probe_target() else { return };
         let m = self.members.at(i);
-        let (target, addr) = (m.name.clone(), m.addr);
+        let (target, addr) = (m.name.clone(), m.addr());
         let buddy =
             (m.state == MemberState::Suspect).then(|| suspect_envelope(&target, m.incarnation, m.epoch, &self.me.name));
         let seq = self.next_seq();
@@ -116,7 +116,7 @@ impl Overlay {
         p.direct_deadline = None;
         let (seq, target) = (p.seq, p.target.clone());
         let Some(t) = self.members.get(&target) else { return };
-        let target_addr = t.addr;
+        let target_addr = t.addr();
         let helpers = self.members.random(self.config.indirect_checks, &mut self.rng, |m| {
             m.state == MemberState::Alive && m.name != target
         });
@@ -124,7 +124,7 @@ impl Overlay {
             p.expected_nacks = helpers.len() as u32;
         }
         for h in helpers {
-            let addr = self.members.at(h).addr;
+            let addr = self.members.at(h).addr();
             let req = PingReq {
                 seq,
                 target: target.to_string(),

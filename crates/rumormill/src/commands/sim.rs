@@ -142,7 +142,12 @@ pub fn run(cmd: SimCommand) -> Result<(), String> {
             })
         }
         SimCommand::AntiEntropy(a) => {
-            let params = epidemic::AntiEntropyParams { nodes: a.nodes, runs: a.runs, seed: a.seed, direction: a.direction };
+            let params = epidemic::AntiEntropyParams {
+                nodes: a.nodes,
+                runs: a.runs,
+                seed: a.seed,
+                direction: a.direction,
+            };
             let r = epidemic::anti_entropy::run(&params).map_err(|e| e.to_string())?;
             let theory = epidemic::theory_rounds(a.direction, a.nodes);
             print(a.json, &r, || {
@@ -166,7 +171,10 @@ fn membership_cmd(a: MembershipArgs) -> Result<(), String> {
         return Err(format!("--kill must be below --nodes ({}), got {}", a.nodes, a.kill));
     }
     if !(a.duration_s > 0.0 && a.duration_s.is_finite()) {
-        return Err(format!("--duration-s must be a positive number of seconds, got {}", a.duration_s));
+        return Err(format!(
+            "--duration-s must be a positive number of seconds, got {}",
+            a.duration_s
+        ));
     }
     if a.runs == 0 {
         return Err("--runs must be at least 1".into());
