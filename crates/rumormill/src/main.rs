@@ -24,7 +24,17 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One readable line: clap's first line, without its usage block.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("rumormill: {} (see --help)", first.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Command::Sim(cmd) => commands::sim::run(cmd),
     };

@@ -12,6 +12,8 @@
 pub(crate) mod awareness;
 pub(crate) mod lifecycle;
 pub(crate) mod piggyback;
+#[cfg(test)]
+mod security_tests;
 pub(crate) mod state_sync;
 pub(crate) mod suspicion;
 pub(crate) mod swim;

@@ -1,0 +1,91 @@
+//! The `rumormill` binary: output shape and errors on bad input.
+
+use std::process::Command;
+
+fn rumormill(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rumormill"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn sim_membership_prints_one_json_object_with_the_promised_fields() {
+    let out = rumormill(&[
+        "sim",
+        "membership",
+        "--nodes",
+        "20",
+        "--kill",
+        "1",
+        "--duration-s",
+        "40",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(stdout.lines().count(), 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    for key in [
+        "false_positives",
+        "detect_first_s",
+        "detect_all_s",
+        "converged",
+        "messages_per_member_per_s",
+        "bytes_per_member_per_s",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {stdout}");
+    }
+    assert_eq!(v["false_positives"], 0);
+    assert_eq!(v["converged"], true);
+    assert!(v["detect_all_s"].as_f64().is_some_and(|s| s > 0.0));
+}
+
+#[test]
+fn the_same_seed_prints_the_same_bytes() {
+    let args = [
+        "sim",
+        "membership",
+        "--nodes",
+        "30",
+        "--loss",
+        "0.05",
+        "--kill",
+        "2",
+        "--duration-s",
+        "30",
+        "--seed",
+        "4",
+        "--json",
+    ];
+    assert_eq!(rumormill(&args).stdout, rumormill(&args).stdout);
+}
+
+#[test]
+fn bad_arguments_give_one_readable_line_and_a_failure_status() {
+    for (args, needle) in [
+        (vec!["sim", "membership", "--nodes", "1"], "--nodes must be at least 2"),
+        (vec!["sim", "membership", "--loss", "1.5"], "--loss must be in [0, 1)"),
+        (
+            vec!["sim", "membership", "--nodes", "5", "--kill", "5"],
+            "--kill must be below --nodes",
+        ),
+        (
+            vec!["sim", "membership", "--duration-s=-3"],
+            "--duration-s must be a positive",
+        ),
+        (vec!["sim", "membership", "--nodes", "many"], "invalid value 'many'"),
+        (vec!["sim", "demers", "--k", "0"], "k"),
+        (
+            vec!["sim", "demers", "--direction", "sideways"],
+            "push, pull, push-pull",
+        ),
+    ] {
+        let out = rumormill(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: one line, got {stderr}");
+    }
+}
