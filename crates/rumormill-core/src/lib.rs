@@ -23,7 +23,7 @@
 //! let id = |n: &str, port| Identity::new(n, format!("127.0.0.1:{port}").parse().unwrap(), 1);
 //! let mut a = Overlay::new(Config::new_lan(), id("a", 7001), Security::Plaintext, 1, now);
 //! let mut b = Overlay::new(Config::new_lan(), id("b", 7002), Security::Plaintext, 2, now);
-//! b.join(now, &["127.0.0.1:7001".parse().unwrap()]);
+//! b.join(now, &["127.0.0.1:7001".parse().unwrap()])?;
 //! // Shuttle packets between the two until both are quiet.
 //! for _ in 0..4 {
 //!     while let Some(t) = b.poll_transmit() { a.handle(now, b.local_addr(), t.kind, &t.payload); }
@@ -31,6 +31,7 @@
 //! }
 //! assert!(matches!(a.poll_event(), Some(Event::Member { change: MemberChange::Joined, .. })));
 //! assert_eq!(a.member("b").unwrap().incarnation, 0);
+//! # Ok::<(), rumormill_core::CoreError>(())
 //! ```
 #![warn(missing_docs)]
 

@@ -172,11 +172,10 @@ impl std::fmt::Debug for Overlay {
 }
 
 impl Overlay {
-    /// A new member of an overlay named by `config`-independent identity;
-    /// `security` decides whether packets are sealed; `seed` seeds the RNG.
-    /// The overlay id in headers is derived from nothing but the keyring and
-    /// is set with [`Overlay::with_overlay_id`] when several overlays share
-    /// a port.
+    /// The local member `identity` in a new overlay: `security` decides
+    /// whether packets are sealed, `seed` seeds the RNG, `now` starts the
+    /// clock. Packets carry overlay id 0; use [`Overlay::with_overlay_id`]
+    /// to tell overlays apart on the wire.
     pub fn new(config: Config, identity: Identity, security: Security, seed: u64, now: Instant) -> Overlay {
         Overlay::with_overlay_id(config, identity, security, seed, now, 0)
     }
@@ -298,8 +297,8 @@ impl Overlay {
             return;
         };
         match body {
-            Body::Ping(p) => self.on_ping(now, from, p),
-            Body::Ack(a) => self.on_ack(now, a),
+            Body::Ping(p) => self.on_ping(from, p),
+            Body::Ack(a) => self.on_ack(a),
             Body::PingReq(r) => self.on_ping_req(now, from, r),
             Body::Nack(n) => self.on_nack(n),
             Body::Alive(a) => match rumormill_wire::socket_addr(a.addr.as_ref()) {
@@ -325,7 +324,7 @@ impl Overlay {
             Status::Active => {
                 if let Some(deadline) = self.probe.as_ref().and_then(|p| p.direct_deadline) {
                     if deadline <= now {
-                        self.start_indirect_probe(now);
+                        self.start_indirect_probe();
                     }
                 }
                 self.expire_relays(now);
@@ -352,10 +351,12 @@ impl Overlay {
     /// Contacts the given addresses (seeds) with a full-state exchange. They
     /// are also remembered as seeds to re-contact whenever none of them is
     /// seen alive.
-    pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) {
-        if self.status == Status::Active {
-            self.join_via(now, seeds);
+    pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), CoreError> {
+        if self.status != Status::Active {
+            return Err(CoreError::Left);
         }
+        self.join_via(now, seeds);
+        Ok(())
     }
 
     /// Replaces the seed addresses re-contacted when not seen alive.
@@ -365,7 +366,8 @@ impl Overlay {
 
     /// Adds members known from elsewhere (a snapshot taken before a
     /// restart, or a bootstrap list) without events. Entries about the local
-    /// member, or already known, are ignored.
+    /// member, or already known, are ignored; suspects are restored as alive
+    /// (the failure detector will judge them afresh).
     pub fn restore(&mut self, now: Instant, members: impl IntoIterator<Item = MemberInfo>) {
         let since = self.stamp(now);
         let mut fresh: Vec<Member> = members
@@ -376,7 +378,11 @@ impl Overlay {
                 addr: m.addr.into(),
                 incarnation: m.incarnation,
                 epoch: m.epoch,
-                state: m.state,
+                state: if m.state == MemberState::Suspect {
+                    MemberState::Alive
+                } else {
+                    m.state
+                },
                 since,
             })
             .collect();
@@ -455,15 +461,14 @@ impl Overlay {
     /// When [`Overlay::handle_timeout`] must be called next; `None` once
     /// closed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let gossip = (!self.piggyback.is_empty()).then_some(self.timers.gossip);
         match self.status {
             Status::Closed => None,
-            Status::Leaving => gossip.or(Some(self.timers.gossip)),
+            Status::Leaving => Some(self.timers.gossip),
             Status::Active => {
                 let t = &self.timers;
                 let mut next = t.probe.min(t.push_pull).min(t.reconnect).min(t.reap);
                 let others = [
-                    gossip,
+                    (!self.piggyback.is_empty()).then_some(self.timers.gossip),
                     self.probe.as_ref().and_then(|p| p.direct_deadline),
                     self.relays.values().map(|r| r.deadline).min(),
                     self.reconnects.values().map(|r| r.1).min(),
@@ -552,13 +557,13 @@ impl Overlay {
 
     /// Sends messages in one datagram, filling the rest with piggybacked
     /// membership changes.
-    pub(crate) fn send(&mut self, _now: Instant, to: SocketAddr, msgs: Vec<Envelope>) {
+    pub(crate) fn send(&mut self, to: SocketAddr, msgs: Vec<Envelope>) {
         let budget = self.config.mtu.saturating_sub(self.codec.overhead());
         let mut packet = PacketBuilder::new(budget);
         for m in msgs {
             if let Err(m) = packet.push(m) {
                 // Too big for one datagram: it goes over a stream instead.
-                self.send_stream(_now, to, m);
+                self.send_stream(to, m);
             }
         }
         let limit = self.config.retransmit_limit(self.cluster_size());
@@ -569,7 +574,7 @@ impl Overlay {
         self.seal(to, FrameKind::Datagram, &packet.finish());
     }
 
-    pub(crate) fn send_stream(&mut self, _now: Instant, to: SocketAddr, msg: Envelope) {
+    pub(crate) fn send_stream(&mut self, to: SocketAddr, msg: Envelope) {
         self.seal(to, FrameKind::Stream, &rumormill_wire::encode_envelope(&msg));
     }
 
@@ -609,7 +614,7 @@ impl Overlay {
         });
         for i in targets {
             let addr = self.members.at(i).addr();
-            self.send(now, addr, Vec::new());
+            self.send(addr, Vec::new());
             if self.piggyback.is_empty() {
                 break;
             }

@@ -48,7 +48,7 @@ impl Net {
             net.nodes.push(Some(o));
         }
         for i in 1..n {
-            net.node(i).join(now, &[addr(0)]);
+            net.node(i).join(now, &[addr(0)]).expect("active");
         }
         net
     }
@@ -76,7 +76,7 @@ impl Net {
     /// joining through node 0.
     pub(crate) fn restart(&mut self, i: usize, epoch: u64, at: SocketAddr) {
         let mut o = self.spawn(i, at, epoch);
-        o.join(self.now, &[addr(0)]);
+        o.join(self.now, &[addr(0)]).expect("active");
         self.nodes[i] = Some(o);
     }
 

@@ -80,7 +80,7 @@ fn garbage_and_foreign_keys_are_counted_and_dropped() {
         1,
         now,
     );
-    stranger.join(now, &[addr(0)]);
+    stranger.join(now, &[addr(0)]).expect("active");
     let t = stranger.poll_transmit().expect("a join request");
     net.raw(0, addr(51), t.kind, &t.payload);
     assert!(matches!(
@@ -96,7 +96,7 @@ fn garbage_and_foreign_keys_are_counted_and_dropped() {
         1,
         now,
     );
-    plain.join(now, &[addr(0)]);
+    plain.join(now, &[addr(0)]).expect("active");
     let t = plain.poll_transmit().expect("a join request");
     net.raw(0, addr(52), t.kind, &t.payload);
     assert_eq!(net.node(0).stats().last_rejection, Some(WireError::PlaintextRejected));

@@ -59,9 +59,9 @@ impl Overlay {
         }
     }
 
-    pub(crate) fn push_pull_with(&mut self, now: Instant, addr: SocketAddr, join: bool) {
+    pub(crate) fn push_pull_with(&mut self, addr: SocketAddr, join: bool) {
         let msg = self.push_pull_message(join, false);
-        self.send_stream(now, addr, msg);
+        self.send_stream(addr, msg);
     }
 
     pub(crate) fn push_pull_tick(&mut self, now: Instant) {
@@ -69,7 +69,7 @@ impl Overlay {
         let peer = self.members.random(1, &mut self.rng, |m| m.state == MemberState::Alive);
         if let Some(&i) = peer.first() {
             let addr = self.members.at(i).addr();
-            self.push_pull_with(now, addr, false);
+            self.push_pull_with(addr, false);
         }
     }
 
@@ -79,12 +79,12 @@ impl Overlay {
         self.merge(now, &pp.from, pp.members);
         if !pp.reply {
             let msg = self.push_pull_message(pp.join, true);
-            self.send_stream(now, peer, msg);
+            self.send_stream(peer, msg);
         } else if self.me.incarnation != incarnation {
             // The peer's view had us suspect or failed: tell it directly
             // rather than wait for it to hear our refutation by gossip.
             let alive = self.local_alive();
-            self.send(now, peer, vec![alive]);
+            self.send(peer, vec![alive]);
         }
     }
 
@@ -94,15 +94,24 @@ impl Overlay {
                 self.stats.malformed += 1;
                 continue;
             };
-            let status = MemberStatus::try_from(s.status).unwrap_or(MemberStatus::Alive);
             let (name, inc, epoch) = (s.name.as_str(), s.incarnation, s.epoch);
+            let Ok(status) = MemberStatus::try_from(s.status) else {
+                self.stats.malformed += 1;
+                continue;
+            };
             if name.is_empty() {
                 self.stats.malformed += 1;
                 continue;
             }
             match status {
                 MemberStatus::Alive => self.apply_alive(now, name, inc, epoch, addr),
-                MemberStatus::Suspect => self.apply_suspect(now, name, inc, epoch, from),
+                MemberStatus::Suspect => {
+                    // Unknown here: learn the member, then the suspicion.
+                    if self.members.position(name).is_none() {
+                        self.apply_alive(now, name, inc, epoch, addr);
+                    }
+                    self.apply_suspect(now, name, inc, epoch, from)
+                }
                 MemberStatus::Failed | MemberStatus::Left => {
                     let state = if status == MemberStatus::Left {
                         MemberState::Left
@@ -141,6 +150,8 @@ impl Overlay {
 
     /// Joins through the given addresses and remembers them as seeds.
     pub(crate) fn join_via(&mut self, now: Instant, addrs: &[SocketAddr]) {
+        // The seeds were just contacted: no need to re-contact them at once.
+        self.timers.reconnect = now + self.config.reconnect_interval;
         for &addr in addrs {
             if addr == self.me.addr {
                 continue;
@@ -148,7 +159,7 @@ impl Overlay {
             if !self.seeds.contains(&addr) {
                 self.seeds.push(addr);
             }
-            self.push_pull_with(now, addr, true);
+            self.push_pull_with(addr, true);
         }
     }
 

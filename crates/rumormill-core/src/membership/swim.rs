@@ -82,7 +82,7 @@ impl Overlay {
         let seq = self.next_seq();
         let mut msgs = vec![ping(seq, &target)];
         msgs.extend(buddy);
-        self.send(now, addr, msgs);
+        self.send(addr, msgs);
         self.probe = Some(Probe {
             seq,
             target,
@@ -111,7 +111,7 @@ impl Overlay {
     }
 
     /// The direct ping went unanswered: ask others to try.
-    pub(crate) fn start_indirect_probe(&mut self, now: Instant) {
+    pub(crate) fn start_indirect_probe(&mut self) {
         let Some(p) = self.probe.as_mut() else { return };
         p.direct_deadline = None;
         let (seq, target) = (p.seq, p.target.clone());
@@ -131,7 +131,6 @@ impl Overlay {
                 target_addr: Some(target_addr.into()),
             };
             self.send(
-                now,
                 addr,
                 vec![Envelope {
                     body: Some(Body::PingReq(req)),
@@ -155,13 +154,13 @@ impl Overlay {
         }
     }
 
-    pub(crate) fn on_ping(&mut self, now: Instant, from: SocketAddr, p: Ping) {
+    pub(crate) fn on_ping(&mut self, from: SocketAddr, p: Ping) {
         // An empty target is a reconnect probe of an address whose member is unknown.
         if !p.target.is_empty() && p.target != *self.me.name {
             self.stats.misdirected += 1;
             return;
         }
-        self.send(now, from, vec![ack(p.seq)]);
+        self.send(from, vec![ack(p.seq)]);
     }
 
     pub(crate) fn on_ping_req(&mut self, now: Instant, from: SocketAddr, r: PingReq) {
@@ -178,10 +177,10 @@ impl Overlay {
                 deadline: now + self.config.probe_timeout,
             },
         );
-        self.send(now, target_addr, vec![ping(seq, &r.target)]);
+        self.send(target_addr, vec![ping(seq, &r.target)]);
     }
 
-    pub(crate) fn on_ack(&mut self, now: Instant, a: Ack) {
+    pub(crate) fn on_ack(&mut self, a: Ack) {
         if let Some(p) = &self.probe {
             if p.seq == a.seq {
                 // Answered directly: our links are fine. Through others: no change.
@@ -193,11 +192,11 @@ impl Overlay {
             }
         }
         if let Some(r) = self.relays.remove(&a.seq) {
-            self.send(now, r.origin, vec![ack(r.origin_seq)]);
+            self.send(r.origin, vec![ack(r.origin_seq)]);
             return;
         }
         if let Some(addr) = self.reconnects.remove(&a.seq) {
-            self.push_pull_with(now, addr.0, false);
+            self.push_pull_with(addr.0, false);
         }
     }
 
@@ -219,7 +218,7 @@ impl Overlay {
             .collect();
         for seq in expired {
             if let Some(r) = self.relays.remove(&seq) {
-                self.send(now, r.origin, vec![nack(r.origin_seq)]);
+                self.send(r.origin, vec![nack(r.origin_seq)]);
             }
         }
         self.reconnects.retain(|_, (_, deadline)| *deadline > now);
@@ -229,7 +228,7 @@ impl Overlay {
     pub(crate) fn reconnect_ping(&mut self, now: Instant, addr: SocketAddr, target: &str) {
         let seq = self.next_seq();
         self.reconnects.insert(seq, (addr, now + self.config.probe_interval));
-        self.send(now, addr, vec![ping(seq, target)]);
+        self.send(addr, vec![ping(seq, target)]);
     }
 }
 
