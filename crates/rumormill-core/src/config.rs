@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use crate::broadcast::DisseminationConfig;
+
 /// Timings and limits of one overlay.
 ///
 /// Start from a preset and change what you need. Values that must grow with
@@ -64,6 +66,8 @@ pub struct Config {
     pub mtu: usize,
     /// Largest stream frame accepted.
     pub max_stream_frame: usize,
+    /// How updates spread: rumor mongering, anti-entropy, or both.
+    pub dissemination: DisseminationConfig,
 }
 
 impl Config {
@@ -93,6 +97,7 @@ impl Config {
             tombstone_ttl: Duration::from_secs(24 * 3600),
             mtu: 1400,
             max_stream_frame: rumormill_wire::DEFAULT_MAX_FRAME,
+            dissemination: DisseminationConfig::default(),
         }
     }
 
@@ -110,6 +115,11 @@ impl Config {
             gossip_to_the_dead: Duration::from_secs(60),
             push_pull_interval: Duration::from_secs(60),
             reconnect_interval: Duration::from_secs(30),
+            dissemination: DisseminationConfig {
+                interval: Duration::from_millis(500),
+                anti_entropy_interval: Duration::from_secs(30),
+                ..DisseminationConfig::default()
+            },
             ..Config::new_lan()
         }
     }
@@ -150,7 +160,7 @@ impl Config {
         if self.push_pull_interval.is_zero() || self.reconnect_interval.is_zero() {
             return Err("push_pull_interval and reconnect_interval must be above zero".into());
         }
-        Ok(())
+        self.dissemination.validate()
     }
 
     /// Times a membership change is retransmitted in a cluster of `n`.

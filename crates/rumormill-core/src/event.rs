@@ -1,3 +1,4 @@
+use crate::broadcast::UpdateEvent;
 use crate::membership::MemberInfo;
 
 /// How a member changed, as seen by the local member.
@@ -29,4 +30,6 @@ pub enum Event {
         /// The member after the change.
         member: MemberInfo,
     },
+    /// An update from another member was accepted into the store.
+    Update(UpdateEvent),
 }

@@ -35,6 +35,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod broadcast;
 mod config;
 mod event;
 mod membership;

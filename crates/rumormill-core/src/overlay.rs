@@ -8,6 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use rumormill_wire::proto::{Envelope, envelope::Body};
 use rumormill_wire::{Codec, FrameKind, KeyId, KeyInfo, Keyring, PacketBuilder, Security, WireError};
 
+use crate::broadcast::{Dissemination, DisseminationStats, Store, Update, UpdateHandler};
 use crate::config::Config;
 use crate::event::Event;
 use crate::membership::awareness::Awareness;
@@ -145,6 +146,7 @@ pub struct Overlay {
     codec: Codec,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) members: Members,
+    dissemination: Dissemination,
     pub(crate) piggyback: Piggyback,
     pub(crate) awareness: Awareness,
     pub(crate) suspicions: BTreeMap<Arc<str>, Suspicion>,
@@ -201,7 +203,16 @@ impl Overlay {
             reap: now + config.tombstone_ttl.min(Duration::from_secs(60)),
         };
         let codec = Codec::new(overlay_id, identity.sender_id(), identity.epoch, security);
+        let budget = config.mtu.saturating_sub(codec.overhead());
+        let dissemination = Dissemination::new(
+            config.dissemination.clone(),
+            &identity.name,
+            budget,
+            seed ^ 0xd155_e111,
+            now,
+        );
         Overlay {
+            dissemination,
             origin: now,
             awareness: Awareness::new(config.awareness_max),
             config,
@@ -308,6 +319,24 @@ impl Overlay {
             Body::Suspect(s) => self.apply_suspect(now, &s.name, s.incarnation, s.epoch, &s.from),
             Body::Dead(d) => self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from),
             Body::PushPull(pp) => self.on_push_pull(now, from, pp),
+            other => {
+                self.dissemination.handle(now, from, other);
+                self.drain_dissemination();
+            }
+        }
+    }
+
+    /// Sends what dissemination queued and forwards its events.
+    fn drain_dissemination(&mut self) {
+        while let Some(out) = self.dissemination.poll_message() {
+            if out.stream {
+                self.send_stream(out.to, out.envelope);
+            } else {
+                self.send(out.to, vec![out.envelope]);
+            }
+        }
+        while let Some(e) = self.dissemination.poll_event() {
+            self.events.push_back(Event::Update(e));
         }
     }
 
@@ -341,6 +370,16 @@ impl Overlay {
                 if self.timers.reap <= now {
                     self.reap_tick(now);
                 }
+                if self.dissemination.poll_timeout() <= now {
+                    let (members, rng) = (&self.members, &mut self.rng);
+                    let mut peers = |k: usize| {
+                        let k = if k == 0 { members.len() } else { k };
+                        let picked = members.random(k, rng, |m| m.state == MemberState::Alive);
+                        picked.into_iter().map(|i| members.at(i).addr()).collect()
+                    };
+                    self.dissemination.handle_timeout(now, &mut peers);
+                    self.drain_dissemination();
+                }
             }
         }
         if self.timers.gossip <= now {
@@ -357,6 +396,43 @@ impl Overlay {
         }
         self.join_via(now, seeds);
         Ok(())
+    }
+
+    /// Writes a value under `key`; it spreads to every member (see
+    /// [`crate::broadcast`]).
+    pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
+        if self.status != Status::Active {
+            return Err(CoreError::Left);
+        }
+        Ok(self.dissemination.put(now, key, value))
+    }
+
+    /// Deletes `key` everywhere.
+    pub fn delete(&mut self, now: Instant, key: &str) -> Result<Update, CoreError> {
+        if self.status != Status::Active {
+            return Err(CoreError::Left);
+        }
+        Ok(self.dissemination.delete(now, key))
+    }
+
+    /// The replicated updates.
+    pub fn store(&self) -> &Store {
+        self.dissemination.store()
+    }
+
+    /// Replaces the handler that decides which incoming updates to keep.
+    pub fn set_update_handler(&mut self, handler: impl UpdateHandler + 'static) {
+        self.dissemination.set_handler(handler);
+    }
+
+    /// The dissemination state machine (rumor states, counters).
+    pub fn dissemination(&self) -> &Dissemination {
+        &self.dissemination
+    }
+
+    /// Counters of the dissemination protocols.
+    pub fn dissemination_stats(&self) -> DisseminationStats {
+        self.dissemination.stats()
     }
 
     /// Replaces the seed addresses re-contacted when not seen alive.
@@ -473,6 +549,7 @@ impl Overlay {
                     self.relays.values().map(|r| r.deadline).min(),
                     self.reconnects.values().map(|r| r.1).min(),
                     self.suspicions.values().map(|s| s.deadline).min(),
+                    Some(self.dissemination.poll_timeout()),
                 ];
                 for d in others.into_iter().flatten() {
                     next = next.min(d);

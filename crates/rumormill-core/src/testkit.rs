@@ -158,8 +158,9 @@ impl Net {
     pub(crate) fn changes(&self, subject: usize, change: MemberChange) -> Vec<(Duration, usize)> {
         self.log
             .iter()
-            .filter_map(|(t, i, Event::Member { change: c, member })| {
-                (*c == change && *member.name == name(subject)).then_some((*t, *i))
+            .filter_map(|(t, i, e)| match e {
+                Event::Member { change: c, member } if *c == change && *member.name == name(subject) => Some((*t, *i)),
+                _ => None,
             })
             .collect()
     }

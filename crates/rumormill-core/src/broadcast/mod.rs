@@ -1,0 +1,491 @@
+//! Dissemination of updates: rumor mongering and anti-entropy (Demers et
+//! al. 1987; Grapevine's protocols, with their flaws fixed).
+//!
+//! - [`store`]: the key/value data, last-writer-wins versions, per-origin
+//!   seen summaries;
+//! - [`rumor`]: rumor mongering with the SIR states, feedback or blind
+//!   removal, counter or coin loss of interest;
+//! - [`anti_entropy`]: push, pull or push-pull exchanges of digests, then of
+//!   only the missing updates;
+//! - [`handler`]: the application's decision over incoming updates.
+//!
+//! [`Dissemination`] is sans-IO like the rest of the core: the [`Overlay`]
+//! embeds one and feeds it messages, time and live members; it can also be
+//! driven on its own over a fixed member list (the simulator does this for
+//! 100,000 members).
+//!
+//! [`Overlay`]: crate::Overlay
+
+pub mod anti_entropy;
+pub mod handler;
+pub mod rumor;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rumormill_wire::proto::{Envelope, envelope::Body};
+
+pub use handler::{AcceptAll, Decision, UpdateHandler};
+pub use rumor::RumorState;
+pub use store::{Store, Update};
+
+use crate::membership::Stamp;
+
+macro_rules! choice {
+    ($(#[$doc:meta])* $name:ident, $what:literal, { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The name used in configuration and on the command line.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<$name, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(format!(
+                        concat!("invalid ", $what, " {:?}: expected one of {}"),
+                        other,
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+choice!(
+    /// Which protocols spread updates.
+    Mode, "dissemination mode", {
+        /// Rumor mongering only: fast and cheap, a small residue may miss an update.
+        Rumor = "rumor",
+        /// Anti-entropy only: slower, reaches everyone.
+        AntiEntropy = "anti-entropy",
+        /// Rumor mongering, with anti-entropy as its backstop.
+        Both = "both",
+    }
+);
+
+choice!(
+    /// How a member decides it is time to stop spreading an update.
+    Removal, "removal", {
+        /// The receiver says which pushed updates it already had.
+        Feedback = "feedback",
+        /// The sender decides alone, after each push.
+        Blind = "blind",
+    }
+);
+
+choice!(
+    /// How interest is lost.
+    Loss, "loss", {
+        /// After `rounds` unnecessary contacts (feedback) or pushes (blind).
+        Counter = "counter",
+        /// With probability `1 / rounds` at each unnecessary contact (feedback) or push (blind).
+        Coin = "coin",
+    }
+);
+
+choice!(
+    /// Which way an exchange goes.
+    Direction, "direction", {
+        /// The initiator sends what the partner lacks.
+        Push = "push",
+        /// The partner sends what the initiator lacks.
+        Pull = "pull",
+        /// Both.
+        PushPull = "push-pull",
+    }
+);
+
+/// Dissemination settings of one overlay. Grapevine's names are given as
+/// aliases in the configuration file: `delta` = `interval`, `level` =
+/// `fanout`, `rounds` = k.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DisseminationConfig {
+    /// Rumor mongering, anti-entropy or both.
+    pub mode: Mode,
+    /// Time between two rumor-mongering rounds (Grapevine's `delta`).
+    pub interval: Duration,
+    /// Members pushed to per round; 0 = all (Grapevine's `level`).
+    pub fanout: usize,
+    /// k: unnecessary contacts (counter) or 1/probability (coin) before an
+    /// update is removed (Grapevine's `rounds`).
+    pub rounds: u32,
+    /// Feedback or blind removal.
+    pub removal: Removal,
+    /// Counter or coin loss of interest.
+    pub loss: Loss,
+    /// Time between two anti-entropy exchanges.
+    pub anti_entropy_interval: Duration,
+    /// Partners per anti-entropy exchange; 0 = all.
+    pub anti_entropy_fanout: usize,
+    /// Push, pull or push-pull anti-entropy.
+    pub anti_entropy_direction: Direction,
+    /// How often removed updates are garbage-collected.
+    pub gc_interval: Duration,
+    /// How long a removed update's rumor state is kept (Grapevine's `ttl`).
+    /// Forgetting it never lets a late copy count as new: the per-origin
+    /// summaries remember what was seen.
+    pub removed_ttl: Duration,
+    /// How long a delete is kept. A member that missed a delete for longer
+    /// than this, and then syncs only with members that forgot it, keeps the
+    /// old value.
+    pub tombstone_ttl: Duration,
+    /// Largest chunk of updates in one stream frame.
+    pub max_chunk: usize,
+}
+
+impl Default for DisseminationConfig {
+    /// Rumor mongering every 200 ms to 3 members, feedback/counter with
+    /// k = 3 (residue ≈ 10⁻⁵ in the synchronous model with push-pull of
+    /// rumors… see docs/benchmarks.md), plus a push-pull anti-entropy
+    /// exchange with one member every 10 s as a backstop.
+    fn default() -> Self {
+        DisseminationConfig {
+            mode: Mode::Both,
+            interval: Duration::from_millis(200),
+            fanout: 3,
+            rounds: 3,
+            removal: Removal::Feedback,
+            loss: Loss::Counter,
+            anti_entropy_interval: Duration::from_secs(10),
+            anti_entropy_fanout: 1,
+            anti_entropy_direction: Direction::PushPull,
+            gc_interval: Duration::from_secs(1),
+            removed_ttl: Duration::from_secs(30),
+            tombstone_ttl: Duration::from_secs(24 * 3600),
+            max_chunk: 64 << 10,
+        }
+    }
+}
+
+impl DisseminationConfig {
+    /// Checks that the values make sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rounds == 0 {
+            return Err("rounds (k) must be at least 1".into());
+        }
+        if self.interval.is_zero() || self.anti_entropy_interval.is_zero() || self.gc_interval.is_zero() {
+            return Err("interval, anti_entropy_interval and gc_interval must be above zero".into());
+        }
+        if self.max_chunk < 1024 {
+            return Err(format!(
+                "max_chunk {} is too small: at least 1024 bytes",
+                self.max_chunk
+            ));
+        }
+        Ok(())
+    }
+
+    fn rumors(&self) -> bool {
+        self.mode != Mode::AntiEntropy
+    }
+
+    fn exchanges(&self) -> bool {
+        self.mode != Mode::Rumor
+    }
+}
+
+/// Where a message goes and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The destination.
+    pub to: SocketAddr,
+    /// The message.
+    pub envelope: Envelope,
+    /// Whether it must go over a stream (too big for a datagram).
+    pub stream: bool,
+}
+
+/// Counters of the dissemination protocols.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DisseminationStats {
+    /// Update copies sent (in rumors and deltas).
+    pub updates_sent: u64,
+    /// Update copies received.
+    pub updates_received: u64,
+    /// Received updates that were news.
+    pub fresh: u64,
+    /// Received updates already seen.
+    pub redundant: u64,
+    /// Rumor rounds run with something to push.
+    pub rumor_rounds: u64,
+    /// Anti-entropy exchanges started.
+    pub exchanges: u64,
+    /// Updates that went from infected to removed.
+    pub removed: u64,
+}
+
+/// An accepted update, for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateEvent {
+    /// The update (a `None` value is a delete).
+    pub update: Update,
+}
+
+/// The dissemination state machine of one member.
+pub struct Dissemination {
+    pub(crate) config: DisseminationConfig,
+    pub(crate) me: Arc<str>,
+    pub(crate) clock: u64,
+    next_seq: u64,
+    pub(crate) store: Store,
+    pub(crate) infected: BTreeMap<(Arc<str>, u64), u32>,
+    pub(crate) removed: BTreeMap<(Arc<str>, u64), Stamp>,
+    handler: Box<dyn UpdateHandler>,
+    pub(crate) rng: ChaCha8Rng,
+    origin: Instant,
+    pub(crate) budget: usize,
+    next_rumor: Instant,
+    next_exchange: Instant,
+    next_gc: Instant,
+    pub(crate) outbox: VecDeque<Outgoing>,
+    pub(crate) reassembly: anti_entropy::Reassembly,
+    pub(crate) events: VecDeque<UpdateEvent>,
+    pub(crate) stats: DisseminationStats,
+}
+
+impl fmt::Debug for Dissemination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dissemination")
+            .field("me", &self.me)
+            .field("keys", &self.store.len())
+            .field("infected", &self.infected.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dissemination {
+    /// A member named `me` whose datagrams carry at most `budget` bytes of
+    /// messages.
+    ///
+    /// ```
+    /// use std::time::Instant;
+    /// use rumormill_core::broadcast::{Dissemination, DisseminationConfig};
+    /// let now = Instant::now();
+    /// let mut d = Dissemination::new(DisseminationConfig::default(), "a", 1300, 7, now);
+    /// d.put(now, "colour", b"blue".to_vec());
+    /// assert_eq!(d.store().value("colour"), Some(&b"blue"[..]));
+    /// ```
+    pub fn new(config: DisseminationConfig, me: &str, budget: usize, seed: u64, now: Instant) -> Dissemination {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let phase = |d: Duration, rng: &mut ChaCha8Rng| now + d.mul_f64(rand::Rng::random::<f64>(rng));
+        Dissemination {
+            next_rumor: phase(config.interval, &mut rng),
+            next_exchange: phase(config.anti_entropy_interval, &mut rng),
+            next_gc: now + config.gc_interval,
+            config,
+            me: me.into(),
+            clock: 0,
+            next_seq: 0,
+            store: Store::default(),
+            infected: BTreeMap::new(),
+            removed: BTreeMap::new(),
+            handler: Box::new(AcceptAll),
+            rng,
+            origin: now,
+            budget,
+            outbox: VecDeque::new(),
+            reassembly: anti_entropy::Reassembly::default(),
+            events: VecDeque::new(),
+            stats: DisseminationStats::default(),
+        }
+    }
+
+    /// Replaces the handler that filters incoming updates.
+    pub fn set_handler(&mut self, handler: impl UpdateHandler + 'static) {
+        self.handler = Box::new(handler);
+    }
+
+    /// Writes a value; it spreads to every member.
+    pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Update {
+        self.write(now, key, Some(value))
+    }
+
+    /// Deletes a key; the delete spreads like a value.
+    pub fn delete(&mut self, now: Instant, key: &str) -> Update {
+        self.write(now, key, None)
+    }
+
+    fn write(&mut self, now: Instant, key: &str, value: Option<Vec<u8>>) -> Update {
+        self.clock += 1;
+        self.next_seq += 1;
+        // Beat whatever is stored, even if written by a member with a faster clock.
+        if let Some(cur) = self.store.get(key) {
+            self.clock = self.clock.max(cur.lamport + 1);
+        }
+        let u = Update {
+            key: key.to_owned(),
+            value,
+            lamport: self.clock,
+            origin: self.me.clone(),
+            seq: self.next_seq,
+        };
+        let stamp = self.stamp(now);
+        self.store.apply(u.clone(), stamp);
+        self.infect(&u);
+        u
+    }
+
+    /// The replicated data.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DisseminationStats {
+        self.stats
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DisseminationConfig {
+        &self.config
+    }
+
+    /// Handles a dissemination message from `from`; other messages are
+    /// ignored.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, body: Body) {
+        match body {
+            Body::Rumor(r) => self.on_rumor(now, from, r),
+            Body::RumorFeedback(f) => self.on_feedback(now, f),
+            Body::Digest(d) => self.on_digest(from, d),
+            Body::Delta(d) => self.on_delta(now, d),
+            _ => {}
+        }
+    }
+
+    /// Runs due rounds. `peers(k)` returns up to `k` random live members
+    /// (all of them when `k` is 0).
+    pub fn handle_timeout(&mut self, now: Instant, peers: &mut dyn FnMut(usize) -> Vec<SocketAddr>) {
+        if self.next_rumor <= now {
+            self.next_rumor = now + self.config.interval;
+            if self.config.rumors() {
+                let targets = peers(self.config.fanout);
+                self.rumor_round(now, targets);
+            }
+        }
+        if self.next_exchange <= now {
+            self.next_exchange = now + self.config.anti_entropy_interval;
+            if self.config.exchanges() {
+                for to in peers(self.config.anti_entropy_fanout) {
+                    self.start_exchange(to);
+                }
+            }
+        }
+        if self.next_gc <= now {
+            self.next_gc = now + self.config.gc_interval;
+            self.collect_garbage(now);
+        }
+    }
+
+    /// When [`Dissemination::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Instant {
+        let rumor = if self.config.rumors() && !self.infected.is_empty() {
+            self.next_rumor
+        } else {
+            // Nothing to spread: wake only for the other timers, keeping the
+            // rumor phase for when something comes.
+            self.next_gc.max(self.next_rumor)
+        };
+        let exchange = if self.config.exchanges() {
+            self.next_exchange
+        } else {
+            self.next_gc
+        };
+        rumor.min(exchange).min(self.next_gc)
+    }
+
+    /// The next message to send.
+    pub fn poll_message(&mut self) -> Option<Outgoing> {
+        self.outbox.pop_front()
+    }
+
+    /// The next accepted update.
+    pub fn poll_event(&mut self) -> Option<UpdateEvent> {
+        self.events.pop_front()
+    }
+
+    pub(crate) fn stamp(&self, now: Instant) -> Stamp {
+        now.saturating_duration_since(self.origin).as_millis() as u64
+    }
+
+    /// Runs the handler over updates that are news and applies its
+    /// decision; returns the accepted ones, or `None` if it said ignore.
+    pub(crate) fn accept(&mut self, now: Instant, batch: Vec<Update>) -> Option<Vec<Update>> {
+        if batch.is_empty() {
+            return Some(batch);
+        }
+        let stamp = self.stamp(now);
+        let accepted = match self.handler.push(&batch, &self.store) {
+            Decision::Ignore => return None,
+            Decision::AcceptAll => batch,
+            Decision::AcceptSubset(keep) => {
+                let keep: std::collections::BTreeSet<usize> = keep.into_iter().collect();
+                batch
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| keep.contains(i))
+                    .map(|(_, u)| u)
+                    .collect()
+            }
+            Decision::Replace(all) => {
+                for u in &batch {
+                    self.store.mark_seen(&u.origin, u.seq);
+                }
+                self.store.replace(all, stamp);
+                return Some(Vec::new());
+            }
+        };
+        let mut stored = Vec::with_capacity(accepted.len());
+        for u in accepted {
+            self.clock = self.clock.max(u.lamport);
+            if self.store.apply(u.clone(), stamp) {
+                self.events.push_back(UpdateEvent { update: u.clone() });
+            }
+            stored.push(u);
+        }
+        Some(stored)
+    }
+
+    /// Forgets removed rumor state and expired tombstones.
+    fn collect_garbage(&mut self, now: Instant) {
+        let t = self.stamp(now);
+        let ttl = self.config.removed_ttl.as_millis() as u64;
+        self.removed.retain(|_, at| t.saturating_sub(*at) < ttl);
+        self.store
+            .forget_tombstones(t, self.config.tombstone_ttl.as_millis() as u64);
+    }
+
+    pub(crate) fn send(&mut self, to: SocketAddr, body: Body) {
+        let envelope = Envelope { body: Some(body) };
+        let stream = rumormill_wire::envelope_len(&envelope) > self.budget;
+        self.outbox.push_back(Outgoing { to, envelope, stream });
+    }
+}

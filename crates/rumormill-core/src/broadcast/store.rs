@@ -1,0 +1,376 @@
+//! The update store: the replicated key/value data, and what has been seen.
+//!
+//! Each update has an identity `(origin, seq)` — the member that wrote it and
+//! its local write counter — and a version `(lamport, origin)` that orders
+//! concurrent writes of one key: the last writer wins, ties broken by origin
+//! name, so every member settles on the same value.
+//!
+//! For each origin the store remembers which sequence numbers it has seen
+//! (everything up to a contiguous watermark, plus a few beyond). That is the
+//! Scuttlebutt-style digest anti-entropy exchanges, and it is what lets the
+//! rumor state of old updates be forgotten without a late copy ever counting
+//! as news again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use rumormill_wire::proto;
+
+use crate::membership::Stamp;
+
+/// An update as the store holds it. A `value` of `None` is a delete (a
+/// tombstone that spreads like a value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    /// The key.
+    pub key: String,
+    /// The value, or `None` for a delete.
+    pub value: Option<Vec<u8>>,
+    /// Lamport time of the write.
+    pub lamport: u64,
+    /// The member that wrote it.
+    pub origin: Arc<str>,
+    /// The origin's write counter (from 1).
+    pub seq: u64,
+}
+
+impl Update {
+    /// The order of concurrent writes: `(lamport, origin)`.
+    pub fn version(&self) -> (u64, &str) {
+        (self.lamport, &self.origin)
+    }
+
+    pub(crate) fn to_wire(&self) -> proto::Update {
+        proto::Update {
+            key: self.key.clone(),
+            value: self.value.clone().unwrap_or_default(),
+            deleted: self.value.is_none(),
+            lamport: self.lamport,
+            origin: self.origin.to_string(),
+            seq: self.seq,
+        }
+    }
+
+    /// Reads a wire update; `None` if it makes no sense (no origin, seq 0).
+    pub(crate) fn from_wire(u: proto::Update) -> Option<Update> {
+        if u.origin.is_empty() || u.seq == 0 {
+            return None;
+        }
+        Some(Update {
+            key: u.key,
+            value: (!u.deleted).then_some(u.value),
+            lamport: u.lamport,
+            origin: u.origin.into(),
+            seq: u.seq,
+        })
+    }
+}
+
+/// The seen sequence numbers of one origin.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Seen {
+    contiguous: u64,
+    beyond: BTreeSet<u64>,
+}
+
+impl Seen {
+    pub(crate) fn contains(&self, seq: u64) -> bool {
+        seq <= self.contiguous || self.beyond.contains(&seq)
+    }
+
+    pub(crate) fn insert(&mut self, seq: u64) {
+        if self.contains(seq) {
+            return;
+        }
+        self.beyond.insert(seq);
+        while self.beyond.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+    }
+
+    fn merge(&mut self, s: &proto::OriginSummary) {
+        if s.contiguous > self.contiguous {
+            self.contiguous = s.contiguous;
+            self.beyond = self.beyond.split_off(&(self.contiguous + 1));
+        }
+        for &q in &s.beyond {
+            self.insert(q);
+        }
+        while self.beyond.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+    }
+
+    fn from_summary(s: &proto::OriginSummary) -> Seen {
+        let mut seen = Seen::default();
+        seen.merge(s);
+        seen
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    update: Update,
+    /// When a tombstone was stored, to forget it after its TTL.
+    stored: Stamp,
+}
+
+/// The replicated key/value data of an overlay.
+#[derive(Debug, Clone, Default)]
+pub struct Store {
+    entries: BTreeMap<String, Entry>,
+    /// Held updates by identity, for digests: the cost of a difference
+    /// follows the difference, not the store.
+    by_id: BTreeMap<(Arc<str>, u64), String>,
+    seen: BTreeMap<Arc<str>, Seen>,
+}
+
+impl Store {
+    /// The current update of `key` (a delete included).
+    pub fn get(&self, key: &str) -> Option<&Update> {
+        self.entries.get(key).map(|e| &e.update)
+    }
+
+    /// The value of `key`, if it has one (not deleted).
+    pub fn value(&self, key: &str) -> Option<&[u8]> {
+        self.get(key).and_then(|u| u.value.as_deref())
+    }
+
+    /// Every current update, deletes included, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &Update> {
+        self.entries.values().map(|e| &e.update)
+    }
+
+    /// Keys held (deletes included).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub(crate) fn seen(&self, origin: &str, seq: u64) -> bool {
+        self.seen.get(origin).is_some_and(|s| s.contains(seq))
+    }
+
+    pub(crate) fn mark_seen(&mut self, origin: &Arc<str>, seq: u64) {
+        match self.seen.get_mut(origin) {
+            Some(s) => s.insert(seq),
+            None => {
+                let mut s = Seen::default();
+                s.insert(seq);
+                self.seen.insert(origin.clone(), s);
+            }
+        }
+    }
+
+    /// A held update by identity.
+    pub(crate) fn by_id(&self, origin: &Arc<str>, seq: u64) -> Option<&Update> {
+        let key = self.by_id.get(&(origin.clone(), seq))?;
+        self.entries.get(key).map(|e| &e.update)
+    }
+
+    /// Whether this store has seen something a peer with these summaries
+    /// has not (held or overwritten).
+    pub(crate) fn knows_more_than(&self, peer: &[proto::OriginSummary]) -> bool {
+        let peer: BTreeMap<&str, &proto::OriginSummary> = peer.iter().map(|s| (s.origin.as_str(), s)).collect();
+        self.seen.iter().any(|(origin, mine)| {
+            let Some(theirs) = peer.get(&**origin) else { return true };
+            let theirs = Seen::from_summary(theirs);
+            mine.beyond.iter().any(|q| !theirs.contains(*q))
+                || (theirs.contiguous < mine.contiguous
+                    && (mine.contiguous - theirs.contiguous)
+                        > theirs.beyond.range(theirs.contiguous + 1..=mine.contiguous).count() as u64)
+        })
+    }
+
+    /// Stores `u` if it is newer than what the store holds for its key, and
+    /// marks it seen either way. Returns whether it was stored.
+    pub(crate) fn apply(&mut self, u: Update, now: Stamp) -> bool {
+        self.mark_seen(&u.origin, u.seq);
+        if let Some(cur) = self.entries.get(&u.key) {
+            if cur.update.version() >= u.version() {
+                return false;
+            }
+            let old = (cur.update.origin.clone(), cur.update.seq);
+            self.by_id.remove(&old);
+        }
+        self.by_id.insert((u.origin.clone(), u.seq), u.key.clone());
+        self.entries.insert(u.key.clone(), Entry { update: u, stored: now });
+        true
+    }
+
+    /// Replaces the whole store (a handler's decision).
+    pub(crate) fn replace(&mut self, updates: Vec<Update>, now: Stamp) {
+        self.entries.clear();
+        self.by_id.clear();
+        for u in updates {
+            self.apply(u, now);
+        }
+    }
+
+    /// What this store has seen, per origin.
+    pub(crate) fn summaries(&self) -> Vec<proto::OriginSummary> {
+        self.seen
+            .iter()
+            .map(|(o, s)| proto::OriginSummary {
+                origin: o.to_string(),
+                contiguous: s.contiguous,
+                beyond: s.beyond.iter().copied().collect(),
+            })
+            .collect()
+    }
+
+    /// Counts as seen what a peer has seen: sent with the last chunk of a
+    /// delta, once everything the peer held that we lacked has arrived.
+    pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary]) {
+        for s in summaries {
+            if s.origin.is_empty() {
+                continue;
+            }
+            match self.seen.get_mut(s.origin.as_str()) {
+                Some(seen) => seen.merge(s),
+                None => {
+                    self.seen.insert(s.origin.as_str().into(), Seen::from_summary(s));
+                }
+            }
+        }
+    }
+
+    /// The held updates a peer with these summaries has not seen.
+    pub(crate) fn missing_for(&self, peer: &[proto::OriginSummary]) -> Vec<&Update> {
+        let peer: BTreeMap<&str, Seen> = peer
+            .iter()
+            .map(|s| (s.origin.as_str(), Seen::from_summary(s)))
+            .collect();
+        let mut out = Vec::new();
+        for origin in self.seen.keys() {
+            let seen = peer.get(&**origin);
+            let from = seen.map_or(0, |s| s.contiguous);
+            let range = (
+                Bound::Excluded((origin.clone(), from)),
+                Bound::Included((origin.clone(), u64::MAX)),
+            );
+            for ((_, seq), key) in self.by_id.range(range) {
+                if seen.is_some_and(|s| s.contains(*seq)) {
+                    continue;
+                }
+                if let Some(e) = self.entries.get(key) {
+                    out.push(&e.update);
+                }
+            }
+        }
+        out
+    }
+
+    /// Forgets tombstones stored more than `ttl` ms ago.
+    pub(crate) fn forget_tombstones(&mut self, now: Stamp, ttl: u64) {
+        let expired: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.update.value.is_none() && now.saturating_sub(e.stored) >= ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            if let Some(e) = self.entries.remove(&k) {
+                self.by_id.remove(&(e.update.origin, e.update.seq));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(key: &str, v: &str, lamport: u64, origin: &str, seq: u64) -> Update {
+        Update {
+            key: key.into(),
+            value: Some(v.as_bytes().to_vec()),
+            lamport,
+            origin: origin.into(),
+            seq,
+        }
+    }
+
+    #[test]
+    fn the_last_writer_wins_and_ties_break_by_origin() {
+        let mut s = Store::default();
+        assert!(s.apply(up("k", "a", 5, "a", 1), 0));
+        assert!(!s.apply(up("k", "old", 4, "z", 1), 0), "older lamport loses");
+        assert!(
+            s.apply(up("k", "b", 5, "b", 1), 0),
+            "same lamport: the larger origin wins"
+        );
+        assert!(!s.apply(up("k", "a again", 5, "a", 1), 0));
+        assert_eq!(s.value("k"), Some(&b"b"[..]));
+        assert!(s.seen("z", 1), "a losing write is still seen");
+    }
+
+    #[test]
+    fn seen_sets_compact_into_a_watermark() {
+        let mut seen = Seen::default();
+        for q in [3, 1, 5, 2] {
+            seen.insert(q);
+        }
+        assert_eq!(
+            (seen.contiguous, seen.beyond.iter().copied().collect::<Vec<_>>()),
+            (3, vec![5])
+        );
+        seen.insert(4);
+        assert_eq!((seen.contiguous, seen.beyond.len()), (5, 0));
+    }
+
+    #[test]
+    fn the_difference_holds_only_what_the_peer_has_not_seen() {
+        let mut a = Store::default();
+        for i in 1..=100 {
+            a.apply(up(&format!("k{i}"), "v", i, "a", i), 0);
+        }
+        let mut b = Store::default();
+        for i in 1..=97 {
+            b.apply(up(&format!("k{i}"), "v", i, "a", i), 0);
+        }
+        b.apply(up("k99", "v", 99, "a", 99), 0);
+        let missing: Vec<u64> = a.missing_for(&b.summaries()).iter().map(|u| u.seq).collect();
+        assert_eq!(missing, vec![98, 100]);
+        assert!(b.missing_for(&a.summaries()).is_empty());
+    }
+
+    #[test]
+    fn overwritten_updates_are_covered_by_the_summary() {
+        let mut a = Store::default();
+        a.apply(up("k", "1", 1, "a", 1), 0);
+        a.apply(up("k", "2", 2, "a", 2), 0);
+        let mut b = Store::default();
+        let missing: Vec<Update> = a.missing_for(&b.summaries()).into_iter().cloned().collect();
+        assert_eq!(missing.len(), 1, "only the current value travels");
+        for u in missing {
+            b.apply(u, 0);
+        }
+        b.merge_seen(&a.summaries());
+        assert!(b.seen("a", 1) && b.seen("a", 2));
+        assert!(a.missing_for(&b.summaries()).is_empty());
+    }
+
+    #[test]
+    fn tombstones_are_forgotten_after_their_ttl_but_stay_seen() {
+        let mut s = Store::default();
+        s.apply(up("k", "1", 1, "a", 1), 0);
+        s.apply(
+            Update {
+                value: None,
+                ..up("k", "", 2, "a", 2)
+            },
+            10,
+        );
+        s.forget_tombstones(20, 100);
+        assert!(s.get("k").is_some());
+        s.forget_tombstones(200, 100);
+        assert!(s.get("k").is_none());
+        assert!(s.seen("a", 1), "a late copy of the old put is not news");
+    }
+}

@@ -1,0 +1,380 @@
+//! One test per dissemination rule, on pairs of state machines driven by
+//! hand, and end-to-end over the test network.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rumormill_wire::proto::envelope::Body;
+
+use super::*;
+use crate::testkit::{Net, addr};
+use crate::{Config, Event};
+
+fn config(removal: Removal, loss: Loss, rounds: u32) -> DisseminationConfig {
+    DisseminationConfig {
+        mode: Mode::Rumor,
+        removal,
+        loss,
+        rounds,
+        ..DisseminationConfig::default()
+    }
+}
+
+struct Pair {
+    a: Dissemination,
+    b: Dissemination,
+    now: Instant,
+}
+
+const A: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 1));
+const B: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 2));
+
+impl Pair {
+    fn new(ca: DisseminationConfig, cb: DisseminationConfig) -> Pair {
+        let now = Instant::now();
+        Pair {
+            a: Dissemination::new(ca, "a", 1300, 1, now),
+            b: Dissemination::new(cb, "b", 1300, 2, now),
+            now,
+        }
+    }
+
+    /// Runs one round at `a` towards `b`, then carries messages both ways
+    /// until quiet. Returns the message kinds that travelled.
+    fn round(&mut self) -> Vec<&'static str> {
+        self.now += Duration::from_secs(60);
+        let now = self.now;
+        self.a.handle_timeout(now, &mut |_| vec![B]);
+        self.shuttle()
+    }
+
+    fn shuttle(&mut self) -> Vec<&'static str> {
+        let mut kinds = Vec::new();
+        let now = self.now;
+        loop {
+            let mut moved = false;
+            while let Some(m) = self.a.poll_message() {
+                moved = true;
+                kinds.push(kind(&m));
+                if let Some(body) = m.envelope.body {
+                    self.b.handle(now, A, body);
+                }
+            }
+            while let Some(m) = self.b.poll_message() {
+                moved = true;
+                kinds.push(kind(&m));
+                if let Some(body) = m.envelope.body {
+                    self.a.handle(now, B, body);
+                }
+            }
+            if !moved {
+                return kinds;
+            }
+        }
+    }
+}
+
+fn kind(m: &Outgoing) -> &'static str {
+    match &m.envelope.body {
+        Some(Body::Rumor(_)) => "rumor",
+        Some(Body::RumorFeedback(_)) => "feedback",
+        Some(Body::Digest(_)) => "digest",
+        Some(Body::Delta(_)) => "delta",
+        _ => "other",
+    }
+}
+
+#[test]
+fn a_push_infects_the_receiver_which_answers_with_feedback() {
+    let c = config(Removal::Feedback, Loss::Counter, 2);
+    let mut p = Pair::new(c.clone(), c);
+    let u = p.a.put(p.now, "k", b"v".to_vec());
+    assert_eq!(p.b.rumor_state("a", u.seq), RumorState::Susceptible);
+    assert_eq!(p.round(), ["rumor", "feedback"]);
+    assert_eq!(p.b.rumor_state("a", u.seq), RumorState::Infected);
+    assert_eq!(p.b.store().value("k"), Some(&b"v"[..]));
+    assert_eq!(p.b.poll_event().map(|e| e.update.key), Some("k".to_string()));
+    assert_eq!(
+        p.a.rumor_state("a", u.seq),
+        RumorState::Infected,
+        "a necessary contact keeps it spreading"
+    );
+}
+
+#[test]
+fn feedback_counter_removes_after_k_unnecessary_contacts() {
+    let c = config(Removal::Feedback, Loss::Counter, 3);
+    let mut p = Pair::new(c.clone(), c);
+    let u = p.a.put(p.now, "k", b"v".to_vec());
+    p.round(); // necessary
+    for i in 1..=3 {
+        assert_eq!(
+            p.a.rumor_state("a", u.seq),
+            RumorState::Infected,
+            "before unnecessary contact {i}"
+        );
+        p.round();
+    }
+    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Removed);
+    assert_eq!(p.round(), Vec::<&str>::new(), "a removed update is not pushed");
+}
+
+#[test]
+fn feedback_coin_with_k_1_removes_at_the_first_unnecessary_contact() {
+    let c = config(Removal::Feedback, Loss::Coin, 1);
+    let mut p = Pair::new(c.clone(), c);
+    let u = p.a.put(p.now, "k", b"v".to_vec());
+    p.round();
+    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Infected);
+    p.round();
+    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Removed);
+}
+
+#[test]
+fn feedback_coin_loses_interest_with_probability_one_over_k() {
+    // Over many unnecessary contacts with k = 4, about a quarter remove.
+    let c = config(Removal::Feedback, Loss::Coin, 4);
+    let mut p = Pair::new(c.clone(), c);
+    let mut removed = 0;
+    for i in 0..400 {
+        let u = p.a.put(p.now, &format!("k{i}"), b"v".to_vec());
+        p.b.put(p.now, "warm-up", Vec::new());
+        // b already has it: copy it over without a push.
+        let wire = u.to_wire();
+        p.b.handle(
+            p.now,
+            A,
+            Body::Delta(rumormill_wire::proto::Delta {
+                updates: vec![wire],
+                chunks: 1,
+                ..Default::default()
+            }),
+        );
+        p.b.poll_message();
+        let before = p.a.stats().removed;
+        p.round();
+        removed += p.a.stats().removed - before;
+        p.a.infected.clear();
+    }
+    assert!(
+        (70..=130).contains(&removed),
+        "removed {removed} of 400, expected ≈ 100"
+    );
+}
+
+#[test]
+fn blind_counter_removes_after_k_pushes_without_feedback() {
+    let c = config(Removal::Blind, Loss::Counter, 2);
+    let mut p = Pair::new(c.clone(), c);
+    let u = p.a.put(p.now, "k", b"v".to_vec());
+    assert_eq!(p.round(), ["rumor"], "blind asks for no feedback");
+    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Infected);
+    p.round();
+    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Removed);
+}
+
+#[test]
+fn blind_coin_with_k_1_removes_after_one_push() {
+    let c = config(Removal::Blind, Loss::Coin, 1);
+    let mut p = Pair::new(c.clone(), c);
+    let u = p.a.put(p.now, "k", b"v".to_vec());
+    p.round();
+    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Removed);
+}
+
+#[test]
+fn forgotten_removed_updates_never_come_back_as_news() {
+    let c = DisseminationConfig {
+        removed_ttl: Duration::from_secs(1),
+        ..config(Removal::Feedback, Loss::Coin, 1)
+    };
+    let mut p = Pair::new(c.clone(), c);
+    let u = p.a.put(p.now, "k", b"v".to_vec());
+    p.round();
+    p.round(); // b pushes nothing (a's timer only); a removes on b's "known"
+    p.now += Duration::from_secs(5);
+    let now = p.now;
+    p.b.handle_timeout(now, &mut |_| Vec::new()); // GC at b
+    p.b.infected.clear();
+    p.b.removed.clear();
+    while p.b.poll_event().is_some() {}
+    // A late copy of the same update reaches b.
+    let late = rumormill_wire::proto::Rumor {
+        updates: vec![u.to_wire()],
+        want_feedback: true,
+    };
+    p.b.handle(now, A, Body::Rumor(late));
+    assert!(p.b.poll_event().is_none(), "not news");
+    assert_eq!(p.b.rumor_state("a", u.seq), RumorState::Removed, "not re-infected");
+    let answer = p.b.poll_message().expect("feedback");
+    assert!(matches!(answer.envelope.body, Some(Body::RumorFeedback(f)) if f.known.len() == 1 && f.fresh.is_empty()));
+}
+
+#[test]
+fn a_handler_that_ignores_sends_no_feedback_and_stores_nothing() {
+    let c = config(Removal::Feedback, Loss::Counter, 2);
+    let mut p = Pair::new(c.clone(), c);
+    p.b.set_handler(|_: &[Update], _: &Store| Decision::Ignore);
+    let u = p.a.put(p.now, "k", b"v".to_vec());
+    assert_eq!(p.round(), ["rumor"], "no feedback");
+    assert!(p.b.store().is_empty());
+    assert_eq!(p.b.rumor_state("a", u.seq), RumorState::Susceptible);
+}
+
+#[test]
+fn a_handler_can_accept_a_subset_or_replace_the_store() {
+    let c = config(Removal::Feedback, Loss::Counter, 2);
+    let mut p = Pair::new(c.clone(), c);
+    p.b.set_handler(|batch: &[Update], _: &Store| {
+        Decision::AcceptSubset(
+            (0..batch.len())
+                .filter(|&i| batch[i].key.starts_with("public/"))
+                .collect(),
+        )
+    });
+    p.a.put(p.now, "public/x", b"1".to_vec());
+    p.a.put(p.now, "private/y", b"2".to_vec());
+    p.round();
+    assert_eq!(p.b.store().len(), 1);
+    assert!(p.b.store().get("public/x").is_some());
+    p.b.set_handler(|_: &[Update], _: &Store| {
+        Decision::Replace(vec![Update {
+            key: "only".into(),
+            value: Some(vec![]),
+            lamport: 9,
+            origin: "b".into(),
+            seq: 99,
+        }])
+    });
+    p.a.put(p.now, "public/z", b"3".to_vec());
+    p.round();
+    assert_eq!(p.b.store().iter().map(|u| u.key.as_str()).collect::<Vec<_>>(), ["only"]);
+}
+
+#[test]
+fn a_digest_exchange_sends_only_the_difference() {
+    let c = DisseminationConfig {
+        mode: Mode::AntiEntropy,
+        anti_entropy_direction: Direction::Pull,
+        ..DisseminationConfig::default()
+    };
+    let mut p = Pair::new(c.clone(), c);
+    // b writes 1,000 updates; a already has all but 3 of them.
+    let mut all = Vec::new();
+    for i in 0..1000 {
+        all.push(p.b.put(p.now, &format!("k{i}"), vec![7; 100]));
+    }
+    for u in &all {
+        if ![10, 500, 999].contains(&u.seq) {
+            p.a.handle(
+                p.now,
+                B,
+                Body::Delta(rumormill_wire::proto::Delta {
+                    updates: vec![u.to_wire()],
+                    chunks: 1,
+                    ..Default::default()
+                }),
+            );
+        }
+    }
+    while p.a.poll_message().is_some() {}
+    let sent_before = p.b.stats().updates_sent;
+    assert_eq!(p.round(), ["digest", "delta"]);
+    assert_eq!(
+        p.b.stats().updates_sent - sent_before,
+        3,
+        "only the three missing updates travel"
+    );
+    assert_eq!(p.a.store().len(), 1000);
+    assert_eq!(p.round(), ["digest"], "in sync: the answer is empty");
+}
+
+#[test]
+fn push_and_push_pull_exchanges_converge_both_ways() {
+    for direction in [Direction::Push, Direction::PushPull] {
+        let c = DisseminationConfig {
+            mode: Mode::AntiEntropy,
+            anti_entropy_direction: direction,
+            ..DisseminationConfig::default()
+        };
+        let mut p = Pair::new(c.clone(), c);
+        p.a.put(p.now, "from-a", b"1".to_vec());
+        p.b.put(p.now, "from-b", b"2".to_vec());
+        let kinds = p.round();
+        assert!(p.b.store().get("from-a").is_some(), "{direction}: {kinds:?}");
+        if direction == Direction::PushPull {
+            assert!(p.a.store().get("from-b").is_some(), "{kinds:?}");
+        }
+    }
+}
+
+#[test]
+fn large_differences_go_over_streams_in_chunks() {
+    let c = DisseminationConfig {
+        mode: Mode::AntiEntropy,
+        anti_entropy_direction: Direction::Pull,
+        ..DisseminationConfig::default()
+    };
+    let mut p = Pair::new(c.clone(), c);
+    for i in 0..40 {
+        p.b.put(p.now, &format!("big{i}"), vec![i as u8; 10_000]);
+    }
+    p.now += Duration::from_secs(60);
+    let now = p.now;
+    p.a.handle_timeout(now, &mut |_| vec![B]);
+    let digest = p.a.poll_message().expect("digest");
+    p.b.handle(now, A, digest.envelope.body.expect("body"));
+    let chunks: Vec<Outgoing> = std::iter::from_fn(|| p.b.poll_message()).collect();
+    assert!(chunks.len() >= 6, "400 kB in chunks of 64 kB: {}", chunks.len());
+    assert!(chunks.iter().all(|m| m.stream));
+    for m in chunks {
+        p.a.handle(now, B, m.envelope.body.expect("body"));
+    }
+    assert_eq!(p.a.store().len(), 40);
+    assert!(p.a.store().knows_more_than(&[]) && !p.b.store().knows_more_than(&p.a.store().summaries()));
+}
+
+#[test]
+fn concurrent_writes_settle_on_the_same_value_everywhere() {
+    let mut c = Config::new_lan();
+    c.dissemination.mode = Mode::Both;
+    let mut net = Net::new(6, c);
+    net.run_for(Duration::from_secs(3));
+    let now = net.now;
+    net.node(1).put(now, "leader", b"n1".to_vec()).expect("active");
+    net.node(4).put(now, "leader", b"n4".to_vec()).expect("active");
+    net.run_for(Duration::from_secs(30));
+    let values: Vec<Option<Vec<u8>>> = (0..6)
+        .map(|i| net.node(i).store().value("leader").map(<[u8]>::to_vec))
+        .collect();
+    assert!(values.iter().all(|v| v.is_some() && *v == values[0]), "{values:?}");
+}
+
+#[test]
+fn updates_and_deletes_reach_every_member_with_each_mode() {
+    for mode in [Mode::Rumor, Mode::AntiEntropy, Mode::Both] {
+        let mut c = Config::new_lan();
+        c.dissemination.mode = mode;
+        c.dissemination.anti_entropy_interval = Duration::from_secs(2);
+        let mut net = Net::new(10, c);
+        net.run_for(Duration::from_secs(3));
+        let now = net.now;
+        net.node(3).put(now, "k", b"v".to_vec()).expect("active");
+        net.run_for(Duration::from_secs(20));
+        for i in 0..10 {
+            assert_eq!(net.node(i).store().value("k"), Some(&b"v"[..]), "{mode}: n{i}");
+        }
+        let updates = net.log.iter().filter(|(_, _, e)| matches!(e, Event::Update(_))).count();
+        assert_eq!(updates, 9, "{mode}: one event per other member");
+        let now = net.now;
+        net.node(7).delete(now, "k").expect("active");
+        net.run_for(Duration::from_secs(20));
+        for i in 0..10 {
+            assert!(
+                net.node(i).store().get("k").is_some_and(|u| u.value.is_none()),
+                "{mode}: n{i}"
+            );
+        }
+    }
+    let _ = addr(0);
+}
