@@ -53,6 +53,18 @@ impl Identity {
     }
 }
 
+/// The first `tick + k·interval` after `now`: a periodic timer that keeps its
+/// phase however long it was idle.
+pub(crate) fn next_tick(tick: Instant, interval: Duration, now: Instant) -> Instant {
+    if tick > now {
+        return tick;
+    }
+    let behind = now.duration_since(tick).as_nanos();
+    let step = interval.as_nanos().max(1);
+    let steps = u32::try_from(behind / step + 1).unwrap_or(u32::MAX);
+    tick + interval * steps
+}
+
 /// Errors of API calls on an [`Overlay`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -358,6 +370,7 @@ impl Overlay {
                 }
                 self.expire_relays(now);
                 self.expire_suspicions(now);
+                self.check_suspects(now);
                 if self.timers.probe <= now {
                     self.probe_tick(now);
                 }
@@ -548,7 +561,7 @@ impl Overlay {
                     self.probe.as_ref().and_then(|p| p.direct_deadline),
                     self.relays.values().map(|r| r.deadline).min(),
                     self.reconnects.values().map(|r| r.1).min(),
-                    self.suspicions.values().map(|s| s.deadline).min(),
+                    self.suspicions.values().map(|s| s.deadline.min(s.next_check)).min(),
                     Some(self.dissemination.poll_timeout()),
                 ];
                 for d in others.into_iter().flatten() {
@@ -677,10 +690,7 @@ impl Overlay {
     /// A gossip round: piggybacked changes to a few random members (live
     /// ones, and recently failed ones so they can refute).
     fn gossip_tick(&mut self, now: Instant) {
-        let interval = self.config.gossip_interval;
-        while self.timers.gossip <= now {
-            self.timers.gossip += interval;
-        }
+        self.timers.gossip = next_tick(self.timers.gossip, self.config.gossip_interval, now);
         if self.piggyback.is_empty() {
             return;
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rumormill_core::{Config, Event, FrameKind, Identity, MemberInfo, Overlay, Security};
+use rumormill_core::{Config, Event, FrameKind, Identity, MemberInfo, Overlay, Security, Transmit};
 
 use crate::network::NetworkModel;
 
@@ -58,8 +58,40 @@ impl Ord for Scheduled {
     }
 }
 
-struct Slot {
-    overlay: Option<Overlay>,
+/// What the engine needs of a simulated member: the sans-IO interface.
+pub trait SimNode {
+    /// A datagram or stream frame arrived.
+    fn handle(&mut self, now: Instant, from: SocketAddr, kind: FrameKind, bytes: &[u8]);
+    /// A wake-up is due.
+    fn handle_timeout(&mut self, now: Instant);
+    /// The next packet to send.
+    fn poll_transmit(&mut self) -> Option<Transmit>;
+    /// The next event.
+    fn poll_event(&mut self) -> Option<Event>;
+    /// The next wake-up.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+impl SimNode for Overlay {
+    fn handle(&mut self, now: Instant, from: SocketAddr, kind: FrameKind, bytes: &[u8]) {
+        Overlay::handle(self, now, from, kind, bytes);
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        Overlay::handle_timeout(self, now);
+    }
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        Overlay::poll_transmit(self)
+    }
+    fn poll_event(&mut self) -> Option<Event> {
+        Overlay::poll_event(self)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        Overlay::poll_timeout(self)
+    }
+}
+
+struct Slot<N> {
+    overlay: Option<N>,
     addr: SocketAddr,
     epoch: u64,
     /// The wake-up currently scheduled for this node, if any.
@@ -88,8 +120,8 @@ pub struct Traffic {
 /// sim.run_until(secs(5.0));
 /// assert!(sim.views_agree());
 /// ```
-pub struct Simulation {
-    slots: Vec<Slot>,
+pub struct Simulation<N = Overlay> {
+    slots: Vec<Slot<N>>,
     by_addr: HashMap<SocketAddr, usize>,
     queue: BinaryHeap<Reverse<Scheduled>>,
     seq: u64,
@@ -97,7 +129,7 @@ pub struct Simulation {
     base: Instant,
     rng: ChaCha8Rng,
     seed: u64,
-    config: Config,
+    config: Option<Config>,
     /// The network model; change it between runs to partition or heal.
     pub network: NetworkModel,
     events: Vec<(Nanos, usize, Event)>,
@@ -110,31 +142,18 @@ pub fn member_name(i: usize) -> String {
     format!("m{i}")
 }
 
-fn member_addr(i: usize, epoch: u64) -> SocketAddr {
+/// The simulated address of member `i` in its `epoch`-th life.
+pub fn member_addr(i: usize, epoch: u64) -> SocketAddr {
     // Simulated only: nothing is ever sent to these addresses.
     let ip = Ipv4Addr::new(127, (i >> 16) as u8, (i >> 8) as u8, i as u8);
     SocketAddr::new(ip.into(), 7000 + (epoch % 1000) as u16)
 }
 
-impl Simulation {
+impl Simulation<Overlay> {
     /// `n` members with the given configuration, not yet in contact.
-    pub fn new(n: usize, config: Config, network: NetworkModel, seed: u64) -> Simulation {
-        let base = Instant::now();
-        let mut sim = Simulation {
-            slots: Vec::with_capacity(n),
-            by_addr: HashMap::with_capacity(n),
-            queue: BinaryHeap::new(),
-            seq: 0,
-            now: 0,
-            base,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            seed,
-            config,
-            network,
-            events: Vec::new(),
-            traffic: Traffic::default(),
-            processed: 0,
-        };
+    pub fn new(n: usize, config: Config, network: NetworkModel, seed: u64) -> Simulation<Overlay> {
+        let mut sim = Simulation::empty(Instant::now(), n, network, seed);
+        sim.config = Some(config);
         for i in 0..n {
             let addr = member_addr(i, 1);
             sim.by_addr.insert(addr, i);
@@ -150,32 +169,14 @@ impl Simulation {
     }
 
     fn start(&mut self, i: usize) {
+        let Some(config) = self.config.clone() else { return };
         let slot = &self.slots[i];
         let id = Identity::new(member_name(i), slot.addr, slot.epoch);
         let seed = self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ slot.epoch.rotate_left(32);
-        let o = Overlay::new(self.config.clone(), id, Security::Plaintext, seed, self.instant());
+        let o = Overlay::new(config, id, Security::Plaintext, seed, self.instant());
         self.slots[i].overlay = Some(o);
         self.slots[i].timer = None;
         self.reschedule(i);
-    }
-
-    fn instant(&self) -> Instant {
-        self.base + Duration::from_nanos(self.now)
-    }
-
-    /// Simulated time now.
-    pub fn now(&self) -> Nanos {
-        self.now
-    }
-
-    /// Number of member slots (running or not).
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// Whether there are no members.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 
     /// Gives every member the full member list, as if the cluster had
@@ -206,12 +207,6 @@ impl Simulation {
         self.flush(i);
     }
 
-    /// Crashes member `i`: it stops at once, silently.
-    pub fn kill(&mut self, i: usize) {
-        self.slots[i].overlay = None;
-        self.slots[i].timer = None;
-    }
-
     /// Restarts a crashed member under its name with a new boot epoch,
     /// at a new address if `move_address`, and joins it through `via`.
     pub fn restart(&mut self, i: usize, move_address: bool, via: usize) {
@@ -227,19 +222,96 @@ impl Simulation {
         self.join(i, via);
     }
 
+    /// Whether every running member sees exactly the running members (at
+    /// their current boot epoch) as live (alive or suspect) and nobody else.
+    ///
+    /// Each member includes itself in its view, so equal view digests and
+    /// live counts equal to the number of running members mean equal views
+    /// made of exactly the running members (up to a 64-bit hash collision).
+    pub fn views_agree(&self) -> bool {
+        let running: Vec<&Overlay> = self.slots.iter().filter_map(|s| s.overlay.as_ref()).collect();
+        let Some(first) = running.first() else { return true };
+        let digest = first.view_digest();
+        running
+            .iter()
+            .all(|o| o.live_count() == running.len() && o.view_digest() == digest)
+    }
+}
+
+impl<N: SimNode> Simulation<N> {
+    fn empty(base: Instant, n: usize, network: NetworkModel, seed: u64) -> Simulation<N> {
+        Simulation {
+            slots: Vec::with_capacity(n),
+            by_addr: HashMap::with_capacity(n),
+            queue: BinaryHeap::new(),
+            seq: 0,
+            now: 0,
+            base,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            seed,
+            config: None,
+            network,
+            events: Vec::new(),
+            traffic: Traffic::default(),
+            processed: 0,
+        }
+    }
+
+    /// A simulation of ready-made members; `base` is the instant they were
+    /// created at (simulated time zero) and member `i` lives at `addrs[i]`.
+    pub fn from_nodes(base: Instant, nodes: Vec<(SocketAddr, N)>, network: NetworkModel, seed: u64) -> Simulation<N> {
+        let mut sim = Simulation::empty(base, nodes.len(), network, seed);
+        for (i, (addr, node)) in nodes.into_iter().enumerate() {
+            sim.by_addr.insert(addr, i);
+            sim.slots.push(Slot {
+                overlay: Some(node),
+                addr,
+                epoch: 1,
+                timer: None,
+            });
+            sim.reschedule(i);
+        }
+        sim
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_nanos(self.now)
+    }
+
+    /// Simulated time now.
+    pub fn now(&self) -> Nanos {
+        self.now
+    }
+
+    /// Number of member slots (running or not).
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are no members.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Crashes member `i`: it stops at once, silently.
+    pub fn kill(&mut self, i: usize) {
+        self.slots[i].overlay = None;
+        self.slots[i].timer = None;
+    }
+
     /// Whether member `i` is running.
     pub fn is_running(&self, i: usize) -> bool {
         self.slots[i].overlay.is_some()
     }
 
     /// Member `i`'s core, if running.
-    pub fn overlay(&self, i: usize) -> Option<&Overlay> {
+    pub fn overlay(&self, i: usize) -> Option<&N> {
         self.slots[i].overlay.as_ref()
     }
 
     /// Member `i`'s core, mutably (to call its API), if running. Call
     /// [`Simulation::flush`] afterwards so what it wants to send is sent.
-    pub fn overlay_mut(&mut self, i: usize) -> Option<&mut Overlay> {
+    pub fn overlay_mut(&mut self, i: usize) -> Option<&mut N> {
         self.slots[i].overlay.as_mut()
     }
 
@@ -361,20 +433,5 @@ impl Simulation {
             }
         }
         self.now = self.now.max(until);
-    }
-
-    /// Whether every running member sees exactly the running members (at
-    /// their current boot epoch) as live (alive or suspect) and nobody else.
-    ///
-    /// Each member includes itself in its view, so equal view digests and
-    /// live counts equal to the number of running members mean equal views
-    /// made of exactly the running members (up to a 64-bit hash collision).
-    pub fn views_agree(&self) -> bool {
-        let running: Vec<&Overlay> = self.slots.iter().filter_map(|s| s.overlay.as_ref()).collect();
-        let Some(first) = running.first() else { return true };
-        let digest = first.view_digest();
-        running
-            .iter()
-            .all(|o| o.live_count() == running.len() && o.view_digest() == digest)
     }
 }

@@ -123,7 +123,7 @@ impl Dissemination {
         self.stats.fresh += accepted.len() as u64;
         for u in &accepted {
             // Found by anti-entropy: rumor it onwards too.
-            self.infect(u);
+            self.infect(now, u);
         }
         if d.chunks <= 1 || self.reassembly.complete(now, d.exchange, d.chunks) {
             self.store.merge_seen(&d.seen);

@@ -131,7 +131,8 @@ choice!(
 pub struct DisseminationConfig {
     /// Rumor mongering, anti-entropy or both.
     pub mode: Mode,
-    /// Time between two rumor-mongering rounds (Grapevine's `delta`).
+    /// Time between two rumor-mongering rounds (Grapevine's `delta`); the
+    /// first round after a member gets something new to spread runs at once.
     pub interval: Duration,
     /// Members pushed to per round; 0 = all (Grapevine's `level`).
     pub fanout: usize,
@@ -263,7 +264,7 @@ pub struct Dissemination {
     pub(crate) rng: ChaCha8Rng,
     origin: Instant,
     pub(crate) budget: usize,
-    next_rumor: Instant,
+    pub(crate) next_rumor: Instant,
     next_exchange: Instant,
     next_gc: Instant,
     pub(crate) outbox: VecDeque<Outgoing>,
@@ -350,7 +351,7 @@ impl Dissemination {
         };
         let stamp = self.stamp(now);
         self.store.apply(u.clone(), stamp);
-        self.infect(&u);
+        self.infect(now, &u);
         u
     }
 
@@ -385,7 +386,8 @@ impl Dissemination {
     /// (all of them when `k` is 0).
     pub fn handle_timeout(&mut self, now: Instant, peers: &mut dyn FnMut(usize) -> Vec<SocketAddr>) {
         if self.next_rumor <= now {
-            self.next_rumor = now + self.config.interval;
+            // Keep the phase across idle periods.
+            self.next_rumor = crate::overlay::next_tick(self.next_rumor, self.config.interval, now);
             if self.config.rumors() {
                 let targets = peers(self.config.fanout);
                 self.rumor_round(now, targets);
@@ -405,21 +407,26 @@ impl Dissemination {
         }
     }
 
-    /// When [`Dissemination::handle_timeout`] is due.
+    /// When [`Dissemination::handle_timeout`] is due. Idle timers (nothing
+    /// to spread, nothing to collect) keep their phase but do not wake.
     pub fn poll_timeout(&self) -> Instant {
+        let far = self.next_gc + Duration::from_secs(24 * 3600);
         let rumor = if self.config.rumors() && !self.infected.is_empty() {
             self.next_rumor
         } else {
-            // Nothing to spread: wake only for the other timers, keeping the
-            // rumor phase for when something comes.
-            self.next_gc.max(self.next_rumor)
+            far
         };
         let exchange = if self.config.exchanges() {
             self.next_exchange
         } else {
+            far
+        };
+        let gc = if self.removed.is_empty() && self.store.tombstones() == 0 {
+            far
+        } else {
             self.next_gc
         };
-        rumor.min(exchange).min(self.next_gc)
+        rumor.min(exchange).min(gc)
     }
 
     /// The next message to send.

@@ -1,9 +1,13 @@
 //! Rumor mongering (Demers et al. 1987, "complex epidemics").
 //!
 //! Per update, each member is *susceptible* (has not seen it), *infected*
-//! (spreads it) or *removed* (knows it, no longer spreads it). Every
-//! `interval` an infected member pushes its infected updates — packed into
-//! datagrams, the large ones over streams — to `fanout` random members.
+//! (spreads it) or *removed* (knows it, no longer spreads it). An infected
+//! member pushes its infected updates — packed into datagrams, the large ones
+//! over streams — to `fanout` random members every `interval`. The first
+//! round after a member goes from nothing to spread to something runs at
+//! once (eager first push): an update crosses the overlay at network speed
+//! instead of waiting half an interval per hop, and a burst of updates still
+//! costs one round per interval.
 //!
 //! Loss of interest:
 //! - **feedback + counter**: the receiver answers which pushed updates it
@@ -95,8 +99,11 @@ impl Dissemination {
         self.infected.len()
     }
 
-    pub(crate) fn infect(&mut self, u: &Update) {
+    pub(crate) fn infect(&mut self, now: Instant, u: &Update) {
         if self.config.rumors() {
+            if self.infected.is_empty() {
+                self.next_rumor = now;
+            }
             self.infected.insert((u.origin.clone(), u.seq), 0);
         }
     }
@@ -190,7 +197,7 @@ impl Dissemination {
             })
             .collect();
         for u in &accepted {
-            self.infect(u);
+            self.infect(now, u);
         }
         if r.want_feedback && !(known.is_empty() && fresh.is_empty()) {
             self.send(from, Body::RumorFeedback(RumorFeedback { known, fresh }));

@@ -124,9 +124,15 @@ pub struct Store {
     /// follows the difference, not the store.
     by_id: BTreeMap<(Arc<str>, u64), String>,
     seen: BTreeMap<Arc<str>, Seen>,
+    tombstones: usize,
 }
 
 impl Store {
+    /// Deletes held.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones
+    }
+
     /// The current update of `key` (a delete included).
     pub fn get(&self, key: &str) -> Option<&Update> {
         self.entries.get(key).map(|e| &e.update)
@@ -196,7 +202,13 @@ impl Store {
                 return false;
             }
             let old = (cur.update.origin.clone(), cur.update.seq);
+            if cur.update.value.is_none() {
+                self.tombstones -= 1;
+            }
             self.by_id.remove(&old);
+        }
+        if u.value.is_none() {
+            self.tombstones += 1;
         }
         self.by_id.insert((u.origin.clone(), u.seq), u.key.clone());
         self.entries.insert(u.key.clone(), Entry { update: u, stored: now });
@@ -207,6 +219,7 @@ impl Store {
     pub(crate) fn replace(&mut self, updates: Vec<Update>, now: Stamp) {
         self.entries.clear();
         self.by_id.clear();
+        self.tombstones = 0;
         for u in updates {
             self.apply(u, now);
         }
@@ -276,6 +289,7 @@ impl Store {
             .collect();
         for k in expired {
             if let Some(e) = self.entries.remove(&k) {
+                self.tombstones -= 1;
                 self.by_id.remove(&(e.update.origin, e.update.seq));
             }
         }

@@ -159,10 +159,11 @@ impl Overlay {
                     m.since = since;
                 });
                 let n = self.cluster_size();
-                let (min, max) = self.config.suspicion_timeouts(n);
+                let timeouts = self.config.suspicion_timeouts(n);
                 let k = self.config.suspicion_mult.saturating_sub(2);
                 let k = if n.saturating_sub(2) < k as usize { 0 } else { k };
-                let s = Suspicion::new(now, (epoch, incarnation), from.into(), k, min, max);
+                let check = self.config.probe_interval * 2;
+                let s = Suspicion::new(now, (epoch, incarnation), from.into(), k, timeouts, check);
                 self.suspicions.insert(name.clone(), s);
                 self.emit(MemberChange::Suspect, i);
                 self.piggyback
@@ -205,6 +206,28 @@ impl Overlay {
         self.emit(if left { MemberChange::Left } else { MemberChange::Failed }, i);
         self.piggyback
             .push(name.clone(), dead_envelope(&name, incarnation, epoch, from));
+    }
+
+    /// Pings suspects whose check is due, with the suspicion in the same
+    /// packet (first, so the ack already carries any refutation).
+    pub(crate) fn check_suspects(&mut self, now: Instant) {
+        let due: Vec<Arc<str>> = self
+            .suspicions
+            .iter()
+            .filter(|(_, s)| s.next_check <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let base = self.config.probe_interval;
+        for name in due {
+            if let Some(s) = self.suspicions.get_mut(&name) {
+                s.checked(now, base);
+            }
+            let Some(m) = self.members.get(&name) else { continue };
+            let (addr, inc, epoch) = (m.addr(), m.incarnation, m.epoch);
+            let buddy = suspect_envelope(&name, inc, epoch, &self.me.name);
+            let seq = self.next_seq();
+            self.send(addr, vec![buddy, super::swim::ping(seq, &name)]);
+        }
     }
 
     /// Suspicion timed out: the local member declares the suspect failed.

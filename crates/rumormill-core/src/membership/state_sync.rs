@@ -110,7 +110,7 @@ impl Overlay {
                     if self.members.position(name).is_none() {
                         self.apply_alive(now, name, inc, epoch, addr);
                     }
-                    self.apply_suspect(now, name, inc, epoch, from)
+                    self.merge_suspicion(now, name, inc, epoch, from);
                 }
                 MemberStatus::Failed | MemberStatus::Left => {
                     let state = if status == MemberStatus::Left {
@@ -133,7 +133,7 @@ impl Overlay {
                             });
                         }
                         Some(m) if m.state.is_live() && state == MemberState::Failed => {
-                            self.apply_suspect(now, name, inc, epoch, from)
+                            self.merge_suspicion(now, name, inc, epoch, from)
                         }
                         _ => self.apply_dead(
                             now,
@@ -145,6 +145,15 @@ impl Overlay {
                     }
                 }
             }
+        }
+    }
+
+    /// A suspicion found in someone's full state starts one here if the
+    /// member is alive, but never counts as a confirmation: the peer only
+    /// relays what it heard, it is no independent evidence.
+    fn merge_suspicion(&mut self, now: Instant, name: &str, inc: u32, epoch: u64, from: &str) {
+        if self.members.get(name).is_some_and(|m| m.state == MemberState::Alive) {
+            self.apply_suspect(now, name, inc, epoch, from);
         }
     }
 

@@ -8,6 +8,12 @@
 //!
 //! so that a truly failed member is declared quickly when many agree, while
 //! a single slow or lossy observer cannot fail anyone fast.
+//!
+//! While it lasts, the suspecting member also checks on the suspect itself
+//! (2, 4, 8, … probe periods after it started): a ping that carries the
+//! suspicion. A suspect that already refuted answers with its new
+//! incarnation, so a member that missed every copy of the refutation — the
+//! tail of the epidemic — does not fail a healthy member.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -23,6 +29,9 @@ pub(crate) struct Suspicion {
     k: u32,
     confirmations: BTreeSet<Arc<str>>,
     pub(crate) deadline: Instant,
+    /// When to check on the suspect directly next.
+    pub(crate) next_check: Instant,
+    checks: u32,
 }
 
 impl Suspicion {
@@ -33,8 +42,8 @@ impl Suspicion {
         version: (u64, u32),
         first: Arc<str>,
         k: u32,
-        min: Duration,
-        max: Duration,
+        (min, max): (Duration, Duration),
+        check_after: Duration,
     ) -> Suspicion {
         let mut confirmations = BTreeSet::new();
         confirmations.insert(first);
@@ -48,7 +57,15 @@ impl Suspicion {
             k,
             confirmations,
             deadline,
+            next_check: now + check_after,
+            checks: 0,
         }
+    }
+
+    /// Records a direct check; the next one comes twice as late.
+    pub(crate) fn checked(&mut self, now: Instant, base: Duration) {
+        self.checks += 1;
+        self.next_check = now + base * 2u32.saturating_pow(self.checks);
     }
 
     /// Records a suspicion from `from`; returns true if it is a new,
@@ -74,7 +91,7 @@ mod tests {
     fn confirmations_shrink_the_timeout_to_the_minimum() {
         let t0 = Instant::now();
         let (min, max) = (Duration::from_secs(8), Duration::from_secs(48));
-        let mut s = Suspicion::new(t0, (1, 0), "a".into(), 2, min, max);
+        let mut s = Suspicion::new(t0, (1, 0), "a".into(), 2, (min, max), min);
         assert_eq!(s.deadline, t0 + max);
         assert!(!s.confirm("a".into()), "the first suspecter is not a confirmation");
         assert!(s.confirm("b".into()));
@@ -90,14 +107,21 @@ mod tests {
     #[test]
     fn with_no_expected_confirmations_the_minimum_applies_at_once() {
         let t0 = Instant::now();
-        let s = Suspicion::new(
-            t0,
-            (1, 0),
-            "a".into(),
-            0,
-            Duration::from_secs(4),
-            Duration::from_secs(24),
-        );
+        let timeouts = (Duration::from_secs(4), Duration::from_secs(24));
+        let s = Suspicion::new(t0, (1, 0), "a".into(), 0, timeouts, Duration::from_secs(2));
         assert_eq!(s.deadline, t0 + Duration::from_secs(4));
+    }
+
+    #[test]
+    fn direct_checks_back_off_exponentially() {
+        let t0 = Instant::now();
+        let base = Duration::from_secs(1);
+        let timeouts = (Duration::from_secs(8), Duration::from_secs(48));
+        let mut s = Suspicion::new(t0, (1, 0), "a".into(), 2, timeouts, base * 2);
+        assert_eq!(s.next_check, t0 + base * 2);
+        s.checked(t0 + base * 2, base);
+        assert_eq!(s.next_check, t0 + base * 4);
+        s.checked(t0 + base * 4, base);
+        assert_eq!(s.next_check, t0 + base * 8);
     }
 }

@@ -40,7 +40,7 @@ pub(crate) struct Relay {
     pub(crate) deadline: Instant,
 }
 
-fn ping(seq: u32, target: &str) -> Envelope {
+pub(crate) fn ping(seq: u32, target: &str) -> Envelope {
     Envelope {
         body: Some(Body::Ping(Ping {
             seq,
@@ -80,8 +80,10 @@ impl Overlay {
         let buddy =
             (m.state == MemberState::Suspect).then(|| suspect_envelope(&target, m.incarnation, m.epoch, &self.me.name));
         let seq = self.next_seq();
-        let mut msgs = vec![ping(seq, &target)];
-        msgs.extend(buddy);
+        // The suspicion goes first: the suspect refutes before it acks, so
+        // the ack already carries the refutation.
+        let mut msgs: Vec<Envelope> = buddy.into_iter().collect();
+        msgs.push(ping(seq, &target));
         self.send(addr, msgs);
         self.probe = Some(Probe {
             seq,

@@ -4,6 +4,8 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
 use rumormill_core::Config;
+use rumormill_core::broadcast::{self as diss, DisseminationConfig};
+use rumormill_sim::broadcast::{self, BroadcastParams};
 use rumormill_sim::epidemic::{self, Direction, Loss, Removal};
 use rumormill_sim::membership::{self, MembershipParams};
 use serde::Serialize;
@@ -18,6 +20,59 @@ pub enum SimCommand {
     Demers(DemersArgs),
     /// Anti-entropy in the synchronous model of Demers et al. (1987).
     AntiEntropy(AntiEntropyArgs),
+    /// The real dissemination protocols over the modelled network: one
+    /// update, how fast and how completely it reaches everyone.
+    Broadcast(BroadcastArgs),
+}
+
+/// `rumormill sim broadcast`.
+#[derive(Debug, Args)]
+pub struct BroadcastArgs {
+    /// Members.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Probability that a datagram is lost, 0 ≤ P < 1.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// rumor, anti-entropy or both.
+    #[arg(long, default_value = "both")]
+    mode: diss::Mode,
+    /// Milliseconds between rumor rounds (Grapevine's delta).
+    #[arg(long = "interval-ms", alias = "delta", default_value_t = 200)]
+    interval_ms: u64,
+    /// Members pushed to per rumor round, 0 = all (Grapevine's level).
+    #[arg(long, alias = "level", default_value_t = 3)]
+    fanout: usize,
+    /// k: unnecessary contacts or 1/probability before losing interest (Grapevine's rounds).
+    #[arg(long, alias = "k", default_value_t = 3)]
+    rounds: u32,
+    /// feedback or blind.
+    #[arg(long, default_value = "feedback")]
+    removal: diss::Removal,
+    /// How interest is lost: counter or coin.
+    #[arg(long = "interest", default_value = "counter")]
+    interest: diss::Loss,
+    /// Milliseconds between anti-entropy exchanges.
+    #[arg(long = "ae-interval-ms", default_value_t = 10_000)]
+    ae_interval_ms: u64,
+    /// Partners per anti-entropy exchange.
+    #[arg(long = "ae-fanout", default_value_t = 1)]
+    ae_fanout: usize,
+    /// Anti-entropy direction: push, pull or push-pull.
+    #[arg(long = "ae-direction", default_value = "push-pull")]
+    ae_direction: diss::Direction,
+    /// Simulated seconds after the write.
+    #[arg(long = "duration-s", default_value_t = 60.0)]
+    duration_s: f64,
+    /// Seed of the first run.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Runs.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Configuration presets.
@@ -123,6 +178,7 @@ pub struct AntiEntropyArgs {
 pub fn run(cmd: SimCommand) -> Result<(), String> {
     match cmd {
         SimCommand::Membership(a) => membership_cmd(a),
+        SimCommand::Broadcast(a) => broadcast_cmd(a),
         SimCommand::Demers(a) => {
             let params = epidemic::DemersParams {
                 nodes: a.nodes,
@@ -215,6 +271,69 @@ fn membership_cmd(a: MembershipArgs) -> Result<(), String> {
             r.converged,
             r.messages_per_member_per_s,
             r.bytes_per_member_per_s,
+        )
+    })
+}
+
+fn broadcast_cmd(a: BroadcastArgs) -> Result<(), String> {
+    if a.nodes < 2 {
+        return Err(format!("--nodes must be at least 2, got {}", a.nodes));
+    }
+    if !(0.0..1.0).contains(&a.loss) {
+        return Err(format!("--loss must be in [0, 1), got {}", a.loss));
+    }
+    if !(a.duration_s > 0.0 && a.duration_s.is_finite()) {
+        return Err(format!(
+            "--duration-s must be a positive number of seconds, got {}",
+            a.duration_s
+        ));
+    }
+    if a.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    let config = DisseminationConfig {
+        mode: a.mode,
+        interval: std::time::Duration::from_millis(a.interval_ms),
+        fanout: a.fanout,
+        rounds: a.rounds,
+        removal: a.removal,
+        loss: a.interest,
+        anti_entropy_interval: std::time::Duration::from_millis(a.ae_interval_ms),
+        anti_entropy_fanout: a.ae_fanout,
+        anti_entropy_direction: a.ae_direction,
+        ..DisseminationConfig::default()
+    };
+    config.validate()?;
+    let params = BroadcastParams {
+        nodes: a.nodes,
+        loss: a.loss,
+        config,
+        duration_s: a.duration_s,
+        seed: a.seed,
+        runs: a.runs,
+    };
+    let started = Instant::now();
+    let r = broadcast::run(&params);
+    let wall = started.elapsed().as_secs_f64();
+    let secs = |v: Option<f64>| v.map_or("n/a".to_string(), |s| format!("{:.1} ms", s * 1e3));
+    print(a.json, &r, || {
+        format!(
+            "{} members, {:.1}% loss, mode {}, {} runs:\n  \
+             delivered to {:.4}% of members\n  \
+             latency p50 {}, p99 {}, max {}\n  \
+             per member: {:.1} messages, {:.0} bytes, {:.2} copies of the update\n  \
+             ({wall:.1} s of wall time)",
+            r.nodes,
+            r.loss * 100.0,
+            r.mode,
+            r.runs,
+            r.delivery * 100.0,
+            secs(r.latency_p50_s),
+            secs(r.latency_p99_s),
+            secs(r.latency_max_s),
+            r.messages_per_member,
+            r.bytes_per_member,
+            r.copies_per_member,
         )
     })
 }
