@@ -216,24 +216,29 @@ pub fn run(cmd: SimCommand) -> Result<(), String> {
     }
 }
 
-fn membership_cmd(a: MembershipArgs) -> Result<(), String> {
-    if a.nodes < 2 {
-        return Err(format!("--nodes must be at least 2, got {}", a.nodes));
+/// The checks every simulated run needs, with messages naming the flag.
+fn check_run(nodes: usize, loss: f64, duration_s: f64, runs: usize) -> Result<(), String> {
+    if nodes < 2 {
+        return Err(format!("--nodes must be at least 2, got {nodes}"));
     }
-    if !(0.0..1.0).contains(&a.loss) {
-        return Err(format!("--loss must be in [0, 1), got {}", a.loss));
+    if !(0.0..1.0).contains(&loss) {
+        return Err(format!("--loss must be in [0, 1), got {loss}"));
     }
-    if a.kill >= a.nodes {
-        return Err(format!("--kill must be below --nodes ({}), got {}", a.nodes, a.kill));
-    }
-    if !(a.duration_s > 0.0 && a.duration_s.is_finite()) {
+    if !(duration_s > 0.0 && duration_s.is_finite()) {
         return Err(format!(
-            "--duration-s must be a positive number of seconds, got {}",
-            a.duration_s
+            "--duration-s must be a positive number of seconds, got {duration_s}"
         ));
     }
-    if a.runs == 0 {
+    if runs == 0 {
         return Err("--runs must be at least 1".into());
+    }
+    Ok(())
+}
+
+fn membership_cmd(a: MembershipArgs) -> Result<(), String> {
+    check_run(a.nodes, a.loss, a.duration_s, a.runs)?;
+    if a.kill >= a.nodes {
+        return Err(format!("--kill must be below --nodes ({}), got {}", a.nodes, a.kill));
     }
     let params = MembershipParams {
         nodes: a.nodes,
@@ -276,21 +281,7 @@ fn membership_cmd(a: MembershipArgs) -> Result<(), String> {
 }
 
 fn broadcast_cmd(a: BroadcastArgs) -> Result<(), String> {
-    if a.nodes < 2 {
-        return Err(format!("--nodes must be at least 2, got {}", a.nodes));
-    }
-    if !(0.0..1.0).contains(&a.loss) {
-        return Err(format!("--loss must be in [0, 1), got {}", a.loss));
-    }
-    if !(a.duration_s > 0.0 && a.duration_s.is_finite()) {
-        return Err(format!(
-            "--duration-s must be a positive number of seconds, got {}",
-            a.duration_s
-        ));
-    }
-    if a.runs == 0 {
-        return Err("--runs must be at least 1".into());
-    }
+    check_run(a.nodes, a.loss, a.duration_s, a.runs)?;
     let config = DisseminationConfig {
         mode: a.mode,
         interval: std::time::Duration::from_millis(a.interval_ms),
