@@ -36,101 +36,14 @@
 //! which is what the doubling of informed sites in the first cycles implies); where that difference comes
 //! from is not known.
 
-use std::fmt;
-use std::str::FromStr;
-
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::{Direction, ParamError, ParseChoiceError, random_partner, run_rng, validate_population};
-
-/// Whether an infective site's loss of interest depends on what its contacts already knew.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Removal {
-    /// Only unnecessary contacts (the receiver already knew the update) count towards losing interest.
-    Feedback,
-    /// Every contact counts, whatever the receiver knew.
-    Blind,
-}
-
-impl Removal {
-    /// Every removal rule, in the order `feedback`, `blind`.
-    pub const ALL: [Removal; 2] = [Removal::Feedback, Removal::Blind];
-
-    const NAMES: &'static [&'static str] = &["feedback", "blind"];
-
-    /// The name accepted by [`FromStr`] and printed by [`Display`](fmt::Display).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Removal::Feedback => "feedback",
-            Removal::Blind => "blind",
-        }
-    }
-}
-
-impl fmt::Display for Removal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Removal {
-    type Err = ParseChoiceError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Removal::ALL
-            .into_iter()
-            .find(|removal| removal.as_str() == s)
-            .ok_or_else(|| ParseChoiceError::new("removal", s, Removal::NAMES))
-    }
-}
-
-/// How the contacts that count (see [`Removal`]) make an infective site lose interest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Loss {
-    /// Deterministically, after `k` cycles with counting contacts.
-    Counter,
-    /// At random, with probability `1/k` after each counting contact.
-    Coin,
-}
-
-impl Loss {
-    /// Every loss rule, in the order `counter`, `coin`.
-    pub const ALL: [Loss; 2] = [Loss::Counter, Loss::Coin];
-
-    const NAMES: &'static [&'static str] = &["counter", "coin"];
-
-    /// The name accepted by [`FromStr`] and printed by [`Display`](fmt::Display).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Loss::Counter => "counter",
-            Loss::Coin => "coin",
-        }
-    }
-}
-
-impl fmt::Display for Loss {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Loss {
-    type Err = ParseChoiceError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Loss::ALL
-            .into_iter()
-            .find(|loss| loss.as_str() == s)
-            .ok_or_else(|| ParseChoiceError::new("loss", s, Loss::NAMES))
-    }
-}
+use super::{Direction, Loss, ParamError, Removal, random_partner, run_rng, serialize_name, validate_population};
 
 /// Parameters of a rumor-mongering experiment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DemersParams {
     /// Number of sites, at least 2.
     pub nodes: usize,
@@ -139,10 +52,13 @@ pub struct DemersParams {
     /// Seed of the random number generator; run `r` uses stream `r` of this seed.
     pub seed: u64,
     /// How the update travels over a contact.
+    #[serde(serialize_with = "serialize_name")]
     pub direction: Direction,
     /// Which contacts count towards losing interest.
+    #[serde(serialize_with = "serialize_name")]
     pub removal: Removal,
     /// How counting contacts make a site lose interest.
+    #[serde(serialize_with = "serialize_name")]
     pub loss: Loss,
     /// The loss parameter: counter limit, or inverse probability of the coin. At least 1.
     pub k: u32,
@@ -174,10 +90,13 @@ pub struct DemersReport {
     /// Seed of the random number generator.
     pub seed: u64,
     /// How the update travelled over a contact.
+    #[serde(serialize_with = "serialize_name")]
     pub direction: Direction,
     /// Which contacts counted towards losing interest.
+    #[serde(serialize_with = "serialize_name")]
     pub removal: Removal,
     /// How counting contacts made a site lose interest.
+    #[serde(serialize_with = "serialize_name")]
     pub loss: Loss,
     /// The loss parameter.
     pub k: u32,
@@ -349,7 +268,7 @@ impl Epidemic {
                 }
             }
             Direction::Pull | Direction::PushPull => {
-                let pushes = self.direction.pushes();
+                let pushes = self.direction == Direction::PushPull;
                 for caller in 0..self.sites {
                     let partner = random_partner(rng, self.sites, caller);
                     if pushes && self.state[caller as usize] == Site::Infective {
@@ -473,10 +392,10 @@ mod tests {
 
     #[test]
     fn options_parse_from_their_names() {
-        for removal in Removal::ALL {
+        for &removal in Removal::ALL {
             assert_eq!(removal.to_string().parse(), Ok(removal));
         }
-        for loss in Loss::ALL {
+        for &loss in Loss::ALL {
             assert_eq!(loss.to_string().parse(), Ok(loss));
         }
         assert_eq!(
@@ -491,7 +410,7 @@ mod tests {
 
     #[test]
     fn two_sites_always_inform_each_other() {
-        for direction in Direction::ALL {
+        for &direction in Direction::ALL {
             let report = run(&DemersParams {
                 nodes: 2,
                 runs: 10,
