@@ -219,6 +219,7 @@ impl Overlay {
         let dissemination = Dissemination::new(
             config.dissemination.clone(),
             &identity.name,
+            identity.addr,
             budget,
             seed ^ 0xd155_e111,
             now,

@@ -49,11 +49,13 @@ impl Dissemination {
                 origins,
                 mode: mode as i32,
                 reply: false,
+                reply_to: None,
             }),
         );
     }
 
     pub(crate) fn on_digest(&mut self, from: SocketAddr, d: Digest) {
+        let from = Dissemination::reply_address(from, d.reply_to.as_ref());
         if d.reply {
             // The partner's answer to our push or push-pull: send what it lacks.
             self.send_delta(from, &d.origins);
@@ -71,6 +73,7 @@ impl Dissemination {
                     origins,
                     mode: d.mode,
                     reply: true,
+                    reply_to: None,
                 }),
             );
         }

@@ -255,6 +255,9 @@ pub struct UpdateEvent {
 pub struct Dissemination {
     pub(crate) config: DisseminationConfig,
     pub(crate) me: Arc<str>,
+    /// Where this member receives datagrams: the `reply_to` of messages
+    /// that go over streams.
+    addr: SocketAddr,
     pub(crate) clock: u64,
     next_seq: u64,
     pub(crate) store: Store,
@@ -284,18 +287,26 @@ impl fmt::Debug for Dissemination {
 }
 
 impl Dissemination {
-    /// A member named `me` whose datagrams carry at most `budget` bytes of
-    /// messages.
+    /// A member named `me`, reached at `addr`, whose datagrams carry at most
+    /// `budget` bytes of messages.
     ///
     /// ```
     /// use std::time::Instant;
     /// use rumormill_core::broadcast::{Dissemination, DisseminationConfig};
     /// let now = Instant::now();
-    /// let mut d = Dissemination::new(DisseminationConfig::default(), "a", 1300, 7, now);
+    /// let addr = "127.0.0.1:7000".parse().unwrap();
+    /// let mut d = Dissemination::new(DisseminationConfig::default(), "a", addr, 1300, 7, now);
     /// d.put(now, "colour", b"blue".to_vec());
     /// assert_eq!(d.store().value("colour"), Some(&b"blue"[..]));
     /// ```
-    pub fn new(config: DisseminationConfig, me: &str, budget: usize, seed: u64, now: Instant) -> Dissemination {
+    pub fn new(
+        config: DisseminationConfig,
+        me: &str,
+        addr: SocketAddr,
+        budget: usize,
+        seed: u64,
+        now: Instant,
+    ) -> Dissemination {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let phase = |d: Duration, rng: &mut ChaCha8Rng| now + d.mul_f64(rand::Rng::random::<f64>(rng));
         Dissemination {
@@ -304,6 +315,7 @@ impl Dissemination {
             next_gc: now + config.gc_interval,
             config,
             me: me.into(),
+            addr,
             clock: 0,
             next_seq: 0,
             store: Store::default(),
@@ -490,9 +502,25 @@ impl Dissemination {
             .forget_tombstones(t, self.config.tombstone_ttl.as_millis() as u64);
     }
 
+    /// Queues a message; one too big for a datagram goes over a stream and,
+    /// if it expects an answer, says where to send it.
     pub(crate) fn send(&mut self, to: SocketAddr, body: Body) {
-        let envelope = Envelope { body: Some(body) };
+        let mut envelope = Envelope { body: Some(body) };
         let stream = rumormill_wire::envelope_len(&envelope) > self.budget;
+        if stream {
+            match &mut envelope.body {
+                Some(Body::Rumor(r)) => r.reply_to = Some(self.addr.into()),
+                Some(Body::Digest(d)) => d.reply_to = Some(self.addr.into()),
+                _ => {}
+            }
+        }
         self.outbox.push_back(Outgoing { to, envelope, stream });
+    }
+
+    /// Where to answer a message from `from` that may name a `reply_to`.
+    pub(crate) fn reply_address(from: SocketAddr, reply_to: Option<&rumormill_wire::proto::Address>) -> SocketAddr {
+        reply_to
+            .and_then(|a| rumormill_wire::socket_addr(Some(a)).ok())
+            .unwrap_or(from)
     }
 }

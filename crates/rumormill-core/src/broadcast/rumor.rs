@@ -151,6 +151,7 @@ impl Dissemination {
                     Body::Rumor(Rumor {
                         updates: b.clone(),
                         want_feedback,
+                        reply_to: None,
                     }),
                 );
             }
@@ -175,6 +176,7 @@ impl Dissemination {
     }
 
     pub(crate) fn on_rumor(&mut self, now: Instant, from: SocketAddr, r: Rumor) {
+        let from = Dissemination::reply_address(from, r.reply_to.as_ref());
         let mut known = Vec::new();
         let mut news = Vec::new();
         for w in r.updates {

@@ -33,8 +33,8 @@ impl Pair {
     fn new(ca: DisseminationConfig, cb: DisseminationConfig) -> Pair {
         let now = Instant::now();
         Pair {
-            a: Dissemination::new(ca, "a", 1300, 1, now),
-            b: Dissemination::new(cb, "b", 1300, 2, now),
+            a: Dissemination::new(ca, "a", A, 1300, 1, now),
+            b: Dissemination::new(cb, "b", B, 1300, 2, now),
             now,
         }
     }
@@ -202,6 +202,7 @@ fn forgotten_removed_updates_never_come_back_as_news() {
     let late = rumormill_wire::proto::Rumor {
         updates: vec![u.to_wire()],
         want_feedback: true,
+        reply_to: None,
     };
     p.b.handle(now, A, Body::Rumor(late));
     assert!(p.b.poll_event().is_none(), "not news");
@@ -332,6 +333,25 @@ fn large_differences_go_over_streams_in_chunks() {
     }
     assert_eq!(p.a.store().len(), 40);
     assert!(p.a.store().knows_more_than(&[]) && !p.b.store().knows_more_than(&p.a.store().summaries()));
+}
+
+#[test]
+fn a_rumor_too_big_for_a_datagram_goes_over_a_stream_and_says_where_to_answer() {
+    let c = config(Removal::Feedback, Loss::Counter, 2);
+    let mut p = Pair::new(c.clone(), c);
+    p.a.put(p.now, "huge", vec![1; 5000]);
+    p.now += Duration::from_secs(1);
+    let now = p.now;
+    p.a.handle_timeout(now, &mut |_| vec![B]);
+    let rumor = p.a.poll_message().expect("a rumors its new update");
+    assert!(rumor.stream);
+    assert!(matches!(&rumor.envelope.body, Some(Body::Rumor(r)) if r.reply_to == Some(A.into())));
+    // b answers at a's datagram address even though the stream came from elsewhere.
+    let elsewhere: SocketAddr = "127.0.0.1:55555".parse().expect("an address");
+    p.b.handle(now, elsewhere, rumor.envelope.body.expect("body"));
+    let feedback = p.b.poll_message().expect("feedback");
+    assert_eq!(feedback.to, A);
+    assert!(!feedback.stream);
 }
 
 #[test]
