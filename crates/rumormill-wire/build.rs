@@ -3,7 +3,11 @@ use std::path::PathBuf;
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["rumormill/v1/envelope.proto", "rumormill/v1/membership.proto", "rumormill/v1/dissemination.proto"];
+    let files = [
+        "rumormill/v1/envelope.proto",
+        "rumormill/v1/membership.proto",
+        "rumormill/v1/dissemination.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

@@ -184,8 +184,8 @@ pub struct BroadcastReport {
     pub bytes_per_member: f64,
     /// Copies of the update sent per member (rumor pushes and deltas).
     pub copies_per_member: f64,
-    /// Fraction of members informed against time since the write:
-    /// `(seconds, fraction)` at 40 points.
+    /// Fraction of the other members informed against time since the
+    /// write: `(seconds, fraction)` at 41 quantiles.
     pub curve: Vec<(f64, f64)>,
 }
 
@@ -213,14 +213,18 @@ pub fn run(p: &BroadcastParams) -> BroadcastReport {
             .then(|| latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1])
     };
     let max = latencies.last().copied();
-    let span = max.unwrap_or(0.0).max(1e-3);
-    let curve = (0..=40)
-        .map(|i| {
-            let t = span * f64::from(i) / 40.0;
-            let informed = latencies.partition_point(|&x| x <= t);
-            (t, informed as f64 / others.max(1) as f64)
-        })
-        .collect();
+    // The empirical distribution at 41 quantiles of the informed members:
+    // exact at any time scale, linear or logarithmic.
+    let curve = if latencies.is_empty() {
+        Vec::new()
+    } else {
+        (0..=40)
+            .map(|i| {
+                let idx = ((latencies.len() - 1) * i) / 40;
+                (latencies[idx], (idx + 1) as f64 / others.max(1) as f64)
+            })
+            .collect()
+    };
     let member_runs = (p.nodes * p.runs) as f64;
     BroadcastReport {
         nodes: p.nodes,

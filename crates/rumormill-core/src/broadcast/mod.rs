@@ -165,9 +165,10 @@ pub struct DisseminationConfig {
 
 impl Default for DisseminationConfig {
     /// Rumor mongering every 200 ms to 3 members, feedback/counter with
-    /// k = 3 (residue ≈ 10⁻⁵ in the synchronous model with push-pull of
-    /// rumors… see docs/benchmarks.md), plus a push-pull anti-entropy
-    /// exchange with one member every 10 s as a backstop.
+    /// k = 3, plus a push-pull anti-entropy exchange with one member every
+    /// 10 s as a backstop. On the simulated LAN this informs 99.2–99.5 % of
+    /// 1,000 to 100,000 members by rumor within about 200 ms, and every
+    /// member by the next exchanges (docs/benchmarks.md).
     fn default() -> Self {
         DisseminationConfig {
             mode: Mode::Both,

@@ -306,7 +306,15 @@ fn broadcast_cmd(a: BroadcastArgs) -> Result<(), String> {
     let started = Instant::now();
     let r = broadcast::run(&params);
     let wall = started.elapsed().as_secs_f64();
-    let secs = |v: Option<f64>| v.map_or("n/a".to_string(), |s| format!("{:.1} ms", s * 1e3));
+    let secs = |v: Option<f64>| {
+        v.map_or("n/a".to_string(), |s| {
+            if s < 1.0 {
+                format!("{:.1} ms", s * 1e3)
+            } else {
+                format!("{s:.2} s")
+            }
+        })
+    };
     print(a.json, &r, || {
         format!(
             "{} members, {:.1}% loss, mode {}, {} runs:\n  \
