@@ -33,7 +33,8 @@ pub struct Opened {
 /// Seals outgoing and opens incoming packets of one member of one overlay.
 ///
 /// Nonces never repeat under one key: each sender seals with a subkey derived
-/// by HKDF-SHA256 from the overlay key over (key id, sender id, boot epoch),
+/// by HKDF-SHA256 from the overlay key over (overlay id, key id, sender id,
+/// boot epoch),
 /// and the nonce is a counter that only goes up. A sender must therefore use
 /// a new boot epoch (or sender id) each time it starts. Receivers reject
 /// replays with a [`ReplayGuard`].
@@ -139,7 +140,7 @@ impl Codec {
         out.extend_from_slice(body);
         if let Security::Encrypted(ring) = &self.security {
             if !self.own.contains_key(&key_id) {
-                let c = derive(ring, key_id, self.sender_id, self.epoch)?;
+                let c = derive(ring, self.overlay_id, key_id, self.sender_id, self.epoch)?;
                 self.own.insert(key_id, c);
             }
             let cipher = self.own.get(&key_id).ok_or(WireError::KeyNotInstalled(key_id))?;
@@ -191,7 +192,7 @@ impl Codec {
             None => {
                 // Cache the subkey only once a packet authenticated under it,
                 // so forged headers cannot evict the ciphers of real peers.
-                let cipher = derive(ring, header.key_id, header.sender_id, header.epoch)?;
+                let cipher = derive(ring, self.overlay_id, header.key_id, header.sender_id, header.epoch)?;
                 cipher.open(&nonce(header.counter), &mut buf, HEADER_LEN)?;
                 if self.peers.len() >= MAX_CACHED_PEER_CIPHERS {
                     self.peers.pop_first();
@@ -205,16 +206,18 @@ impl Codec {
     }
 }
 
-/// HKDF-SHA256 over the overlay key, with (key id, sender id, epoch) as info:
-/// a distinct subkey for every sender instance, so counter nonces from
-/// different senders never collide.
-fn derive(ring: &Keyring, key_id: KeyId, sender: u64, epoch: u64) -> Result<Box<dyn Cipher>, WireError> {
+/// HKDF-SHA256 over the overlay key, with (overlay id, key id, sender id,
+/// epoch) as info: a distinct subkey for every sender instance in every
+/// overlay, so counter nonces never collide — not even for a member that
+/// uses one key in two overlays.
+fn derive(ring: &Keyring, overlay: u32, key_id: KeyId, sender: u64, epoch: u64) -> Result<Box<dyn Cipher>, WireError> {
     let entry = ring.get(key_id).ok_or(WireError::KeyNotInstalled(key_id))?;
     let hk = Hkdf::<Sha256>::new(Some(b"rumormill v1 subkey"), &entry.secret);
-    let mut info = [0u8; 20];
-    info[..4].copy_from_slice(&key_id.to_be_bytes());
-    info[4..12].copy_from_slice(&sender.to_be_bytes());
-    info[12..].copy_from_slice(&epoch.to_be_bytes());
+    let mut info = [0u8; 24];
+    info[..4].copy_from_slice(&overlay.to_be_bytes());
+    info[4..8].copy_from_slice(&key_id.to_be_bytes());
+    info[8..16].copy_from_slice(&sender.to_be_bytes());
+    info[16..].copy_from_slice(&epoch.to_be_bytes());
     let mut sub = Zeroizing::new(vec![0u8; entry.suite.key_len()]);
     hk.expand(&info, &mut sub)
         .map_err(|_| WireError::KeyLength(sub.len()))?;
@@ -318,6 +321,23 @@ mod tests {
         let q = a.seal(FrameKind::Datagram, b"y").unwrap();
         b.open(FrameKind::Datagram, &q).unwrap();
         assert_eq!(b.peers.len(), 1);
+    }
+
+    #[test]
+    fn one_key_in_two_overlays_gives_two_keystreams() {
+        let ring = || Security::Encrypted(Keyring::new(&[5; 16]).unwrap());
+        let mut one = Codec::new(crate::overlay_id("one"), 1, 1, ring());
+        let mut two = Codec::new(crate::overlay_id("two"), 1, 1, ring());
+        let body = [0u8; 32];
+        let (p1, p2) = (
+            one.seal(FrameKind::Datagram, &body).unwrap(),
+            two.seal(FrameKind::Datagram, &body).unwrap(),
+        );
+        assert_ne!(
+            p1[HEADER_LEN..],
+            p2[HEADER_LEN..],
+            "same counter, same key: the overlay id must change the subkey"
+        );
     }
 
     #[test]

@@ -349,11 +349,11 @@ impl Dissemination {
     }
 
     fn write(&mut self, now: Instant, key: &str, value: Option<Vec<u8>>) -> Update {
-        self.clock += 1;
-        self.next_seq += 1;
+        self.clock = self.clock.saturating_add(1);
+        self.next_seq = self.next_seq.saturating_add(1);
         // Beat whatever is stored, even if written by a member with a faster clock.
         if let Some(cur) = self.store.get(key) {
-            self.clock = self.clock.max(cur.lamport + 1);
+            self.clock = self.clock.max(cur.lamport.saturating_add(1));
         }
         let u = Update {
             key: key.to_owned(),

@@ -54,7 +54,9 @@ impl Update {
 
     /// Reads a wire update; `None` if it makes no sense (no origin, seq 0).
     pub(crate) fn from_wire(u: proto::Update) -> Option<Update> {
-        if u.origin.is_empty() || u.seq == 0 {
+        // u64::MAX is reserved: counters and clocks must be able to go past
+        // anything received.
+        if u.origin.is_empty() || u.seq == 0 || u.seq == u64::MAX || u.lamport == u64::MAX {
             return None;
         }
         Some(Update {
@@ -66,6 +68,11 @@ impl Update {
         })
     }
 }
+
+/// Most out-of-order sequence numbers taken from one peer summary.
+const MAX_BEYOND: usize = 4096;
+/// Most origins taken from one peer's summaries.
+const MAX_ORIGINS: usize = 65_536;
 
 /// The seen sequence numbers of one origin.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,26 +87,35 @@ impl Seen {
     }
 
     pub(crate) fn insert(&mut self, seq: u64) {
-        if self.contains(seq) {
+        if self.contains(seq) || seq == u64::MAX {
             return;
         }
         self.beyond.insert(seq);
-        while self.beyond.remove(&(self.contiguous + 1)) {
+        self.compact();
+    }
+
+    fn compact(&mut self) {
+        while self.contiguous < u64::MAX - 1 && self.beyond.remove(&(self.contiguous + 1)) {
             self.contiguous += 1;
         }
     }
 
+    /// Merges a peer's summary. Values no real counter reaches (u64::MAX)
+    /// are ignored, and at most `MAX_BEYOND` out-of-order numbers are kept.
     fn merge(&mut self, s: &proto::OriginSummary) {
-        if s.contiguous > self.contiguous {
+        if s.contiguous > self.contiguous && s.contiguous < u64::MAX {
             self.contiguous = s.contiguous;
             self.beyond = self.beyond.split_off(&(self.contiguous + 1));
         }
         for &q in &s.beyond {
-            self.insert(q);
+            if self.beyond.len() >= MAX_BEYOND {
+                break;
+            }
+            if q != u64::MAX && !self.contains(q) {
+                self.beyond.insert(q);
+            }
         }
-        while self.beyond.remove(&(self.contiguous + 1)) {
-            self.contiguous += 1;
-        }
+        self.compact();
     }
 
     fn from_summary(s: &proto::OriginSummary) -> Seen {
@@ -240,7 +256,7 @@ impl Store {
     /// Counts as seen what a peer has seen: sent with the last chunk of a
     /// delta, once everything the peer held that we lacked has arrived.
     pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary]) {
-        for s in summaries {
+        for s in summaries.iter().take(MAX_ORIGINS) {
             if s.origin.is_empty() {
                 continue;
             }
@@ -368,6 +384,30 @@ mod tests {
         b.merge_seen(&a.summaries());
         assert!(b.seen("a", 1) && b.seen("a", 2));
         assert!(a.missing_for(&b.summaries()).is_empty());
+    }
+
+    #[test]
+    fn summaries_at_the_edge_of_the_counter_space_neither_panic_nor_silence_an_origin() {
+        let mut s = Store::default();
+        let evil = proto::OriginSummary {
+            origin: "x".into(),
+            contiguous: u64::MAX,
+            beyond: vec![u64::MAX, 5],
+        };
+        s.merge_seen(&[evil]);
+        let edge = proto::OriginSummary {
+            origin: "y".into(),
+            contiguous: u64::MAX - 1,
+            beyond: vec![u64::MAX],
+        };
+        s.merge_seen(&[edge]);
+        assert!(!s.seen("x", 6), "an impossible watermark is ignored");
+        assert!(s.seen("x", 5));
+        let mut wire = up("k", "v", u64::MAX, "x", 7).to_wire();
+        assert!(Update::from_wire(wire.clone()).is_none(), "lamport u64::MAX is refused");
+        wire.lamport = 3;
+        wire.seq = u64::MAX;
+        assert!(Update::from_wire(wire).is_none(), "seq u64::MAX is refused");
     }
 
     #[test]

@@ -94,7 +94,9 @@ impl Overlay {
             return;
         }
         if !new_life {
-            if addr != m.addr() {
+            // A live member cannot move within one life. A tombstone can:
+            // its epoch may have come from a `Dead`, which has no address.
+            if addr != m.addr() && m.state.is_live() {
                 self.stats.name_conflicts += 1;
                 return;
             }
@@ -144,6 +146,9 @@ impl Overlay {
             MemberState::Suspect => {
                 if incarnation > m.incarnation {
                     self.members.update(i, |m| m.incarnation = incarnation);
+                    if let Some(s) = self.suspicions.get_mut(&name) {
+                        s.incarnation = incarnation;
+                    }
                 }
                 let confirmed = self.suspicions.get_mut(&name).is_some_and(|s| s.confirm(from.into()));
                 if confirmed {
@@ -241,14 +246,19 @@ impl Overlay {
         let me = self.me.name.clone();
         for (name, s) in expired {
             self.suspicions.remove(&name);
-            self.apply_dead(now, &name, s.incarnation, s.epoch, &me);
+            // Declare the member failed at the version it is suspected at now.
+            let (inc, epoch) = match self.members.get(&name) {
+                Some(m) if m.state == MemberState::Suspect && m.epoch == s.epoch => (m.incarnation, m.epoch),
+                _ => (s.incarnation, s.epoch),
+            };
+            self.apply_dead(now, &name, inc, epoch, &me);
         }
     }
 
     /// Someone suspects the local member, or declares it failed. At the
     /// current version: refute. At an older version the sender missed the
     /// refutation: spread the current alive again (no new incarnation).
-    fn about_me(&mut self, epoch: u64, incarnation: u32) {
+    pub(crate) fn about_me(&mut self, epoch: u64, incarnation: u32) {
         if self.is_leaving() || epoch != self.me.epoch {
             return;
         }
@@ -291,8 +301,9 @@ impl Overlay {
 mod tests {
     use std::time::Duration;
 
+    use super::{alive_envelope, dead_envelope, suspect_envelope};
     use crate::testkit::{Net, addr, name};
-    use crate::{Config, MemberChange, MemberInfo, MemberState, Overlay, Security};
+    use crate::{Config, FrameKind, MemberChange, MemberInfo, MemberState, Overlay, Security};
 
     fn lan() -> Config {
         Config::new_lan()
@@ -430,6 +441,87 @@ mod tests {
         assert!(!net.changes(2, MemberChange::Updated).is_empty());
         assert_eq!(net.node(0).member(&name(2)).map(|m| m.epoch), Some(2));
         assert!(net.changes(2, MemberChange::Failed).is_empty());
+    }
+
+    #[test]
+    fn a_suspicion_raised_to_a_higher_incarnation_still_expires() {
+        let mut net = Net::new(3, lan());
+        net.run_for(Duration::from_secs(3));
+        net.kill(2);
+        // n0 hears that n2 is suspect, then suspect again at a higher incarnation
+        // (n2 had refuted once before it crashed).
+        net.inject(
+            0,
+            addr(1),
+            FrameKind::Datagram,
+            vec![suspect_envelope(&name(2), 0, 1, &name(1))],
+        );
+        net.inject(
+            0,
+            addr(1),
+            FrameKind::Datagram,
+            vec![suspect_envelope(&name(2), 1, 1, &name(1))],
+        );
+        assert_eq!(net.state_at(0, 2), Some(MemberState::Suspect));
+        net.run_for(Duration::from_secs(60));
+        assert_eq!(
+            net.state_at(0, 2),
+            Some(MemberState::Failed),
+            "the suspicion must end in failure"
+        );
+    }
+
+    #[test]
+    fn a_tombstone_from_a_newer_life_accepts_that_life_at_its_new_address() {
+        let mut net = Net::new(3, lan());
+        net.run_for(Duration::from_secs(3));
+        // n2 restarted (epoch 2) at a new address; n0 missed its alive and
+        // first hears that the new life failed, then that it refuted.
+        net.inject(
+            0,
+            addr(1),
+            FrameKind::Datagram,
+            vec![dead_envelope(&name(2), 0, 2, &name(1))],
+        );
+        assert_eq!(net.state_at(0, 2), Some(MemberState::Failed));
+        net.inject(
+            0,
+            addr(1),
+            FrameKind::Datagram,
+            vec![alive_envelope(&name(2), 1, 2, addr(60))],
+        );
+        let m = net.node(0).member(&name(2)).expect("known");
+        assert_eq!(
+            (m.state, m.epoch, m.incarnation, m.addr),
+            (MemberState::Alive, 2, 1, addr(60))
+        );
+        assert_eq!(net.node(0).stats().name_conflicts, 0);
+    }
+
+    #[test]
+    fn a_state_sync_that_suspects_us_is_refuted() {
+        let mut net = Net::new(2, lan());
+        net.run_for(Duration::from_secs(2));
+        let me = net.node(0).local();
+        let state = rumormill_wire::proto::MemberState {
+            name: me.name.to_string(),
+            addr: Some(me.addr.into()),
+            incarnation: me.incarnation,
+            epoch: me.epoch,
+            status: rumormill_wire::proto::MemberStatus::Suspect as i32,
+        };
+        let pp = rumormill_wire::proto::PushPull {
+            join: false,
+            reply: false,
+            from: "x".into(),
+            from_addr: Some(addr(70).into()),
+            members: vec![state],
+        };
+        let env = rumormill_wire::proto::Envelope {
+            body: Some(rumormill_wire::proto::envelope::Body::PushPull(pp)),
+        };
+        net.inject(0, addr(70), FrameKind::Stream, vec![env]);
+        assert_eq!(net.node(0).local().incarnation, me.incarnation + 1);
     }
 
     #[test]

@@ -103,6 +103,13 @@ impl Overlay {
                 self.stats.malformed += 1;
                 continue;
             }
+            if name == &*self.me.name {
+                // Rule 4: refute what this peer believes about us.
+                if matches!(status, MemberStatus::Suspect | MemberStatus::Failed) {
+                    self.about_me(epoch, inc);
+                }
+                continue;
+            }
             match status {
                 MemberStatus::Alive => self.apply_alive(now, name, inc, epoch, addr),
                 MemberStatus::Suspect => {
