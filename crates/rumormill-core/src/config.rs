@@ -66,6 +66,10 @@ pub struct Config {
     pub mtu: usize,
     /// Largest stream frame accepted.
     pub max_stream_frame: usize,
+    /// Most members (tombstones included) kept in the table; news of further
+    /// members is ignored and counted in `Stats::table_full`, so a peer's
+    /// state sync cannot grow the table without bound.
+    pub max_members: usize,
     /// How updates spread: rumor mongering, anti-entropy, or both.
     pub dissemination: DisseminationConfig,
 }
@@ -97,6 +101,7 @@ impl Config {
             tombstone_ttl: Duration::from_secs(24 * 3600),
             mtu: 1400,
             max_stream_frame: rumormill_wire::DEFAULT_MAX_FRAME,
+            max_members: 250_000,
             dissemination: DisseminationConfig::default(),
         }
     }

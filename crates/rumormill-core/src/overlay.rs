@@ -121,6 +121,8 @@ pub struct Stats {
     pub refutations: u64,
     /// Packets that could not be sealed (nonce counter exhausted).
     pub seal_errors: u64,
+    /// New members ignored because the table held `max_members`.
+    pub table_full: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +221,7 @@ impl Overlay {
         let dissemination = Dissemination::new(
             config.dissemination.clone(),
             &identity.name,
+            identity.epoch,
             identity.addr,
             budget,
             seed ^ 0xd155_e111,
@@ -700,6 +703,10 @@ impl Overlay {
         let targets = self.members.random(self.config.gossip_nodes, &mut self.rng, |m| {
             m.state.is_live() || (m.state == MemberState::Failed && t.saturating_sub(m.since) < dead_window)
         });
+        if targets.is_empty() && self.is_leaving() {
+            // Nobody left to tell: the leave is complete.
+            self.piggyback.clear();
+        }
         for i in targets {
             let addr = self.members.at(i).addr();
             self.send(addr, Vec::new());

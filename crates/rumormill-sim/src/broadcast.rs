@@ -41,7 +41,7 @@ impl BroadcastNode {
         let mtu = 1400;
         let codec = Codec::new(0, index as u64, 1, Security::Plaintext);
         let budget = mtu - codec.overhead();
-        let diss = Dissemination::new(config, &crate::member_name(index), peers[index], budget, seed, now);
+        let diss = Dissemination::new(config, &crate::member_name(index), 1, peers[index], budget, seed, now);
         BroadcastNode {
             diss,
             codec,

@@ -116,7 +116,7 @@ impl Dissemination {
         let mut news = Vec::new();
         for w in d.updates {
             self.stats.updates_received += 1;
-            if self.store.seen(&w.origin, w.seq) {
+            if self.store.seen(&w.origin, w.epoch, w.seq) {
                 self.stats.redundant += 1;
             } else if let Some(u) = Update::from_wire(w) {
                 news.push(u);

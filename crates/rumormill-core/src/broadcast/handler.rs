@@ -26,7 +26,7 @@ pub enum Decision {
 /// let mut h = |batch: &[Update], _: &Store| {
 ///     Decision::AcceptSubset((0..batch.len()).filter(|&i| batch[i].key.starts_with("public/")).collect())
 /// };
-/// let batch = [Update { key: "secret".into(), value: None, lamport: 1, origin: "a".into(), seq: 1 }];
+/// let batch = [Update { key: "secret".into(), value: None, lamport: 1, origin: "a".into(), epoch: 1, seq: 1 }];
 /// assert_eq!(h.push(&batch, &Store::default()), Decision::AcceptSubset(vec![]));
 /// ```
 pub trait UpdateHandler: Send {

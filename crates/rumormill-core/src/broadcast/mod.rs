@@ -256,14 +256,16 @@ pub struct UpdateEvent {
 pub struct Dissemination {
     pub(crate) config: DisseminationConfig,
     pub(crate) me: Arc<str>,
+    /// This life's boot epoch: writes are counted anew in each.
+    epoch: u64,
     /// Where this member receives datagrams: the `reply_to` of messages
     /// that go over streams.
     addr: SocketAddr,
     pub(crate) clock: u64,
     next_seq: u64,
     pub(crate) store: Store,
-    pub(crate) infected: BTreeMap<(Arc<str>, u64), u32>,
-    pub(crate) removed: BTreeMap<(Arc<str>, u64), Stamp>,
+    pub(crate) infected: BTreeMap<rumor::RumorKey, u32>,
+    pub(crate) removed: BTreeMap<rumor::RumorKey, Stamp>,
     handler: Box<dyn UpdateHandler>,
     pub(crate) rng: ChaCha8Rng,
     origin: Instant,
@@ -288,21 +290,23 @@ impl fmt::Debug for Dissemination {
 }
 
 impl Dissemination {
-    /// A member named `me`, reached at `addr`, whose datagrams carry at most
-    /// `budget` bytes of messages.
+    /// A member named `me` in its life `epoch` (see
+    /// [`crate::Identity::epoch`]), reached at `addr`, whose datagrams carry
+    /// at most `budget` bytes of messages.
     ///
     /// ```
     /// use std::time::Instant;
     /// use rumormill_core::broadcast::{Dissemination, DisseminationConfig};
     /// let now = Instant::now();
     /// let addr = "127.0.0.1:7000".parse().unwrap();
-    /// let mut d = Dissemination::new(DisseminationConfig::default(), "a", addr, 1300, 7, now);
+    /// let mut d = Dissemination::new(DisseminationConfig::default(), "a", 1, addr, 1300, 7, now);
     /// d.put(now, "colour", b"blue".to_vec());
     /// assert_eq!(d.store().value("colour"), Some(&b"blue"[..]));
     /// ```
     pub fn new(
         config: DisseminationConfig,
         me: &str,
+        epoch: u64,
         addr: SocketAddr,
         budget: usize,
         seed: u64,
@@ -316,6 +320,7 @@ impl Dissemination {
             next_gc: now + config.gc_interval,
             config,
             me: me.into(),
+            epoch,
             addr,
             clock: 0,
             next_seq: 0,
@@ -360,6 +365,7 @@ impl Dissemination {
             value,
             lamport: self.clock,
             origin: self.me.clone(),
+            epoch: self.epoch,
             seq: self.next_seq,
         };
         let stamp = self.stamp(now);
@@ -477,7 +483,7 @@ impl Dissemination {
             }
             Decision::Replace(all) => {
                 for u in &batch {
-                    self.store.mark_seen(&u.origin, u.seq);
+                    self.store.mark_seen(&u.origin, u.epoch, u.seq);
                 }
                 self.store.replace(all, stamp);
                 return Some(Vec::new());

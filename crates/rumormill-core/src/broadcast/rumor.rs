@@ -48,7 +48,15 @@ fn id(u: &proto::Update) -> UpdateId {
     UpdateId {
         origin: u.origin.clone(),
         seq: u.seq,
+        epoch: u.epoch,
     }
+}
+
+/// The key of an update's rumor state: (origin, epoch, seq).
+pub(crate) type RumorKey = (Arc<str>, u64, u64);
+
+fn key_of(id: &UpdateId) -> RumorKey {
+    (Arc::from(id.origin.as_str()), id.epoch, id.seq)
 }
 
 /// Bytes an update adds to a message (field tag, length, body).
@@ -82,12 +90,11 @@ pub(crate) fn batches(updates: Vec<proto::Update>, budget: usize) -> Vec<Vec<pro
 }
 
 impl Dissemination {
-    /// Where this member stands with update `(origin, seq)`.
-    pub fn rumor_state(&self, origin: &str, seq: u64) -> RumorState {
-        let key = (Arc::<str>::from(origin), seq);
-        if self.infected.contains_key(&key) {
+    /// Where this member stands with an update.
+    pub fn rumor_state(&self, u: &Update) -> RumorState {
+        if self.infected.contains_key(&(u.origin.clone(), u.epoch, u.seq)) {
             RumorState::Infected
-        } else if self.store.seen(origin, seq) {
+        } else if self.store.seen(&u.origin, u.epoch, u.seq) {
             RumorState::Removed
         } else {
             RumorState::Susceptible
@@ -104,11 +111,11 @@ impl Dissemination {
             if self.infected.is_empty() {
                 self.next_rumor = now;
             }
-            self.infected.insert((u.origin.clone(), u.seq), 0);
+            self.infected.insert((u.origin.clone(), u.epoch, u.seq), 0);
         }
     }
 
-    fn lose_interest(&mut self, now: Instant, key: &(Arc<str>, u64)) {
+    fn lose_interest(&mut self, now: Instant, key: &RumorKey) {
         if self.infected.remove(key).is_some() {
             let t = self.stamp(now);
             self.removed.insert(key.clone(), t);
@@ -125,7 +132,7 @@ impl Dissemination {
         let mut current = Vec::new();
         let mut stale = Vec::new();
         for key in self.infected.keys() {
-            match self.store.by_id(&key.0, key.1) {
+            match self.store.by_id(&key.0, key.1, key.2) {
                 Some(u) => current.push(u.to_wire()),
                 None => stale.push(key.clone()),
             }
@@ -137,10 +144,7 @@ impl Dissemination {
             return;
         }
         self.stats.rumor_rounds += 1;
-        let ids: Vec<(Arc<str>, u64)> = current
-            .iter()
-            .map(|u| (Arc::<str>::from(u.origin.as_str()), u.seq))
-            .collect();
+        let ids: Vec<RumorKey> = current.iter().map(|u| key_of(&id(u))).collect();
         let want_feedback = self.config.removal == Removal::Feedback;
         let batches = batches(current, self.budget);
         for &to in &targets {
@@ -181,7 +185,7 @@ impl Dissemination {
         let mut news = Vec::new();
         for w in r.updates {
             self.stats.updates_received += 1;
-            if self.store.seen(&w.origin, w.seq) {
+            if self.store.seen(&w.origin, w.epoch, w.seq) {
                 self.stats.redundant += 1;
                 known.push(id(&w));
             } else if let Some(u) = Update::from_wire(w) {
@@ -196,6 +200,7 @@ impl Dissemination {
             .map(|u| UpdateId {
                 origin: u.origin.to_string(),
                 seq: u.seq,
+                epoch: u.epoch,
             })
             .collect();
         for u in &accepted {
@@ -208,7 +213,7 @@ impl Dissemination {
 
     pub(crate) fn on_feedback(&mut self, now: Instant, f: RumorFeedback) {
         for k in f.known {
-            let key = (Arc::<str>::from(k.origin.as_str()), k.seq);
+            let key = key_of(&k);
             let gone = match self.config.loss {
                 Loss::Counter => {
                     let count = self.infected.get_mut(&key).map(|c| {
@@ -225,7 +230,7 @@ impl Dissemination {
         }
         if self.config.loss == Loss::Counter {
             for k in f.fresh {
-                if let Some(c) = self.infected.get_mut(&(Arc::<str>::from(k.origin.as_str()), k.seq)) {
+                if let Some(c) = self.infected.get_mut(&key_of(&k)) {
                     *c = 0;
                 }
             }

@@ -1,11 +1,12 @@
 //! The update store: the replicated key/value data, and what has been seen.
 //!
-//! Each update has an identity `(origin, seq)` — the member that wrote it and
-//! its local write counter — and a version `(lamport, origin)` that orders
-//! concurrent writes of one key: the last writer wins, ties broken by origin
-//! name, so every member settles on the same value.
+//! Each update has an identity `(origin, epoch, seq)` — the member that wrote
+//! it, that member's boot epoch (each life counts its writes from 1 again)
+//! and its write counter — and a version `(lamport, origin, epoch)` that
+//! orders concurrent writes of one key: the last writer wins, ties broken by
+//! origin, so every member settles on the same value.
 //!
-//! For each origin the store remembers which sequence numbers it has seen
+//! For each origin and life the store remembers which sequence numbers it has seen
 //! (everything up to a contiguous watermark, plus a few beyond). That is the
 //! Scuttlebutt-style digest anti-entropy exchanges, and it is what lets the
 //! rumor state of old updates be forgotten without a late copy ever counting
@@ -31,14 +32,16 @@ pub struct Update {
     pub lamport: u64,
     /// The member that wrote it.
     pub origin: Arc<str>,
-    /// The origin's write counter (from 1).
+    /// The writer's boot epoch.
+    pub epoch: u64,
+    /// The origin's write counter in that epoch (from 1).
     pub seq: u64,
 }
 
 impl Update {
-    /// The order of concurrent writes: `(lamport, origin)`.
-    pub fn version(&self) -> (u64, &str) {
-        (self.lamport, &self.origin)
+    /// The order of concurrent writes: `(lamport, origin, epoch)`.
+    pub fn version(&self) -> (u64, &str, u64) {
+        (self.lamport, &self.origin, self.epoch)
     }
 
     pub(crate) fn to_wire(&self) -> proto::Update {
@@ -49,6 +52,7 @@ impl Update {
             lamport: self.lamport,
             origin: self.origin.to_string(),
             seq: self.seq,
+            epoch: self.epoch,
         }
     }
 
@@ -64,6 +68,7 @@ impl Update {
             value: (!u.deleted).then_some(u.value),
             lamport: u.lamport,
             origin: u.origin.into(),
+            epoch: u.epoch,
             seq: u.seq,
         })
     }
@@ -138,8 +143,9 @@ pub struct Store {
     entries: BTreeMap<String, Entry>,
     /// Held updates by identity, for digests: the cost of a difference
     /// follows the difference, not the store.
-    by_id: BTreeMap<(Arc<str>, u64), String>,
-    seen: BTreeMap<Arc<str>, Seen>,
+    by_id: BTreeMap<(Arc<str>, u64, u64), String>,
+    /// Seen sequence numbers, per origin and epoch.
+    seen: BTreeMap<Arc<str>, BTreeMap<u64, Seen>>,
     tombstones: usize,
 }
 
@@ -174,33 +180,47 @@ impl Store {
         self.entries.is_empty()
     }
 
-    pub(crate) fn seen(&self, origin: &str, seq: u64) -> bool {
-        self.seen.get(origin).is_some_and(|s| s.contains(seq))
+    pub(crate) fn seen(&self, origin: &str, epoch: u64, seq: u64) -> bool {
+        self.seen
+            .get(origin)
+            .and_then(|lives| lives.get(&epoch))
+            .is_some_and(|s| s.contains(seq))
     }
 
-    pub(crate) fn mark_seen(&mut self, origin: &Arc<str>, seq: u64) {
-        match self.seen.get_mut(origin) {
-            Some(s) => s.insert(seq),
-            None => {
-                let mut s = Seen::default();
-                s.insert(seq);
-                self.seen.insert(origin.clone(), s);
-            }
-        }
+    fn seen_mut(&mut self, origin: &str, epoch: u64) -> &mut Seen {
+        let key: Arc<str> = match self.seen.get_key_value(origin) {
+            Some((k, _)) => k.clone(),
+            None => origin.into(),
+        };
+        self.seen.entry(key).or_default().entry(epoch).or_default()
+    }
+
+    pub(crate) fn mark_seen(&mut self, origin: &str, epoch: u64, seq: u64) {
+        self.seen_mut(origin, epoch).insert(seq);
     }
 
     /// A held update by identity.
-    pub(crate) fn by_id(&self, origin: &Arc<str>, seq: u64) -> Option<&Update> {
-        let key = self.by_id.get(&(origin.clone(), seq))?;
+    pub(crate) fn by_id(&self, origin: &Arc<str>, epoch: u64, seq: u64) -> Option<&Update> {
+        let key = self.by_id.get(&(origin.clone(), epoch, seq))?;
         self.entries.get(key).map(|e| &e.update)
+    }
+
+    /// Every (origin, epoch) with what was seen of it.
+    fn lives(&self) -> impl Iterator<Item = (&Arc<str>, u64, &Seen)> {
+        self.seen
+            .iter()
+            .flat_map(|(o, lives)| lives.iter().map(move |(e, s)| (o, *e, s)))
     }
 
     /// Whether this store has seen something a peer with these summaries
     /// has not (held or overwritten).
     pub(crate) fn knows_more_than(&self, peer: &[proto::OriginSummary]) -> bool {
-        let peer: BTreeMap<&str, &proto::OriginSummary> = peer.iter().map(|s| (s.origin.as_str(), s)).collect();
-        self.seen.iter().any(|(origin, mine)| {
-            let Some(theirs) = peer.get(&**origin) else { return true };
+        let peer: BTreeMap<(&str, u64), &proto::OriginSummary> =
+            peer.iter().map(|s| ((s.origin.as_str(), s.epoch), s)).collect();
+        self.lives().any(|(origin, epoch, mine)| {
+            let Some(theirs) = peer.get(&(&**origin, epoch)) else {
+                return true;
+            };
             let theirs = Seen::from_summary(theirs);
             mine.beyond.iter().any(|q| !theirs.contains(*q))
                 || (theirs.contiguous < mine.contiguous
@@ -212,12 +232,12 @@ impl Store {
     /// Stores `u` if it is newer than what the store holds for its key, and
     /// marks it seen either way. Returns whether it was stored.
     pub(crate) fn apply(&mut self, u: Update, now: Stamp) -> bool {
-        self.mark_seen(&u.origin, u.seq);
+        self.mark_seen(&u.origin, u.epoch, u.seq);
         if let Some(cur) = self.entries.get(&u.key) {
             if cur.update.version() >= u.version() {
                 return false;
             }
-            let old = (cur.update.origin.clone(), cur.update.seq);
+            let old = (cur.update.origin.clone(), cur.update.epoch, cur.update.seq);
             if cur.update.value.is_none() {
                 self.tombstones -= 1;
             }
@@ -226,7 +246,7 @@ impl Store {
         if u.value.is_none() {
             self.tombstones += 1;
         }
-        self.by_id.insert((u.origin.clone(), u.seq), u.key.clone());
+        self.by_id.insert((u.origin.clone(), u.epoch, u.seq), u.key.clone());
         self.entries.insert(u.key.clone(), Entry { update: u, stored: now });
         true
     }
@@ -241,12 +261,12 @@ impl Store {
         }
     }
 
-    /// What this store has seen, per origin.
+    /// What this store has seen, per origin and epoch.
     pub(crate) fn summaries(&self) -> Vec<proto::OriginSummary> {
-        self.seen
-            .iter()
-            .map(|(o, s)| proto::OriginSummary {
+        self.lives()
+            .map(|(o, epoch, s)| proto::OriginSummary {
                 origin: o.to_string(),
+                epoch,
                 contiguous: s.contiguous,
                 beyond: s.beyond.iter().copied().collect(),
             })
@@ -257,33 +277,27 @@ impl Store {
     /// delta, once everything the peer held that we lacked has arrived.
     pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary]) {
         for s in summaries.iter().take(MAX_ORIGINS) {
-            if s.origin.is_empty() {
-                continue;
-            }
-            match self.seen.get_mut(s.origin.as_str()) {
-                Some(seen) => seen.merge(s),
-                None => {
-                    self.seen.insert(s.origin.as_str().into(), Seen::from_summary(s));
-                }
+            if !s.origin.is_empty() {
+                self.seen_mut(&s.origin, s.epoch).merge(s);
             }
         }
     }
 
     /// The held updates a peer with these summaries has not seen.
     pub(crate) fn missing_for(&self, peer: &[proto::OriginSummary]) -> Vec<&Update> {
-        let peer: BTreeMap<&str, Seen> = peer
+        let peer: BTreeMap<(&str, u64), Seen> = peer
             .iter()
-            .map(|s| (s.origin.as_str(), Seen::from_summary(s)))
+            .map(|s| ((s.origin.as_str(), s.epoch), Seen::from_summary(s)))
             .collect();
         let mut out = Vec::new();
-        for origin in self.seen.keys() {
-            let seen = peer.get(&**origin);
+        for (origin, epoch, _) in self.lives() {
+            let seen = peer.get(&(&**origin, epoch));
             let from = seen.map_or(0, |s| s.contiguous);
             let range = (
-                Bound::Excluded((origin.clone(), from)),
-                Bound::Included((origin.clone(), u64::MAX)),
+                Bound::Excluded((origin.clone(), epoch, from)),
+                Bound::Included((origin.clone(), epoch, u64::MAX)),
             );
-            for ((_, seq), key) in self.by_id.range(range) {
+            for ((_, _, seq), key) in self.by_id.range(range) {
                 if seen.is_some_and(|s| s.contains(*seq)) {
                     continue;
                 }
@@ -306,7 +320,7 @@ impl Store {
         for k in expired {
             if let Some(e) = self.entries.remove(&k) {
                 self.tombstones -= 1;
-                self.by_id.remove(&(e.update.origin, e.update.seq));
+                self.by_id.remove(&(e.update.origin, e.update.epoch, e.update.seq));
             }
         }
     }
@@ -317,11 +331,16 @@ mod tests {
     use super::*;
 
     fn up(key: &str, v: &str, lamport: u64, origin: &str, seq: u64) -> Update {
+        up_in(key, v, lamport, origin, 1, seq)
+    }
+
+    fn up_in(key: &str, v: &str, lamport: u64, origin: &str, epoch: u64, seq: u64) -> Update {
         Update {
             key: key.into(),
             value: Some(v.as_bytes().to_vec()),
             lamport,
             origin: origin.into(),
+            epoch,
             seq,
         }
     }
@@ -337,7 +356,7 @@ mod tests {
         );
         assert!(!s.apply(up("k", "a again", 5, "a", 1), 0));
         assert_eq!(s.value("k"), Some(&b"b"[..]));
-        assert!(s.seen("z", 1), "a losing write is still seen");
+        assert!(s.seen("z", 1, 1), "a losing write is still seen");
     }
 
     #[test]
@@ -382,7 +401,7 @@ mod tests {
             b.apply(u, 0);
         }
         b.merge_seen(&a.summaries());
-        assert!(b.seen("a", 1) && b.seen("a", 2));
+        assert!(b.seen("a", 1, 1) && b.seen("a", 1, 2));
         assert!(a.missing_for(&b.summaries()).is_empty());
     }
 
@@ -391,23 +410,42 @@ mod tests {
         let mut s = Store::default();
         let evil = proto::OriginSummary {
             origin: "x".into(),
+            epoch: 1,
             contiguous: u64::MAX,
             beyond: vec![u64::MAX, 5],
         };
         s.merge_seen(&[evil]);
         let edge = proto::OriginSummary {
             origin: "y".into(),
+            epoch: 1,
             contiguous: u64::MAX - 1,
             beyond: vec![u64::MAX],
         };
         s.merge_seen(&[edge]);
-        assert!(!s.seen("x", 6), "an impossible watermark is ignored");
-        assert!(s.seen("x", 5));
+        assert!(!s.seen("x", 1, 6), "an impossible watermark is ignored");
+        assert!(s.seen("x", 1, 5));
         let mut wire = up("k", "v", u64::MAX, "x", 7).to_wire();
         assert!(Update::from_wire(wire.clone()).is_none(), "lamport u64::MAX is refused");
         wire.lamport = 3;
         wire.seq = u64::MAX;
         assert!(Update::from_wire(wire).is_none(), "seq u64::MAX is refused");
+    }
+
+    #[test]
+    fn each_life_of_an_origin_counts_its_writes_anew() {
+        let mut s = Store::default();
+        s.apply(up_in("k", "old", 1, "a", 1, 1), 0);
+        // Restarted: seq 1 again, in epoch 2. It is news, and newer.
+        assert!(!s.seen("a", 2, 1));
+        assert!(
+            s.apply(up_in("k", "new", 1, "a", 2, 1), 0),
+            "same lamport: the later life wins the tie"
+        );
+        assert_eq!(s.value("k"), Some(&b"new"[..]));
+        let mut peer = Store::default();
+        peer.apply(up_in("k", "old", 1, "a", 1, 1), 0);
+        let missing: Vec<u64> = s.missing_for(&peer.summaries()).iter().map(|u| u.epoch).collect();
+        assert_eq!(missing, vec![2]);
     }
 
     #[test]
@@ -425,6 +463,6 @@ mod tests {
         assert!(s.get("k").is_some());
         s.forget_tombstones(200, 100);
         assert!(s.get("k").is_none());
-        assert!(s.seen("a", 1), "a late copy of the old put is not news");
+        assert!(s.seen("a", 1, 1), "a late copy of the old put is not news");
     }
 }

@@ -33,8 +33,8 @@ impl Pair {
     fn new(ca: DisseminationConfig, cb: DisseminationConfig) -> Pair {
         let now = Instant::now();
         Pair {
-            a: Dissemination::new(ca, "a", A, 1300, 1, now),
-            b: Dissemination::new(cb, "b", B, 1300, 2, now),
+            a: Dissemination::new(ca, "a", 1, A, 1300, 1, now),
+            b: Dissemination::new(cb, "b", 1, B, 1300, 2, now),
             now,
         }
     }
@@ -89,13 +89,13 @@ fn a_push_infects_the_receiver_which_answers_with_feedback() {
     let c = config(Removal::Feedback, Loss::Counter, 2);
     let mut p = Pair::new(c.clone(), c);
     let u = p.a.put(p.now, "k", b"v".to_vec());
-    assert_eq!(p.b.rumor_state("a", u.seq), RumorState::Susceptible);
+    assert_eq!(p.b.rumor_state(&u), RumorState::Susceptible);
     assert_eq!(p.round(), ["rumor", "feedback"]);
-    assert_eq!(p.b.rumor_state("a", u.seq), RumorState::Infected);
+    assert_eq!(p.b.rumor_state(&u), RumorState::Infected);
     assert_eq!(p.b.store().value("k"), Some(&b"v"[..]));
     assert_eq!(p.b.poll_event().map(|e| e.update.key), Some("k".to_string()));
     assert_eq!(
-        p.a.rumor_state("a", u.seq),
+        p.a.rumor_state(&u),
         RumorState::Infected,
         "a necessary contact keeps it spreading"
     );
@@ -109,13 +109,13 @@ fn feedback_counter_removes_after_k_unnecessary_contacts() {
     p.round(); // necessary
     for i in 1..=3 {
         assert_eq!(
-            p.a.rumor_state("a", u.seq),
+            p.a.rumor_state(&u),
             RumorState::Infected,
             "before unnecessary contact {i}"
         );
         p.round();
     }
-    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Removed);
+    assert_eq!(p.a.rumor_state(&u), RumorState::Removed);
     assert_eq!(p.round(), Vec::<&str>::new(), "a removed update is not pushed");
 }
 
@@ -125,9 +125,9 @@ fn feedback_coin_with_k_1_removes_at_the_first_unnecessary_contact() {
     let mut p = Pair::new(c.clone(), c);
     let u = p.a.put(p.now, "k", b"v".to_vec());
     p.round();
-    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Infected);
+    assert_eq!(p.a.rumor_state(&u), RumorState::Infected);
     p.round();
-    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Removed);
+    assert_eq!(p.a.rumor_state(&u), RumorState::Removed);
 }
 
 #[test]
@@ -168,9 +168,9 @@ fn blind_counter_removes_after_k_pushes_without_feedback() {
     let mut p = Pair::new(c.clone(), c);
     let u = p.a.put(p.now, "k", b"v".to_vec());
     assert_eq!(p.round(), ["rumor"], "blind asks for no feedback");
-    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Infected);
+    assert_eq!(p.a.rumor_state(&u), RumorState::Infected);
     p.round();
-    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Removed);
+    assert_eq!(p.a.rumor_state(&u), RumorState::Removed);
 }
 
 #[test]
@@ -179,7 +179,7 @@ fn blind_coin_with_k_1_removes_after_one_push() {
     let mut p = Pair::new(c.clone(), c);
     let u = p.a.put(p.now, "k", b"v".to_vec());
     p.round();
-    assert_eq!(p.a.rumor_state("a", u.seq), RumorState::Removed);
+    assert_eq!(p.a.rumor_state(&u), RumorState::Removed);
 }
 
 #[test]
@@ -206,7 +206,7 @@ fn forgotten_removed_updates_never_come_back_as_news() {
     };
     p.b.handle(now, A, Body::Rumor(late));
     assert!(p.b.poll_event().is_none(), "not news");
-    assert_eq!(p.b.rumor_state("a", u.seq), RumorState::Removed, "not re-infected");
+    assert_eq!(p.b.rumor_state(&u), RumorState::Removed, "not re-infected");
     let answer = p.b.poll_message().expect("feedback");
     assert!(matches!(answer.envelope.body, Some(Body::RumorFeedback(f)) if f.known.len() == 1 && f.fresh.is_empty()));
 }
@@ -219,7 +219,7 @@ fn a_handler_that_ignores_sends_no_feedback_and_stores_nothing() {
     let u = p.a.put(p.now, "k", b"v".to_vec());
     assert_eq!(p.round(), ["rumor"], "no feedback");
     assert!(p.b.store().is_empty());
-    assert_eq!(p.b.rumor_state("a", u.seq), RumorState::Susceptible);
+    assert_eq!(p.b.rumor_state(&u), RumorState::Susceptible);
 }
 
 #[test]
@@ -244,6 +244,7 @@ fn a_handler_can_accept_a_subset_or_replace_the_store() {
             value: Some(vec![]),
             lamport: 9,
             origin: "b".into(),
+            epoch: 1,
             seq: 99,
         }])
     });
@@ -397,4 +398,27 @@ fn updates_and_deletes_reach_every_member_with_each_mode() {
         }
     }
     let _ = addr(0);
+}
+
+#[test]
+fn a_restarted_member_writes_anew_and_everyone_takes_its_writes() {
+    let mut net = Net::new(4, Config::new_lan());
+    net.run_for(Duration::from_secs(3));
+    let now = net.now;
+    net.node(1).put(now, "k1", b"one".to_vec()).expect("active");
+    net.node(1).put(now, "k2", b"old".to_vec()).expect("active");
+    net.run_for(Duration::from_secs(15));
+    assert_eq!(net.node(3).store().value("k2"), Some(&b"old"[..]));
+    // n1 restarts (epoch 2): its write counter starts at 1 again.
+    net.kill(1);
+    net.restart(1, 2, addr(1));
+    net.run_for(Duration::from_secs(15));
+    let now = net.now;
+    net.node(1).put(now, "k3", b"three".to_vec()).expect("active");
+    net.node(1).put(now, "k2", b"new".to_vec()).expect("active");
+    net.run_for(Duration::from_secs(30));
+    for i in [0, 2, 3] {
+        assert_eq!(net.node(i).store().value("k3"), Some(&b"three"[..]), "n{i}");
+        assert_eq!(net.node(i).store().value("k2"), Some(&b"new"[..]), "n{i}");
+    }
 }

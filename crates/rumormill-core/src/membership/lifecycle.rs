@@ -72,6 +72,9 @@ impl Overlay {
             return;
         }
         let Some(i) = self.members.position(name) else {
+            if !self.has_room() {
+                return;
+            }
             let name: Arc<str> = name.into();
             let since = self.stamp(now);
             let member = Member {
@@ -291,6 +294,15 @@ impl Overlay {
         });
     }
 
+    /// Whether the member table may grow; counts a refusal.
+    pub(crate) fn has_room(&mut self) -> bool {
+        let room = self.members.len() < self.config.max_members;
+        if !room {
+            self.stats.table_full += 1;
+        }
+        room
+    }
+
     /// Live members including the local one.
     pub(crate) fn cluster_size(&self) -> usize {
         self.members.live() + 1
@@ -375,6 +387,20 @@ mod tests {
             assert_eq!(net.state_at(i, 1), Some(MemberState::Left));
         }
         assert!(net.changes(1, MemberChange::Failed).is_empty());
+    }
+
+    #[test]
+    fn the_last_member_can_leave() {
+        let mut net = Net::new(2, lan());
+        net.run_for(Duration::from_secs(3));
+        let now = net.now;
+        net.node(1).leave(now);
+        net.run_for(Duration::from_secs(5));
+        let now = net.now;
+        net.node(0).leave(now);
+        net.run_for(Duration::from_secs(5));
+        assert!(net.node(0).is_closed(), "alone, the leave completes at once");
+        assert_eq!(net.node(0).poll_timeout(), None);
     }
 
     #[test]

@@ -46,6 +46,12 @@ impl Piggyback {
         self.queue.is_empty()
     }
 
+    /// Forgets everything queued.
+    pub(crate) fn clear(&mut self) {
+        self.queue.clear();
+        self.by_member.clear();
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.queue.len()
@@ -55,6 +61,8 @@ impl Piggyback {
     /// dropping those sent `limit` times.
     pub(crate) fn fill(&mut self, packet: &mut PacketBuilder, limit: u32) {
         let mut taken = Vec::new();
+        let empty = packet.is_empty();
+        let mut unsendable = Vec::new();
         for (prio, e) in &self.queue {
             if packet.remaining() < 4 {
                 break;
@@ -63,6 +71,14 @@ impl Piggyback {
                 taken.push(*prio);
                 // Cannot fail: it fits.
                 let _ = packet.push(e.envelope.clone());
+            } else if empty && packet.is_empty() {
+                // Bigger than a whole datagram: it could never be sent.
+                unsendable.push(*prio);
+            }
+        }
+        for prio in unsendable {
+            if let Some(e) = self.queue.remove(&prio) {
+                self.by_member.remove(&e.member);
             }
         }
         for prio in taken {
@@ -100,6 +116,27 @@ mod tests {
             assert_eq!(b.len(), 1, "round {round}");
         }
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn news_bigger_than_a_datagram_is_dropped_not_kept_forever() {
+        let mut q = Piggyback::default();
+        q.push("a".into(), env(1));
+        let big = Envelope {
+            body: Some(Body::Alive(rumormill_wire::proto::Alive {
+                name: "x".repeat(2000),
+                ..Default::default()
+            })),
+        };
+        q.push("x".into(), big);
+        let mut b = PacketBuilder::new(1300);
+        q.fill(&mut b, 10);
+        assert_eq!(b.len(), 1);
+        assert_eq!(
+            q.len(),
+            1,
+            "the oversized entry is gone, the small one stays for more sends"
+        );
     }
 
     #[test]

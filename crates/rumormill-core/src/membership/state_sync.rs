@@ -125,10 +125,11 @@ impl Overlay {
                     } else {
                         MemberState::Failed
                     };
-                    match self.members.get(name) {
+                    let known = self.members.get(name).map(|m| m.state.is_live());
+                    match known {
                         // Unknown here: keep the tombstone, quietly, so that
                         // nobody's stale view can resurrect the member.
-                        None if name != &*self.me.name => {
+                        None if self.has_room() => {
                             let since = self.stamp(now);
                             self.members.insert(Member {
                                 name: name.into(),
@@ -139,9 +140,7 @@ impl Overlay {
                                 since,
                             });
                         }
-                        Some(m) if m.state.is_live() && state == MemberState::Failed => {
-                            self.merge_suspicion(now, name, inc, epoch, from)
-                        }
+                        Some(true) if state == MemberState::Failed => self.merge_suspicion(now, name, inc, epoch, from),
                         _ => self.apply_dead(
                             now,
                             name,
@@ -265,6 +264,16 @@ mod tests {
         net.run_for(Duration::from_secs(30));
         assert!(net.all_alive());
         assert!(!net.changes(2, MemberChange::Alive).is_empty());
+    }
+
+    #[test]
+    fn the_member_table_does_not_grow_past_its_bound() {
+        let mut c = Config::new_lan();
+        c.max_members = 3;
+        let mut net = Net::new(6, c);
+        net.run_for(Duration::from_secs(5));
+        assert_eq!(net.node(0).members().count(), 3);
+        assert!(net.node(0).stats().table_full > 0);
     }
 
     #[test]
