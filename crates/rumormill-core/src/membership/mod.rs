@@ -203,15 +203,6 @@ impl Members {
         self.list.iter()
     }
 
-    /// Points the index entry of the member at position `i` to `i`.
-    fn reindex(&mut self, i: usize, old: usize) {
-        let list = &self.list;
-        let name = &list[i].name;
-        if let Ok(mut e) = self.index.find_entry(name_hash(name), |&k| k as usize == old) {
-            *e.get_mut() = i as u32;
-        }
-    }
-
     pub(crate) fn insert(&mut self, m: Member) -> usize {
         if let Some(i) = self.position(&m.name) {
             self.update(i, |slot| *slot = m);
@@ -240,13 +231,34 @@ impl Members {
         j
     }
 
+    /// Swaps two positions. The index entries are taken out first and put
+    /// back after: positions in the index are a permutation, so each lookup
+    /// by position is unambiguous at every step.
     fn swap(&mut self, i: usize, j: usize) {
         if i == j {
             return;
         }
+        self.unindex(i);
+        self.unindex(j);
         self.list.swap(i, j);
-        self.reindex(i, j);
-        self.reindex(j, i);
+        self.index_at(i);
+        self.index_at(j);
+    }
+
+    fn unindex(&mut self, i: usize) {
+        if let Ok(e) = self
+            .index
+            .find_entry(name_hash(&self.list[i].name), |&k| k as usize == i)
+        {
+            e.remove();
+        }
+    }
+
+    fn index_at(&mut self, i: usize) {
+        let list = &self.list;
+        self.index.insert_unique(name_hash(&list[i].name), i as u32, |&k| {
+            name_hash(&list[k as usize].name)
+        });
     }
 
     /// Changes a member, keeping the live count right.
@@ -264,16 +276,9 @@ impl Members {
 
     pub(crate) fn remove(&mut self, i: usize) -> Member {
         let last = self.list.len() - 1;
-        if let Ok(e) = self
-            .index
-            .find_entry(name_hash(&self.list[i].name), |&k| k as usize == i)
-        {
-            e.remove();
-        }
-        let m = self.list.swap_remove(i);
-        if i != last {
-            self.reindex(i, last);
-        }
+        self.swap(i, last);
+        self.unindex(last);
+        let m = self.list.swap_remove(last);
         self.digest = self.digest.wrapping_sub(m.digest());
         if m.state.is_live() {
             self.live -= 1;
@@ -319,5 +324,44 @@ impl Members {
             out.push(rest.swap_remove(j));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn member(name: String) -> Member {
+        Member {
+            name: name.into(),
+            epoch: 1,
+            since: 0,
+            incarnation: 0,
+            addr: CompactAddr::from(SocketAddr::from(([127, 0, 0, 1], 1))),
+            state: MemberState::Alive,
+        }
+    }
+
+    #[test]
+    fn the_name_index_stays_exact_through_inserts_swaps_removals_and_shuffles() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut m = Members::default();
+        for round in 0..20_000u32 {
+            match rng.random_range(0..10) {
+                0..=5 => {
+                    m.insert_randomly(member(format!("n{}", rng.random_range(0..64))), &mut rng);
+                }
+                6..=8 if m.len() > 0 => {
+                    m.remove(rng.random_range(0..m.len()));
+                }
+                _ => m.shuffle(&mut rng),
+            }
+            for p in 0..m.len() {
+                assert_eq!(m.position(&m.at(p).name), Some(p), "round {round}");
+            }
+            assert_eq!(m.index.len(), m.len());
+            assert_eq!(m.live(), m.len());
+        }
     }
 }
