@@ -267,7 +267,7 @@ fn one_run(p: &BroadcastParams, seed: u64) -> RunOutcome {
     sim.run_until(start);
     let writer = ChaCha8Rng::seed_from_u64(seed ^ 0x1417e).random_range(0..p.nodes);
     let now = base + Duration::from_nanos(start);
-    if let Some(n) = sim.overlay_mut(writer) {
+    if let Some(n) = sim.node_mut(writer) {
         n.dissemination().put(now, "update", vec![0x5a; 100]);
     }
     sim.flush(writer);
@@ -281,7 +281,7 @@ fn one_run(p: &BroadcastParams, seed: u64) -> RunOutcome {
         .map(|(t, _, _)| (t - start) as f64 / 1e9)
         .collect();
     let copies = (0..p.nodes)
-        .filter_map(|i| sim.overlay_mut(i).map(|n| n.dissemination().stats().updates_sent))
+        .filter_map(|i| sim.node_mut(i).map(|n| n.dissemination().stats().updates_sent))
         .sum();
     RunOutcome {
         latencies,

@@ -91,7 +91,7 @@ impl SimNode for Overlay {
 }
 
 struct Slot<N> {
-    overlay: Option<N>,
+    node: Option<N>,
     addr: SocketAddr,
     epoch: u64,
     /// The wake-up currently scheduled for this node, if any.
@@ -158,7 +158,7 @@ impl Simulation<Overlay> {
             let addr = member_addr(i, 1);
             sim.by_addr.insert(addr, i);
             sim.slots.push(Slot {
-                overlay: None,
+                node: None,
                 addr,
                 epoch: 1,
                 timer: None,
@@ -174,7 +174,7 @@ impl Simulation<Overlay> {
         let id = Identity::new(member_name(i), slot.addr, slot.epoch);
         let seed = self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ slot.epoch.rotate_left(32);
         let o = Overlay::new(config, id, Security::Plaintext, seed, self.instant());
-        self.slots[i].overlay = Some(o);
+        self.slots[i].node = Some(o);
         self.slots[i].timer = None;
         self.reschedule(i);
     }
@@ -184,11 +184,11 @@ impl Simulation<Overlay> {
     /// through a seed is its own experiment).
     pub fn bootstrap(&mut self) {
         let all: Vec<MemberInfo> = (0..self.slots.len())
-            .filter_map(|i| self.slots[i].overlay.as_ref().map(Overlay::local))
+            .filter_map(|i| self.slots[i].node.as_ref().map(Overlay::local))
             .collect();
         let now = self.instant();
         for i in 0..self.slots.len() {
-            if let Some(o) = self.slots[i].overlay.as_mut() {
+            if let Some(o) = self.slots[i].node.as_mut() {
                 o.restore(now, all.iter().cloned());
                 o.set_seeds(vec![member_addr(0, 1)]);
             }
@@ -200,7 +200,7 @@ impl Simulation<Overlay> {
     pub fn join(&mut self, i: usize, via: usize) {
         let now = self.instant();
         let seed = self.slots[via].addr;
-        if let Some(o) = self.slots[i].overlay.as_mut() {
+        if let Some(o) = self.slots[i].node.as_mut() {
             // A running overlay in the simulator has not left: join cannot fail.
             let _ = o.join(now, &[seed]);
         }
@@ -229,7 +229,7 @@ impl Simulation<Overlay> {
     /// live counts equal to the number of running members mean equal views
     /// made of exactly the running members (up to a 64-bit hash collision).
     pub fn views_agree(&self) -> bool {
-        let running: Vec<&Overlay> = self.slots.iter().filter_map(|s| s.overlay.as_ref()).collect();
+        let running: Vec<&Overlay> = self.slots.iter().filter_map(|s| s.node.as_ref()).collect();
         let Some(first) = running.first() else { return true };
         let digest = first.view_digest();
         running
@@ -264,7 +264,7 @@ impl<N: SimNode> Simulation<N> {
         for (i, (addr, node)) in nodes.into_iter().enumerate() {
             sim.by_addr.insert(addr, i);
             sim.slots.push(Slot {
-                overlay: Some(node),
+                node: Some(node),
                 addr,
                 epoch: 1,
                 timer: None,
@@ -295,24 +295,24 @@ impl<N: SimNode> Simulation<N> {
 
     /// Crashes member `i`: it stops at once, silently.
     pub fn kill(&mut self, i: usize) {
-        self.slots[i].overlay = None;
+        self.slots[i].node = None;
         self.slots[i].timer = None;
     }
 
     /// Whether member `i` is running.
     pub fn is_running(&self, i: usize) -> bool {
-        self.slots[i].overlay.is_some()
+        self.slots[i].node.is_some()
     }
 
     /// Member `i`'s core, if running.
-    pub fn overlay(&self, i: usize) -> Option<&N> {
-        self.slots[i].overlay.as_ref()
+    pub fn node(&self, i: usize) -> Option<&N> {
+        self.slots[i].node.as_ref()
     }
 
     /// Member `i`'s core, mutably (to call its API), if running. Call
     /// [`Simulation::flush`] afterwards so what it wants to send is sent.
-    pub fn overlay_mut(&mut self, i: usize) -> Option<&mut N> {
-        self.slots[i].overlay.as_mut()
+    pub fn node_mut(&mut self, i: usize) -> Option<&mut N> {
+        self.slots[i].node.as_mut()
     }
 
     /// Events seen so far, with time and observer, in order.
@@ -340,7 +340,7 @@ impl<N: SimNode> Simulation<N> {
     }
 
     fn reschedule(&mut self, i: usize) {
-        let Some(o) = self.slots[i].overlay.as_ref() else {
+        let Some(o) = self.slots[i].node.as_ref() else {
             return;
         };
         let Some(t) = o.poll_timeout() else {
@@ -357,7 +357,7 @@ impl<N: SimNode> Simulation<N> {
     /// Sends what member `i` queued, collects its events, reschedules it.
     pub fn flush(&mut self, i: usize) {
         let from = self.slots[i].addr;
-        let Some(o) = self.slots[i].overlay.as_mut() else {
+        let Some(o) = self.slots[i].node.as_mut() else {
             return;
         };
         let mut out = Vec::new();
@@ -413,7 +413,7 @@ impl<N: SimNode> Simulation<N> {
                     }
                     self.slots[node].timer = None;
                     let now = self.instant();
-                    if let Some(o) = self.slots[node].overlay.as_mut() {
+                    if let Some(o) = self.slots[node].node.as_mut() {
                         o.handle_timeout(now);
                         self.flush(node);
                     }
@@ -425,7 +425,7 @@ impl<N: SimNode> Simulation<N> {
                         continue;
                     }
                     let now = self.instant();
-                    if let Some(o) = self.slots[to].overlay.as_mut() {
+                    if let Some(o) = self.slots[to].node.as_mut() {
                         o.handle(now, from, kind, &bytes);
                         self.flush(to);
                     }

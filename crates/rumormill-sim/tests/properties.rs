@@ -75,7 +75,7 @@ fn a_50_50_partition_heals_to_one_view_after_it_ends() {
     sim.network.partition((0..n as u32).map(|i| i % 2).collect());
     sim.run_until(secs(95.0));
     // Each side has given up on the other.
-    let o = sim.overlay(0).expect("running");
+    let o = sim.node(0).expect("running");
     assert_eq!(o.member(&member_name(1)).map(|m| m.state), Some(MemberState::Failed));
     assert_eq!(o.live_count(), n / 2);
     sim.network.heal();
@@ -89,7 +89,7 @@ fn a_50_50_partition_heals_to_one_view_after_it_ends() {
         );
         sim.run_until(t);
     }
-    assert_eq!(sim.overlay(1).expect("running").live_count(), n);
+    assert_eq!(sim.node(1).expect("running").live_count(), n);
 }
 
 #[test]
@@ -102,7 +102,7 @@ fn a_crashed_member_restarted_elsewhere_takes_over_its_name() {
     sim.restart(7, true, 0);
     sim.run_until(secs(50.0));
     assert!(sim.views_agree());
-    let seen = sim.overlay(3).and_then(|o| o.member(&member_name(7))).expect("known");
+    let seen = sim.node(3).and_then(|o| o.member(&member_name(7))).expect("known");
     assert_eq!((seen.state, seen.epoch), (MemberState::Alive, 2));
     let came_back = sim.events().iter().any(|(_, _, e)| {
         matches!(e, Event::Member { change: MemberChange::Alive, member } if *member.name == *member_name(7))
