@@ -1,2 +1,5 @@
 //! One module per subcommand.
+pub mod agent;
+pub mod client;
+pub mod demo;
 pub mod sim;

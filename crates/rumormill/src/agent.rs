@@ -1,0 +1,939 @@
+//! The agent: the overlays of one host, started from the configuration and
+//! the data directory, changed at runtime, kept across restarts.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use rumormill::agent::Agent;
+//! use rumormill::config::{AgentConfig, OverlaySpec};
+//!
+//! let mut config = AgentConfig::default();
+//! let mut spec = OverlaySpec::named("web");
+//! spec.bind = "127.0.0.1:0".into();
+//! spec.plaintext = true;
+//! config.overlays.push(spec);
+//! let agent = Agent::start(rumormill::transport::TokioNet, config).await?;
+//! agent.put("web", "greeting", b"hello".to_vec()).await?;
+//! agent.shutdown(true).await;
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use base64::Engine;
+use rumormill_core::{CoreError, Identity, KeyId, MemberInfo, MemberState, Overlay, Security};
+use rumormill_wire::Keyring;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+use crate::config::{self, AgentConfig, ConfigError, OverlaySpec, Seed};
+use crate::driver::{Driver, DriverOptions, OverlayHandle, Stopped};
+use crate::persist::{Db, OverlayRecord, PersistError};
+use crate::transport::Net;
+
+/// Keys under this prefix are the agent's own per-member data (racks);
+/// clients cannot write them.
+pub const RESERVED_PREFIX: &str = "_rumormill/";
+/// How often the peers seen alive are saved for the next start.
+const PEERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What an agent operation can fail with; the HTTP API maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No overlay of that name.
+    #[error("no overlay named {0:?}")]
+    UnknownOverlay(String),
+    /// An overlay of that name exists.
+    #[error("an overlay named {0:?} already exists")]
+    OverlayExists(String),
+    /// No value under that key.
+    #[error("no value under key {0:?}")]
+    UnknownKey(String),
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request conflicts with the overlay's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The overlay's sockets could not be bound.
+    #[error("overlay {overlay:?}: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The overlay.
+        overlay: String,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The data directory failed.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+}
+
+/// One row of a member list.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct MemberRow {
+    /// Name.
+    pub name: String,
+    /// Gossip address.
+    #[schema(value_type = String)]
+    pub addr: SocketAddr,
+    /// `alive`, `suspect`, `failed` or `left`.
+    pub state: String,
+    /// Incarnation within the boot epoch.
+    pub incarnation: u32,
+    /// Boot epoch.
+    pub epoch: u64,
+    /// Rack, when the member announced one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    /// Whether this is the local member.
+    pub local: bool,
+}
+
+/// A stored value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct UpdateRow {
+    /// Key.
+    pub key: String,
+    /// The value as text, when it is UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The value, base64.
+    pub value_base64: String,
+    /// The member that wrote it.
+    pub origin: String,
+    /// Lamport time of the write.
+    pub lamport: u64,
+}
+
+/// A key of an overlay's keyring (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct KeyRow {
+    /// Key id (hex), as in packet headers.
+    pub id: String,
+    /// Cipher suite.
+    pub suite: String,
+    /// Whether outgoing packets use it.
+    pub primary: bool,
+}
+
+/// Summary of one overlay.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct OverlaySummary {
+    /// Name.
+    pub name: String,
+    /// The local member's name.
+    pub member: String,
+    /// The address the member announces.
+    #[schema(value_type = String)]
+    pub addr: SocketAddr,
+    /// Boot epoch of this start.
+    pub epoch: u64,
+    /// Whether packets are encrypted.
+    pub encrypted: bool,
+    /// `running` or `left`.
+    pub status: String,
+    /// Members alive or suspect, including the local one.
+    pub live_members: usize,
+    /// Settings, keys masked.
+    pub spec: OverlaySpec,
+    /// Protocol and transport counters.
+    pub stats: OverlayStats,
+}
+
+/// Counters of one overlay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct OverlayStats {
+    /// Datagrams sent.
+    pub datagrams_sent: u64,
+    /// Datagrams received.
+    pub datagrams_received: u64,
+    /// Stream frames sent.
+    pub frames_sent: u64,
+    /// Stream frames received.
+    pub frames_received: u64,
+    /// Packets dropped by the wire layer (foreign key, replay, garbage).
+    pub rejected: u64,
+    /// Why the last one was dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_rejection: Option<String>,
+    /// Messages that decoded but made no sense.
+    pub malformed: u64,
+    /// Suspicions of the local member it refuted.
+    pub refutations: u64,
+    /// Datagrams the socket refused to send.
+    pub send_errors: u64,
+    /// Stream connections that failed.
+    pub stream_errors: u64,
+    /// Values stored.
+    pub values: usize,
+}
+
+struct Running {
+    record: OverlayRecord,
+    handle: OverlayHandle,
+    left: bool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    fn stop_tasks(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// The agent.
+pub struct Agent<N: Net> {
+    net: N,
+    db: Db,
+    host: String,
+    overlays: Mutex<BTreeMap<String, Running>>,
+    me: Weak<Agent<N>>,
+}
+
+impl<N: Net> std::fmt::Debug for Agent<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<N: Net> Agent<N> {
+    /// Opens the data directory and starts the overlays: those kept from
+    /// earlier runs and those of `config` (whose settings win; a kept
+    /// keyring wins over the file's keys, so rotations survive restarts).
+    /// With none at all, starts one named `default` with a new key.
+    pub async fn start(net: N, config: AgentConfig) -> Result<Arc<Agent<N>>, AgentError> {
+        config.validate()?;
+        let db = Db::open(&config.data_dir)?;
+        let mut records: BTreeMap<String, OverlayRecord> =
+            db.overlays()?.into_iter().map(|r| (r.spec.name.clone(), r)).collect();
+        let host = host_name();
+        for spec in &config.overlays {
+            let member = spec.member.clone().unwrap_or_else(|| host.clone());
+            match records.get_mut(&spec.name) {
+                Some(rec) => {
+                    rec.spec = OverlaySpec {
+                        keys: Vec::new(),
+                        ..spec.clone()
+                    };
+                    rec.member = member;
+                    if rec.keys.is_empty() && !spec.keys.is_empty() {
+                        rec.keys = spec.keys.clone();
+                    }
+                }
+                None => {
+                    records.insert(spec.name.clone(), OverlayRecord::new(spec.clone(), member));
+                }
+            }
+        }
+        if records.is_empty() {
+            let mut spec = OverlaySpec::named("default");
+            spec.keys = vec![config::generate_key()];
+            tracing::info!("no overlay configured: starting `default` with a new key (see `rumormill keys export`)");
+            records.insert(spec.name.clone(), OverlayRecord::new(spec, host.clone()));
+        }
+        let agent = Arc::new_cyclic(|me| Agent {
+            net,
+            db,
+            host,
+            overlays: Mutex::new(BTreeMap::new()),
+            me: me.clone(),
+        });
+        for (_, rec) in records {
+            let mut overlays = agent.overlays.lock().await;
+            let running = agent.launch(rec).await?;
+            overlays.insert(running.record.spec.name.clone(), running);
+        }
+        Ok(agent)
+    }
+
+    /// Starts an overlay from its record: next boot epoch (saved first),
+    /// sockets, seeds, discovery, rack.
+    async fn launch(&self, mut rec: OverlayRecord) -> Result<Running, AgentError> {
+        let spec = rec.spec.clone();
+        let name = spec.name.clone();
+        let config = spec.core_config()?;
+        let security = security(&rec)?;
+        let bind = spec.bind_addr()?;
+        let advertise = match &spec.advertise {
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|_| AgentError::BadRequest(format!("bad advertise {a:?}")))?,
+            ),
+            None => None,
+        };
+        rec.epoch += 1;
+        self.db.put_overlay(&rec)?;
+        let identity_name = rec.member.clone();
+        let epoch = rec.epoch;
+        let overlay_id = rumormill_wire::overlay_id(&name);
+        let mut options = DriverOptions::new(bind);
+        options.advertise = advertise;
+        options.max_frame = config.max_stream_frame;
+        options.label = name.clone();
+        let seed = rand::random::<u64>();
+        let handle = Driver::start(self.net.clone(), options, move |addr| {
+            let now = tokio::time::Instant::now().into_std();
+            let identity = Identity::new(identity_name, addr, epoch);
+            Overlay::with_overlay_id(config, identity, security, seed, now, overlay_id)
+        })
+        .await
+        .map_err(|source| AgentError::Bind {
+            overlay: name.clone(),
+            addr: bind,
+            source,
+        })?;
+        tracing::info!(overlay = %name, member = %rec.member, addr = %handle.addr(), epoch, "overlay started");
+        if let Some(rack) = spec.rack.clone() {
+            let key = rack_key(&rec.member);
+            let _ = handle.call(move |o, now| o.put(now, &key, rack.into_bytes())).await;
+        }
+        let mut running = Running {
+            record: rec,
+            handle,
+            left: false,
+            tasks: Vec::new(),
+        };
+        self.start_tasks(&mut running).await;
+        Ok(running)
+    }
+
+    /// Seeds (joined at once, DNS ones re-resolved), saved peers, multicast
+    /// discovery.
+    async fn start_tasks(&self, running: &mut Running) {
+        let spec = &running.record.spec;
+        let handle = running.handle.clone();
+        let statics: Vec<SocketAddr> = spec
+            .seeds
+            .iter()
+            .filter_map(|s| match config::parse_seed(s) {
+                Ok(Seed::Addr(a)) => Some(a),
+                _ => None,
+            })
+            .collect();
+        let dns: Vec<(String, u16)> = spec
+            .seeds
+            .iter()
+            .filter_map(|s| match config::parse_seed(s) {
+                Ok(Seed::Dns(h, p)) => Some((h, p)),
+                _ => None,
+            })
+            .collect();
+        let mut first: Vec<SocketAddr> = statics.clone();
+        first.extend(running.record.peers.iter().copied());
+        first.retain(|a| *a != handle.addr());
+        let net = self.net.clone();
+        let refresh = spec.dns_refresh;
+        running.tasks.push(tokio::spawn(seed_loop(
+            net,
+            handle.clone(),
+            statics,
+            dns,
+            first,
+            refresh,
+        )));
+        if let Some(m) = spec.multicast.clone() {
+            let name = spec.name.clone();
+            running
+                .tasks
+                .push(tokio::spawn(crate::discovery::multicast(name, m, handle.clone())));
+        }
+        let me = self.me.clone();
+        let name = spec.name.clone();
+        running.tasks.push(tokio::spawn(async move {
+            let mut saved: Vec<SocketAddr> = Vec::new();
+            loop {
+                tokio::time::sleep(PEERS_SAVE_INTERVAL).await;
+                let Ok(mut peers) = handle
+                    .call(|o, _| {
+                        let me = o.local_addr();
+                        o.members()
+                            .filter(|m| m.state.is_live() && m.addr != me)
+                            .map(|m| m.addr)
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                else {
+                    return;
+                };
+                peers.sort();
+                // Keep the last known peers when everyone seems gone: they
+                // are the way back after a restart.
+                if peers != saved && !peers.is_empty() {
+                    let Some(agent) = me.upgrade() else { return };
+                    agent.save_peers(&name, peers.clone()).await;
+                    saved = peers;
+                }
+            }
+        }));
+    }
+
+    async fn save_peers(&self, name: &str, peers: Vec<SocketAddr>) {
+        let mut overlays = self.overlays.lock().await;
+        if let Some(r) = overlays.get_mut(name) {
+            r.record.peers = peers;
+            if let Err(e) = self.db.put_overlay(&r.record) {
+                tracing::warn!(overlay = %name, error = %e, "peers not saved");
+            }
+        }
+    }
+
+    /// Names of the overlays.
+    pub async fn overlay_names(&self) -> Vec<String> {
+        self.overlays.lock().await.keys().cloned().collect()
+    }
+
+    /// A running overlay's handle.
+    pub async fn handle(&self, name: &str) -> Result<OverlayHandle, AgentError> {
+        let overlays = self.overlays.lock().await;
+        let r = overlays
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        if r.left {
+            return Err(AgentError::Conflict(format!(
+                "the member has left overlay {name:?}; join again to come back"
+            )));
+        }
+        Ok(r.handle.clone())
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Overlay, std::time::Instant) -> T + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let handle = self.handle(name).await?;
+        handle
+            .call(f)
+            .await
+            .map_err(|Stopped| AgentError::Conflict(format!("overlay {name:?} is stopped")))
+    }
+
+    /// Summary of one overlay.
+    pub async fn overlay(&self, name: &str) -> Result<OverlaySummary, AgentError> {
+        let (rec, handle, left) = {
+            let overlays = self.overlays.lock().await;
+            let r = overlays
+                .get(name)
+                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+            (r.record.clone(), r.handle.clone(), r.left)
+        };
+        let t = handle.transport_stats();
+        let mut stats = OverlayStats {
+            send_errors: t.send_errors.load(std::sync::atomic::Ordering::Relaxed),
+            stream_errors: t.stream_errors.load(std::sync::atomic::Ordering::Relaxed),
+            ..OverlayStats::default()
+        };
+        let live = if left {
+            0
+        } else {
+            let (live, s, values) = handle
+                .call(|o, _| (o.live_count(), o.stats().clone(), o.store().len()))
+                .await
+                .unwrap_or_default();
+            stats.datagrams_sent = s.datagrams_sent;
+            stats.datagrams_received = s.datagrams_received;
+            stats.frames_sent = s.frames_sent;
+            stats.frames_received = s.frames_received;
+            stats.rejected = s.rejected;
+            stats.last_rejection = s.last_rejection.map(|e| e.to_string());
+            stats.malformed = s.malformed;
+            stats.refutations = s.refutations;
+            stats.values = values;
+            live
+        };
+        let mut spec = rec.spec.clone();
+        spec.keys = rec.keys.clone();
+        Ok(OverlaySummary {
+            name: name.to_owned(),
+            member: rec.member,
+            addr: handle.addr(),
+            epoch: rec.epoch,
+            encrypted: !rec.keys.is_empty(),
+            status: if left { "left" } else { "running" }.into(),
+            live_members: live,
+            spec: spec.masked(),
+            stats,
+        })
+    }
+
+    /// Creates and starts an overlay.
+    pub async fn create_overlay(&self, spec: OverlaySpec) -> Result<OverlaySummary, AgentError> {
+        spec.validate()?;
+        let name = spec.name.clone();
+        {
+            let mut overlays = self.overlays.lock().await;
+            if overlays.contains_key(&name) {
+                return Err(AgentError::OverlayExists(name));
+            }
+            let member = spec.member.clone().unwrap_or_else(|| self.host.clone());
+            let running = self.launch(OverlayRecord::new(spec, member)).await?;
+            overlays.insert(name.clone(), running);
+        }
+        self.overlay(&name).await
+    }
+
+    /// Replaces an overlay's settings and restarts it (a new boot epoch; the
+    /// keyring is kept, the spec's `keys` must be empty).
+    pub async fn update_overlay(&self, name: &str, spec: OverlaySpec) -> Result<OverlaySummary, AgentError> {
+        if spec.name != name {
+            return Err(AgentError::BadRequest(format!(
+                "the body names overlay {:?}, the path {name:?}; overlays cannot be renamed",
+                spec.name
+            )));
+        }
+        if !spec.keys.is_empty() {
+            return Err(AgentError::BadRequest(
+                "keys cannot be changed by an update: use the keys endpoints".into(),
+            ));
+        }
+        {
+            let mut overlays = self.overlays.lock().await;
+            let r = overlays
+                .get_mut(name)
+                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+            let mut check = spec.clone();
+            check.keys = r.record.keys.clone();
+            check.plaintext = r.record.keys.is_empty();
+            if spec.plaintext != check.plaintext {
+                return Err(AgentError::BadRequest(
+                    "plaintext cannot be changed on a running overlay: delete and create it".into(),
+                ));
+            }
+            check.validate()?;
+            r.stop_tasks();
+            r.handle.shutdown(false).await;
+            let mut rec = r.record.clone();
+            rec.spec = spec;
+            let running = self.launch(rec).await?;
+            overlays.insert(name.to_owned(), running);
+        }
+        self.overlay(name).await
+    }
+
+    /// Leaves gracefully, stops and forgets an overlay.
+    pub async fn delete_overlay(&self, name: &str) -> Result<(), AgentError> {
+        let mut overlays = self.overlays.lock().await;
+        let mut r = overlays
+            .remove(name)
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        r.stop_tasks();
+        r.handle.shutdown(!r.left).await;
+        self.db.delete_overlay(name)?;
+        tracing::info!(overlay = %name, "overlay deleted");
+        Ok(())
+    }
+
+    /// The member list, local member first then by name.
+    pub async fn members(&self, name: &str) -> Result<Vec<MemberRow>, AgentError> {
+        let rows = self
+            .call(name, |o, _| {
+                let local = o.local();
+                let mut all: Vec<MemberInfo> = o.members().filter(|m| m.name != local.name).collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                all.insert(0, local.clone());
+                all.into_iter()
+                    .map(|m| {
+                        let rack = o
+                            .store()
+                            .value(&rack_key(&m.name))
+                            .map(|v| String::from_utf8_lossy(v).into_owned());
+                        MemberRow {
+                            local: m.name == local.name,
+                            name: m.name.to_string(),
+                            addr: m.addr,
+                            state: state_name(m.state).into(),
+                            incarnation: m.incarnation,
+                            epoch: m.epoch,
+                            rack,
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        Ok(rows)
+    }
+
+    /// Joins members at `addrs`. After a leave, restarts the overlay first.
+    pub async fn join(&self, name: &str, addrs: Vec<SocketAddr>) -> Result<(), AgentError> {
+        if addrs.is_empty() {
+            return Err(AgentError::BadRequest("give at least one address to join".into()));
+        }
+        {
+            let mut overlays = self.overlays.lock().await;
+            let r = overlays
+                .get_mut(name)
+                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+            if r.left {
+                let running = self.launch(r.record.clone()).await?;
+                *r = running;
+            }
+        }
+        self.call(name, move |o, now| o.join(now, &addrs))
+            .await?
+            .map_err(core_error)
+    }
+
+    /// Leaves an overlay gracefully; it stays configured and rejoins on
+    /// `join` or at the next start.
+    pub async fn leave(&self, name: &str) -> Result<(), AgentError> {
+        let mut overlays = self.overlays.lock().await;
+        let r = overlays
+            .get_mut(name)
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        if r.left {
+            return Err(AgentError::Conflict(format!("already left overlay {name:?}")));
+        }
+        r.stop_tasks();
+        r.handle.shutdown(true).await;
+        r.left = true;
+        tracing::info!(overlay = %name, "left");
+        Ok(())
+    }
+
+    /// Writes a value.
+    pub async fn put(&self, name: &str, key: &str, value: Vec<u8>) -> Result<UpdateRow, AgentError> {
+        check_user_key(key)?;
+        let key = key.to_owned();
+        let update = self
+            .call(name, move |o, now| o.put(now, &key, value))
+            .await?
+            .map_err(core_error)?;
+        Ok(update_row(&update).unwrap_or_else(|| UpdateRow {
+            key: update.key.clone(),
+            value: None,
+            value_base64: String::new(),
+            origin: update.origin.to_string(),
+            lamport: update.lamport,
+        }))
+    }
+
+    /// Reads a value.
+    pub async fn get(&self, name: &str, key: &str) -> Result<UpdateRow, AgentError> {
+        let k = key.to_owned();
+        self.call(name, move |o, _| o.store().get(&k).and_then(update_row))
+            .await?
+            .ok_or_else(|| AgentError::UnknownKey(key.to_owned()))
+    }
+
+    /// Deletes a value.
+    pub async fn delete(&self, name: &str, key: &str) -> Result<(), AgentError> {
+        check_user_key(key)?;
+        let k = key.to_owned();
+        let existed = self.call(name, move |o, _| o.store().value(&k).is_some()).await?;
+        if !existed {
+            return Err(AgentError::UnknownKey(key.to_owned()));
+        }
+        let k = key.to_owned();
+        self.call(name, move |o, now| o.delete(now, &k))
+            .await?
+            .map_err(core_error)?;
+        Ok(())
+    }
+
+    /// Every value (not deleted), by key; the agent's own keys left out.
+    pub async fn list(&self, name: &str, prefix: Option<String>) -> Result<Vec<UpdateRow>, AgentError> {
+        let mut rows = self
+            .call(name, move |o, _| {
+                o.store()
+                    .iter()
+                    .filter(|u| !u.key.starts_with(RESERVED_PREFIX))
+                    .filter(|u| prefix.as_deref().is_none_or(|p| u.key.starts_with(p)))
+                    .filter_map(update_row)
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(rows)
+    }
+
+    /// The keyring (ids and suites only).
+    pub async fn keys(&self, name: &str) -> Result<Vec<KeyRow>, AgentError> {
+        let keys = self.call(name, |o, _| o.keys()).await?.ok_or_else(|| plaintext(name))?;
+        Ok(keys
+            .into_iter()
+            .map(|k| KeyRow {
+                id: key_hex(k.id),
+                suite: k.suite.to_owned(),
+                primary: k.primary,
+            })
+            .collect())
+    }
+
+    /// The keyring's secrets, primary first (for other agents to join).
+    pub async fn export_keys(&self, name: &str) -> Result<Vec<String>, AgentError> {
+        let overlays = self.overlays.lock().await;
+        let r = overlays
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        if r.record.keys.is_empty() {
+            return Err(plaintext(name));
+        }
+        Ok(r.record.keys.clone())
+    }
+
+    /// Installs a key (packets sealed with it are accepted from now on).
+    pub async fn install_key(&self, name: &str, key: &str) -> Result<KeyRow, AgentError> {
+        let bytes = config::decode_key(key).map_err(AgentError::BadRequest)?;
+        let mut overlays = self.overlays.lock().await;
+        let r = running_mut(&mut overlays, name)?;
+        if r.record.keys.is_empty() {
+            return Err(plaintext(name));
+        }
+        let (id, keys) = r
+            .handle
+            .call(move |o, _| o.install_key(&bytes).map(|id| (id, o.keys().unwrap_or_default())))
+            .await
+            .map_err(|_| stopped(name))?
+            .map_err(core_error)?;
+        let key = key.trim().to_owned();
+        if !r.record.keys.contains(&key) {
+            r.record.keys.push(key);
+        }
+        self.db.put_overlay(&r.record)?;
+        tracing::info!(overlay = %name, key = %key_hex(id), "key installed");
+        let info = keys.into_iter().find(|k| k.id == id);
+        Ok(KeyRow {
+            id: key_hex(id),
+            suite: info.as_ref().map_or("", |k| k.suite).to_owned(),
+            primary: info.is_some_and(|k| k.primary),
+        })
+    }
+
+    /// Makes an installed key primary.
+    pub async fn use_key(&self, name: &str, id: &str) -> Result<(), AgentError> {
+        let id = parse_key_id(id)?;
+        let mut overlays = self.overlays.lock().await;
+        let r = running_mut(&mut overlays, name)?;
+        let pos = find_key(&r.record.keys, id).ok_or_else(|| unknown_key(id))?;
+        r.handle
+            .call(move |o, _| o.use_key(id))
+            .await
+            .map_err(|_| stopped(name))?
+            .map_err(core_error)?;
+        let key = r.record.keys.remove(pos);
+        r.record.keys.insert(0, key);
+        self.db.put_overlay(&r.record)?;
+        tracing::info!(overlay = %name, key = %key_hex(id), "primary key changed");
+        Ok(())
+    }
+
+    /// Removes a key that is not primary.
+    pub async fn remove_key(&self, name: &str, id: &str) -> Result<(), AgentError> {
+        let id = parse_key_id(id)?;
+        let mut overlays = self.overlays.lock().await;
+        let r = running_mut(&mut overlays, name)?;
+        let pos = find_key(&r.record.keys, id).ok_or_else(|| unknown_key(id))?;
+        if pos == 0 {
+            return Err(AgentError::Conflict(format!(
+                "key {} is the primary key: make another one primary first",
+                key_hex(id)
+            )));
+        }
+        r.handle
+            .call(move |o, _| o.remove_key(id))
+            .await
+            .map_err(|_| stopped(name))?
+            .map_err(core_error)?;
+        r.record.keys.remove(pos);
+        self.db.put_overlay(&r.record)?;
+        tracing::info!(overlay = %name, key = %key_hex(id), "key removed");
+        Ok(())
+    }
+
+    /// Stops every overlay (with `leave`, leaving gracefully first, all at
+    /// once).
+    pub async fn shutdown(&self, leave: bool) {
+        let mut overlays = self.overlays.lock().await;
+        let mut stops = Vec::new();
+        for r in overlays.values_mut() {
+            r.stop_tasks();
+            let handle = r.handle.clone();
+            let leave = leave && !r.left;
+            stops.push(tokio::spawn(async move { handle.shutdown(leave).await }));
+        }
+        for s in stops {
+            let _ = s.await;
+        }
+        overlays.clear();
+    }
+}
+
+fn running_mut<'a>(overlays: &'a mut BTreeMap<String, Running>, name: &str) -> Result<&'a mut Running, AgentError> {
+    let r = overlays
+        .get_mut(name)
+        .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+    if r.left {
+        return Err(stopped(name));
+    }
+    Ok(r)
+}
+
+fn stopped(name: &str) -> AgentError {
+    AgentError::Conflict(format!("overlay {name:?} is not running (the member left)"))
+}
+
+fn plaintext(name: &str) -> AgentError {
+    AgentError::Conflict(format!("overlay {name:?} is plaintext: it has no keyring"))
+}
+
+fn unknown_key(id: KeyId) -> AgentError {
+    AgentError::BadRequest(format!("no key with id {} is installed", key_hex(id)))
+}
+
+fn core_error(e: CoreError) -> AgentError {
+    match e {
+        CoreError::Left => AgentError::Conflict("the member has left the overlay".into()),
+        other => AgentError::BadRequest(other.to_string()),
+    }
+}
+
+fn find_key(keys: &[String], id: KeyId) -> Option<usize> {
+    keys.iter()
+        .position(|k| config::decode_key(k).is_ok_and(|b| rumormill_wire::key_id(&b) == id))
+}
+
+/// Key ids are shown as 8 hex digits.
+pub fn key_hex(id: KeyId) -> String {
+    format!("{id:08x}")
+}
+
+fn parse_key_id(s: &str) -> Result<KeyId, AgentError> {
+    KeyId::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| AgentError::BadRequest(format!("{s:?} is not a key id (8 hex digits, see `keys list`)")))
+}
+
+fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {
+    let name = &rec.spec.name;
+    let Some((primary, rest)) = rec.keys.split_first() else {
+        return if rec.spec.plaintext {
+            Ok(Security::Plaintext)
+        } else {
+            Err(AgentError::Config(ConfigError::Invalid {
+                overlay: name.clone(),
+                message: "no key: give one (`rumormill keygen` makes one) or set plaintext = true".into(),
+            }))
+        };
+    };
+    let invalid = |m: String| {
+        AgentError::Config(ConfigError::Invalid {
+            overlay: name.clone(),
+            message: m,
+        })
+    };
+    let mut ring = Keyring::new(&config::decode_key(primary).map_err(invalid)?).map_err(|e| invalid(e.to_string()))?;
+    for k in rest {
+        ring.install(&config::decode_key(k).map_err(invalid)?)
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    Ok(Security::Encrypted(ring))
+}
+
+fn check_user_key(key: &str) -> Result<(), AgentError> {
+    if key.is_empty() || key.len() > 1024 {
+        return Err(AgentError::BadRequest("a key must have 1 to 1024 bytes".into()));
+    }
+    if key.starts_with(RESERVED_PREFIX) {
+        return Err(AgentError::BadRequest(format!(
+            "keys starting with {RESERVED_PREFIX:?} are reserved"
+        )));
+    }
+    Ok(())
+}
+
+fn rack_key(member: &str) -> String {
+    format!("{RESERVED_PREFIX}rack/{member}")
+}
+
+fn update_row(u: &rumormill_core::broadcast::Update) -> Option<UpdateRow> {
+    let value = u.value.as_ref()?;
+    Some(UpdateRow {
+        key: u.key.clone(),
+        value: std::str::from_utf8(value).ok().map(str::to_owned),
+        value_base64: base64::engine::general_purpose::STANDARD.encode(value),
+        origin: u.origin.to_string(),
+        lamport: u.lamport,
+    })
+}
+
+/// A member state's name in the API.
+pub fn state_name(s: MemberState) -> &'static str {
+    match s {
+        MemberState::Alive => "alive",
+        MemberState::Suspect => "suspect",
+        MemberState::Failed => "failed",
+        MemberState::Left => "left",
+    }
+}
+
+/// The host name (the default member name).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "rumormill".to_owned())
+}
+
+/// Joins the seeds and saved peers at start, then keeps the overlay's seed
+/// list (those plus DNS names resolved every `refresh`) up to date; the core
+/// re-contacts seeds whenever none of them is seen alive.
+async fn seed_loop<N: Net>(
+    net: N,
+    handle: OverlayHandle,
+    statics: Vec<SocketAddr>,
+    dns: Vec<(String, u16)>,
+    first: Vec<SocketAddr>,
+    refresh: Duration,
+) {
+    let mut joined = !first.is_empty();
+    let known: BTreeSet<SocketAddr> = first.iter().chain(&statics).copied().collect();
+    if joined {
+        let _ = handle.call(move |o, now| o.join(now, &first)).await;
+    }
+    let mut last: BTreeSet<SocketAddr> = BTreeSet::new();
+    loop {
+        let mut all = known.clone();
+        for (host, port) in &dns {
+            match net.resolve(host, *port).await {
+                Ok(addrs) => all.extend(addrs),
+                Err(e) => tracing::warn!(seed = %host, error = %e, "seed not resolved"),
+            }
+        }
+        all.remove(&handle.addr());
+        if all != last {
+            let seeds: Vec<SocketAddr> = all.iter().copied().collect();
+            let join = !joined && !seeds.is_empty();
+            joined |= join;
+            if handle
+                .call(move |o, now| {
+                    if join {
+                        let _ = o.join(now, &seeds);
+                    } else {
+                        o.set_seeds(seeds);
+                    }
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            last = all;
+        }
+        if dns.is_empty() {
+            return;
+        }
+        tokio::time::sleep(refresh).await;
+    }
+}

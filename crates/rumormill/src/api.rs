@@ -1,0 +1,446 @@
+//! The HTTP control API: JSON over HTTP/1.1, described by the OpenAPI
+//! document at `/v1/openapi.json`.
+//!
+//! Reads are open to whoever reaches the listener (127.0.0.1 by default);
+//! every request that changes state, and the key export, need the admin
+//! token as `Authorization: Bearer <token>`. Errors are
+//! `{"error": "what was wrong"}` with a 4xx status (5xx only when the data
+//! directory fails).
+//!
+//! ```no_run
+//! # async fn f(agent: std::sync::Arc<rumormill::agent::Agent<rumormill::transport::TokioNet>>) -> std::io::Result<()> {
+//! let (addr, server) = rumormill::api::serve(agent, "127.0.0.1:0".parse().unwrap(), "secret".into()).await?;
+//! println!("API on http://{addr}/v1/openapi.json");
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::agent::{Agent, AgentError, KeyRow, MemberRow, OverlayStats, OverlaySummary, UpdateRow};
+use crate::config::OverlaySpec;
+use crate::transport::TokioNet;
+
+type AgentRef = Arc<Agent<TokioNet>>;
+
+#[derive(Clone)]
+struct AppState {
+    agent: AgentRef,
+    token: Arc<str>,
+}
+
+/// An error answer: `{"error": message}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What was wrong.
+    pub error: String,
+}
+
+/// An error with its status.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> ApiError {
+        let status = match &e {
+            AgentError::UnknownOverlay(_) | AgentError::UnknownKey(_) => StatusCode::NOT_FOUND,
+            AgentError::OverlayExists(_) | AgentError::Conflict(_) | AgentError::Bind { .. } => StatusCode::CONFLICT,
+            AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// A JSON body whose rejections are JSON errors too.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => {
+                let status = match e {
+                    JsonRejection::JsonDataError(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Err(ApiError(status, e.body_text()))
+            }
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Body of `join`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JoinRequest {
+    /// Gossip addresses (`ip:port`) of members to contact.
+    #[schema(value_type = Vec<String>, example = json!(["127.0.0.1:7950"]))]
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Body of a value write: `value` (text) or `value_base64` (bytes).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutRequest {
+    /// The value as text.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// The value as base64.
+    #[serde(default)]
+    pub value_base64: Option<String>,
+}
+
+/// Body of a key install.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    /// The key, base64 (`rumormill keygen`).
+    pub key: String,
+}
+
+/// The keyring's secrets.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyExport {
+    /// Base64 keys, primary first.
+    pub keys: Vec<String>,
+}
+
+/// Filter of a value listing.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Only keys starting with this.
+    pub prefix: Option<String>,
+}
+
+/// Agent health.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` when the agent answers.
+    pub status: String,
+    /// The agent's version.
+    pub version: String,
+    /// Its overlays.
+    pub overlays: Vec<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Rumormill agent API", description = "Control one Rumormill agent: overlays, members, values, keys."),
+    paths(
+        health, list_overlays, create_overlay, get_overlay, update_overlay, delete_overlay, members, join, leave,
+        list_updates, get_update, put_update, delete_update, list_keys, install_key, use_key, remove_key, export_keys
+    ),
+    components(schemas(
+        ErrorBody, JoinRequest, PutRequest, KeyRequest, KeyExport, Health, OverlaySummary, OverlayStats, OverlaySpec,
+        MemberRow, UpdateRow, KeyRow, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
+    )),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The API's routes.
+pub fn router(agent: AgentRef, token: String) -> Router {
+    let state = AppState {
+        agent,
+        token: token.into(),
+    };
+    let o = "/v1/overlays/{overlay}";
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(|| async { Json(openapi()) }))
+        .route("/v1/overlays", get(list_overlays).post(create_overlay))
+        .route(o, get(get_overlay).put(update_overlay).delete(delete_overlay))
+        .route(&format!("{o}/members"), get(members))
+        .route(&format!("{o}/join"), post(join))
+        .route(&format!("{o}/leave"), post(leave))
+        .route(&format!("{o}/updates"), get(list_updates))
+        .route(
+            &format!("{o}/updates/{{*key}}"),
+            get(get_update).put(put_update).delete(delete_update),
+        )
+        .route(&format!("{o}/keys"), get(list_keys).post(install_key))
+        .route(&format!("{o}/keys/export"), get(export_keys))
+        .route(&format!("{o}/keys/{{id}}/use"), post(use_key))
+        .route(&format!("{o}/keys/{{id}}"), axum::routing::delete(remove_key))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint (see /v1/openapi.json)".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint (see /v1/openapi.json)".into(),
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// Requests that change state, and the key export, need the admin token.
+async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let needs_token =
+        !matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path().ends_with("/keys/export");
+    if needs_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let message = match given {
+            None => Some(
+                "this request needs the admin token: send `Authorization: Bearer <token>` (the token is in the agent's data directory, file admin-token)",
+            ),
+            Some(t) if !constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()) => Some("wrong admin token"),
+            Some(_) => None,
+        };
+        if let Some(m) = message {
+            return ApiError(StatusCode::UNAUTHORIZED, m.into()).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the API on `bind` until the returned server task is aborted.
+pub async fn serve(
+    agent: AgentRef,
+    bind: SocketAddr,
+    token: String,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let app = router(agent, token);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+    Ok((addr, task))
+}
+
+/// Agent health and version.
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
+async fn health(State(s): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        overlays: s.agent.overlay_names().await,
+    })
+}
+
+/// Every overlay of the agent.
+#[utoipa::path(get, path = "/v1/overlays", responses((status = 200, body = [OverlaySummary])))]
+async fn list_overlays(State(s): State<AppState>) -> ApiResult<Json<Vec<OverlaySummary>>> {
+    let mut out = Vec::new();
+    for name in s.agent.overlay_names().await {
+        match s.agent.overlay(&name).await {
+            Ok(o) => out.push(o),
+            Err(AgentError::UnknownOverlay(_)) => {} // deleted meanwhile
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Json(out))
+}
+
+/// Creates and starts an overlay.
+#[utoipa::path(post, path = "/v1/overlays", request_body = OverlaySpec, security(("admin_token" = [])),
+    responses((status = 201, body = OverlaySummary), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_overlay(State(s): State<AppState>, Body(spec): Body<OverlaySpec>) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(s.agent.create_overlay(spec).await?)))
+}
+
+/// One overlay: status, counters and settings (keys masked).
+#[utoipa::path(get, path = "/v1/overlays/{overlay}", params(("overlay" = String, Path)),
+    responses((status = 200, body = OverlaySummary), (status = 404, body = ErrorBody)))]
+async fn get_overlay(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<OverlaySummary>> {
+    Ok(Json(s.agent.overlay(&overlay).await?))
+}
+
+/// Replaces an overlay's settings and restarts it (keys are kept).
+#[utoipa::path(put, path = "/v1/overlays/{overlay}", params(("overlay" = String, Path)), request_body = OverlaySpec,
+    security(("admin_token" = [])),
+    responses((status = 200, body = OverlaySummary), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn update_overlay(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    Body(spec): Body<OverlaySpec>,
+) -> ApiResult<Json<OverlaySummary>> {
+    Ok(Json(s.agent.update_overlay(&overlay, spec).await?))
+}
+
+/// Leaves gracefully and deletes an overlay.
+#[utoipa::path(delete, path = "/v1/overlays/{overlay}", params(("overlay" = String, Path)),
+    security(("admin_token" = [])), responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_overlay(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<StatusCode> {
+    s.agent.delete_overlay(&overlay).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The members: the local one first, then by name.
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/members", params(("overlay" = String, Path)),
+    responses((status = 200, body = [MemberRow]), (status = 404, body = ErrorBody)))]
+async fn members(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<Vec<MemberRow>>> {
+    Ok(Json(s.agent.members(&overlay).await?))
+}
+
+/// Joins members (after a leave, the overlay restarts first).
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/join", params(("overlay" = String, Path)), request_body = JoinRequest,
+    security(("admin_token" = [])), responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn join(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    Body(req): Body<JoinRequest>,
+) -> ApiResult<StatusCode> {
+    s.agent.join(&overlay, req.addrs).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Leaves the overlay gracefully (it stays configured).
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/leave", params(("overlay" = String, Path)),
+    security(("admin_token" = [])), responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn leave(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<StatusCode> {
+    s.agent.leave(&overlay).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The values, by key.
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/updates", params(("overlay" = String, Path), ListQuery),
+    responses((status = 200, body = [UpdateRow]), (status = 404, body = ErrorBody)))]
+async fn list_updates(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Vec<UpdateRow>>> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(Json(s.agent.list(&overlay, q.prefix).await?))
+}
+
+/// One value.
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/updates/{key}", params(("overlay" = String, Path), ("key" = String, Path)),
+    responses((status = 200, body = UpdateRow), (status = 404, body = ErrorBody)))]
+async fn get_update(
+    State(s): State<AppState>,
+    Path((overlay, key)): Path<(String, String)>,
+) -> ApiResult<Json<UpdateRow>> {
+    Ok(Json(s.agent.get(&overlay, &key).await?))
+}
+
+/// Writes a value; it spreads to every member.
+#[utoipa::path(put, path = "/v1/overlays/{overlay}/updates/{key}", params(("overlay" = String, Path), ("key" = String, Path)),
+    request_body = PutRequest, security(("admin_token" = [])),
+    responses((status = 200, body = UpdateRow), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn put_update(
+    State(s): State<AppState>,
+    Path((overlay, key)): Path<(String, String)>,
+    Body(req): Body<PutRequest>,
+) -> ApiResult<Json<UpdateRow>> {
+    let value = match (req.value, req.value_base64) {
+        (Some(v), None) => v.into_bytes(),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "value_base64 is not valid base64".into()))?,
+        _ => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of `value` (text) and `value_base64`".into(),
+            ));
+        }
+    };
+    Ok(Json(s.agent.put(&overlay, &key, value).await?))
+}
+
+/// Deletes a value; the delete spreads like a write.
+#[utoipa::path(delete, path = "/v1/overlays/{overlay}/updates/{key}", params(("overlay" = String, Path), ("key" = String, Path)),
+    security(("admin_token" = [])), responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_update(
+    State(s): State<AppState>,
+    Path((overlay, key)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.agent.delete(&overlay, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The keyring: ids and suites, never secrets.
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/keys", params(("overlay" = String, Path)),
+    responses((status = 200, body = [KeyRow]), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn list_keys(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<Vec<KeyRow>>> {
+    Ok(Json(s.agent.keys(&overlay).await?))
+}
+
+/// Installs a key: packets sealed with it are accepted from now on.
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys", params(("overlay" = String, Path)), request_body = KeyRequest,
+    security(("admin_token" = [])), responses((status = 201, body = KeyRow), (status = 400, body = ErrorBody)))]
+async fn install_key(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    Body(req): Body<KeyRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((
+        StatusCode::CREATED,
+        Json(s.agent.install_key(&overlay, &req.key).await?),
+    ))
+}
+
+/// Makes an installed key the primary (outgoing packets use it).
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys/{id}/use", params(("overlay" = String, Path), ("id" = String, Path)),
+    security(("admin_token" = [])), responses((status = 204), (status = 400, body = ErrorBody)))]
+async fn use_key(State(s): State<AppState>, Path((overlay, id)): Path<(String, String)>) -> ApiResult<StatusCode> {
+    s.agent.use_key(&overlay, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes a key that is not the primary.
+#[utoipa::path(delete, path = "/v1/overlays/{overlay}/keys/{id}", params(("overlay" = String, Path), ("id" = String, Path)),
+    security(("admin_token" = [])), responses((status = 204), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_key(State(s): State<AppState>, Path((overlay, id)): Path<(String, String)>) -> ApiResult<StatusCode> {
+    s.agent.remove_key(&overlay, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The keyring's secrets, for other agents to join (admin token required).
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/keys/export", params(("overlay" = String, Path)),
+    security(("admin_token" = [])), responses((status = 200, body = KeyExport), (status = 401, body = ErrorBody)))]
+async fn export_keys(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<KeyExport>> {
+    Ok(Json(KeyExport {
+        keys: s.agent.export_keys(&overlay).await?,
+    }))
+}

@@ -1,0 +1,137 @@
+//! A client of the agent's HTTP API, used by the command line.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), rumormill::client::ClientError> {
+//! let client = rumormill::client::Client::new("127.0.0.1:7980".parse().unwrap(), None);
+//! let members = client.get("/v1/overlays/default/members").await?;
+//! println!("{members}");
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// How long a request may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a client call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nobody answers at the address.
+    #[error("no agent answers at {0} (start one with `rumormill agent`, or give --api)")]
+    Unreachable(SocketAddr),
+    /// The agent answered with an error.
+    #[error("{message} (HTTP {status})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The agent's message.
+        message: String,
+    },
+    /// The request timed out or the answer was not understood.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// An API client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: SocketAddr,
+    token: Option<String>,
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+}
+
+impl Client {
+    /// A client of the agent at `api`, sending `token` when given.
+    pub fn new(api: SocketAddr, token: Option<String>) -> Client {
+        Client {
+            base: api,
+            token,
+            http: HttpClient::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.request("GET", path, None).await
+    }
+
+    /// Sends a request and returns the JSON answer (`null` for no content).
+    pub async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.base, path))
+            .header("content-type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = req
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| ClientError::Other(format!("bad request: {e}")))?;
+        let send = async {
+            let resp = self.http.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    ClientError::Unreachable(self.base)
+                } else {
+                    ClientError::Other(format!("request to {} failed: {e}", self.base))
+                }
+            })?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Other(format!("reading the answer failed: {e}")))?
+                .to_bytes();
+            Ok::<_, ClientError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(TIMEOUT, send)
+            .await
+            .map_err(|_| ClientError::Other(format!("the agent at {} did not answer in {TIMEOUT:?}", self.base)))??;
+        let value: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).map_err(|_| {
+                ClientError::Other(format!(
+                    "the answer from {} is not JSON (HTTP {status}); is this a Rumormill agent?",
+                    self.base
+                ))
+            })?
+        };
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let message = value
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("the agent refused the request")
+                .to_owned();
+            Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            })
+        }
+    }
+}
+
+/// Percent-encodes a path segment (keys may hold any character; `/` is
+/// kept, the API takes the rest of the path as the key).
+pub fn encode_path(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

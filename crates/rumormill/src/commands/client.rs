@@ -1,0 +1,356 @@
+//! Commands that talk to a running agent through its HTTP API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use rumormill::client::{Client, encode_path};
+use serde_json::{Value, json};
+
+use super::agent::{ADDRESS_FILE, TOKEN_FILE};
+
+/// How client commands find the agent.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// Agent API address [env: RUMORMILL_API; default: from the data
+    /// directory, else 127.0.0.1:7980].
+    #[arg(long, global = true, env = "RUMORMILL_API", value_name = "ADDR")]
+    pub api: Option<SocketAddr>,
+    /// Admin token [env: RUMORMILL_TOKEN; default: from the data directory].
+    #[arg(long, global = true, env = "RUMORMILL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Overlay to act on.
+    #[arg(long, short, global = true, env = "RUMORMILL_OVERLAY", default_value = "default")]
+    pub overlay: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Key rotation: install everywhere, use everywhere, then remove the old key.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Installs a key (accepted from now on).
+    Install {
+        /// Base64 key.
+        key: String,
+    },
+    /// Makes an installed key primary (used for sending).
+    Use {
+        /// Key id (from `keys list`).
+        id: String,
+    },
+    /// Removes a key that is not primary.
+    Remove {
+        /// Key id.
+        id: String,
+    },
+    /// Lists key ids.
+    List,
+    /// Prints the secret keys (for other agents to join).
+    Export,
+}
+
+/// Overlays of the agent.
+#[derive(Debug, Subcommand)]
+pub enum OverlaysCommand {
+    /// Lists overlays.
+    List,
+    /// Shows one overlay's settings and counters.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Creates and starts an overlay.
+    Create {
+        /// Name.
+        name: String,
+        /// Gossip address (UDP and TCP).
+        #[arg(long, default_value = "0.0.0.0:7950")]
+        bind: String,
+        /// Member name [default: the host name].
+        #[arg(long)]
+        member: Option<String>,
+        /// Rack.
+        #[arg(long)]
+        rack: Option<String>,
+        /// Seeds; repeatable.
+        #[arg(long = "seed")]
+        seeds: Vec<String>,
+        /// Key, base64 [default: a new one].
+        #[arg(long)]
+        key: Option<String>,
+        /// Unencrypted.
+        #[arg(long, conflicts_with = "key")]
+        plaintext: bool,
+        /// Timing preset: lan, wan or local.
+        #[arg(long, default_value = "lan")]
+        profile: String,
+    },
+    /// Leaves gracefully and deletes an overlay.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+/// A client command.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Lists the members of the overlay.
+    Members,
+    /// Joins members at these gossip addresses.
+    Join {
+        /// ip:port addresses.
+        #[arg(required = true)]
+        addrs: Vec<SocketAddr>,
+    },
+    /// Leaves the overlay gracefully.
+    Leave,
+    /// Writes a value (spreads to every member).
+    Put {
+        /// Key.
+        key: String,
+        /// Value (text); `-` reads standard input.
+        value: String,
+    },
+    /// Reads a value.
+    Get {
+        /// Key.
+        key: String,
+    },
+    /// Deletes a value.
+    Delete {
+        /// Key.
+        key: String,
+    },
+    /// Lists values.
+    List {
+        /// Only keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Manages the keyring.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manages overlays.
+    #[command(subcommand)]
+    Overlays(OverlaysCommand),
+}
+
+fn client(target: &Target, data_dir: &std::path::Path) -> Client {
+    let api = target.api.unwrap_or_else(|| {
+        std::fs::read_to_string(data_dir.join(ADDRESS_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v.get("api")?.as_str()?.parse().ok())
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], rumormill::config::DEFAULT_API_PORT)))
+    });
+    let token = target.token.clone().or_else(|| {
+        std::fs::read_to_string(data_dir.join(TOKEN_FILE))
+            .ok()
+            .map(|t| t.trim().to_owned())
+    });
+    Client::new(api, token)
+}
+
+/// Runs a client command.
+pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let c = client(&target, &data_dir);
+        let o = format!("/v1/overlays/{}", encode_path(&target.overlay));
+        let e = |e: rumormill::client::ClientError| e.to_string();
+        let out = match cmd {
+            ClientCommand::Members => {
+                let v = c.get(&format!("{o}/members")).await.map_err(e)?;
+                Output::Table(v, &["name", "addr", "state", "incarnation", "epoch", "rack"])
+            }
+            ClientCommand::Join { addrs } => {
+                c.request("POST", &format!("{o}/join"), Some(json!({ "addrs": addrs })))
+                    .await
+                    .map_err(e)?;
+                Output::Done(format!("joining {} address(es)", addrs.len()))
+            }
+            ClientCommand::Leave => {
+                c.request("POST", &format!("{o}/leave"), None).await.map_err(e)?;
+                Output::Done(format!("left overlay {}", target.overlay))
+            }
+            ClientCommand::Put { key, value } => {
+                let value = if value == "-" {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                        .map_err(|e| format!("cannot read standard input: {e}"))?;
+                    s
+                } else {
+                    value
+                };
+                let path = format!("{o}/updates/{}", encode_path(&key));
+                let v = c
+                    .request("PUT", &path, Some(json!({ "value": value })))
+                    .await
+                    .map_err(e)?;
+                Output::Row(v, &["key", "value", "origin", "lamport"])
+            }
+            ClientCommand::Get { key } => {
+                let v = c.get(&format!("{o}/updates/{}", encode_path(&key))).await.map_err(e)?;
+                Output::Value(v)
+            }
+            ClientCommand::Delete { key } => {
+                c.request("DELETE", &format!("{o}/updates/{}", encode_path(&key)), None)
+                    .await
+                    .map_err(e)?;
+                Output::Done(format!("deleted {key}"))
+            }
+            ClientCommand::List { prefix } => {
+                let q = prefix
+                    .map(|p| format!("?prefix={}", encode_path(&p)))
+                    .unwrap_or_default();
+                let v = c.get(&format!("{o}/updates{q}")).await.map_err(e)?;
+                Output::Table(v, &["key", "value", "origin", "lamport"])
+            }
+            ClientCommand::Keys(k) => match k {
+                KeysCommand::List => Output::Table(
+                    c.get(&format!("{o}/keys")).await.map_err(e)?,
+                    &["id", "suite", "primary"],
+                ),
+                KeysCommand::Install { key } => {
+                    let v = c
+                        .request("POST", &format!("{o}/keys"), Some(json!({ "key": key })))
+                        .await
+                        .map_err(e)?;
+                    Output::Row(v, &["id", "suite", "primary"])
+                }
+                KeysCommand::Use { id } => {
+                    c.request("POST", &format!("{o}/keys/{}/use", encode_path(&id)), None)
+                        .await
+                        .map_err(e)?;
+                    Output::Done(format!("key {id} is primary"))
+                }
+                KeysCommand::Remove { id } => {
+                    c.request("DELETE", &format!("{o}/keys/{}", encode_path(&id)), None)
+                        .await
+                        .map_err(e)?;
+                    Output::Done(format!("key {id} removed"))
+                }
+                KeysCommand::Export => {
+                    let v = c.get(&format!("{o}/keys/export")).await.map_err(e)?;
+                    Output::Lines(v["keys"].clone())
+                }
+            },
+            ClientCommand::Overlays(cmd) => match cmd {
+                OverlaysCommand::List => Output::Table(
+                    c.get("/v1/overlays").await.map_err(e)?,
+                    &["name", "member", "addr", "status", "live_members", "encrypted"],
+                ),
+                OverlaysCommand::Show { name } => Output::Value(
+                    c.get(&format!("/v1/overlays/{}", encode_path(&name)))
+                        .await
+                        .map_err(e)?,
+                ),
+                OverlaysCommand::Create {
+                    name,
+                    bind,
+                    member,
+                    rack,
+                    seeds,
+                    key,
+                    plaintext,
+                    profile,
+                } => {
+                    let keys = if plaintext {
+                        vec![]
+                    } else {
+                        vec![key.unwrap_or_else(rumormill::config::generate_key)]
+                    };
+                    let mut spec = json!({
+                        "name": name, "bind": bind, "seeds": seeds, "keys": keys,
+                        "plaintext": plaintext, "profile": profile,
+                    });
+                    if let Some(m) = member {
+                        spec["member"] = json!(m);
+                    }
+                    if let Some(r) = rack {
+                        spec["rack"] = json!(r);
+                    }
+                    let v = c.request("POST", "/v1/overlays", Some(spec)).await.map_err(e)?;
+                    Output::Row(v, &["name", "member", "addr", "status"])
+                }
+                OverlaysCommand::Delete { name } => {
+                    c.request("DELETE", &format!("/v1/overlays/{}", encode_path(&name)), None)
+                        .await
+                        .map_err(e)?;
+                    Output::Done(format!("overlay {name} deleted"))
+                }
+            },
+        };
+        out.print(target.json);
+        Ok(())
+    })
+}
+
+enum Output {
+    Table(Value, &'static [&'static str]),
+    Row(Value, &'static [&'static str]),
+    Value(Value),
+    Lines(Value),
+    Done(String),
+}
+
+impl Output {
+    fn print(self, json: bool) {
+        match self {
+            Output::Done(m) if json => println!("{}", json!({ "ok": true, "message": m })),
+            Output::Done(m) => println!("{m}"),
+            Output::Table(v, _) | Output::Row(v, _) | Output::Lines(v) | Output::Value(v) if json => println!("{v}"),
+            Output::Table(v, cols) => print!("{}", table(v.as_array().map(Vec::as_slice).unwrap_or_default(), cols)),
+            Output::Row(v, cols) => print!("{}", table(std::slice::from_ref(&v), cols)),
+            // `get` prints the bare value, as a shell script wants it.
+            Output::Value(v) => match v.get("value").and_then(Value::as_str) {
+                Some(s) => println!("{s}"),
+                None => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+            },
+            Output::Lines(v) => {
+                for line in v.as_array().into_iter().flatten() {
+                    println!("{}", line.as_str().unwrap_or_default());
+                }
+            }
+        }
+    }
+}
+
+/// Rows as aligned columns under upper-case headers.
+fn table(rows: &[Value], cols: &[&str]) -> String {
+    let cell = |row: &Value, c: &str| match &row[c] {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| cols.iter().map(|c| cell(r, c)).collect()).collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let mut line = |items: Vec<String>| {
+        let parts: Vec<String> = items.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(cols.iter().map(|c| c.to_uppercase()).collect());
+    for r in cells {
+        line(r);
+    }
+    out
+}

@@ -1,0 +1,697 @@
+//! The agent's configuration: a TOML file, overridden by flags, with
+//! defaults that work out of the box.
+//!
+//! ```
+//! let config = rumormill::config::AgentConfig::from_toml(r#"
+//!     data_dir = "/tmp/rm"
+//!     [[overlay]]
+//!     name = "web"
+//!     bind = "127.0.0.1:7950"
+//!     plaintext = true
+//! "#).unwrap();
+//! assert_eq!(config.overlays[0].name, "web");
+//! assert_eq!(config.api.bind.port(), 7980);
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine;
+use rumormill_core::Config;
+use rumormill_core::broadcast::{Direction, Mode};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Gossip port of the default overlay (Serf uses 7946 and 7373; we stay clear).
+pub const DEFAULT_GOSSIP_PORT: u16 = 7950;
+/// Port of the HTTP control API.
+pub const DEFAULT_API_PORT: u16 = 7980;
+/// Key length `rumormill keygen` produces (AES-256-GCM).
+pub const KEY_LEN: usize = 32;
+
+/// A configuration error, with the setting it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown or mistyped settings.
+    #[error("invalid config: {0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    #[error("overlay {overlay:?}: {message}")]
+    Invalid {
+        /// The overlay the setting belongs to.
+        overlay: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole agent configuration (the TOML file's top level).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where the agent keeps its database, admin token and address file.
+    /// Default: `$RUMORMILL_DATA_DIR`, else `~/.local/share/rumormill`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The HTTP control API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Overlays started at every start (`[[overlay]]` tables). With none,
+    /// and none kept from earlier runs, the agent starts one named `default`.
+    #[serde(default, rename = "overlay")]
+    pub overlays: Vec<OverlaySpec>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> AgentConfig {
+        AgentConfig {
+            data_dir: default_data_dir(),
+            api: ApiConfig::default(),
+            log: LogConfig::default(),
+            overlays: Vec::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Parses and validates a configuration.
+    pub fn from_toml(text: &str) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(one_line(&e.to_string())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        AgentConfig::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Checks every overlay and that names and ports are unique.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::BTreeSet::new();
+        for o in &self.overlays {
+            o.validate()?;
+            if !names.insert(o.name.as_str()) {
+                return Err(invalid(&o.name, "declared twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// toml's messages span several lines with a source excerpt; keep them on one.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn invalid(overlay: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        overlay: overlay.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The default data directory.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUMORMILL_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/rumormill"),
+        None => PathBuf::from(".rumormill"),
+    }
+}
+
+/// The HTTP control API (`[api]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to listen on. Default `127.0.0.1:7980`: only local clients.
+    #[serde(default = "default_api_bind")]
+    pub bind: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            bind: default_api_bind(),
+        }
+    }
+}
+
+fn default_api_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT))
+}
+
+/// Logging (`[log]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `human` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `rumormill=debug`; `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            format: LogFormat::Human,
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Timing presets of the core ([`Config::new_lan`] and friends).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// A data center network.
+    #[default]
+    Lan,
+    /// Between data centers.
+    Wan,
+    /// One host (loopback).
+    Local,
+}
+
+/// One overlay (`[[overlay]]`): also the body of `POST /v1/overlays`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OverlaySpec {
+    /// Name, unique in the agent (letters, digits, `-`, `_`, `.`).
+    pub name: String,
+    /// UDP and TCP address to listen on. Default `0.0.0.0:7950`.
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// Address announced to others, when it differs from `bind` (NAT, or
+    /// `bind` is a wildcard). Default: `bind`, with a wildcard replaced by
+    /// the address of the interface that routes to the first seed, else
+    /// 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Member name, unique in the overlay. Default: the host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// Rack (or zone) of this member, shown in member lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    /// Members to join at start and to re-contact while none is seen:
+    /// `ip:port` or `host:port` (re-resolved every `dns_refresh`).
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// How often DNS seeds are resolved again. Default `30s`.
+    #[serde(default = "default_dns_refresh", with = "duration")]
+    #[schema(value_type = String, example = "30s")]
+    pub dns_refresh: Duration,
+    /// Timing preset: `lan` (default), `wan` or `local`.
+    #[serde(default)]
+    pub profile: Profile,
+    /// Overrides of the preset's timings.
+    #[serde(default)]
+    pub timings: Timings,
+    /// Base64 keys (16, 24 or 32 bytes; `rumormill keygen`), the first one
+    /// primary. Used when the overlay is first created; afterwards its keyring
+    /// lives in the data directory and changes through the `keys` commands.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// Send and accept unencrypted, unauthenticated packets. Without keys
+    /// an overlay refuses to start unless this is set.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// LAN multicast discovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multicast: Option<MulticastSpec>,
+}
+
+fn default_bind() -> String {
+    format!("0.0.0.0:{DEFAULT_GOSSIP_PORT}")
+}
+
+fn default_dns_refresh() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Multicast discovery (`[overlay.multicast]`): members announce their
+/// gossip address to a group and join what they hear.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MulticastSpec {
+    /// Group address and port. Default `239.255.79.50:7951`.
+    #[serde(default = "default_group")]
+    #[schema(value_type = String, example = "239.255.79.50:7951")]
+    pub group: SocketAddr,
+    /// Interface address to send and listen on. Default `0.0.0.0` (the
+    /// system's choice).
+    #[serde(default = "default_interface")]
+    #[schema(value_type = String, example = "0.0.0.0")]
+    pub interface: std::net::Ipv4Addr,
+    /// Multicast TTL: 0 keeps announcements on this host, 1 on the LAN.
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+    /// Time between announcements. Default `5s`.
+    #[serde(default = "default_announce", with = "duration")]
+    #[schema(value_type = String, example = "5s")]
+    pub interval: Duration,
+}
+
+impl Default for MulticastSpec {
+    fn default() -> MulticastSpec {
+        MulticastSpec {
+            group: default_group(),
+            interface: default_interface(),
+            ttl: default_ttl(),
+            interval: default_announce(),
+        }
+    }
+}
+
+fn default_group() -> SocketAddr {
+    SocketAddr::from(([239, 255, 79, 50], 7951))
+}
+fn default_interface() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::UNSPECIFIED
+}
+fn default_ttl() -> u32 {
+    1
+}
+fn default_announce() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Overrides of the preset's timings; unset values keep the preset's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    /// Time between failure-detector probes.
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "1s")]
+    pub probe_interval: Option<Duration>,
+    /// Time to wait for a direct ack.
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "500ms")]
+    pub probe_timeout: Option<Duration>,
+    /// Suspicion timeout multiplier (× probe interval × log10 n).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspicion_mult: Option<u32>,
+    /// Time between gossip (piggyback) rounds.
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "200ms")]
+    pub gossip_interval: Option<Duration>,
+    /// Time between full-state exchanges (scaled up with cluster size).
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "30s")]
+    pub push_pull_interval: Option<Duration>,
+    /// Largest datagram.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<usize>,
+    /// Dissemination: `rumor`, `anti-entropy` or `both`.
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "both")]
+    pub mode: Option<Mode>,
+    /// Time between rumor rounds (Grapevine's `delta`).
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "200ms")]
+    pub rumor_interval: Option<Duration>,
+    /// Members pushed to per rumor round (Grapevine's `level`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<usize>,
+    /// Unnecessary contacts before a rumor is dropped (Grapevine's `rounds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<u32>,
+    /// Time between anti-entropy exchanges.
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "10s")]
+    pub anti_entropy_interval: Option<Duration>,
+    /// Anti-entropy direction: `push`, `pull` or `push-pull`.
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "push-pull")]
+    pub anti_entropy_direction: Option<Direction>,
+}
+
+impl OverlaySpec {
+    /// A spec with defaults for everything but the name.
+    pub fn named(name: &str) -> OverlaySpec {
+        OverlaySpec {
+            name: name.to_owned(),
+            bind: default_bind(),
+            advertise: None,
+            member: None,
+            rack: None,
+            seeds: Vec::new(),
+            dns_refresh: default_dns_refresh(),
+            profile: Profile::Lan,
+            timings: Timings::default(),
+            keys: Vec::new(),
+            plaintext: false,
+            multicast: None,
+        }
+    }
+
+    /// Checks names, addresses, keys and timings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_name(&self.name).map_err(|m| invalid(&self.name, m))?;
+        self.bind_addr()?;
+        if let Some(a) = &self.advertise {
+            a.parse::<SocketAddr>()
+                .map_err(|_| invalid(&self.name, format!("advertise {a:?} is not an ip:port address")))?;
+        }
+        if let Some(m) = &self.member {
+            if m.is_empty() || m.len() > 128 {
+                return Err(invalid(&self.name, "member name must have 1 to 128 characters"));
+            }
+        }
+        for s in &self.seeds {
+            parse_seed(s).map_err(|m| invalid(&self.name, m))?;
+        }
+        for k in &self.keys {
+            decode_key(k).map_err(|m| invalid(&self.name, m))?;
+        }
+        if self.keys.is_empty() && !self.plaintext {
+            return Err(invalid(
+                &self.name,
+                "no key: give one (`rumormill keygen` makes one) or set plaintext = true",
+            ));
+        }
+        if !self.keys.is_empty() && self.plaintext {
+            return Err(invalid(&self.name, "plaintext = true and keys are exclusive"));
+        }
+        if let Some(m) = &self.multicast {
+            if !m.group.ip().is_multicast() {
+                return Err(invalid(
+                    &self.name,
+                    format!("multicast group {} is not a multicast address", m.group),
+                ));
+            }
+            if m.interval.is_zero() {
+                return Err(invalid(&self.name, "multicast interval must be above zero"));
+            }
+        }
+        if self.dns_refresh.is_zero() {
+            return Err(invalid(&self.name, "dns_refresh must be above zero"));
+        }
+        self.core_config()?;
+        Ok(())
+    }
+
+    /// The address to bind.
+    pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.bind
+            .parse()
+            .map_err(|_| invalid(&self.name, format!("bind {:?} is not an ip:port address", self.bind)))
+    }
+
+    /// The core configuration: the preset with the overrides applied.
+    pub fn core_config(&self) -> Result<Config, ConfigError> {
+        let mut c = match self.profile {
+            Profile::Lan => Config::new_lan(),
+            Profile::Wan => Config::new_wan(),
+            Profile::Local => Config::new_local(),
+        };
+        let t = &self.timings;
+        macro_rules! set {
+            ($($field:ident => $($target:ident).+),* $(,)?) => {
+                $(if let Some(v) = t.$field { c.$($target).+ = v; })*
+            };
+        }
+        set!(
+            probe_interval => probe_interval,
+            probe_timeout => probe_timeout,
+            suspicion_mult => suspicion_mult,
+            gossip_interval => gossip_interval,
+            push_pull_interval => push_pull_interval,
+            mtu => mtu,
+            mode => dissemination.mode,
+            rumor_interval => dissemination.interval,
+            fanout => dissemination.fanout,
+            rounds => dissemination.rounds,
+            anti_entropy_interval => dissemination.anti_entropy_interval,
+            anti_entropy_direction => dissemination.anti_entropy_direction,
+        );
+        c.validate().map_err(|m| invalid(&self.name, m))?;
+        Ok(c)
+    }
+
+    /// The spec with key material replaced by `"<redacted>"`.
+    pub fn masked(&self) -> OverlaySpec {
+        OverlaySpec {
+            keys: self.keys.iter().map(|_| "<redacted>".to_owned()).collect(),
+            ..self.clone()
+        }
+    }
+}
+
+/// Overlay names: 1–64 letters, digits, `-`, `_` or `.` (they appear in URLs).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid overlay name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+/// A seed: an address, or a DNS name to resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seed {
+    /// `ip:port`.
+    Addr(SocketAddr),
+    /// `host:port`, resolved again every `dns_refresh`.
+    Dns(String, u16),
+}
+
+/// Parses `ip:port` or `host:port`.
+pub fn parse_seed(s: &str) -> Result<Seed, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(Seed::Addr(a));
+    }
+    let bad = || format!("seed {s:?} is neither ip:port nor host:port");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !host_ok || port == 0 {
+        return Err(bad());
+    }
+    Ok(Seed::Dns(host.to_owned(), port))
+}
+
+/// Decodes a base64 key and checks its length.
+pub fn decode_key(key: &str) -> Result<Vec<u8>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key.trim())
+        .map_err(|_| "a key is not valid base64 (make one with `rumormill keygen`)".to_owned())?;
+    match bytes.len() {
+        16 | 24 | 32 => Ok(bytes),
+        n => Err(format!("a key has {n} bytes; it must have 16, 24 or 32")),
+    }
+}
+
+/// A new random key, base64.
+pub fn generate_key() -> String {
+    let mut key = [0u8; KEY_LEN];
+    rand::Rng::fill(&mut rand::rng(), &mut key[..]);
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+/// Parses durations such as `250ms`, `1s`, `1.5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: write e.g. 500ms, 2s, 1m"))?;
+    let scale = match unit.trim() {
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("invalid duration {s:?}: the unit must be ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("invalid duration {s:?}"))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Optional values written as their `Display`/`FromStr` text.
+mod opt_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    pub fn serialize<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+    where
+        T: FromStr<Err = String>,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_a_key_or_plaintext() {
+        let err = AgentConfig::from_toml("[[overlay]]\nname = \"a\"").unwrap_err();
+        assert!(err.to_string().contains("no key"), "{err}");
+        let ok =
+            AgentConfig::from_toml(&format!("[[overlay]]\nname = \"a\"\nkeys = [\"{}\"]", generate_key())).unwrap();
+        assert_eq!(ok.overlays[0].bind_addr().unwrap().port(), DEFAULT_GOSSIP_PORT);
+    }
+
+    #[test]
+    fn unknown_settings_and_bad_values_are_named() {
+        let e = AgentConfig::from_toml("[[overlay]]\nname = \"a\"\nplaintext = true\nprobe = 3").unwrap_err();
+        assert!(e.to_string().contains("unknown field `probe`"), "{e}");
+        let e = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.timings]\nprobe_interval = \"3 parsecs\"",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unit must be"), "{e}");
+        let e = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.timings]\nprobe_interval = \"1s\"\nprobe_timeout = \"2s\"",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("probe_timeout"), "{e}");
+        let e = AgentConfig::from_toml("[[overlay]]\nname = \"a b\"\nplaintext = true").unwrap_err();
+        assert!(e.to_string().contains("invalid overlay name"), "{e}");
+        let e = AgentConfig::from_toml("[[overlay]]\nname = \"a\"\nkeys = [\"c2hvcnQ=\"]").unwrap_err();
+        assert!(e.to_string().contains("5 bytes"), "{e}");
+        let e =
+            AgentConfig::from_toml("[[overlay]]\nname = \"a\"\nplaintext = true\nseeds = [\"no port\"]").unwrap_err();
+        assert!(e.to_string().contains("neither ip:port"), "{e}");
+    }
+
+    #[test]
+    fn timings_override_the_preset() {
+        let c = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\nprofile = \"wan\"\n[overlay.timings]\nprobe_interval = \"7s\"\nmode = \"rumor\"",
+        )
+        .unwrap();
+        let core = c.overlays[0].core_config().unwrap();
+        assert_eq!(core.probe_interval, Duration::from_secs(7));
+        assert_eq!(core.probe_timeout, Config::new_wan().probe_timeout);
+        assert_eq!(core.dissemination.mode, Mode::Rumor);
+    }
+
+    #[test]
+    fn durations_and_seeds_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(
+            parse_seed("10.0.0.1:7950").unwrap(),
+            Seed::Addr("10.0.0.1:7950".parse().unwrap())
+        );
+        assert_eq!(
+            parse_seed("gossip.local:7950").unwrap(),
+            Seed::Dns("gossip.local".into(), 7950)
+        );
+        assert!(parse_seed("host:0").is_err());
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn masked_hides_keys() {
+        let mut s = OverlaySpec::named("a");
+        s.keys = vec![generate_key()];
+        let json = serde_json::to_string(&s.masked()).unwrap();
+        assert!(!json.contains(&s.keys[0]) && json.contains("redacted"), "{json}");
+    }
+}

@@ -1,0 +1,332 @@
+//! The tokio driver: one task per overlay that feeds the sans-IO
+//! [`Overlay`] with datagrams, stream frames and timer expiries, and sends
+//! what it asks to send. No protocol logic lives here.
+//!
+//! ```no_run
+//! # async fn f() -> std::io::Result<()> {
+//! use rumormill::driver::{Driver, DriverOptions};
+//! use rumormill::transport::TokioNet;
+//! use rumormill_core::{Config, Identity, Overlay, Security};
+//!
+//! let options = DriverOptions::new("127.0.0.1:0".parse().unwrap());
+//! let handle = Driver::start(TokioNet, options, |addr| {
+//!     let now = tokio::time::Instant::now().into_std();
+//!     Overlay::new(Config::new_local(), Identity::new("a", addr, 1), Security::Plaintext, 1, now)
+//! })
+//! .await?;
+//! let members = handle.call(|overlay, _now| overlay.live_count()).await;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rumormill_core::{Event, FrameKind, Overlay};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+
+use crate::transport::{self, Datagrams, Listener, Net};
+
+/// Largest UDP payload read.
+const RECV_BUFFER: usize = 65_536;
+/// Stream connections open at once, each way.
+const MAX_STREAMS: usize = 256;
+/// Longest a graceful leave may take before the driver stops anyway.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The driver has stopped (its overlay was deleted or the agent is exiting).
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+#[error("the overlay is stopped")]
+pub struct Stopped;
+
+/// How the driver binds.
+#[derive(Debug, Clone)]
+pub struct DriverOptions {
+    /// UDP and TCP address (port 0: any free port, the same for both).
+    pub bind: SocketAddr,
+    /// Address announced to others; `None`: derived from `bind`.
+    pub advertise: Option<SocketAddr>,
+    /// Largest stream frame accepted.
+    pub max_frame: usize,
+    /// Name in log lines (the overlay's).
+    pub label: String,
+}
+
+impl DriverOptions {
+    /// Options with defaults for everything but the bind address.
+    pub fn new(bind: SocketAddr) -> DriverOptions {
+        DriverOptions {
+            bind,
+            advertise: None,
+            max_frame: rumormill_wire::DEFAULT_MAX_FRAME,
+            label: String::new(),
+        }
+    }
+}
+
+/// Counters of the transport (the overlay counts the protocol).
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    /// Datagrams the socket refused to send.
+    pub send_errors: AtomicU64,
+    /// Stream connections that failed (connect, write or read).
+    pub stream_errors: AtomicU64,
+    /// Outgoing stream frames dropped because too many were in flight.
+    pub streams_dropped: AtomicU64,
+    /// Incoming connections refused because too many were open.
+    pub connections_refused: AtomicU64,
+}
+
+type Call = Box<dyn FnOnce(&mut Overlay, Instant) + Send>;
+
+enum Command {
+    Call(Call),
+    Shutdown { leave: bool, done: oneshot::Sender<()> },
+}
+
+/// A running overlay: call into it, watch its events, stop it.
+#[derive(Debug, Clone)]
+pub struct OverlayHandle {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<Event>,
+    addr: SocketAddr,
+    stats: Arc<TransportStats>,
+}
+
+impl OverlayHandle {
+    /// Runs `f` on the overlay inside its task, with the current time.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Overlay, Instant) -> T + Send + 'static,
+    ) -> Result<T, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        let call: Call = Box::new(move |overlay, now| {
+            let _ = tx.send(f(overlay, now));
+        });
+        self.commands.send(Command::Call(call)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Events of the overlay from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The address the member announces.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Transport counters.
+    pub fn transport_stats(&self) -> &TransportStats {
+        &self.stats
+    }
+
+    /// Stops the overlay; with `leave`, first leaves gracefully (at most
+    /// [`LEAVE_TIMEOUT`]). Returns once the task has stopped.
+    pub async fn shutdown(&self, leave: bool) {
+        let (done, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown { leave, done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Starts overlay tasks.
+#[derive(Debug)]
+pub struct Driver;
+
+impl Driver {
+    /// Binds UDP and TCP on `options.bind`, builds the overlay with the
+    /// address to announce, and starts its task.
+    pub async fn start<N: Net>(
+        net: N,
+        options: DriverOptions,
+        build: impl FnOnce(SocketAddr) -> Overlay,
+    ) -> std::io::Result<OverlayHandle> {
+        let udp = net.bind_udp(options.bind).await?;
+        let bound = udp.local_addr()?;
+        let listener = net.bind_tcp(bound).await?;
+        let addr = options.advertise.unwrap_or_else(|| advertise_for(bound));
+        let overlay = build(addr);
+        let (commands, commands_rx) = mpsc::channel(256);
+        let (events, _) = broadcast::channel(4096);
+        let (frames_tx, frames_rx) = mpsc::channel(1024);
+        let stats = Arc::new(TransportStats::default());
+        let accept = tokio::spawn(accept_loop(listener, frames_tx, options.max_frame, stats.clone()));
+        let task = Task {
+            net,
+            udp,
+            overlay,
+            commands: commands_rx,
+            frames: frames_rx,
+            events: events.clone(),
+            stats: stats.clone(),
+            outgoing: Arc::new(Semaphore::new(MAX_STREAMS)),
+        };
+        let span = tracing::info_span!("overlay", name = %options.label);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                task.run().await;
+                accept.abort();
+            },
+            span,
+        ));
+        Ok(OverlayHandle {
+            commands,
+            events,
+            addr,
+            stats,
+        })
+    }
+}
+
+/// The announced address for a bound one: a wildcard becomes the address
+/// of the interface with the default route (found by a routing lookup; a
+/// UDP `connect` sends nothing), else loopback.
+fn advertise_for(bound: SocketAddr) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified());
+    SocketAddr::new(routed.unwrap_or([127, 0, 0, 1].into()), bound.port())
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn accept_loop<L: Listener>(
+    listener: L,
+    frames: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    max_frame: usize,
+    stats: Arc<TransportStats>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_STREAMS));
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let frames = frames.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let result = transport::read_frames(stream, from, max_frame, &frames).await;
+            if let Err(e) = result {
+                stats.stream_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, error = %e, "incoming stream failed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+struct Task<N: Net> {
+    net: N,
+    udp: N::Udp,
+    overlay: Overlay,
+    commands: mpsc::Receiver<Command>,
+    frames: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    events: broadcast::Sender<Event>,
+    stats: Arc<TransportStats>,
+    outgoing: Arc<Semaphore>,
+}
+
+impl<N: Net> Task<N> {
+    async fn run(mut self) {
+        let mut buf = vec![0u8; RECV_BUFFER];
+        let mut leaving: Option<(tokio::time::Instant, oneshot::Sender<()>)> = None;
+        loop {
+            self.flush().await;
+            if let Some((deadline, _)) = &leaving {
+                if self.overlay.is_closed() || tokio::time::Instant::now() >= *deadline {
+                    if let Some((_, done)) = leaving.take() {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+            }
+            let timeout = self.overlay.poll_timeout();
+            let leave_deadline = leaving.as_ref().map(|(d, _)| *d);
+            tokio::select! {
+                received = self.udp.recv_from(&mut buf) => match received {
+                    Ok((n, from)) => self.overlay.handle_datagram(now(), from, &buf[..n]),
+                    // ICMP port unreachable from an earlier send, and the like.
+                    Err(e) => tracing::trace!(error = %e, "udp receive error"),
+                },
+                Some((from, frame)) = self.frames.recv() => self.overlay.handle_stream(now(), from, &frame),
+                () = sleep_until(timeout) => self.overlay.handle_timeout(now()),
+                () = sleep_until(leave_deadline.map(|d| d.into_std())) => {}
+                command = self.commands.recv() => match command {
+                    Some(Command::Call(f)) => f(&mut self.overlay, now()),
+                    Some(Command::Shutdown { leave: true, done }) if leaving.is_none() => {
+                        self.overlay.leave(now());
+                        leaving = Some((tokio::time::Instant::now() + LEAVE_TIMEOUT, done));
+                    }
+                    Some(Command::Shutdown { done, .. }) => {
+                        self.flush().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Sends what the overlay queued and publishes its events.
+    async fn flush(&mut self) {
+        while let Some(t) = self.overlay.poll_transmit() {
+            match t.kind {
+                FrameKind::Datagram => {
+                    if let Err(e) = self.udp.send_to(&t.payload, t.to).await {
+                        self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(to = %t.to, error = %e, "datagram not sent");
+                    }
+                }
+                FrameKind::Stream => {
+                    let Ok(permit) = self.outgoing.clone().try_acquire_owned() else {
+                        self.stats.streams_dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(to = %t.to, "too many streams in flight: frame dropped");
+                        continue;
+                    };
+                    let net = self.net.clone();
+                    let stats = self.stats.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = transport::send_frames(&net, t.to, &[t.payload]).await {
+                            stats.stream_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(to = %t.to, error = %e, "stream frame not sent");
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+        }
+        while let Some(event) = self.overlay.poll_event() {
+            if let Event::Member { change, member } = &event {
+                tracing::info!(member = %member.name, addr = %member.addr, ?change, "member");
+            }
+            let _ = self.events.send(event);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}

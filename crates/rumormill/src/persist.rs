@@ -1,0 +1,263 @@
+//! What survives a restart, in an embedded database (`redb`) under the data
+//! directory: the overlays (spec, keyring, member name, boot epoch and the
+//! peers last seen). Every change is a durable transaction, so a `kill -9`
+//! loses nothing that was acknowledged.
+//!
+//! ```
+//! let dir = std::env::temp_dir().join(format!("rm-doc-{}", std::process::id()));
+//! let db = rumormill::persist::Db::open(&dir).unwrap();
+//! let mut rec = rumormill::persist::OverlayRecord::new(
+//!     rumormill::config::OverlaySpec::named("web"), "host-1".into());
+//! rec.epoch = 3;
+//! db.put_overlay(&rec).unwrap();
+//! assert_eq!(db.overlays().unwrap()[0].epoch, 3);
+//! # drop(db); std::fs::remove_dir_all(&dir).unwrap();
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::config::OverlaySpec;
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const OVERLAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("overlays");
+const FORMAT: &str = "rumormill-agent/1";
+/// The database's file name in the data directory.
+pub const DB_FILE: &str = "rumormill.redb";
+
+/// A persistence error.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The data directory could not be created or read.
+    #[error("data directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another agent holds the database.
+    #[error("{path} is in use by another agent (one agent per data directory)")]
+    InUse {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The file is not a Rumormill database, or is damaged.
+    #[error("{path} is not a usable Rumormill database ({reason}); move it away to start afresh")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What the storage layer said.
+        reason: String,
+    },
+    /// A read or write failed.
+    #[error("database {path}: {reason}")]
+    Io {
+        /// The database file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Everything kept about one overlay.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OverlayRecord {
+    /// Its settings (the `keys` field is empty: the keyring is `keys`).
+    pub spec: OverlaySpec,
+    /// The keyring, base64, primary first.
+    pub keys: Vec<String>,
+    /// The local member's name.
+    pub member: String,
+    /// The boot epoch of the last start (the next start uses one more).
+    pub epoch: u64,
+    /// Addresses of members last seen alive: joined again after a restart.
+    pub peers: Vec<SocketAddr>,
+}
+
+impl OverlayRecord {
+    /// A fresh record: the spec's keys move to the keyring.
+    pub fn new(mut spec: OverlaySpec, member: String) -> OverlayRecord {
+        let keys = std::mem::take(&mut spec.keys);
+        OverlayRecord {
+            spec,
+            keys,
+            member,
+            epoch: 0,
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// The agent's database.
+#[derive(Debug)]
+pub struct Db {
+    db: redb::Database,
+    path: PathBuf,
+}
+
+impl Db {
+    /// Opens (or creates) the database in `dir`, creating `dir` if needed.
+    pub fn open(dir: &Path) -> Result<Db, PersistError> {
+        create_private_dir(dir)?;
+        let path = dir.join(DB_FILE);
+        let db = match redb::Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(PersistError::InUse { path }),
+            Err(e) => {
+                return Err(PersistError::Corrupt {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let db = Db { db, path };
+        db.check_format()?;
+        Ok(db)
+    }
+
+    fn io(&self, e: impl std::fmt::Display) -> PersistError {
+        PersistError::Io {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn corrupt(&self, reason: impl Into<String>) -> PersistError {
+        PersistError::Corrupt {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A new database gets our format mark; an existing one must have it.
+    fn check_format(&self) -> Result<(), PersistError> {
+        let tx = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| self.corrupt(e.to_string()))?;
+            let found = meta
+                .get("format")
+                .map_err(|e| self.io(e))?
+                .map(|v| v.value().to_owned());
+            match found {
+                Some(f) if f == FORMAT => {}
+                Some(f) => return Err(self.corrupt(format!("format {f:?}, expected {FORMAT:?}"))),
+                None => {
+                    let tables = tx.list_tables().map_err(|e| self.io(e))?.count();
+                    if tables > 1 {
+                        return Err(self.corrupt("a redb file of another program"));
+                    }
+                    meta.insert("format", FORMAT).map_err(|e| self.io(e))?;
+                }
+            }
+            tx.open_table(OVERLAYS).map_err(|e| self.corrupt(e.to_string()))?;
+        }
+        tx.commit().map_err(|e| self.io(e))
+    }
+
+    /// Every overlay kept, by name.
+    pub fn overlays(&self) -> Result<Vec<OverlayRecord>, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.io(e))? {
+            let (name, bytes) = entry.map_err(|e| self.io(e))?;
+            let rec: OverlayRecord = serde_json::from_slice(bytes.value())
+                .map_err(|e| self.corrupt(format!("overlay {:?}: {e}", name.value())))?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Writes (creates or replaces) an overlay's record, durably.
+    pub fn put_overlay(&self, rec: &OverlayRecord) -> Result<(), PersistError> {
+        let bytes = serde_json::to_vec(rec).map_err(|e| self.io(e))?;
+        let tx = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
+            table
+                .insert(rec.spec.name.as_str(), bytes.as_slice())
+                .map_err(|e| self.io(e))?;
+        }
+        tx.commit().map_err(|e| self.io(e))
+    }
+
+    /// Forgets an overlay.
+    pub fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
+        let tx = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
+            table.remove(name).map_err(|e| self.io(e))?;
+        }
+        tx.commit().map_err(|e| self.io(e))
+    }
+}
+
+/// Creates `dir` (mode 0700: it holds keys and the admin token).
+pub fn create_private_dir(dir: &Path) -> Result<(), PersistError> {
+    let err = |source| PersistError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rm-persist-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = temp("reopen");
+        let mut rec = OverlayRecord::new(OverlaySpec::named("a"), "m".into());
+        rec.keys = vec![crate::config::generate_key()];
+        rec.peers = vec!["127.0.0.1:9".parse().unwrap()];
+        {
+            let db = Db::open(&dir).unwrap();
+            db.put_overlay(&rec).unwrap();
+            assert!(matches!(Db::open(&dir), Err(PersistError::InUse { .. })));
+        }
+        let db = Db::open(&dir).unwrap();
+        assert_eq!(db.overlays().unwrap(), vec![rec]);
+        db.delete_overlay("a").unwrap();
+        assert!(db.overlays().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn garbage_and_foreign_files_are_refused_clearly() {
+        let dir = temp("garbage");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(DB_FILE), vec![0x5a; 10_000]).unwrap();
+        let err = Db::open(&dir).unwrap_err();
+        assert!(err.to_string().contains("not a usable Rumormill database"), "{err}");
+
+        let foreign = temp("foreign");
+        std::fs::create_dir_all(&foreign).unwrap();
+        {
+            let db = redb::Database::create(foreign.join(DB_FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(TableDefinition::<&str, u64>::new("accounts")).unwrap();
+            tx.commit().unwrap();
+        }
+        let err = Db::open(&foreign).unwrap_err();
+        assert!(err.to_string().contains("another program"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&foreign).unwrap();
+    }
+}
