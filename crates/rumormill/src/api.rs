@@ -444,3 +444,248 @@ async fn export_keys(State(s): State<AppState>, Path(overlay): Path<String>) -> 
         keys: s.agent.export_keys(&overlay).await?,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{Client, ClientError};
+    use crate::config::AgentConfig;
+    use serde_json::{Value, json};
+
+    struct Fixture {
+        agent: AgentRef,
+        server: tokio::task::JoinHandle<()>,
+        admin: Client,
+        anonymous: Client,
+        dir: std::path::PathBuf,
+    }
+
+    impl Fixture {
+        async fn new(tag: &str) -> Fixture {
+            let dir = std::env::temp_dir().join(format!("rm-api-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut spec = OverlaySpec::named("default");
+            spec.bind = "127.0.0.1:0".into();
+            spec.member = Some("api-test".into());
+            spec.rack = Some("r1".into());
+            spec.keys = vec![crate::config::generate_key()];
+            let config = AgentConfig {
+                data_dir: dir.clone(),
+                overlays: vec![spec],
+                ..AgentConfig::default()
+            };
+            let agent = Agent::start(TokioNet, config).await.unwrap();
+            let (addr, server) = serve(agent.clone(), "127.0.0.1:0".parse().unwrap(), "sesame".into())
+                .await
+                .unwrap();
+            Fixture {
+                agent,
+                server,
+                admin: Client::new(addr, Some("sesame".into())),
+                anonymous: Client::new(addr, None),
+                dir,
+            }
+        }
+
+        async fn finish(self) {
+            self.server.abort();
+            self.agent.shutdown(false).await;
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn api_err(r: Result<Value, ClientError>) -> (u16, String) {
+        match r {
+            Err(ClientError::Api { status, message }) => (status, message),
+            other => panic!("expected an API error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_need_the_token_and_reads_do_not() {
+        let f = Fixture::new("auth").await;
+        let members = f.anonymous.get("/v1/overlays/default/members").await.unwrap();
+        assert_eq!(members[0]["name"], "api-test");
+        assert_eq!(members[0]["rack"], "r1");
+        let body = Some(json!({ "value": "v" }));
+        let (status, msg) = api_err(
+            f.anonymous
+                .request("PUT", "/v1/overlays/default/updates/k", body.clone())
+                .await,
+        );
+        assert_eq!(status, 401);
+        assert!(msg.contains("admin token"), "{msg}");
+        let wrong = Client::new(f.server_addr(), Some("guess".into()));
+        let (status, msg) = api_err(
+            wrong
+                .request("PUT", "/v1/overlays/default/updates/k", body.clone())
+                .await,
+        );
+        assert_eq!((status, msg.as_str()), (401, "wrong admin token"));
+        let (status, _) = api_err(f.anonymous.get("/v1/overlays/default/keys/export").await);
+        assert_eq!(status, 401);
+        let exported = f.admin.get("/v1/overlays/default/keys/export").await.unwrap();
+        assert_eq!(exported["keys"].as_array().map(Vec::len), Some(1));
+        f.finish().await;
+    }
+
+    impl Fixture {
+        fn server_addr(&self) -> SocketAddr {
+            self.admin.addr()
+        }
+    }
+
+    #[tokio::test]
+    async fn values_round_trip_and_errors_say_what_was_wrong() {
+        let f = Fixture::new("values").await;
+        let row = f
+            .admin
+            .request(
+                "PUT",
+                "/v1/overlays/default/updates/a/b%20c",
+                Some(json!({ "value": "hello" })),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (row["key"].as_str(), row["value"].as_str()),
+            (Some("a/b c"), Some("hello"))
+        );
+        let got = f.anonymous.get("/v1/overlays/default/updates/a/b%20c").await.unwrap();
+        assert_eq!(got["value"], "hello");
+        let list = f.anonymous.get("/v1/overlays/default/updates?prefix=a/").await.unwrap();
+        assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+        f.admin
+            .request("DELETE", "/v1/overlays/default/updates/a/b%20c", None)
+            .await
+            .unwrap();
+        let (status, msg) = api_err(f.anonymous.get("/v1/overlays/default/updates/a/b%20c").await);
+        assert_eq!((status, msg.as_str()), (404, "no value under key \"a/b c\""));
+
+        let (status, msg) = api_err(f.anonymous.get("/v1/overlays/nope/members").await);
+        assert_eq!((status, msg.as_str()), (404, "no overlay named \"nope\""));
+        let (status, msg) = api_err(f.anonymous.get("/v1/nothing").await);
+        assert_eq!(status, 404);
+        assert!(msg.contains("no such endpoint"), "{msg}");
+        let (status, msg) = api_err(
+            f.admin
+                .request("PUT", "/v1/overlays/default/updates/k", Some(json!({ "valeu": "x" })))
+                .await,
+        );
+        assert_eq!(status, 422);
+        assert!(msg.contains("unknown field `valeu`"), "{msg}");
+        let (status, msg) = api_err(
+            f.admin
+                .request("PUT", "/v1/overlays/default/updates/k", Some(json!({})))
+                .await,
+        );
+        assert_eq!(status, 400);
+        assert!(msg.contains("exactly one of"), "{msg}");
+        let (status, msg) = api_err(
+            f.admin
+                .request(
+                    "PUT",
+                    "/v1/overlays/default/updates/_rumormill/rack/x",
+                    Some(json!({ "value": "x" })),
+                )
+                .await,
+        );
+        assert_eq!(status, 400);
+        assert!(msg.contains("reserved"), "{msg}");
+        let (status, msg) = api_err(
+            f.admin
+                .request(
+                    "POST",
+                    "/v1/overlays/default/join",
+                    Some(json!({ "addrs": ["nowhere"] })),
+                )
+                .await,
+        );
+        assert_eq!(status, 422);
+        assert!(msg.contains("addrs"), "{msg}");
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn overlays_are_created_masked_and_deleted() {
+        let f = Fixture::new("overlays").await;
+        let key = crate::config::generate_key();
+        let spec = json!({ "name": "second", "bind": "127.0.0.1:0", "keys": [key] });
+        let created = f
+            .admin
+            .request("POST", "/v1/overlays", Some(spec.clone()))
+            .await
+            .unwrap();
+        assert_eq!(created["status"], "running");
+        let (status, msg) = api_err(f.admin.request("POST", "/v1/overlays", Some(spec)).await);
+        assert_eq!(
+            (status, msg.as_str()),
+            (409, "an overlay named \"second\" already exists")
+        );
+        let shown = f.anonymous.get("/v1/overlays/second").await.unwrap();
+        assert!(!shown.to_string().contains(&key), "the key leaked: {shown}");
+        assert_eq!(shown["spec"]["keys"][0], "<redacted>");
+        let (status, msg) = api_err(
+            f.admin
+                .request(
+                    "POST",
+                    "/v1/overlays",
+                    Some(json!({ "name": "third", "bind": "127.0.0.1:0" })),
+                )
+                .await,
+        );
+        assert_eq!(status, 422);
+        assert!(msg.contains("no key"), "{msg}");
+
+        // Key rotation rules.
+        let keys = f.anonymous.get("/v1/overlays/second/keys").await.unwrap();
+        let old = keys[0]["id"].as_str().unwrap().to_owned();
+        let (status, msg) = api_err(
+            f.admin
+                .request("DELETE", &format!("/v1/overlays/second/keys/{old}"), None)
+                .await,
+        );
+        assert_eq!(status, 409);
+        assert!(msg.contains("primary"), "{msg}");
+        let new = crate::config::generate_key();
+        let row = f
+            .admin
+            .request("POST", "/v1/overlays/second/keys", Some(json!({ "key": new })))
+            .await
+            .unwrap();
+        let id = row["id"].as_str().unwrap().to_owned();
+        f.admin
+            .request("POST", &format!("/v1/overlays/second/keys/{id}/use"), None)
+            .await
+            .unwrap();
+        f.admin
+            .request("DELETE", &format!("/v1/overlays/second/keys/{old}"), None)
+            .await
+            .unwrap();
+        let keys = f.anonymous.get("/v1/overlays/second/keys").await.unwrap();
+        assert_eq!(keys, json!([{ "id": id, "suite": "aes-256-gcm", "primary": true }]));
+
+        f.admin.request("DELETE", "/v1/overlays/second", None).await.unwrap();
+        let (status, _) = api_err(f.anonymous.get("/v1/overlays/second").await);
+        assert_eq!(status, 404);
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn the_openapi_document_lists_every_route() {
+        let f = Fixture::new("openapi").await;
+        let doc = f.anonymous.get("/v1/openapi.json").await.unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in [
+            "/v1/overlays",
+            "/v1/overlays/{overlay}",
+            "/v1/overlays/{overlay}/members",
+            "/v1/overlays/{overlay}/updates/{key}",
+            "/v1/overlays/{overlay}/keys/{id}/use",
+        ] {
+            assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
+        }
+        assert!(doc["components"]["securitySchemes"]["admin_token"].is_object());
+        f.finish().await;
+    }
+}

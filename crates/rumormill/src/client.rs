@@ -58,6 +58,11 @@ impl Client {
         }
     }
 
+    /// The agent's API address.
+    pub fn addr(&self) -> SocketAddr {
+        self.base
+    }
+
     /// GET `path`.
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.request("GET", path, None).await

@@ -89,3 +89,52 @@ fn bad_arguments_give_one_readable_line_and_a_failure_status() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: one line, got {stderr}");
     }
 }
+
+#[test]
+fn keygen_prints_a_usable_256_bit_key() {
+    let a = rumormill(&["keygen"]);
+    let b = rumormill(&["keygen"]);
+    assert!(a.status.success());
+    let key = String::from_utf8(a.stdout).expect("utf-8");
+    let key = key.trim();
+    assert_eq!(rumormill::config::decode_key(key).map(|k| k.len()), Ok(32), "{key}");
+    assert_ne!(key.as_bytes(), b.stdout.trim_ascii(), "two keys were equal");
+}
+
+#[test]
+fn client_commands_without_an_agent_say_so_in_one_line() {
+    let dir = std::env::temp_dir().join(format!("rm-cli-noagent-{}", std::process::id()));
+    let out = rumormill(&[
+        "--api",
+        "127.0.0.1:1",
+        "--data-dir",
+        dir.to_str().expect("utf-8 path"),
+        "members",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        "rumormill: no agent answers at 127.0.0.1:1 (start one with `rumormill agent`, or give --api)\n"
+    );
+}
+
+#[test]
+fn demo_runs_a_cluster_and_stops_by_itself() {
+    let out = rumormill(&["demo", "--nodes", "4", "--listen", "127.0.0.1:0", "--duration", "7"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("node-1 sees 4 alive, 0 suspect, 0 failed; 4/4 running agents see the same alive set"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("put demo/latest on node-2: on 4/4 running agents"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("every agent leaves gracefully"), "{stdout}");
+}
