@@ -502,6 +502,12 @@ impl<N: Net> Agent<N> {
             let r = overlays
                 .get_mut(name)
                 .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+            if spec.member.as_ref().is_some_and(|m| *m != r.record.member) {
+                return Err(AgentError::BadRequest(format!(
+                    "the member name ({:?}) is the member's identity and cannot change: delete and create the overlay",
+                    r.record.member
+                )));
+            }
             let mut check = spec.clone();
             check.keys = r.record.keys.clone();
             check.plaintext = r.record.keys.is_empty();
@@ -513,10 +519,18 @@ impl<N: Net> Agent<N> {
             check.validate()?;
             r.stop_tasks();
             r.handle.shutdown(false).await;
-            let mut rec = r.record.clone();
+            let old = r.record.clone();
+            let mut rec = old.clone();
             rec.spec = spec;
-            let running = self.launch(rec).await?;
-            overlays.insert(name.to_owned(), running);
+            match self.launch(rec).await {
+                Ok(running) => *r = running,
+                Err(e) => {
+                    // Back to the old settings, so that a bad update (a port
+                    // in use, say) does not take the overlay down.
+                    *r = self.launch(old).await?;
+                    return Err(e);
+                }
+            }
         }
         self.overlay(name).await
     }

@@ -665,6 +665,34 @@ mod tests {
         let keys = f.anonymous.get("/v1/overlays/second/keys").await.unwrap();
         assert_eq!(keys, json!([{ "id": id, "suite": "aes-256-gcm", "primary": true }]));
 
+        // An update that cannot bind keeps the overlay running as it was.
+        let taken = f.agent.overlay("default").await.unwrap().addr;
+        let update = json!({ "name": "second", "bind": taken.to_string(), "profile": "wan" });
+        let (status, msg) = api_err(f.admin.request("PUT", "/v1/overlays/second", Some(update)).await);
+        assert_eq!(status, 409, "{msg}");
+        assert!(msg.contains("cannot listen on"), "{msg}");
+        let shown = f.anonymous.get("/v1/overlays/second").await.unwrap();
+        assert_eq!(
+            (shown["status"].as_str(), shown["spec"]["profile"].as_str()),
+            (Some("running"), Some("lan"))
+        );
+        let update = json!({ "name": "second", "bind": "127.0.0.1:0", "member": "renamed" });
+        let (status, msg) = api_err(f.admin.request("PUT", "/v1/overlays/second", Some(update)).await);
+        assert_eq!(status, 400);
+        assert!(msg.contains("member name"), "{msg}");
+        let update = json!({ "name": "second", "bind": "127.0.0.1:0", "profile": "wan" });
+        let shown = f
+            .admin
+            .request("PUT", "/v1/overlays/second", Some(update))
+            .await
+            .unwrap();
+        // Epochs: 1 at creation, 2 for the restart with the old settings (the
+        // failed start never sent a packet), 3 now.
+        assert_eq!(
+            (shown["spec"]["profile"].as_str(), shown["epoch"].as_u64()),
+            (Some("wan"), Some(3))
+        );
+
         f.admin.request("DELETE", "/v1/overlays/second", None).await.unwrap();
         let (status, _) = api_err(f.anonymous.get("/v1/overlays/second").await);
         assert_eq!(status, 404);

@@ -62,7 +62,7 @@ pub trait Net: Clone + Send + Sync + 'static {
 }
 
 /// The operating system's network through tokio, with sockets set up by
-/// socket2: large buffers, address reuse.
+/// socket2: large buffers; address reuse on the TCP listener.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokioNet;
 
@@ -93,7 +93,8 @@ impl Net for TokioNet {
     async fn bind_udp(&self, addr: SocketAddr) -> io::Result<Self::Udp> {
         use socket2::{Domain, Protocol, Socket, Type};
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        socket.set_reuse_address(true)?;
+        // No SO_REUSEADDR here: on UDP it would let two overlays share a
+        // port silently. (The TCP listener sets it, for quick restarts.)
         // Best effort: the kernel caps these at net.core.{r,w}mem_max.
         let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
         let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
