@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use base64::Engine;
-use rumormill_core::{CoreError, Identity, KeyId, MemberInfo, MemberState, Overlay, Security};
+use rumormill_core::{CoreError, Identity, MemberInfo, MemberState, Overlay, Security};
 use rumormill_wire::Keyring;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -112,17 +112,6 @@ pub struct UpdateRow {
     pub lamport: u64,
 }
 
-/// A key of an overlay's keyring (never the secret).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct KeyRow {
-    /// Key id (hex), as in packet headers.
-    pub id: String,
-    /// Cipher suite.
-    pub suite: String,
-    /// Whether outgoing packets use it.
-    pub primary: bool,
-}
-
 /// Summary of one overlay.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct OverlaySummary {
@@ -175,10 +164,10 @@ pub struct OverlayStats {
     pub values: usize,
 }
 
-struct Running {
-    record: OverlayRecord,
-    handle: OverlayHandle,
-    left: bool,
+pub(crate) struct Running {
+    pub(crate) record: OverlayRecord,
+    pub(crate) handle: OverlayHandle,
+    pub(crate) left: bool,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -193,9 +182,9 @@ impl Running {
 /// The agent.
 pub struct Agent<N: Net> {
     net: N,
-    db: Db,
+    pub(crate) db: Db,
     host: String,
-    overlays: Mutex<BTreeMap<String, Running>>,
+    pub(crate) overlays: Mutex<BTreeMap<String, Running>>,
     me: Weak<Agent<N>>,
 }
 
@@ -298,6 +287,9 @@ impl<N: Net> Agent<N> {
             let key = rack_key(&rec.member);
             let _ = handle.call(move |o, now| o.put(now, &key, rack.into_bytes())).await;
         }
+        if !rec.keys.is_empty() {
+            crate::keyring::publish_report(&handle).await;
+        }
         let mut running = Running {
             record: rec,
             handle,
@@ -347,6 +339,10 @@ impl<N: Net> Agent<N> {
             running
                 .tasks
                 .push(tokio::spawn(crate::discovery::multicast(name, m, handle.clone())));
+        }
+        if !running.record.keys.is_empty() {
+            let watcher = crate::keyring::watch(self.me.clone(), spec.name.clone(), handle.clone());
+            running.tasks.push(tokio::spawn(watcher));
         }
         let me = self.me.clone();
         let name = spec.name.clone();
@@ -671,100 +667,6 @@ impl<N: Net> Agent<N> {
         Ok(rows)
     }
 
-    /// The keyring (ids and suites only).
-    pub async fn keys(&self, name: &str) -> Result<Vec<KeyRow>, AgentError> {
-        let keys = self.call(name, |o, _| o.keys()).await?.ok_or_else(|| plaintext(name))?;
-        Ok(keys
-            .into_iter()
-            .map(|k| KeyRow {
-                id: key_hex(k.id),
-                suite: k.suite.to_owned(),
-                primary: k.primary,
-            })
-            .collect())
-    }
-
-    /// The keyring's secrets, primary first (for other agents to join).
-    pub async fn export_keys(&self, name: &str) -> Result<Vec<String>, AgentError> {
-        let overlays = self.overlays.lock().await;
-        let r = overlays
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-        if r.record.keys.is_empty() {
-            return Err(plaintext(name));
-        }
-        Ok(r.record.keys.clone())
-    }
-
-    /// Installs a key (packets sealed with it are accepted from now on).
-    pub async fn install_key(&self, name: &str, key: &str) -> Result<KeyRow, AgentError> {
-        let bytes = config::decode_key(key).map_err(AgentError::BadRequest)?;
-        let mut overlays = self.overlays.lock().await;
-        let r = running_mut(&mut overlays, name)?;
-        if r.record.keys.is_empty() {
-            return Err(plaintext(name));
-        }
-        let (id, keys) = r
-            .handle
-            .call(move |o, _| o.install_key(&bytes).map(|id| (id, o.keys().unwrap_or_default())))
-            .await
-            .map_err(|_| stopped(name))?
-            .map_err(core_error)?;
-        let key = key.trim().to_owned();
-        if !r.record.keys.contains(&key) {
-            r.record.keys.push(key);
-        }
-        self.db.put_overlay(&r.record)?;
-        tracing::info!(overlay = %name, key = %key_hex(id), "key installed");
-        let info = keys.into_iter().find(|k| k.id == id);
-        Ok(KeyRow {
-            id: key_hex(id),
-            suite: info.as_ref().map_or("", |k| k.suite).to_owned(),
-            primary: info.is_some_and(|k| k.primary),
-        })
-    }
-
-    /// Makes an installed key primary.
-    pub async fn use_key(&self, name: &str, id: &str) -> Result<(), AgentError> {
-        let id = parse_key_id(id)?;
-        let mut overlays = self.overlays.lock().await;
-        let r = running_mut(&mut overlays, name)?;
-        let pos = find_key(&r.record.keys, id).ok_or_else(|| unknown_key(id))?;
-        r.handle
-            .call(move |o, _| o.use_key(id))
-            .await
-            .map_err(|_| stopped(name))?
-            .map_err(core_error)?;
-        let key = r.record.keys.remove(pos);
-        r.record.keys.insert(0, key);
-        self.db.put_overlay(&r.record)?;
-        tracing::info!(overlay = %name, key = %key_hex(id), "primary key changed");
-        Ok(())
-    }
-
-    /// Removes a key that is not primary.
-    pub async fn remove_key(&self, name: &str, id: &str) -> Result<(), AgentError> {
-        let id = parse_key_id(id)?;
-        let mut overlays = self.overlays.lock().await;
-        let r = running_mut(&mut overlays, name)?;
-        let pos = find_key(&r.record.keys, id).ok_or_else(|| unknown_key(id))?;
-        if pos == 0 {
-            return Err(AgentError::Conflict(format!(
-                "key {} is the primary key: make another one primary first",
-                key_hex(id)
-            )));
-        }
-        r.handle
-            .call(move |o, _| o.remove_key(id))
-            .await
-            .map_err(|_| stopped(name))?
-            .map_err(core_error)?;
-        r.record.keys.remove(pos);
-        self.db.put_overlay(&r.record)?;
-        tracing::info!(overlay = %name, key = %key_hex(id), "key removed");
-        Ok(())
-    }
-
     /// Stops every overlay (with `leave`, leaving gracefully first, all at
     /// once).
     pub async fn shutdown(&self, leave: bool) {
@@ -783,7 +685,10 @@ impl<N: Net> Agent<N> {
     }
 }
 
-fn running_mut<'a>(overlays: &'a mut BTreeMap<String, Running>, name: &str) -> Result<&'a mut Running, AgentError> {
+pub(crate) fn running_mut<'a>(
+    overlays: &'a mut BTreeMap<String, Running>,
+    name: &str,
+) -> Result<&'a mut Running, AgentError> {
     let r = overlays
         .get_mut(name)
         .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
@@ -793,38 +698,19 @@ fn running_mut<'a>(overlays: &'a mut BTreeMap<String, Running>, name: &str) -> R
     Ok(r)
 }
 
-fn stopped(name: &str) -> AgentError {
+pub(crate) fn stopped(name: &str) -> AgentError {
     AgentError::Conflict(format!("overlay {name:?} is not running (the member left)"))
 }
 
-fn plaintext(name: &str) -> AgentError {
+pub(crate) fn plaintext(name: &str) -> AgentError {
     AgentError::Conflict(format!("overlay {name:?} is plaintext: it has no keyring"))
 }
 
-fn unknown_key(id: KeyId) -> AgentError {
-    AgentError::BadRequest(format!("no key with id {} is installed", key_hex(id)))
-}
-
-fn core_error(e: CoreError) -> AgentError {
+pub(crate) fn core_error(e: CoreError) -> AgentError {
     match e {
         CoreError::Left => AgentError::Conflict("the member has left the overlay".into()),
         other => AgentError::BadRequest(other.to_string()),
     }
-}
-
-fn find_key(keys: &[String], id: KeyId) -> Option<usize> {
-    keys.iter()
-        .position(|k| config::decode_key(k).is_ok_and(|b| rumormill_wire::key_id(&b) == id))
-}
-
-/// Key ids are shown as 8 hex digits.
-pub fn key_hex(id: KeyId) -> String {
-    format!("{id:08x}")
-}
-
-fn parse_key_id(s: &str) -> Result<KeyId, AgentError> {
-    KeyId::from_str_radix(s.trim_start_matches("0x"), 16)
-        .map_err(|_| AgentError::BadRequest(format!("{s:?} is not a key id (8 hex digits, see `keys list`)")))
 }
 
 fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {

@@ -28,8 +28,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
-use crate::agent::{Agent, AgentError, KeyRow, MemberRow, OverlayStats, OverlaySummary, UpdateRow};
+use crate::agent::{Agent, AgentError, MemberRow, OverlayStats, OverlaySummary, UpdateRow};
 use crate::config::OverlaySpec;
+use crate::keyring::{KeyChange, KeyRow};
 use crate::transport::TokioNet;
 
 type AgentRef = Arc<Agent<TokioNet>>;
@@ -126,6 +127,38 @@ pub struct KeyExport {
     pub keys: Vec<String>,
 }
 
+/// How long a key operation waits for every live member to follow.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct WaitQuery {
+    /// Seconds (default 10, at most 120).
+    pub wait: Option<u64>,
+}
+
+impl WaitQuery {
+    fn duration(
+        q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    ) -> ApiResult<std::time::Duration> {
+        let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+        match q.wait.unwrap_or(10) {
+            s @ 0..=120 => Ok(std::time::Duration::from_secs(s)),
+            s => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("wait={s}: at most 120 seconds"),
+            )),
+        }
+    }
+}
+
+/// A key change answers 200 when every live member followed, 202 when
+/// some had not yet when the wait ended.
+fn change_status(c: &KeyChange) -> StatusCode {
+    if c.missing.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    }
+}
+
 /// Filter of a value listing.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct ListQuery {
@@ -153,7 +186,7 @@ pub struct Health {
     ),
     components(schemas(
         ErrorBody, JoinRequest, PutRequest, KeyRequest, KeyExport, Health, OverlaySummary, OverlayStats, OverlaySpec,
-        MemberRow, UpdateRow, KeyRow, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
+        MemberRow, UpdateRow, KeyRow, KeyChange, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
     )),
     modifiers(&BearerAuth)
 )]
@@ -406,34 +439,51 @@ async fn list_keys(State(s): State<AppState>, Path(overlay): Path<String>) -> Ap
     Ok(Json(s.agent.keys(&overlay).await?))
 }
 
-/// Installs a key: packets sealed with it are accepted from now on.
-#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys", params(("overlay" = String, Path)), request_body = KeyRequest,
-    security(("admin_token" = [])), responses((status = 201, body = KeyRow), (status = 400, body = ErrorBody)))]
+/// Installs a key on every member of the overlay: packets sealed with it
+/// are accepted from now on. Waits for every live member to report it.
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys", params(("overlay" = String, Path), WaitQuery), request_body = KeyRequest,
+    security(("admin_token" = [])),
+    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange, description = "not every member followed in time"),
+        (status = 400, body = ErrorBody)))]
 async fn install_key(
     State(s): State<AppState>,
     Path(overlay): Path<String>,
+    wait: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
     Body(req): Body<KeyRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((
-        StatusCode::CREATED,
-        Json(s.agent.install_key(&overlay, &req.key).await?),
-    ))
+    let wait = WaitQuery::duration(wait)?;
+    let change = s.agent.install_key(&overlay, &req.key, wait).await?;
+    Ok((change_status(&change), Json(change)))
 }
 
-/// Makes an installed key the primary (outgoing packets use it).
-#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys/{id}/use", params(("overlay" = String, Path), ("id" = String, Path)),
-    security(("admin_token" = [])), responses((status = 204), (status = 400, body = ErrorBody)))]
-async fn use_key(State(s): State<AppState>, Path((overlay, id)): Path<(String, String)>) -> ApiResult<StatusCode> {
-    s.agent.use_key(&overlay, &id).await?;
-    Ok(StatusCode::NO_CONTENT)
+/// Makes a key primary on every member (refused unless every live member
+/// has it installed).
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys/{id}/use", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery),
+    security(("admin_token" = [])),
+    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn use_key(
+    State(s): State<AppState>,
+    Path((overlay, id)): Path<(String, String)>,
+    wait: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let wait = WaitQuery::duration(wait)?;
+    let change = s.agent.use_key(&overlay, &id, wait).await?;
+    Ok((change_status(&change), Json(change)))
 }
 
-/// Removes a key that is not the primary.
-#[utoipa::path(delete, path = "/v1/overlays/{overlay}/keys/{id}", params(("overlay" = String, Path), ("id" = String, Path)),
-    security(("admin_token" = [])), responses((status = 204), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn remove_key(State(s): State<AppState>, Path((overlay, id)): Path<(String, String)>) -> ApiResult<StatusCode> {
-    s.agent.remove_key(&overlay, &id).await?;
-    Ok(StatusCode::NO_CONTENT)
+/// Removes a key from every member (refused while a live member seals
+/// with it).
+#[utoipa::path(delete, path = "/v1/overlays/{overlay}/keys/{id}", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery),
+    security(("admin_token" = [])),
+    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_key(
+    State(s): State<AppState>,
+    Path((overlay, id)): Path<(String, String)>,
+    wait: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let wait = WaitQuery::duration(wait)?;
+    let change = s.agent.remove_key(&overlay, &id, wait).await?;
+    Ok((change_status(&change), Json(change)))
 }
 
 /// The keyring's secrets, for other agents to join (admin token required).
@@ -646,7 +696,7 @@ mod tests {
                 .await,
         );
         assert_eq!(status, 409);
-        assert!(msg.contains("primary"), "{msg}");
+        assert!(msg.contains("is the primary key of"), "{msg}");
         let new = crate::config::generate_key();
         let row = f
             .admin
@@ -654,6 +704,12 @@ mod tests {
             .await
             .unwrap();
         let id = row["id"].as_str().unwrap().to_owned();
+        assert_eq!(row["missing"], json!([]), "{row}");
+        let (status, msg) = api_err(f.admin.request("POST", "/v1/overlays/second/keys/zz/use", None).await);
+        assert_eq!(
+            (status, msg.as_str()),
+            (400, "\"zz\" is not a key id (8 hex digits, see `keys list`)")
+        );
         f.admin
             .request("POST", &format!("/v1/overlays/second/keys/{id}/use"), None)
             .await
@@ -663,7 +719,13 @@ mod tests {
             .await
             .unwrap();
         let keys = f.anonymous.get("/v1/overlays/second/keys").await.unwrap();
-        assert_eq!(keys, json!([{ "id": id, "suite": "aes-256-gcm", "primary": true }]));
+        assert_eq!(
+            keys,
+            json!([{ "id": id, "suite": "aes-256-gcm", "primary": true, "installed_on": 1, "primary_on": 1, "members": 1 }])
+        );
+        // The keyring is kept: a restart of the overlay uses the new key.
+        let exported = f.admin.get("/v1/overlays/second/keys/export").await.unwrap();
+        assert_eq!(exported["keys"], json!([new]));
 
         // An update that cannot bind keeps the overlay running as it was.
         let taken = f.agent.overlay("default").await.unwrap().addr;

@@ -9,5 +9,6 @@ pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod driver;
+pub mod keyring;
 pub mod persist;
 pub mod transport;

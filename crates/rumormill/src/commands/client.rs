@@ -27,23 +27,33 @@ pub struct Target {
     pub json: bool,
 }
 
-/// Key rotation: install everywhere, use everywhere, then remove the old key.
+/// The overlay's keyring. Changes apply to every member of the overlay;
+/// a rotation is `install NEW`, `use NEW-ID`, `remove OLD-ID`.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Installs a key (accepted from now on).
+    /// Installs a key on every member (accepted from now on).
     Install {
-        /// Base64 key.
+        /// Base64 key (`rumormill keygen`).
         key: String,
+        /// Seconds to wait for every live member to follow.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
     },
-    /// Makes an installed key primary (used for sending).
+    /// Makes a key primary on every member (refused unless all have it).
     Use {
         /// Key id (from `keys list`).
         id: String,
+        /// Seconds to wait for every live member to follow.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
     },
-    /// Removes a key that is not primary.
+    /// Removes a key from every member (refused while one still sends with it).
     Remove {
         /// Key id.
         id: String,
+        /// Seconds to wait for every live member to follow.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
     },
     /// Lists key ids.
     List,
@@ -215,26 +225,22 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
             ClientCommand::Keys(k) => match k {
                 KeysCommand::List => Output::Table(
                     c.get(&format!("{o}/keys")).await.map_err(e)?,
-                    &["id", "suite", "primary"],
+                    &["id", "suite", "primary", "installed_on", "primary_on", "members"],
                 ),
-                KeysCommand::Install { key } => {
-                    let v = c
-                        .request("POST", &format!("{o}/keys"), Some(json!({ "key": key })))
-                        .await
-                        .map_err(e)?;
-                    Output::Row(v, &["id", "suite", "primary"])
+                KeysCommand::Install { key, wait } => {
+                    let path = format!("{o}/keys?wait={wait}");
+                    let v = c.request("POST", &path, Some(json!({ "key": key }))).await.map_err(e)?;
+                    key_change(v, "installed on", target.json)?
                 }
-                KeysCommand::Use { id } => {
-                    c.request("POST", &format!("{o}/keys/{}/use", encode_path(&id)), None)
-                        .await
-                        .map_err(e)?;
-                    Output::Done(format!("key {id} is primary"))
+                KeysCommand::Use { id, wait } => {
+                    let path = format!("{o}/keys/{}/use?wait={wait}", encode_path(&id));
+                    let v = c.request("POST", &path, None).await.map_err(e)?;
+                    key_change(v, "primary on", target.json)?
                 }
-                KeysCommand::Remove { id } => {
-                    c.request("DELETE", &format!("{o}/keys/{}", encode_path(&id)), None)
-                        .await
-                        .map_err(e)?;
-                    Output::Done(format!("key {id} removed"))
+                KeysCommand::Remove { id, wait } => {
+                    let path = format!("{o}/keys/{}?wait={wait}", encode_path(&id));
+                    let v = c.request("DELETE", &path, None).await.map_err(e)?;
+                    key_change(v, "removed from", target.json)?
                 }
                 KeysCommand::Export => {
                     let v = c.get(&format!("{o}/keys/export")).await.map_err(e)?;
@@ -289,6 +295,30 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
         };
         out.print(target.json);
         Ok(())
+    })
+}
+
+/// "key 1a2b3c4d installed on 5/5 members"; an error when some did not follow.
+fn key_change(v: Value, what: &str, json: bool) -> Result<Output, String> {
+    let done = v["done"].as_array().map_or(0, Vec::len);
+    let members = v["members"].as_u64().unwrap_or(0);
+    let id = v["id"].as_str().unwrap_or_default().to_owned();
+    let missing: Vec<&str> = v["missing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "key {id} {what} {done}/{members} members; not yet on {} (it goes on spreading; check with `keys list`)",
+            missing.join(", ")
+        ));
+    }
+    Ok(if json {
+        Output::Value(v)
+    } else {
+        Output::Done(format!("key {id} {what} {done}/{members} members"))
     })
 }
 

@@ -1,0 +1,409 @@
+//! Cluster-wide key rotation.
+//!
+//! Every key operation on one agent changes the keyring of every member of
+//! the overlay, as with Serf's `keys` commands. The agent that takes the
+//! request applies it, then writes the overlay's desired keyring (the keys,
+//! primary first) to the replicated store under `_rumormill/keyring`; every
+//! member applies the newest one it receives. Each member also publishes
+//! which keys it holds, and which is its primary, under
+//! `_rumormill/keys/<member>`, so the requesting agent can tell when every
+//! live member has followed, and can refuse a step that would lose packets:
+//!
+//! 1. `install NEW` — every member accepts NEW from now on;
+//! 2. `use NEW` — refused until every live member reports NEW installed;
+//!    then every member seals with NEW;
+//! 3. `remove OLD` — refused while a live member still seals with OLD.
+//!
+//! Packets already in flight under OLD when it is removed are the only ones
+//! rejected; none is rejected once the rotation has completed. The desired
+//! keyring travels encrypted under the overlay's current keys, to members
+//! that hold them already.
+
+use std::collections::BTreeSet;
+use std::sync::Weak;
+use std::time::Duration;
+
+use rumormill_core::{Event, KeyId, MemberInfo, Overlay};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::agent::{Agent, AgentError, RESERVED_PREFIX, core_error, plaintext, running_mut, stopped};
+use crate::config;
+use crate::driver::OverlayHandle;
+use crate::transport::Net;
+
+/// Store key of the overlay's desired keyring.
+pub const DESIRED_KEY: &str = "_rumormill/keyring";
+/// How often the requesting agent looks at the members' reports.
+const POLL: Duration = Duration::from_millis(20);
+
+fn report_key(member: &str) -> String {
+    format!("{RESERVED_PREFIX}keys/{member}")
+}
+
+/// The desired keyring: base64 keys, primary first.
+#[derive(Debug, Serialize, Deserialize)]
+struct Desired {
+    keys: Vec<String>,
+}
+
+/// What a member reports of its keyring (ids only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Report {
+    primary: String,
+    installed: Vec<String>,
+}
+
+/// A key of an overlay's keyring (never the secret), with how many live
+/// members hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct KeyRow {
+    /// Key id (hex), as in packet headers.
+    pub id: String,
+    /// Cipher suite.
+    pub suite: String,
+    /// Whether this agent seals outgoing packets with it.
+    pub primary: bool,
+    /// Live members (this one included) that report it installed.
+    pub installed_on: usize,
+    /// Live members that report it as their primary.
+    pub primary_on: usize,
+    /// Live members in the overlay.
+    pub members: usize,
+}
+
+/// The outcome of a cluster-wide key operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct KeyChange {
+    /// The key's id.
+    pub id: String,
+    /// Live members.
+    pub members: usize,
+    /// Members that have applied the change.
+    pub done: Vec<String>,
+    /// Live members that had not applied it when the wait ended.
+    pub missing: Vec<String>,
+}
+
+/// Key ids are shown as 8 hex digits.
+pub fn key_hex(id: KeyId) -> String {
+    format!("{id:08x}")
+}
+
+fn parse_key_id(s: &str) -> Result<KeyId, AgentError> {
+    KeyId::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| AgentError::BadRequest(format!("{s:?} is not a key id (8 hex digits, see `keys list`)")))
+}
+
+fn find_key(keys: &[String], id: KeyId) -> Option<usize> {
+    keys.iter()
+        .position(|k| config::decode_key(k).is_ok_and(|b| rumormill_wire::key_id(&b) == id))
+}
+
+fn own_report(o: &Overlay) -> Option<Report> {
+    let keys = o.keys()?;
+    Some(Report {
+        primary: keys
+            .iter()
+            .find(|k| k.primary)
+            .map(|k| key_hex(k.id))
+            .unwrap_or_default(),
+        installed: keys.iter().map(|k| key_hex(k.id)).collect(),
+    })
+}
+
+/// Publishes the local member's report when it changed.
+fn publish(o: &mut Overlay, now: std::time::Instant) {
+    let Some(report) = own_report(o) else { return };
+    let key = report_key(o.name());
+    let Ok(json) = serde_json::to_vec(&report) else { return };
+    if o.store().value(&key) != Some(json.as_slice()) {
+        let _ = o.put(now, &key, json);
+    }
+}
+
+/// Publishes the local member's report (at start).
+pub(crate) async fn publish_report(handle: &OverlayHandle) {
+    let _ = handle.call(publish).await;
+}
+
+/// Live members and their reports (`None`: nothing heard yet).
+fn reports(o: &Overlay) -> Vec<(String, Option<Report>)> {
+    let local = o.local();
+    std::iter::once(local.clone())
+        .chain(
+            o.members()
+                .filter(|m: &MemberInfo| m.state.is_live() && m.name != local.name),
+        )
+        .map(|m| {
+            let report = o
+                .store()
+                .value(&report_key(&m.name))
+                .and_then(|v| serde_json::from_slice::<Report>(v).ok());
+            (m.name.to_string(), report)
+        })
+        .collect()
+}
+
+/// Installs the keys, makes the first primary, removes the others; then
+/// publishes the report, and with `desired` the desired keyring too.
+fn apply(
+    o: &mut Overlay,
+    now: std::time::Instant,
+    keys: &[Vec<u8>],
+    desired: Option<Vec<u8>>,
+) -> Result<(), AgentError> {
+    let wanted: BTreeSet<KeyId> = keys.iter().map(|k| rumormill_wire::key_id(k)).collect();
+    for k in keys {
+        o.install_key(k).map_err(core_error)?;
+    }
+    if let Some(primary) = keys.first() {
+        o.use_key(rumormill_wire::key_id(primary)).map_err(core_error)?;
+    }
+    for k in o.keys().unwrap_or_default() {
+        if !wanted.contains(&k.id) {
+            o.remove_key(k.id).map_err(core_error)?;
+        }
+    }
+    publish(o, now);
+    if let Some(d) = desired {
+        o.put(now, DESIRED_KEY, d).map_err(core_error)?;
+    }
+    Ok(())
+}
+
+impl<N: Net> Agent<N> {
+    /// The keyring: ids and suites, and how many live members hold each key.
+    pub async fn keys(&self, name: &str) -> Result<Vec<KeyRow>, AgentError> {
+        let handle = self.handle(name).await?;
+        let (keys, reports) = handle
+            .call(|o, _| (o.keys(), reports(o)))
+            .await
+            .map_err(|_| stopped(name))?;
+        let keys = keys.ok_or_else(|| plaintext(name))?;
+        Ok(keys
+            .into_iter()
+            .map(|k| {
+                let id = key_hex(k.id);
+                let known = || reports.iter().filter_map(|(_, r)| r.as_ref());
+                KeyRow {
+                    installed_on: known().filter(|r| r.installed.contains(&id)).count(),
+                    primary_on: known().filter(|r| r.primary == id).count(),
+                    members: reports.len(),
+                    id,
+                    suite: k.suite.to_owned(),
+                    primary: k.primary,
+                }
+            })
+            .collect())
+    }
+
+    /// The keyring's secrets, primary first (for other agents to join).
+    pub async fn export_keys(&self, name: &str) -> Result<Vec<String>, AgentError> {
+        let overlays = self.overlays.lock().await;
+        let r = overlays
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        if r.record.keys.is_empty() {
+            return Err(plaintext(name));
+        }
+        Ok(r.record.keys.clone())
+    }
+
+    /// Installs a key on every member; waits up to `wait` for all live
+    /// members to report it.
+    pub async fn install_key(&self, name: &str, key: &str, wait: Duration) -> Result<KeyChange, AgentError> {
+        let bytes = config::decode_key(key).map_err(AgentError::BadRequest)?;
+        let id = rumormill_wire::key_id(&bytes);
+        let key = key.trim().to_owned();
+        self.change_keyring(name, |keys| {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+            Ok(())
+        })
+        .await?;
+        tracing::info!(overlay = %name, key = %key_hex(id), "key installed");
+        let hex = key_hex(id);
+        Ok(self.wait_for(name, id, wait, move |r| r.installed.contains(&hex)).await)
+    }
+
+    /// Makes a key primary on every member. Refused unless every live
+    /// member reports it installed.
+    pub async fn use_key(&self, name: &str, id: &str, wait: Duration) -> Result<KeyChange, AgentError> {
+        let id = parse_key_id(id)?;
+        let hex = key_hex(id);
+        let lacking = self
+            .members_where(name, |r| !r.is_some_and(|r| r.installed.contains(&hex)))
+            .await?;
+        if !lacking.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "key {hex} is not installed on {}: install it everywhere first (`keys install`), or the packets they cannot open would be lost",
+                lacking.join(", ")
+            )));
+        }
+        self.change_keyring(name, |keys| {
+            let pos = find_key(keys, id).ok_or_else(|| unknown_key(id))?;
+            let k = keys.remove(pos);
+            keys.insert(0, k);
+            Ok(())
+        })
+        .await?;
+        tracing::info!(overlay = %name, key = %hex, "primary key changed");
+        Ok(self.wait_for(name, id, wait, move |r| r.primary == hex).await)
+    }
+
+    /// Removes a key from every member. Refused while a live member still
+    /// seals with it.
+    pub async fn remove_key(&self, name: &str, id: &str, wait: Duration) -> Result<KeyChange, AgentError> {
+        let id = parse_key_id(id)?;
+        let hex = key_hex(id);
+        let sealing = self
+            .members_where(name, |r| r.is_some_and(|r| r.primary == hex))
+            .await?;
+        if !sealing.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "key {hex} is the primary key of {}: make another key primary first (`keys use`)",
+                sealing.join(", ")
+            )));
+        }
+        self.change_keyring(name, |keys| {
+            let pos = find_key(keys, id).ok_or_else(|| unknown_key(id))?;
+            if pos == 0 {
+                return Err(AgentError::Conflict(format!(
+                    "key {} is the primary key: make another one primary first",
+                    key_hex(id)
+                )));
+            }
+            keys.remove(pos);
+            Ok(())
+        })
+        .await?;
+        tracing::info!(overlay = %name, key = %hex, "key removed");
+        Ok(self
+            .wait_for(name, id, wait, move |r| !r.installed.contains(&hex))
+            .await)
+    }
+
+    /// Edits the local keyring, applies and saves it, and publishes it as
+    /// the overlay's desired keyring.
+    async fn change_keyring(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&mut Vec<String>) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let mut overlays = self.overlays.lock().await;
+        let r = running_mut(&mut overlays, name)?;
+        if r.record.keys.is_empty() {
+            return Err(plaintext(name));
+        }
+        let mut keys = r.record.keys.clone();
+        edit(&mut keys)?;
+        let bytes = decode_all(&keys)?;
+        let desired =
+            serde_json::to_vec(&Desired { keys: keys.clone() }).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        r.handle
+            .call(move |o, now| apply(o, now, &bytes, Some(desired)))
+            .await
+            .map_err(|_| stopped(name))??;
+        r.record.keys = keys;
+        self.db.put_overlay(&r.record)?;
+        Ok(())
+    }
+
+    /// Applies a desired keyring received from another member.
+    async fn follow(&self, name: &str, keys: Vec<String>) -> Result<(), AgentError> {
+        let mut overlays = self.overlays.lock().await;
+        let r = running_mut(&mut overlays, name)?;
+        if keys.is_empty() || keys == r.record.keys {
+            return Ok(());
+        }
+        let bytes = decode_all(&keys)?;
+        let bytes_primary = bytes[0].clone();
+        r.handle
+            .call(move |o, now| apply(o, now, &bytes, None))
+            .await
+            .map_err(|_| stopped(name))??;
+        let primary = key_hex(rumormill_wire::key_id(&bytes_primary));
+        r.record.keys = keys;
+        self.db.put_overlay(&r.record)?;
+        tracing::info!(overlay = %name, %primary, "keyring changed by the overlay");
+        Ok(())
+    }
+
+    /// Names of live members whose report matches `pred`.
+    async fn members_where(
+        &self,
+        name: &str,
+        pred: impl Fn(Option<&Report>) -> bool,
+    ) -> Result<Vec<String>, AgentError> {
+        let handle = self.handle(name).await?;
+        let rows = handle.call(|o, _| reports(o)).await.map_err(|_| stopped(name))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, r)| pred(r.as_ref()))
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    /// Waits up to `wait` for every live member's report to satisfy `done`.
+    async fn wait_for(&self, name: &str, id: KeyId, wait: Duration, done: impl Fn(&Report) -> bool) -> KeyChange {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let rows = match self.handle(name).await {
+                Ok(h) => h.call(|o, _| reports(o)).await.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            let (ok, missing): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, r)| r.as_ref().is_some_and(&done));
+            let change = KeyChange {
+                id: key_hex(id),
+                members: ok.len() + missing.len(),
+                done: ok.into_iter().map(|(n, _)| n).collect(),
+                missing: missing.into_iter().map(|(n, _)| n).collect(),
+            };
+            if change.missing.is_empty() || tokio::time::Instant::now() >= deadline {
+                return change;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+fn unknown_key(id: KeyId) -> AgentError {
+    AgentError::BadRequest(format!("no key with id {} is installed", key_hex(id)))
+}
+
+fn decode_all(keys: &[String]) -> Result<Vec<Vec<u8>>, AgentError> {
+    keys.iter()
+        .map(|k| config::decode_key(k).map_err(AgentError::BadRequest))
+        .collect()
+}
+
+/// Follows the overlay's desired keyring: runs while the overlay does.
+pub(crate) async fn watch<N: Net>(agent: Weak<Agent<N>>, name: String, handle: OverlayHandle) {
+    let mut events = handle.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(Event::Update(u)) if u.update.key == DESIRED_KEY => {}
+            Ok(_) => continue,
+            Err(RecvError::Lagged(_)) => {} // look at the store itself
+            Err(RecvError::Closed) => return,
+        }
+        let Ok(value) = handle
+            .call(|o, _| o.store().value(DESIRED_KEY).map(<[u8]>::to_vec))
+            .await
+        else {
+            return;
+        };
+        let Some(value) = value else { continue };
+        let Some(agent) = agent.upgrade() else { return };
+        match serde_json::from_slice::<Desired>(&value) {
+            Ok(d) => {
+                if let Err(e) = agent.follow(&name, d.keys).await {
+                    tracing::warn!(overlay = %name, error = %e, "desired keyring not applied");
+                }
+            }
+            Err(e) => tracing::warn!(overlay = %name, error = %e, "malformed desired keyring ignored"),
+        }
+    }
+}
