@@ -88,3 +88,78 @@ async fn dns_seeds_are_resolved() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The operating system's network, with a resolver the test controls.
+#[derive(Clone, Default)]
+struct ScriptedDns {
+    answers: Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    lookups: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl rumormill::transport::Net for ScriptedDns {
+    type Udp = <TokioNet as rumormill::transport::Net>::Udp;
+    type Listener = <TokioNet as rumormill::transport::Net>::Listener;
+    type Stream = <TokioNet as rumormill::transport::Net>::Stream;
+
+    async fn bind_udp(&self, addr: std::net::SocketAddr) -> std::io::Result<Self::Udp> {
+        TokioNet.bind_udp(addr).await
+    }
+    async fn bind_tcp(&self, addr: std::net::SocketAddr) -> std::io::Result<Self::Listener> {
+        TokioNet.bind_tcp(addr).await
+    }
+    async fn connect(&self, addr: std::net::SocketAddr) -> std::io::Result<Self::Stream> {
+        TokioNet.connect(addr).await
+    }
+    async fn resolve(&self, host: &str, _port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        assert_eq!(host, "seeds.example");
+        self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(self.answers.lock().expect("answers").clone())
+    }
+}
+
+#[tokio::test]
+async fn dns_seeds_are_resolved_again_until_they_answer() {
+    let dir = temp_dir("dns-again");
+    let a = start(&dir, "again-a", |_| {}).await;
+    let a_addr = a.overlay("default").await.expect("overlay").addr;
+    let dns = ScriptedDns::default();
+    let mut spec = OverlaySpec::named("default");
+    spec.bind = "127.0.0.1:0".into();
+    spec.member = Some("again-b".into());
+    spec.plaintext = true;
+    spec.profile = Profile::Local;
+    spec.seeds = vec!["seeds.example:7950".into()];
+    spec.dns_refresh = Duration::from_millis(100);
+    let config = AgentConfig {
+        data_dir: dir.join("again-b"),
+        overlays: vec![spec],
+        ..AgentConfig::default()
+    };
+    let b = Agent::start(dns.clone(), config).await.expect("agent starts");
+    // The name resolves to nothing yet: b stays alone.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let lookups = dns.lookups.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(lookups >= 3, "resolved {lookups} times in 350 ms with a 100 ms refresh");
+    assert_eq!(b.members("default").await.expect("members").len(), 1);
+    // Now it answers with a's address.
+    dns.answers.lock().expect("answers").push(a_addr);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b
+        .members("default")
+        .await
+        .expect("members")
+        .iter()
+        .filter(|m| m.state == "alive")
+        .count()
+        < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b did not join a once the name resolved"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown(false).await;
+    b.shutdown(false).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
