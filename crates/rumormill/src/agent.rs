@@ -160,6 +160,10 @@ pub struct OverlayStats {
     pub send_errors: u64,
     /// Stream connections that failed.
     pub stream_errors: u64,
+    /// Outgoing stream frames dropped: too many connections in flight.
+    pub streams_dropped: u64,
+    /// Incoming connections refused: too many open.
+    pub connections_refused: u64,
     /// Values stored.
     pub values: usize,
 }
@@ -218,6 +222,8 @@ impl<N: Net> Agent<N> {
                     rec.member = member;
                     if rec.keys.is_empty() && !spec.keys.is_empty() {
                         rec.keys = spec.keys.clone();
+                    } else if !rec.keys.is_empty() && spec.keys.first() != rec.keys.first() {
+                        tracing::info!(overlay = %spec.name, "using the keyring kept in the data directory");
                     }
                 }
                 None => {
@@ -425,9 +431,12 @@ impl<N: Net> Agent<N> {
             (r.record.clone(), r.handle.clone(), r.left)
         };
         let t = handle.transport_stats();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let mut stats = OverlayStats {
-            send_errors: t.send_errors.load(std::sync::atomic::Ordering::Relaxed),
-            stream_errors: t.stream_errors.load(std::sync::atomic::Ordering::Relaxed),
+            send_errors: load(&t.send_errors),
+            stream_errors: load(&t.stream_errors),
+            streams_dropped: load(&t.streams_dropped),
+            connections_refused: load(&t.connections_refused),
             ..OverlayStats::default()
         };
         let live = if left {
