@@ -101,6 +101,10 @@ impl AgentConfig {
         })?;
         AgentConfig::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
+            ConfigError::Invalid { overlay, message } => ConfigError::Invalid {
+                overlay,
+                message: format!("{message} (in {})", path.display()),
+            },
             other => other,
         })
     }

@@ -2,9 +2,12 @@
 //!
 //! Every key operation on one agent changes the keyring of every member of
 //! the overlay, as with Serf's `keys` commands. The agent that takes the
-//! request applies it, then writes the overlay's desired keyring (the keys,
-//! primary first) to the replicated store under `_rumormill/keyring`; every
-//! member applies the newest one it receives. Each member also publishes
+//! request applies it, then writes a desired keyring (the keys, primary
+//! first, and a version one above the highest it has seen) to the replicated
+//! store under `_rumormill/keyring/<member>`; every member follows the
+//! desired keyring of highest version (ties broken by member name), whatever
+//! order the writes arrive in. An operation that changes nothing writes
+//! nothing, so a late no-op can never undo a newer change. Each member also publishes
 //! which keys it holds, and which is its primary, under
 //! `_rumormill/keys/<member>`, so the requesting agent can tell when every
 //! live member has followed, and can refuse a step that would lose packets:
@@ -32,8 +35,8 @@ use crate::config;
 use crate::driver::OverlayHandle;
 use crate::transport::Net;
 
-/// Store key of the overlay's desired keyring.
-pub const DESIRED_KEY: &str = "_rumormill/keyring";
+/// Store keys of desired keyrings: this prefix and the writer's name.
+pub const DESIRED_PREFIX: &str = "_rumormill/keyring/";
 /// How often the requesting agent looks at the members' reports.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -41,10 +44,23 @@ fn report_key(member: &str) -> String {
     format!("{RESERVED_PREFIX}keys/{member}")
 }
 
-/// The desired keyring: base64 keys, primary first.
+/// A desired keyring: base64 keys, primary first; the highest version wins.
 #[derive(Debug, Serialize, Deserialize)]
 struct Desired {
+    version: u64,
     keys: Vec<String>,
+}
+
+/// The desired keyring to follow: highest `(version, writer)`.
+fn newest_desired(o: &Overlay) -> Option<(u64, String, Desired)> {
+    o.store()
+        .iter()
+        .filter_map(|u| {
+            let writer = u.key.strip_prefix(DESIRED_PREFIX)?;
+            let d: Desired = serde_json::from_slice(u.value.as_deref()?).ok()?;
+            Some((d.version, writer.to_owned(), d))
+        })
+        .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
 }
 
 /// What a member reports of its keyring (ids only).
@@ -127,10 +143,10 @@ pub(crate) async fn publish_report(handle: &OverlayHandle) {
     let _ = handle.call(publish).await;
 }
 
-/// Live members and their reports (`None`: nothing heard yet).
+/// Live members, by name, and their reports (`None`: nothing heard yet).
 fn reports(o: &Overlay) -> Vec<(String, Option<Report>)> {
     let local = o.local();
-    std::iter::once(local.clone())
+    let mut rows: Vec<(String, Option<Report>)> = std::iter::once(local.clone())
         .chain(
             o.members()
                 .filter(|m: &MemberInfo| m.state.is_live() && m.name != local.name),
@@ -142,16 +158,19 @@ fn reports(o: &Overlay) -> Vec<(String, Option<Report>)> {
                 .and_then(|v| serde_json::from_slice::<Report>(v).ok());
             (m.name.to_string(), report)
         })
-        .collect()
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
 }
 
 /// Installs the keys, makes the first primary, removes the others; then
-/// publishes the report, and with `desired` the desired keyring too.
+/// publishes the report, and with `desired` (the base64 keys) the desired
+/// keyring too, versioned above every one seen.
 fn apply(
     o: &mut Overlay,
     now: std::time::Instant,
     keys: &[Vec<u8>],
-    desired: Option<Vec<u8>>,
+    desired: Option<Vec<String>>,
 ) -> Result<(), AgentError> {
     let wanted: BTreeSet<KeyId> = keys.iter().map(|k| rumormill_wire::key_id(k)).collect();
     for k in keys {
@@ -166,8 +185,11 @@ fn apply(
         }
     }
     publish(o, now);
-    if let Some(d) = desired {
-        o.put(now, DESIRED_KEY, d).map_err(core_error)?;
+    if let Some(keys) = desired {
+        let version = newest_desired(o).map_or(0, |(v, _, _)| v) + 1;
+        let json = serde_json::to_vec(&Desired { version, keys }).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let key = format!("{DESIRED_PREFIX}{}", o.name());
+        o.put(now, &key, json).map_err(core_error)?;
     }
     Ok(())
 }
@@ -299,9 +321,11 @@ impl<N: Net> Agent<N> {
         }
         let mut keys = r.record.keys.clone();
         edit(&mut keys)?;
+        if keys == r.record.keys {
+            return Ok(()); // nothing to change, nothing to publish
+        }
         let bytes = decode_all(&keys)?;
-        let desired =
-            serde_json::to_vec(&Desired { keys: keys.clone() }).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let desired = keys.clone();
         r.handle
             .call(move |o, now| apply(o, now, &bytes, Some(desired)))
             .await
@@ -384,26 +408,18 @@ pub(crate) async fn watch<N: Net>(agent: Weak<Agent<N>>, name: String, handle: O
     let mut events = handle.subscribe();
     loop {
         match events.recv().await {
-            Ok(Event::Update(u)) if u.update.key == DESIRED_KEY => {}
+            Ok(Event::Update(u)) if u.update.key.starts_with(DESIRED_PREFIX) => {}
             Ok(_) => continue,
             Err(RecvError::Lagged(_)) => {} // look at the store itself
             Err(RecvError::Closed) => return,
         }
-        let Ok(value) = handle
-            .call(|o, _| o.store().value(DESIRED_KEY).map(<[u8]>::to_vec))
-            .await
-        else {
+        let Ok(newest) = handle.call(|o, _| newest_desired(o)).await else {
             return;
         };
-        let Some(value) = value else { continue };
+        let Some((_, writer, desired)) = newest else { continue };
         let Some(agent) = agent.upgrade() else { return };
-        match serde_json::from_slice::<Desired>(&value) {
-            Ok(d) => {
-                if let Err(e) = agent.follow(&name, d.keys).await {
-                    tracing::warn!(overlay = %name, error = %e, "desired keyring not applied");
-                }
-            }
-            Err(e) => tracing::warn!(overlay = %name, error = %e, "malformed desired keyring ignored"),
+        if let Err(e) = agent.follow(&name, desired.keys).await {
+            tracing::warn!(overlay = %name, %writer, error = %e, "desired keyring not applied");
         }
     }
 }

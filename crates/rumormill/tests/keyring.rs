@@ -81,7 +81,11 @@ async fn one_agent_rotates_the_key_of_every_member() {
         .await
         .expect("use, from another agent");
     assert_eq!(used.missing, Vec::<String>::new());
-    let removed = b.remove_key("default", &old_id, wait).await.expect("remove");
+    // A no-op from an agent whose write clock is ahead (b writes all the
+    // time), right before a real change elsewhere, must not undo it.
+    let noop = b.use_key("default", &installed.id, wait).await.expect("no-op use");
+    assert_eq!(noop.missing, Vec::<String>::new());
+    let removed = a.remove_key("default", &old_id, wait).await.expect("remove");
     assert_eq!(removed.missing, Vec::<String>::new());
 
     for agent in all {

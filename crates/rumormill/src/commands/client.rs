@@ -173,7 +173,12 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
     runtime.block_on(async move {
         let c = client(&target, &data_dir);
         let o = format!("/v1/overlays/{}", encode_path(&target.overlay));
-        let e = |e: rumormill::client::ClientError| e.to_string();
+        let e = |e: rumormill::client::ClientError| match e {
+            rumormill::client::ClientError::Api { status: 401, message } => {
+                format!("{message} (HTTP 401; give --token, or --data-dir of that agent)")
+            }
+            other => other.to_string(),
+        };
         let out = match cmd {
             ClientCommand::Members => {
                 let v = c.get(&format!("{o}/members")).await.map_err(e)?;
