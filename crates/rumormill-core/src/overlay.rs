@@ -415,6 +415,13 @@ impl Overlay {
         Ok(())
     }
 
+    /// Raises the clock that orders writes to at least `floor`; drivers pass
+    /// wall-clock milliseconds before writing (see
+    /// [`Dissemination::advance_clock`]). The core itself never reads a clock.
+    pub fn advance_clock(&mut self, floor: u64) {
+        self.dissemination.advance_clock(floor);
+    }
+
     /// Writes a value under `key`; it spreads to every member (see
     /// [`crate::broadcast`]).
     pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {

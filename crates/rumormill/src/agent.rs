@@ -183,6 +183,14 @@ impl Running {
     }
 }
 
+impl Drop for Running {
+    /// The background tasks hold handles of the overlay; once they are gone
+    /// (and the agent's own handle with this value), the driver stops.
+    fn drop(&mut self) {
+        self.stop_tasks();
+    }
+}
+
 /// The agent.
 pub struct Agent<N: Net> {
     net: N,
@@ -260,13 +268,7 @@ impl<N: Net> Agent<N> {
         let config = spec.core_config()?;
         let security = security(&rec)?;
         let bind = spec.bind_addr()?;
-        let advertise = match &spec.advertise {
-            Some(a) => Some(
-                a.parse()
-                    .map_err(|_| AgentError::BadRequest(format!("bad advertise {a:?}")))?,
-            ),
-            None => None,
-        };
+        let advertise = spec.advertise_addr()?;
         rec.epoch += 1;
         self.db.put_overlay(&rec)?;
         let identity_name = rec.member.clone();
@@ -291,7 +293,12 @@ impl<N: Net> Agent<N> {
         tracing::info!(overlay = %name, member = %rec.member, addr = %handle.addr(), epoch, "overlay started");
         if let Some(rack) = spec.rack.clone() {
             let key = rack_key(&rec.member);
-            let _ = handle.call(move |o, now| o.put(now, &key, rack.into_bytes())).await;
+            let _ = handle
+                .call(move |o, now| {
+                    o.advance_clock(wall_ms());
+                    o.put(now, &key, rack.into_bytes())
+                })
+                .await;
         }
         if !rec.keys.is_empty() {
             crate::keyring::publish_report(&handle).await;
@@ -311,35 +318,21 @@ impl<N: Net> Agent<N> {
     async fn start_tasks(&self, running: &mut Running) {
         let spec = &running.record.spec;
         let handle = running.handle.clone();
-        let statics: Vec<SocketAddr> = spec
-            .seeds
-            .iter()
-            .filter_map(|s| match config::parse_seed(s) {
-                Ok(Seed::Addr(a)) => Some(a),
-                _ => None,
-            })
-            .collect();
-        let dns: Vec<(String, u16)> = spec
-            .seeds
-            .iter()
-            .filter_map(|s| match config::parse_seed(s) {
-                Ok(Seed::Dns(h, p)) => Some((h, p)),
-                _ => None,
-            })
-            .collect();
+        let (mut statics, mut dns) = (Vec::new(), Vec::new());
+        for seed in spec.seeds.iter().filter_map(|s| config::parse_seed(s).ok()) {
+            match seed {
+                Seed::Addr(a) => statics.push(a),
+                Seed::Dns(host, port) => dns.push((host, port)),
+            }
+        }
         let mut first: Vec<SocketAddr> = statics.clone();
         first.extend(running.record.peers.iter().copied());
         first.retain(|a| *a != handle.addr());
         let net = self.net.clone();
         let refresh = spec.dns_refresh;
-        running.tasks.push(tokio::spawn(seed_loop(
-            net,
-            handle.clone(),
-            statics,
-            dns,
-            first,
-            refresh,
-        )));
+        running
+            .tasks
+            .push(tokio::spawn(seed_loop(net, handle.clone(), dns, first, refresh)));
         if let Some(m) = spec.multicast.clone() {
             let name = spec.name.clone();
             running
@@ -402,9 +395,7 @@ impl<N: Net> Agent<N> {
             .get(name)
             .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
         if r.left {
-            return Err(AgentError::Conflict(format!(
-                "the member has left overlay {name:?}; join again to come back"
-            )));
+            return Err(has_left(name));
         }
         Ok(r.handle.clone())
     }
@@ -415,10 +406,7 @@ impl<N: Net> Agent<N> {
         f: impl FnOnce(&mut Overlay, std::time::Instant) -> T + Send + 'static,
     ) -> Result<T, AgentError> {
         let handle = self.handle(name).await?;
-        handle
-            .call(f)
-            .await
-            .map_err(|Stopped| AgentError::Conflict(format!("overlay {name:?} is stopped")))
+        handle.call(f).await.map_err(|Stopped| stopped(name))
     }
 
     /// Summary of one overlay.
@@ -513,6 +501,9 @@ impl<N: Net> Agent<N> {
                     r.record.member
                 )));
             }
+            if r.left {
+                return Err(has_left(name));
+            }
             let mut check = spec.clone();
             check.keys = r.record.keys.clone();
             check.plaintext = r.record.keys.is_empty();
@@ -531,8 +522,15 @@ impl<N: Net> Agent<N> {
                 Ok(running) => *r = running,
                 Err(e) => {
                     // Back to the old settings, so that a bad update (a port
-                    // in use, say) does not take the overlay down.
-                    *r = self.launch(old).await?;
+                    // in use, say) does not take the overlay down; should
+                    // that fail too, it counts as left and `join` retries.
+                    match self.launch(old).await {
+                        Ok(running) => *r = running,
+                        Err(again) => {
+                            r.left = true;
+                            tracing::error!(overlay = %name, error = %again, "overlay stopped: the old settings failed too");
+                        }
+                    }
                     return Err(e);
                 }
             }
@@ -542,13 +540,17 @@ impl<N: Net> Agent<N> {
 
     /// Leaves gracefully, stops and forgets an overlay.
     pub async fn delete_overlay(&self, name: &str) -> Result<(), AgentError> {
-        let mut overlays = self.overlays.lock().await;
-        let mut r = overlays
+        // Out of the table first: the graceful leave (up to 5 s) runs
+        // without holding up requests about other overlays.
+        let mut r = self
+            .overlays
+            .lock()
+            .await
             .remove(name)
             .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        self.db.delete_overlay(name)?;
         r.stop_tasks();
         r.handle.shutdown(!r.left).await;
-        self.db.delete_overlay(name)?;
         tracing::info!(overlay = %name, "overlay deleted");
         Ok(())
     }
@@ -624,21 +626,18 @@ impl<N: Net> Agent<N> {
     pub async fn put(&self, name: &str, key: &str, value: Vec<u8>) -> Result<UpdateRow, AgentError> {
         check_user_key(key)?;
         let key = key.to_owned();
-        let update = self
-            .call(name, move |o, now| o.put(now, &key, value))
-            .await?
-            .map_err(core_error)?;
-        Ok(update_row(&update).unwrap_or_else(|| UpdateRow {
-            key: update.key.clone(),
-            value: None,
-            value_base64: String::new(),
-            origin: update.origin.to_string(),
-            lamport: update.lamport,
-        }))
+        self.call(name, move |o, now| {
+            o.advance_clock(wall_ms());
+            o.put(now, &key, value).map(|u| update_row(&u))
+        })
+        .await?
+        .map_err(core_error)?
+        .ok_or_else(|| AgentError::BadRequest("the write stored no value".into()))
     }
 
     /// Reads a value.
     pub async fn get(&self, name: &str, key: &str) -> Result<UpdateRow, AgentError> {
+        check_user_key(key)?;
         let k = key.to_owned();
         self.call(name, move |o, _| o.store().get(&k).and_then(update_row))
             .await?
@@ -649,15 +648,21 @@ impl<N: Net> Agent<N> {
     pub async fn delete(&self, name: &str, key: &str) -> Result<(), AgentError> {
         check_user_key(key)?;
         let k = key.to_owned();
-        let existed = self.call(name, move |o, _| o.store().value(&k).is_some()).await?;
-        if !existed {
-            return Err(AgentError::UnknownKey(key.to_owned()));
-        }
-        let k = key.to_owned();
-        self.call(name, move |o, now| o.delete(now, &k))
+        let deleted = self
+            .call(name, move |o, now| {
+                if o.store().value(&k).is_none() {
+                    return Ok(false);
+                }
+                o.advance_clock(wall_ms());
+                o.delete(now, &k).map(|_| true)
+            })
             .await?
             .map_err(core_error)?;
-        Ok(())
+        if deleted {
+            Ok(())
+        } else {
+            Err(AgentError::UnknownKey(key.to_owned()))
+        }
     }
 
     /// Every value (not deleted), by key; the agent's own keys left out.
@@ -702,13 +707,18 @@ pub(crate) fn running_mut<'a>(
         .get_mut(name)
         .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
     if r.left {
-        return Err(stopped(name));
+        return Err(has_left(name));
     }
     Ok(r)
 }
 
+fn has_left(name: &str) -> AgentError {
+    AgentError::Conflict(format!("the member has left overlay {name:?}; join again to come back"))
+}
+
+/// The overlay's task ended under a request (it was deleted meanwhile).
 pub(crate) fn stopped(name: &str) -> AgentError {
-    AgentError::Conflict(format!("overlay {name:?} is not running (the member left)"))
+    AgentError::Conflict(format!("overlay {name:?} stopped while the request ran"))
 }
 
 pub(crate) fn plaintext(name: &str) -> AgentError {
@@ -801,13 +811,12 @@ pub fn host_name() -> String {
 async fn seed_loop<N: Net>(
     net: N,
     handle: OverlayHandle,
-    statics: Vec<SocketAddr>,
     dns: Vec<(String, u16)>,
     first: Vec<SocketAddr>,
     refresh: Duration,
 ) {
     let mut joined = !first.is_empty();
-    let known: BTreeSet<SocketAddr> = first.iter().chain(&statics).copied().collect();
+    let known: BTreeSet<SocketAddr> = first.iter().copied().collect();
     if joined {
         let _ = handle.call(move |o, now| o.join(now, &first)).await;
     }
@@ -845,4 +854,12 @@ async fn seed_loop<N: Net>(
         }
         tokio::time::sleep(refresh).await;
     }
+}
+
+/// Wall-clock milliseconds: the floor of the write clock before each write
+/// (see [`Overlay::advance_clock`]).
+pub(crate) fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

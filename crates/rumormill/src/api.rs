@@ -696,7 +696,7 @@ mod tests {
                 .await,
         );
         assert_eq!(status, 409);
-        assert!(msg.contains("is the primary key of"), "{msg}");
+        assert!(msg.contains("is the primary key"), "{msg}");
         let new = crate::config::generate_key();
         let row = f
             .admin

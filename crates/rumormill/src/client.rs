@@ -40,12 +40,22 @@ pub enum ClientError {
     Other(String),
 }
 
-/// An API client.
-#[derive(Debug, Clone)]
+/// An API client. It sends the token only with requests that need it.
+#[derive(Clone)]
 pub struct Client {
     base: SocketAddr,
     token: Option<String>,
+    timeout: Duration,
     http: HttpClient<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -54,8 +64,15 @@ impl Client {
         Client {
             base: api,
             token,
+            timeout: TIMEOUT,
             http: HttpClient::builder(TokioExecutor::new()).build_http(),
         }
+    }
+
+    /// The same client with another per-request time limit (30 s by default).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
     }
 
     /// The agent's API address.
@@ -74,7 +91,8 @@ impl Client {
             .method(method)
             .uri(format!("http://{}{}", self.base, path))
             .header("content-type", "application/json");
-        if let Some(t) = &self.token {
+        let needs_token = method != "GET" || path.ends_with("/keys/export");
+        if let (true, Some(t)) = (needs_token, &self.token) {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         let bytes = body.map(|b| b.to_string()).unwrap_or_default();
@@ -98,9 +116,12 @@ impl Client {
                 .to_bytes();
             Ok::<_, ClientError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(TIMEOUT, send)
-            .await
-            .map_err(|_| ClientError::Other(format!("the agent at {} did not answer in {TIMEOUT:?}", self.base)))??;
+        let (status, body) = tokio::time::timeout(self.timeout, send).await.map_err(|_| {
+            ClientError::Other(format!(
+                "the agent at {} did not answer in {:?}",
+                self.base, self.timeout
+            ))
+        })??;
         let value: Value = if body.is_empty() {
             Value::Null
         } else {

@@ -216,7 +216,8 @@ pub enum Profile {
 }
 
 /// One overlay (`[[overlay]]`): also the body of `POST /v1/overlays`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+/// Its `Debug` output masks the keys.
+#[derive(Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OverlaySpec {
     /// Name, unique in the agent (letters, digits, `-`, `_`, `.`).
@@ -262,6 +263,25 @@ pub struct OverlaySpec {
     /// LAN multicast discovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<MulticastSpec>,
+}
+
+impl std::fmt::Debug for OverlaySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverlaySpec")
+            .field("name", &self.name)
+            .field("bind", &self.bind)
+            .field("advertise", &self.advertise)
+            .field("member", &self.member)
+            .field("rack", &self.rack)
+            .field("seeds", &self.seeds)
+            .field("dns_refresh", &self.dns_refresh)
+            .field("profile", &self.profile)
+            .field("timings", &self.timings)
+            .field("keys", &format_args!("[{} redacted]", self.keys.len()))
+            .field("plaintext", &self.plaintext)
+            .field("multicast", &self.multicast)
+            .finish()
+    }
 }
 
 fn default_bind() -> String {
@@ -392,10 +412,7 @@ impl OverlaySpec {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_name(&self.name).map_err(|m| invalid(&self.name, m))?;
         self.bind_addr()?;
-        if let Some(a) = &self.advertise {
-            a.parse::<SocketAddr>()
-                .map_err(|_| invalid(&self.name, format!("advertise {a:?} is not an ip:port address")))?;
-        }
+        self.advertise_addr()?;
         if let Some(m) = &self.member {
             if m.is_empty() || m.len() > 128 {
                 return Err(invalid(&self.name, "member name must have 1 to 128 characters"));
@@ -417,10 +434,10 @@ impl OverlaySpec {
             return Err(invalid(&self.name, "plaintext = true and keys are exclusive"));
         }
         if let Some(m) = &self.multicast {
-            if !m.group.ip().is_multicast() {
+            if !(m.group.is_ipv4() && m.group.ip().is_multicast()) {
                 return Err(invalid(
                     &self.name,
-                    format!("multicast group {} is not a multicast address", m.group),
+                    format!("multicast group {} is not an IPv4 multicast address", m.group),
                 ));
             }
             if m.interval.is_zero() {
@@ -432,6 +449,17 @@ impl OverlaySpec {
         }
         self.core_config()?;
         Ok(())
+    }
+
+    /// The address to announce, when set.
+    pub fn advertise_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.advertise
+            .as_ref()
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| invalid(&self.name, format!("advertise {a:?} is not an ip:port address")))
+            })
+            .transpose()
     }
 
     /// The address to bind.
@@ -558,8 +586,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3600.0,
         _ => return Err(format!("invalid duration {s:?}: the unit must be ms, s, m or h")),
     };
-    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("invalid duration {s:?}"))
+    let d = Duration::try_from_secs_f64(value * scale).map_err(|_| format!("invalid duration {s:?}"))?;
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is too long: at most 7 days"));
+    }
+    Ok(d)
 }
+
+/// The longest duration a setting may have.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
@@ -679,6 +714,11 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("-1s").is_err());
+        assert!(
+            parse_duration("4000000000000000h")
+                .unwrap_err()
+                .contains("at most 7 days")
+        );
         assert_eq!(
             parse_seed("10.0.0.1:7950").unwrap(),
             Seed::Addr("10.0.0.1:7950".parse().unwrap())
@@ -697,5 +737,7 @@ mod tests {
         s.keys = vec![generate_key()];
         let json = serde_json::to_string(&s.masked()).unwrap();
         assert!(!json.contains(&s.keys[0]) && json.contains("redacted"), "{json}");
+        let debug = format!("{s:?}");
+        assert!(!debug.contains(&s.keys[0]) && debug.contains("1 redacted"), "{debug}");
     }
 }

@@ -20,6 +20,10 @@ use crate::config::MulticastSpec;
 use crate::driver::OverlayHandle;
 
 const MAGIC: &[u8; 4] = b"RMD1";
+/// Least time between two joins of one announced address.
+const JOIN_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+/// Announced addresses remembered at most.
+const MAX_TRIED: usize = 4096;
 
 /// What a member announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +134,9 @@ pub async fn multicast(overlay: String, spec: MulticastSpec, handle: OverlayHand
         };
         let mut ticker = tokio::time::interval(spec.interval);
         let mut buf = [0u8; 512];
+        // Announcements are unauthenticated: an address is tried at most
+        // once per JOIN_BACKOFF, however often it is announced.
+        let mut tried: std::collections::HashMap<SocketAddr, tokio::time::Instant> = Default::default();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -143,6 +150,17 @@ pub async fn multicast(overlay: String, spec: MulticastSpec, handle: OverlayHand
                     if a.overlay != id || a.addr == handle.addr() {
                         continue;
                     }
+                    let now = tokio::time::Instant::now();
+                    if tried.get(&a.addr).is_some_and(|t| now < *t + JOIN_BACKOFF) {
+                        continue;
+                    }
+                    if tried.len() >= MAX_TRIED {
+                        tried.retain(|_, t| now < *t + JOIN_BACKOFF);
+                        if tried.len() >= MAX_TRIED {
+                            continue;
+                        }
+                    }
+                    tried.insert(a.addr, now);
                     let joined = handle
                         .call(move |o, now| {
                             let known = o.member(&a.name).is_some_and(|m| m.state.is_live());

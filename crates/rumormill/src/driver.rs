@@ -168,8 +168,15 @@ impl Driver {
         let span = tracing::info_span!("overlay", name = %options.label);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                task.run().await;
+                // The UDP socket goes with the task, the listener with the
+                // accept loop: both are closed before anyone is told the
+                // overlay stopped, so its port can be bound again at once.
+                let done = task.run().await;
                 accept.abort();
+                let _ = accept.await;
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             },
             span,
         ));
@@ -246,17 +253,16 @@ struct Task<N: Net> {
 }
 
 impl<N: Net> Task<N> {
-    async fn run(mut self) {
+    /// Runs until told to stop; returns whom to tell once the sockets are
+    /// closed.
+    async fn run(mut self) -> Option<oneshot::Sender<()>> {
         let mut buf = vec![0u8; RECV_BUFFER];
         let mut leaving: Option<(tokio::time::Instant, oneshot::Sender<()>)> = None;
         loop {
             self.flush().await;
             if let Some((deadline, _)) = &leaving {
                 if self.overlay.is_closed() || tokio::time::Instant::now() >= *deadline {
-                    if let Some((_, done)) = leaving.take() {
-                        let _ = done.send(());
-                    }
-                    return;
+                    return leaving.take().map(|(_, done)| done);
                 }
             }
             let timeout = self.overlay.poll_timeout();
@@ -278,10 +284,9 @@ impl<N: Net> Task<N> {
                     }
                     Some(Command::Shutdown { done, .. }) => {
                         self.flush().await;
-                        let _ = done.send(());
-                        return;
+                        return Some(done);
                     }
-                    None => return,
+                    None => return None,
                 },
             }
         }
@@ -306,7 +311,7 @@ impl<N: Net> Task<N> {
                     let net = self.net.clone();
                     let stats = self.stats.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = transport::send_frames(&net, t.to, &[t.payload]).await {
+                        if let Err(e) = transport::send_frame(&net, t.to, &t.payload).await {
                             stats.stream_errors.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(to = %t.to, error = %e, "stream frame not sent");
                         }

@@ -30,7 +30,7 @@ use rumormill_core::{Event, KeyId, MemberInfo, Overlay};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::agent::{Agent, AgentError, RESERVED_PREFIX, core_error, plaintext, running_mut, stopped};
+use crate::agent::{Agent, AgentError, RESERVED_PREFIX, core_error, plaintext, running_mut, stopped, wall_ms};
 use crate::config;
 use crate::driver::OverlayHandle;
 use crate::transport::Net;
@@ -134,6 +134,7 @@ fn publish(o: &mut Overlay, now: std::time::Instant) {
     let key = report_key(o.name());
     let Ok(json) = serde_json::to_vec(&report) else { return };
     if o.store().value(&key) != Some(json.as_slice()) {
+        o.advance_clock(wall_ms());
         let _ = o.put(now, &key, json);
     }
 }
@@ -164,13 +165,12 @@ fn reports(o: &Overlay) -> Vec<(String, Option<Report>)> {
 }
 
 /// Installs the keys, makes the first primary, removes the others; then
-/// publishes the report, and with `desired` (the base64 keys) the desired
-/// keyring too, versioned above every one seen.
+/// publishes the report, and the desired keyring when given.
 fn apply(
     o: &mut Overlay,
     now: std::time::Instant,
     keys: &[Vec<u8>],
-    desired: Option<Vec<String>>,
+    desired: Option<Desired>,
 ) -> Result<(), AgentError> {
     let wanted: BTreeSet<KeyId> = keys.iter().map(|k| rumormill_wire::key_id(k)).collect();
     for k in keys {
@@ -185,10 +185,10 @@ fn apply(
         }
     }
     publish(o, now);
-    if let Some(keys) = desired {
-        let version = newest_desired(o).map_or(0, |(v, _, _)| v) + 1;
-        let json = serde_json::to_vec(&Desired { version, keys }).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+    if let Some(d) = desired {
+        let json = serde_json::to_vec(&d).map_err(|e| AgentError::BadRequest(e.to_string()))?;
         let key = format!("{DESIRED_PREFIX}{}", o.name());
+        o.advance_clock(wall_ms());
         o.put(now, &key, json).map_err(core_error)?;
     }
     Ok(())
@@ -255,8 +255,11 @@ impl<N: Net> Agent<N> {
     pub async fn use_key(&self, name: &str, id: &str, wait: Duration) -> Result<KeyChange, AgentError> {
         let id = parse_key_id(id)?;
         let hex = key_hex(id);
+        if find_key(&self.export_keys(name).await?, id).is_none() {
+            return Err(unknown_key(id));
+        }
         let lacking = self
-            .members_where(name, |r| !r.is_some_and(|r| r.installed.contains(&hex)))
+            .members_where(name, wait, |r| !r.is_some_and(|r| r.installed.contains(&hex)))
             .await?;
         if !lacking.is_empty() {
             return Err(AgentError::Conflict(format!(
@@ -280,8 +283,16 @@ impl<N: Net> Agent<N> {
     pub async fn remove_key(&self, name: &str, id: &str, wait: Duration) -> Result<KeyChange, AgentError> {
         let id = parse_key_id(id)?;
         let hex = key_hex(id);
+        match self.export_keys(name).await?.first() {
+            Some(k) if config::decode_key(k).is_ok_and(|b| rumormill_wire::key_id(&b) == id) => {
+                return Err(AgentError::Conflict(format!(
+                    "key {hex} is the primary key: make another one primary first (`keys use`)"
+                )));
+            }
+            _ => {}
+        }
         let sealing = self
-            .members_where(name, |r| r.is_some_and(|r| r.primary == hex))
+            .members_where(name, wait, |r| r.is_some_and(|r| r.primary == hex))
             .await?;
         if !sealing.is_empty() {
             return Err(AgentError::Conflict(format!(
@@ -307,8 +318,9 @@ impl<N: Net> Agent<N> {
             .await)
     }
 
-    /// Edits the local keyring, applies and saves it, and publishes it as
-    /// the overlay's desired keyring.
+    /// Edits the overlay's keyring (the newest desired one, or this
+    /// member's own if it is newer), applies and saves it, and publishes it
+    /// with a version above every one seen.
     async fn change_keyring(
         &self,
         name: &str,
@@ -319,55 +331,93 @@ impl<N: Net> Agent<N> {
         if r.record.keys.is_empty() {
             return Err(plaintext(name));
         }
-        let mut keys = r.record.keys.clone();
+        let newest = r
+            .handle
+            .call(|o, _| newest_desired(o))
+            .await
+            .map_err(|_| stopped(name))?;
+        let (base, seen) = match newest {
+            Some((v, _, d)) if v >= r.record.keyring_version && !d.keys.is_empty() => (d.keys, v),
+            other => (r.record.keys.clone(), other.map_or(0, |(v, _, _)| v)),
+        };
+        let mut keys = base.clone();
         edit(&mut keys)?;
-        if keys == r.record.keys {
+        let version = seen.max(r.record.keyring_version) + 1;
+        let desired = (keys != base).then(|| Desired {
+            version,
+            keys: keys.clone(),
+        });
+        if desired.is_none() && keys == r.record.keys {
             return Ok(()); // nothing to change, nothing to publish
         }
         let bytes = decode_all(&keys)?;
-        let desired = keys.clone();
+        let published = desired.is_some();
         r.handle
-            .call(move |o, now| apply(o, now, &bytes, Some(desired)))
+            .call(move |o, now| apply(o, now, &bytes, desired))
             .await
             .map_err(|_| stopped(name))??;
         r.record.keys = keys;
+        if published {
+            r.record.keyring_version = version;
+        }
         self.db.put_overlay(&r.record)?;
         Ok(())
     }
 
-    /// Applies a desired keyring received from another member.
-    async fn follow(&self, name: &str, keys: Vec<String>) -> Result<(), AgentError> {
+    /// Follows the newest desired keyring in the store, read under the
+    /// agent's lock so that a change made meanwhile is never undone.
+    async fn follow(&self, name: &str) -> Result<(), AgentError> {
         let mut overlays = self.overlays.lock().await;
         let r = running_mut(&mut overlays, name)?;
-        if keys.is_empty() || keys == r.record.keys {
+        let newest = r
+            .handle
+            .call(|o, _| newest_desired(o))
+            .await
+            .map_err(|_| stopped(name))?;
+        let Some((version, writer, desired)) = newest else {
+            return Ok(());
+        };
+        if version < r.record.keyring_version || desired.keys.is_empty() || desired.keys == r.record.keys {
+            r.record.keyring_version = r.record.keyring_version.max(version);
             return Ok(());
         }
-        let bytes = decode_all(&keys)?;
-        let bytes_primary = bytes[0].clone();
+        let bytes = decode_all(&desired.keys)?;
+        let primary = key_hex(rumormill_wire::key_id(&bytes[0]));
         r.handle
             .call(move |o, now| apply(o, now, &bytes, None))
             .await
             .map_err(|_| stopped(name))??;
-        let primary = key_hex(rumormill_wire::key_id(&bytes_primary));
-        r.record.keys = keys;
+        r.record.keys = desired.keys;
+        r.record.keyring_version = version;
         self.db.put_overlay(&r.record)?;
-        tracing::info!(overlay = %name, %primary, "keyring changed by the overlay");
+        tracing::info!(overlay = %name, %primary, version, %writer, "keyring changed by the overlay");
         Ok(())
     }
 
-    /// Names of live members whose report matches `pred`.
+    /// Names of live members whose report matches `pred`, once none does or
+    /// `wait` has passed.
     async fn members_where(
         &self,
         name: &str,
+        wait: Duration,
         pred: impl Fn(Option<&Report>) -> bool,
     ) -> Result<Vec<String>, AgentError> {
-        let handle = self.handle(name).await?;
-        let rows = handle.call(|o, _| reports(o)).await.map_err(|_| stopped(name))?;
-        Ok(rows
-            .into_iter()
-            .filter(|(_, r)| pred(r.as_ref()))
-            .map(|(n, _)| n)
-            .collect())
+        // Reports spread like any value: one just published elsewhere may
+        // not be here yet, so give them up to `wait` to arrive.
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let handle = self.handle(name).await?;
+            let rows = handle.call(|o, _| reports(o)).await.map_err(|_| stopped(name))?;
+            let matching: Vec<String> = rows
+                .into_iter()
+                .filter(|(_, r)| pred(r.as_ref()))
+                .map(|(n, _)| n)
+                .collect();
+            if matching.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(matching);
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// Waits up to `wait` for every live member's report to satisfy `done`.
@@ -413,13 +463,9 @@ pub(crate) async fn watch<N: Net>(agent: Weak<Agent<N>>, name: String, handle: O
             Err(RecvError::Lagged(_)) => {} // look at the store itself
             Err(RecvError::Closed) => return,
         }
-        let Ok(newest) = handle.call(|o, _| newest_desired(o)).await else {
-            return;
-        };
-        let Some((_, writer, desired)) = newest else { continue };
         let Some(agent) = agent.upgrade() else { return };
-        if let Err(e) = agent.follow(&name, desired.keys).await {
-            tracing::warn!(overlay = %name, %writer, error = %e, "desired keyring not applied");
+        if let Err(e) = agent.follow(&name).await {
+            tracing::warn!(overlay = %name, error = %e, "desired keyring not applied");
         }
     }
 }

@@ -63,8 +63,8 @@ pub enum PersistError {
     },
 }
 
-/// Everything kept about one overlay.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Everything kept about one overlay. Its `Debug` output masks the keys.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct OverlayRecord {
     /// Its settings (the `keys` field is empty: the keyring is `keys`).
     pub spec: OverlaySpec,
@@ -76,6 +76,22 @@ pub struct OverlayRecord {
     pub epoch: u64,
     /// Addresses of members last seen alive: joined again after a restart.
     pub peers: Vec<SocketAddr>,
+    /// Highest version of a desired keyring seen (see [`crate::keyring`]).
+    #[serde(default)]
+    pub keyring_version: u64,
+}
+
+impl std::fmt::Debug for OverlayRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverlayRecord")
+            .field("spec", &self.spec)
+            .field("keys", &format_args!("[{} redacted]", self.keys.len()))
+            .field("member", &self.member)
+            .field("epoch", &self.epoch)
+            .field("peers", &self.peers)
+            .field("keyring_version", &self.keyring_version)
+            .finish()
+    }
 }
 
 impl OverlayRecord {
@@ -88,6 +104,7 @@ impl OverlayRecord {
             member,
             epoch: 0,
             peers: Vec::new(),
+            keyring_version: 0,
         }
     }
 }
@@ -196,19 +213,29 @@ impl Db {
     }
 }
 
-/// Creates `dir` (mode 0700: it holds keys and the admin token).
+/// Creates `dir` with mode 0700 (it holds keys and the admin token); an
+/// existing directory keeps its mode, with a warning when others can read it.
 pub fn create_private_dir(dir: &Path) -> Result<(), PersistError> {
     let err = |source| PersistError::Dir {
         path: dir.to_owned(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    if dir.is_dir() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(dir = %dir.display(), mode = %format!("{mode:o}"), "the data directory, which holds keys, is open to other users (chmod 700 it)");
+            }
+        }
+        return Ok(());
     }
-    Ok(())
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(err)
 }
 
 #[cfg(test)]

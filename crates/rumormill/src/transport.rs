@@ -24,6 +24,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const SOCKET_BUFFER: usize = 4 << 20;
 /// How long a stream connection may take to connect, or stay idle.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an incoming stream connection may stay open in all.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A bound datagram socket.
 pub trait Datagrams: Send + Sync + 'static {
@@ -124,16 +126,14 @@ impl Net for TokioNet {
     }
 }
 
-/// Sends frames over one new connection: connect, write, close; each step
+/// Sends a frame over one new connection: connect, write, close; each step
 /// bounded by [`STREAM_TIMEOUT`].
-pub async fn send_frames<N: Net>(net: &N, to: SocketAddr, frames: &[Vec<u8>]) -> io::Result<()> {
+pub async fn send_frame<N: Net>(net: &N, to: SocketAddr, frame: &[u8]) -> io::Result<()> {
     let mut stream = tokio::time::timeout(STREAM_TIMEOUT, net.connect(to))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     let write = async {
-        for frame in frames {
-            stream.write_all(&rumormill_wire::encode_frame(frame)).await?;
-        }
+        stream.write_all(&rumormill_wire::encode_frame(frame)).await?;
         stream.shutdown().await
     };
     tokio::time::timeout(STREAM_TIMEOUT, write)
@@ -143,37 +143,44 @@ pub async fn send_frames<N: Net>(net: &N, to: SocketAddr, frames: &[Vec<u8>]) ->
 
 /// Reads frames from a connection until it closes, passing each to `out`
 /// tagged with `from`; stops with an error on a frame over `max` bytes, a
-/// malformed length, or [`STREAM_TIMEOUT`] without data.
+/// malformed length, [`STREAM_TIMEOUT`] without data, or
+/// [`CONNECTION_DEADLINE`] in all (a peer trickling bytes cannot hold a
+/// connection slot for long).
 pub async fn read_frames<S: AsyncRead + Unpin>(
     mut stream: S,
     from: SocketAddr,
     max: usize,
     out: &tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>,
 ) -> io::Result<()> {
-    let mut decoder = rumormill_wire::FrameDecoder::new(max);
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = tokio::time::timeout(STREAM_TIMEOUT, stream.read(&mut buf))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stream idle too long"))??;
-        if n == 0 {
-            return if decoder.buffered() == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "stream closed inside a frame",
-                ))
-            };
-        }
-        decoder.extend(&buf[..n]);
-        while let Some(frame) = decoder
-            .next_frame()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
-        {
-            out.send((from, frame))
+    let read_all = async {
+        let mut decoder = rumormill_wire::FrameDecoder::new(max);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = tokio::time::timeout(STREAM_TIMEOUT, stream.read(&mut buf))
                 .await
-                .map_err(|_| io::Error::other("the overlay stopped"))?;
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stream idle too long"))??;
+            if n == 0 {
+                return if decoder.buffered() == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "stream closed inside a frame",
+                    ))
+                };
+            }
+            decoder.extend(&buf[..n]);
+            while let Some(frame) = decoder
+                .next_frame()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+            {
+                out.send((from, frame))
+                    .await
+                    .map_err(|_| io::Error::other("the overlay stopped"))?;
+            }
         }
-    }
+    };
+    tokio::time::timeout(CONNECTION_DEADLINE, read_all)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "stream open too long"))?
 }

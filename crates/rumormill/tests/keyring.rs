@@ -73,7 +73,7 @@ async fn one_agent_rotates_the_key_of_every_member() {
     assert!(
         removing_primary
             .to_string()
-            .contains("is the primary key of k-a, k-b, k-c"),
+            .contains("is the primary key: make another one primary first"),
         "{removing_primary}"
     );
     let used = c

@@ -343,6 +343,14 @@ impl Dissemination {
         self.handler = Box::new(handler);
     }
 
+    /// Raises the Lamport clock to at least `floor`. With wall-clock
+    /// milliseconds as the floor before each write (a hybrid logical clock),
+    /// a restarted member's writes order after those of its previous life,
+    /// which its fresh clock alone would not.
+    pub fn advance_clock(&mut self, floor: u64) {
+        self.clock = self.clock.max(floor);
+    }
+
     /// Writes a value; it spreads to every member.
     pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Update {
         self.write(now, key, Some(value))

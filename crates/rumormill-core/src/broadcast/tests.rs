@@ -422,3 +422,30 @@ fn a_restarted_member_writes_anew_and_everyone_takes_its_writes() {
         assert_eq!(net.node(i).store().value("k2"), Some(&b"new"[..]), "n{i}");
     }
 }
+
+#[test]
+fn a_restarted_writer_with_a_wall_clock_floor_beats_its_previous_life() {
+    let now = Instant::now();
+    let cfg = config(Removal::Feedback, Loss::Counter, 3);
+    // First life: many writes push the clock up.
+    let mut life1 = Dissemination::new(cfg.clone(), "a", 1, A, 1300, 1, now);
+    life1.advance_clock(1_000);
+    for _ in 0..50 {
+        life1.put(now, "k", b"old".to_vec());
+    }
+    let old = life1.store().get("k").cloned().expect("written");
+    // Second life, a few seconds later by the wall clock: its fresh clock
+    // alone (1) would lose; with the floor it wins.
+    let mut life2 = Dissemination::new(cfg, "a", 2, A, 1300, 1, now);
+    life2.advance_clock(4_000);
+    let new = life2.put(now, "k", b"new".to_vec());
+    assert!(
+        new.version() > old.version(),
+        "{:?} vs {:?}",
+        new.version(),
+        old.version()
+    );
+    // The floor never moves the clock back.
+    life2.advance_clock(10);
+    assert!(life2.put(now, "k", b"newer".to_vec()).lamport > new.lamport);
+}

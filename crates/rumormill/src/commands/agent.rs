@@ -159,13 +159,20 @@ pub fn run(args: AgentArgs, data_dir: Option<PathBuf>) -> Result<(), String> {
     init_logging(config.log.format, &config.log.level);
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
+        // The data directory and the token first: nothing has joined yet if
+        // they fail.
+        rumormill::persist::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
+        let token = admin_token(&config.data_dir)?;
         let agent = Agent::start(TokioNet, config.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let token = admin_token(&config.data_dir)?;
-        let (addr, server) = rumormill::api::serve(agent.clone(), config.api.bind, token)
-            .await
-            .map_err(|e| format!("cannot listen on {} for the API: {e}", config.api.bind))?;
+        let (addr, server) = match rumormill::api::serve(agent.clone(), config.api.bind, token).await {
+            Ok(s) => s,
+            Err(e) => {
+                agent.shutdown(true).await;
+                return Err(format!("cannot listen on {} for the API: {e}", config.api.bind));
+            }
+        };
         let address_file = config.data_dir.join(ADDRESS_FILE);
         let _ = std::fs::write(
             &address_file,

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use rumormill::client::{Client, encode_path};
@@ -33,7 +34,8 @@ pub struct Target {
 pub enum KeysCommand {
     /// Installs a key on every member (accepted from now on).
     Install {
-        /// Base64 key (`rumormill keygen`).
+        /// Base64 key (`rumormill keygen`); `-` reads it from standard
+        /// input, out of sight of `ps` and shell history.
         key: String,
         /// Seconds to wait for every live member to follow.
         #[arg(long, default_value_t = 10)]
@@ -195,14 +197,7 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 Output::Done(format!("left overlay {}", target.overlay))
             }
             ClientCommand::Put { key, value } => {
-                let value = if value == "-" {
-                    let mut s = String::new();
-                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                        .map_err(|e| format!("cannot read standard input: {e}"))?;
-                    s
-                } else {
-                    value
-                };
+                let value = if value == "-" { read_stdin()? } else { value };
                 let path = format!("{o}/updates/{}", encode_path(&key));
                 let v = c
                     .request("PUT", &path, Some(json!({ "value": value })))
@@ -233,16 +228,24 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     &["id", "suite", "primary", "installed_on", "primary_on", "members"],
                 ),
                 KeysCommand::Install { key, wait } => {
+                    let key = if key == "-" {
+                        read_stdin()?.trim().to_owned()
+                    } else {
+                        key
+                    };
+                    let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
                     let path = format!("{o}/keys?wait={wait}");
                     let v = c.request("POST", &path, Some(json!({ "key": key }))).await.map_err(e)?;
                     key_change(v, "installed on", target.json)?
                 }
                 KeysCommand::Use { id, wait } => {
+                    let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
                     let path = format!("{o}/keys/{}/use?wait={wait}", encode_path(&id));
                     let v = c.request("POST", &path, None).await.map_err(e)?;
                     key_change(v, "primary on", target.json)?
                 }
                 KeysCommand::Remove { id, wait } => {
+                    let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
                     let path = format!("{o}/keys/{}?wait={wait}", encode_path(&id));
                     let v = c.request("DELETE", &path, None).await.map_err(e)?;
                     key_change(v, "removed from", target.json)?
@@ -301,6 +304,13 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
         out.print(target.json);
         Ok(())
     })
+}
+
+fn read_stdin() -> Result<String, String> {
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+        .map_err(|e| format!("cannot read standard input: {e}"))?;
+    Ok(s)
 }
 
 /// "key 1a2b3c4d installed on 5/5 members"; an error when some did not follow.

@@ -114,10 +114,13 @@ async fn demo(args: DemoArgs, root: &std::path::Path) -> Result<(), String> {
     let mut last_line = String::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut step = 0u64;
+    // One signal listener for the whole run: a Ctrl-C during a step is kept.
+    let signal = super::agent::wait_for_signal();
+    tokio::pin!(signal);
     let stop = loop {
         tokio::select! {
             _ = tick.tick() => {}
-            s = super::agent::wait_for_signal() => break s,
+            s = &mut signal => break s,
         }
         if stop_at.is_some_and(|t| Instant::now() >= t) {
             break "the --duration";
