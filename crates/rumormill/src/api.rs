@@ -754,6 +754,16 @@ mod tests {
             (shown["spec"]["profile"].as_str(), shown["epoch"].as_u64()),
             (Some("wan"), Some(3))
         );
+        // Restarting on the very same port works: the old sockets are closed
+        // before the new ones bind.
+        let port = shown["addr"].as_str().unwrap().rsplit_once(':').unwrap().1.to_owned();
+        let update = json!({ "name": "second", "bind": format!("127.0.0.1:{port}"), "profile": "lan" });
+        let shown = f
+            .admin
+            .request("PUT", "/v1/overlays/second", Some(update))
+            .await
+            .unwrap();
+        assert_eq!(shown["addr"].as_str(), Some(format!("127.0.0.1:{port}").as_str()));
 
         f.admin.request("DELETE", "/v1/overlays/second", None).await.unwrap();
         let (status, _) = api_err(f.anonymous.get("/v1/overlays/second").await);
