@@ -9,7 +9,8 @@
 //! # async fn f() -> std::io::Result<()> {
 //! use rumormill::transport::{Datagrams, Net, TokioNet};
 //! let udp = TokioNet.bind_udp("127.0.0.1:0".parse().unwrap()).await?;
-//! udp.send_to(b"hello", "127.0.0.1:7950".parse().unwrap()).await?;
+//! let to: std::net::SocketAddr = "127.0.0.1:7950".parse().unwrap();
+//! Datagrams::send_to(&udp, b"hello", to).await?;
 //! # Ok(()) }
 //! ```
 
