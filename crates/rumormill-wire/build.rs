@@ -7,6 +7,7 @@ fn main() {
         "rumormill/v1/envelope.proto",
         "rumormill/v1/membership.proto",
         "rumormill/v1/dissemination.proto",
+        "rumormill/v1/events.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
@@ -15,7 +16,11 @@ fn main() {
         Ok(fds) => fds,
         Err(e) => panic!("proto/ does not compile: {e:?}"),
     };
-    if let Err(e) = prost_build::Config::new().compile_fds(fds) {
+    // Events are the largest message: boxed, they keep every envelope small.
+    if let Err(e) = prost_build::Config::new()
+        .boxed(".rumormill.v1.Envelope.body.event")
+        .compile_fds(fds)
+    {
         panic!("prost-build failed: {e}");
     }
 }

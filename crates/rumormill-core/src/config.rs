@@ -70,6 +70,12 @@ pub struct Config {
     /// members is ignored and counted in `Stats::table_full`, so a peer's
     /// state sync cannot grow the table without bound.
     pub max_members: usize,
+    /// Largest event payload accepted by `publish` and on receipt.
+    pub max_event_payload: usize,
+    /// Largest luggage value.
+    pub max_luggage_value: usize,
+    /// Largest luggage total per member.
+    pub max_luggage_total: usize,
     /// How updates spread: rumor mongering, anti-entropy, or both.
     pub dissemination: DisseminationConfig,
 }
@@ -102,6 +108,9 @@ impl Config {
             mtu: 1400,
             max_stream_frame: rumormill_wire::DEFAULT_MAX_FRAME,
             max_members: 250_000,
+            max_event_payload: crate::events::DEFAULT_MAX_PAYLOAD,
+            max_luggage_value: crate::luggage::DEFAULT_MAX_VALUE,
+            max_luggage_total: crate::luggage::DEFAULT_MAX_TOTAL,
             dissemination: DisseminationConfig::default(),
         }
     }

@@ -32,4 +32,8 @@ pub enum Event {
     },
     /// An update from another member was accepted into the store.
     Update(UpdateEvent),
+    /// An event on a topic the local member subscribes to (once per event).
+    Message(crate::events::EventMessage),
+    /// The final outcome of a published at-least-once event for one subscriber.
+    Report(crate::events::DeliveryReport),
 }

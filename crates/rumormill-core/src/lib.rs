@@ -38,6 +38,8 @@
 pub mod broadcast;
 mod config;
 mod event;
+pub mod events;
+pub mod luggage;
 mod membership;
 mod overlay;
 

@@ -75,6 +75,9 @@ pub enum CoreError {
     /// The member has left the overlay.
     #[error("this member has left the overlay")]
     Left,
+    /// An argument is invalid (a topic name, a payload size…).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Something the driver must send.
@@ -123,6 +126,14 @@ pub struct Stats {
     pub seal_errors: u64,
     /// New members ignored because the table held `max_members`.
     pub table_full: u64,
+    /// Event messages received (subscribed or not, duplicates included).
+    pub events_received: u64,
+    /// Payload bytes of the event messages received.
+    pub event_payload_bytes_received: u64,
+    /// Events handed to the local application.
+    pub events_delivered: u64,
+    /// Event messages received again after delivery (acknowledged, not delivered).
+    pub events_duplicate: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +185,7 @@ pub struct Overlay {
     status: Status,
     transmits: VecDeque<Transmit>,
     pub(crate) events: VecDeque<Event>,
+    pub(crate) pubsub: crate::events::Events,
     pub(crate) stats: Stats,
 }
 
@@ -253,6 +265,7 @@ impl Overlay {
             status: Status::Active,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            pubsub: crate::events::Events::default(),
             stats: Stats::default(),
         }
     }
@@ -335,6 +348,8 @@ impl Overlay {
             Body::Suspect(s) => self.apply_suspect(now, &s.name, s.incarnation, s.epoch, &s.from),
             Body::Dead(d) => self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from),
             Body::PushPull(pp) => self.on_push_pull(now, from, pp),
+            Body::Event(ev) => self.on_event(from, *ev),
+            Body::EventAck(a) => self.on_event_ack(a),
             other => {
                 self.dissemination.handle(now, from, other);
                 self.drain_dissemination();
@@ -386,6 +401,9 @@ impl Overlay {
                 }
                 if self.timers.reap <= now {
                     self.reap_tick(now);
+                }
+                if self.pubsub.poll_timeout().is_some_and(|t| t <= now) {
+                    self.events_tick(now);
                 }
                 if self.dissemination.poll_timeout() <= now {
                     let (members, rng) = (&self.members, &mut self.rng);
@@ -574,6 +592,7 @@ impl Overlay {
                     self.reconnects.values().map(|r| r.1).min(),
                     self.suspicions.values().map(|s| s.deadline.min(s.next_check)).min(),
                     Some(self.dissemination.poll_timeout()),
+                    self.pubsub.poll_timeout(),
                 ];
                 for d in others.into_iter().flatten() {
                     next = next.min(d);

@@ -354,6 +354,16 @@ impl<N: SimNode> Simulation<N> {
         }
     }
 
+    /// Calls `f` on member `i` (if running) with the current time, then
+    /// sends what it queued: the way to subscribe, publish or write from a
+    /// test.
+    pub fn with_node<T>(&mut self, i: usize, f: impl FnOnce(&mut N, Instant) -> T) -> Option<T> {
+        let now = self.instant();
+        let out = self.slots.get_mut(i)?.node.as_mut().map(|n| f(n, now));
+        self.flush(i);
+        out
+    }
+
     /// Sends what member `i` queued, collects its events, reschedules it.
     pub fn flush(&mut self, i: usize) {
         let from = self.slots[i].addr;

@@ -35,7 +35,7 @@ use crate::transport::Net;
 
 /// Keys under this prefix are the agent's own per-member data (racks);
 /// clients cannot write them.
-pub const RESERVED_PREFIX: &str = "_rumormill/";
+pub use rumormill_core::broadcast::RESERVED_PREFIX;
 /// How often the peers seen alive are saved for the next start.
 const PEERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 

@@ -38,6 +38,10 @@ pub use handler::{AcceptAll, Decision, UpdateHandler};
 pub use rumor::RumorState;
 pub use store::{Store, Update};
 
+/// Keys under this prefix hold the members' own data (topics, racks…);
+/// applications should leave them alone.
+pub const RESERVED_PREFIX: &str = "_rumormill/";
+
 use crate::membership::Stamp;
 
 macro_rules! choice {

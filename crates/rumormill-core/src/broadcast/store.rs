@@ -160,6 +160,14 @@ impl Store {
         self.entries.get(key).map(|e| &e.update)
     }
 
+    /// The current updates whose keys start with `prefix`, in key order.
+    pub fn prefixed<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Update> + 'a {
+        self.entries
+            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(_, e)| &e.update)
+    }
+
     /// The value of `key`, if it has one (not deleted).
     pub fn value(&self, key: &str) -> Option<&[u8]> {
         self.get(key).and_then(|u| u.value.as_deref())

@@ -1,0 +1,545 @@
+//! Events on topics: a publisher's event reaches the members subscribed to
+//! its topic, and only them.
+//!
+//! - **Subscriptions** ([`subscriptions`]) are values of the replicated
+//!   store, so every member knows who wants what.
+//! - **Spreading**: the publisher sends the event to `f` of the topic's
+//!   live subscribers, `f = ⌈ln S⌉ + 2` for `S` subscribers (at most `S`);
+//!   each subscriber that receives it for the first time forwards it once to
+//!   `f` others (an infect-and-die push epidemic restricted to the
+//!   subscribers). The publisher sends `f` copies, not `S`; non-subscribers
+//!   never see the payload. A first-time receiver forwards with the same
+//!   `f`, so about `e^{-f}` of the subscribers are missed by the epidemic
+//!   alone (under 2% for `f ≥ 4`, before loss).
+//! - **Delivery**: [`Delivery::BestEffort`] stops there.
+//!   [`Delivery::AtLeastOnce`] asks every receiver to acknowledge to the
+//!   publisher, which resends the event directly to each subscriber that has
+//!   not acknowledged, every `retry_every`, until it does, `retry_max`
+//!   attempts are spent (0: no limit), or the subscriber fails, leaves or
+//!   unsubscribes. Each subscriber's outcome is reported to the publisher
+//!   once ([`DeliveryReport`]).
+//! - **Once at the application**: receivers remember the events they
+//!   delivered ([`dedup`]) and acknowledge duplicates without delivering
+//!   them again.
+
+pub mod dedup;
+pub mod subscriptions;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rumormill_wire::proto::{self, Envelope, envelope::Body};
+
+use crate::membership::MemberState;
+use crate::overlay::{CoreError, Overlay};
+
+/// Largest event payload by default (1 MiB); bigger ones are refused.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+/// Events awaiting acknowledgements at one publisher, at most.
+pub const MAX_PENDING: usize = 65_536;
+
+/// An event's identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    /// The publisher.
+    pub origin: Arc<str>,
+    /// Its boot epoch.
+    pub epoch: u64,
+    /// Its event counter in that epoch, from 1.
+    pub seq: u64,
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.origin, self.epoch, self.seq)
+    }
+}
+
+impl EventId {
+    fn to_proto(&self) -> proto::EventId {
+        proto::EventId {
+            origin: self.origin.to_string(),
+            epoch: self.epoch,
+            seq: self.seq,
+        }
+    }
+
+    fn from_proto(p: Option<&proto::EventId>) -> Option<EventId> {
+        let p = p?;
+        (!p.origin.is_empty() && p.seq > 0).then(|| EventId {
+            origin: p.origin.as_str().into(),
+            epoch: p.epoch,
+            seq: p.seq,
+        })
+    }
+}
+
+/// How hard the publisher tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Spread once among the subscribers; no acknowledgement, no report.
+    BestEffort,
+    /// Resent to each subscriber until it acknowledges.
+    AtLeastOnce {
+        /// Time between two resends.
+        retry_every: Duration,
+        /// Resends at most (0: until delivered or the subscriber is gone).
+        retry_max: u32,
+    },
+}
+
+/// What became of an event for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The subscriber has it.
+    Delivered,
+    /// `retry_max` resends went unacknowledged.
+    RetriesExhausted,
+    /// The subscriber was declared failed.
+    SubscriberFailed,
+    /// The subscriber left the overlay.
+    SubscriberLeft,
+    /// The subscriber no longer subscribes to the topic.
+    Unsubscribed,
+}
+
+impl Outcome {
+    /// A short name: `delivered`, `retries_exhausted`, `failed`, `left`,
+    /// `unsubscribed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::RetriesExhausted => "retries_exhausted",
+            Outcome::SubscriberFailed => "failed",
+            Outcome::SubscriberLeft => "left",
+            Outcome::Unsubscribed => "unsubscribed",
+        }
+    }
+}
+
+/// An event for the local application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMessage {
+    /// Its identity.
+    pub id: EventId,
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+/// The final outcome of an at-least-once event for one subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// The event.
+    pub id: EventId,
+    /// The subscriber.
+    pub subscriber: Arc<str>,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Direct sends made by the publisher (the first push included).
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    /// Direct sends so far (the first push included).
+    attempts: u32,
+    /// Resends so far.
+    resends: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    topic: String,
+    payload: Vec<u8>,
+    retry_every: Duration,
+    retry_max: u32,
+    next: Instant,
+    targets: BTreeMap<Arc<str>, Target>,
+}
+
+/// The event state of one member.
+#[derive(Debug, Default)]
+pub(crate) struct Events {
+    next_seq: u64,
+    pending: BTreeMap<u64, Pending>,
+    pub(crate) seen: dedup::Dedup,
+}
+
+impl Events {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.next).min()
+    }
+}
+
+/// An event message; acknowledgements go to `reply_to` (the publisher).
+fn event_envelope(
+    id: &EventId,
+    topic: &str,
+    payload: &[u8],
+    ack: bool,
+    forward: usize,
+    reply_to: SocketAddr,
+) -> Envelope {
+    Envelope {
+        body: Some(Body::Event(Box::new(proto::Event {
+            id: Some(id.to_proto()),
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            ack,
+            reply_to: Some(reply_to.into()),
+            forward: u32::try_from(forward).unwrap_or(u32::MAX),
+        }))),
+    }
+}
+
+/// Subscribers a sender pushes to: `⌈ln S⌉ + 2`, at most `S`.
+pub fn fanout(subscribers: usize) -> usize {
+    if subscribers == 0 {
+        return 0;
+    }
+    let f = (subscribers as f64).ln().ceil() as usize + 2;
+    f.min(subscribers)
+}
+
+impl Overlay {
+    /// Subscribes the local member to `topic`; every member learns it.
+    pub fn subscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+        subscriptions::check_topic(topic).map_err(CoreError::Invalid)?;
+        let mut topics = self.subscriptions();
+        if topics.iter().any(|t| t == topic) {
+            return Ok(());
+        }
+        if topics.len() >= subscriptions::MAX_TOPICS {
+            return Err(CoreError::Invalid(format!(
+                "already {} topics: at most {}",
+                topics.len(),
+                subscriptions::MAX_TOPICS
+            )));
+        }
+        topics.push(topic.to_owned());
+        topics.sort();
+        let key = subscriptions::topics_key(&self.me.name.clone());
+        self.put(now, &key, subscriptions::encode(&topics)).map(|_| ())
+    }
+
+    /// Unsubscribes the local member from `topic`.
+    pub fn unsubscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+        let mut topics = self.subscriptions();
+        let before = topics.len();
+        topics.retain(|t| t != topic);
+        if topics.len() == before {
+            return Ok(());
+        }
+        let key = subscriptions::topics_key(&self.me.name.clone());
+        self.put(now, &key, subscriptions::encode(&topics)).map(|_| ())
+    }
+
+    /// The local member's topics.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.topics_of(&self.me.name)
+    }
+
+    /// A member's topics, as the local member knows them.
+    pub fn topics_of(&self, member: &str) -> Vec<String> {
+        self.topics_value(member).map(subscriptions::decode).unwrap_or_default()
+    }
+
+    /// The stored topics of `member`, if written by the member itself.
+    fn topics_value(&self, member: &str) -> Option<&[u8]> {
+        let u = self.store().get(&subscriptions::topics_key(member))?;
+        if &*u.origin != member {
+            return None;
+        }
+        u.value.as_deref()
+    }
+
+    fn subscribes(&self, member: &str, topic: &str) -> bool {
+        self.topics_value(member)
+            .is_some_and(|v| subscriptions::lists(v, topic))
+    }
+
+    /// The live members subscribed to `topic`, the local one included,
+    /// with their addresses.
+    pub fn subscribers(&self, topic: &str) -> Vec<(Arc<str>, SocketAddr)> {
+        let mut out = Vec::new();
+        if self.subscribes(&self.me.name, topic) {
+            out.push((self.me.name.clone(), self.me.addr));
+        }
+        for u in self.store().prefixed(&subscriptions::topics_key("")) {
+            let Some(name) = subscriptions::topics_owner(&u.key) else {
+                continue;
+            };
+            // Written by the member itself, listing the topic, and not us.
+            let lists = u.value.as_deref().is_some_and(|v| subscriptions::lists(v, topic));
+            if name == &*self.me.name || &*u.origin != name || !lists {
+                continue;
+            }
+            if let Some(i) = self.members.position(name) {
+                let m = self.members.at(i);
+                if m.state.is_live() {
+                    out.push((m.name.clone(), m.addr()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Publishes `payload` on `topic` to its subscribers (see [`crate::events`]).
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        topic: &str,
+        payload: Vec<u8>,
+        delivery: Delivery,
+    ) -> Result<EventId, CoreError> {
+        if self.is_leaving() {
+            return Err(CoreError::Left);
+        }
+        subscriptions::check_topic(topic).map_err(CoreError::Invalid)?;
+        if payload.len() > self.config.max_event_payload {
+            return Err(CoreError::Invalid(format!(
+                "payload of {} bytes: at most {}",
+                payload.len(),
+                self.config.max_event_payload
+            )));
+        }
+        if let Delivery::AtLeastOnce { retry_every, .. } = delivery {
+            if retry_every.is_zero() {
+                return Err(CoreError::Invalid("retry_every must be above zero".into()));
+            }
+            if self.pubsub.pending.len() >= MAX_PENDING {
+                return Err(CoreError::Invalid(format!(
+                    "{MAX_PENDING} at-least-once events are still awaiting acknowledgements"
+                )));
+            }
+        }
+        self.pubsub.next_seq += 1;
+        let id = EventId {
+            origin: self.me.name.clone(),
+            epoch: self.me.epoch,
+            seq: self.pubsub.next_seq,
+        };
+        let mut remote: Vec<(Arc<str>, SocketAddr)> = self
+            .subscribers(topic)
+            .into_iter()
+            .filter(|(n, _)| *n != self.me.name)
+            .collect();
+        if self.subscribes(&self.me.name, topic) {
+            self.pubsub.seen.insert(&id.origin, id.epoch, id.seq);
+            self.deliver(EventMessage {
+                id: id.clone(),
+                topic: topic.to_owned(),
+                payload: payload.clone(),
+            });
+        }
+        let f = fanout(remote.len());
+        remote.shuffle(&mut self.rng);
+        let ack = matches!(delivery, Delivery::AtLeastOnce { .. });
+        let msg = event_envelope(&id, topic, &payload, ack, f, self.me.addr);
+        let mut targets = BTreeMap::new();
+        for (i, (name, addr)) in remote.iter().enumerate() {
+            let first = i < f;
+            if first {
+                self.send(*addr, vec![msg.clone()]);
+            }
+            targets.insert(
+                name.clone(),
+                Target {
+                    attempts: u32::from(first),
+                    resends: 0,
+                },
+            );
+        }
+        if let Delivery::AtLeastOnce { retry_every, retry_max } = delivery {
+            if !targets.is_empty() {
+                self.pubsub.pending.insert(
+                    id.seq,
+                    Pending {
+                        topic: topic.to_owned(),
+                        payload,
+                        retry_every,
+                        retry_max,
+                        next: now + retry_every,
+                        targets,
+                    },
+                );
+            }
+        }
+        Ok(id)
+    }
+
+    fn deliver(&mut self, m: EventMessage) {
+        self.stats.events_delivered += 1;
+        self.events.push_back(crate::Event::Message(m));
+    }
+
+    fn report(&mut self, id: &EventId, subscriber: Arc<str>, outcome: Outcome, attempts: u32) {
+        self.events.push_back(crate::Event::Report(DeliveryReport {
+            id: id.clone(),
+            subscriber,
+            outcome,
+            attempts,
+        }));
+    }
+
+    pub(crate) fn on_event(&mut self, from: SocketAddr, e: proto::Event) {
+        self.stats.events_received += 1;
+        self.stats.event_payload_bytes_received += e.payload.len() as u64;
+        let (Some(id), Ok(reply_to)) = (
+            EventId::from_proto(e.id.as_ref()),
+            rumormill_wire::socket_addr(e.reply_to.as_ref()),
+        ) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if subscriptions::check_topic(&e.topic).is_err() || e.payload.len() > self.config.max_event_payload {
+            self.stats.malformed += 1;
+            return;
+        }
+        let subscribed = self.subscribes(&self.me.name, &e.topic);
+        if subscribed && self.pubsub.seen.insert(&id.origin, id.epoch, id.seq) {
+            // First time here: forward once, then hand it over.
+            let forward = (e.forward as usize).min(64);
+            if forward > 0 {
+                let mut peers: Vec<SocketAddr> = self
+                    .subscribers(&e.topic)
+                    .into_iter()
+                    .filter(|(n, a)| *n != self.me.name && *n != id.origin && *a != from)
+                    .map(|(_, a)| a)
+                    .collect();
+                peers.shuffle(&mut self.rng);
+                peers.truncate(forward);
+                let msg = event_envelope(&id, &e.topic, &e.payload, e.ack, forward, reply_to);
+                for p in peers {
+                    self.send(p, vec![msg.clone()]);
+                }
+            }
+            self.deliver(EventMessage {
+                id: id.clone(),
+                topic: e.topic,
+                payload: e.payload,
+            });
+        } else if subscribed {
+            self.stats.events_duplicate += 1;
+        }
+        if e.ack {
+            let ack = Envelope {
+                body: Some(Body::EventAck(proto::EventAck {
+                    id: Some(id.to_proto()),
+                    from: self.me.name.to_string(),
+                    unsubscribed: !subscribed,
+                })),
+            };
+            self.send(reply_to, vec![ack]);
+        }
+    }
+
+    pub(crate) fn on_event_ack(&mut self, a: proto::EventAck) {
+        let Some(id) = EventId::from_proto(a.id.as_ref()) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        if id.origin != self.me.name || id.epoch != self.me.epoch {
+            return;
+        }
+        let Some(p) = self.pubsub.pending.get_mut(&id.seq) else {
+            return;
+        };
+        let Some((name, t)) = p.targets.remove_entry(a.from.as_str()) else {
+            return;
+        };
+        if p.targets.is_empty() {
+            self.pubsub.pending.remove(&id.seq);
+        }
+        let outcome = if a.unsubscribed {
+            Outcome::Unsubscribed
+        } else {
+            Outcome::Delivered
+        };
+        self.report(&id, name, outcome, t.attempts.max(1));
+    }
+
+    /// Resends unacknowledged at-least-once events; reports subscribers that
+    /// are gone.
+    pub(crate) fn events_tick(&mut self, now: Instant) {
+        let due: Vec<u64> = self
+            .pubsub
+            .pending
+            .iter()
+            .filter(|(_, p)| p.next <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in due {
+            let Some(mut p) = self.pubsub.pending.remove(&seq) else {
+                continue;
+            };
+            let id = EventId {
+                origin: self.me.name.clone(),
+                epoch: self.me.epoch,
+                seq,
+            };
+            let mut keep = BTreeMap::new();
+            let msg = event_envelope(&id, &p.topic, &p.payload, true, 0, self.me.addr);
+            for (name, mut t) in std::mem::take(&mut p.targets) {
+                let member = self.members.position(&name).map(|i| self.members.at(i));
+                let gone = match member.map(|m| m.state) {
+                    None | Some(MemberState::Failed) => Some(Outcome::SubscriberFailed),
+                    Some(MemberState::Left) => Some(Outcome::SubscriberLeft),
+                    Some(_) if !self.subscribes(&name, &p.topic) => Some(Outcome::Unsubscribed),
+                    Some(_) if p.retry_max != 0 && t.resends >= p.retry_max => Some(Outcome::RetriesExhausted),
+                    Some(_) => None,
+                };
+                match gone {
+                    Some(outcome) => self.report(&id, name, outcome, t.attempts),
+                    None => {
+                        let addr = member.map(|m| m.addr());
+                        if let Some(addr) = addr {
+                            self.send(addr, vec![msg.clone()]);
+                        }
+                        t.attempts += 1;
+                        t.resends += 1;
+                        keep.insert(name, t);
+                    }
+                }
+            }
+            if !keep.is_empty() {
+                p.targets = keep;
+                p.next = crate::overlay::next_tick(p.next, p.retry_every, now);
+                self.pubsub.pending.insert(seq, p);
+            }
+        }
+    }
+
+    /// At-least-once events still awaiting acknowledgements, with the
+    /// subscribers that have not acknowledged yet.
+    pub fn pending_events(&self) -> Vec<(EventId, Vec<Arc<str>>)> {
+        self.pubsub
+            .pending
+            .iter()
+            .map(|(seq, p)| {
+                let id = EventId {
+                    origin: self.me.name.clone(),
+                    epoch: self.me.epoch,
+                    seq: *seq,
+                };
+                (id, p.targets.keys().cloned().collect())
+            })
+            .collect()
+    }
+
+    /// The de-duplication window, for saving across a restart.
+    pub fn delivered_window(&self) -> Vec<dedup::DedupEntry> {
+        self.pubsub.seen.entries()
+    }
+
+    /// Restores a saved de-duplication window: those events are not
+    /// delivered again.
+    pub fn restore_delivered(&mut self, entries: impl IntoIterator<Item = dedup::DedupEntry>) {
+        self.pubsub.seen.restore(entries);
+    }
+}

@@ -1,0 +1,155 @@
+//! Luggage: per-member key/value data, set and deleted by the member
+//! itself and held by every member.
+//!
+//! Each entry is a value of the replicated store under
+//! `_rumormill/luggage/<member>/<key>`, so it is versioned per key, spreads
+//! by rumor mongering as it changes and reaches a member that joins later
+//! in full through anti-entropy (digests, then only the missing entries,
+//! chunked over streams). Entries not written by the member they name are
+//! ignored. Values up to [`Config::max_luggage_value`] (64 KiB) and
+//! [`Config::max_luggage_total`] (1 MiB) per member by default.
+//!
+//! ```
+//! use rumormill_core::{Config, Identity, Overlay, Security};
+//! let now = std::time::Instant::now();
+//! let id = Identity::new("web-1", "127.0.0.1:7950".parse().unwrap(), 1);
+//! let mut o = Overlay::new(Config::new_lan(), id, Security::Plaintext, 1, now);
+//! o.set_luggage(now, "version", b"1.4.2".to_vec()).unwrap();
+//! assert_eq!(o.luggage("web-1"), vec![("version".to_string(), b"1.4.2".to_vec())]);
+//! ```
+//!
+//! [`Config::max_luggage_value`]: crate::Config::max_luggage_value
+//! [`Config::max_luggage_total`]: crate::Config::max_luggage_total
+
+use std::time::Instant;
+
+use crate::broadcast::{RESERVED_PREFIX, Update};
+use crate::overlay::{CoreError, Overlay};
+
+/// Default largest value (64 KiB).
+pub const DEFAULT_MAX_VALUE: usize = 64 << 10;
+/// Default largest total per member (1 MiB).
+pub const DEFAULT_MAX_TOTAL: usize = 1 << 20;
+/// Longest luggage key, in bytes.
+pub const MAX_KEY: usize = 256;
+
+/// `/` and `%` in member names are escaped, so the member part of a store
+/// key ends at the first `/`.
+fn escape(member: &str) -> String {
+    member.replace('%', "%25").replace('/', "%2F")
+}
+
+fn unescape(member: &str) -> String {
+    member.replace("%2F", "/").replace("%25", "%")
+}
+
+fn prefix(member: &str) -> String {
+    format!("{RESERVED_PREFIX}luggage/{}/", escape(member))
+}
+
+/// The member and luggage key a store key holds, if it is luggage.
+pub fn parse(store_key: &str) -> Option<(String, &str)> {
+    let rest = store_key.strip_prefix(RESERVED_PREFIX)?.strip_prefix("luggage/")?;
+    let (member, key) = rest.split_once('/')?;
+    Some((unescape(member), key))
+}
+
+/// For an update event: whose luggage changed and which key, when the
+/// update is luggage written by its owner.
+pub fn changed(u: &Update) -> Option<(String, &str)> {
+    let (member, key) = parse(&u.key)?;
+    (*u.origin == member).then_some((member, key))
+}
+
+fn check_key(key: &str) -> Result<(), CoreError> {
+    if key.is_empty() || key.len() > MAX_KEY || key.chars().any(char::is_control) {
+        return Err(CoreError::Invalid(format!(
+            "luggage key {key:?}: 1 to {MAX_KEY} bytes, no control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl Overlay {
+    /// Sets one of the local member's luggage entries.
+    pub fn set_luggage(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<(), CoreError> {
+        check_key(key)?;
+        let max = self.config.max_luggage_value;
+        if value.len() > max {
+            return Err(CoreError::Invalid(format!(
+                "luggage value of {} bytes: at most {max}",
+                value.len()
+            )));
+        }
+        let me = self.me.name.clone();
+        let others: usize = self
+            .luggage(&me)
+            .iter()
+            .filter(|(k, _)| k != key)
+            .map(|(_, v)| v.len())
+            .sum();
+        let total = self.config.max_luggage_total;
+        if others + value.len() > total {
+            return Err(CoreError::Invalid(format!(
+                "luggage would total {} bytes: at most {total} per member",
+                others + value.len()
+            )));
+        }
+        let store_key = format!("{}{key}", prefix(&me));
+        self.put(now, &store_key, value).map(|_| ())
+    }
+
+    /// Deletes one of the local member's luggage entries; false if it had none.
+    pub fn delete_luggage(&mut self, now: Instant, key: &str) -> Result<bool, CoreError> {
+        let store_key = format!("{}{key}", prefix(&self.me.name));
+        if self.store().value(&store_key).is_none() {
+            return Ok(false);
+        }
+        self.delete(now, &store_key).map(|_| true)
+    }
+
+    /// A member's luggage as the local member holds it, by key.
+    pub fn luggage(&self, member: &str) -> Vec<(String, Vec<u8>)> {
+        let p = prefix(member);
+        self.store()
+            .prefixed(&p)
+            .filter(|u| &*u.origin == member)
+            .filter_map(|u| Some((u.key[p.len()..].to_owned(), u.value.clone()?)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Identity, Security};
+
+    fn overlay(name: &str) -> (Overlay, Instant) {
+        let now = Instant::now();
+        let id = Identity::new(name, "127.0.0.1:1".parse().unwrap(), 1);
+        (Overlay::new(Config::new_lan(), id, Security::Plaintext, 1, now), now)
+    }
+
+    #[test]
+    fn limits_are_enforced_and_keys_parse_back() {
+        let (mut o, now) = overlay("a/b%c");
+        o.set_luggage(now, "k", vec![1; DEFAULT_MAX_VALUE]).unwrap();
+        assert!(o.set_luggage(now, "big", vec![1; DEFAULT_MAX_VALUE + 1]).is_err());
+        for i in 1..16 {
+            o.set_luggage(now, &format!("k{i}"), vec![1; DEFAULT_MAX_VALUE])
+                .unwrap();
+        }
+        let err = o.set_luggage(now, "one-more", vec![1; 1]).unwrap_err();
+        assert!(err.to_string().contains("at most 1048576 per member"), "{err}");
+        // Replacing an entry counts its new size only.
+        o.set_luggage(now, "k", vec![2; 10]).unwrap();
+        assert!(o.set_luggage(now, "", vec![]).is_err());
+        let all = o.luggage("a/b%c");
+        assert_eq!(all.len(), 16);
+        let u = o.store().get(&format!("{}k", prefix("a/b%c"))).unwrap().clone();
+        assert_eq!(changed(&u), Some(("a/b%c".to_owned(), "k")));
+        assert!(o.delete_luggage(now, "k").unwrap());
+        assert!(!o.delete_luggage(now, "k").unwrap());
+        assert_eq!(o.luggage("a/b%c").len(), 15);
+    }
+}

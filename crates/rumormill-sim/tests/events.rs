@@ -1,0 +1,223 @@
+//! Events on topics, in the simulator: 1,000 members, 10 subscribers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rumormill_core::events::{Delivery, Outcome};
+use rumormill_core::{Config, Event, Overlay};
+use rumormill_sim::{NetworkModel, Simulation, secs};
+
+const N: usize = 1000;
+const TOPIC: &str = "orders";
+
+/// Members 3, 103, 203… subscribe; the publisher (member 0) does not.
+fn subscribers() -> Vec<usize> {
+    (0..10).map(|k| 3 + 100 * k).collect()
+}
+
+fn cluster(loss: f64, seed: u64) -> Simulation {
+    let mut sim = Simulation::new(N, Config::new_lan(), NetworkModel::lan(loss), seed);
+    sim.bootstrap();
+    sim.run_until(secs(2.0));
+    for i in subscribers() {
+        sim.with_node(i, |o, now| o.subscribe(now, TOPIC))
+            .expect("running")
+            .expect("subscribe");
+    }
+    // Subscriptions spread like any value: rumor first, anti-entropy after.
+    let everyone_knows =
+        |sim: &Simulation| (0..N).all(|i| sim.node(i).is_none_or(|o: &Overlay| o.subscribers(TOPIC).len() == 10));
+    let mut t = 2.0;
+    while !everyone_knows(&sim) {
+        assert!(t < 40.0, "the subscriptions did not reach every member in 38 s");
+        t += 0.5;
+        sim.run_until(secs(t));
+    }
+    sim
+}
+
+/// Event ids delivered to each member's application, with their count.
+fn delivered(sim: &Simulation) -> BTreeMap<usize, Vec<u64>> {
+    let mut out: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+    for (_, i, e) in sim.events() {
+        if let Event::Message(m) = e {
+            out.entry(*i).or_default().push(m.id.seq);
+        }
+    }
+    out
+}
+
+fn reports(sim: &Simulation, publisher: usize) -> Vec<(u64, String, Outcome)> {
+    sim.events()
+        .iter()
+        .filter(|(_, i, _)| *i == publisher)
+        .filter_map(|(_, _, e)| match e {
+            Event::Report(r) => Some((r.id.seq, r.subscriber.to_string(), r.outcome)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn publish(sim: &mut Simulation, from: usize, count: usize, delivery: Delivery, every_s: f64) {
+    for k in 0..count {
+        let payload = format!("event {k}").into_bytes();
+        sim.with_node(from, |o, now| o.publish(now, TOPIC, payload, delivery))
+            .expect("running")
+            .expect("publish");
+        let t = sim.now() as f64 / 1e9 + every_s;
+        sim.run_until(secs(t));
+    }
+}
+
+#[test]
+fn only_subscribers_receive_events_and_each_gets_every_one() {
+    let mut sim = cluster(0.0, 1);
+    let alo = Delivery::AtLeastOnce {
+        retry_every: Duration::from_secs(1),
+        retry_max: 0,
+    };
+    publish(&mut sim, 0, 50, alo, 0.1);
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 10.0));
+    let got = delivered(&sim);
+    let subs: BTreeSet<usize> = subscribers().into_iter().collect();
+    for i in &subs {
+        let ids: BTreeSet<u64> = got.get(i).into_iter().flatten().copied().collect();
+        assert_eq!(ids.len(), 50, "subscriber {i} got {} of 50", ids.len());
+        assert_eq!(got[i].len(), 50, "subscriber {i}'s application saw an event twice");
+    }
+    for i in 0..N {
+        let bytes = sim.node(i).map_or(0, |o| o.stats().event_payload_bytes_received);
+        if subs.contains(&i) {
+            assert!(bytes > 0);
+        } else {
+            assert_eq!(bytes, 0, "non-subscriber {i} received {bytes} payload bytes");
+        }
+    }
+    let r = reports(&sim, 0);
+    assert_eq!(r.len(), 500, "one report per event and subscriber");
+    assert!(r.iter().all(|(_, _, o)| *o == Outcome::Delivered), "{r:?}");
+}
+
+#[test]
+fn best_effort_spreads_among_subscribers_without_the_publisher_sending_every_copy() {
+    let mut sim = cluster(0.0, 2);
+    let before = sim.node(0).map(|o| o.stats().datagrams_sent).unwrap_or_default();
+    publish(&mut sim, 0, 50, Delivery::BestEffort, 0.001);
+    let sent = sim.node(0).map(|o| o.stats().datagrams_sent).unwrap_or_default() - before;
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 2.0));
+    let got = delivered(&sim);
+    let total: usize = subscribers().iter().map(|i| got.get(i).map_or(0, Vec::len)).sum();
+    // f = ⌈ln 10⌉ + 2 = 5 copies from the publisher, then the epidemic.
+    assert!(total >= 490, "best effort delivered {total} of 500");
+    assert!(sent <= 50 * 5 + 20, "the publisher sent {sent} datagrams for 50 events");
+    assert!(reports(&sim, 0).is_empty(), "no reports for best effort");
+}
+
+#[test]
+fn at_least_once_under_20_percent_loss_delivers_everything_once() {
+    // Subscriptions spread first; then 20% of all datagrams (events and
+    // acknowledgements included) are lost while 50 events are published.
+    let mut sim = cluster(0.0, 3);
+    sim.network = NetworkModel::lan(0.2);
+    let alo = Delivery::AtLeastOnce {
+        retry_every: Duration::from_secs(1),
+        retry_max: 0,
+    };
+    publish(&mut sim, 0, 50, alo, 0.1);
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 15.0));
+    let got = delivered(&sim);
+    for i in subscribers() {
+        let ids: BTreeSet<u64> = got.get(&i).into_iter().flatten().copied().collect();
+        assert_eq!(ids.len(), 50, "subscriber {i} got {} of 50", ids.len());
+        assert_eq!(got[&i].len(), 50, "subscriber {i}'s application saw an event twice");
+    }
+    let r = reports(&sim, 0);
+    assert_eq!(r.len(), 500);
+    assert!(r.iter().all(|(_, _, o)| *o == Outcome::Delivered), "{r:?}");
+    let dups: u64 = subscribers()
+        .iter()
+        .filter_map(|&i| sim.node(i).map(|o| o.stats().events_duplicate))
+        .sum();
+    eprintln!("duplicates on the wire, acknowledged and not delivered: {dups}");
+}
+
+#[test]
+fn a_crashed_subscriber_is_reported_failed_or_delivered_if_back_in_time() {
+    let mut sim = cluster(0.0, 4);
+    let (gone, back) = (subscribers()[2], subscribers()[5]);
+    sim.kill(gone);
+    sim.kill(back);
+    let alo = Delivery::AtLeastOnce {
+        retry_every: Duration::from_secs(1),
+        retry_max: 0,
+    };
+    publish(&mut sim, 0, 5, alo, 0.2);
+    // `back` restarts under its name 3 s later (long before it could be
+    // declared failed) and subscribes again.
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 3.0));
+    sim.restart(back, false, 0);
+    sim.with_node(back, |o, now| o.subscribe(now, TOPIC))
+        .expect("running")
+        .expect("subscribe");
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 60.0));
+    let name = |i: usize| rumormill_sim::member_name(i);
+    let r = reports(&sim, 0);
+    assert_eq!(r.len(), 50, "{r:?}");
+    for (seq, who, outcome) in &r {
+        let expected = if *who == name(gone) {
+            Outcome::SubscriberFailed
+        } else {
+            Outcome::Delivered
+        };
+        assert_eq!(*outcome, expected, "event {seq} for {who}");
+    }
+    let got = delivered(&sim);
+    assert_eq!(
+        got.get(&back).map(Vec::len),
+        Some(5),
+        "the restarted subscriber got every event"
+    );
+}
+
+#[test]
+fn exhausted_retries_and_unsubscribing_are_reported() {
+    let mut sim = cluster(0.0, 5);
+    let (silent, leaving_topic) = (subscribers()[1], subscribers()[4]);
+    sim.kill(silent);
+    // Unsubscribes at the same moment the event is published: the
+    // publisher still counts it, the subscriber answers "unsubscribed".
+    sim.with_node(leaving_topic, |o, now| o.unsubscribe(now, TOPIC))
+        .expect("running")
+        .expect("unsubscribe");
+    let limited = Delivery::AtLeastOnce {
+        retry_every: Duration::from_millis(500),
+        retry_max: 2,
+    };
+    publish(&mut sim, 0, 1, limited, 0.0);
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 5.0));
+    let name = rumormill_sim::member_name;
+    let r = reports(&sim, 0);
+    assert_eq!(r.len(), 10, "{r:?}");
+    for (_, who, outcome) in &r {
+        let expected = if *who == name(silent) {
+            Outcome::RetriesExhausted // 2 resends in 1 s, long before failure detection
+        } else if *who == name(leaving_topic) {
+            Outcome::Unsubscribed
+        } else {
+            Outcome::Delivered
+        };
+        assert_eq!(*outcome, expected, "{who}");
+    }
+    let got = delivered(&sim);
+    assert_eq!(
+        got.get(&leaving_topic),
+        None,
+        "an unsubscribed member's application gets nothing"
+    );
+}
