@@ -221,3 +221,79 @@ fn exhausted_retries_and_unsubscribing_are_reported() {
         "an unsubscribed member's application gets nothing"
     );
 }
+
+#[test]
+fn manual_acks_hold_the_acknowledgement_until_the_application_has_it() {
+    let mut sim = cluster(0.0, 6);
+    let careful = subscribers()[0];
+    sim.with_node(careful, |o, _| o.set_manual_acks(true));
+    let alo = Delivery::AtLeastOnce {
+        retry_every: Duration::from_secs(1),
+        retry_max: 0,
+    };
+    publish(&mut sim, 0, 1, alo, 3.5);
+    let name = rumormill_sim::member_name(careful);
+    let r = reports(&sim, 0);
+    assert_eq!(r.len(), 9, "everyone but the careful subscriber: {r:?}");
+    assert!(r.iter().all(|(_, who, _)| *who != name));
+    assert_eq!(
+        delivered(&sim).get(&careful).map(Vec::len),
+        Some(1),
+        "resends are not delivered again"
+    );
+    let resent = sim.node(careful).map_or(0, |o| o.stats().events_duplicate);
+    assert!(resent >= 2, "the publisher kept resending ({resent})");
+    // The application has stored it: now it is acknowledged.
+    let id = sim
+        .events()
+        .iter()
+        .find_map(|(_, i, e)| match e {
+            Event::Message(m) if *i == careful => Some(m.id.clone()),
+            _ => None,
+        })
+        .expect("delivered");
+    sim.with_node(careful, |o, _| o.acknowledge(&id));
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 1.0));
+    let r = reports(&sim, 0);
+    assert_eq!(r.len(), 10);
+    assert!(r.contains(&(id.seq, name, Outcome::Delivered)), "{r:?}");
+}
+
+#[test]
+fn a_restarted_publisher_resumes_its_pending_events() {
+    let mut sim = cluster(0.0, 7);
+    let publisher = 1;
+    let alo = Delivery::AtLeastOnce {
+        retry_every: Duration::from_secs(1),
+        retry_max: 0,
+    };
+    for k in 0..5 {
+        let payload = format!("event {k}").into_bytes();
+        sim.with_node(publisher, |o, now| o.publish(now, TOPIC, payload, alo))
+            .expect("running")
+            .expect("publish");
+    }
+    // Saved before the crash (an agent saves them as it publishes), then
+    // the publisher dies before any acknowledgement is back.
+    let saved = sim.node(publisher).map(Overlay::pending_events).expect("running");
+    assert_eq!(saved.len(), 5);
+    sim.kill(publisher);
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 2.0));
+    sim.restart(publisher, false, 0);
+    for e in saved {
+        sim.with_node(publisher, |o, now| o.resume(now, e))
+            .expect("running")
+            .expect("resume");
+    }
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 5.0));
+    let r = reports(&sim, publisher);
+    assert_eq!(r.len(), 50, "{r:?}");
+    assert!(r.iter().all(|(_, _, o)| *o == Outcome::Delivered), "{r:?}");
+    let got = delivered(&sim);
+    for i in subscribers() {
+        assert_eq!(got.get(&i).map(Vec::len), Some(5), "subscriber {i}: each event once");
+    }
+}

@@ -131,6 +131,23 @@ pub struct EventMessage {
     pub payload: Vec<u8>,
 }
 
+/// An at-least-once event awaiting acknowledgements, as saved by a driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingEvent {
+    /// Its identity (kept across the publisher's restart).
+    pub id: EventId,
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Time between two resends.
+    pub retry_every: Duration,
+    /// Resends at most (0: no limit).
+    pub retry_max: u32,
+    /// Subscribers that have not acknowledged: name, direct sends, resends.
+    pub waiting: Vec<(Arc<str>, u32, u32)>,
+}
+
 /// The final outcome of an at-least-once event for one subscriber.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryReport {
@@ -166,7 +183,13 @@ struct Pending {
 #[derive(Debug, Default)]
 pub(crate) struct Events {
     next_seq: u64,
-    pending: BTreeMap<u64, Pending>,
+    /// Keyed by the whole id: events resumed after a restart keep the id
+    /// (and boot epoch) they were published under.
+    pending: BTreeMap<EventId, Pending>,
+    /// Manual acknowledgement: delivered events the application has not
+    /// acknowledged yet, with whom to acknowledge to.
+    manual_acks: bool,
+    unacked: BTreeMap<EventId, SocketAddr>,
     pub(crate) seen: dedup::Dedup,
 }
 
@@ -194,6 +217,16 @@ fn event_envelope(
             reply_to: Some(reply_to.into()),
             forward: u32::try_from(forward).unwrap_or(u32::MAX),
         }))),
+    }
+}
+
+fn ack_envelope(id: &EventId, me: &str, unsubscribed: bool) -> Envelope {
+    Envelope {
+        body: Some(Body::EventAck(proto::EventAck {
+            id: Some(id.to_proto()),
+            from: me.to_owned(),
+            unsubscribed,
+        })),
     }
 }
 
@@ -358,7 +391,7 @@ impl Overlay {
         if let Delivery::AtLeastOnce { retry_every, retry_max } = delivery {
             if !targets.is_empty() {
                 self.pubsub.pending.insert(
-                    id.seq,
+                    id.clone(),
                     Pending {
                         topic: topic.to_owned(),
                         payload,
@@ -402,7 +435,8 @@ impl Overlay {
             return;
         }
         let subscribed = self.subscribes(&self.me.name, &e.topic);
-        if subscribed && self.pubsub.seen.insert(&id.origin, id.epoch, id.seq) {
+        let first = subscribed && self.pubsub.seen.insert(&id.origin, id.epoch, id.seq);
+        if first {
             // First time here: forward once, then hand it over.
             let forward = (e.forward as usize).min(64);
             if forward > 0 {
@@ -428,14 +462,15 @@ impl Overlay {
             self.stats.events_duplicate += 1;
         }
         if e.ack {
-            let ack = Envelope {
-                body: Some(Body::EventAck(proto::EventAck {
-                    id: Some(id.to_proto()),
-                    from: self.me.name.to_string(),
-                    unsubscribed: !subscribed,
-                })),
-            };
-            self.send(reply_to, vec![ack]);
+            if subscribed && self.pubsub.manual_acks {
+                // Acknowledged when the application says it has it (a
+                // duplicate before then changes nothing).
+                if first || self.pubsub.unacked.contains_key(&id) {
+                    self.pubsub.unacked.insert(id, reply_to);
+                    return;
+                }
+            }
+            self.send(reply_to, vec![ack_envelope(&id, &self.me.name, !subscribed)]);
         }
     }
 
@@ -444,17 +479,14 @@ impl Overlay {
             self.stats.malformed += 1;
             return;
         };
-        if id.origin != self.me.name || id.epoch != self.me.epoch {
-            return;
-        }
-        let Some(p) = self.pubsub.pending.get_mut(&id.seq) else {
+        let Some(p) = self.pubsub.pending.get_mut(&id) else {
             return;
         };
         let Some((name, t)) = p.targets.remove_entry(a.from.as_str()) else {
             return;
         };
         if p.targets.is_empty() {
-            self.pubsub.pending.remove(&id.seq);
+            self.pubsub.pending.remove(&id);
         }
         let outcome = if a.unsubscribed {
             Outcome::Unsubscribed
@@ -467,41 +499,38 @@ impl Overlay {
     /// Resends unacknowledged at-least-once events; reports subscribers that
     /// are gone.
     pub(crate) fn events_tick(&mut self, now: Instant) {
-        let due: Vec<u64> = self
+        let due: Vec<EventId> = self
             .pubsub
             .pending
             .iter()
             .filter(|(_, p)| p.next <= now)
-            .map(|(s, _)| *s)
+            .map(|(id, _)| id.clone())
             .collect();
-        for seq in due {
-            let Some(mut p) = self.pubsub.pending.remove(&seq) else {
+        for id in due {
+            let Some(mut p) = self.pubsub.pending.remove(&id) else {
                 continue;
-            };
-            let id = EventId {
-                origin: self.me.name.clone(),
-                epoch: self.me.epoch,
-                seq,
             };
             let mut keep = BTreeMap::new();
             let msg = event_envelope(&id, &p.topic, &p.payload, true, 0, self.me.addr);
             for (name, mut t) in std::mem::take(&mut p.targets) {
                 let member = self.members.position(&name).map(|i| self.members.at(i));
+                // Unknown members and topics (a publisher that just
+                // restarted has not synced yet) are waited for, not judged.
+                let unsubscribed = self.topics_value(&name).is_some() && !self.subscribes(&name, &p.topic);
                 let gone = match member.map(|m| m.state) {
-                    None | Some(MemberState::Failed) => Some(Outcome::SubscriberFailed),
+                    Some(MemberState::Failed) => Some(Outcome::SubscriberFailed),
                     Some(MemberState::Left) => Some(Outcome::SubscriberLeft),
-                    Some(_) if !self.subscribes(&name, &p.topic) => Some(Outcome::Unsubscribed),
-                    Some(_) if p.retry_max != 0 && t.resends >= p.retry_max => Some(Outcome::RetriesExhausted),
-                    Some(_) => None,
+                    Some(_) if unsubscribed => Some(Outcome::Unsubscribed),
+                    _ if p.retry_max != 0 && t.resends >= p.retry_max => Some(Outcome::RetriesExhausted),
+                    _ => None,
                 };
                 match gone {
                     Some(outcome) => self.report(&id, name, outcome, t.attempts),
                     None => {
-                        let addr = member.map(|m| m.addr());
-                        if let Some(addr) = addr {
+                        if let Some(addr) = member.map(|m| m.addr()) {
                             self.send(addr, vec![msg.clone()]);
+                            t.attempts += 1;
                         }
-                        t.attempts += 1;
                         t.resends += 1;
                         keep.insert(name, t);
                     }
@@ -510,26 +539,77 @@ impl Overlay {
             if !keep.is_empty() {
                 p.targets = keep;
                 p.next = crate::overlay::next_tick(p.next, p.retry_every, now);
-                self.pubsub.pending.insert(seq, p);
+                self.pubsub.pending.insert(id, p);
             }
         }
     }
 
-    /// At-least-once events still awaiting acknowledgements, with the
-    /// subscribers that have not acknowledged yet.
-    pub fn pending_events(&self) -> Vec<(EventId, Vec<Arc<str>>)> {
+    /// At-least-once events still awaiting acknowledgements: what a
+    /// driver saves to resume them after a restart ([`Overlay::resume`]).
+    pub fn pending_events(&self) -> Vec<PendingEvent> {
         self.pubsub
             .pending
             .iter()
-            .map(|(seq, p)| {
-                let id = EventId {
-                    origin: self.me.name.clone(),
-                    epoch: self.me.epoch,
-                    seq: *seq,
-                };
-                (id, p.targets.keys().cloned().collect())
+            .map(|(id, p)| PendingEvent {
+                id: id.clone(),
+                topic: p.topic.clone(),
+                payload: p.payload.clone(),
+                retry_every: p.retry_every,
+                retry_max: p.retry_max,
+                waiting: p
+                    .targets
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.attempts, t.resends))
+                    .collect(),
             })
             .collect()
+    }
+
+    /// Takes over an at-least-once event published before a restart: it
+    /// keeps its id (so subscribers that have it do not deliver it again)
+    /// and is resent to the subscribers still waiting at the next tick.
+    pub fn resume(&mut self, now: Instant, e: PendingEvent) -> Result<(), CoreError> {
+        if *e.id.origin != *self.me.name {
+            return Err(CoreError::Invalid(format!(
+                "event {} was not published by this member",
+                e.id
+            )));
+        }
+        if e.retry_every.is_zero() || e.waiting.is_empty() {
+            return Err(CoreError::Invalid(format!("event {} has nothing to resend", e.id)));
+        }
+        let targets = e
+            .waiting
+            .into_iter()
+            .map(|(n, attempts, resends)| (n, Target { attempts, resends }))
+            .collect();
+        self.pubsub.pending.insert(
+            e.id,
+            Pending {
+                topic: e.topic,
+                payload: e.payload,
+                retry_every: e.retry_every,
+                retry_max: e.retry_max,
+                next: now,
+                targets,
+            },
+        );
+        Ok(())
+    }
+
+    /// With manual acknowledgements on, a delivered event is acknowledged
+    /// to its publisher only once the application calls
+    /// [`Overlay::acknowledge`] — after storing it durably, say — so that a
+    /// crash in between makes the publisher resend it instead of losing it.
+    pub fn set_manual_acks(&mut self, on: bool) {
+        self.pubsub.manual_acks = on;
+    }
+
+    /// Acknowledges a delivered event to its publisher (manual mode).
+    pub fn acknowledge(&mut self, id: &EventId) {
+        if let Some(to) = self.pubsub.unacked.remove(id) {
+            self.send(to, vec![ack_envelope(id, &self.me.name, false)]);
+        }
     }
 
     /// The de-duplication window, for saving across a restart.
