@@ -51,6 +51,9 @@ pub enum AgentError {
     /// No value under that key.
     #[error("no value under key {0:?}")]
     UnknownKey(String),
+    /// Something else asked for does not exist (the message says what).
+    #[error("{0}")]
+    NotFound(String),
     /// A setting is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -173,9 +176,19 @@ pub(crate) struct Running {
     pub(crate) handle: OverlayHandle,
     pub(crate) left: bool,
     tasks: Vec<JoinHandle<()>>,
+    /// Live inbox entries for connected applications.
+    pub(crate) feed: crate::events::InboxFeed,
+    /// The agent's topics, as the event pump sees them.
+    topics: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Running {
+    pub(crate) fn share_topics(&self) {
+        if let Ok(mut t) = self.topics.lock() {
+            t.clone_from(&self.record.topics);
+        }
+    }
+
     fn stop_tasks(&mut self) {
         for t in self.tasks.drain(..) {
             t.abort();
@@ -197,6 +210,8 @@ pub struct Agent<N: Net> {
     pub(crate) db: Db,
     host: String,
     pub(crate) overlays: Mutex<BTreeMap<String, Running>>,
+    /// Serializes the stores of published events and their reports.
+    pub(crate) events_lock: Mutex<()>,
     me: Weak<Agent<N>>,
 }
 
@@ -250,6 +265,7 @@ impl<N: Net> Agent<N> {
             db,
             host,
             overlays: Mutex::new(BTreeMap::new()),
+            events_lock: Mutex::new(()),
             me: me.clone(),
         });
         for (_, rec) in records {
@@ -278,6 +294,7 @@ impl<N: Net> Agent<N> {
         options.advertise = advertise;
         options.max_frame = config.max_stream_frame;
         options.label = name.clone();
+        options.event_stream = true;
         let seed = rand::random::<u64>();
         let handle = Driver::start(self.net.clone(), options, move |addr| {
             let now = tokio::time::Instant::now().into_std();
@@ -303,11 +320,15 @@ impl<N: Net> Agent<N> {
         if !rec.keys.is_empty() {
             crate::keyring::publish_report(&handle).await;
         }
+        self.restore_events(&name, &handle, &rec.topics).await?;
+        let topics = Arc::new(std::sync::Mutex::new(rec.topics.clone()));
         let mut running = Running {
             record: rec,
             handle,
             left: false,
             tasks: Vec::new(),
+            feed: tokio::sync::broadcast::channel(4096).0,
+            topics,
         };
         self.start_tasks(&mut running).await;
         Ok(running)
@@ -343,6 +364,14 @@ impl<N: Net> Agent<N> {
             let watcher = crate::keyring::watch(self.me.clone(), spec.name.clone(), handle.clone());
             running.tasks.push(tokio::spawn(watcher));
         }
+        let pump = crate::events::pump(
+            self.me.clone(),
+            spec.name.clone(),
+            handle.clone(),
+            running.topics.clone(),
+            running.feed.clone(),
+        );
+        running.tasks.push(tokio::spawn(pump));
         let me = self.me.clone();
         let name = spec.name.clone();
         running.tasks.push(tokio::spawn(async move {
@@ -665,6 +694,62 @@ impl<N: Net> Agent<N> {
         }
     }
 
+    /// Luggage of every live member (or of one), as (member, key, value).
+    pub async fn luggage(
+        &self,
+        name: &str,
+        member: Option<String>,
+    ) -> Result<Vec<(String, String, Vec<u8>)>, AgentError> {
+        self.call(name, move |o, _| {
+            let local = o.local();
+            let names: Vec<String> = match member {
+                Some(m) => vec![m],
+                None => std::iter::once(local.name.to_string())
+                    .chain(
+                        o.members()
+                            .filter(|m| m.state.is_live() && m.name != local.name)
+                            .map(|m| m.name.to_string()),
+                    )
+                    .collect(),
+            };
+            names
+                .into_iter()
+                .flat_map(|n| o.luggage(&n).into_iter().map(move |(k, v)| (n.clone(), k, v)))
+                .collect()
+        })
+        .await
+    }
+
+    /// Sets one of the local member's luggage entries.
+    pub async fn set_luggage(&self, name: &str, key: &str, value: Vec<u8>) -> Result<(), AgentError> {
+        let key = key.to_owned();
+        self.call(name, move |o, now| {
+            o.advance_clock(wall_ms());
+            o.set_luggage(now, &key, value)
+        })
+        .await?
+        .map_err(core_error)
+    }
+
+    /// Deletes one of the local member's luggage entries.
+    pub async fn delete_luggage(&self, name: &str, key: &str) -> Result<(), AgentError> {
+        let k = key.to_owned();
+        let existed = self
+            .call(name, move |o, now| {
+                o.advance_clock(wall_ms());
+                o.delete_luggage(now, &k)
+            })
+            .await?
+            .map_err(core_error)?;
+        if existed {
+            Ok(())
+        } else {
+            Err(AgentError::NotFound(format!(
+                "this member has no luggage under {key:?}"
+            )))
+        }
+    }
+
     /// Every value (not deleted), by key; the agent's own keys left out.
     pub async fn list(&self, name: &str, prefix: Option<String>) -> Result<Vec<UpdateRow>, AgentError> {
         let mut rows = self
@@ -710,6 +795,15 @@ pub(crate) fn running_mut<'a>(
         return Err(has_left(name));
     }
     Ok(r)
+}
+
+/// Ok if the overlay exists (left or not).
+pub(crate) async fn has_left_or_unknown<N: Net>(agent: &Agent<N>, name: &str) -> Result<(), AgentError> {
+    if agent.overlays.lock().await.contains_key(name) {
+        Ok(())
+    } else {
+        Err(AgentError::UnknownOverlay(name.to_owned()))
+    }
 }
 
 fn has_left(name: &str) -> AgentError {

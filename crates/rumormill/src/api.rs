@@ -30,6 +30,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::agent::{Agent, AgentError, MemberRow, OverlayStats, OverlaySummary, UpdateRow};
 use crate::config::OverlaySpec;
+use crate::events::{DeliverySpec, EventRecord, InboxItem, SubscriberReport};
 use crate::keyring::{KeyChange, KeyRow};
 use crate::transport::TokioNet;
 
@@ -61,7 +62,9 @@ impl IntoResponse for ApiError {
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> ApiError {
         let status = match &e {
-            AgentError::UnknownOverlay(_) | AgentError::UnknownKey(_) => StatusCode::NOT_FOUND,
+            AgentError::UnknownOverlay(_) | AgentError::UnknownKey(_) | AgentError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             AgentError::OverlayExists(_) | AgentError::Conflict(_) | AgentError::Bind { .. } => StatusCode::CONFLICT,
             AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -182,11 +185,14 @@ pub struct Health {
     info(title = "Rumormill agent API", description = "Control one Rumormill agent: overlays, members, values, keys."),
     paths(
         health, list_overlays, create_overlay, get_overlay, update_overlay, delete_overlay, members, join, leave,
-        list_updates, get_update, put_update, delete_update, list_keys, install_key, use_key, remove_key, export_keys
+        list_updates, get_update, put_update, delete_update, list_keys, install_key, use_key, remove_key, export_keys,
+        publish, get_event, read_inbox, events_ws, list_subscriptions, subscribe, unsubscribe, list_luggage, set_luggage,
+        delete_luggage
     ),
     components(schemas(
         ErrorBody, JoinRequest, PutRequest, KeyRequest, KeyExport, Health, OverlaySummary, OverlayStats, OverlaySpec,
-        MemberRow, UpdateRow, KeyRow, KeyChange, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
+        MemberRow, UpdateRow, KeyRow, KeyChange, PublishRequest, InboxItem, EventRecord, SubscriberReport, DeliverySpec,
+        Topics, LuggageRow, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
     )),
     modifiers(&BearerAuth)
 )]
@@ -234,6 +240,19 @@ pub fn router(agent: AgentRef, token: String) -> Router {
         .route(&format!("{o}/keys/export"), get(export_keys))
         .route(&format!("{o}/keys/{{id}}/use"), post(use_key))
         .route(&format!("{o}/keys/{{id}}"), axum::routing::delete(remove_key))
+        .route(&format!("{o}/events"), get(read_inbox).post(publish))
+        .route(&format!("{o}/events/ws"), get(events_ws))
+        .route(&format!("{o}/events/{{*id}}"), get(get_event))
+        .route(&format!("{o}/subscriptions"), get(list_subscriptions))
+        .route(
+            &format!("{o}/subscriptions/{{topic}}"),
+            axum::routing::put(subscribe).delete(unsubscribe),
+        )
+        .route(&format!("{o}/luggage"), get(list_luggage))
+        .route(
+            &format!("{o}/luggage/{{key}}"),
+            axum::routing::put(set_luggage).delete(delete_luggage),
+        )
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint (see /v1/openapi.json)".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(
@@ -247,19 +266,29 @@ pub fn router(agent: AgentRef, token: String) -> Router {
 
 /// Requests that change state, and the key export, need the admin token.
 async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let needs_token =
-        !matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path().ends_with("/keys/export");
+    let path = req.uri().path();
+    // The event stream subscribes the agent: it changes state too.
+    let needs_token = !matches!(*req.method(), Method::GET | Method::HEAD)
+        || path.ends_with("/keys/export")
+        || path.ends_with("/events/ws");
     if needs_token {
+        // Browsers cannot set headers on a WebSocket: `?token=` as well.
+        let from_query = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned));
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned)
+            .or(from_query);
         let message = match given {
             None => Some(
                 "this request needs the admin token: send `Authorization: Bearer <token>` (the token is in the agent's data directory, file admin-token)",
             ),
-            Some(t) if !constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()) => Some("wrong admin token"),
+            Some(ref t) if !constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()) => Some("wrong admin token"),
             Some(_) => None,
         };
         if let Some(m) = message {
@@ -493,6 +522,291 @@ async fn export_keys(State(s): State<AppState>, Path(overlay): Path<String>) -> 
     Ok(Json(KeyExport {
         keys: s.agent.export_keys(&overlay).await?,
     }))
+}
+
+/// Body of a publish: `payload` (text) or `payload_base64`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// Topic (1–255 bytes).
+    pub topic: String,
+    /// Payload as text.
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// Payload as base64.
+    #[serde(default)]
+    pub payload_base64: Option<String>,
+    /// Delivery (default best effort).
+    #[serde(default = "best_effort")]
+    pub delivery: DeliverySpec,
+}
+
+fn best_effort() -> DeliverySpec {
+    DeliverySpec::BestEffort
+}
+
+/// Exactly one of a text and a base64 field.
+fn bytes_of(text: Option<String>, b64: Option<String>, what: &str) -> ApiResult<Vec<u8>> {
+    match (text, b64) {
+        (Some(v), None) => Ok(v.into_bytes()),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("{what}_base64 is not valid base64"))),
+        _ => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("give exactly one of `{what}` (text) and `{what}_base64`"),
+        )),
+    }
+}
+
+/// Publishes an event to the topic's subscribers. An at-least-once event
+/// is stored before the answer; its reports come later (`GET …/events/{id}`).
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/events", params(("overlay" = String, Path)), request_body = PublishRequest,
+    security(("admin_token" = [])),
+    responses((status = 202, body = EventRecord), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn publish(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    Body(req): Body<PublishRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let payload = bytes_of(req.payload, req.payload_base64, "payload")?;
+    let record = s.agent.publish(&overlay, &req.topic, payload, &req.delivery).await?;
+    Ok((StatusCode::ACCEPTED, Json(record)))
+}
+
+/// An at-least-once event this agent published, with a report per subscriber.
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/events/{id}", params(("overlay" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = EventRecord), (status = 404, body = ErrorBody)))]
+async fn get_event(
+    State(s): State<AppState>,
+    Path((overlay, id)): Path<(String, String)>,
+) -> ApiResult<Json<EventRecord>> {
+    Ok(Json(s.agent.event(&overlay, &id).await?))
+}
+
+/// Where to read the inbox from.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct InboxQuery {
+    /// Entries after this sequence number (default 0).
+    pub from: Option<u64>,
+    /// At most this many (default 1000).
+    pub limit: Option<usize>,
+    /// Comma-separated topics (default: all).
+    pub topics: Option<String>,
+}
+
+fn topic_list(topics: Option<&str>) -> Vec<String> {
+    topics
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The inbox: events, membership changes, luggage changes and reports for
+/// the agent's topics, in order.
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/events", params(("overlay" = String, Path), InboxQuery),
+    responses((status = 200, body = [InboxItem]), (status = 404, body = ErrorBody)))]
+async fn read_inbox(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Vec<InboxItem>>> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let topics = topic_list(q.topics.as_deref());
+    let mut items = s
+        .agent
+        .inbox(&overlay, q.from.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))
+        .await?;
+    if !topics.is_empty() {
+        items.retain(|i| topics.contains(&i.topic));
+    }
+    Ok(Json(items))
+}
+
+/// Subscribes the agent to `topics` and streams the inbox entries of those
+/// topics as JSON text messages, from `from` on (default: from now). One
+/// that reconnects with `from` = the last `seq` it saw misses nothing and
+/// sees nothing twice. Needs the admin token (`Authorization` or `?token=`).
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/events/ws", params(("overlay" = String, Path), InboxQuery),
+    security(("admin_token" = [])),
+    responses((status = 101, description = "WebSocket of InboxItem JSON messages"), (status = 400, body = ErrorBody)))]
+async fn events_ws(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let topics = topic_list(q.topics.as_deref());
+    if topics.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "give the topics to follow: ?topics=a,b".into(),
+        ));
+    }
+    s.agent.subscribe(&overlay, &topics).await?;
+    let (last, feed) = s.agent.inbox_feed(&overlay).await?;
+    let from = q.from.unwrap_or(last);
+    let agent = s.agent.clone();
+    Ok(ws.on_upgrade(move |socket| stream_inbox(agent, overlay, topics, from, feed, socket)))
+}
+
+async fn stream_inbox(
+    agent: AgentRef,
+    overlay: String,
+    topics: Vec<String>,
+    mut sent: u64,
+    mut feed: tokio::sync::broadcast::Receiver<Arc<InboxItem>>,
+    mut socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::Message;
+    use tokio::sync::broadcast::error::RecvError;
+    async fn send(socket: &mut axum::extract::ws::WebSocket, item: &InboxItem) -> bool {
+        let text = serde_json::to_string(item).unwrap_or_default();
+        socket.send(Message::Text(text.into())).await.is_ok()
+    }
+    let mut backlog = true;
+    loop {
+        if backlog {
+            // Stored entries first, then the live feed.
+            let Ok(items) = agent.inbox(&overlay, sent, 1000).await else {
+                return;
+            };
+            if items.is_empty() {
+                backlog = false;
+                continue;
+            }
+            for it in items {
+                sent = it.seq;
+                if topics.contains(&it.topic) && !send(&mut socket, &it).await {
+                    return;
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            item = feed.recv() => match item {
+                Ok(it) if it.seq <= sent => {}
+                Ok(it) if it.seq == sent + 1 => {
+                    sent = it.seq;
+                    if topics.contains(&it.topic) && !send(&mut socket, &it).await {
+                        return;
+                    }
+                }
+                // A gap (entries stored before we listened, or missed): read them from the store.
+                Ok(_) | Err(RecvError::Lagged(_)) => backlog = true,
+                Err(RecvError::Closed) => return,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+/// Topics the agent subscribes to.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Topics {
+    /// The topics.
+    pub topics: Vec<String>,
+}
+
+/// The agent's topics (application topics and local ones such as `member.failed`).
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/subscriptions", params(("overlay" = String, Path)),
+    responses((status = 200, body = Topics), (status = 404, body = ErrorBody)))]
+async fn list_subscriptions(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<Topics>> {
+    Ok(Json(Topics {
+        topics: s.agent.subscriptions(&overlay).await?,
+    }))
+}
+
+/// Subscribes the agent to a topic (kept across restarts).
+#[utoipa::path(put, path = "/v1/overlays/{overlay}/subscriptions/{topic}", params(("overlay" = String, Path), ("topic" = String, Path)),
+    security(("admin_token" = [])), responses((status = 200, body = Topics), (status = 400, body = ErrorBody)))]
+async fn subscribe(
+    State(s): State<AppState>,
+    Path((overlay, topic)): Path<(String, String)>,
+) -> ApiResult<Json<Topics>> {
+    Ok(Json(Topics {
+        topics: s.agent.subscribe(&overlay, &[topic]).await?,
+    }))
+}
+
+/// Unsubscribes the agent from a topic.
+#[utoipa::path(delete, path = "/v1/overlays/{overlay}/subscriptions/{topic}", params(("overlay" = String, Path), ("topic" = String, Path)),
+    security(("admin_token" = [])), responses((status = 200, body = Topics), (status = 404, body = ErrorBody)))]
+async fn unsubscribe(
+    State(s): State<AppState>,
+    Path((overlay, topic)): Path<(String, String)>,
+) -> ApiResult<Json<Topics>> {
+    Ok(Json(Topics {
+        topics: s.agent.unsubscribe(&overlay, &topic).await?,
+    }))
+}
+
+/// One member's luggage entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LuggageRow {
+    /// The member.
+    pub member: String,
+    /// The key.
+    pub key: String,
+    /// The value as text, when UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The value, base64.
+    pub value_base64: String,
+}
+
+/// Luggage of every member (`?member=` for one).
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/luggage", params(("overlay" = String, Path), ("member" = Option<String>, Query)),
+    responses((status = 200, body = [LuggageRow]), (status = 404, body = ErrorBody)))]
+async fn list_luggage(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Json<Vec<LuggageRow>>> {
+    let rows = s.agent.luggage(&overlay, q.get("member").cloned()).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(member, key, v)| LuggageRow {
+                member,
+                key,
+                value: std::str::from_utf8(&v).ok().map(str::to_owned),
+                value_base64: base64::engine::general_purpose::STANDARD.encode(&v),
+            })
+            .collect(),
+    ))
+}
+
+/// Sets one of this member's luggage entries (body as for values).
+#[utoipa::path(put, path = "/v1/overlays/{overlay}/luggage/{key}", params(("overlay" = String, Path), ("key" = String, Path)),
+    request_body = PutRequest, security(("admin_token" = [])), responses((status = 204), (status = 400, body = ErrorBody)))]
+async fn set_luggage(
+    State(s): State<AppState>,
+    Path((overlay, key)): Path<(String, String)>,
+    Body(req): Body<PutRequest>,
+) -> ApiResult<StatusCode> {
+    let value = bytes_of(req.value, req.value_base64, "value")?;
+    s.agent.set_luggage(&overlay, &key, value).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes one of this member's luggage entries.
+#[utoipa::path(delete, path = "/v1/overlays/{overlay}/luggage/{key}", params(("overlay" = String, Path), ("key" = String, Path)),
+    security(("admin_token" = [])), responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_luggage(
+    State(s): State<AppState>,
+    Path((overlay, key)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.agent.delete_luggage(&overlay, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]
@@ -786,6 +1100,117 @@ mod tests {
             assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
         }
         assert!(doc["components"]["securitySchemes"]["admin_token"].is_object());
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn bad_publishes_are_refused_with_a_reason_and_store_nothing() {
+        let f = Fixture::new("publish").await;
+        let post = |body: Value| f.admin.request("POST", "/v1/overlays/default/events", Some(body));
+        let cases = [
+            (
+                json!({ "topic": "", "payload": "x" }),
+                400,
+                "a topic name cannot be empty",
+            ),
+            (
+                json!({ "topic": "t".repeat(256), "payload": "x" }),
+                400,
+                "topic name of 256 bytes: at most 255",
+            ),
+            (
+                json!({ "topic": "t", "payload": "x".repeat((1 << 20) + 1) }),
+                400,
+                "payload of 1048577 bytes: at most 1048576",
+            ),
+            (
+                json!({ "topic": "member.failed", "payload": "x" }),
+                400,
+                "is the agent's own",
+            ),
+            (json!({ "topic": "t" }), 400, "give exactly one of `payload`"),
+            (
+                json!({ "topic": "t", "payload": "x", "delivery": { "mode": "at_least_once", "retry_every": "1ms" } }),
+                400,
+                "retry_every must be at least 10ms",
+            ),
+            (
+                json!({ "topic": "t", "payload": "x", "delivery": { "mode": "twice" } }),
+                422,
+                "unknown variant `twice`",
+            ),
+        ];
+        for (body, status, needle) in cases {
+            let (got, msg) = api_err(post(body).await);
+            assert_eq!(got, status, "{msg}");
+            assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        }
+        let (status, msg) = api_err(
+            f.admin
+                .request(
+                    "POST",
+                    "/v1/overlays/nope/events",
+                    Some(json!({ "topic": "t", "payload": "x" })),
+                )
+                .await,
+        );
+        assert_eq!((status, msg.as_str()), (404, "no overlay named \"nope\""));
+        // Nothing was stored: no record under the first id, an empty inbox.
+        let (status, _) = api_err(f.anonymous.get("/v1/overlays/default/events/api-test/1/1").await);
+        assert_eq!(status, 404);
+        assert_eq!(
+            f.anonymous.get("/v1/overlays/default/events?from=0").await.unwrap(),
+            json!([])
+        );
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_subscribed_agent_reads_its_own_events_and_reports_from_its_inbox() {
+        let f = Fixture::new("inbox").await;
+        let topics = f
+            .admin
+            .request("PUT", "/v1/overlays/default/subscriptions/orders", None)
+            .await
+            .unwrap();
+        assert_eq!(topics, json!({ "topics": ["orders"] }));
+        let body = json!({ "topic": "orders", "payload": "one", "delivery": { "mode": "at_least_once" } });
+        let record = f
+            .admin
+            .request("POST", "/v1/overlays/default/events", Some(body))
+            .await
+            .unwrap();
+        assert_eq!(record["id"], "api-test/1/1");
+        assert_eq!(record["complete"], true, "no other subscriber: {record}");
+        let mut inbox = json!([]);
+        for _ in 0..100 {
+            inbox = f
+                .anonymous
+                .get("/v1/overlays/default/events?from=0&topics=orders")
+                .await
+                .unwrap();
+            if inbox.as_array().is_some_and(|a| !a.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(inbox[0]["seq"], 1, "{inbox}");
+        assert_eq!(inbox[0]["payload"], "one");
+        let shown = f
+            .anonymous
+            .get("/v1/overlays/default/events/api-test/1/1")
+            .await
+            .unwrap();
+        assert_eq!(shown["complete"], true);
+        let (status, msg) = api_err(
+            f.admin
+                .request("DELETE", "/v1/overlays/default/subscriptions/nothing", None)
+                .await,
+        );
+        assert_eq!(
+            (status, msg.as_str()),
+            (404, "the agent does not subscribe to \"nothing\"")
+        );
         f.finish().await;
     }
 }

@@ -75,6 +75,11 @@ impl Client {
         self
     }
 
+    /// The token, when one was given.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// The agent's API address.
     pub fn addr(&self) -> SocketAddr {
         self.base

@@ -51,6 +51,8 @@ pub struct DriverOptions {
     pub max_frame: usize,
     /// Name in log lines (the overlay's).
     pub label: String,
+    /// Keep a lossless stream of events for [`OverlayHandle::take_event_stream`].
+    pub event_stream: bool,
 }
 
 impl DriverOptions {
@@ -61,6 +63,7 @@ impl DriverOptions {
             advertise: None,
             max_frame: rumormill_wire::DEFAULT_MAX_FRAME,
             label: String::new(),
+            event_stream: false,
         }
     }
 }
@@ -90,6 +93,7 @@ enum Command {
 pub struct OverlayHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<Event>,
+    stream: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Event>>>>,
     addr: SocketAddr,
     stats: Arc<TransportStats>,
 }
@@ -108,9 +112,18 @@ impl OverlayHandle {
         rx.await.map_err(|_| Stopped)
     }
 
-    /// Events of the overlay from now on.
+    /// Events of the overlay from now on, for observers: a slow observer
+    /// misses some (see [`broadcast::Receiver`]).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Every event of the overlay since it started, none missed, for the
+    /// one consumer that must see them all (the agent's event pump), when
+    /// [`DriverOptions::event_stream`] was set. The first call takes the
+    /// stream; later calls get `None`.
+    pub fn take_event_stream(&self) -> Option<mpsc::UnboundedReceiver<Event>> {
+        self.stream.lock().ok()?.take()
     }
 
     /// The address the member announces.
@@ -152,6 +165,13 @@ impl Driver {
         let overlay = build(addr);
         let (commands, commands_rx) = mpsc::channel(256);
         let (events, _) = broadcast::channel(4096);
+        let (stream_tx, stream_rx) = match options.event_stream {
+            true => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let (frames_tx, frames_rx) = mpsc::channel(1024);
         let stats = Arc::new(TransportStats::default());
         let accept = tokio::spawn(accept_loop(listener, frames_tx, options.max_frame, stats.clone()));
@@ -162,6 +182,7 @@ impl Driver {
             commands: commands_rx,
             frames: frames_rx,
             events: events.clone(),
+            stream: stream_tx,
             stats: stats.clone(),
             outgoing: Arc::new(Semaphore::new(MAX_STREAMS)),
         };
@@ -183,6 +204,7 @@ impl Driver {
         Ok(OverlayHandle {
             commands,
             events,
+            stream: Arc::new(std::sync::Mutex::new(stream_rx)),
             addr,
             stats,
         })
@@ -248,6 +270,8 @@ struct Task<N: Net> {
     commands: mpsc::Receiver<Command>,
     frames: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
     events: broadcast::Sender<Event>,
+    /// The lossless copy, while its receiver lives.
+    stream: Option<mpsc::UnboundedSender<Event>>,
     stats: Arc<TransportStats>,
     outgoing: Arc<Semaphore>,
 }
@@ -323,6 +347,11 @@ impl<N: Net> Task<N> {
         while let Some(event) = self.overlay.poll_event() {
             if let Event::Member { change, member } = &event {
                 tracing::info!(member = %member.name, addr = %member.addr, ?change, "member");
+            }
+            if let Some(s) = &self.stream {
+                if s.send(event.clone()).is_err() {
+                    self.stream = None; // nobody consumes it
+                }
             }
             let _ = self.events.send(event);
         }

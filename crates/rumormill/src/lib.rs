@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod driver;
+pub mod events;
 pub mod keyring;
 pub mod persist;
 pub mod transport;

@@ -24,6 +24,14 @@ use crate::config::OverlaySpec;
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const OVERLAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("overlays");
+/// At-least-once events this agent published that await reports: (overlay, event id) → JSON.
+const PENDING: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("events_pending");
+/// Delivery reports of events this agent published: (overlay, event id) → JSON.
+const REPORTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("events_reports");
+/// What the local applications read, in order: (overlay, sequence) → JSON.
+const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
+/// The de-duplication window of delivered events: overlay → JSON.
+const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("events_dedup");
 const FORMAT: &str = "rumormill-agent/1";
 /// The database's file name in the data directory.
 pub const DB_FILE: &str = "rumormill.redb";
@@ -79,6 +87,9 @@ pub struct OverlayRecord {
     /// Highest version of a desired keyring seen (see [`crate::keyring`]).
     #[serde(default)]
     pub keyring_version: u64,
+    /// Topics the agent subscribes to (see [`crate::events`]).
+    #[serde(default)]
+    pub topics: Vec<String>,
 }
 
 impl std::fmt::Debug for OverlayRecord {
@@ -90,6 +101,7 @@ impl std::fmt::Debug for OverlayRecord {
             .field("epoch", &self.epoch)
             .field("peers", &self.peers)
             .field("keyring_version", &self.keyring_version)
+            .field("topics", &self.topics)
             .finish()
     }
 }
@@ -105,6 +117,7 @@ impl OverlayRecord {
             epoch: 0,
             peers: Vec::new(),
             keyring_version: 0,
+            topics: Vec::new(),
         }
     }
 }
@@ -171,6 +184,10 @@ impl Db {
                 }
             }
             tx.open_table(OVERLAYS).map_err(|e| self.corrupt(e.to_string()))?;
+            tx.open_table(PENDING).map_err(|e| self.corrupt(e.to_string()))?;
+            tx.open_table(REPORTS).map_err(|e| self.corrupt(e.to_string()))?;
+            tx.open_table(INBOX).map_err(|e| self.corrupt(e.to_string()))?;
+            tx.open_table(DEDUP).map_err(|e| self.corrupt(e.to_string()))?;
         }
         tx.commit().map_err(|e| self.io(e))
     }
@@ -202,15 +219,130 @@ impl Db {
         tx.commit().map_err(|e| self.io(e))
     }
 
-    /// Forgets an overlay.
+    /// Forgets an overlay and its events.
     pub fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
             table.remove(name).map_err(|e| self.io(e))?;
+            let mut t = tx.open_table(PENDING).map_err(|e| self.io(e))?;
+            t.retain_in((name, "")..=(name, "\u{10FFFF}"), |_, _| false)
+                .map_err(|e| self.io(e))?;
+            let mut t = tx.open_table(REPORTS).map_err(|e| self.io(e))?;
+            t.retain_in((name, "")..=(name, "\u{10FFFF}"), |_, _| false)
+                .map_err(|e| self.io(e))?;
+            let mut t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
+            t.retain_in((name, 0)..=(name, u64::MAX), |_, _| false)
+                .map_err(|e| self.io(e))?;
+            let mut t = tx.open_table(DEDUP).map_err(|e| self.io(e))?;
+            t.remove(name).map_err(|e| self.io(e))?;
         }
         tx.commit().map_err(|e| self.io(e))
     }
+
+    /// Applies writes in one durable transaction.
+    pub fn write(&self, overlay: &str, ops: &[Op]) -> Result<(), PersistError> {
+        let tx = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut pending = tx.open_table(PENDING).map_err(|e| self.io(e))?;
+            let mut reports = tx.open_table(REPORTS).map_err(|e| self.io(e))?;
+            let mut inbox = tx.open_table(INBOX).map_err(|e| self.io(e))?;
+            let mut dedup = tx.open_table(DEDUP).map_err(|e| self.io(e))?;
+            for op in ops {
+                let r = match op {
+                    Op::PutPending(id, v) => pending.insert((overlay, id.as_str()), v.as_slice()).map(|_| ()),
+                    Op::DeletePending(id) => pending.remove((overlay, id.as_str())).map(|_| ()),
+                    Op::PutReport(id, v) => reports.insert((overlay, id.as_str()), v.as_slice()).map(|_| ()),
+                    Op::Inbox(seq, v) => inbox.insert((overlay, *seq), v.as_slice()).map(|_| ()),
+                    Op::TrimInbox(below) => inbox.retain_in((overlay, 0)..(overlay, *below), |_, _| false),
+                    Op::Dedup(v) => dedup.insert(overlay, v.as_slice()).map(|_| ()),
+                };
+                r.map_err(|e| self.io(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.io(e))
+    }
+
+    /// The pending events of an overlay.
+    pub fn pending(&self, overlay: &str) -> Result<Vec<Vec<u8>>, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(PENDING).map_err(|e| self.io(e))?;
+        let range = t
+            .range((overlay, "")..=(overlay, "\u{10FFFF}"))
+            .map_err(|e| self.io(e))?;
+        range
+            .map(|r| r.map(|(_, v)| v.value().to_vec()).map_err(|e| self.io(e)))
+            .collect()
+    }
+
+    /// One pending event.
+    pub fn pending_one(&self, overlay: &str, id: &str) -> Result<Option<Vec<u8>>, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(PENDING).map_err(|e| self.io(e))?;
+        Ok(t.get((overlay, id))
+            .map_err(|e| self.io(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// One event's reports.
+    pub fn report(&self, overlay: &str, id: &str) -> Result<Option<Vec<u8>>, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(REPORTS).map_err(|e| self.io(e))?;
+        Ok(t.get((overlay, id))
+            .map_err(|e| self.io(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Inbox entries after `after`, at most `limit`.
+    pub fn inbox_after(&self, overlay: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
+        let from = after.saturating_add(1);
+        let range = t.range((overlay, from)..=(overlay, u64::MAX)).map_err(|e| self.io(e))?;
+        range
+            .take(limit)
+            .map(|r| {
+                r.map(|(k, v)| (k.value().1, v.value().to_vec()))
+                    .map_err(|e| self.io(e))
+            })
+            .collect()
+    }
+
+    /// The last inbox sequence number of an overlay (0: empty).
+    pub fn inbox_last(&self, overlay: &str) -> Result<u64, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
+        let mut range = t.range((overlay, 0)..=(overlay, u64::MAX)).map_err(|e| self.io(e))?;
+        Ok(range
+            .next_back()
+            .transpose()
+            .map_err(|e| self.io(e))?
+            .map_or(0, |(k, _)| k.value().1))
+    }
+
+    /// The saved de-duplication window of an overlay.
+    pub fn dedup(&self, overlay: &str) -> Result<Option<Vec<u8>>, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(DEDUP).map_err(|e| self.io(e))?;
+        Ok(t.get(overlay).map_err(|e| self.io(e))?.map(|v| v.value().to_vec()))
+    }
+}
+
+/// One write of [`Db::write`], all for one overlay.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Saves a pending event (by id).
+    PutPending(String, Vec<u8>),
+    /// Forgets a pending event.
+    DeletePending(String),
+    /// Saves an event's reports.
+    PutReport(String, Vec<u8>),
+    /// Appends to the inbox.
+    Inbox(u64, Vec<u8>),
+    /// Drops inbox entries below a sequence number.
+    TrimInbox(u64),
+    /// Saves the de-duplication window.
+    Dedup(Vec<u8>),
 }
 
 /// Creates `dir` with mode 0700 (it holds keys and the admin token); an

@@ -63,6 +63,29 @@ pub enum KeysCommand {
     Export,
 }
 
+/// Luggage: per-member data every member holds.
+#[derive(Debug, Subcommand)]
+pub enum LuggageCommand {
+    /// Lists the luggage of every member (or of one).
+    List {
+        /// Only this member's.
+        #[arg(long)]
+        member: Option<String>,
+    },
+    /// Sets one of this member's entries.
+    Set {
+        /// Key.
+        key: String,
+        /// Value (text); `-` reads standard input.
+        value: String,
+    },
+    /// Deletes one of this member's entries.
+    Delete {
+        /// Key.
+        key: String,
+    },
+}
+
 /// Overlays of the agent.
 #[derive(Debug, Subcommand)]
 pub enum OverlaysCommand {
@@ -142,6 +165,52 @@ pub enum ClientCommand {
         #[arg(long)]
         prefix: Option<String>,
     },
+    /// Publishes an event to the subscribers of a topic; prints its id.
+    Publish {
+        /// Topic.
+        topic: String,
+        /// Payload (text); `-` reads standard input.
+        payload: String,
+        /// Resend until every subscriber acknowledges (reports: `rumormill event ID`).
+        #[arg(long)]
+        at_least_once: bool,
+        /// Time between resends (at-least-once).
+        #[arg(long, default_value = "1s")]
+        retry_every: String,
+        /// Resends at most; 0: until delivered or the subscriber is gone.
+        #[arg(long, default_value_t = 0)]
+        retry_max: u32,
+    },
+    /// Shows an at-least-once event's delivery reports.
+    Event {
+        /// Event id, as `publish` printed it.
+        id: String,
+    },
+    /// Subscribes to topics and prints one JSON line per event (also
+    /// member.joined/suspect/failed/left/alive, luggage.changed,
+    /// delivery.report).
+    Subscribe {
+        /// Topics.
+        #[arg(required = true)]
+        topics: Vec<String>,
+        /// Start after this inbox sequence number (0: everything kept);
+        /// default: from now.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Exit after this many entries.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Lists the agent's topics.
+    Subscriptions,
+    /// Unsubscribes the agent from a topic.
+    Unsubscribe {
+        /// Topic.
+        topic: String,
+    },
+    /// Per-member data.
+    #[command(subcommand)]
+    Luggage(LuggageCommand),
     /// Manages the keyring.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -222,6 +291,81 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 let v = c.get(&format!("{o}/updates{q}")).await.map_err(e)?;
                 Output::Table(v, &["key", "value", "origin", "lamport"])
             }
+            ClientCommand::Publish {
+                topic,
+                payload,
+                at_least_once,
+                retry_every,
+                retry_max,
+            } => {
+                let payload = if payload == "-" { read_stdin()? } else { payload };
+                let delivery = if at_least_once {
+                    json!({ "mode": "at_least_once", "retry_every": retry_every, "retry_max": retry_max })
+                } else {
+                    json!({ "mode": "best_effort" })
+                };
+                let body = json!({ "topic": topic, "payload": payload, "delivery": delivery });
+                let v = c.request("POST", &format!("{o}/events"), Some(body)).await.map_err(e)?;
+                Output::Row(v, &["id", "topic", "delivery"])
+            }
+            ClientCommand::Event { id } => {
+                let v = c.get(&format!("{o}/events/{}", encode_path(&id))).await.map_err(e)?;
+                if target.json {
+                    Output::Value(v)
+                } else {
+                    println!(
+                        "event {} on {} ({}): {}",
+                        v["id"].as_str().unwrap_or_default(),
+                        v["topic"].as_str().unwrap_or_default(),
+                        v["delivery"].as_str().unwrap_or_default(),
+                        if v["complete"] == json!(true) {
+                            "every report final"
+                        } else {
+                            "reports pending"
+                        }
+                    );
+                    Output::Table(v["subscribers"].clone(), &["member", "outcome", "attempts"])
+                }
+            }
+            ClientCommand::Subscribe { topics, from, count } => {
+                subscribe(&c, &target.overlay, &topics, from, count).await?;
+                return Ok(());
+            }
+            ClientCommand::Subscriptions => {
+                let v = c.get(&format!("{o}/subscriptions")).await.map_err(e)?;
+                Output::Lines(v["topics"].clone())
+            }
+            ClientCommand::Unsubscribe { topic } => {
+                c.request("DELETE", &format!("{o}/subscriptions/{}", encode_path(&topic)), None)
+                    .await
+                    .map_err(e)?;
+                Output::Done(format!("unsubscribed from {topic}"))
+            }
+            ClientCommand::Luggage(l) => match l {
+                LuggageCommand::List { member } => {
+                    let q = member
+                        .map(|m| format!("?member={}", encode_path(&m)))
+                        .unwrap_or_default();
+                    Output::Table(
+                        c.get(&format!("{o}/luggage{q}")).await.map_err(e)?,
+                        &["member", "key", "value"],
+                    )
+                }
+                LuggageCommand::Set { key, value } => {
+                    let value = if value == "-" { read_stdin()? } else { value };
+                    let path = format!("{o}/luggage/{}", encode_path(&key));
+                    c.request("PUT", &path, Some(json!({ "value": value })))
+                        .await
+                        .map_err(e)?;
+                    Output::Done(format!("luggage {key} set"))
+                }
+                LuggageCommand::Delete { key } => {
+                    c.request("DELETE", &format!("{o}/luggage/{}", encode_path(&key)), None)
+                        .await
+                        .map_err(e)?;
+                    Output::Done(format!("luggage {key} deleted"))
+                }
+            },
             ClientCommand::Keys(k) => match k {
                 KeysCommand::List => Output::Table(
                     c.get(&format!("{o}/keys")).await.map_err(e)?,
@@ -304,6 +448,71 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
         out.print(target.json);
         Ok(())
     })
+}
+
+/// Follows the agent's event stream over a WebSocket, printing one JSON
+/// line per entry.
+async fn subscribe(
+    c: &Client,
+    overlay: &str,
+    topics: &[String],
+    from: Option<u64>,
+    count: Option<u64>,
+) -> Result<(), String> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut url = format!(
+        "ws://{}/v1/overlays/{}/events/ws?topics={}",
+        c.addr(),
+        encode_path(overlay),
+        topics.iter().map(|t| encode_path(t)).collect::<Vec<_>>().join(",")
+    );
+    if let Some(f) = from {
+        url.push_str(&format!("&from={f}"));
+    }
+    let mut req = url.into_client_request().map_err(|e| format!("bad address: {e}"))?;
+    if let Some(t) = c.token() {
+        let value = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| "the token is not a valid header value".to_owned())?;
+        req.headers_mut().insert("authorization", value);
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            let message = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| body.into_owned());
+            format!("{message} (HTTP {})", resp.status().as_u16())
+        }
+        other => format!("cannot follow the events of {}: {other}", c.addr()),
+    })?;
+    let mut seen = 0u64;
+    let signal = super::agent::wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    println!("{t}");
+                    seen += 1;
+                    if count.is_some_and(|n| seen >= n) {
+                        let _ = ws.close(None).await;
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("the event stream broke: {e}")),
+                None => return Err("the agent closed the event stream".into()),
+            },
+            _ = &mut signal => {
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn read_stdin() -> Result<String, String> {

@@ -1,0 +1,612 @@
+//! The agent's side of events: durable publishing, delivery reports, the
+//! inbox local applications read, and subscriptions.
+//!
+//! - **Publishing** an at-least-once event stores it (redb) before the
+//!   request is answered; the record goes when every subscriber's report is
+//!   final. After a restart the agent resumes the stored events under their
+//!   original ids ([`rumormill_core::Overlay::resume`]).
+//! - **Receiving**: the core runs with manual acknowledgements. Each event
+//!   for a topic the agent subscribes to is appended to the overlay's
+//!   *inbox* together with the de-duplication window, in one durable
+//!   transaction, and only then acknowledged to its publisher — a crash in
+//!   between makes the publisher resend it, and the restored window keeps
+//!   it from being delivered twice.
+//! - **The inbox** is an ordered log (sequence numbers from 1) of events,
+//!   membership changes (`member.joined`, `member.suspect`,
+//!   `member.failed`, `member.left`, `member.alive`), luggage changes
+//!   (`luggage.changed`) and delivery reports (`delivery.report`) for the
+//!   topics the agent subscribes to. Applications read it from a sequence
+//!   number on (`?from=`), so one that reconnects misses nothing and sees
+//!   nothing twice. The last [`INBOX_KEEP`] entries are kept.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use rumormill_core::events::{Delivery, DeliveryReport, EventId, EventMessage, PendingEvent, dedup::DedupEntry};
+use rumormill_core::{Event, MemberChange};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::agent::{Agent, AgentError, has_left_or_unknown, stopped, wall_ms};
+use crate::driver::OverlayHandle;
+use crate::persist::Op;
+use crate::transport::Net;
+
+/// Inbox entries kept per overlay.
+pub const INBOX_KEEP: u64 = 100_000;
+/// Topics handled by the agent itself, never gossiped.
+pub const LOCAL_TOPICS: [&str; 7] = [
+    "member.joined",
+    "member.suspect",
+    "member.failed",
+    "member.left",
+    "member.alive",
+    "luggage.changed",
+    "delivery.report",
+];
+
+/// One entry of the inbox, as applications receive it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InboxItem {
+    /// Position in the inbox (from 1): reconnect with `from` = the last one seen.
+    pub seq: u64,
+    /// The topic (an application topic, or one of the local ones).
+    pub topic: String,
+    /// Event id (`publisher/epoch/seq`) for events and reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The payload as text, when it is UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The payload, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+    /// The member concerned (membership and luggage changes, reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// The changed luggage key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// A report's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// Wall-clock milliseconds when the agent stored it.
+    pub time_ms: u64,
+}
+
+/// How an event is delivered, in API terms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeliverySpec {
+    /// Spread once; no reports.
+    BestEffort,
+    /// Resent until acknowledged; a report per subscriber.
+    AtLeastOnce {
+        /// Time between resends, e.g. `1s` (default 1s).
+        #[serde(default = "default_retry_every")]
+        retry_every: String,
+        /// Resends at most; 0 (default): until delivered or the subscriber is gone.
+        #[serde(default)]
+        retry_max: u32,
+    },
+}
+
+fn default_retry_every() -> String {
+    "1s".into()
+}
+
+impl DeliverySpec {
+    /// The core's form.
+    pub fn to_core(&self) -> Result<Delivery, AgentError> {
+        Ok(match self {
+            DeliverySpec::BestEffort => Delivery::BestEffort,
+            DeliverySpec::AtLeastOnce { retry_every, retry_max } => {
+                let every = crate::config::parse_duration(retry_every).map_err(AgentError::BadRequest)?;
+                if every < Duration::from_millis(10) {
+                    return Err(AgentError::BadRequest("retry_every must be at least 10ms".into()));
+                }
+                Delivery::AtLeastOnce {
+                    retry_every: every,
+                    retry_max: *retry_max,
+                }
+            }
+        })
+    }
+}
+
+/// One subscriber's state for an at-least-once event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SubscriberReport {
+    /// The subscriber.
+    pub member: String,
+    /// `pending`, `delivered`, `retries_exhausted`, `failed`, `left` or `unsubscribed`.
+    pub outcome: String,
+    /// Direct sends by the publisher.
+    pub attempts: u32,
+}
+
+/// A published event and its reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EventRecord {
+    /// `publisher/epoch/seq`.
+    pub id: String,
+    /// Topic.
+    pub topic: String,
+    /// `best_effort` or `at_least_once`.
+    pub delivery: String,
+    /// Wall-clock milliseconds of publication.
+    pub published_ms: u64,
+    /// Subscribers known at publication (at-least-once).
+    pub subscribers: Vec<SubscriberReport>,
+    /// Whether every report is final.
+    pub complete: bool,
+}
+
+/// A pending event as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredPending {
+    origin: String,
+    epoch: u64,
+    seq: u64,
+    topic: String,
+    payload: String,
+    retry_every_ms: u64,
+    retry_max: u32,
+    waiting: Vec<(String, u32, u32)>,
+}
+
+impl StoredPending {
+    fn from_core(p: &PendingEvent) -> StoredPending {
+        StoredPending {
+            origin: p.id.origin.to_string(),
+            epoch: p.id.epoch,
+            seq: p.id.seq,
+            topic: p.topic.clone(),
+            payload: base64::engine::general_purpose::STANDARD.encode(&p.payload),
+            retry_every_ms: u64::try_from(p.retry_every.as_millis()).unwrap_or(u64::MAX),
+            retry_max: p.retry_max,
+            waiting: p.waiting.iter().map(|(n, a, r)| (n.to_string(), *a, *r)).collect(),
+        }
+    }
+
+    fn to_core(&self) -> Option<PendingEvent> {
+        Some(PendingEvent {
+            id: EventId {
+                origin: self.origin.as_str().into(),
+                epoch: self.epoch,
+                seq: self.seq,
+            },
+            topic: self.topic.clone(),
+            payload: base64::engine::general_purpose::STANDARD.decode(&self.payload).ok()?,
+            retry_every: Duration::from_millis(self.retry_every_ms),
+            retry_max: self.retry_max,
+            waiting: self
+                .waiting
+                .iter()
+                .map(|(n, a, r)| (n.as_str().into(), *a, *r))
+                .collect(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredDedup {
+    origin: String,
+    epoch: u64,
+    floor: u64,
+    above: Vec<u64>,
+}
+
+/// Live inbox entries of one overlay, for connected applications.
+pub(crate) type InboxFeed = broadcast::Sender<Arc<InboxItem>>;
+
+fn payload_fields(p: &[u8]) -> (Option<String>, Option<String>) {
+    (
+        std::str::from_utf8(p).ok().map(str::to_owned),
+        Some(base64::engine::general_purpose::STANDARD.encode(p)),
+    )
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Whether a topic is one of the agent's local ones.
+pub fn is_local(topic: &str) -> bool {
+    LOCAL_TOPICS.contains(&topic)
+}
+
+impl<N: Net> Agent<N> {
+    /// Publishes an event; an at-least-once one is stored before this returns.
+    pub async fn publish(
+        &self,
+        name: &str,
+        topic: &str,
+        payload: Vec<u8>,
+        delivery: &DeliverySpec,
+    ) -> Result<EventRecord, AgentError> {
+        if is_local(topic) {
+            return Err(AgentError::BadRequest(format!(
+                "topic {topic:?} is the agent's own: it cannot be published"
+            )));
+        }
+        let d = delivery.to_core()?;
+        let handle = self.handle(name).await?;
+        let _guard = self.events_lock.lock().await;
+        let topic_owned = topic.to_owned();
+        let (id, pending) = handle
+            .call(move |o, now| {
+                let id = o.publish(now, &topic_owned, payload, d)?;
+                let pending = o.pending_events().into_iter().find(|p| p.id == id);
+                Ok::<_, rumormill_core::CoreError>((id, pending))
+            })
+            .await
+            .map_err(|_| stopped(name))?
+            .map_err(crate::agent::core_error)?;
+        let record = EventRecord {
+            id: id.to_string(),
+            topic: topic.to_owned(),
+            delivery: match d {
+                Delivery::BestEffort => "best_effort",
+                Delivery::AtLeastOnce { .. } => "at_least_once",
+            }
+            .into(),
+            published_ms: wall_ms(),
+            subscribers: pending
+                .iter()
+                .flat_map(|p| p.waiting.iter())
+                .map(|(n, a, _)| SubscriberReport {
+                    member: n.to_string(),
+                    outcome: "pending".into(),
+                    attempts: *a,
+                })
+                .collect(),
+            complete: pending.is_none(),
+        };
+        if let Delivery::AtLeastOnce { .. } = d {
+            let mut ops = vec![Op::PutReport(record.id.clone(), json(&record))];
+            if let Some(p) = &pending {
+                ops.push(Op::PutPending(record.id.clone(), json(&StoredPending::from_core(p))));
+            }
+            self.db.write(name, &ops)?;
+        }
+        Ok(record)
+    }
+
+    /// A published event and its reports (at-least-once events only).
+    pub async fn event(&self, name: &str, id: &str) -> Result<EventRecord, AgentError> {
+        has_left_or_unknown(self, name).await?;
+        let bytes = self
+            .db
+            .report(name, id)?
+            .ok_or_else(|| AgentError::NotFound(format!("no at-least-once event {id:?} published by this agent")))?;
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::BadRequest(format!("stored report unreadable: {e}")))
+    }
+
+    /// The agent's topics in an overlay.
+    pub async fn subscriptions(&self, name: &str) -> Result<Vec<String>, AgentError> {
+        let overlays = self.overlays.lock().await;
+        let r = overlays
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        Ok(r.record.topics.clone())
+    }
+
+    /// Subscribes the agent to topics (kept across restarts).
+    pub async fn subscribe(&self, name: &str, topics: &[String]) -> Result<Vec<String>, AgentError> {
+        for t in topics {
+            rumormill_core::events::subscriptions::check_topic(t).map_err(AgentError::BadRequest)?;
+        }
+        let mut overlays = self.overlays.lock().await;
+        let r = crate::agent::running_mut(&mut overlays, name)?;
+        let gossiped: Vec<String> = topics.iter().filter(|t| !is_local(t)).cloned().collect();
+        r.handle
+            .call(move |o, now| {
+                o.advance_clock(wall_ms());
+                gossiped.iter().try_for_each(|t| o.subscribe(now, t))
+            })
+            .await
+            .map_err(|_| stopped(name))?
+            .map_err(crate::agent::core_error)?;
+        let mut all: BTreeSet<String> = r.record.topics.iter().cloned().collect();
+        all.extend(topics.iter().cloned());
+        r.record.topics = all.into_iter().collect();
+        self.db.put_overlay(&r.record)?;
+        r.share_topics();
+        Ok(r.record.topics.clone())
+    }
+
+    /// Unsubscribes the agent from a topic.
+    pub async fn unsubscribe(&self, name: &str, topic: &str) -> Result<Vec<String>, AgentError> {
+        let mut overlays = self.overlays.lock().await;
+        let r = crate::agent::running_mut(&mut overlays, name)?;
+        if !r.record.topics.iter().any(|t| t == topic) {
+            return Err(AgentError::NotFound(format!(
+                "the agent does not subscribe to {topic:?}"
+            )));
+        }
+        let t = topic.to_owned();
+        r.handle
+            .call(move |o, now| {
+                o.advance_clock(wall_ms());
+                o.unsubscribe(now, &t)
+            })
+            .await
+            .map_err(|_| stopped(name))?
+            .map_err(crate::agent::core_error)?;
+        r.record.topics.retain(|x| x != topic);
+        self.db.put_overlay(&r.record)?;
+        r.share_topics();
+        Ok(r.record.topics.clone())
+    }
+
+    /// Inbox entries after `after`, at most `limit`.
+    pub async fn inbox(&self, name: &str, after: u64, limit: usize) -> Result<Vec<InboxItem>, AgentError> {
+        has_left_or_unknown(self, name).await?;
+        Ok(self
+            .db
+            .inbox_after(name, after, limit)?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect())
+    }
+
+    /// The last inbox sequence number, and the live feed from there on.
+    pub(crate) async fn inbox_feed(
+        &self,
+        name: &str,
+    ) -> Result<(u64, broadcast::Receiver<Arc<InboxItem>>), AgentError> {
+        let overlays = self.overlays.lock().await;
+        let r = overlays
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        let rx = r.feed.subscribe();
+        Ok((self.db.inbox_last(name)?, rx))
+    }
+
+    /// Before an overlay's driver runs anything: manual acknowledgements,
+    /// the saved de-duplication window, the agent's topics, the pending
+    /// events to resume.
+    pub(crate) async fn restore_events(
+        &self,
+        name: &str,
+        handle: &OverlayHandle,
+        topics: &[String],
+    ) -> Result<(), AgentError> {
+        let window: Vec<StoredDedup> = match self.db.dedup(name)? {
+            Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let pending: Vec<PendingEvent> = self
+            .db
+            .pending(name)?
+            .iter()
+            .filter_map(|b| serde_json::from_slice::<StoredPending>(b).ok()?.to_core())
+            .collect();
+        let gossiped: Vec<String> = topics.iter().filter(|t| !is_local(t)).cloned().collect();
+        let resumed = pending.len();
+        handle
+            .call(move |o, now| {
+                o.set_manual_acks(true);
+                o.restore_delivered(window.into_iter().map(|w| DedupEntry {
+                    origin: w.origin.into(),
+                    epoch: w.epoch,
+                    floor: w.floor,
+                    above: w.above,
+                }));
+                o.advance_clock(wall_ms());
+                for t in &gossiped {
+                    let _ = o.subscribe(now, t);
+                }
+                for p in pending {
+                    let _ = o.resume(now, p);
+                }
+            })
+            .await
+            .map_err(|_| stopped(name))?;
+        if resumed > 0 {
+            tracing::info!(overlay = %name, events = resumed, "resumed at-least-once events awaiting reports");
+        }
+        Ok(())
+    }
+}
+
+/// Moves the overlay's events into the inbox and the report records,
+/// durably, then acknowledges the delivered ones. Runs while the overlay does.
+pub(crate) async fn pump<N: Net>(
+    agent: std::sync::Weak<Agent<N>>,
+    name: String,
+    handle: OverlayHandle,
+    topics: Arc<std::sync::Mutex<Vec<String>>>,
+    feed: InboxFeed,
+) {
+    let Some(mut stream) = handle.take_event_stream() else {
+        return;
+    };
+    let mut next_seq = match agent.upgrade() {
+        Some(a) => a.db.inbox_last(&name).unwrap_or(0) + 1,
+        None => return,
+    };
+    loop {
+        let Some(first) = stream.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match stream.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let Some(agent) = agent.upgrade() else { return };
+        let wanted: Vec<String> = topics.lock().map(|t| t.clone()).unwrap_or_default();
+        let subscribed = |t: &str| wanted.iter().any(|w| w == t);
+        let mut items: Vec<InboxItem> = Vec::new();
+        let mut acks: Vec<EventId> = Vec::new();
+        let mut reports: Vec<DeliveryReport> = Vec::new();
+        for e in batch {
+            let item = |topic: &str| InboxItem {
+                seq: 0,
+                topic: topic.to_owned(),
+                id: None,
+                payload: None,
+                payload_base64: None,
+                member: None,
+                key: None,
+                outcome: None,
+                time_ms: wall_ms(),
+            };
+            match e {
+                Event::Message(EventMessage { id, topic, payload }) => {
+                    let (text, b64) = payload_fields(&payload);
+                    items.push(InboxItem {
+                        id: Some(id.to_string()),
+                        payload: text,
+                        payload_base64: b64,
+                        member: Some(id.origin.to_string()),
+                        ..item(&topic)
+                    });
+                    acks.push(id);
+                }
+                Event::Report(r) => {
+                    if subscribed("delivery.report") {
+                        items.push(InboxItem {
+                            id: Some(r.id.to_string()),
+                            member: Some(r.subscriber.to_string()),
+                            outcome: Some(r.outcome.as_str().into()),
+                            ..item("delivery.report")
+                        });
+                    }
+                    reports.push(r);
+                }
+                Event::Member { change, member } => {
+                    let topic = match change {
+                        MemberChange::Joined => "member.joined",
+                        MemberChange::Suspect => "member.suspect",
+                        MemberChange::Failed => "member.failed",
+                        MemberChange::Left => "member.left",
+                        MemberChange::Alive => "member.alive",
+                        _ => continue,
+                    };
+                    if subscribed(topic) {
+                        items.push(InboxItem {
+                            member: Some(member.name.to_string()),
+                            ..item(topic)
+                        });
+                    }
+                }
+                Event::Update(u) => {
+                    if let Some((member, key)) = rumormill_core::luggage::changed(&u.update) {
+                        if subscribed("luggage.changed") {
+                            let (text, b64) = u.update.value.as_deref().map(payload_fields).unwrap_or((None, None));
+                            items.push(InboxItem {
+                                member: Some(member),
+                                key: Some(key.to_owned()),
+                                payload: text,
+                                payload_base64: b64,
+                                ..item("luggage.changed")
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for it in &mut items {
+            it.seq = next_seq;
+            next_seq += 1;
+        }
+        let mut ops: Vec<Op> = items.iter().map(|it| Op::Inbox(it.seq, json(it))).collect();
+        if next_seq > INBOX_KEEP && items.iter().any(|it| it.seq % 1000 == 0) {
+            ops.push(Op::TrimInbox(next_seq - INBOX_KEEP));
+        }
+        if !acks.is_empty() {
+            let window = handle.call(|o, _| o.delivered_window()).await.unwrap_or_default();
+            let stored: Vec<StoredDedup> = window
+                .into_iter()
+                .map(|w| StoredDedup {
+                    origin: w.origin.to_string(),
+                    epoch: w.epoch,
+                    floor: w.floor,
+                    above: w.above,
+                })
+                .collect();
+            ops.push(Op::Dedup(json(&stored)));
+        }
+        if !reports.is_empty() {
+            let _guard = agent.events_lock.lock().await;
+            ops.extend(report_ops(&agent, &name, &reports));
+            if let Err(e) = agent.db.write(&name, &ops) {
+                tracing::error!(overlay = %name, error = %e, "events not stored: they will be resent");
+                continue;
+            }
+        } else if let Err(e) = agent.db.write(&name, &ops) {
+            // Not acknowledged: the publishers resend them.
+            tracing::error!(overlay = %name, error = %e, "events not stored: they will be resent");
+            continue;
+        }
+        if !acks.is_empty() {
+            let _ = handle
+                .call(move |o, _| {
+                    for id in &acks {
+                        o.acknowledge(id);
+                    }
+                })
+                .await;
+        }
+        for it in items {
+            let _ = feed.send(Arc::new(it));
+        }
+    }
+}
+
+/// Updates the stored records of the reported events.
+fn report_ops<N: Net>(agent: &Agent<N>, name: &str, reports: &[DeliveryReport]) -> Vec<Op> {
+    let mut by_event: BTreeMap<String, Vec<&DeliveryReport>> = BTreeMap::new();
+    for r in reports {
+        by_event.entry(r.id.to_string()).or_default().push(r);
+    }
+    let mut ops = Vec::new();
+    for (id, rs) in by_event {
+        let Ok(Some(bytes)) = agent.db.report(name, &id) else {
+            continue;
+        };
+        let Ok(mut record) = serde_json::from_slice::<EventRecord>(&bytes) else {
+            continue;
+        };
+        for r in rs {
+            match record.subscribers.iter_mut().find(|s| s.member == *r.subscriber) {
+                Some(s) => {
+                    s.outcome = r.outcome.as_str().into();
+                    s.attempts = r.attempts;
+                }
+                None => record.subscribers.push(SubscriberReport {
+                    member: r.subscriber.to_string(),
+                    outcome: r.outcome.as_str().into(),
+                    attempts: r.attempts,
+                }),
+            }
+        }
+        record.complete = record.subscribers.iter().all(|s| s.outcome != "pending");
+        if record.complete {
+            ops.push(Op::DeletePending(id.clone()));
+        } else if let Some(mut p) = agent
+            .db
+            .pending_one(name, &id)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<StoredPending>(&b).ok())
+        {
+            let waiting: BTreeSet<&str> = record
+                .subscribers
+                .iter()
+                .filter(|s| s.outcome == "pending")
+                .map(|s| s.member.as_str())
+                .collect();
+            p.waiting.retain(|(n, _, _)| waiting.contains(n.as_str()));
+            ops.push(Op::PutPending(id.clone(), json(&p)));
+        }
+        ops.push(Op::PutReport(id, json(&record)));
+    }
+    ops
+}
