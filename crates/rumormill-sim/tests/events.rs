@@ -297,3 +297,30 @@ fn a_restarted_publisher_resumes_its_pending_events() {
         assert_eq!(got.get(&i).map(Vec::len), Some(5), "subscriber {i}: each event once");
     }
 }
+
+#[test]
+fn a_one_mebibyte_event_reaches_every_subscriber_over_streams() {
+    let mut sim = cluster(0.0, 8);
+    let payload = vec![0x42; 1 << 20];
+    let alo = Delivery::AtLeastOnce {
+        retry_every: Duration::from_secs(2),
+        retry_max: 0,
+    };
+    let frames_before = sim.node(0).map_or(0, |o| o.stats().frames_sent);
+    sim.with_node(0, |o, now| o.publish(now, TOPIC, payload, alo))
+        .expect("running")
+        .expect("publish");
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 10.0));
+    let frames = sim.node(0).map_or(0, |o| o.stats().frames_sent) - frames_before;
+    assert!(frames >= 1, "a 1 MiB event cannot travel in a datagram");
+    let got = delivered(&sim);
+    for i in subscribers() {
+        assert_eq!(got.get(&i).map(Vec::len), Some(1), "subscriber {i}");
+        let bytes = sim.node(i).map_or(0, |o| o.stats().event_payload_bytes_received);
+        assert!(bytes >= 1 << 20, "subscriber {i} received {bytes} payload bytes");
+    }
+    let r = reports(&sim, 0);
+    assert_eq!(r.len(), 10);
+    assert!(r.iter().all(|(_, _, o)| *o == Outcome::Delivered), "{r:?}");
+}
