@@ -192,7 +192,7 @@ pub struct Health {
     components(schemas(
         ErrorBody, JoinRequest, PutRequest, KeyRequest, KeyExport, Health, OverlaySummary, OverlayStats, OverlaySpec,
         MemberRow, UpdateRow, KeyRow, KeyChange, PublishRequest, InboxItem, EventRecord, SubscriberReport, DeliverySpec,
-        Topics, LuggageRow, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
+        Topics, LuggageRow, crate::config::Limits, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
     )),
     modifiers(&BearerAuth)
 )]

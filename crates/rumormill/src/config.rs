@@ -263,6 +263,24 @@ pub struct OverlaySpec {
     /// LAN multicast discovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<MulticastSpec>,
+    /// Size limits of events and luggage.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Size limits (`[overlay.limits]`), in bytes; unset values keep the defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest event payload (default 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_payload: Option<usize>,
+    /// Largest luggage value (default 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub luggage_value: Option<usize>,
+    /// Largest luggage total per member (default 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub luggage_total: Option<usize>,
 }
 
 impl std::fmt::Debug for OverlaySpec {
@@ -280,6 +298,7 @@ impl std::fmt::Debug for OverlaySpec {
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
             .field("plaintext", &self.plaintext)
             .field("multicast", &self.multicast)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -405,6 +424,7 @@ impl OverlaySpec {
             keys: Vec::new(),
             plaintext: false,
             multicast: None,
+            limits: Limits::default(),
         }
     }
 
@@ -496,6 +516,24 @@ impl OverlaySpec {
             anti_entropy_interval => dissemination.anti_entropy_interval,
             anti_entropy_direction => dissemination.anti_entropy_direction,
         );
+        let l = &self.limits;
+        if let Some(v) = l.event_payload {
+            c.max_event_payload = v;
+        }
+        if let Some(v) = l.luggage_value {
+            c.max_luggage_value = v;
+        }
+        if let Some(v) = l.luggage_total {
+            c.max_luggage_total = v;
+        }
+        // Whatever goes over a stream must fit a frame, with room for the envelope.
+        let frame = c.max_stream_frame.saturating_sub(64 << 10);
+        if c.max_event_payload > frame || c.max_luggage_value > frame {
+            return Err(invalid(
+                &self.name,
+                format!("event payloads and luggage values are limited to {frame} bytes (one stream frame)"),
+            ));
+        }
         c.validate().map_err(|m| invalid(&self.name, m))?;
         Ok(c)
     }
@@ -706,6 +744,22 @@ mod tests {
         assert_eq!(core.probe_interval, Duration::from_secs(7));
         assert_eq!(core.probe_timeout, Config::new_wan().probe_timeout);
         assert_eq!(core.dissemination.mode, Mode::Rumor);
+    }
+
+    #[test]
+    fn limits_apply_and_must_fit_a_stream_frame() {
+        let c = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nevent_payload = 100\nluggage_total = 5000",
+        )
+        .unwrap();
+        let core = c.overlays[0].core_config().unwrap();
+        assert_eq!((core.max_event_payload, core.max_luggage_total), (100, 5000));
+        assert_eq!(core.max_luggage_value, Config::new_lan().max_luggage_value);
+        let e = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nevent_payload = 1000000000",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("one stream frame"), "{e}");
     }
 
     #[test]
