@@ -357,6 +357,12 @@ impl Overlay {
         }
     }
 
+    /// Starts an anti-entropy exchange with `peer` now.
+    pub(crate) fn sync_store_with(&mut self, peer: SocketAddr) {
+        self.dissemination.exchange_now(peer);
+        self.drain_dissemination();
+    }
+
     /// Sends what dissemination queued and forwards its events.
     fn drain_dissemination(&mut self) {
         while let Some(out) = self.dissemination.poll_message() {

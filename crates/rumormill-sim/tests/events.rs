@@ -282,6 +282,12 @@ fn a_restarted_publisher_resumes_its_pending_events() {
     let t = sim.now() as f64 / 1e9;
     sim.run_until(secs(t + 2.0));
     sim.restart(publisher, false, 0);
+    // The join fetches the replicated store at once: the subscribers are
+    // known again within a second, not at the next anti-entropy interval.
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + 1.0));
+    let known = sim.node(publisher).map_or(0, |o| o.subscribers(TOPIC).len());
+    assert_eq!(known, 10, "the restarted publisher knows the subscribers again");
     for e in saved {
         sim.with_node(publisher, |o, now| o.resume(now, e))
             .expect("running")

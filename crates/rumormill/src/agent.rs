@@ -330,13 +330,15 @@ impl<N: Net> Agent<N> {
             feed: tokio::sync::broadcast::channel(4096).0,
             topics,
         };
-        self.start_tasks(&mut running).await;
+        if self.start_tasks(&mut running).await {
+            wait_for_store(&name, &running.handle).await;
+        }
         Ok(running)
     }
 
     /// Seeds (joined at once, DNS ones re-resolved), saved peers, multicast
-    /// discovery.
-    async fn start_tasks(&self, running: &mut Running) {
+    /// discovery. True when there is someone to join.
+    async fn start_tasks(&self, running: &mut Running) -> bool {
         let spec = &running.record.spec;
         let handle = running.handle.clone();
         let (mut statics, mut dns) = (Vec::new(), Vec::new());
@@ -349,6 +351,7 @@ impl<N: Net> Agent<N> {
         let mut first: Vec<SocketAddr> = statics.clone();
         first.extend(running.record.peers.iter().copied());
         first.retain(|a| *a != handle.addr());
+        let joining = !first.is_empty() || !dns.is_empty();
         let net = self.net.clone();
         let refresh = spec.dns_refresh;
         running
@@ -400,6 +403,7 @@ impl<N: Net> Agent<N> {
                 }
             }
         }));
+        joining
     }
 
     async fn save_peers(&self, name: &str, peers: Vec<SocketAddr>) {
@@ -947,6 +951,28 @@ async fn seed_loop<N: Net>(
             return;
         }
         tokio::time::sleep(refresh).await;
+    }
+}
+
+/// Longest wait at start for a first sync of the replicated store.
+const STORE_SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits (at most [`STORE_SYNC_WAIT`]) until the overlay has synced its
+/// replicated store with a peer, so that what depends on it — who
+/// subscribes to what, above all — is known before the API opens: a
+/// restarted publisher would otherwise find no subscribers for a while.
+async fn wait_for_store(name: &str, handle: &OverlayHandle) {
+    let deadline = tokio::time::Instant::now() + STORE_SYNC_WAIT;
+    loop {
+        match handle.call(|o, _| o.dissemination_stats().syncs).await {
+            Ok(n) if n > 0 => return,
+            Ok(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
+            Ok(_) => {
+                tracing::warn!(overlay = %name, "no peer answered within 5 s: starting with what this member knows");
+                return;
+            }
+            Err(_) => return,
+        }
     }
 }
 

@@ -35,6 +35,14 @@ pub(crate) struct Reassembly {
 const MAX_PENDING: usize = 64;
 
 impl Dissemination {
+    /// Starts an exchange with `to` now, if anti-entropy is on (after a
+    /// join: a new member should not wait an interval for the store).
+    pub(crate) fn exchange_now(&mut self, to: SocketAddr) {
+        if self.config.exchanges() {
+            self.start_exchange(to);
+        }
+    }
+
     pub(crate) fn start_exchange(&mut self, to: SocketAddr) {
         self.stats.exchanges += 1;
         let mode = match self.config.anti_entropy_direction {
@@ -58,12 +66,13 @@ impl Dissemination {
         let from = Dissemination::reply_address(from, d.reply_to.as_ref());
         if d.reply {
             // The partner's answer to our push or push-pull: send what it lacks.
-            self.send_delta(from, &d.origins);
+            self.send_delta(from, &d.origins, false);
             return;
         }
         let mode = ExchangeMode::try_from(d.mode).unwrap_or(ExchangeMode::PushPull);
         if mode != ExchangeMode::Push {
-            self.send_delta(from, &d.origins);
+            // Always answered, even when empty: the initiator learns it is synced.
+            self.send_delta(from, &d.origins, true);
         }
         if mode != ExchangeMode::Pull {
             let origins = self.store.summaries();
@@ -79,9 +88,20 @@ impl Dissemination {
         }
     }
 
-    fn send_delta(&mut self, to: SocketAddr, peer: &[OriginSummary]) {
+    fn send_delta(&mut self, to: SocketAddr, peer: &[OriginSummary], always: bool) {
         let missing: Vec<_> = self.store.missing_for(peer).into_iter().map(Update::to_wire).collect();
         if missing.is_empty() && !self.store.knows_more_than(peer) {
+            if always {
+                // Nothing to give: an empty answer, so the partner knows it is synced.
+                let done = Delta {
+                    updates: Vec::new(),
+                    seen: Vec::new(),
+                    exchange: 0,
+                    chunk: 0,
+                    chunks: 1,
+                };
+                self.send(to, Body::Delta(done));
+            }
             return;
         }
         let seen = self.store.summaries();
@@ -130,6 +150,7 @@ impl Dissemination {
         }
         if d.chunks <= 1 || self.reassembly.complete(now, d.exchange, d.chunks) {
             self.store.merge_seen(&d.seen);
+            self.stats.syncs += 1;
         }
     }
 }

@@ -245,6 +245,9 @@ pub struct DisseminationStats {
     pub rumor_rounds: u64,
     /// Anti-entropy exchanges started.
     pub exchanges: u64,
+    /// Exchanges whose answer arrived in full (the store is then at least
+    /// as complete as the partner's was).
+    pub syncs: u64,
     /// Updates that went from infected to removed.
     pub removed: u64,
 }

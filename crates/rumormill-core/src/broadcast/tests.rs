@@ -288,7 +288,11 @@ fn a_digest_exchange_sends_only_the_difference() {
         "only the three missing updates travel"
     );
     assert_eq!(p.a.store().len(), 1000);
-    assert_eq!(p.round(), ["digest"], "in sync: the answer is empty");
+    let sent_before = p.b.stats().updates_sent;
+    let syncs_before = p.a.stats().syncs;
+    assert_eq!(p.round(), ["digest", "delta"], "in sync: an empty answer");
+    assert_eq!(p.b.stats().updates_sent, sent_before, "nothing travels");
+    assert_eq!(p.a.stats().syncs, syncs_before + 1, "the initiator knows it is synced");
 }
 
 #[test]

@@ -77,6 +77,11 @@ impl Overlay {
         let peer = rumormill_wire::socket_addr(pp.from_addr.as_ref()).unwrap_or(from);
         let incarnation = self.me.incarnation;
         self.merge(now, &pp.from, pp.members);
+        if pp.reply && pp.join {
+            // Our join was answered: fetch the replicated store (topics,
+            // luggage, values) at once rather than at the next interval.
+            self.sync_store_with(peer);
+        }
         if !pp.reply {
             let msg = self.push_pull_message(pp.join, true);
             self.send_stream(peer, msg);
