@@ -39,7 +39,7 @@ fn escape(member: &str) -> String {
     member.replace('%', "%25").replace('/', "%2F")
 }
 
-fn unescape(member: &str) -> String {
+pub(crate) fn unescape(member: &str) -> String {
     member.replace("%2F", "/").replace("%25", "%")
 }
 

@@ -134,6 +134,9 @@ pub struct Stats {
     pub events_delivered: u64,
     /// Event messages received again after delivery (acknowledged, not delivered).
     pub events_duplicate: u64,
+    /// Event messages refused because the de-duplication window was full
+    /// (neither delivered nor acknowledged: the publisher resends them).
+    pub events_refused: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +352,7 @@ impl Overlay {
             Body::Dead(d) => self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from),
             Body::PushPull(pp) => self.on_push_pull(now, from, pp),
             Body::Event(ev) => self.on_event(from, *ev),
-            Body::EventAck(a) => self.on_event_ack(a),
+            Body::EventAck(a) => self.on_event_ack(from, a),
             other => {
                 self.dissemination.handle(now, from, other);
                 self.drain_dissemination();

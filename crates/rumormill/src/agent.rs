@@ -296,10 +296,13 @@ impl<N: Net> Agent<N> {
         options.label = name.clone();
         options.event_stream = true;
         let seed = rand::random::<u64>();
+        let restore = self.prepare_restore(&name, &rec.topics)?;
         let handle = Driver::start(self.net.clone(), options, move |addr| {
             let now = tokio::time::Instant::now().into_std();
             let identity = Identity::new(identity_name, addr, epoch);
-            Overlay::with_overlay_id(config, identity, security, seed, now, overlay_id)
+            let mut overlay = Overlay::with_overlay_id(config, identity, security, seed, now, overlay_id);
+            restore.apply(&mut overlay, now);
+            overlay
         })
         .await
         .map_err(|source| AgentError::Bind {
@@ -320,7 +323,6 @@ impl<N: Net> Agent<N> {
         if !rec.keys.is_empty() {
             crate::keyring::publish_report(&handle).await;
         }
-        self.restore_events(&name, &handle, &rec.topics).await?;
         let topics = Arc::new(std::sync::Mutex::new(rec.topics.clone()));
         let mut running = Running {
             record: rec,

@@ -36,6 +36,9 @@ use crate::transport::Net;
 
 /// Inbox entries kept per overlay.
 pub const INBOX_KEEP: u64 = 100_000;
+/// How long the reports of a completed event are kept (pruned every
+/// thousand at-least-once publications).
+pub const REPORTS_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// Topics handled by the agent itself, never gossiped.
 pub const LOCAL_TOPICS: [&str; 7] = [
     "member.joined",
@@ -239,7 +242,7 @@ impl<N: Net> Agent<N> {
         let (id, pending) = handle
             .call(move |o, now| {
                 let id = o.publish(now, &topic_owned, payload, d)?;
-                let pending = o.pending_events().into_iter().find(|p| p.id == id);
+                let pending = o.pending_event(&id);
                 Ok::<_, rumormill_core::CoreError>((id, pending))
             })
             .await
@@ -271,8 +274,22 @@ impl<N: Net> Agent<N> {
                 ops.push(Op::PutPending(record.id.clone(), json(&StoredPending::from_core(p))));
             }
             self.db.write(name, &ops)?;
+            if id.seq % 1000 == 0 {
+                self.prune_reports(name);
+            }
         }
         Ok(record)
+    }
+
+    /// Forgets the reports of events whose every report is final and that
+    /// are older than [`REPORTS_KEEP`].
+    fn prune_reports(&self, name: &str) {
+        let cutoff = wall_ms().saturating_sub(u64::try_from(REPORTS_KEEP.as_millis()).unwrap_or(u64::MAX));
+        let keep =
+            |v: &[u8]| serde_json::from_slice::<EventRecord>(v).is_ok_and(|r| !r.complete || r.published_ms >= cutoff);
+        if let Err(e) = self.db.retain_reports(name, keep) {
+            tracing::warn!(overlay = %name, error = %e, "old reports not pruned");
+        }
     }
 
     /// A published event and its reports (at-least-once events only).
@@ -366,15 +383,10 @@ impl<N: Net> Agent<N> {
         Ok((self.db.inbox_last(name)?, rx))
     }
 
-    /// Before an overlay's driver runs anything: manual acknowledgements,
+    /// What an overlay must know before its driver handles anything:
     /// the saved de-duplication window, the agent's topics, the pending
-    /// events to resume.
-    pub(crate) async fn restore_events(
-        &self,
-        name: &str,
-        handle: &OverlayHandle,
-        topics: &[String],
-    ) -> Result<(), AgentError> {
+    /// events to resume (see [`Restore::apply`]).
+    pub(crate) fn prepare_restore(&self, name: &str, topics: &[String]) -> Result<Restore, AgentError> {
         let window: Vec<StoredDedup> = match self.db.dedup(name)? {
             Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
             None => Vec::new(),
@@ -385,31 +397,44 @@ impl<N: Net> Agent<N> {
             .iter()
             .filter_map(|b| serde_json::from_slice::<StoredPending>(b).ok()?.to_core())
             .collect();
-        let gossiped: Vec<String> = topics.iter().filter(|t| !is_local(t)).cloned().collect();
-        let resumed = pending.len();
-        handle
-            .call(move |o, now| {
-                o.set_manual_acks(true);
-                o.restore_delivered(window.into_iter().map(|w| DedupEntry {
-                    origin: w.origin.into(),
-                    epoch: w.epoch,
-                    floor: w.floor,
-                    above: w.above,
-                }));
-                o.advance_clock(wall_ms());
-                for t in &gossiped {
-                    let _ = o.subscribe(now, t);
-                }
-                for p in pending {
-                    let _ = o.resume(now, p);
-                }
-            })
-            .await
-            .map_err(|_| stopped(name))?;
-        if resumed > 0 {
-            tracing::info!(overlay = %name, events = resumed, "resumed at-least-once events awaiting reports");
+        Ok(Restore {
+            window,
+            pending,
+            topics: topics.iter().filter(|t| !is_local(t)).cloned().collect(),
+        })
+    }
+}
+
+/// See [`Agent::prepare_restore`].
+pub(crate) struct Restore {
+    window: Vec<StoredDedup>,
+    pending: Vec<PendingEvent>,
+    topics: Vec<String>,
+}
+
+impl Restore {
+    /// Manual acknowledgements, the window, the topics, the pending events —
+    /// on a fresh overlay, before its first packet: an event that arrives
+    /// first must find it subscribed and remembering.
+    pub(crate) fn apply(self, o: &mut rumormill_core::Overlay, now: std::time::Instant) {
+        o.set_manual_acks(true);
+        o.restore_delivered(self.window.into_iter().map(|w| DedupEntry {
+            origin: w.origin.into(),
+            epoch: w.epoch,
+            floor: w.floor,
+            above: w.above,
+        }));
+        o.advance_clock(wall_ms());
+        for t in &self.topics {
+            let _ = o.subscribe(now, t);
         }
-        Ok(())
+        let resumed = self.pending.len();
+        for p in self.pending {
+            let _ = o.resume(now, p);
+        }
+        if resumed > 0 {
+            tracing::info!(member = %o.name(), events = resumed, "resumed at-least-once events awaiting reports");
+        }
     }
 }
 
@@ -521,7 +546,16 @@ pub(crate) async fn pump<N: Net>(
             ops.push(Op::TrimInbox(next_seq - INBOX_KEEP));
         }
         if !acks.is_empty() {
-            let window = handle.call(|o, _| o.delivered_window()).await.unwrap_or_default();
+            // The window saved with these events includes exactly them and
+            // what was stored before: never one that is not in the inbox.
+            let ids = acks.clone();
+            let window = handle
+                .call(move |o, _| {
+                    o.mark_stored(&ids);
+                    o.delivered_window()
+                })
+                .await
+                .unwrap_or_default();
             let stored: Vec<StoredDedup> = window
                 .into_iter()
                 .map(|w| StoredDedup {
@@ -533,17 +567,18 @@ pub(crate) async fn pump<N: Net>(
                 .collect();
             ops.push(Op::Dedup(json(&stored)));
         }
-        if !reports.is_empty() {
+        {
             let _guard = agent.events_lock.lock().await;
             ops.extend(report_ops(&agent, &name, &reports));
-            if let Err(e) = agent.db.write(&name, &ops) {
-                tracing::error!(overlay = %name, error = %e, "events not stored: they will be resent");
-                continue;
+            // Until stored, nothing is acknowledged: keep trying (the core
+            // holds these events as delivered, so a resend would not bring
+            // them back).
+            let mut backoff = Duration::from_millis(50);
+            while let Err(e) = agent.db.write(&name, &ops) {
+                tracing::error!(overlay = %name, error = %e, "events not stored yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-        } else if let Err(e) = agent.db.write(&name, &ops) {
-            // Not acknowledged: the publishers resend them.
-            tracing::error!(overlay = %name, error = %e, "events not stored: they will be resent");
-            continue;
         }
         if !acks.is_empty() {
             let _ = handle

@@ -284,6 +284,17 @@ impl Db {
             .map(|v| v.value().to_vec()))
     }
 
+    /// Keeps only the report records `keep` says to keep.
+    pub fn retain_reports(&self, overlay: &str, keep: impl Fn(&[u8]) -> bool) -> Result<(), PersistError> {
+        let tx = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut t = tx.open_table(REPORTS).map_err(|e| self.io(e))?;
+            t.retain_in((overlay, "")..=(overlay, "\u{10FFFF}"), |_, v| keep(v))
+                .map_err(|e| self.io(e))?;
+        }
+        tx.commit().map_err(|e| self.io(e))
+    }
+
     /// One event's reports.
     pub fn report(&self, overlay: &str, id: &str) -> Result<Option<Vec<u8>>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;

@@ -42,6 +42,24 @@ pub use store::{Store, Update};
 /// applications should leave them alone.
 pub const RESERVED_PREFIX: &str = "_rumormill/";
 
+/// The member a reserved key belongs to — `_rumormill/<kind>/<member>`, or
+/// `_rumormill/luggage/<escaped member>/<key>` — `None` for other keys. Only
+/// that member may write it: copies written by anyone else are refused on
+/// receipt. A reserved key of no known shape belongs to nobody.
+pub fn reserved_owner(key: &str) -> Option<String> {
+    let rest = key.strip_prefix(RESERVED_PREFIX)?;
+    let Some((kind, rest)) = rest.split_once('/') else {
+        return Some(String::new());
+    };
+    Some(match kind {
+        "luggage" => rest
+            .split_once('/')
+            .map(|(m, _)| crate::luggage::unescape(m))
+            .unwrap_or_default(),
+        _ => rest.to_owned(),
+    })
+}
+
 use crate::membership::Stamp;
 
 macro_rules! choice {
@@ -245,6 +263,8 @@ pub struct DisseminationStats {
     pub rumor_rounds: u64,
     /// Anti-entropy exchanges started.
     pub exchanges: u64,
+    /// Received writes of another member's reserved data, refused.
+    pub forged: u64,
     /// Exchanges whose answer arrived in full (the store is then at least
     /// as complete as the partner's was).
     pub syncs: u64,
@@ -484,6 +504,14 @@ impl Dissemination {
             return Some(batch);
         }
         let stamp = self.stamp(now);
+        // A member's own data, written by someone else: seen, never stored.
+        let (batch, forged): (Vec<Update>, Vec<Update>) = batch
+            .into_iter()
+            .partition(|u| reserved_owner(&u.key).is_none_or(|owner| owner == *u.origin));
+        for u in &forged {
+            self.store.mark_seen(&u.origin, u.epoch, u.seq);
+            self.stats.forged += 1;
+        }
         let accepted = match self.handler.push(&batch, &self.store) {
             Decision::Ignore => return None,
             Decision::AcceptAll => batch,

@@ -2,10 +2,13 @@
 //! at-least-once on the wire is once at the application.
 //!
 //! Per publisher life (name, boot epoch): every sequence number up to a
-//! floor, plus the ones seen above it. Above [`WINDOW`] pending gaps the
-//! floor moves up (an event older than the window is taken as seen: it is
-//! dropped, never delivered twice). At most [`MAX_ORIGINS`] publisher lives
-//! are remembered; the least recently active is forgotten first.
+//! floor, plus the ones seen above it. The floor moves over contiguous
+//! numbers, and up to what the publisher says is final (its pending floor,
+//! carried by every event). With [`WINDOW`] numbers above the floor, new
+//! ones are refused ([`Insert::Full`]: not delivered, not acknowledged, so
+//! resent later) rather than letting the floor jump over a gap that may
+//! still be filled. At most [`MAX_ORIGINS`] publisher lives are remembered;
+//! the least recently active is forgotten first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -23,24 +26,26 @@ struct Window {
 }
 
 impl Window {
-    /// Moves the floor over contiguous numbers, and up when too many gaps
-    /// are pending.
+    /// Moves the floor over contiguous numbers.
     fn settle(&mut self) {
         let floor = self.floor;
         self.above.retain(|&s| s > floor);
-        loop {
-            while self.above.first() == Some(&(self.floor + 1)) {
-                self.floor += 1;
-                self.above.pop_first();
-            }
-            if self.above.len() <= WINDOW {
-                return;
-            }
-            if let Some(s) = self.above.pop_first() {
-                self.floor = s;
-            }
+        while self.above.first() == Some(&(self.floor + 1)) {
+            self.floor += 1;
+            self.above.pop_first();
         }
     }
+}
+
+/// What [`Dedup::insert`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// Not seen before: recorded.
+    New,
+    /// Seen before.
+    Seen,
+    /// Not seen, but the window is full: not recorded.
+    Full,
 }
 
 /// The de-duplication window.
@@ -64,8 +69,8 @@ pub struct DedupEntry {
 }
 
 impl Dedup {
-    /// Records `(origin, epoch, seq)`; true if it was not seen before.
-    pub fn insert(&mut self, origin: &Arc<str>, epoch: u64, seq: u64) -> bool {
+    /// Records `(origin, epoch, seq)`.
+    pub fn insert(&mut self, origin: &Arc<str>, epoch: u64, seq: u64) -> Insert {
         self.clock += 1;
         let clock = self.clock;
         if !self.lives.contains_key(&(origin.clone(), epoch)) && self.lives.len() >= MAX_ORIGINS {
@@ -75,11 +80,26 @@ impl Dedup {
         }
         let w = self.lives.entry((origin.clone(), epoch)).or_default();
         w.touched = clock;
-        if seq <= w.floor || !w.above.insert(seq) {
-            return false;
+        if seq <= w.floor || w.above.contains(&seq) {
+            return Insert::Seen;
         }
+        if w.above.len() >= WINDOW && seq != w.floor + 1 {
+            return Insert::Full;
+        }
+        w.above.insert(seq);
         w.settle();
-        true
+        Insert::New
+    }
+
+    /// Everything of `(origin, epoch)` up to `floor` is final at its
+    /// publisher: it counts as seen.
+    pub fn advance(&mut self, origin: &Arc<str>, epoch: u64, floor: u64) {
+        if let Some(w) = self.lives.get_mut(&(origin.clone(), epoch)) {
+            if floor > w.floor {
+                w.floor = floor;
+                w.settle();
+            }
+        }
     }
 
     /// Whether `(origin, epoch, seq)` was seen.
@@ -122,30 +142,52 @@ mod tests {
     fn each_event_is_new_once_in_any_order() {
         let mut d = Dedup::default();
         let a: Arc<str> = "a".into();
-        assert!(d.insert(&a, 1, 2));
-        assert!(d.insert(&a, 1, 1));
-        assert!(!d.insert(&a, 1, 1));
-        assert!(!d.insert(&a, 1, 2));
-        assert!(d.insert(&a, 2, 1), "another life of the same publisher");
+        assert_eq!(d.insert(&a, 1, 2), Insert::New);
+        assert_eq!(d.insert(&a, 1, 1), Insert::New);
+        assert_eq!(d.insert(&a, 1, 1), Insert::Seen);
+        assert_eq!(d.insert(&a, 1, 2), Insert::Seen);
+        assert_eq!(d.insert(&a, 2, 1), Insert::New, "another life of the same publisher");
         assert!(d.contains("a", 1, 2) && !d.contains("a", 1, 3));
     }
 
     #[test]
-    fn the_window_is_bounded_and_survives_a_save() {
+    fn a_full_window_refuses_instead_of_skipping_a_gap() {
         let mut d = Dedup::default();
         let a: Arc<str> = "a".into();
-        // Every other number: the gaps pile up above the floor.
-        for s in (2..=2 * (WINDOW as u64 + 10)).step_by(2) {
-            assert!(d.insert(&a, 1, s));
+        // 1 is missing; 2..=WINDOW+1 arrive.
+        for s in 2..=(WINDOW as u64 + 1) {
+            assert_eq!(d.insert(&a, 1, s), Insert::New);
         }
-        let e = &d.entries()[0];
-        assert!(e.above.len() <= WINDOW, "{}", e.above.len());
-        assert!(!d.insert(&a, 1, 1), "below the moved floor: taken as seen");
+        assert_eq!(
+            d.insert(&a, 1, WINDOW as u64 + 2),
+            Insert::Full,
+            "refused, to be resent later"
+        );
+        assert_eq!(d.insert(&a, 1, 1), Insert::New, "the gap is still open");
+        assert_eq!(d.insert(&a, 1, WINDOW as u64 + 2), Insert::New, "room again");
+        let saved = d.entries();
         let mut restored = Dedup::default();
-        restored.restore(d.entries());
-        for s in (2..=2 * (WINDOW as u64 + 10)).step_by(2) {
-            assert!(!restored.insert(&a, 1, s), "{s} delivered twice after a restore");
+        restored.restore(saved);
+        for s in 1..=(WINDOW as u64 + 2) {
+            assert_eq!(
+                restored.insert(&a, 1, s),
+                Insert::Seen,
+                "{s} delivered twice after a restore"
+            );
         }
+    }
+
+    #[test]
+    fn the_publishers_floor_frees_the_window() {
+        let mut d = Dedup::default();
+        let a: Arc<str> = "a".into();
+        for s in 2..=(WINDOW as u64 + 1) {
+            d.insert(&a, 1, s);
+        }
+        // The publisher says 1 is final (reported, never coming): forget it.
+        d.advance(&a, 1, 1);
+        assert_eq!(d.insert(&a, 1, WINDOW as u64 + 2), Insert::New);
+        assert_eq!(d.insert(&a, 1, 1), Insert::Seen);
     }
 
     #[test]
@@ -153,7 +195,7 @@ mod tests {
         let mut d = Dedup::default();
         for i in 0..(MAX_ORIGINS + 5) {
             let o: Arc<str> = format!("p{i}").into();
-            d.insert(&o, 1, 1);
+            assert_eq!(d.insert(&o, 1, 1), Insert::New);
         }
         assert_eq!(d.entries().len(), MAX_ORIGINS);
         assert!(!d.contains("p0", 1, 1), "the least recent life is forgotten");

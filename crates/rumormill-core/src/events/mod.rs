@@ -40,6 +40,8 @@ use crate::overlay::{CoreError, Overlay};
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 /// Events awaiting acknowledgements at one publisher, at most.
 pub const MAX_PENDING: usize = 65_536;
+/// Payload bytes awaiting acknowledgements at one publisher, at most.
+pub const MAX_PENDING_BYTES: usize = 256 << 20;
 
 /// An event's identity.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -190,6 +192,10 @@ pub(crate) struct Events {
     /// acknowledged yet, with whom to acknowledge to.
     manual_acks: bool,
     unacked: BTreeMap<EventId, SocketAddr>,
+    /// Manual mode: the events the application has stored (the window to
+    /// save), a subset of `seen`.
+    acked: dedup::Dedup,
+    pending_bytes: usize,
     pub(crate) seen: dedup::Dedup,
 }
 
@@ -207,6 +213,7 @@ fn event_envelope(
     ack: bool,
     forward: usize,
     reply_to: SocketAddr,
+    pending_floor: u64,
 ) -> Envelope {
     Envelope {
         body: Some(Body::Event(Box::new(proto::Event {
@@ -216,6 +223,7 @@ fn event_envelope(
             ack,
             reply_to: Some(reply_to.into()),
             forward: u32::try_from(forward).unwrap_or(u32::MAX),
+            pending_floor,
         }))),
     }
 }
@@ -345,7 +353,8 @@ impl Overlay {
             if retry_every.is_zero() {
                 return Err(CoreError::Invalid("retry_every must be above zero".into()));
             }
-            if self.pubsub.pending.len() >= MAX_PENDING {
+            if self.pubsub.pending.len() >= MAX_PENDING || self.pubsub.pending_bytes + payload.len() > MAX_PENDING_BYTES
+            {
                 return Err(CoreError::Invalid(format!(
                     "{MAX_PENDING} at-least-once events are still awaiting acknowledgements"
                 )));
@@ -362,6 +371,8 @@ impl Overlay {
             .into_iter()
             .filter(|(n, _)| *n != self.me.name)
             .collect();
+        let ack = matches!(delivery, Delivery::AtLeastOnce { .. });
+        let mut targets = BTreeMap::new();
         if self.subscribes(&self.me.name, topic) {
             self.pubsub.seen.insert(&id.origin, id.epoch, id.seq);
             self.deliver(EventMessage {
@@ -369,12 +380,24 @@ impl Overlay {
                 topic: topic.to_owned(),
                 payload: payload.clone(),
             });
+            if ack && self.pubsub.manual_acks {
+                // The local application is a subscriber like the others: its
+                // copy counts once it is stored (`acknowledge` sends the ack
+                // to ourselves), and a crash before that resends it.
+                self.pubsub.unacked.insert(id.clone(), self.me.addr);
+                targets.insert(
+                    self.me.name.clone(),
+                    Target {
+                        attempts: 1,
+                        resends: 0,
+                    },
+                );
+            }
         }
         let f = fanout(remote.len());
         remote.shuffle(&mut self.rng);
-        let ack = matches!(delivery, Delivery::AtLeastOnce { .. });
-        let msg = event_envelope(&id, topic, &payload, ack, f, self.me.addr);
-        let mut targets = BTreeMap::new();
+        let floor = self.pending_floor(id.epoch).min(id.seq);
+        let msg = event_envelope(&id, topic, &payload, ack, f, self.me.addr, floor);
         for (i, (name, addr)) in remote.iter().enumerate() {
             let first = i < f;
             if first {
@@ -390,6 +413,7 @@ impl Overlay {
         }
         if let Delivery::AtLeastOnce { retry_every, retry_max } = delivery {
             if !targets.is_empty() {
+                self.pubsub.pending_bytes += payload.len();
                 self.pubsub.pending.insert(
                     id.clone(),
                     Pending {
@@ -420,6 +444,18 @@ impl Overlay {
         }));
     }
 
+    /// The lowest seq of `epoch` still awaiting acknowledgements (everything
+    /// below is final here), or the next seq when none is.
+    fn pending_floor(&self, epoch: u64) -> u64 {
+        self.pubsub
+            .pending
+            .keys()
+            .filter(|id| id.epoch == epoch && *id.origin == *self.me.name)
+            .map(|id| id.seq)
+            .min()
+            .unwrap_or(self.pubsub.next_seq + 1)
+    }
+
     pub(crate) fn on_event(&mut self, from: SocketAddr, e: proto::Event) {
         self.stats.events_received += 1;
         self.stats.event_payload_bytes_received += e.payload.len() as u64;
@@ -435,7 +471,21 @@ impl Overlay {
             return;
         }
         let subscribed = self.subscribes(&self.me.name, &e.topic);
-        let first = subscribed && self.pubsub.seen.insert(&id.origin, id.epoch, id.seq);
+        // What the publisher has settled need not be remembered any more.
+        let settled = e.pending_floor.saturating_sub(1).min(id.seq.saturating_sub(1));
+        self.pubsub.seen.advance(&id.origin, id.epoch, settled);
+        self.pubsub.acked.advance(&id.origin, id.epoch, settled);
+        let insert = if subscribed {
+            self.pubsub.seen.insert(&id.origin, id.epoch, id.seq)
+        } else {
+            dedup::Insert::Seen
+        };
+        if insert == dedup::Insert::Full {
+            // Not delivered, not acknowledged: resent once the window has room.
+            self.stats.events_refused += 1;
+            return;
+        }
+        let first = insert == dedup::Insert::New;
         if first {
             // First time here: forward once, then hand it over.
             let forward = (e.forward as usize).min(64);
@@ -448,7 +498,7 @@ impl Overlay {
                     .collect();
                 peers.shuffle(&mut self.rng);
                 peers.truncate(forward);
-                let msg = event_envelope(&id, &e.topic, &e.payload, e.ack, forward, reply_to);
+                let msg = event_envelope(&id, &e.topic, &e.payload, e.ack, forward, reply_to, e.pending_floor);
                 for p in peers {
                     self.send(p, vec![msg.clone()]);
                 }
@@ -474,11 +524,24 @@ impl Overlay {
         }
     }
 
-    pub(crate) fn on_event_ack(&mut self, a: proto::EventAck) {
+    pub(crate) fn on_event_ack(&mut self, from: SocketAddr, a: proto::EventAck) {
         let Some(id) = EventId::from_proto(a.id.as_ref()) else {
             self.stats.malformed += 1;
             return;
         };
+        // Only the subscriber itself may acknowledge: the datagram must come
+        // from its host.
+        let sender_ok = if a.from == *self.me.name {
+            from.ip() == self.me.addr.ip()
+        } else {
+            self.members
+                .position(&a.from)
+                .is_some_and(|i| self.members.at(i).addr().ip() == from.ip())
+        };
+        if !sender_ok {
+            self.stats.malformed += 1;
+            return;
+        }
         let Some(p) = self.pubsub.pending.get_mut(&id) else {
             return;
         };
@@ -486,7 +549,9 @@ impl Overlay {
             return;
         };
         if p.targets.is_empty() {
-            self.pubsub.pending.remove(&id);
+            if let Some(done) = self.pubsub.pending.remove(&id) {
+                self.pubsub.pending_bytes = self.pubsub.pending_bytes.saturating_sub(done.payload.len());
+            }
         }
         let outcome = if a.unsubscribed {
             Outcome::Unsubscribed
@@ -511,7 +576,8 @@ impl Overlay {
                 continue;
             };
             let mut keep = BTreeMap::new();
-            let msg = event_envelope(&id, &p.topic, &p.payload, true, 0, self.me.addr);
+            let floor = self.pending_floor(id.epoch).min(id.seq);
+            let msg = event_envelope(&id, &p.topic, &p.payload, true, 0, self.me.addr, floor);
             for (name, mut t) in std::mem::take(&mut p.targets) {
                 let member = self.members.position(&name).map(|i| self.members.at(i));
                 // Unknown members and topics (a publisher that just
@@ -536,7 +602,9 @@ impl Overlay {
                     }
                 }
             }
-            if !keep.is_empty() {
+            if keep.is_empty() {
+                self.pubsub.pending_bytes = self.pubsub.pending_bytes.saturating_sub(p.payload.len());
+            } else {
                 p.targets = keep;
                 p.next = crate::overlay::next_tick(p.next, p.retry_every, now);
                 self.pubsub.pending.insert(id, p);
@@ -583,17 +651,21 @@ impl Overlay {
             .into_iter()
             .map(|(n, attempts, resends)| (n, Target { attempts, resends }))
             .collect();
-        self.pubsub.pending.insert(
+        self.pubsub.pending_bytes += e.payload.len();
+        if let Some(old) = self.pubsub.pending.insert(
             e.id,
             Pending {
                 topic: e.topic,
                 payload: e.payload,
                 retry_every: e.retry_every,
                 retry_max: e.retry_max,
-                next: now,
+                // One interval to rejoin and sync first.
+                next: now + e.retry_every,
                 targets,
             },
-        );
+        ) {
+            self.pubsub.pending_bytes = self.pubsub.pending_bytes.saturating_sub(old.payload.len());
+        }
         Ok(())
     }
 
@@ -605,21 +677,57 @@ impl Overlay {
         self.pubsub.manual_acks = on;
     }
 
+    /// Records that the application has stored these delivered events
+    /// (manual mode): they join the window [`Overlay::delivered_window`]
+    /// returns. Save that window with them, then [`Overlay::acknowledge`].
+    pub fn mark_stored(&mut self, ids: &[EventId]) {
+        for id in ids {
+            self.pubsub.acked.insert(&id.origin, id.epoch, id.seq);
+        }
+    }
+
     /// Acknowledges a delivered event to its publisher (manual mode).
     pub fn acknowledge(&mut self, id: &EventId) {
+        self.pubsub.acked.insert(&id.origin, id.epoch, id.seq);
         if let Some(to) = self.pubsub.unacked.remove(id) {
             self.send(to, vec![ack_envelope(id, &self.me.name, false)]);
         }
     }
 
-    /// The de-duplication window, for saving across a restart.
+    /// One pending at-least-once event (see [`Overlay::pending_events`]).
+    pub fn pending_event(&self, id: &EventId) -> Option<PendingEvent> {
+        let p = self.pubsub.pending.get(id)?;
+        Some(PendingEvent {
+            id: id.clone(),
+            topic: p.topic.clone(),
+            payload: p.payload.clone(),
+            retry_every: p.retry_every,
+            retry_max: p.retry_max,
+            waiting: p
+                .targets
+                .iter()
+                .map(|(n, t)| (n.clone(), t.attempts, t.resends))
+                .collect(),
+        })
+    }
+
+    /// The de-duplication window to save across a restart: with manual
+    /// acknowledgements, the events the application has stored (never one
+    /// it has not: that one must be delivered again); otherwise every event
+    /// delivered.
     pub fn delivered_window(&self) -> Vec<dedup::DedupEntry> {
-        self.pubsub.seen.entries()
+        if self.pubsub.manual_acks {
+            self.pubsub.acked.entries()
+        } else {
+            self.pubsub.seen.entries()
+        }
     }
 
     /// Restores a saved de-duplication window: those events are not
     /// delivered again.
     pub fn restore_delivered(&mut self, entries: impl IntoIterator<Item = dedup::DedupEntry>) {
+        let entries: Vec<_> = entries.into_iter().collect();
+        self.pubsub.acked.restore(entries.clone());
         self.pubsub.seen.restore(entries);
     }
 }
