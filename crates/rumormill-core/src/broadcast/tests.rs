@@ -453,3 +453,32 @@ fn a_restarted_writer_with_a_wall_clock_floor_beats_its_previous_life() {
     life2.advance_clock(10);
     assert!(life2.put(now, "k", b"newer".to_vec()).lamport > new.lamport);
 }
+
+#[test]
+fn a_members_reserved_data_written_by_another_is_refused() {
+    let mut p = Pair::new(
+        config(Removal::Feedback, Loss::Counter, 3),
+        config(Removal::Feedback, Loss::Counter, 3),
+    );
+    // a writes its own topics (fine) and pretends to write b's (forged).
+    p.a.put(p.now, "_rumormill/topics/a", b"orders".to_vec());
+    p.a.put(p.now, "_rumormill/topics/b", b"nothing".to_vec());
+    p.a.put(p.now, "_rumormill/luggage/b/version", b"0.0".to_vec());
+    p.a.put(p.now, "plain", b"ok".to_vec());
+    p.round();
+    assert_eq!(p.b.store().value("_rumormill/topics/a"), Some(&b"orders"[..]));
+    assert_eq!(p.b.store().value("plain"), Some(&b"ok"[..]));
+    assert_eq!(
+        p.b.store().get("_rumormill/topics/b"),
+        None,
+        "b's topics are b's to write"
+    );
+    assert_eq!(p.b.store().get("_rumormill/luggage/b/version"), None);
+    assert_eq!(p.b.stats().forged, 2);
+    assert_eq!(
+        super::reserved_owner("_rumormill/luggage/a%2Fb/k").as_deref(),
+        Some("a/b")
+    );
+    assert_eq!(super::reserved_owner("_rumormill/odd").as_deref(), Some(""));
+    assert_eq!(super::reserved_owner("user/key"), None);
+}
