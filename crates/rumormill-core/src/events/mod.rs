@@ -615,27 +615,13 @@ impl Overlay {
     /// At-least-once events still awaiting acknowledgements: what a
     /// driver saves to resume them after a restart ([`Overlay::resume`]).
     pub fn pending_events(&self) -> Vec<PendingEvent> {
-        self.pubsub
-            .pending
-            .iter()
-            .map(|(id, p)| PendingEvent {
-                id: id.clone(),
-                topic: p.topic.clone(),
-                payload: p.payload.clone(),
-                retry_every: p.retry_every,
-                retry_max: p.retry_max,
-                waiting: p
-                    .targets
-                    .iter()
-                    .map(|(n, t)| (n.clone(), t.attempts, t.resends))
-                    .collect(),
-            })
-            .collect()
+        self.pubsub.pending.keys().filter_map(|id| self.pending_event(id)).collect()
     }
 
     /// Takes over an at-least-once event published before a restart: it
     /// keeps its id (so subscribers that have it do not deliver it again)
-    /// and is resent to the subscribers still waiting at the next tick.
+    /// and is resent to the subscribers still waiting one `retry_every`
+    /// later (time to rejoin and sync).
     pub fn resume(&mut self, now: Instant, e: PendingEvent) -> Result<(), CoreError> {
         if *e.id.origin != *self.me.name {
             return Err(CoreError::Invalid(format!(
