@@ -615,7 +615,11 @@ impl Overlay {
     /// At-least-once events still awaiting acknowledgements: what a
     /// driver saves to resume them after a restart ([`Overlay::resume`]).
     pub fn pending_events(&self) -> Vec<PendingEvent> {
-        self.pubsub.pending.keys().filter_map(|id| self.pending_event(id)).collect()
+        self.pubsub
+            .pending
+            .keys()
+            .filter_map(|id| self.pending_event(id))
+            .collect()
     }
 
     /// Takes over an at-least-once event published before a restart: it
