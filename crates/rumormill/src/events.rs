@@ -567,7 +567,7 @@ pub(crate) async fn pump<N: Net>(
                 .collect();
             ops.push(Op::Dedup(json(&stored)));
         }
-        {
+        if !ops.is_empty() || !reports.is_empty() {
             let _guard = agent.events_lock.lock().await;
             ops.extend(report_ops(&agent, &name, &reports));
             // Until stored, nothing is acknowledged: keep trying (the core
