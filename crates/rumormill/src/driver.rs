@@ -158,9 +158,7 @@ impl Driver {
         options: DriverOptions,
         build: impl FnOnce(SocketAddr) -> Overlay,
     ) -> std::io::Result<OverlayHandle> {
-        let udp = net.bind_udp(options.bind).await?;
-        let bound = udp.local_addr()?;
-        let listener = net.bind_tcp(bound).await?;
+        let (udp, listener, bound) = bind_pair(&net, options.bind).await?;
         let addr = options.advertise.unwrap_or_else(|| advertise_for(bound));
         let overlay = build(addr);
         let (commands, commands_rx) = mpsc::channel(256);
@@ -208,6 +206,24 @@ impl Driver {
             addr,
             stats,
         })
+    }
+}
+
+/// Binds UDP and TCP on one port. With port 0 the system picks the UDP
+/// port, and the same number may be taken for TCP (an outgoing
+/// connection's local port, say): then another pick is tried.
+async fn bind_pair<N: Net>(net: &N, bind: SocketAddr) -> std::io::Result<(N::Udp, N::Listener, SocketAddr)> {
+    let mut attempts = 0;
+    loop {
+        let udp = net.bind_udp(bind).await?;
+        let bound = udp.local_addr()?;
+        match net.bind_tcp(bound).await {
+            Ok(listener) => return Ok((udp, listener, bound)),
+            Err(e) if bind.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse && attempts < 32 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
