@@ -58,14 +58,19 @@ fn reports(sim: &Simulation, publisher: usize) -> Vec<(u64, String, Outcome)> {
         .collect()
 }
 
+/// Runs the simulation `s` seconds further.
+fn advance(sim: &mut Simulation, s: f64) {
+    let t = sim.now() as f64 / 1e9;
+    sim.run_until(secs(t + s));
+}
+
 fn publish(sim: &mut Simulation, from: usize, count: usize, delivery: Delivery, every_s: f64) {
     for k in 0..count {
         let payload = format!("event {k}").into_bytes();
         sim.with_node(from, |o, now| o.publish(now, TOPIC, payload, delivery))
             .expect("running")
             .expect("publish");
-        let t = sim.now() as f64 / 1e9 + every_s;
-        sim.run_until(secs(t));
+        advance(sim, every_s);
     }
 }
 
@@ -77,8 +82,7 @@ fn only_subscribers_receive_events_and_each_gets_every_one() {
         retry_max: 0,
     };
     publish(&mut sim, 0, 50, alo, 0.1);
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 10.0));
+    advance(&mut sim, 10.0);
     let got = delivered(&sim);
     let subs: BTreeSet<usize> = subscribers().into_iter().collect();
     for i in &subs {
@@ -105,8 +109,7 @@ fn best_effort_spreads_among_subscribers_without_the_publisher_sending_every_cop
     let before = sim.node(0).map(|o| o.stats().datagrams_sent).unwrap_or_default();
     publish(&mut sim, 0, 50, Delivery::BestEffort, 0.001);
     let sent = sim.node(0).map(|o| o.stats().datagrams_sent).unwrap_or_default() - before;
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 2.0));
+    advance(&mut sim, 2.0);
     let got = delivered(&sim);
     let total: usize = subscribers().iter().map(|i| got.get(i).map_or(0, Vec::len)).sum();
     // f = ⌈ln 10⌉ + 2 = 5 copies from the publisher, then the epidemic.
@@ -126,8 +129,7 @@ fn at_least_once_under_20_percent_loss_delivers_everything_once() {
         retry_max: 0,
     };
     publish(&mut sim, 0, 50, alo, 0.1);
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 15.0));
+    advance(&mut sim, 15.0);
     let got = delivered(&sim);
     for i in subscribers() {
         let ids: BTreeSet<u64> = got.get(&i).into_iter().flatten().copied().collect();
@@ -157,14 +159,12 @@ fn a_crashed_subscriber_is_reported_failed_or_delivered_if_back_in_time() {
     publish(&mut sim, 0, 5, alo, 0.2);
     // `back` restarts under its name 3 s later (long before it could be
     // declared failed) and subscribes again.
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 3.0));
+    advance(&mut sim, 3.0);
     sim.restart(back, false, 0);
     sim.with_node(back, |o, now| o.subscribe(now, TOPIC))
         .expect("running")
         .expect("subscribe");
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 60.0));
+    advance(&mut sim, 60.0);
     let name = |i: usize| rumormill_sim::member_name(i);
     let r = reports(&sim, 0);
     assert_eq!(r.len(), 50, "{r:?}");
@@ -199,8 +199,7 @@ fn exhausted_retries_and_unsubscribing_are_reported() {
         retry_max: 2,
     };
     publish(&mut sim, 0, 1, limited, 0.0);
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 5.0));
+    advance(&mut sim, 5.0);
     let name = rumormill_sim::member_name;
     let r = reports(&sim, 0);
     assert_eq!(r.len(), 10, "{r:?}");
@@ -253,8 +252,7 @@ fn manual_acks_hold_the_acknowledgement_until_the_application_has_it() {
         })
         .expect("delivered");
     sim.with_node(careful, |o, _| o.acknowledge(&id));
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 1.0));
+    advance(&mut sim, 1.0);
     let r = reports(&sim, 0);
     assert_eq!(r.len(), 10);
     assert!(r.contains(&(id.seq, name, Outcome::Delivered)), "{r:?}");
@@ -279,13 +277,11 @@ fn a_restarted_publisher_resumes_its_pending_events() {
     let saved = sim.node(publisher).map(Overlay::pending_events).expect("running");
     assert_eq!(saved.len(), 5);
     sim.kill(publisher);
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 2.0));
+    advance(&mut sim, 2.0);
     sim.restart(publisher, false, 0);
     // The join fetches the replicated store at once: the subscribers are
     // known again within a second, not at the next anti-entropy interval.
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 1.0));
+    advance(&mut sim, 1.0);
     let known = sim.node(publisher).map_or(0, |o| o.subscribers(TOPIC).len());
     assert_eq!(known, 10, "the restarted publisher knows the subscribers again");
     for e in saved {
@@ -293,8 +289,7 @@ fn a_restarted_publisher_resumes_its_pending_events() {
             .expect("running")
             .expect("resume");
     }
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 5.0));
+    advance(&mut sim, 5.0);
     let r = reports(&sim, publisher);
     assert_eq!(r.len(), 50, "{r:?}");
     assert!(r.iter().all(|(_, _, o)| *o == Outcome::Delivered), "{r:?}");
@@ -316,8 +311,7 @@ fn a_one_mebibyte_event_reaches_every_subscriber_over_streams() {
     sim.with_node(0, |o, now| o.publish(now, TOPIC, payload, alo))
         .expect("running")
         .expect("publish");
-    let t = sim.now() as f64 / 1e9;
-    sim.run_until(secs(t + 10.0));
+    advance(&mut sim, 10.0);
     let frames = sim.node(0).map_or(0, |o| o.stats().frames_sent) - frames_before;
     assert!(frames >= 1, "a 1 MiB event cannot travel in a datagram");
     let got = delivered(&sim);
