@@ -72,6 +72,12 @@ pub struct Config {
     pub max_members: usize,
     /// Largest event payload accepted by `publish` and on receipt.
     pub max_event_payload: usize,
+    /// Members an event relay sends to (the relay tree's branching, `k`):
+    /// a topic of `S` subscribers is covered in `⌈log_k S⌉` hops.
+    pub event_relay_fanout: usize,
+    /// How long a relay waits for a relay acknowledgement before sending
+    /// the copy again (three copies, then it relays the span itself).
+    pub event_hop_timeout: Duration,
     /// Largest luggage value.
     pub max_luggage_value: usize,
     /// Largest luggage total per member.
@@ -87,8 +93,9 @@ impl Config {
     /// loss about 0.8% per probe; suspicion of 4·log10(n) s at minimum and
     /// six times that at most; gossip every 200 ms to 3 members; push-pull
     /// every 30 s; MTU 1400 so that a datagram never fragments under common
-    /// tunnels. Same order as memberlist's LAN defaults, so the two can be
-    /// compared directly.
+    /// tunnels; events relayed to 4 members per hop, a hop resent after
+    /// 100 ms without acknowledgement. Same order as memberlist's LAN
+    /// defaults, so the two can be compared directly.
     pub fn new_lan() -> Config {
         Config {
             probe_interval: Duration::from_secs(1),
@@ -109,6 +116,8 @@ impl Config {
             max_stream_frame: rumormill_wire::DEFAULT_MAX_FRAME,
             max_members: 250_000,
             max_event_payload: crate::events::DEFAULT_MAX_PAYLOAD,
+            event_relay_fanout: 4,
+            event_hop_timeout: Duration::from_millis(100),
             max_luggage_value: crate::luggage::DEFAULT_MAX_VALUE,
             max_luggage_total: crate::luggage::DEFAULT_MAX_TOTAL,
             dissemination: DisseminationConfig::default(),
@@ -118,11 +127,12 @@ impl Config {
     /// A wide-area network (round trips of 100–300 ms): probe every 5 s
     /// with a 3 s timeout so that a slow intercontinental ack still counts;
     /// suspicion multiplier 6 because loss is burstier; gossip every 500 ms
-    /// to 4 members; push-pull every 60 s.
+    /// to 4 members; push-pull every 60 s; event hops resent after 1 s.
     pub fn new_wan() -> Config {
         Config {
             probe_interval: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(3),
+            event_hop_timeout: Duration::from_secs(1),
             suspicion_mult: 6,
             gossip_interval: Duration::from_millis(500),
             gossip_nodes: 4,
@@ -140,7 +150,8 @@ impl Config {
 
     /// One host (loopback): round trips are microseconds, so probe every
     /// second with a 200 ms timeout, suspicion multiplier 3, gossip every
-    /// 100 ms, push-pull every 15 s, reconnect every 2 s.
+    /// 100 ms, push-pull every 15 s, reconnect every 2 s, event hops resent
+    /// after 40 ms.
     pub fn new_local() -> Config {
         Config {
             probe_interval: Duration::from_secs(1),
@@ -150,6 +161,7 @@ impl Config {
             push_pull_interval: Duration::from_secs(15),
             reconnect_interval: Duration::from_secs(2),
             gossip_to_the_dead: Duration::from_secs(15),
+            event_hop_timeout: Duration::from_millis(40),
             ..Config::new_lan()
         }
     }
@@ -173,6 +185,9 @@ impl Config {
         }
         if self.push_pull_interval.is_zero() || self.reconnect_interval.is_zero() {
             return Err("push_pull_interval and reconnect_interval must be above zero".into());
+        }
+        if self.event_relay_fanout < 2 || self.event_hop_timeout.is_zero() {
+            return Err("event_relay_fanout must be at least 2 and event_hop_timeout above zero".into());
         }
         self.dissemination.validate()
     }

@@ -137,6 +137,12 @@ pub struct Stats {
     /// Event messages refused because the de-duplication window was full
     /// (neither delivered nor acknowledged: the publisher resends them).
     pub events_refused: u64,
+    /// Event copies sent down the relay tree (first sends).
+    pub events_relayed: u64,
+    /// Relay copies sent again for want of a relay acknowledgement.
+    pub event_hop_resends: u64,
+    /// Spans taken back from a receiver that never acknowledged.
+    pub event_hop_takeovers: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -351,7 +357,7 @@ impl Overlay {
             Body::Suspect(s) => self.apply_suspect(now, &s.name, s.incarnation, s.epoch, &s.from),
             Body::Dead(d) => self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from),
             Body::PushPull(pp) => self.on_push_pull(now, from, pp),
-            Body::Event(ev) => self.on_event(from, *ev),
+            Body::Event(ev) => self.on_event(now, from, *ev),
             Body::EventAck(a) => self.on_event_ack(from, a),
             other => {
                 self.dissemination.handle(now, from, other);
@@ -701,6 +707,11 @@ impl Overlay {
             return;
         }
         self.seal(to, FrameKind::Datagram, &packet.finish());
+    }
+
+    /// Room for messages in one datagram.
+    pub(crate) fn datagram_budget(&self) -> usize {
+        self.config.mtu.saturating_sub(self.codec.overhead())
     }
 
     pub(crate) fn send_stream(&mut self, to: SocketAddr, msg: Envelope) {

@@ -3,14 +3,13 @@
 //!
 //! - **Subscriptions** ([`subscriptions`]) are values of the replicated
 //!   store, so every member knows who wants what.
-//! - **Spreading**: the publisher sends the event to `f` of the topic's
-//!   live subscribers, `f = ⌈ln S⌉ + 2` for `S` subscribers (at most `S`);
-//!   each subscriber that receives it for the first time forwards it once to
-//!   `f` others (an infect-and-die push epidemic restricted to the
-//!   subscribers). The publisher sends `f` copies, not `S`; non-subscribers
-//!   never see the payload. A first-time receiver forwards with the same
-//!   `f`, so about `e^{-f}` of the subscribers are missed by the epidemic
-//!   alone (under 2% for `f ≥ 4`, before loss).
+//! - **Spreading** ([`tree`]): the event goes down a relay tree among the
+//!   topic's live subscribers — the publisher sends it to at most
+//!   `event_relay_fanout` of them, each with a span of the ring of member
+//!   positions to cover, and so on — so that each subscriber gets one copy,
+//!   within `⌈log_k S⌉` hops. Each hop is acknowledged and resent, then
+//!   taken back by the relay, so loss and crashed relays cost time, not
+//!   subtrees. Non-subscribers never see the payload.
 //! - **Delivery**: [`Delivery::BestEffort`] stops there.
 //!   [`Delivery::AtLeastOnce`] asks every receiver to acknowledge to the
 //!   publisher, which resends the event directly to each subscriber that has
@@ -24,13 +23,13 @@
 
 pub mod dedup;
 pub mod subscriptions;
+pub mod tree;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::seq::SliceRandom;
 use rumormill_wire::proto::{self, Envelope, envelope::Body};
 
 use crate::membership::MemberState;
@@ -42,6 +41,14 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 pub const MAX_PENDING: usize = 65_536;
 /// Payload bytes awaiting acknowledgements at one publisher, at most.
 pub const MAX_PENDING_BYTES: usize = 256 << 20;
+
+/// How long a best-effort event is taken to be on its way (resent hops
+/// and slow relays included); receivers remember it at least that long.
+pub const BEST_EFFORT_SETTLE: Duration = Duration::from_secs(5);
+/// Best-effort events taken to be on their way at most: within the
+/// receivers' de-duplication window (4,096) with room for at-least-once
+/// ones.
+pub const BEST_EFFORT_RECENT: usize = 2048;
 
 /// An event's identity.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -131,6 +138,9 @@ pub struct EventMessage {
     pub topic: String,
     /// Its payload.
     pub payload: Vec<u8>,
+    /// Whether it was published at-least-once (its publisher awaits an
+    /// acknowledgement).
+    pub at_least_once: bool,
 }
 
 /// An at-least-once event awaiting acknowledgements, as saved by a driver.
@@ -197,54 +207,70 @@ pub(crate) struct Events {
     acked: dedup::Dedup,
     pending_bytes: usize,
     pub(crate) seen: dedup::Dedup,
+    /// Relay copies awaiting their relay acknowledgement, by event and
+    /// receiver.
+    hops: BTreeMap<(EventId, Arc<str>), HopSent>,
+    /// Own best-effort events still on their way: seq and publication time.
+    recent: std::collections::VecDeque<(u64, Instant)>,
+}
+
+/// A relay copy sent in a datagram, not acknowledged yet.
+#[derive(Debug, Clone)]
+struct HopSent {
+    addr: SocketAddr,
+    span: tree::Span,
+    /// Copies sent so far.
+    attempts: u32,
+    next: Instant,
+    event: Box<proto::Event>,
+    /// Members of the span found not answering for this event.
+    unresponsive: Vec<Arc<str>>,
 }
 
 impl Events {
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.pending.values().map(|p| p.next).min()
+        let resend = self.pending.values().map(|p| p.next).min();
+        let hop = self.hops.values().map(|h| h.next).min();
+        resend.into_iter().chain(hop).min()
     }
 }
 
 /// An event message; acknowledgements go to `reply_to` (the publisher).
-fn event_envelope(
+/// Without a span it is delivered, not relayed.
+fn event_message(
     id: &EventId,
     topic: &str,
     payload: &[u8],
     ack: bool,
-    forward: usize,
     reply_to: SocketAddr,
     pending_floor: u64,
-) -> Envelope {
-    Envelope {
-        body: Some(Body::Event(Box::new(proto::Event {
-            id: Some(id.to_proto()),
-            topic: topic.to_owned(),
-            payload: payload.to_vec(),
-            ack,
-            reply_to: Some(reply_to.into()),
-            forward: u32::try_from(forward).unwrap_or(u32::MAX),
-            pending_floor,
-        }))),
+) -> proto::Event {
+    proto::Event {
+        id: Some(id.to_proto()),
+        topic: topic.to_owned(),
+        payload: payload.to_vec(),
+        ack,
+        reply_to: Some(reply_to.into()),
+        pending_floor,
+        relay: None,
     }
 }
 
-fn ack_envelope(id: &EventId, me: &str, unsubscribed: bool) -> Envelope {
+fn envelope(e: proto::Event) -> Envelope {
+    Envelope {
+        body: Some(Body::Event(Box::new(e))),
+    }
+}
+
+fn ack_envelope(id: &EventId, me: &str, unsubscribed: bool, relay: bool) -> Envelope {
     Envelope {
         body: Some(Body::EventAck(proto::EventAck {
             id: Some(id.to_proto()),
             from: me.to_owned(),
             unsubscribed,
+            relay,
         })),
     }
-}
-
-/// Subscribers a sender pushes to: `⌈ln S⌉ + 2`, at most `S`.
-pub fn fanout(subscribers: usize) -> usize {
-    if subscribers == 0 {
-        return 0;
-    }
-    let f = (subscribers as f64).ln().ceil() as usize + 2;
-    f.min(subscribers)
 }
 
 impl Overlay {
@@ -366,12 +392,23 @@ impl Overlay {
             epoch: self.me.epoch,
             seq: self.pubsub.next_seq,
         };
-        let mut remote: Vec<(Arc<str>, SocketAddr)> = self
+        let remote: Vec<(Arc<str>, SocketAddr)> = self
             .subscribers(topic)
             .into_iter()
             .filter(|(n, _)| *n != self.me.name)
             .collect();
         let ack = matches!(delivery, Delivery::AtLeastOnce { .. });
+        let recent = &mut self.pubsub.recent;
+        while recent
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > BEST_EFFORT_SETTLE)
+            || recent.len() >= BEST_EFFORT_RECENT
+        {
+            recent.pop_front();
+        }
+        if !ack {
+            recent.push_back((id.seq, now));
+        }
         let mut targets = BTreeMap::new();
         if self.subscribes(&self.me.name, topic) {
             self.pubsub.seen.insert(&id.origin, id.epoch, id.seq);
@@ -379,6 +416,7 @@ impl Overlay {
                 id: id.clone(),
                 topic: topic.to_owned(),
                 payload: payload.clone(),
+                at_least_once: ack,
             });
             if ack && self.pubsub.manual_acks {
                 // The local application is a subscriber like the others: its
@@ -394,22 +432,12 @@ impl Overlay {
                 );
             }
         }
-        let f = fanout(remote.len());
-        remote.shuffle(&mut self.rng);
         let floor = self.pending_floor(id.epoch).min(id.seq);
-        let msg = event_envelope(&id, topic, &payload, ack, f, self.me.addr, floor);
-        for (i, (name, addr)) in remote.iter().enumerate() {
-            let first = i < f;
-            if first {
-                self.send(*addr, vec![msg.clone()]);
-            }
-            targets.insert(
-                name.clone(),
-                Target {
-                    attempts: u32::from(first),
-                    resends: 0,
-                },
-            );
+        let message = event_message(&id, topic, &payload, ack, self.me.addr, floor);
+        let direct = self.relay(now, &id, &message, tree::Span::WHOLE, &[]);
+        for (name, _) in remote {
+            let attempts = u32::from(direct.contains(&name));
+            targets.insert(name, Target { attempts, resends: 0 });
         }
         if let Delivery::AtLeastOnce { retry_every, retry_max } = delivery {
             if !targets.is_empty() {
@@ -430,6 +458,111 @@ impl Overlay {
         Ok(id)
     }
 
+    /// Sends `message` down the relay tree for `span` (see [`tree`]): to
+    /// one live subscriber of each run of the span, the local member, the
+    /// publisher and the `unresponsive` ones left out. Returns the members
+    /// sent to.
+    fn relay(
+        &mut self,
+        now: Instant,
+        id: &EventId,
+        message: &proto::Event,
+        span: tree::Span,
+        unresponsive: &[Arc<str>],
+    ) -> Vec<Arc<str>> {
+        let me = tree::ring_position(&self.me.name);
+        let members: Vec<(Arc<str>, SocketAddr)> = self
+            .subscribers(&message.topic)
+            .into_iter()
+            .filter(|(n, _)| *n != self.me.name && *n != id.origin && !unresponsive.contains(n))
+            .collect();
+        let hops = tree::split(span, me, members, self.config.event_relay_fanout, &mut self.rng);
+        let mut sent = Vec::with_capacity(hops.len());
+        for hop in hops {
+            self.send_hop(now, id, message, &hop, unresponsive);
+            sent.push(hop.name);
+        }
+        sent
+    }
+
+    /// Sends one relay copy; one that fits in a datagram is tracked until
+    /// its relay acknowledgement.
+    fn send_hop(
+        &mut self,
+        now: Instant,
+        id: &EventId,
+        message: &proto::Event,
+        hop: &tree::Hop,
+        unresponsive: &[Arc<str>],
+    ) {
+        let mut copy = message.clone();
+        copy.relay = Some(proto::Span {
+            first: hop.span.first,
+            last: hop.span.last,
+            acknowledge: true,
+        });
+        // Envelope and packet framing: a few bytes.
+        let fits = prost::Message::encoded_len(&copy) + 16 <= self.datagram_budget();
+        let key = (id.clone(), hop.name.clone());
+        let track = fits && (self.pubsub.hops.len() < tree::MAX_HOPS || self.pubsub.hops.contains_key(&key));
+        if let Some(span) = copy.relay.as_mut() {
+            span.acknowledge = track;
+        }
+        self.stats.events_relayed += 1;
+        if track {
+            self.pubsub.hops.insert(
+                key,
+                HopSent {
+                    addr: hop.addr,
+                    span: hop.span,
+                    attempts: 1,
+                    next: now + self.config.event_hop_timeout,
+                    event: Box::new(copy.clone()),
+                    unresponsive: unresponsive.to_vec(),
+                },
+            );
+        }
+        self.send(hop.addr, vec![envelope(copy)]);
+    }
+
+    /// Resends relay copies not acknowledged in time; after
+    /// [`tree::HOP_ATTEMPTS`] copies, relays the receiver's span without it.
+    fn hops_tick(&mut self, now: Instant) {
+        let due: Vec<(EventId, Arc<str>)> = self
+            .pubsub
+            .hops
+            .iter()
+            .filter(|(_, h)| h.next <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let Some(h) = self.pubsub.hops.remove(&key) else {
+                continue;
+            };
+            let (id, name) = key;
+            if h.attempts < tree::HOP_ATTEMPTS {
+                self.stats.event_hop_resends += 1;
+                let copy = (*h.event).clone();
+                self.pubsub.hops.insert(
+                    (id, name),
+                    HopSent {
+                        attempts: h.attempts + 1,
+                        next: now + self.config.event_hop_timeout,
+                        ..h
+                    },
+                );
+                self.send(h.addr, vec![envelope(copy)]);
+            } else {
+                self.stats.event_hop_takeovers += 1;
+                let mut message = *h.event;
+                message.relay = None;
+                let mut unresponsive = h.unresponsive;
+                unresponsive.push(name);
+                self.relay(now, &id, &message, h.span, &unresponsive);
+            }
+        }
+    }
+
     fn deliver(&mut self, m: EventMessage) {
         self.stats.events_delivered += 1;
         self.events.push_back(crate::Event::Message(m));
@@ -446,17 +579,29 @@ impl Overlay {
 
     /// The lowest seq of `epoch` still awaiting acknowledgements (everything
     /// below is final here), or the next seq when none is.
+    ///
+    /// A best-effort event is final once it has had time to arrive
+    /// ([`BEST_EFFORT_SETTLE`]): until then it holds the floor too, or a
+    /// receiver that got a later event first (another branch of the relay
+    /// tree) would take it for one it had forgotten.
     fn pending_floor(&self, epoch: u64) -> u64 {
+        let recent = self
+            .pubsub
+            .recent
+            .front()
+            .filter(|_| epoch == self.me.epoch)
+            .map(|(seq, _)| *seq);
         self.pubsub
             .pending
             .keys()
             .filter(|id| id.epoch == epoch && *id.origin == *self.me.name)
             .map(|id| id.seq)
+            .chain(recent)
             .min()
             .unwrap_or(self.pubsub.next_seq + 1)
     }
 
-    pub(crate) fn on_event(&mut self, from: SocketAddr, e: proto::Event) {
+    pub(crate) fn on_event(&mut self, now: Instant, from: SocketAddr, e: proto::Event) {
         self.stats.events_received += 1;
         self.stats.event_payload_bytes_received += e.payload.len() as u64;
         let (Some(id), Ok(reply_to)) = (
@@ -486,27 +631,27 @@ impl Overlay {
             return;
         }
         let first = insert == dedup::Insert::New;
-        if first {
-            // First time here: forward once, then hand it over.
-            let forward = (e.forward as usize).min(64);
-            if forward > 0 {
-                let mut peers: Vec<SocketAddr> = self
-                    .subscribers(&e.topic)
-                    .into_iter()
-                    .filter(|(n, a)| *n != self.me.name && *n != id.origin && *a != from)
-                    .map(|(_, a)| a)
-                    .collect();
-                peers.shuffle(&mut self.rng);
-                peers.truncate(forward);
-                let msg = event_envelope(&id, &e.topic, &e.payload, e.ack, forward, reply_to, e.pending_floor);
-                for p in peers {
-                    self.send(p, vec![msg.clone()]);
-                }
+        if let Some(span) = e.relay {
+            // The relay acknowledgement goes back even for a duplicate (the
+            // first one may have been lost). A member that does not
+            // subscribe relays what it is given all the same.
+            if span.acknowledge {
+                self.send(from, vec![ack_envelope(&id, &self.me.name, false, true)]);
             }
+            if (first || !subscribed) && span.first <= span.last {
+                let span = tree::Span {
+                    first: span.first,
+                    last: span.last,
+                };
+                self.relay(now, &id, &e, span, &[]);
+            }
+        }
+        if first {
             self.deliver(EventMessage {
                 id: id.clone(),
                 topic: e.topic,
                 payload: e.payload,
+                at_least_once: e.ack,
             });
         } else if subscribed {
             self.stats.events_duplicate += 1;
@@ -520,7 +665,7 @@ impl Overlay {
                     return;
                 }
             }
-            self.send(reply_to, vec![ack_envelope(&id, &self.me.name, !subscribed)]);
+            self.send(reply_to, vec![ack_envelope(&id, &self.me.name, !subscribed, false)]);
         }
     }
 
@@ -542,6 +687,10 @@ impl Overlay {
             self.stats.malformed += 1;
             return;
         }
+        if a.relay {
+            self.pubsub.hops.remove(&(id, Arc::from(a.from.as_str())));
+            return;
+        }
         let Some(p) = self.pubsub.pending.get_mut(&id) else {
             return;
         };
@@ -561,9 +710,10 @@ impl Overlay {
         self.report(&id, name, outcome, t.attempts.max(1));
     }
 
-    /// Resends unacknowledged at-least-once events; reports subscribers that
-    /// are gone.
+    /// Resends relay copies and unacknowledged at-least-once events;
+    /// reports subscribers that are gone.
     pub(crate) fn events_tick(&mut self, now: Instant) {
+        self.hops_tick(now);
         let due: Vec<EventId> = self
             .pubsub
             .pending
@@ -577,7 +727,7 @@ impl Overlay {
             };
             let mut keep = BTreeMap::new();
             let floor = self.pending_floor(id.epoch).min(id.seq);
-            let msg = event_envelope(&id, &p.topic, &p.payload, true, 0, self.me.addr, floor);
+            let msg = envelope(event_message(&id, &p.topic, &p.payload, true, self.me.addr, floor));
             for (name, mut t) in std::mem::take(&mut p.targets) {
                 let member = self.members.position(&name).map(|i| self.members.at(i));
                 // Unknown members and topics (a publisher that just
@@ -680,7 +830,7 @@ impl Overlay {
     pub fn acknowledge(&mut self, id: &EventId) {
         self.pubsub.acked.insert(&id.origin, id.epoch, id.seq);
         if let Some(to) = self.pubsub.unacked.remove(id) {
-            self.send(to, vec![ack_envelope(id, &self.me.name, false)]);
+            self.send(to, vec![ack_envelope(id, &self.me.name, false, false)]);
         }
     }
 
