@@ -10,7 +10,11 @@
 //!
 //! A digest costs one entry per origin (writer), not per update, and a delta
 //! holds only the difference, so the cost follows the difference, not the
-//! store. Deltas larger than `max_chunk` go over streams in chunks; each chunk
+//! store. The periodic push-pull exchange starts with a *check* — a hash
+//! of the digest, not the digest: a partner in sync answers with an empty
+//! delta, one that is not starts a full exchange back — so that an idle
+//! cluster's exchanges cost two small datagrams, whatever the number of
+//! writers. Deltas larger than `max_chunk` go over streams in chunks; each chunk
 //! carries the sender's summaries, which the receiver merges once every chunk
 //! has arrived — that is how it learns of updates the sender overwrote and
 //! will never send.
@@ -43,6 +47,27 @@ impl Dissemination {
         }
     }
 
+    /// The periodic exchange: a check first when it is push-pull.
+    pub(crate) fn start_check(&mut self, to: SocketAddr) {
+        if self.config.anti_entropy_direction != Direction::PushPull {
+            self.start_exchange(to);
+            return;
+        }
+        self.stats.exchanges += 1;
+        let fingerprint = fingerprint(&self.store.summaries());
+        self.send(
+            to,
+            Body::Digest(Digest {
+                origins: Vec::new(),
+                mode: ExchangeMode::PushPull as i32,
+                reply: false,
+                reply_to: None,
+                check: true,
+                fingerprint,
+            }),
+        );
+    }
+
     pub(crate) fn start_exchange(&mut self, to: SocketAddr) {
         self.stats.exchanges += 1;
         let mode = match self.config.anti_entropy_direction {
@@ -58,12 +83,22 @@ impl Dissemination {
                 mode: mode as i32,
                 reply: false,
                 reply_to: None,
+                check: false,
+                fingerprint: 0,
             }),
         );
     }
 
     pub(crate) fn on_digest(&mut self, from: SocketAddr, d: Digest) {
         let from = Dissemination::reply_address(from, d.reply_to.as_ref());
+        if d.check && !d.reply {
+            if d.fingerprint == fingerprint(&self.store.summaries()) {
+                self.send_synced(from);
+            } else {
+                self.start_exchange(from);
+            }
+            return;
+        }
         if d.reply {
             // The partner's answer to our push or push-pull: send what it lacks.
             self.send_delta(from, &d.origins, false);
@@ -83,6 +118,8 @@ impl Dissemination {
                     mode: d.mode,
                     reply: true,
                     reply_to: None,
+                    check: false,
+                    fingerprint: 0,
                 }),
             );
         }
@@ -92,15 +129,7 @@ impl Dissemination {
         let missing: Vec<_> = self.store.missing_for(peer).into_iter().map(Update::to_wire).collect();
         if missing.is_empty() && !self.store.knows_more_than(peer) {
             if always {
-                // Nothing to give: an empty answer, so the partner knows it is synced.
-                let done = Delta {
-                    updates: Vec::new(),
-                    seen: Vec::new(),
-                    exchange: 0,
-                    chunk: 0,
-                    chunks: 1,
-                };
-                self.send(to, Body::Delta(done));
+                self.send_synced(to);
             }
             return;
         }
@@ -132,6 +161,18 @@ impl Dissemination {
         }
     }
 
+    /// Nothing to give: an empty answer, so the partner knows it is synced.
+    fn send_synced(&mut self, to: SocketAddr) {
+        let done = Delta {
+            updates: Vec::new(),
+            seen: Vec::new(),
+            exchange: 0,
+            chunk: 0,
+            chunks: 1,
+        };
+        self.send(to, Body::Delta(done));
+    }
+
     pub(crate) fn on_delta(&mut self, now: Instant, d: Delta) {
         let mut news = Vec::new();
         for w in d.updates {
@@ -153,6 +194,22 @@ impl Dissemination {
             self.stats.syncs += 1;
         }
     }
+}
+
+/// A hash of a digest (FNV-1a over the encoded summaries, which come in
+/// the store's order): equal for two stores that have seen the same.
+fn fingerprint(origins: &[OriginSummary]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buf = Vec::new();
+    for o in origins {
+        buf.clear();
+        prost::Message::encode_length_delimited(o, &mut buf).unwrap_or_default();
+        for b in &buf {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
 }
 
 impl Reassembly {

@@ -451,7 +451,7 @@ impl Dissemination {
             self.next_exchange = now + self.config.anti_entropy_interval;
             if self.config.exchanges() {
                 for to in peers(self.config.anti_entropy_fanout) {
-                    self.start_exchange(to);
+                    self.start_check(to);
                 }
             }
         }

@@ -315,6 +315,34 @@ fn push_and_push_pull_exchanges_converge_both_ways() {
 }
 
 #[test]
+fn a_push_pull_round_checks_a_hash_first_and_exchanges_only_when_it_differs() {
+    let c = DisseminationConfig {
+        mode: Mode::AntiEntropy,
+        anti_entropy_direction: Direction::PushPull,
+        ..DisseminationConfig::default()
+    };
+    let mut p = Pair::new(c.clone(), c);
+    p.a.put(p.now, "from-a", b"1".to_vec());
+    p.b.put(p.now, "from-b", b"2".to_vec());
+    // Out of sync: the check makes b start a full push-pull back.
+    assert_eq!(p.round(), ["digest", "digest", "delta", "digest", "delta"]);
+    assert!(p.a.store().get("from-b").is_some() && p.b.store().get("from-a").is_some());
+    // In sync: a check and an empty answer, both far smaller than a digest.
+    let syncs = p.a.stats().syncs;
+    p.now += Duration::from_secs(60);
+    let now = p.now;
+    p.a.handle_timeout(now, &mut |_| vec![B]);
+    let check = p.a.poll_message().expect("a check");
+    assert!(matches!(&check.envelope.body, Some(Body::Digest(d)) if d.check && d.origins.is_empty()));
+    p.b.handle(now, A, check.envelope.body.expect("body"));
+    let answer = p.b.poll_message().expect("an answer");
+    assert!(matches!(&answer.envelope.body, Some(Body::Delta(d)) if d.updates.is_empty() && d.seen.is_empty()));
+    assert!(p.b.poll_message().is_none(), "nothing else");
+    p.a.handle(now, B, answer.envelope.body.expect("body"));
+    assert_eq!(p.a.stats().syncs, syncs + 1, "the initiator knows it is synced");
+}
+
+#[test]
 fn large_differences_go_over_streams_in_chunks() {
     let c = DisseminationConfig {
         mode: Mode::AntiEntropy,
