@@ -81,6 +81,13 @@ impl Overlay {
             // Our join was answered: fetch the replicated store (topics,
             // luggage, values) at once rather than at the next interval.
             self.sync_store_with(peer);
+            // Members joining at the same moment reach us only by gossip,
+            // whose retransmissions can miss one of a burst of joins: one
+            // more full-state exchange once the burst is over (1–2 s on a
+            // LAN), not a whole push-pull interval later.
+            let settle = self.config.gossip_interval * 5;
+            let at = now + settle + settle.mul_f64(rand::Rng::random::<f64>(&mut self.rng));
+            self.timers.push_pull = self.timers.push_pull.min(at);
         }
         if !pp.reply {
             let msg = self.push_pull_message(pp.join, true);
