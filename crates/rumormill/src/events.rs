@@ -440,6 +440,18 @@ impl Restore {
 
 /// Moves the overlay's events into the inbox and the report records,
 /// durably, then acknowledges the delivered ones. Runs while the overlay does.
+/// Inbox sequence numbers reserved at a time.
+const INBOX_RESERVE: u64 = 100_000;
+/// How long inbox entries of best-effort events may stay unflushed.
+const VOLATILE_FOR: Duration = Duration::from_secs(1);
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub(crate) async fn pump<N: Net>(
     agent: std::sync::Weak<Agent<N>>,
     name: String,
@@ -451,11 +463,38 @@ pub(crate) async fn pump<N: Net>(
         return;
     };
     let mut next_seq = match agent.upgrade() {
-        Some(a) => a.db.inbox_last(&name).unwrap_or(0) + 1,
+        Some(a) => a.db.inbox_next(&name).unwrap_or(1),
         None => return,
     };
+    // Sequence numbers below `reserved` may be handed out; the reservation
+    // is written durably before any of them is, so that entries a crash
+    // loses (best-effort ones) leave a gap, never a number used twice.
+    let mut reserved = next_seq;
+    // When the last volatile write must be flushed by.
+    let mut flush_by: Option<tokio::time::Instant> = None;
     loop {
-        let Some(first) = stream.recv().await else { return };
+        let first = tokio::select! {
+            e = stream.recv() => e,
+            () = sleep_until(flush_by) => {
+                flush_by = None;
+                if let Some(agent) = agent.upgrade() {
+                    let _guard = agent.events_lock.lock().await;
+                    if let Err(e) = agent.db.write(&name, &[]) {
+                        tracing::warn!(overlay = %name, error = %e, "inbox not flushed");
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else {
+            if flush_by.is_some()
+                && let Some(agent) = agent.upgrade()
+                && let Err(e) = agent.db.write(&name, &[])
+            {
+                tracing::warn!(overlay = %name, error = %e, "inbox not flushed");
+            }
+            return;
+        };
         let mut batch = vec![first];
         while batch.len() < 256 {
             match stream.try_recv() {
@@ -469,6 +508,9 @@ pub(crate) async fn pump<N: Net>(
         let mut items: Vec<InboxItem> = Vec::new();
         let mut acks: Vec<EventId> = Vec::new();
         let mut reports: Vec<DeliveryReport> = Vec::new();
+        // Best-effort events and local topics need no flush to disk: a
+        // crash may lose the last second of them.
+        let mut durable = false;
         for e in batch {
             let item = |topic: &str| InboxItem {
                 seq: 0,
@@ -482,7 +524,13 @@ pub(crate) async fn pump<N: Net>(
                 time_ms: wall_ms(),
             };
             match e {
-                Event::Message(EventMessage { id, topic, payload }) => {
+                Event::Message(EventMessage {
+                    id,
+                    topic,
+                    payload,
+                    at_least_once,
+                }) => {
+                    durable |= at_least_once;
                     let (text, b64) = payload_fields(&payload);
                     items.push(InboxItem {
                         id: Some(id.to_string()),
@@ -542,6 +590,11 @@ pub(crate) async fn pump<N: Net>(
             next_seq += 1;
         }
         let mut ops: Vec<Op> = items.iter().map(|it| Op::Inbox(it.seq, json(it))).collect();
+        if next_seq > reserved {
+            reserved = next_seq + INBOX_RESERVE;
+            ops.push(Op::ReserveInbox(reserved));
+            durable = true;
+        }
         if next_seq > INBOX_KEEP && items.iter().any(|it| it.seq % 1000 == 0) {
             ops.push(Op::TrimInbox(next_seq - INBOX_KEEP));
         }
@@ -573,11 +626,24 @@ pub(crate) async fn pump<N: Net>(
             // Until stored, nothing is acknowledged: keep trying (the core
             // holds these events as delivered, so a resend would not bring
             // them back).
+            durable |= !reports.is_empty();
+            let write = |ops: &[Op]| {
+                if durable {
+                    agent.db.write(&name, ops)
+                } else {
+                    agent.db.write_volatile(&name, ops)
+                }
+            };
             let mut backoff = Duration::from_millis(50);
-            while let Err(e) = agent.db.write(&name, &ops) {
+            while let Err(e) = write(&ops) {
                 tracing::error!(overlay = %name, error = %e, "events not stored yet; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            if durable {
+                flush_by = None;
+            } else if flush_by.is_none() {
+                flush_by = Some(tokio::time::Instant::now() + VOLATILE_FOR);
             }
         }
         if !acks.is_empty() {

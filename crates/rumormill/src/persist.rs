@@ -32,6 +32,9 @@ const REPORTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("even
 const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
 /// The de-duplication window of delivered events: overlay → JSON.
 const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("events_dedup");
+/// Inbox sequence numbers below this one may have been handed out (written
+/// durably before any of them is): overlay → sequence number.
+const INBOX_RESERVED: TableDefinition<&str, u64> = TableDefinition::new("inbox_reserved");
 const FORMAT: &str = "rumormill-agent/1";
 /// The database's file name in the data directory.
 pub const DB_FILE: &str = "rumormill.redb";
@@ -188,6 +191,7 @@ impl Db {
             tx.open_table(REPORTS).map_err(|e| self.corrupt(e.to_string()))?;
             tx.open_table(INBOX).map_err(|e| self.corrupt(e.to_string()))?;
             tx.open_table(DEDUP).map_err(|e| self.corrupt(e.to_string()))?;
+            tx.open_table(INBOX_RESERVED).map_err(|e| self.corrupt(e.to_string()))?;
         }
         tx.commit().map_err(|e| self.io(e))
     }
@@ -236,18 +240,33 @@ impl Db {
                 .map_err(|e| self.io(e))?;
             let mut t = tx.open_table(DEDUP).map_err(|e| self.io(e))?;
             t.remove(name).map_err(|e| self.io(e))?;
+            let mut t = tx.open_table(INBOX_RESERVED).map_err(|e| self.io(e))?;
+            t.remove(name).map_err(|e| self.io(e))?;
         }
         tx.commit().map_err(|e| self.io(e))
     }
 
     /// Applies writes in one durable transaction.
     pub fn write(&self, overlay: &str, ops: &[Op]) -> Result<(), PersistError> {
-        let tx = self.db.begin_write().map_err(|e| self.io(e))?;
+        self.write_with(overlay, ops, redb::Durability::Immediate)
+    }
+
+    /// Like [`Db::write`], but not flushed to disk: a crash before the next
+    /// [`Db::write`] loses it (the database stays consistent). For what
+    /// may be lost: best-effort events in the inbox.
+    pub fn write_volatile(&self, overlay: &str, ops: &[Op]) -> Result<(), PersistError> {
+        self.write_with(overlay, ops, redb::Durability::None)
+    }
+
+    fn write_with(&self, overlay: &str, ops: &[Op], durability: redb::Durability) -> Result<(), PersistError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.io(e))?;
+        tx.set_durability(durability);
         {
             let mut pending = tx.open_table(PENDING).map_err(|e| self.io(e))?;
             let mut reports = tx.open_table(REPORTS).map_err(|e| self.io(e))?;
             let mut inbox = tx.open_table(INBOX).map_err(|e| self.io(e))?;
             let mut dedup = tx.open_table(DEDUP).map_err(|e| self.io(e))?;
+            let mut reserved = tx.open_table(INBOX_RESERVED).map_err(|e| self.io(e))?;
             for op in ops {
                 let r = match op {
                     Op::PutPending(id, v) => pending.insert((overlay, id.as_str()), v.as_slice()).map(|_| ()),
@@ -256,6 +275,7 @@ impl Db {
                     Op::Inbox(seq, v) => inbox.insert((overlay, *seq), v.as_slice()).map(|_| ()),
                     Op::TrimInbox(below) => inbox.retain_in((overlay, 0)..(overlay, *below), |_, _| false),
                     Op::Dedup(v) => dedup.insert(overlay, v.as_slice()).map(|_| ()),
+                    Op::ReserveInbox(below) => reserved.insert(overlay, *below).map(|_| ()),
                 };
                 r.map_err(|e| self.io(e))?;
             }
@@ -331,6 +351,16 @@ impl Db {
             .map_or(0, |(k, _)| k.value().1))
     }
 
+    /// The next inbox sequence number of an overlay: after the last entry,
+    /// and after every number that may have been handed out before a crash
+    /// lost its entry.
+    pub fn inbox_next(&self, overlay: &str) -> Result<u64, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(INBOX_RESERVED).map_err(|e| self.io(e))?;
+        let reserved = t.get(overlay).map_err(|e| self.io(e))?.map_or(0, |v| v.value());
+        Ok(reserved.max(self.inbox_last(overlay)? + 1))
+    }
+
     /// The saved de-duplication window of an overlay.
     pub fn dedup(&self, overlay: &str) -> Result<Option<Vec<u8>>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
@@ -354,6 +384,8 @@ pub enum Op {
     TrimInbox(u64),
     /// Saves the de-duplication window.
     Dedup(Vec<u8>),
+    /// Inbox sequence numbers up to this one (excluded) may be handed out.
+    ReserveInbox(u64),
 }
 
 /// Creates `dir` with mode 0700 (it holds keys and the admin token); an
@@ -406,6 +438,34 @@ mod tests {
         assert_eq!(db.overlays().unwrap(), vec![rec]);
         db.delete_overlay("a").unwrap();
         assert!(db.overlays().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn inbox_numbers_are_never_handed_out_twice() {
+        let dir = temp("inbox");
+        {
+            let db = Db::open(&dir).unwrap();
+            assert_eq!(db.inbox_next("o").unwrap(), 1);
+            db.write("o", &[Op::Inbox(1, b"a".to_vec()), Op::ReserveInbox(100)])
+                .unwrap();
+            // Entries written without a flush, then flushed by the next
+            // durable write.
+            db.write_volatile("o", &[Op::Inbox(2, b"b".to_vec())]).unwrap();
+            db.write("o", &[]).unwrap();
+            assert_eq!(db.inbox_after("o", 0, 10).unwrap().len(), 2);
+            // Numbers up to the reservation may have been seen by an
+            // application before a crash lost their entries: not reused.
+            assert_eq!(db.inbox_next("o").unwrap(), 100);
+            db.write("o", &[Op::TrimInbox(3)]).unwrap();
+            assert_eq!(db.inbox_next("o").unwrap(), 100);
+        }
+        let db = Db::open(&dir).unwrap();
+        assert_eq!(db.inbox_next("o").unwrap(), 100);
+        db.write("o", &[Op::Inbox(150, b"c".to_vec())]).unwrap();
+        assert_eq!(db.inbox_next("o").unwrap(), 151);
+        db.delete_overlay("o").unwrap();
+        assert_eq!(db.inbox_next("o").unwrap(), 1, "a recreated overlay starts anew");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
