@@ -415,7 +415,11 @@ fn latency_chart(r: &Results, path: &Path) -> Result<()> {
                     .collect();
                 chart
                     .draw_series(LineSeries::new(points, c.stroke_width(2)))?
-                    .label(format!("{} {}", title(&run.system), d.mode))
+                    .label(if run.system == "serf" {
+                        "Serf (serf event)".to_string()
+                    } else {
+                        format!("{} {}", title(&run.system), d.mode)
+                    })
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
             }
         }
@@ -521,7 +525,7 @@ fn bandwidth_chart(r: &Results, path: &Path) -> Result<()> {
     type Metric = fn(&Run) -> Option<f64>;
     let metrics: [(&str, Metric); 2] = [
         ("idle", |x| Some(x.idle.bytes_per_member_s())),
-        ("during dissemination (first mode)", |x| {
+        ("while events flow", |x| {
             x.dissemination.first().map(|d| d.traffic.bytes_per_member_s())
         }),
     ];
