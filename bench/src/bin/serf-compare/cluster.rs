@@ -468,18 +468,9 @@ impl Cluster {
         }
         let deadline = Instant::now() + limit;
         loop {
-            let body = serde_json::json!({
+            let record = self.post_event(serde_json::json!({
                 "topic": TOPIC, "payload": "warm-up", "delivery": {"mode": "at_least_once"}
-            })
-            .to_string();
-            let answer = http::ok(
-                self.control(0),
-                "POST",
-                "/v1/overlays/default/events",
-                Some(&self.tokens[0]),
-                Some(&body),
-            )?;
-            let record: serde_json::Value = serde_json::from_str(&answer)?;
+            }))?;
             let known = record["subscribers"].as_array().map_or(0, Vec::len);
             if known == self.n {
                 return Ok(());
@@ -489,6 +480,18 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Rumormill: publishes through agent 0's API; returns its answer.
+    fn post_event(&self, body: serde_json::Value) -> Result<serde_json::Value> {
+        let answer = http::ok(
+            self.control(0),
+            "POST",
+            "/v1/overlays/default/events",
+            Some(&self.tokens[0]),
+            Some(&body.to_string()),
+        )?;
+        Ok(serde_json::from_str(&answer)?)
     }
 
     /// Publishes event `seq` from agent 0.
@@ -507,19 +510,11 @@ impl Cluster {
                 } else {
                     "at_least_once"
                 };
-                let body = serde_json::json!({
+                self.post_event(serde_json::json!({
                     "topic": TOPIC,
                     "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload(seq)),
                     "delivery": {"mode": delivery}
-                })
-                .to_string();
-                http::ok(
-                    self.control(0),
-                    "POST",
-                    "/v1/overlays/default/events",
-                    Some(&self.tokens[0]),
-                    Some(&body),
-                )?;
+                }))?;
                 Ok(())
             }
         }

@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -435,27 +437,52 @@ fn latency_chart(r: &Results, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Detection time of every kill, per system and size.
-fn detection_chart(r: &Results, path: &Path) -> Result<()> {
+/// The systems of a run, in the order they ran.
+fn systems(r: &Results) -> Vec<String> {
+    let mut s: Vec<String> = Vec::new();
+    for run in &r.runs {
+        if !s.contains(&run.system) {
+            s.push(run.system.clone());
+        }
+    }
+    s
+}
+
+/// Where system `s` of `count` draws its bar for size `i`, and how wide.
+fn bar_x(i: usize, s: usize, count: usize) -> (f64, f64) {
+    let width = 0.8 / count as f64;
+    (i as f64 - 0.4 + width * (s as f64 + 0.5), width)
+}
+
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Caption, axis and bar style of [`size_bars`].
+struct Look<'s> {
+    caption: &'s str,
+    y_desc: &'s str,
+    /// Top of the axis.
+    y_max: f64,
+    /// Pale bars, leaving room for dots on top.
+    faded: bool,
+}
+
+/// A chart with one group of bars per cluster size, one bar per system:
+/// `metric` of its run.
+fn size_bars<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    r: &Results,
+    look: Look<'_>,
+    metric: &dyn Fn(&Run) -> Option<f64>,
+    label: &dyn Fn(&str) -> String,
+) -> Result<Chart<'a, 'b>> {
     let sizes = sizes(r);
-    let systems: Vec<String> = {
-        let mut s: Vec<String> = r.runs.iter().map(|x| x.system.clone()).collect();
-        s.dedup();
-        s.truncate(3);
-        s
-    };
-    let y_max = r.runs.iter().flat_map(detections).fold(1.0, f64::max) * 1.15;
-    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Failure detection: SIGKILL until every survivor reports it failed",
-            ("sans-serif", 17),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(-0.5..sizes.len() as f64 - 0.5, 0.0..y_max)?;
+    let systems = systems(r);
+    let mut chart = ChartBuilder::on(area)
+        .caption(look.caption, ("sans-serif", 15))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..sizes.len() as f64 - 0.5, 0.0..look.y_max)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -464,41 +491,30 @@ fn detection_chart(r: &Results, path: &Path) -> Result<()> {
             let i = x.round() as usize;
             sizes.get(i).map(|n| format!("{n} members")).unwrap_or_default()
         })
-        .y_desc("seconds")
-        .label_style(("sans-serif", 13))
+        .y_desc(look.y_desc)
+        .label_style(("sans-serif", 12))
         .draw()?;
-    let width = 0.8 / systems.len() as f64;
     for (s, system) in systems.iter().enumerate() {
         let c = color(system);
-        let offset = -0.4 + width * (s as f64 + 0.5);
+        let style = if look.faded { c.mix(0.35).filled() } else { c.filled() };
         let bars: Vec<Rectangle<(f64, f64)>> = sizes
             .iter()
             .enumerate()
             .filter_map(|(i, &n)| {
-                let m = mean(&detections(find(r, system, n)?))?;
-                let x = i as f64 + offset;
-                Some(Rectangle::new(
-                    [(x - width * 0.4, 0.0), (x + width * 0.4, m)],
-                    c.mix(0.35).filled(),
-                ))
+                let v = metric(find(r, system, n)?)?;
+                let (x, width) = bar_x(i, s, systems.len());
+                Some(Rectangle::new([(x - width * 0.42, 0.0), (x + width * 0.42, v)], style))
             })
             .collect();
         chart
             .draw_series(bars)?
-            .label(format!("{} (bar: mean, dots: each kill)", title(system)))
+            .label(label(system))
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
-        let dots: Vec<Circle<(f64, f64), i32>> = sizes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &n)| Some((i, find(r, system, n)?)))
-            .flat_map(|(i, run)| {
-                detections(run)
-                    .into_iter()
-                    .map(move |v| Circle::new((i as f64 + offset, v), 3, c.filled()))
-            })
-            .collect();
-        chart.draw_series(dots)?;
     }
+    Ok(chart)
+}
+
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>) -> Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -506,19 +522,44 @@ fn detection_chart(r: &Results, path: &Path) -> Result<()> {
         .border_style(BLACK)
         .label_font(("sans-serif", 12))
         .draw()?;
+    Ok(())
+}
+
+/// Detection time of every kill, per system and size.
+fn detection_chart(r: &Results, path: &Path) -> Result<()> {
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let look = Look {
+        caption: "Failure detection: SIGKILL until every survivor reports it failed",
+        y_desc: "seconds",
+        y_max: r.runs.iter().flat_map(detections).fold(1.0, f64::max) * 1.15,
+        faded: true,
+    };
+    let mut chart = size_bars(&root, r, look, &|run| mean(&detections(run)), &|system| {
+        format!("{} (bar: mean, dots: each kill)", title(system))
+    })?;
+    let (sizes, systems) = (sizes(r), systems(r));
+    for (s, system) in systems.iter().enumerate() {
+        let c = color(system);
+        let dots: Vec<Circle<(f64, f64), i32>> = sizes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &n)| Some((bar_x(i, s, systems.len()).0, find(r, system, n)?)))
+            .flat_map(|(x, run)| {
+                detections(run)
+                    .into_iter()
+                    .map(move |v| Circle::new((x, v), 3, c.filled()))
+            })
+            .collect();
+        chart.draw_series(dots)?;
+    }
+    legend(&mut chart)?;
     root.present()?;
     Ok(())
 }
 
-/// Bytes per member per second, idle and during dissemination.
+/// Bytes per member per second, idle and while events flow.
 fn bandwidth_chart(r: &Results, path: &Path) -> Result<()> {
-    let sizes = sizes(r);
-    let systems: Vec<String> = {
-        let mut s: Vec<String> = r.runs.iter().map(|x| x.system.clone()).collect();
-        s.dedup();
-        s.truncate(3);
-        s
-    };
     let root = SVGBackend::new(path, (1000, 460)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 2));
@@ -530,55 +571,14 @@ fn bandwidth_chart(r: &Results, path: &Path) -> Result<()> {
         }),
     ];
     for (panel, (name, metric)) in panels.iter().zip(metrics) {
-        let y_max = r.runs.iter().filter_map(metric).fold(1.0, f64::max) * 1.2;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(
-                format!("Gossip bytes per member per second, {name}"),
-                ("sans-serif", 15),
-            )
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(-0.5..sizes.len() as f64 - 0.5, 0.0..y_max)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(sizes.len())
-            .x_label_formatter(&|x| {
-                let i = x.round() as usize;
-                sizes.get(i).map(|n| format!("{n} members")).unwrap_or_default()
-            })
-            .y_desc("bytes / member / s")
-            .label_style(("sans-serif", 12))
-            .draw()?;
-        let width = 0.8 / systems.len() as f64;
-        for (s, system) in systems.iter().enumerate() {
-            let c = color(system);
-            let offset = -0.4 + width * (s as f64 + 0.5);
-            let bars: Vec<Rectangle<(f64, f64)>> = sizes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, &n)| {
-                    let v = metric(find(r, system, n)?)?;
-                    let x = i as f64 + offset;
-                    Some(Rectangle::new(
-                        [(x - width * 0.45, 0.0), (x + width * 0.45, v)],
-                        c.filled(),
-                    ))
-                })
-                .collect();
-            chart
-                .draw_series(bars)?
-                .label(title(system))
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 12))
-            .draw()?;
+        let look = Look {
+            caption: &format!("Gossip bytes per member per second, {name}"),
+            y_desc: "bytes / member / s",
+            y_max: r.runs.iter().filter_map(metric).fold(1.0, f64::max) * 1.2,
+            faded: false,
+        };
+        let mut chart = size_bars(panel, r, look, &metric, &|system| title(system).to_string())?;
+        legend(&mut chart)?;
     }
     root.present()?;
     Ok(())
