@@ -116,6 +116,7 @@ fn outside(args: &Args) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("needs root (it creates a network namespace and nftables rules)".into());
     }
+    flavors(args)?;
     let rumormill = rumormill_bin(args)?;
     install_missing(&args.serf)?;
     let name = format!("rmbench-{}", std::process::id());
@@ -170,6 +171,22 @@ fn outside(args: &Args) -> Result<()> {
         let _ = std::fs::remove_dir_all(&work);
     }
     result
+}
+
+/// The systems `--systems` names, in the order they run.
+fn flavors(args: &Args) -> Result<Vec<Flavor>> {
+    let all = [Flavor::Serf, Flavor::RumormillLan, Flavor::RumormillTuned];
+    if let Some(bad) = args
+        .systems
+        .iter()
+        .find(|s| !all.iter().any(|f| f.label() == s.as_str()))
+    {
+        return Err(format!("--systems: unknown system {bad:?} (serf, rumormill, rumormill-tuned)").into());
+    }
+    Ok(all
+        .into_iter()
+        .filter(|f| args.systems.iter().any(|s| s == f.label()))
+        .collect())
 }
 
 fn rumormill_bin(args: &Args) -> Result<PathBuf> {
@@ -242,13 +259,7 @@ fn inside(args: &Args, work: &Path) -> Result<()> {
         drain: Duration::from_secs(10),
         join_limit: Duration::from_secs(10),
     };
-    let flavors: Vec<Flavor> = [Flavor::Serf, Flavor::RumormillLan, Flavor::RumormillTuned]
-        .into_iter()
-        .filter(|f| args.systems.iter().any(|s| s == f.label()))
-        .collect();
-    if flavors.is_empty() {
-        return Err("--systems: none of serf, rumormill, rumormill-tuned".into());
-    }
+    let flavors = flavors(args)?;
     let bin = |f: Flavor| {
         if f.is_rumormill() {
             rumormill.clone()
