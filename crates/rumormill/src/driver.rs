@@ -374,7 +374,9 @@ impl<N: Net> Task<N> {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
+/// Sleeps until `at`, or forever without one (a `select!` branch that
+/// never fires).
+pub(crate) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,

@@ -445,13 +445,6 @@ const INBOX_RESERVE: u64 = 100_000;
 /// How long inbox entries of best-effort events may stay unflushed.
 const VOLATILE_FOR: Duration = Duration::from_secs(1);
 
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 pub(crate) async fn pump<N: Net>(
     agent: std::sync::Weak<Agent<N>>,
     name: String,
@@ -471,11 +464,11 @@ pub(crate) async fn pump<N: Net>(
     // loses (best-effort ones) leave a gap, never a number used twice.
     let mut reserved = next_seq;
     // When the last volatile write must be flushed by.
-    let mut flush_by: Option<tokio::time::Instant> = None;
+    let mut flush_by: Option<std::time::Instant> = None;
     loop {
         let first = tokio::select! {
             e = stream.recv() => e,
-            () = sleep_until(flush_by) => {
+            () = crate::driver::sleep_until(flush_by) => {
                 flush_by = None;
                 if let Some(agent) = agent.upgrade() {
                     let _guard = agent.events_lock.lock().await;
@@ -643,7 +636,7 @@ pub(crate) async fn pump<N: Net>(
             if durable {
                 flush_by = None;
             } else if flush_by.is_none() {
-                flush_by = Some(tokio::time::Instant::now() + VOLATILE_FOR);
+                flush_by = Some(std::time::Instant::now() + VOLATILE_FOR);
             }
         }
         if !acks.is_empty() {

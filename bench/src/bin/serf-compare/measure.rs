@@ -446,35 +446,30 @@ pub fn loss_phase(
     netns::set_loss(loss_percent)?;
     let t0 = Instant::now();
     let mut reports: Vec<Vec<String>> = vec![Vec::new(); clusters.len()];
-    let mut lossy = || -> Result<()> {
-        let mut next_line = t0;
-        while t0.elapsed() < window {
-            pump(
-                &rx,
-                (t0 + window).min(Instant::now() + Duration::from_secs(1)),
-                |note| {
-                    if let Note::Failed { cluster, member, .. } = note {
-                        reports[cluster].push(member);
-                    }
-                },
+    let mut next_line = t0;
+    while t0.elapsed() < window {
+        pump(
+            &rx,
+            (t0 + window).min(Instant::now() + Duration::from_secs(1)),
+            |note| {
+                if let Note::Failed { cluster, member, .. } = note {
+                    reports[cluster].push(member);
+                }
+            },
+        );
+        if Instant::now() >= next_line {
+            let dropped = netns::counter("dropped").map(|c| c.packets).unwrap_or(0);
+            let total: usize = reports.iter().map(Vec::len).sum();
+            eprintln!(
+                "  loss phase: {:>3.0} s of {:.0}, {dropped} packets dropped, {total} failure reports",
+                t0.elapsed().as_secs_f64(),
+                window.as_secs_f64()
             );
-            if Instant::now() >= next_line {
-                let dropped = netns::counter("dropped").map(|c| c.packets).unwrap_or(0);
-                let total: usize = reports.iter().map(Vec::len).sum();
-                eprintln!(
-                    "  loss phase: {:>3.0} s of {:.0}, {dropped} packets dropped, {total} failure reports",
-                    t0.elapsed().as_secs_f64(),
-                    window.as_secs_f64()
-                );
-                next_line += Duration::from_secs(30);
-            }
+            next_line += Duration::from_secs(30);
         }
-        Ok(())
-    };
-    let result = lossy();
+    }
     let seconds = t0.elapsed().as_secs_f64();
     netns::set_loss(0.0)?;
-    result?;
     // A wrongly failed member rejoins by itself; give the views time to heal.
     let heal = Instant::now() + Duration::from_secs(20);
     let mut whole = vec![false; clusters.len()];
