@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rumormill_wire::proto::{Envelope, envelope::Body};
-use rumormill_wire::{Codec, FrameKind, KeyId, KeyInfo, Keyring, PacketBuilder, Security, WireError};
+use rumormill_wire::{Codec, FrameKind, HeaderFilter, KeyId, KeyInfo, Keyring, PacketBuilder, Security, WireError};
 
 use crate::broadcast::{Dissemination, DisseminationStats, Store, Update, UpdateHandler};
 use crate::config::Config;
@@ -335,6 +335,18 @@ impl Overlay {
         }
     }
 
+    /// Counts a stream frame the driver refused on its header, before
+    /// reading its body (see [`Overlay::header_filter`]), as rejected.
+    pub fn count_refused_frame(&mut self, e: WireError) {
+        self.reject(e);
+    }
+
+    /// What the overlay's codec accepts in a header, for the tasks that read
+    /// stream connections; it changes with the keyring.
+    pub fn header_filter(&self) -> HeaderFilter {
+        self.codec.header_filter()
+    }
+
     fn reject(&mut self, e: WireError) {
         self.stats.rejected += 1;
         self.stats.last_rejection = Some(e);
@@ -445,6 +457,20 @@ impl Overlay {
             return Err(CoreError::Left);
         }
         self.join_via(now, seeds);
+        Ok(())
+    }
+
+    /// Contacts `addr` with a full-state exchange, like [`Overlay::join`],
+    /// without remembering it as a seed: for addresses heard of from
+    /// unauthenticated sources (multicast announcements), which must not
+    /// pile up in the seed list.
+    pub fn contact(&mut self, addr: SocketAddr) -> Result<(), CoreError> {
+        if self.status != Status::Active {
+            return Err(CoreError::Left);
+        }
+        if addr != self.me.addr {
+            self.push_pull_with(addr, true);
+        }
         Ok(())
     }
 

@@ -24,6 +24,7 @@
 mod address;
 mod aead;
 mod error;
+mod filter;
 mod framing;
 mod header;
 mod keyring;
@@ -40,6 +41,7 @@ pub mod proto {
 pub use address::socket_addr;
 pub use aead::{AesGcmSuite, Cipher, CipherSuite, NONCE_LEN, TAG_LEN};
 pub use error::WireError;
+pub use filter::HeaderFilter;
 pub use framing::{DEFAULT_MAX_FRAME, FrameDecoder, encode_frame};
 pub use header::{FrameKind, HEADER_LEN, Header, MAGIC, VERSION};
 pub use keyring::{KeyId, KeyInfo, Keyring, key_id};

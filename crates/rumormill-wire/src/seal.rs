@@ -6,6 +6,7 @@ use zeroize::Zeroizing;
 
 use crate::aead::{Cipher, NONCE_LEN, TAG_LEN};
 use crate::error::WireError;
+use crate::filter::HeaderFilter;
 use crate::header::{FrameKind, HEADER_LEN, Header};
 use crate::keyring::{KeyId, KeyInfo, Keyring};
 use crate::replay::ReplayGuard;
@@ -112,6 +113,22 @@ impl Codec {
         self.own.retain(|id, _| installed.contains(id));
         self.peers.retain(|(id, _, _), _| installed.contains(id));
         Ok(out)
+    }
+
+    /// What [`Codec::open`] accepts in a header, as a snapshot for the
+    /// tasks that read stream connections (see [`HeaderFilter`]). It changes
+    /// with the keyring: take a new one after every keyring change.
+    pub fn header_filter(&self) -> HeaderFilter {
+        match &self.security {
+            Security::Plaintext => HeaderFilter::plaintext(self.overlay_id),
+            Security::Encrypted(ring) => HeaderFilter::encrypted(
+                self.overlay_id,
+                ring.list()
+                    .iter()
+                    .filter_map(|k| ring.get(k.id).map(|e| (k.id, e.suite.id())))
+                    .collect(),
+            ),
+        }
     }
 
     /// Seals `body` as a datagram or stream frame.

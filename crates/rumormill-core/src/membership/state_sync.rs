@@ -279,6 +279,33 @@ mod tests {
     }
 
     #[test]
+    fn a_contacted_address_is_sent_a_state_exchange_but_not_kept_as_a_seed() {
+        use crate::{Identity, Overlay, Security};
+        let now = std::time::Instant::now();
+        let me: std::net::SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let mut o = Overlay::new(
+            Config::new_lan(),
+            Identity::new("a", me, 1),
+            Security::Plaintext,
+            1,
+            now,
+        );
+        let heard: Vec<std::net::SocketAddr> = (1..=100u16).map(|p| ([127, 0, 0, 9], p).into()).collect();
+        for &a in &heard {
+            o.contact(a).unwrap();
+        }
+        o.contact(me).unwrap();
+        let mut sent = Vec::new();
+        while let Some(t) = o.poll_transmit() {
+            sent.push(t.to);
+        }
+        assert_eq!(sent, heard, "one exchange per contacted address, none to itself");
+        assert!(o.seeds.is_empty(), "contacted addresses are not seeds");
+        o.join(now, &heard[..1]).unwrap();
+        assert_eq!(o.seeds, heard[..1], "joined ones are");
+    }
+
+    #[test]
     fn the_member_table_does_not_grow_past_its_bound() {
         let mut c = Config::new_lan();
         c.max_members = 3;
