@@ -165,8 +165,15 @@ pub struct OverlayStats {
     pub stream_errors: u64,
     /// Outgoing stream frames dropped: too many connections in flight.
     pub streams_dropped: u64,
-    /// Incoming connections refused: too many open.
+    /// Incoming connections refused: too many open (in all, or from their
+    /// address) and none that could be evicted.
     pub connections_refused: u64,
+    /// Incoming connections closed to make room: idle before their first
+    /// header or between frames, or stalled inside a frame.
+    pub connections_evicted: u64,
+    /// Incoming stream frames refused on their length or header before
+    /// their body was read (also counted in `rejected`).
+    pub frames_refused: u64,
     /// Values stored.
     pub values: usize,
 }
@@ -292,7 +299,7 @@ impl<N: Net> Agent<N> {
         let overlay_id = rumormill_wire::overlay_id(&name);
         let mut options = DriverOptions::new(bind);
         options.advertise = advertise;
-        options.max_frame = config.max_stream_frame;
+        options.streams.max_frame = config.max_stream_frame;
         options.label = name.clone();
         options.event_stream = true;
         let seed = rand::random::<u64>();
@@ -460,6 +467,8 @@ impl<N: Net> Agent<N> {
             stream_errors: load(&t.stream_errors),
             streams_dropped: load(&t.streams_dropped),
             connections_refused: load(&t.connections_refused),
+            connections_evicted: load(&t.connections_evicted),
+            frames_refused: load(&t.frames_refused),
             ..OverlayStats::default()
         };
         let live = if left {

@@ -20,17 +20,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rumormill_core::{Event, FrameKind, Overlay};
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use rumormill_wire::HeaderFilter;
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 
-use crate::transport::{self, Datagrams, Listener, Net};
+use crate::transport::{self, Datagrams, Incoming, Listener, Net, StreamLimits, Streams};
 
 /// Largest UDP payload read.
 const RECV_BUFFER: usize = 65_536;
-/// Stream connections open at once, each way.
+/// Outgoing stream connections open at once.
 const MAX_STREAMS: usize = 256;
 /// Longest a graceful leave may take before the driver stops anyway.
 pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,8 +48,9 @@ pub struct DriverOptions {
     pub bind: SocketAddr,
     /// Address announced to others; `None`: derived from `bind`.
     pub advertise: Option<SocketAddr>,
-    /// Largest stream frame accepted.
-    pub max_frame: usize,
+    /// Limits on incoming stream connections (their `max_frame` is the
+    /// largest stream frame accepted).
+    pub streams: StreamLimits,
     /// Name in log lines (the overlay's).
     pub label: String,
     /// Keep a lossless stream of events for [`OverlayHandle::take_event_stream`].
@@ -61,25 +63,14 @@ impl DriverOptions {
         DriverOptions {
             bind,
             advertise: None,
-            max_frame: rumormill_wire::DEFAULT_MAX_FRAME,
+            streams: StreamLimits::default(),
             label: String::new(),
             event_stream: false,
         }
     }
 }
 
-/// Counters of the transport (the overlay counts the protocol).
-#[derive(Debug, Default)]
-pub struct TransportStats {
-    /// Datagrams the socket refused to send.
-    pub send_errors: AtomicU64,
-    /// Stream connections that failed (connect, write or read).
-    pub stream_errors: AtomicU64,
-    /// Outgoing stream frames dropped because too many were in flight.
-    pub streams_dropped: AtomicU64,
-    /// Incoming connections refused because too many were open.
-    pub connections_refused: AtomicU64,
-}
+pub use crate::transport::TransportStats;
 
 type Call = Box<dyn FnOnce(&mut Overlay, Instant) + Send>;
 
@@ -170,15 +161,19 @@ impl Driver {
             }
             false => (None, None),
         };
+        // Frame count bound; their bytes are bounded by the streams' budget.
         let (frames_tx, frames_rx) = mpsc::channel(1024);
         let stats = Arc::new(TransportStats::default());
-        let accept = tokio::spawn(accept_loop(listener, frames_tx, options.max_frame, stats.clone()));
+        let (filter, filter_rx) = watch::channel(overlay.header_filter());
+        let streams = Streams::new(options.streams.clone(), stats.clone());
+        let accept = tokio::spawn(accept_loop(listener, frames_tx, streams, filter_rx, stats.clone()));
         let task = Task {
             net,
             udp,
             overlay,
             commands: commands_rx,
             frames: frames_rx,
+            filter,
             events: events.clone(),
             stream: stream_tx,
             stats: stats.clone(),
@@ -246,13 +241,15 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// Accepts connections as [`Streams`] admits them, each read by its own
+/// task.
 async fn accept_loop<L: Listener>(
     listener: L,
-    frames: mpsc::Sender<(SocketAddr, Vec<u8>)>,
-    max_frame: usize,
+    frames: mpsc::Sender<Incoming>,
+    streams: Arc<Streams>,
+    filter: watch::Receiver<HeaderFilter>,
     stats: Arc<TransportStats>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_STREAMS));
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(c) => c,
@@ -262,20 +259,25 @@ async fn accept_loop<L: Listener>(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            stats.connections_refused.fetch_add(1, Ordering::Relaxed);
-            continue;
+        let ticket = match streams.admit(from.ip(), Instant::now()) {
+            Ok((ticket, _evicted)) => ticket,
+            Err(refusal) => {
+                tracing::debug!(%from, %refusal, "connection refused");
+                continue;
+            }
         };
-        let frames = frames.clone();
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            let result = transport::read_frames(stream, from, max_frame, &frames).await;
+        let (frames, filter, stats) = (frames.clone(), filter.clone(), stats.clone());
+        let id = ticket.id();
+        let task = tokio::spawn(async move {
+            let result = transport::read_frames(stream, from, &ticket, &filter, &frames).await;
             if let Err(e) = result {
                 stats.stream_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%from, error = %e, "incoming stream failed");
             }
-            drop(permit);
+            drop(ticket);
         });
+        // Eviction aborts the task: its ticket and buffers drop with it.
+        streams.set_abort(id, task.abort_handle());
     }
 }
 
@@ -284,7 +286,9 @@ struct Task<N: Net> {
     udp: N::Udp,
     overlay: Overlay,
     commands: mpsc::Receiver<Command>,
-    frames: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    frames: mpsc::Receiver<Incoming>,
+    /// What stream readers check headers against; follows the keyring.
+    filter: watch::Sender<HeaderFilter>,
     events: broadcast::Sender<Event>,
     /// The lossless copy, while its receiver lives.
     stream: Option<mpsc::UnboundedSender<Event>>,
@@ -313,11 +317,27 @@ impl<N: Net> Task<N> {
                     // ICMP port unreachable from an earlier send, and the like.
                     Err(e) => tracing::trace!(error = %e, "udp receive error"),
                 },
-                Some((from, frame)) = self.frames.recv() => self.overlay.handle_stream(now(), from, &frame),
+                Some(incoming) = self.frames.recv() => match incoming {
+                    // The frame's budget is given back when it drops, after
+                    // the overlay has handled it.
+                    Incoming::Frame(frame) => self.overlay.handle_stream(now(), frame.from, &frame.bytes),
+                    Incoming::Refused { error, .. } => self.overlay.count_refused_frame(error),
+                },
                 () = sleep_until(timeout) => self.overlay.handle_timeout(now()),
                 () = sleep_until(leave_deadline.map(|d| d.into_std())) => {}
                 command = self.commands.recv() => match command {
-                    Some(Command::Call(f)) => f(&mut self.overlay, now()),
+                    Some(Command::Call(f)) => {
+                        f(&mut self.overlay, now());
+                        // A call may have changed the keyring.
+                        let current = self.overlay.header_filter();
+                        self.filter.send_if_modified(|f| {
+                            let changed = *f != current;
+                            if changed {
+                                *f = current;
+                            }
+                            changed
+                        });
+                    }
                     Some(Command::Shutdown { leave: true, done }) if leaving.is_none() => {
                         self.overlay.leave(now());
                         leaving = Some((tokio::time::Instant::now() + LEAVE_TIMEOUT, done));
