@@ -720,7 +720,13 @@ pub async fn read_frames<S: AsyncRead + Unpin>(
                 }
             };
             ticket.enter(Phase::Body, true);
+            // One allocation for the frame, its pages touched (and charged)
+            // only as the body arrives: no copies while it grows, and a
+            // large frame goes back to the system whole when dropped.
             let mut bytes: Vec<u8> = Vec::new();
+            bytes
+                .try_reserve_exact(len)
+                .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "no memory for a frame"))?;
             let mut filled = 0;
             while filled < len {
                 if filled == bytes.len() {
