@@ -4,7 +4,8 @@
 //!
 //! An announcement holds no secret and proves nothing: it only makes the
 //! hearer attempt a join, which on an encrypted overlay succeeds only with
-//! the overlay's key. A TTL of 0 keeps announcements on the host, 1 on the
+//! the overlay's key. What announcements can make an agent remember and
+//! contact is bounded (see [`Heard`]). A TTL of 0 keeps announcements on the host, 1 on the
 //! local network.
 //!
 //! ```
@@ -14,16 +15,118 @@
 //! assert_eq!(Announcement::decode(b"garbage"), None);
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use crate::config::MulticastSpec;
 use crate::driver::OverlayHandle;
 
 const MAGIC: &[u8; 4] = b"RMD1";
-/// Least time between two joins of one announced address.
-const JOIN_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
-/// Announced addresses remembered at most.
-const MAX_TRIED: usize = 4096;
+/// Least time between two contacts of one announced address.
+pub const JOIN_BACKOFF: Duration = Duration::from_secs(30);
+/// Announced addresses remembered at most; others are ignored until some
+/// expire.
+pub const MAX_HEARD: usize = 64;
+/// Announced addresses contacted at most per announcement interval, all
+/// together.
+pub const CONTACTS_PER_INTERVAL: u32 = 4;
+/// An address not announced again for this many intervals is forgotten.
+pub const EXPIRY_INTERVALS: u32 = 3;
+
+/// The addresses heard in announcements, bounded and expiring: which ones
+/// to contact, and when.
+///
+/// Announcements are unauthenticated, so anyone on the LAN can announce any
+/// number of addresses. At most [`MAX_HEARD`] are remembered, each
+/// forgotten [`EXPIRY_INTERVALS`] intervals after it was last announced;
+/// one address is contacted at most once per [`JOIN_BACKOFF`], and all of
+/// them together at most [`CONTACTS_PER_INTERVAL`] times per interval.
+/// Contacted addresses are not kept as seeds (see
+/// [`rumormill_core::Overlay::contact`]): members found this way are
+/// reached again through the membership, or through their next
+/// announcement.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use rumormill::discovery::Heard;
+/// let mut heard = Heard::new(Duration::from_secs(5));
+/// let now = Instant::now();
+/// let a = "10.0.0.5:7950".parse().unwrap();
+/// assert!(heard.hear(now, a), "contacted at once");
+/// assert!(!heard.hear(now + Duration::from_secs(5), a), "not again before the backoff");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Heard {
+    interval: Duration,
+    entries: BTreeMap<SocketAddr, Entry>,
+    /// Contacts left in the current interval, and when it began.
+    budget: (u32, Option<Instant>),
+    /// Announcements ignored because the table was full.
+    pub ignored: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    last_heard: Instant,
+    contacted: Option<Instant>,
+}
+
+impl Heard {
+    /// An empty table for announcements sent every `interval`.
+    pub fn new(interval: Duration) -> Heard {
+        Heard {
+            interval: interval.max(Duration::from_millis(1)),
+            entries: BTreeMap::new(),
+            budget: (CONTACTS_PER_INTERVAL, None),
+            ignored: 0,
+        }
+    }
+
+    /// Addresses remembered now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Notes an announcement of `addr` at `now`; true if it should be
+    /// contacted now.
+    pub fn hear(&mut self, now: Instant, addr: SocketAddr) -> bool {
+        let expiry = self.interval * EXPIRY_INTERVALS;
+        self.entries
+            .retain(|_, e| now.saturating_duration_since(e.last_heard) < expiry);
+        if !self.entries.contains_key(&addr) && self.entries.len() >= MAX_HEARD {
+            self.ignored += 1;
+            return false;
+        }
+        let entry = self.entries.entry(addr).or_insert(Entry {
+            last_heard: now,
+            contacted: None,
+        });
+        entry.last_heard = now;
+        if entry
+            .contacted
+            .is_some_and(|t| now.saturating_duration_since(t) < JOIN_BACKOFF)
+        {
+            return false;
+        }
+        let (left, since) = &mut self.budget;
+        if since.is_none_or(|s| now.saturating_duration_since(s) >= self.interval) {
+            *left = CONTACTS_PER_INTERVAL;
+            *since = Some(now);
+        }
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        entry.contacted = Some(now);
+        true
+    }
+}
 
 /// What a member announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,8 +212,9 @@ fn multicast_socket(spec: &MulticastSpec) -> std::io::Result<tokio::net::UdpSock
     tokio::net::UdpSocket::from_std(socket.into())
 }
 
-/// Announces the overlay's member every `spec.interval` and joins the
-/// members heard of that the overlay does not know alive. Runs until the
+/// Announces the overlay's member every `spec.interval` and contacts the
+/// members heard of that the overlay does not know alive, within the bounds
+/// of [`Heard`]. Runs until the
 /// overlay stops; a socket error is logged and retried after an interval.
 pub async fn multicast(overlay: String, spec: MulticastSpec, handle: OverlayHandle) {
     let id = rumormill_wire::overlay_id(&overlay);
@@ -134,9 +238,7 @@ pub async fn multicast(overlay: String, spec: MulticastSpec, handle: OverlayHand
         };
         let mut ticker = tokio::time::interval(spec.interval);
         let mut buf = [0u8; 512];
-        // Announcements are unauthenticated: an address is tried at most
-        // once per JOIN_BACKOFF, however often it is announced.
-        let mut tried: std::collections::HashMap<SocketAddr, tokio::time::Instant> = Default::default();
+        let mut heard = Heard::new(spec.interval);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -150,27 +252,19 @@ pub async fn multicast(overlay: String, spec: MulticastSpec, handle: OverlayHand
                     if a.overlay != id || a.addr == handle.addr() {
                         continue;
                     }
-                    let now = tokio::time::Instant::now();
-                    if tried.get(&a.addr).is_some_and(|t| now < *t + JOIN_BACKOFF) {
+                    if !heard.hear(Instant::now(), a.addr) {
                         continue;
                     }
-                    if tried.len() >= MAX_TRIED {
-                        tried.retain(|_, t| now < *t + JOIN_BACKOFF);
-                        if tried.len() >= MAX_TRIED {
-                            continue;
-                        }
-                    }
-                    tried.insert(a.addr, now);
-                    let joined = handle
-                        .call(move |o, now| {
+                    let contacted = handle
+                        .call(move |o, _| {
                             let known = o.member(&a.name).is_some_and(|m| m.state.is_live());
                             if !known {
-                                let _ = o.join(now, &[a.addr]);
+                                let _ = o.contact(a.addr);
                             }
                             (!known).then_some(a)
                         })
                         .await;
-                    match joined {
+                    match contacted {
                         Ok(Some(a)) => tracing::info!(%overlay, member = %a.name, addr = %a.addr, "discovered by multicast"),
                         Ok(None) => {}
                         Err(_) => return,
@@ -184,6 +278,69 @@ pub async fn multicast(overlay: String, spec: MulticastSpec, handle: OverlayHand
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn addr(i: u32) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::from(0x0a00_0000 + i), 7950))
+    }
+
+    #[test]
+    fn a_flood_of_announced_addresses_is_capped_and_rate_limited() {
+        let interval = Duration::from_secs(5);
+        let mut heard = Heard::new(interval);
+        let t0 = Instant::now();
+        let mut contacted = 0;
+        // 4,096 addresses announced within one interval.
+        for i in 0..4096 {
+            contacted += usize::from(heard.hear(t0 + Duration::from_micros(u64::from(i)), addr(i)));
+        }
+        assert_eq!(contacted, CONTACTS_PER_INTERVAL as usize);
+        assert_eq!(heard.len(), MAX_HEARD);
+        assert_eq!(heard.ignored, 4096 - MAX_HEARD as u64);
+        // Announced again every interval for a minute: at most
+        // CONTACTS_PER_INTERVAL contacts per interval, each address at most
+        // once per backoff.
+        let mut per_addr: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        for round in 1..=12u32 {
+            let at = t0 + interval * round;
+            let mut this_round = 0;
+            for i in 0..4096 {
+                if heard.hear(at, addr(i)) {
+                    this_round += 1;
+                    *per_addr.entry(addr(i)).or_default() += 1;
+                }
+            }
+            assert!(
+                this_round <= CONTACTS_PER_INTERVAL as usize,
+                "round {round}: {this_round}"
+            );
+            contacted += this_round;
+            assert!(heard.len() <= MAX_HEARD);
+        }
+        assert!(contacted <= 13 * CONTACTS_PER_INTERVAL as usize);
+        let most = per_addr.values().max().copied().unwrap_or(0);
+        assert!(
+            most <= 2,
+            "an address contacted {most} times in 60 s with a 30 s backoff"
+        );
+    }
+
+    #[test]
+    fn addresses_no_longer_announced_expire_and_make_room() {
+        let interval = Duration::from_secs(1);
+        let mut heard = Heard::new(interval);
+        let t0 = Instant::now();
+        for i in 0..MAX_HEARD as u32 {
+            heard.hear(t0, addr(i));
+        }
+        assert_eq!(heard.len(), MAX_HEARD);
+        let newcomer = addr(10_000);
+        assert!(!heard.hear(t0 + interval, newcomer), "full: ignored");
+        assert_eq!(heard.ignored, 1);
+        // Only the newcomer keeps being announced.
+        let later = t0 + interval * EXPIRY_INTERVALS;
+        assert!(heard.hear(later, newcomer), "the others expired: contacted");
+        assert_eq!(heard.len(), 1);
+    }
 
     #[test]
     fn announcements_round_trip_and_reject_truncation() {

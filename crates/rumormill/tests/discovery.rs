@@ -163,3 +163,63 @@ async fn dns_seeds_are_resolved_again_until_they_answer() {
     b.shutdown(false).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stranger announcing thousands of addresses makes the agent contact
+/// only a few per interval (before: one state exchange per address, up to
+/// 4,096 every 30 s).
+#[tokio::test]
+async fn a_flood_of_announcements_makes_only_a_few_contacts() {
+    use rumormill::discovery::{Announcement, CONTACTS_PER_INTERVAL};
+    let dir = temp_dir("flood");
+    let group = std::net::SocketAddr::from(([239, 255, 79, 51], free_port()));
+    let interval = Duration::from_millis(200);
+    let a = start(&dir, "flood-a", |spec| {
+        spec.multicast = Some(MulticastSpec {
+            group,
+            interface: std::net::Ipv4Addr::LOCALHOST,
+            ttl: 0,
+            interval,
+        });
+    })
+    .await;
+    let sent_before = a.overlay("default").await.expect("overlay").stats.frames_sent;
+    let socket = {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+        s.set_multicast_if_v4(&std::net::Ipv4Addr::LOCALHOST)
+            .expect("interface");
+        s.set_multicast_ttl_v4(0).expect("ttl");
+        s.set_multicast_loop_v4(true).expect("loop");
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        std::net::UdpSocket::from(s)
+    };
+    let overlay = rumormill_wire::overlay_id("default");
+    let started = tokio::time::Instant::now();
+    // 2,000 addresses in loopback space where nothing listens, for 1 s.
+    for i in 0..2000u32 {
+        let ip = std::net::Ipv4Addr::from(0x7f42_0000 + i);
+        let announcement = Announcement {
+            overlay,
+            addr: std::net::SocketAddr::from((ip, 9)),
+            name: format!("ghost-{i}"),
+        };
+        socket.send_to(&announcement.encode(), group).expect("announce");
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let elapsed = started.elapsed();
+    let sent = a.overlay("default").await.expect("overlay").stats.frames_sent - sent_before;
+    let intervals = (elapsed.as_millis() / interval.as_millis()) as u64 + 1;
+    let bound = intervals * u64::from(CONTACTS_PER_INTERVAL);
+    eprintln!("2,000 announced addresses in {elapsed:?}: {sent} state exchanges sent (bound {bound})");
+    assert!(sent > 0, "announced addresses are contacted at all");
+    assert!(
+        sent <= bound,
+        "{sent} state exchanges in {elapsed:?}: at most {CONTACTS_PER_INTERVAL} per {interval:?} expected"
+    );
+    a.shutdown(false).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
