@@ -5,6 +5,21 @@
 //! batches) over short TCP connections, length-delimited
 //! ([`rumormill_wire::encode_frame`]), with timeouts and size limits.
 //!
+//! Incoming connections come from anyone who reaches the port, and nothing
+//! they send is authenticated until the overlay's codec opens a whole frame.
+//! So [`Streams`] bounds what they can make the agent hold, under
+//! [`StreamLimits`]: each frame's length and header are checked (against the
+//! overlay's current [`HeaderFilter`]) before its body is read; bodies are
+//! buffered as they arrive from one byte budget (64 MiB by default) that
+//! also covers frames queued for the overlay, so incoming frame bytes never
+//! exceed it; connections are capped in all (256) and per source address
+//! (64); a header must come within 2 s; and when room is needed, connections
+//! idle before their first header, idle between frames, or stalled inside a
+//! frame are evicted first, so that members sending at a normal rate keep
+//! getting through. A header that passes proves nothing (overlay and key ids
+//! travel in clear); it only keeps out those who have not seen the overlay's
+//! traffic.
+//!
 //! ```no_run
 //! # async fn f() -> std::io::Result<()> {
 //! use rumormill::transport::{Datagrams, Net, TokioNet};
