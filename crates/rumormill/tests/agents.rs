@@ -239,6 +239,7 @@ fn five_agents_cluster_lifecycle() {
         rumormill_wire::overlay_id("default"),
         0x01d_5eed,
         1,
+        7,
         Security::Encrypted(Keyring::new(&old_key).expect("keyring")),
     );
     let udp = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
@@ -568,6 +569,7 @@ fn foreign_and_garbage_packets_are_rejected_and_counted() {
         overlay,
         0xdead_beef,
         1,
+        7,
         Security::Encrypted(Keyring::new(&foreign_key).expect("keyring")),
     );
     let cluster_key = rumormill::config::decode_key(&key).expect("key");
@@ -575,6 +577,7 @@ fn foreign_and_garbage_packets_are_rejected_and_counted() {
         overlay,
         0xfeed_f00d,
         1,
+        7,
         Security::Encrypted(Keyring::new(&cluster_key).expect("keyring")),
     );
 

@@ -338,6 +338,9 @@ impl Endpoint {
 /// One agent process (killed on drop), its ports and data directory.
 pub struct Agent {
     pub ep: Endpoint,
+    /// Given as `--name`: the directory's name unless launched with
+    /// [`Agent::launch_as`].
+    member: String,
     pub gossip: SocketAddr,
     /// Given as `--seed` on every start, if any.
     seed: Option<SocketAddr>,
@@ -352,6 +355,13 @@ impl Agent {
     /// [`Agent::ready`]).
     pub fn launch(scratch: &Scratch, i: usize, key: &str, seed: Option<SocketAddr>) -> Agent {
         let name = format!("node-{i}");
+        Agent::launch_as(scratch, &name, &name, key, seed)
+    }
+
+    /// Starts an agent on the data directory `dir` (created if missing)
+    /// under the member name `member`.
+    pub fn launch_as(scratch: &Scratch, dir: &str, member: &str, key: &str, seed: Option<SocketAddr>) -> Agent {
+        let name = dir.to_owned();
         let dir = scratch.path(&name);
         std::fs::create_dir_all(&dir).expect("data directory");
         let mut agent = Agent {
@@ -360,6 +370,7 @@ impl Agent {
                 dir,
                 api: loopback(free_tcp_port()),
             },
+            member: member.to_owned(),
             gossip: loopback(free_gossip_port()),
             seed,
             key: key.to_owned(),
@@ -388,7 +399,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.ep.dir)
             .arg("--name")
-            .arg(&self.ep.name)
+            .arg(&self.member)
             .arg("--profile")
             .arg("local")
             .arg("--key")
