@@ -315,8 +315,8 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 } else {
                     println!(
                         "event {} on {} ({}): {}",
-                        v["id"].as_str().unwrap_or_default(),
-                        v["topic"].as_str().unwrap_or_default(),
+                        cell_text(v["id"].as_str().unwrap_or_default()),
+                        cell_text(v["topic"].as_str().unwrap_or_default()),
                         v["delivery"].as_str().unwrap_or_default(),
                         if v["complete"] == json!(true) {
                             "every report final"
@@ -564,24 +564,72 @@ impl Output {
             Output::Row(v, cols) => print!("{}", table(std::slice::from_ref(&v), cols)),
             // `get` prints the bare value, as a shell script wants it.
             Output::Value(v) => match v.get("value").and_then(Value::as_str) {
-                Some(s) => println!("{s}"),
+                Some(s) => println!("{}", for_terminal(s)),
                 None => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
             },
             Output::Lines(v) => {
                 for line in v.as_array().into_iter().flatten() {
-                    println!("{}", line.as_str().unwrap_or_default());
+                    println!("{}", for_terminal(line.as_str().unwrap_or_default()));
                 }
             }
         }
     }
 }
 
-/// Rows as aligned columns under upper-case headers.
+/// Longest table cell, in characters; a longer one is cut and ends in `…`.
+const MAX_CELL: usize = 120;
+
+/// Whether `c` must not reach a terminal as it is: control characters
+/// (C0, DEL, C1) and the bidirectional overrides that reorder what is shown.
+fn is_unsafe(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with unsafe characters written as visible escapes (`\n`, `\t`,
+/// `\x1b`, `\u{9b}`), except those in `keep`.
+fn escape(s: &str, keep: &[char]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            c if keep.contains(&c) || !is_unsafe(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    out
+}
+
+/// A table cell: escaped, and cut to `MAX_CELL` characters.
+fn cell_text(s: &str) -> String {
+    let escaped = escape(s, &[]);
+    if escaped.chars().count() <= MAX_CELL {
+        return escaped;
+    }
+    let mut cut: String = escaped.chars().take(MAX_CELL - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// Text printed on its own (`get`, lines): as it is into a pipe, escaped
+/// (but for line breaks and tabs) on a terminal.
+fn for_terminal(s: &str) -> std::borrow::Cow<'_, str> {
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) && s.chars().any(is_unsafe) {
+        escape(s, &['\n', '\t']).into()
+    } else {
+        s.into()
+    }
+}
+
+/// Rows as aligned columns under upper-case headers; cells are escaped
+/// and cut (see `cell_text`).
 fn table(rows: &[Value], cols: &[&str]) -> String {
     let cell = |row: &Value, c: &str| match &row[c] {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => cell_text(s),
+        other => cell_text(&other.to_string()),
     };
     let cells: Vec<Vec<String>> = rows.iter().map(|r| cols.iter().map(|c| cell(r, c)).collect()).collect();
     let widths: Vec<usize> = cols
@@ -598,8 +646,15 @@ fn table(rows: &[Value], cols: &[&str]) -> String {
         .collect();
     let mut out = String::new();
     let mut line = |items: Vec<String>| {
-        let parts: Vec<String> = items.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect();
-        out.push_str(parts.join("  ").trim_end());
+        let mut text = String::new();
+        for (i, (s, w)) in items.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(s);
+            text.extend(std::iter::repeat_n(' ', w.saturating_sub(s.chars().count())));
+        }
+        out.push_str(text.trim_end());
         out.push('\n');
     };
     line(cols.iter().map(|c| c.to_uppercase()).collect());
@@ -607,4 +662,37 @@ fn table(rows: &[Value], cols: &[&str]) -> String {
         line(r);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_in_tables() {
+        let rows = [json!({ "key": "k\u{1b}[2J\u{1b}[H", "value": "a\nb\tc\r\u{7f}\u{9b}\u{202e}x" })];
+        let out = table(&rows, &["key", "value"]);
+        assert!(!out.chars().any(|c| c != '\n' && is_unsafe(c)), "{out:?}");
+        assert_eq!(out.lines().count(), 2, "{out:?}");
+        assert!(out.contains("k\\x1b[2J\\x1b[H"), "{out:?}");
+        assert!(out.contains("a\\nb\\tc\\r\\x7f\\u{9b}\\u{202e}x"), "{out:?}");
+    }
+
+    #[test]
+    fn long_cells_are_cut_with_an_ellipsis_and_do_not_panic() {
+        let long = "x".repeat(70_000);
+        let rows = [json!({ "key": "k", "value": long }), json!({ "key": "k2", "value": 5 })];
+        let out = table(&rows, &["key", "value"]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        let cell = lines[1].rsplit("  ").next().unwrap_or_default();
+        assert_eq!(cell.chars().count(), MAX_CELL);
+        assert!(cell.ends_with("x…"), "{cell}");
+        // Columns stay aligned: the value column starts at the same place.
+        assert_eq!(lines[1].find('x'), lines[2].find('5'));
+        // Escapes count towards the limit: a cut never leaves raw bytes.
+        let out = table(&[json!({ "v": "\u{1b}".repeat(1000) })], &["v"]);
+        assert!(!out.contains('\u{1b}'));
+        assert!(out.lines().nth(1).is_some_and(|l| l.chars().count() == MAX_CELL));
+    }
 }
