@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use rumormill::client::{Client, encode_path};
 use serde_json::{Value, json};
 
-use super::agent::{ADDRESS_FILE, TOKEN_FILE};
+use super::agent::{ADDRESS_FILE, READ_TOKEN_FILE, TOKEN_FILE};
 
 /// How client commands find the agent.
 #[derive(Debug, Args)]
@@ -17,9 +17,23 @@ pub struct Target {
     /// directory, else 127.0.0.1:7980].
     #[arg(long, global = true, env = "RUMORMILL_API", value_name = "ADDR")]
     pub api: Option<SocketAddr>,
-    /// Admin token [env: RUMORMILL_TOKEN; default: from the data directory].
+    /// API token, admin or read [env: RUMORMILL_TOKEN; default: the
+    /// data directory's read-token for reads, admin-token for changes].
+    /// Other local users can see it in the process list: prefer
+    /// --token-file or the environment.
     #[arg(long, global = true, env = "RUMORMILL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the API token; `-` reads it from standard input
+    /// [env: RUMORMILL_TOKEN_FILE]. Unlike --token, not visible to
+    /// other local users.
+    #[arg(
+        long,
+        global = true,
+        env = "RUMORMILL_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
     /// Overlay to act on.
     #[arg(long, short, global = true, env = "RUMORMILL_OVERLAY", default_value = "default")]
     pub overlay: String,
@@ -219,7 +233,7 @@ pub enum ClientCommand {
     Overlays(OverlaysCommand),
 }
 
-fn client(target: &Target, data_dir: &std::path::Path) -> Client {
+fn client(target: &Target, data_dir: &std::path::Path, stdin: &mut Stdin) -> Result<Client, String> {
     let api = target.api.unwrap_or_else(|| {
         std::fs::read_to_string(data_dir.join(ADDRESS_FILE))
             .ok()
@@ -227,12 +241,57 @@ fn client(target: &Target, data_dir: &std::path::Path) -> Client {
             .and_then(|v| v.get("api")?.as_str()?.parse().ok())
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], rumormill::config::DEFAULT_API_PORT)))
     });
-    let token = target.token.clone().or_else(|| {
-        std::fs::read_to_string(data_dir.join(TOKEN_FILE))
+    let from_dir = |file: &str| {
+        std::fs::read_to_string(data_dir.join(file))
             .ok()
             .map(|t| t.trim().to_owned())
-    });
-    Client::new(api, token)
+            .filter(|t| !t.is_empty())
+    };
+    let given = match (&target.token, &target.token_file) {
+        (Some(t), _) => Some(t.trim().to_owned()),
+        (None, Some(path)) => Some(read_token_file(path, stdin)?),
+        (None, None) => None,
+    };
+    Ok(match given {
+        // A token given is used for everything it is needed for.
+        Some(t) => Client::new(api, Some(t)),
+        None => Client::new(api, from_dir(TOKEN_FILE)).with_read_token(from_dir(READ_TOKEN_FILE)),
+    })
+}
+
+/// The token in `path` (`-`: standard input), trimmed.
+fn read_token_file(path: &std::path::Path, stdin: &mut Stdin) -> Result<String, String> {
+    let text = if path.as_os_str() == "-" {
+        stdin.take("--token-file -")?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read token file {}: {e}", path.display()))?
+    };
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "token file {} is empty",
+            if path.as_os_str() == "-" {
+                "- (standard input)".into()
+            } else {
+                path.display().to_string()
+            }
+        ));
+    }
+    Ok(token.to_owned())
+}
+
+/// Standard input, which only one argument may read.
+struct Stdin(Option<&'static str>);
+
+impl Stdin {
+    /// Reads standard input for `what`; refuses a second reader.
+    fn take(&mut self, what: &'static str) -> Result<String, String> {
+        if let Some(first) = self.0 {
+            return Err(format!("{first} and {what} cannot both read standard input"));
+        }
+        self.0 = Some(what);
+        read_stdin()
+    }
 }
 
 /// Runs a client command.
@@ -242,7 +301,8 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let c = client(&target, &data_dir);
+        let mut stdin = Stdin(None);
+        let c = client(&target, &data_dir, &mut stdin)?;
         let o = format!("/v1/overlays/{}", encode_path(&target.overlay));
         let e = |e: rumormill::client::ClientError| match e {
             rumormill::client::ClientError::Api { status: 401, message } => {
@@ -266,7 +326,11 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 Output::Done(format!("left overlay {}", target.overlay))
             }
             ClientCommand::Put { key, value } => {
-                let value = if value == "-" { read_stdin()? } else { value };
+                let value = if value == "-" {
+                    stdin.take("the value `-`")?
+                } else {
+                    value
+                };
                 let path = format!("{o}/updates/{}", encode_path(&key));
                 let v = c
                     .request("PUT", &path, Some(json!({ "value": value })))
@@ -298,7 +362,11 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 retry_every,
                 retry_max,
             } => {
-                let payload = if payload == "-" { read_stdin()? } else { payload };
+                let payload = if payload == "-" {
+                    stdin.take("the payload `-`")?
+                } else {
+                    payload
+                };
                 let delivery = if at_least_once {
                     json!({ "mode": "at_least_once", "retry_every": retry_every, "retry_max": retry_max })
                 } else {
@@ -352,7 +420,11 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     )
                 }
                 LuggageCommand::Set { key, value } => {
-                    let value = if value == "-" { read_stdin()? } else { value };
+                    let value = if value == "-" {
+                        stdin.take("the value `-`")?
+                    } else {
+                        value
+                    };
                     let path = format!("{o}/luggage/{}", encode_path(&key));
                     c.request("PUT", &path, Some(json!({ "value": value })))
                         .await
@@ -373,7 +445,7 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 ),
                 KeysCommand::Install { key, wait } => {
                     let key = if key == "-" {
-                        read_stdin()?.trim().to_owned()
+                        stdin.take("the key `-`")?.trim().to_owned()
                     } else {
                         key
                     };
@@ -472,7 +544,7 @@ async fn subscribe(
         url.push_str(&format!("&from={f}"));
     }
     let mut req = url.into_client_request().map_err(|e| format!("bad address: {e}"))?;
-    if let Some(t) = c.token() {
+    if let Some(t) = c.token_for("GET", &format!("/v1/overlays/{}/events/ws", encode_path(overlay))) {
         let value = format!("Bearer {t}")
             .parse()
             .map_err(|_| "the token is not a valid header value".to_owned())?;
