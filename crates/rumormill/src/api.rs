@@ -260,7 +260,9 @@ pub struct Health {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Rumormill agent API", description = "Control one Rumormill agent: overlays, members, values, keys."),
+    info(title = "Rumormill agent API", description = "Control one Rumormill agent: overlays, members, values, keys. \
+        Health and this document need no token; every other read needs the read token or the admin token; \
+        changes and the key export need the admin token."),
     paths(
         health, list_overlays, create_overlay, get_overlay, update_overlay, delete_overlay, members, join, leave,
         list_updates, get_update, put_update, delete_update, list_keys, install_key, use_key, remove_key, export_keys,
@@ -284,6 +286,12 @@ impl utoipa::Modify for BearerAuth {
         let components = api.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        // Every read but health and this document needs the read token
+        // (or the admin token).
+        components.add_security_scheme(
+            "read_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
@@ -816,9 +824,11 @@ async fn read_inbox(
 /// Subscribes the agent to `topics` and streams the inbox entries of those
 /// topics as JSON text messages, from `from` on (default: from now). One
 /// that reconnects with `from` = the last `seq` it saw misses nothing and
-/// sees nothing twice. Needs the admin token (`Authorization` or `?token=`).
+/// sees nothing twice. Needs the read token or the admin token
+/// (`Authorization`, or `?token=` here only), and a page of the API's own
+/// origin when it comes from a browser.
 #[utoipa::path(get, path = "/v1/overlays/{overlay}/events/ws", params(("overlay" = String, Path), InboxQuery),
-    security(("admin_token" = [])),
+    security(("read_token" = []), ("admin_token" = [])),
     responses((status = 101, description = "WebSocket of InboxItem JSON messages"), (status = 400, body = ErrorBody)))]
 async fn events_ws(
     State(s): State<AppState>,
@@ -1569,6 +1579,7 @@ mod tests {
             assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
         }
         assert!(doc["components"]["securitySchemes"]["admin_token"].is_object());
+        assert!(doc["components"]["securitySchemes"]["read_token"].is_object());
         f.finish().await;
     }
 

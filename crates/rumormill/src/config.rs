@@ -794,6 +794,35 @@ mod tests {
     }
 
     #[test]
+    fn api_host_names_and_origins_are_checked() {
+        let c = AgentConfig::from_toml(
+            "[api]\nbind = \"10.0.0.5:7980\"\nallowed_hosts = [\"gossip.internal\", \"ui.internal:8443\", \"[fd00::1]\"]\n\
+             allowed_origins = [\"https://ui.internal:8443\"]",
+        )
+        .unwrap();
+        assert_eq!(c.api.allowed_hosts.len(), 3);
+        for (text, needle) in [
+            ("allowed_hosts = [\"http://x\"]", "allowed_hosts: \"http://x\""),
+            ("allowed_hosts = [\"a b\"]", "only letters"),
+            ("allowed_hosts = [\"x:port\"]", "not a port number"),
+            ("allowed_origins = [\"ui.internal\"]", "scheme://host"),
+            ("allowed_origins = [\"ftp://ui.internal\"]", "expected http or https"),
+        ] {
+            let e = AgentConfig::from_toml(&format!("[api]\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("[api] allowed_"), "{e}");
+            assert!(e.contains(needle), "{e:?} lacks {needle:?}");
+        }
+        assert_eq!(parse_authority("[::1]:80"), Ok(("::1".into(), Some(80))));
+        assert_eq!(parse_authority("LocalHost"), Ok(("localhost".into(), None)));
+        assert_eq!(
+            parse_origin("HTTP://Example.com"),
+            Ok(("http".into(), "example.com".into(), 80))
+        );
+    }
+
+    #[test]
     fn unknown_settings_and_bad_values_are_named() {
         let e = AgentConfig::from_toml("[[overlay]]\nname = \"a\"\nplaintext = true\nprobe = 3").unwrap_err();
         assert!(e.to_string().contains("unknown field `probe`"), "{e}");
