@@ -1350,6 +1350,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_are_capped_and_idle_ones_make_room_after_the_header_timeout() {
+        let timeout = Duration::from_millis(400);
+        let f = Fixture::with("conn-cap", |o| {
+            o.header_read_timeout = timeout;
+            o.max_connections = 2;
+        })
+        .await;
+        let addr = f.server_addr();
+        let idle: Vec<_> = [0, 1]
+            .iter()
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // Both slots are taken (they were queued first): the third waits
+        // until the idle ones are closed by the header timeout, then is
+        // served.
+        let started = std::time::Instant::now();
+        let (status, _) = raw(addr, &get_with("/v1/health", &[("Host", "localhost")]), b"").await;
+        let waited = started.elapsed();
+        assert_eq!(status, 200);
+        assert!(
+            waited >= timeout / 2 && waited < Duration::from_secs(5),
+            "served after {waited:?}"
+        );
+        drop(idle);
+        f.finish().await;
+    }
+
+    #[tokio::test]
     async fn a_body_over_the_limit_is_413_with_a_message() {
         let f = Fixture::new("body-limit").await;
         let big = json!({ "value": "x".repeat(BODY_LIMIT + 1) });
