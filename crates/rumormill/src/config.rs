@@ -166,7 +166,9 @@ pub struct ApiConfig {
     pub allowed_hosts: Vec<String>,
     /// Web origins (`scheme://host[:port]`) whose pages may call the API
     /// besides its own (a page served under the very host and port the
-    /// request names). Requests with any other `Origin` header are refused.
+    /// request names), e.g. the public origin of a proxy that rewrites
+    /// `Host`. Requests with any other `Origin` header are refused. (The
+    /// API sends no CORS headers: other origins cannot read its answers.)
     #[serde(default)]
     pub allowed_origins: Vec<String>,
 }
