@@ -31,10 +31,11 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Environment variables the binary reads: cleared so that the host's
 /// settings cannot leak into the tests.
-const ENV: [&str; 6] = [
+const ENV: [&str; 7] = [
     "RUMORMILL_DATA_DIR",
     "RUMORMILL_API",
     "RUMORMILL_TOKEN",
+    "RUMORMILL_TOKEN_FILE",
     "RUMORMILL_OVERLAY",
     "RUMORMILL_KEY",
     "RUST_LOG",
