@@ -38,12 +38,12 @@ pub fn keyring() -> Keyring {
 
 /// A plain-text receiver on the fuzzing overlay.
 pub fn plaintext_codec() -> Codec {
-    Codec::new(overlay_id(OVERLAY), RECEIVER_ID, 1, Security::Plaintext)
+    Codec::new(overlay_id(OVERLAY), RECEIVER_ID, 1, 1, Security::Plaintext)
 }
 
 /// An encrypted receiver on the fuzzing overlay, holding [`keyring`].
 pub fn encrypted_codec() -> Codec {
-    Codec::new(overlay_id(OVERLAY), RECEIVER_ID, 1, Security::Encrypted(keyring()))
+    Codec::new(overlay_id(OVERLAY), RECEIVER_ID, 1, 1, Security::Encrypted(keyring()))
 }
 
 /// Target `open_packet`: the bytes as a received datagram and as a received

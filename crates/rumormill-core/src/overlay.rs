@@ -31,8 +31,9 @@ pub struct Identity {
     /// Address others reach it at (datagrams and streams).
     pub addr: SocketAddr,
     /// Boot epoch: must be higher at every start of the same name, e.g. a
-    /// counter kept on disk. It orders the lives of a member and keys the
-    /// nonce space of its packets.
+    /// counter kept on disk. It orders the lives of a member. (It also goes
+    /// into the subkey of its packets, but nonce uniqueness does not rest on
+    /// it: each life adds a random salt, see [`Overlay::new`].)
     pub epoch: u64,
 }
 
@@ -47,10 +48,20 @@ impl Identity {
     }
 
     /// The sender id in packet headers: derived from the name, so unique in
-    /// the overlay; together with the epoch it keys the per-sender subkey.
+    /// the overlay; with the epoch and the life's salt it keys the
+    /// per-sender subkey.
     pub fn sender_id(&self) -> u64 {
         crate::membership::name_hash(&self.name)
     }
+}
+
+/// This life's salt for the packet header: drawn from the caller's seed on
+/// a ChaCha stream of its own, so the protocol's random draws (stream 0) are
+/// unchanged and the salt does not give the RNG's state away.
+fn life_salt(seed: u64) -> u64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(0x5a17);
+    rng.random()
 }
 
 /// The first `tick + k·interval` after `now`: a periodic timer that keeps its
@@ -211,7 +222,9 @@ impl std::fmt::Debug for Overlay {
 impl Overlay {
     /// The local member `identity` in a new overlay: `security` decides
     /// whether packets are sealed, `seed` seeds the RNG, `now` starts the
-    /// clock. Packets carry overlay id 0; use [`Overlay::with_overlay_id`]
+    /// clock. When packets are sealed, `seed` must be fresh randomness at
+    /// every start (e.g. `rand::random()`): it also draws this life's salt,
+    /// which keeps nonces unique even if the epoch repeats. Packets carry overlay id 0; use [`Overlay::with_overlay_id`]
     /// to tell overlays apart on the wire.
     pub fn new(config: Config, identity: Identity, security: Security, seed: u64, now: Instant) -> Overlay {
         Overlay::with_overlay_id(config, identity, security, seed, now, 0)
@@ -237,7 +250,13 @@ impl Overlay {
             reconnect: phase(config.reconnect_interval),
             reap: now + config.tombstone_ttl.min(Duration::from_secs(60)),
         };
-        let codec = Codec::new(overlay_id, identity.sender_id(), identity.epoch, security);
+        let codec = Codec::new(
+            overlay_id,
+            identity.sender_id(),
+            identity.epoch,
+            life_salt(seed),
+            security,
+        );
         let budget = config.mtu.saturating_sub(codec.overhead());
         let dissemination = Dissemination::new(
             config.dissemination.clone(),

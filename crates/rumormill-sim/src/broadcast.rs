@@ -39,7 +39,7 @@ impl BroadcastNode {
     /// Member `index` of `peers`.
     pub fn new(config: DisseminationConfig, index: usize, peers: Arc<[SocketAddr]>, seed: u64, now: Instant) -> Self {
         let mtu = 1400;
-        let codec = Codec::new(0, index as u64, 1, Security::Plaintext);
+        let codec = Codec::new(0, index as u64, 1, 0, Security::Plaintext);
         let budget = mtu - codec.overhead();
         let diss = Dissemination::new(config, &crate::member_name(index), 1, peers[index], budget, seed, now);
         BroadcastNode {

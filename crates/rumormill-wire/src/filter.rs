@@ -15,12 +15,12 @@ use crate::keyring::KeyId;
 ///
 /// ```
 /// use rumormill_wire::{Codec, FrameKind, Keyring, Security};
-/// let mut alice = Codec::new(7, 1, 1, Security::Encrypted(Keyring::new(&[1u8; 32])?));
-/// let bob = Codec::new(7, 2, 1, Security::Encrypted(Keyring::new(&[1u8; 32])?));
+/// let mut alice = Codec::new(7, 1, 1, 0x11, Security::Encrypted(Keyring::new(&[1u8; 32])?));
+/// let bob = Codec::new(7, 2, 1, 0x12, Security::Encrypted(Keyring::new(&[1u8; 32])?));
 /// let frame = alice.seal(FrameKind::Stream, b"body")?;
 /// let filter = bob.header_filter();
 /// assert!(filter.check(FrameKind::Stream, frame.len(), &frame).is_ok());
-/// let stranger = Codec::new(7, 3, 1, Security::Encrypted(Keyring::new(&[2u8; 32])?)).header_filter();
+/// let stranger = Codec::new(7, 3, 1, 0x13, Security::Encrypted(Keyring::new(&[2u8; 32])?)).header_filter();
 /// assert!(stranger.check(FrameKind::Stream, frame.len(), &frame).is_err());
 /// # Ok::<(), rumormill_wire::WireError>(())
 /// ```
@@ -100,7 +100,7 @@ mod tests {
     use crate::seal::{Codec, Security};
 
     fn encrypted(overlay: u32, key: &[u8]) -> Codec {
-        Codec::new(overlay, 9, 1, Security::Encrypted(Keyring::new(key).unwrap()))
+        Codec::new(overlay, 9, 1, 0x19, Security::Encrypted(Keyring::new(key).unwrap()))
     }
 
     /// Every packet the filter refuses, the codec refuses with the same
@@ -112,8 +112,8 @@ mod tests {
             encrypted(7, &key),
             encrypted(7, &[6u8; 16]),
             encrypted(8, &key),
-            Codec::new(7, 10, 1, Security::Plaintext),
-            Codec::new(8, 10, 1, Security::Plaintext),
+            Codec::new(7, 10, 1, 0x1a, Security::Plaintext),
+            Codec::new(8, 10, 1, 0x1b, Security::Plaintext),
         ];
         let mut packets = Vec::new();
         for s in &mut senders {
@@ -136,7 +136,10 @@ mod tests {
             }
         }
         packets.push(vec![0xab; 64]);
-        let mut receivers = vec![(encrypted(7, &key), 0), (Codec::new(7, 11, 1, Security::Plaintext), 0)];
+        let mut receivers = vec![
+            (encrypted(7, &key), 0),
+            (Codec::new(7, 11, 1, 0x1c, Security::Plaintext), 0),
+        ];
         // A receiver with two keys, the sender's second.
         let mut two = encrypted(7, &[6u8; 16]);
         two.with_keyring(|r| r.install(&key)).unwrap();

@@ -2,10 +2,10 @@ use crate::error::WireError;
 
 /// The two bytes every packet starts with.
 pub const MAGIC: [u8; 2] = *b"RM";
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks. Version 2 added the life salt.
+pub const VERSION: u8 = 2;
 /// Length of the fixed header in bytes.
-pub const HEADER_LEN: usize = 36;
+pub const HEADER_LEN: usize = 44;
 
 const STREAM_FLAG: u8 = 0x80;
 const SUITE_MASK: u8 = 0x0f;
@@ -41,13 +41,14 @@ impl FrameKind {
 /// | 8..12 | key id (0 when plain text) |
 /// | 12..20 | sender id |
 /// | 20..28 | sender's boot epoch |
-/// | 28..36 | nonce counter |
+/// | 28..36 | sender's life salt (random, drawn at every start) |
+/// | 36..44 | nonce counter |
 ///
 /// On an encrypted overlay the whole header is the AEAD's associated data.
 ///
 /// ```
 /// use rumormill_wire::{FrameKind, Header};
-/// let h = Header { suite: 3, kind: FrameKind::Stream, overlay_id: 9, key_id: 4, sender_id: 5, epoch: 6, counter: 7 };
+/// let h = Header { suite: 3, kind: FrameKind::Stream, overlay_id: 9, key_id: 4, sender_id: 5, epoch: 6, salt: 8, counter: 7 };
 /// assert_eq!(Header::decode(&h.encode()).unwrap(), h);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +65,10 @@ pub struct Header {
     pub sender_id: u64,
     /// The sender's boot epoch.
     pub epoch: u64,
+    /// The sender's life salt: fresh randomness drawn at every start, so
+    /// that two lives never share a subkey even when the epoch repeats (a
+    /// lost or copied data directory, two members of one name).
+    pub salt: u64,
     /// The nonce counter.
     pub counter: u64,
 }
@@ -83,7 +88,8 @@ impl Header {
         out[8..12].copy_from_slice(&self.key_id.to_be_bytes());
         out[12..20].copy_from_slice(&self.sender_id.to_be_bytes());
         out[20..28].copy_from_slice(&self.epoch.to_be_bytes());
-        out[28..36].copy_from_slice(&self.counter.to_be_bytes());
+        out[28..36].copy_from_slice(&self.salt.to_be_bytes());
+        out[36..44].copy_from_slice(&self.counter.to_be_bytes());
         out
     }
 
@@ -126,7 +132,8 @@ impl Header {
             key_id: be32(8..12),
             sender_id: be64(12..20),
             epoch: be64(20..28),
-            counter: be64(28..36),
+            salt: be64(28..36),
+            counter: be64(36..44),
         })
     }
 

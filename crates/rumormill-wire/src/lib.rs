@@ -1,6 +1,6 @@
 //! Rumormill's wire format.
 //!
-//! Every datagram and stream frame on the wire is a fixed 36-byte [`Header`]
+//! Every datagram and stream frame on the wire is a fixed 44-byte [`Header`]
 //! followed by a protobuf body ([`proto::Packet`] for datagrams, one
 //! [`proto::Envelope`] for stream frames). On an encrypted overlay the body is
 //! sealed with AES-GCM under a per-sender subkey and the header is the
@@ -10,8 +10,8 @@
 //! use rumormill_wire::{Codec, FrameKind, Keyring, Security, overlay_id};
 //!
 //! let key = [7u8; 32];
-//! let mut alice = Codec::new(overlay_id("default"), 1, 1, Security::Encrypted(Keyring::new(&key)?));
-//! let mut bob = Codec::new(overlay_id("default"), 2, 1, Security::Encrypted(Keyring::new(&key)?));
+//! let mut alice = Codec::new(overlay_id("default"), 1, 1, 0x51, Security::Encrypted(Keyring::new(&key)?));
+//! let mut bob = Codec::new(overlay_id("default"), 2, 1, 0x52, Security::Encrypted(Keyring::new(&key)?));
 //! let packet = alice.seal(FrameKind::Datagram, b"hello")?;
 //! let opened = bob.open(FrameKind::Datagram, &packet)?;
 //! assert_eq!(opened.body, b"hello");

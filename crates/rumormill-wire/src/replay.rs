@@ -8,6 +8,9 @@ use crate::header::{FrameKind, Header};
 pub const REPLAY_WINDOW: u64 = 1024;
 const WORDS: usize = (REPLAY_WINDOW / 64) as usize;
 const MAX_SENDERS: usize = 1 << 16;
+/// Lives of one sender at one epoch tracked at once (more than one only when
+/// an epoch was lost or a name is shared).
+const LIVES_PER_EPOCH: usize = 4;
 
 /// A sliding-window bitmap of the counters seen from one sender (as in
 /// IPsec and WireGuard).
@@ -57,16 +60,37 @@ impl Window {
     }
 }
 
+/// The windows of one life: one salt.
+#[derive(Debug, Clone, Default)]
+struct LifeWindows {
+    salt: u64,
+    datagram: Window,
+    stream: Window,
+}
+
+impl LifeWindows {
+    fn window(&mut self, kind: FrameKind) -> &mut Window {
+        match kind {
+            FrameKind::Datagram => &mut self.datagram,
+            FrameKind::Stream => &mut self.stream,
+        }
+    }
+}
+
+/// The newest epoch heard from a sender, and the lives seen at it, the most
+/// recently heard last.
 #[derive(Debug, Clone, Default)]
 struct SenderWindows {
     epoch: u64,
-    datagram: Window,
-    stream: Window,
+    lives: Vec<LifeWindows>,
 }
 
 /// Rejects packets that were already accepted, or that come from an older
 /// boot epoch of a sender than one already heard. Datagrams and stream frames
 /// are tracked apart, since a large frame may be overtaken by many datagrams.
+/// Lives of one epoch are told apart by their salt; up to four are tracked
+/// at once (a lost epoch, a shared name), the one heard least recently
+/// forgotten first.
 ///
 /// Check with [`ReplayGuard::check`] before decrypting and record with
 /// [`ReplayGuard::accept`] only after authentication succeeded, so forged
@@ -90,9 +114,12 @@ impl ReplayGuard {
         let fresh = match h.epoch.cmp(&s.epoch) {
             std::cmp::Ordering::Less => false,
             std::cmp::Ordering::Greater => true,
-            std::cmp::Ordering::Equal => match h.kind {
-                FrameKind::Datagram => s.datagram.fresh(h.counter),
-                FrameKind::Stream => s.stream.fresh(h.counter),
+            std::cmp::Ordering::Equal => match s.lives.iter().find(|l| l.salt == h.salt) {
+                None => true,
+                Some(life) => match h.kind {
+                    FrameKind::Datagram => life.datagram.fresh(h.counter),
+                    FrameKind::Stream => life.stream.fresh(h.counter),
+                },
             },
         };
         if fresh {
@@ -109,16 +136,28 @@ impl ReplayGuard {
             self.senders.pop_first();
         }
         let s = self.senders.entry(h.sender_id).or_default();
-        if h.epoch > s.epoch {
+        if h.epoch > s.epoch || s.lives.is_empty() {
             *s = SenderWindows {
                 epoch: h.epoch,
-                ..Default::default()
+                lives: Vec::new(),
             };
+        } else if h.epoch < s.epoch {
+            return;
         }
-        match h.kind {
-            FrameKind::Datagram => s.datagram.mark(h.counter),
-            FrameKind::Stream => s.stream.mark(h.counter),
-        }
+        let mut life = match s.lives.iter().position(|l| l.salt == h.salt) {
+            Some(i) => s.lives.remove(i),
+            None => {
+                if s.lives.len() >= LIVES_PER_EPOCH {
+                    s.lives.remove(0);
+                }
+                LifeWindows {
+                    salt: h.salt,
+                    ..Default::default()
+                }
+            }
+        };
+        life.window(h.kind).mark(h.counter);
+        s.lives.push(life);
     }
 }
 
@@ -134,6 +173,7 @@ mod tests {
             key_id: 1,
             sender_id: 9,
             epoch,
+            salt: 1,
             counter,
         }
     }
@@ -173,6 +213,25 @@ mod tests {
         assert!(take(&mut g, h(2, 0)));
         assert!(!take(&mut g, h(1, 11)), "older epoch after a newer one");
         assert!(!take(&mut g, h(2, 0)));
+    }
+
+    #[test]
+    fn lives_of_one_epoch_have_windows_of_their_own() {
+        let mut g = ReplayGuard::default();
+        let salted = |salt, counter| Header { salt, ..h(1, counter) };
+        assert!(take(&mut g, salted(1, 7)));
+        assert!(take(&mut g, salted(2, 7)), "another life at the same epoch");
+        assert!(!take(&mut g, salted(1, 7)));
+        assert!(!take(&mut g, salted(2, 7)));
+        // Four lives are remembered; a fifth forgets the least recently heard.
+        for salt in 3..=5 {
+            assert!(take(&mut g, salted(salt, 0)));
+        }
+        assert!(!take(&mut g, salted(5, 0)));
+        assert!(take(&mut g, salted(1, 7)), "life 1 was forgotten first");
+        // A newer epoch still makes every life of the old one stale.
+        assert!(take(&mut g, Header { salt: 9, ..h(2, 0) }));
+        assert!(!take(&mut g, salted(2, 8)));
     }
 
     #[test]

@@ -35,18 +35,20 @@ pub struct Opened {
 ///
 /// Nonces never repeat under one key: each sender seals with a subkey derived
 /// by HKDF-SHA256 from the overlay key over (overlay id, key id, sender id,
-/// boot epoch),
-/// and the nonce is a counter that only goes up. A sender must therefore use
-/// a new boot epoch (or sender id) each time it starts. Receivers reject
-/// replays with a [`ReplayGuard`].
+/// boot epoch, life salt), and the nonce is a counter that only goes up. The
+/// salt is what makes this hold whatever happens to stored state: give every
+/// codec a fresh random salt (64 bits from the operating system), and a lost
+/// or copied epoch, or two members with one name, still seal under different
+/// subkeys. Receivers reject replays with a [`ReplayGuard`].
 pub struct Codec {
     overlay_id: u32,
     sender_id: u64,
     epoch: u64,
+    salt: u64,
     security: Security,
     counter: u64,
     own: BTreeMap<KeyId, Box<dyn Cipher>>,
-    peers: BTreeMap<(KeyId, u64, u64), Box<dyn Cipher>>,
+    peers: BTreeMap<SubkeyId, Box<dyn Cipher>>,
     replay: ReplayGuard,
 }
 
@@ -56,6 +58,7 @@ impl std::fmt::Debug for Codec {
             .field("overlay_id", &self.overlay_id)
             .field("sender_id", &self.sender_id)
             .field("epoch", &self.epoch)
+            .field("salt", &self.salt)
             .field("security", &self.security)
             .field("counter", &self.counter)
             .finish_non_exhaustive()
@@ -69,12 +72,15 @@ fn nonce(counter: u64) -> [u8; NONCE_LEN] {
 }
 
 impl Codec {
-    /// A codec for the member instance `(sender_id, epoch)` of an overlay.
-    pub fn new(overlay_id: u32, sender_id: u64, epoch: u64, security: Security) -> Codec {
+    /// A codec for the member instance `(sender_id, epoch)` of an overlay,
+    /// whose life is salted with `salt`: fresh randomness at every start
+    /// whenever packets are sealed (see the type's documentation).
+    pub fn new(overlay_id: u32, sender_id: u64, epoch: u64, salt: u64, security: Security) -> Codec {
         Codec {
             overlay_id,
             sender_id,
             epoch,
+            salt,
             security,
             counter: 0,
             own: BTreeMap::new(),
@@ -111,7 +117,7 @@ impl Codec {
         // Drop cached ciphers of keys that are gone.
         let installed: Vec<KeyId> = ring.list().iter().map(|k| k.id).collect();
         self.own.retain(|id, _| installed.contains(id));
-        self.peers.retain(|(id, _, _), _| installed.contains(id));
+        self.peers.retain(|slot, _| installed.contains(&slot.key_id));
         Ok(out)
     }
 
@@ -150,6 +156,7 @@ impl Codec {
             key_id,
             sender_id: self.sender_id,
             epoch: self.epoch,
+            salt: self.salt,
             counter,
         };
         let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
@@ -157,7 +164,7 @@ impl Codec {
         out.extend_from_slice(body);
         if let Security::Encrypted(ring) = &self.security {
             if !self.own.contains_key(&key_id) {
-                let c = derive(ring, self.overlay_id, key_id, self.sender_id, self.epoch)?;
+                let c = derive(ring, self.overlay_id, self.subkey_id(key_id))?;
                 self.own.insert(key_id, c);
             }
             let cipher = self.own.get(&key_id).ok_or(WireError::KeyNotInstalled(key_id))?;
@@ -202,14 +209,14 @@ impl Codec {
             });
         }
         self.replay.check(&header)?;
-        let slot = (header.key_id, header.sender_id, header.epoch);
+        let slot = SubkeyId::of(&header);
         let mut buf = packet.to_vec();
         match self.peers.get(&slot) {
             Some(cipher) => cipher.open(&nonce(header.counter), &mut buf, HEADER_LEN)?,
             None => {
                 // Cache the subkey only once a packet authenticated under it,
                 // so forged headers cannot evict the ciphers of real peers.
-                let cipher = derive(ring, self.overlay_id, header.key_id, header.sender_id, header.epoch)?;
+                let cipher = derive(ring, self.overlay_id, slot)?;
                 cipher.open(&nonce(header.counter), &mut buf, HEADER_LEN)?;
                 if self.peers.len() >= MAX_CACHED_PEER_CIPHERS {
                     self.peers.pop_first();
@@ -223,18 +230,51 @@ impl Codec {
     }
 }
 
+/// What a subkey is derived from, besides the overlay key and id: one per
+/// key and sender life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct SubkeyId {
+    key_id: KeyId,
+    sender_id: u64,
+    epoch: u64,
+    salt: u64,
+}
+
+impl SubkeyId {
+    fn of(h: &Header) -> SubkeyId {
+        SubkeyId {
+            key_id: h.key_id,
+            sender_id: h.sender_id,
+            epoch: h.epoch,
+            salt: h.salt,
+        }
+    }
+}
+
+impl Codec {
+    fn subkey_id(&self, key_id: KeyId) -> SubkeyId {
+        SubkeyId {
+            key_id,
+            sender_id: self.sender_id,
+            epoch: self.epoch,
+            salt: self.salt,
+        }
+    }
+}
+
 /// HKDF-SHA256 over the overlay key, with (overlay id, key id, sender id,
-/// epoch) as info: a distinct subkey for every sender instance in every
+/// epoch, salt) as info: a distinct subkey for every sender life in every
 /// overlay, so counter nonces never collide — not even for a member that
-/// uses one key in two overlays.
-fn derive(ring: &Keyring, overlay: u32, key_id: KeyId, sender: u64, epoch: u64) -> Result<Box<dyn Cipher>, WireError> {
-    let entry = ring.get(key_id).ok_or(WireError::KeyNotInstalled(key_id))?;
-    let hk = Hkdf::<Sha256>::new(Some(b"rumormill v1 subkey"), &entry.secret);
-    let mut info = [0u8; 24];
+/// uses one key in two overlays, lost its epoch, or shares its name.
+fn derive(ring: &Keyring, overlay: u32, id: SubkeyId) -> Result<Box<dyn Cipher>, WireError> {
+    let entry = ring.get(id.key_id).ok_or(WireError::KeyNotInstalled(id.key_id))?;
+    let hk = Hkdf::<Sha256>::new(Some(b"rumormill v2 subkey"), &entry.secret);
+    let mut info = [0u8; 32];
     info[..4].copy_from_slice(&overlay.to_be_bytes());
-    info[4..8].copy_from_slice(&key_id.to_be_bytes());
-    info[8..16].copy_from_slice(&sender.to_be_bytes());
-    info[16..].copy_from_slice(&epoch.to_be_bytes());
+    info[4..8].copy_from_slice(&id.key_id.to_be_bytes());
+    info[8..16].copy_from_slice(&id.sender_id.to_be_bytes());
+    info[16..24].copy_from_slice(&id.epoch.to_be_bytes());
+    info[24..].copy_from_slice(&id.salt.to_be_bytes());
     let mut sub = Zeroizing::new(vec![0u8; entry.suite.key_len()]);
     hk.expand(&info, &mut sub)
         .map_err(|_| WireError::KeyLength(sub.len()))?;
@@ -246,8 +286,8 @@ mod tests {
     use super::*;
 
     fn pair(key: &[u8]) -> (Codec, Codec) {
-        let a = Codec::new(7, 1, 1, Security::Encrypted(Keyring::new(key).unwrap()));
-        let b = Codec::new(7, 2, 1, Security::Encrypted(Keyring::new(key).unwrap()));
+        let a = Codec::new(7, 1, 1, 11, Security::Encrypted(Keyring::new(key).unwrap()));
+        let b = Codec::new(7, 2, 1, 12, Security::Encrypted(Keyring::new(key).unwrap()));
         (a, b)
     }
 
@@ -285,11 +325,11 @@ mod tests {
             other.open(FrameKind::Datagram, &p),
             Err(WireError::UnknownKey(_))
         ));
-        let mut plain = Codec::new(7, 3, 1, Security::Plaintext);
+        let mut plain = Codec::new(7, 3, 1, 13, Security::Plaintext);
         assert_eq!(plain.open(FrameKind::Datagram, &p), Err(WireError::EncryptedRejected));
         let q = plain.seal(FrameKind::Datagram, b"x").unwrap();
         assert_eq!(a.open(FrameKind::Datagram, &q), Err(WireError::PlaintextRejected));
-        let mut elsewhere = Codec::new(8, 3, 1, Security::Plaintext);
+        let mut elsewhere = Codec::new(8, 3, 1, 13, Security::Plaintext);
         assert!(matches!(
             elsewhere.open(FrameKind::Datagram, &q),
             Err(WireError::WrongOverlay { .. })
@@ -343,8 +383,8 @@ mod tests {
     #[test]
     fn one_key_in_two_overlays_gives_two_keystreams() {
         let ring = || Security::Encrypted(Keyring::new(&[5; 16]).unwrap());
-        let mut one = Codec::new(crate::overlay_id("one"), 1, 1, ring());
-        let mut two = Codec::new(crate::overlay_id("two"), 1, 1, ring());
+        let mut one = Codec::new(crate::overlay_id("one"), 1, 1, 1, ring());
+        let mut two = Codec::new(crate::overlay_id("two"), 1, 1, 1, ring());
         let body = [0u8; 32];
         let (p1, p2) = (
             one.seal(FrameKind::Datagram, &body).unwrap(),
@@ -361,9 +401,9 @@ mod tests {
     fn subkeys_differ_per_sender_and_epoch() {
         // Same key, same counter, same body: ciphertexts must differ across senders and epochs.
         let ring = || Security::Encrypted(Keyring::new(&[5; 16]).unwrap());
-        let mut x = Codec::new(1, 1, 1, ring());
-        let mut y = Codec::new(1, 2, 1, ring());
-        let mut z = Codec::new(1, 1, 2, ring());
+        let mut x = Codec::new(1, 1, 1, 1, ring());
+        let mut y = Codec::new(1, 2, 1, 1, ring());
+        let mut z = Codec::new(1, 1, 2, 1, ring());
         let body = [0u8; 32];
         let (px, py, pz) = (
             x.seal(FrameKind::Datagram, &body).unwrap(),
@@ -372,5 +412,43 @@ mod tests {
         );
         assert_ne!(px[HEADER_LEN..], py[HEADER_LEN..]);
         assert_ne!(px[HEADER_LEN..], pz[HEADER_LEN..]);
+    }
+
+    #[test]
+    fn two_lives_with_one_epoch_seal_under_different_subkeys() {
+        // A lost or copied data directory, or two members of one name: same
+        // sender id, same epoch, same counter. Only the salt differs, and it
+        // is enough: the keystreams differ and each life opens as its own.
+        let ring = || Security::Encrypted(Keyring::new(&[5; 32]).unwrap());
+        let mut first = Codec::new(1, 1, 1, 0x1111, ring());
+        let mut second = Codec::new(1, 1, 1, 0x2222, ring());
+        let mut receiver = Codec::new(1, 2, 1, 3, ring());
+        let body = [0u8; 64];
+        let (p1, p2) = (
+            first.seal(FrameKind::Datagram, &body).unwrap(),
+            second.seal(FrameKind::Datagram, &body).unwrap(),
+        );
+        let (h1, h2) = (Header::decode(&p1).unwrap(), Header::decode(&p2).unwrap());
+        assert_eq!(
+            (h1.sender_id, h1.epoch, h1.counter),
+            (h2.sender_id, h2.epoch, h2.counter)
+        );
+        assert_ne!(h1.salt, h2.salt);
+        // c1 xor c2 would equal p1 xor p2 (all zeros) under one keystream.
+        let xor: Vec<u8> = p1[HEADER_LEN..]
+            .iter()
+            .zip(&p2[HEADER_LEN..])
+            .map(|(a, b)| a ^ b)
+            .collect();
+        assert!(xor.iter().any(|&b| b != 0), "two lives share a keystream");
+        assert_eq!(receiver.open(FrameKind::Datagram, &p1).unwrap().body, body);
+        assert_eq!(receiver.open(FrameKind::Datagram, &p2).unwrap().body, body);
+        // The salt is authenticated like the rest of the header.
+        let mut forged = second.seal(FrameKind::Datagram, &body).unwrap();
+        forged[28] ^= 1;
+        assert_eq!(
+            receiver.open(FrameKind::Datagram, &forged),
+            Err(WireError::Authentication)
+        );
     }
 }

@@ -18,11 +18,17 @@ fn overlay() -> u32 {
 }
 
 fn plain_codec(sender: u64) -> Codec {
-    Codec::new(overlay(), sender, 1, Security::Plaintext)
+    Codec::new(overlay(), sender, 1, sender ^ 0x5a17, Security::Plaintext)
 }
 
 fn encrypted_codec(sender: u64, key: &[u8]) -> Codec {
-    Codec::new(overlay(), sender, 1, Security::Encrypted(Keyring::new(key).unwrap()))
+    Codec::new(
+        overlay(),
+        sender,
+        1,
+        sender ^ 0x5a17,
+        Security::Encrypted(Keyring::new(key).unwrap()),
+    )
 }
 
 /// Runs `bytes` through every decoder of the crate.
@@ -195,16 +201,20 @@ fn header(suite: impl Strategy<Value = u8>) -> impl Strategy<Value = Header> {
         any::<u64>(),
         any::<u64>(),
         any::<u64>(),
+        any::<u64>(),
     )
-        .prop_map(|(suite, kind, overlay_id, key_id, sender_id, epoch, counter)| Header {
-            suite,
-            kind,
-            overlay_id,
-            key_id,
-            sender_id,
-            epoch,
-            counter,
-        })
+        .prop_map(
+            |(suite, kind, overlay_id, key_id, sender_id, epoch, salt, counter)| Header {
+                suite,
+                kind,
+                overlay_id,
+                key_id,
+                sender_id,
+                epoch,
+                salt,
+                counter,
+            },
+        )
 }
 
 #[derive(Debug, Clone)]
@@ -379,10 +389,11 @@ proptest! {
         bodies in prop::collection::vec((kind(), prop::collection::vec(any::<u8>(), 0..1500)), 1..6),
         sender in any::<u64>(),
         epoch in any::<u64>(),
+        salt in any::<u64>(),
     ) {
         let ring = || Security::Encrypted(Keyring::new(&key).unwrap());
-        let mut a = Codec::new(overlay(), sender, epoch, ring());
-        let mut b = Codec::new(overlay(), sender.wrapping_add(1), 1, ring());
+        let mut a = Codec::new(overlay(), sender, epoch, salt, ring());
+        let mut b = Codec::new(overlay(), sender.wrapping_add(1), 1, 2, ring());
         for (counter, (kind, body)) in bodies.iter().enumerate() {
             let p = a.seal(*kind, body).unwrap();
             prop_assert_eq!(p.len(), HEADER_LEN + body.len() + TAG_LEN);

@@ -142,7 +142,7 @@ fn garbage(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn sender(security: Security) -> Codec {
-    Codec::new(overlay_id(harness::OVERLAY), 1, 1, security)
+    Codec::new(overlay_id(harness::OVERLAY), 1, 1, 1, security)
 }
 
 fn keyed(key: &[u8]) -> Security {
@@ -158,7 +158,7 @@ fn open_packet_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut enc128 = sender(keyed(&harness::KEY_128));
     let mut enc192 = sender(keyed(&harness::KEY_192));
     let mut other_key = sender(keyed(&[8u8; 32]));
-    let mut other_overlay = Codec::new(overlay_id("elsewhere"), 1, 1, Security::Plaintext);
+    let mut other_overlay = Codec::new(overlay_id("elsewhere"), 1, 1, 1, Security::Plaintext);
 
     let plain_dgram = plain.seal(FrameKind::Datagram, &all).unwrap();
     let enc_dgram = enc.seal(FrameKind::Datagram, &all).unwrap();

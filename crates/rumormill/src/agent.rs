@@ -302,6 +302,8 @@ impl<N: Net> Agent<N> {
         options.streams.max_frame = config.max_stream_frame;
         options.label = name.clone();
         options.event_stream = true;
+        // Fresh from the operating system at every start: it also draws the
+        // life salt that keeps nonces unique if the stored epoch is lost.
         let seed = rand::random::<u64>();
         let restore = self.prepare_restore(&name, &rec.topics)?;
         let handle = Driver::start(self.net.clone(), options, move |addr| {

@@ -1,25 +1,37 @@
 //! The HTTP control API: JSON over HTTP/1.1, described by the OpenAPI
 //! document at `/v1/openapi.json`.
 //!
-//! Reads are open to whoever reaches the listener (127.0.0.1 by default);
-//! every request that changes state, and the key export, need the admin
-//! token as `Authorization: Bearer <token>`. Errors are
-//! `{"error": "what was wrong"}` with a 4xx status (5xx only when the data
-//! directory fails).
+//! Requests are served only when they name an accepted host (loopback
+//! forms, the bind address, `[api] allowed_hosts`) and, when they carry an
+//! `Origin`, come from the API's own origin or one of `[api]
+//! allowed_origins`. Health and the OpenAPI document are open; every other
+//! read needs the read token or the admin token, and every request that
+//! changes state, and the key export, the admin token, as
+//! `Authorization: Bearer <token>` (`?token=` only on the WebSocket
+//! upgrade). Errors are `{"error": "what was wrong"}` with a 4xx status
+//! (5xx only when the data directory fails).
 //!
 //! ```no_run
 //! # async fn f(agent: std::sync::Arc<rumormill::agent::Agent<rumormill::transport::TokioNet>>) -> std::io::Result<()> {
-//! let (addr, server) = rumormill::api::serve(agent, "127.0.0.1:0".parse().unwrap(), "secret".into()).await?;
+//! let mut options = rumormill::api::ApiOptions::new("127.0.0.1:0".parse().unwrap(), "secret".into());
+//! options.read_token = Some("reader".into());
+//! let (addr, server) = rumormill::api::serve_with(agent, options).await?;
 //! println!("API on http://{addr}/v1/openapi.json");
 //! # Ok(()) }
 //! ```
 
+mod access;
+
+pub use access::{Scope, required_scope};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,6 +52,68 @@ type AgentRef = Arc<Agent<TokioNet>>;
 struct AppState {
     agent: AgentRef,
     token: Arc<str>,
+    read_token: Option<Arc<str>>,
+    hosts: Arc<access::HostPolicy>,
+}
+
+/// Largest request body (a 1 MiB event payload in base64 fits).
+pub const BODY_LIMIT: usize = 2 << 20;
+/// How long a client may take to send a request's headers (also how long
+/// an idle connection stays open).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the listen queue.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Largest request head (request line and headers); larger gets 431.
+const MAX_HEAD: usize = 64 << 10;
+
+/// How the API is served: its address, tokens, the host names and origins
+/// it accepts, and its connection limits.
+#[derive(Clone)]
+pub struct ApiOptions {
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Token for everything.
+    pub admin_token: String,
+    /// Token for reads only (values, inbox, event stream, members…).
+    pub read_token: Option<String>,
+    /// Host names accepted besides the loopback forms and the bind address
+    /// (`name` or `name:port`).
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) accepted besides the API's own.
+    pub allowed_origins: Vec<String>,
+    /// Time allowed to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+impl ApiOptions {
+    /// Defaults for an API on `bind` with `admin_token` and no read token.
+    pub fn new(bind: SocketAddr, admin_token: String) -> ApiOptions {
+        ApiOptions {
+            bind,
+            admin_token,
+            read_token: None,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiOptions")
+            .field("bind", &self.bind)
+            .field("admin_token", &"<redacted>")
+            .field("read_token", &self.read_token.as_ref().map(|_| "<redacted>"))
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
 }
 
 /// An error answer: `{"error": message}`.
@@ -82,6 +156,10 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than the API's limit of {BODY_LIMIT} bytes"),
+            )),
             Err(e) => {
                 let status = match e {
                     JsonRejection::JsonDataError(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -182,7 +260,9 @@ pub struct Health {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Rumormill agent API", description = "Control one Rumormill agent: overlays, members, values, keys."),
+    info(title = "Rumormill agent API", description = "Control one Rumormill agent: overlays, members, values, keys. \
+        Health and this document need no token; every other read needs the read token or the admin token; \
+        changes and the key export need the admin token."),
     paths(
         health, list_overlays, create_overlay, get_overlay, update_overlay, delete_overlay, members, join, leave,
         list_updates, get_update, put_update, delete_update, list_keys, install_key, use_key, remove_key, export_keys,
@@ -208,6 +288,12 @@ impl utoipa::Modify for BearerAuth {
             "admin_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Every read but health and this document needs the read token
+        // (or the admin token).
+        components.add_security_scheme(
+            "read_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -216,14 +302,25 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-/// The API's routes.
+/// The API's routes, answering to loopback host names, with `token` as
+/// the admin token and no read token.
 pub fn router(agent: AgentRef, token: String) -> Router {
+    let options = ApiOptions::new(SocketAddr::from(([127, 0, 0, 1], 0)), token);
+    router_with(agent, &options).unwrap_or_else(|_| unreachable!("no configured hosts to reject"))
+}
+
+/// The API's routes with `options`' tokens, host names and origins; an
+/// error names an invalid host name or origin.
+pub fn router_with(agent: AgentRef, options: &ApiOptions) -> Result<Router, String> {
+    let hosts = access::HostPolicy::new(options.bind, &options.allowed_hosts, &options.allowed_origins)?;
     let state = AppState {
         agent,
-        token: token.into(),
+        token: options.admin_token.as_str().into(),
+        read_token: options.read_token.as_deref().map(Into::into),
+        hosts: Arc::new(hosts),
     };
     let o = "/v1/overlays/{overlay}";
-    Router::new()
+    Ok(Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(|| async { Json(openapi()) }))
         .route("/v1/overlays", get(list_overlays).post(create_overlay))
@@ -253,6 +350,8 @@ pub fn router(agent: AgentRef, token: String) -> Router {
             &format!("{o}/luggage/{{key}}"),
             axum::routing::put(set_luggage).delete(delete_luggage),
         )
+        // Tokens on routes only: an unknown path is a 404 for anyone.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint (see /v1/openapi.json)".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(
@@ -260,40 +359,82 @@ pub fn router(agent: AgentRef, token: String) -> Router {
                 "method not allowed on this endpoint (see /v1/openapi.json)".into(),
             )
         })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize))
-        .with_state(state)
+        // Host and origin first, for every request.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), check_host))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state))
 }
 
-/// Requests that change state, and the key export, need the admin token.
+/// Refuses requests naming a foreign host (DNS rebinding) or coming from a
+/// web page of a foreign origin, before anything else looks at them.
+async fn check_host(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Err((status, message)) = state.hosts.check(req.uri(), req.headers()) {
+        return ApiError(status, message).into_response();
+    }
+    next.run(req).await
+}
+
+/// Reads need the read token or the admin token (health and the OpenAPI
+/// document need none); changes and the key export need the admin token.
+/// `?token=` is taken only on the event stream's WebSocket upgrade, which
+/// a browser cannot give headers.
 async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    // The event stream subscribes the agent: it changes state too.
-    let needs_token = !matches!(*req.method(), Method::GET | Method::HEAD)
-        || path.ends_with("/keys/export")
-        || path.ends_with("/events/ws");
-    if needs_token {
-        // Browsers cannot set headers on a WebSocket: `?token=` as well.
-        let from_query = req
-            .uri()
-            .query()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned));
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned)
-            .or(from_query);
-        let message = match given {
-            None => Some(
-                "this request needs the admin token: send `Authorization: Bearer <token>` (the token is in the agent's data directory, file admin-token)",
-            ),
-            Some(ref t) if !constant_time_eq(t.trim().as_bytes(), state.token.as_bytes()) => Some("wrong admin token"),
-            Some(_) => None,
-        };
-        if let Some(m) = message {
-            return ApiError(StatusCode::UNAUTHORIZED, m.into()).into_response();
+    let from_query = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned));
+    if from_query.is_some() && !access::is_event_stream(path) {
+        return ApiError(
+            StatusCode::BAD_REQUEST,
+            "`?token=` is accepted only on the event stream's WebSocket (…/events/ws): send `Authorization: Bearer <token>`"
+                .into(),
+        )
+        .into_response();
+    }
+    let scope = access::required_scope(req.method(), path);
+    if scope == access::Scope::Open {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+        .or(from_query);
+    let refusal = match given {
+        None if scope == access::Scope::Admin => Some((
+            StatusCode::UNAUTHORIZED,
+            "this request needs the admin token: send `Authorization: Bearer <token>` (the token is in the agent's data directory, file admin-token)",
+        )),
+        None => Some((
+            StatusCode::UNAUTHORIZED,
+            "this request needs a token: send `Authorization: Bearer <token>` with the read token or the admin token (files read-token and admin-token in the agent's data directory)",
+        )),
+        Some(t) => {
+            let admin = constant_time_eq(t.as_bytes(), state.token.as_bytes());
+            let read = state
+                .read_token
+                .as_ref()
+                .is_some_and(|r| constant_time_eq(t.as_bytes(), r.as_bytes()));
+            match scope {
+                _ if admin => None,
+                access::Scope::Admin if read => Some((
+                    StatusCode::FORBIDDEN,
+                    "the read token cannot do this: it needs the admin token (file admin-token in the agent's data directory)",
+                )),
+                access::Scope::Admin => Some((StatusCode::UNAUTHORIZED, "wrong admin token")),
+                _ if read => None,
+                _ => Some((
+                    StatusCode::UNAUTHORIZED,
+                    "wrong token: neither the read token nor the admin token",
+                )),
+            }
         }
+    };
+    if let Some((status, m)) = refusal {
+        return ApiError(status, m.into()).into_response();
     }
     next.run(req).await
 }
@@ -302,21 +443,73 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Serves the API on `bind` until the returned server task is aborted.
+/// Serves the API on `bind`, loopback host names only, with `token` as the
+/// admin token and no read token, until the returned server task is
+/// aborted.
 pub async fn serve(
     agent: AgentRef,
     bind: SocketAddr,
     token: String,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(bind).await?;
+    serve_with(agent, ApiOptions::new(bind, token)).await
+}
+
+/// Serves the API as `options` say until the returned server task is
+/// aborted (which closes its connections too).
+pub async fn serve_with(
+    agent: AgentRef,
+    mut options: ApiOptions,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(options.bind).await?;
     let addr = listener.local_addr()?;
-    let app = router(agent, token);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "API server stopped");
-        }
-    });
+    options.bind = addr;
+    let app = router_with(agent, &options).map_err(std::io::Error::other)?;
+    let task = tokio::spawn(accept(
+        listener,
+        app,
+        options.header_read_timeout,
+        options.max_connections,
+    ));
     Ok((addr, task))
+}
+
+/// Accepts connections and serves each over HTTP/1.1 (upgrades allowed)
+/// with a time limit on request heads and a bound on their size and on
+/// the number of connections.
+async fn accept(listener: tokio::net::TcpListener, app: Router, header_timeout: Duration, max_connections: usize) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: wait a little rather than spin.
+                tracing::warn!(error = %e, "API: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(MAX_HEAD);
+            if let Err(e) = http
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await
+            {
+                tracing::debug!(error = %e, "API connection ended");
+            }
+        });
+    }
 }
 
 /// Agent health and version.
@@ -631,9 +824,11 @@ async fn read_inbox(
 /// Subscribes the agent to `topics` and streams the inbox entries of those
 /// topics as JSON text messages, from `from` on (default: from now). One
 /// that reconnects with `from` = the last `seq` it saw misses nothing and
-/// sees nothing twice. Needs the admin token (`Authorization` or `?token=`).
+/// sees nothing twice. Needs the read token or the admin token
+/// (`Authorization`, or `?token=` here only), and a page of the API's own
+/// origin when it comes from a browser.
 #[utoipa::path(get, path = "/v1/overlays/{overlay}/events/ws", params(("overlay" = String, Path), InboxQuery),
-    security(("admin_token" = [])),
+    security(("read_token" = []), ("admin_token" = [])),
     responses((status = 101, description = "WebSocket of InboxItem JSON messages"), (status = 400, body = ErrorBody)))]
 async fn events_ws(
     State(s): State<AppState>,
@@ -826,12 +1021,17 @@ mod tests {
         agent: AgentRef,
         server: tokio::task::JoinHandle<()>,
         admin: Client,
+        reader: Client,
         anonymous: Client,
         dir: std::path::PathBuf,
     }
 
     impl Fixture {
         async fn new(tag: &str) -> Fixture {
+            Fixture::with(tag, |_| {}).await
+        }
+
+        async fn with(tag: &str, adjust: impl FnOnce(&mut ApiOptions)) -> Fixture {
             let dir = std::env::temp_dir().join(format!("rm-api-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let mut spec = OverlaySpec::named("default");
@@ -845,13 +1045,15 @@ mod tests {
                 ..AgentConfig::default()
             };
             let agent = Agent::start(TokioNet, config).await.unwrap();
-            let (addr, server) = serve(agent.clone(), "127.0.0.1:0".parse().unwrap(), "sesame".into())
-                .await
-                .unwrap();
+            let mut options = ApiOptions::new("127.0.0.1:0".parse().unwrap(), "sesame".into());
+            options.read_token = Some("reader".into());
+            adjust(&mut options);
+            let (addr, server) = serve_with(agent.clone(), options).await.unwrap();
             Fixture {
                 agent,
                 server,
                 admin: Client::new(addr, Some("sesame".into())),
+                reader: Client::new(addr, Some("reader".into())),
                 anonymous: Client::new(addr, None),
                 dir,
             }
@@ -872,12 +1074,67 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn changes_need_the_token_and_reads_do_not() {
+    async fn reads_need_a_token_and_changes_the_admin_token() {
         let f = Fixture::new("auth").await;
-        let members = f.anonymous.get("/v1/overlays/default/members").await.unwrap();
-        assert_eq!(members[0]["name"], "api-test");
-        assert_eq!(members[0]["rack"], "r1");
-        let body = Some(json!({ "value": "v" }));
+        // Health and the OpenAPI document are open.
+        let health = f.anonymous.get("/v1/health").await.unwrap();
+        assert_eq!(health["status"], "ok");
+        f.anonymous.get("/v1/openapi.json").await.unwrap();
+        // Everything else needs a token, payloads first.
+        for path in [
+            "/v1/overlays/default/events?from=0",
+            "/v1/overlays/default/updates",
+            "/v1/overlays/default/updates/k",
+            "/v1/overlays/default/members",
+            "/v1/overlays/default/luggage",
+            "/v1/overlays/default",
+            "/v1/overlays",
+        ] {
+            let (status, msg) = api_err(f.anonymous.get(path).await);
+            assert_eq!(status, 401, "{path}: {msg}");
+            assert!(msg.contains("read token or the admin token"), "{msg}");
+        }
+        let wrong = Client::new(f.server_addr(), Some("guess".into()));
+        let (status, msg) = api_err(wrong.get("/v1/overlays/default/events?from=0").await);
+        assert_eq!(
+            (status, msg.as_str()),
+            (401, "wrong token: neither the read token nor the admin token")
+        );
+        // The read token reads, the admin token too.
+        f.admin
+            .request("PUT", "/v1/overlays/default/updates/k", Some(json!({ "value": "v" })))
+            .await
+            .unwrap();
+        for c in [&f.reader, &f.admin] {
+            let members = c.get("/v1/overlays/default/members").await.unwrap();
+            assert_eq!(members[0]["name"], "api-test");
+            assert_eq!(members[0]["rack"], "r1");
+            assert_eq!(c.get("/v1/overlays/default/updates/k").await.unwrap()["value"], "v");
+            assert!(c.get("/v1/overlays/default/events?from=0").await.unwrap().is_array());
+        }
+        // The read token changes nothing and exports no key.
+        let body = Some(json!({ "value": "w" }));
+        for (method, path) in [
+            ("PUT", "/v1/overlays/default/updates/k"),
+            ("DELETE", "/v1/overlays/default/updates/k"),
+            ("PUT", "/v1/overlays/default/subscriptions/t"),
+            ("GET", "/v1/overlays/default/keys/export"),
+        ] {
+            let (status, msg) = api_err(
+                f.reader
+                    .request(method, path, body.clone().filter(|_| method == "PUT"))
+                    .await,
+            );
+            assert_eq!(status, 403, "{method} {path}: {msg}");
+            assert!(msg.contains("needs the admin token"), "{msg}");
+        }
+        let (status, msg) = api_err(f.reader.get("/v1/overlays/default/keys/export").await);
+        assert_eq!(status, 403, "{msg}");
+        assert_eq!(
+            f.reader.get("/v1/overlays/default/updates/k").await.unwrap()["value"],
+            "v"
+        );
+        // Changes without the admin token.
         let (status, msg) = api_err(
             f.anonymous
                 .request("PUT", "/v1/overlays/default/updates/k", body.clone())
@@ -885,7 +1142,6 @@ mod tests {
         );
         assert_eq!(status, 401);
         assert!(msg.contains("admin token"), "{msg}");
-        let wrong = Client::new(f.server_addr(), Some("guess".into()));
         let (status, msg) = api_err(
             wrong
                 .request("PUT", "/v1/overlays/default/updates/k", body.clone())
@@ -896,6 +1152,251 @@ mod tests {
         assert_eq!(status, 401);
         let exported = f.admin.get("/v1/overlays/default/keys/export").await.unwrap();
         assert_eq!(exported["keys"].as_array().map(Vec::len), Some(1));
+        // An unknown endpoint is a 404 for anyone.
+        let (status, _) = api_err(f.anonymous.get("/v1/nothing").await);
+        assert_eq!(status, 404);
+        f.finish().await;
+    }
+
+    /// Sends `head` (and `body`) on a new connection and returns the status
+    /// and the body of the answer.
+    async fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "no complete answer within 10 s");
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    fn get_with(path: &str, headers: &[(&str, &str)]) -> String {
+        let mut head = format!("GET {path} HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer sesame\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        head
+    }
+
+    #[tokio::test]
+    async fn a_rebinding_host_name_and_a_foreign_origin_are_refused() {
+        let f = Fixture::new("hosts").await;
+        let addr = f.server_addr();
+        let port = addr.port();
+        let inbox = "/v1/overlays/default/events?from=0";
+        // A page of evil.example whose name now points to 127.0.0.1: its
+        // requests name evil.example in Host (and come from its origin).
+        for headers in [
+            vec![("Host", format!("evil.example:{port}"))],
+            vec![
+                ("Host", format!("evil.example:{port}")),
+                ("Origin", format!("http://evil.example:{port}")),
+            ],
+            vec![("Host", "127.0.0.1.nip.io".to_owned())],
+        ] {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let (status, body) = raw(addr, &get_with(inbox, &h), b"").await;
+            assert_eq!(status, 403, "{headers:?}: {body}");
+            assert!(body.contains("is not one this API answers to"), "{body}");
+            let (status, _) = raw(addr, &get_with("/v1/health", &h), b"").await;
+            assert_eq!(status, 403, "health through {headers:?}");
+        }
+        // A page of another local origin calling 127.0.0.1 directly.
+        for origin in ["http://localhost:8080", "http://evil.example", "null"] {
+            let h = [("Host", format!("127.0.0.1:{port}")), ("Origin", origin.to_owned())];
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let (status, body) = raw(addr, &get_with(inbox, &h), b"").await;
+            assert_eq!(status, 403, "{origin}: {body}");
+            assert!(body.contains("are refused"), "{body}");
+        }
+        // Loopback names, the API's own origin, no Origin at all: served.
+        for headers in [
+            vec![("Host", format!("localhost:{port}"))],
+            vec![("Host", format!("127.0.0.1:{port}"))],
+            vec![("Host", format!("[::1]:{port}"))],
+            vec![
+                ("Host", format!("localhost:{port}")),
+                ("Origin", format!("http://localhost:{port}")),
+            ],
+        ] {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let (status, body) = raw(addr, &get_with(inbox, &h), b"").await;
+            assert_eq!(status, 200, "{headers:?}: {body}");
+        }
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn configured_host_names_and_origins_are_served() {
+        let f = Fixture::with("hosts-conf", |o| {
+            o.allowed_hosts = vec!["gossip.internal".into()];
+            o.allowed_origins = vec!["https://ui.internal".into()];
+        })
+        .await;
+        let addr = f.server_addr();
+        let h = [("Host", "gossip.internal:7980"), ("Origin", "https://ui.internal")];
+        let (status, body) = raw(addr, &get_with("/v1/overlays/default/members", &h), b"").await;
+        assert_eq!(status, 200, "{body}");
+        let h = [("Host", "other.internal:7980")];
+        let (status, _) = raw(addr, &get_with("/v1/overlays/default/members", &h), b"").await;
+        assert_eq!(status, 403);
+        f.finish().await;
+    }
+
+    async fn ws_status(addr: SocketAddr, query: &str, headers: &[(&str, &str)]) -> Result<(), u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://{addr}/v1/overlays/default/events/ws?topics=t{query}");
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+            req.headers_mut().insert(name, v.parse().unwrap());
+        }
+        let connect = tokio_tungstenite::connect_async(req);
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok((mut ws, _))) => {
+                let _ = ws.close(None).await;
+                Ok(())
+            }
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => Err(resp.status().as_u16()),
+            Ok(Err(e)) => panic!("websocket: {e}"),
+            Err(_) => panic!("no websocket answer within 10 s"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_event_stream_needs_a_token_and_refuses_foreign_origins() {
+        let f = Fixture::new("ws").await;
+        let addr = f.server_addr();
+        assert_eq!(ws_status(addr, "", &[]).await, Err(401));
+        assert_eq!(ws_status(addr, "&token=guess", &[]).await, Err(401));
+        // The read token follows the stream, in the header or the query.
+        assert_eq!(ws_status(addr, "", &[("authorization", "Bearer reader")]).await, Ok(()));
+        assert_eq!(ws_status(addr, "&token=reader", &[]).await, Ok(()));
+        let own = format!("http://{addr}");
+        assert_eq!(ws_status(addr, "&token=reader", &[("origin", &own)]).await, Ok(()));
+        // A web page of another origin cannot, whatever token it has.
+        for origin in ["http://evil.example", "http://localhost:1"] {
+            assert_eq!(
+                ws_status(addr, "&token=sesame", &[("origin", origin)]).await,
+                Err(403),
+                "{origin}"
+            );
+        }
+        assert_eq!(
+            ws_status(addr, "&token=sesame", &[("host", "evil.example")]).await,
+            Err(403)
+        );
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_token_in_the_query_is_refused_except_on_the_event_stream() {
+        let f = Fixture::new("query-token").await;
+        for path in [
+            "/v1/overlays/default/events?from=0&token=sesame",
+            "/v1/overlays/default/keys/export?token=sesame",
+            "/v1/health?token=sesame",
+        ] {
+            let (status, msg) = api_err(f.anonymous.get(path).await);
+            assert_eq!(status, 400, "{path}: {msg}");
+            assert!(msg.contains("only on the event stream"), "{msg}");
+        }
+        let (status, _) = api_err(
+            f.anonymous
+                .request(
+                    "PUT",
+                    "/v1/overlays/default/updates/k?token=sesame",
+                    Some(json!({ "value": "v" })),
+                )
+                .await,
+        );
+        assert_eq!(status, 400);
+        let (status, _) = api_err(f.admin.get("/v1/overlays/default/updates/k").await);
+        assert_eq!(status, 404, "the refused write stored nothing");
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_request_is_closed_after_the_header_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timeout = Duration::from_millis(300);
+        let f = Fixture::with("header-timeout", |o| o.header_read_timeout = timeout).await;
+        let addr = f.server_addr();
+        for sent in ["GET /v1/health HTTP/1.1\r\nHost: localhost\r\n", ""] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(sent.as_bytes()).await.unwrap();
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 512];
+            let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+            let elapsed = started.elapsed();
+            assert!(read.is_ok(), "{sent:?}: still open after 5 s");
+            assert!(
+                elapsed >= timeout / 2 && elapsed < Duration::from_secs(3),
+                "{sent:?}: closed after {elapsed:?}"
+            );
+        }
+        // A whole request is still served.
+        let (status, _) = raw(addr, &get_with("/v1/health", &[("Host", "localhost")]), b"").await;
+        assert_eq!(status, 200);
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_and_idle_ones_make_room_after_the_header_timeout() {
+        let timeout = Duration::from_millis(400);
+        let f = Fixture::with("conn-cap", |o| {
+            o.header_read_timeout = timeout;
+            o.max_connections = 2;
+        })
+        .await;
+        let addr = f.server_addr();
+        let idle: Vec<_> = [0, 1]
+            .iter()
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // Both slots are taken (they were queued first): the third waits
+        // until the idle ones are closed by the header timeout, then is
+        // served.
+        let started = std::time::Instant::now();
+        let (status, _) = raw(addr, &get_with("/v1/health", &[("Host", "localhost")]), b"").await;
+        let waited = started.elapsed();
+        assert_eq!(status, 200);
+        assert!(
+            waited >= timeout / 2 && waited < Duration::from_secs(5),
+            "served after {waited:?}"
+        );
+        drop(idle);
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_with_a_message() {
+        let f = Fixture::new("body-limit").await;
+        let big = json!({ "value": "x".repeat(BODY_LIMIT + 1) });
+        let (status, msg) = api_err(
+            f.admin
+                .request("PUT", "/v1/overlays/default/updates/k", Some(big))
+                .await,
+        );
+        assert_eq!(status, 413, "{msg}");
+        assert!(msg.contains(&format!("limit of {BODY_LIMIT} bytes")), "{msg}");
+        // Without the admin token, the body is not even read: 401.
+        let body = vec![b'x'; BODY_LIMIT + 1];
+        let head = format!(
+            "PUT /v1/overlays/default/updates/k HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let (status, _) = raw(f.server_addr(), &head, &body).await;
+        assert_eq!(status, 401);
         f.finish().await;
     }
 
@@ -921,18 +1422,18 @@ mod tests {
             (row["key"].as_str(), row["value"].as_str()),
             (Some("a/b c"), Some("hello"))
         );
-        let got = f.anonymous.get("/v1/overlays/default/updates/a/b%20c").await.unwrap();
+        let got = f.reader.get("/v1/overlays/default/updates/a/b%20c").await.unwrap();
         assert_eq!(got["value"], "hello");
-        let list = f.anonymous.get("/v1/overlays/default/updates?prefix=a/").await.unwrap();
+        let list = f.reader.get("/v1/overlays/default/updates?prefix=a/").await.unwrap();
         assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
         f.admin
             .request("DELETE", "/v1/overlays/default/updates/a/b%20c", None)
             .await
             .unwrap();
-        let (status, msg) = api_err(f.anonymous.get("/v1/overlays/default/updates/a/b%20c").await);
+        let (status, msg) = api_err(f.reader.get("/v1/overlays/default/updates/a/b%20c").await);
         assert_eq!((status, msg.as_str()), (404, "no value under key \"a/b c\""));
 
-        let (status, msg) = api_err(f.anonymous.get("/v1/overlays/nope/members").await);
+        let (status, msg) = api_err(f.reader.get("/v1/overlays/nope/members").await);
         assert_eq!((status, msg.as_str()), (404, "no overlay named \"nope\""));
         let (status, msg) = api_err(f.anonymous.get("/v1/nothing").await);
         assert_eq!(status, 404);
@@ -992,7 +1493,7 @@ mod tests {
             (status, msg.as_str()),
             (409, "an overlay named \"second\" already exists")
         );
-        let shown = f.anonymous.get("/v1/overlays/second").await.unwrap();
+        let shown = f.reader.get("/v1/overlays/second").await.unwrap();
         assert!(!shown.to_string().contains(&key), "the key leaked: {shown}");
         assert_eq!(shown["spec"]["keys"][0], "<redacted>");
         let (status, msg) = api_err(
@@ -1008,7 +1509,7 @@ mod tests {
         assert!(msg.contains("no key"), "{msg}");
 
         // Key rotation rules.
-        let keys = f.anonymous.get("/v1/overlays/second/keys").await.unwrap();
+        let keys = f.reader.get("/v1/overlays/second/keys").await.unwrap();
         let old = keys[0]["id"].as_str().unwrap().to_owned();
         let (status, msg) = api_err(
             f.admin
@@ -1038,7 +1539,7 @@ mod tests {
             .request("DELETE", &format!("/v1/overlays/second/keys/{old}"), None)
             .await
             .unwrap();
-        let keys = f.anonymous.get("/v1/overlays/second/keys").await.unwrap();
+        let keys = f.reader.get("/v1/overlays/second/keys").await.unwrap();
         assert_eq!(
             keys,
             json!([{ "id": id, "suite": "aes-256-gcm", "primary": true, "installed_on": 1, "primary_on": 1, "members": 1 }])
@@ -1053,7 +1554,7 @@ mod tests {
         let (status, msg) = api_err(f.admin.request("PUT", "/v1/overlays/second", Some(update)).await);
         assert_eq!(status, 409, "{msg}");
         assert!(msg.contains("cannot listen on"), "{msg}");
-        let shown = f.anonymous.get("/v1/overlays/second").await.unwrap();
+        let shown = f.reader.get("/v1/overlays/second").await.unwrap();
         assert_eq!(
             (shown["status"].as_str(), shown["spec"]["profile"].as_str()),
             (Some("running"), Some("lan"))
@@ -1086,7 +1587,7 @@ mod tests {
         assert_eq!(shown["addr"].as_str(), Some(format!("127.0.0.1:{port}").as_str()));
 
         f.admin.request("DELETE", "/v1/overlays/second", None).await.unwrap();
-        let (status, _) = api_err(f.anonymous.get("/v1/overlays/second").await);
+        let (status, _) = api_err(f.reader.get("/v1/overlays/second").await);
         assert_eq!(status, 404);
         f.finish().await;
     }
@@ -1106,6 +1607,7 @@ mod tests {
             assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
         }
         assert!(doc["components"]["securitySchemes"]["admin_token"].is_object());
+        assert!(doc["components"]["securitySchemes"]["read_token"].is_object());
         f.finish().await;
     }
 
@@ -1162,10 +1664,10 @@ mod tests {
         );
         assert_eq!((status, msg.as_str()), (404, "no overlay named \"nope\""));
         // Nothing was stored: no record under the first id, an empty inbox.
-        let (status, _) = api_err(f.anonymous.get("/v1/overlays/default/events/api-test/1/1").await);
+        let (status, _) = api_err(f.reader.get("/v1/overlays/default/events/api-test/1/1").await);
         assert_eq!(status, 404);
         assert_eq!(
-            f.anonymous.get("/v1/overlays/default/events?from=0").await.unwrap(),
+            f.reader.get("/v1/overlays/default/events?from=0").await.unwrap(),
             json!([])
         );
         f.finish().await;
@@ -1193,7 +1695,7 @@ mod tests {
         let mut inbox = json!([]);
         for _ in 0..100 {
             inbox = f
-                .anonymous
+                .reader
                 .get("/v1/overlays/default/events?from=0&topics=orders")
                 .await
                 .unwrap();
@@ -1206,11 +1708,7 @@ mod tests {
         assert_eq!(inbox[0]["payload"], "one");
         let mut shown = json!(null);
         for _ in 0..100 {
-            shown = f
-                .anonymous
-                .get("/v1/overlays/default/events/api-test/1/1")
-                .await
-                .unwrap();
+            shown = f.reader.get("/v1/overlays/default/events/api-test/1/1").await.unwrap();
             if shown["complete"] == true {
                 break;
             }

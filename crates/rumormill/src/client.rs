@@ -40,11 +40,13 @@ pub enum ClientError {
     Other(String),
 }
 
-/// An API client. It sends the token only with requests that need it.
+/// An API client. It sends a token only with requests that need one: the
+/// read token, when it has one, with reads; the other token otherwise.
 #[derive(Clone)]
 pub struct Client {
     base: SocketAddr,
     token: Option<String>,
+    read_token: Option<String>,
     timeout: Duration,
     http: HttpClient<HttpConnector, Full<Bytes>>,
 }
@@ -54,6 +56,7 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("base", &self.base)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("read_token", &self.read_token.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
     }
 }
@@ -64,6 +67,7 @@ impl Client {
         Client {
             base: api,
             token,
+            read_token: None,
             timeout: TIMEOUT,
             http: HttpClient::builder(TokioExecutor::new()).build_http(),
         }
@@ -75,9 +79,29 @@ impl Client {
         self
     }
 
+    /// The same client sending `read_token` with reads (and its other
+    /// token only with requests that need the admin token).
+    pub fn with_read_token(mut self, read_token: Option<String>) -> Client {
+        self.read_token = read_token;
+        self
+    }
+
     /// The token, when one was given.
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
+    }
+
+    /// The token sent with `method` on `path`, if any: none for health and
+    /// the OpenAPI document, the read token (else the other) for reads,
+    /// the other token for the rest.
+    pub fn token_for(&self, method: &str, path: &str) -> Option<&str> {
+        let method = hyper::Method::from_bytes(method.as_bytes()).unwrap_or(hyper::Method::POST);
+        let path = path.split('?').next().unwrap_or_default();
+        match crate::api::required_scope(&method, path) {
+            crate::api::Scope::Open => None,
+            crate::api::Scope::Read => self.read_token.as_deref().or(self.token.as_deref()),
+            crate::api::Scope::Admin => self.token.as_deref(),
+        }
     }
 
     /// The agent's API address.
@@ -96,8 +120,7 @@ impl Client {
             .method(method)
             .uri(format!("http://{}{}", self.base, path))
             .header("content-type", "application/json");
-        let needs_token = method != "GET" || path.ends_with("/keys/export");
-        if let (true, Some(t)) = (needs_token, &self.token) {
+        if let Some(t) = self.token_for(method, path) {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         let bytes = body.map(|b| b.to_string()).unwrap_or_default();

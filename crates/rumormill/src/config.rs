@@ -52,6 +52,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A setting of the `[api]` table is invalid.
+    #[error("[api] {0}")]
+    Api(String),
 }
 
 /// The whole agent configuration (the TOML file's top level).
@@ -105,12 +108,14 @@ impl AgentConfig {
                 overlay,
                 message: format!("{message} (in {})", path.display()),
             },
+            ConfigError::Api(m) => ConfigError::Api(format!("{m} (in {})", path.display())),
             other => other,
         })
     }
 
     /// Checks every overlay and that names and ports are unique.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.api.validate()?;
         let mut names = std::collections::BTreeSet::new();
         for o in &self.overlays {
             o.validate()?;
@@ -152,14 +157,93 @@ pub struct ApiConfig {
     /// Address to listen on. Default `127.0.0.1:7980`: only local clients.
     #[serde(default = "default_api_bind")]
     pub bind: SocketAddr,
+    /// Host names (`Host` header) the API answers to besides the loopback
+    /// forms (`localhost`, `127.0.0.1`…, `[::1]`) and the bind address:
+    /// `name` (any port) or `name:port`. Requests naming any other host
+    /// are refused, so that a web page reaching the API through a DNS name
+    /// that points to this host (DNS rebinding) cannot use it.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Web origins (`scheme://host[:port]`) whose pages may call the API
+    /// besides its own (a page served under the very host and port the
+    /// request names), e.g. the public origin of a proxy that rewrites
+    /// `Host`. Requests with any other `Origin` header are refused. (The
+    /// API sends no CORS headers: other origins cannot read its answers.)
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ApiConfig {
     fn default() -> ApiConfig {
         ApiConfig {
             bind: default_api_bind(),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
+}
+
+impl ApiConfig {
+    /// Checks the host names and origins.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for h in &self.allowed_hosts {
+            parse_authority(h).map_err(|m| ConfigError::Api(format!("allowed_hosts: {h:?}: {m}")))?;
+        }
+        for o in &self.allowed_origins {
+            parse_origin(o).map_err(|m| ConfigError::Api(format!("allowed_origins: {o:?}: {m}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// A host name or address and an optional port, as in a `Host` header:
+/// `name`, `name:port`, `1.2.3.4:port`, `[::1]:port`. The name is
+/// lower-cased; an IPv6 address is given without its brackets.
+pub fn parse_authority(s: &str) -> Result<(String, Option<u16>), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']').ok_or("an IPv6 address needs its closing `]`")?;
+        addr.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("{addr:?} is not an IPv6 address"))?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or("expected `:port` after `]`")?),
+        };
+        (addr.to_owned(), port)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (s.to_owned(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host name".into());
+    }
+    if !s.starts_with('[')
+        && !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    {
+        return Err("a host name has only letters, digits, `-`, `_` and `.`".into());
+    }
+    let port = match port {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("{p:?} is not a port number"))?),
+    };
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+/// A web origin, `http://host[:port]` or `https://host[:port]`: its
+/// scheme, host and port (the scheme's default when not given).
+pub fn parse_origin(s: &str) -> Result<(String, String, u16), String> {
+    let (scheme, rest) = s.split_once("://").ok_or("an origin is scheme://host[:port]")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return Err(format!("scheme {scheme:?}: expected http or https")),
+    };
+    let (host, port) = parse_authority(rest)?;
+    Ok((scheme, host, port.unwrap_or(default_port)))
 }
 
 fn default_api_bind() -> SocketAddr {
@@ -709,6 +793,35 @@ mod tests {
         let ok =
             AgentConfig::from_toml(&format!("[[overlay]]\nname = \"a\"\nkeys = [\"{}\"]", generate_key())).unwrap();
         assert_eq!(ok.overlays[0].bind_addr().unwrap().port(), DEFAULT_GOSSIP_PORT);
+    }
+
+    #[test]
+    fn api_host_names_and_origins_are_checked() {
+        let c = AgentConfig::from_toml(
+            "[api]\nbind = \"10.0.0.5:7980\"\nallowed_hosts = [\"gossip.internal\", \"ui.internal:8443\", \"[fd00::1]\"]\n\
+             allowed_origins = [\"https://ui.internal:8443\"]",
+        )
+        .unwrap();
+        assert_eq!(c.api.allowed_hosts.len(), 3);
+        for (text, needle) in [
+            ("allowed_hosts = [\"http://x\"]", "allowed_hosts: \"http://x\""),
+            ("allowed_hosts = [\"a b\"]", "only letters"),
+            ("allowed_hosts = [\"x:port\"]", "not a port number"),
+            ("allowed_origins = [\"ui.internal\"]", "scheme://host"),
+            ("allowed_origins = [\"ftp://ui.internal\"]", "expected http or https"),
+        ] {
+            let e = AgentConfig::from_toml(&format!("[api]\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("[api] allowed_"), "{e}");
+            assert!(e.contains(needle), "{e:?} lacks {needle:?}");
+        }
+        assert_eq!(parse_authority("[::1]:80"), Ok(("::1".into(), Some(80))));
+        assert_eq!(parse_authority("LocalHost"), Ok(("localhost".into(), None)));
+        assert_eq!(
+            parse_origin("HTTP://Example.com"),
+            Ok(("http".into(), "example.com".into(), 80))
+        );
     }
 
     #[test]

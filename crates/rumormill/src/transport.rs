@@ -961,7 +961,7 @@ mod tests {
     }
 
     fn codec(overlay: u32, key: &[u8]) -> Codec {
-        Codec::new(overlay, 1, 1, Security::Encrypted(Keyring::new(key).unwrap()))
+        Codec::new(overlay, 1, 1, 0x21, Security::Encrypted(Keyring::new(key).unwrap()))
     }
 
     /// A frame prefix announcing `len` bytes, then a header sealed by `c`.
@@ -989,7 +989,7 @@ mod tests {
         for (mut sender, why) in [
             (codec(7, &[5u8; 32]), "unknown key"),
             (codec(8, &key), "for overlay"),
-            (Codec::new(7, 1, 1, Security::Plaintext), "plain-text"),
+            (Codec::new(7, 1, 1, 0x22, Security::Plaintext), "plain-text"),
         ] {
             let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
             // 32 MiB announced; 1 MiB of it sent.

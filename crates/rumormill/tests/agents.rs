@@ -239,6 +239,7 @@ fn five_agents_cluster_lifecycle() {
         rumormill_wire::overlay_id("default"),
         0x01d_5eed,
         1,
+        7,
         Security::Encrypted(Keyring::new(&old_key).expect("keyring")),
     );
     let udp = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
@@ -535,14 +536,143 @@ fn client_errors_name_the_problem() {
          (the token is in the agent's data directory, file admin-token) (HTTP 401; give --token, or --data-dir of that agent)"
     );
 
-    // Neither write went through; reads need no token.
+    // Reads need a token too.
     let ran = client(&["get", "k"], &empty);
+    assert_eq!(
+        ran.error_line(),
+        "rumormill: this request needs a token: send `Authorization: Bearer <token>` with the read token \
+         or the admin token (files read-token and admin-token in the agent's data directory) \
+         (HTTP 401; give --token, or --data-dir of that agent)"
+    );
+    // Neither write went through.
+    let ran = client(&["get", "k"], &ep.dir);
     assert_eq!(ran.error_line(), "rumormill: no value under key \"k\" (HTTP 404)");
     // The right token, from the agent's data directory, works.
     let ran = client(&["put", "k", "v"], &ep.dir);
     assert!(ran.status.success(), "{}", ran.describe());
-    let ran = client(&["get", "k"], &empty);
+    let ran = client(&["get", "k"], &ep.dir);
     assert_eq!(ran.stdout, "v\n", "{}", ran.describe());
+
+    // Both tokens were made at the first start, readable by the owner only.
+    let read = std::fs::read_to_string(ep.dir.join("read-token")).expect("read-token");
+    let admin = std::fs::read_to_string(ep.dir.join("admin-token")).expect("admin-token");
+    assert_ne!(read.trim(), admin.trim());
+    for f in ["read-token", "admin-token"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(ep.dir.join(f)).expect("token file").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    // The read token, from a file or standard input (out of `ps`), reads
+    // and cannot write.
+    let token_file = scratch.path("read.token");
+    std::fs::write(&token_file, format!("{read}\n")).expect("token file");
+    let token_path = token_file.to_str().expect("utf-8 path");
+    let ran = client(&["--token-file", token_path, "get", "k"], &empty);
+    assert_eq!(ran.stdout, "v\n", "{}", ran.describe());
+    let ran = client(&["--token-file", token_path, "put", "k", "w"], &empty);
+    assert_eq!(
+        ran.error_line(),
+        "rumormill: the read token cannot do this: it needs the admin token \
+         (file admin-token in the agent's data directory) (HTTP 403)"
+    );
+    let mut c = command();
+    c.arg("--api").arg(&api).arg("--data-dir").arg(&empty);
+    c.env("RUMORMILL_TOKEN_FILE", "-").args(["get", "k"]);
+    let ran = run_with_stdin(c, "rumormill get k (token on stdin)", read.as_bytes());
+    assert_eq!(ran.stdout, "v\n", "{}", ran.describe());
+    let mut c = command();
+    c.arg("--api").arg(&api).arg("--data-dir").arg(&empty);
+    c.args(["--token-file", "-", "put", "k", "-"]);
+    let ran = run_with_stdin(c, "rumormill put k - (token on stdin)", admin.as_bytes());
+    assert_eq!(
+        ran.error_line(),
+        "rumormill: --token-file - and the value `-` cannot both read standard input"
+    );
+    let ran = client(
+        &[
+            "--token-file",
+            scratch.path("none").to_str().expect("utf-8"),
+            "get",
+            "k",
+        ],
+        &empty,
+    );
+    assert!(
+        ran.error_line().starts_with("rumormill: cannot read token file "),
+        "{}",
+        ran.describe()
+    );
+    // The admin token from a file writes; `--help` says why to prefer it.
+    std::fs::write(&token_file, &admin).expect("token file");
+    let ran = client(&["--token-file", token_path, "put", "k", "w"], &empty);
+    assert!(ran.status.success(), "{}", ran.describe());
+    let ran = client(&["--help"], &empty);
+    assert!(ran.stdout.contains("--token-file"), "{}", ran.describe());
+    assert!(
+        ran.stdout.contains("Other local users can see it"),
+        "{}",
+        ran.describe()
+    );
+
+    // A web page through a rebinding DNS name gets nothing, even with a token.
+    let read = read.trim();
+    let answer = http_exchange(
+        ep.api,
+        &format!(
+            "GET /v1/overlays/default/events?from=0 HTTP/1.1\r\nHost: rebind.example:{}\r\n\
+             Authorization: Bearer {read}\r\nConnection: close\r\n\r\n",
+            ep.api.port()
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("is not one this API answers to"), "{answer}");
+    let answer = http_exchange(
+        ep.api,
+        &format!(
+            "GET /v1/overlays/default/events?from=0 HTTP/1.1\r\nHost: {}\r\n\
+             Authorization: Bearer {read}\r\nConnection: close\r\n\r\n",
+            ep.api
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A half-sent request is closed after the header timeout (10 s).
+    let mut half = TcpStream::connect(ep.api).expect("connect to the API");
+    half.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n")
+        .expect("send");
+    half.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    let read = half.read(&mut buf);
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(read, Ok(0)) && elapsed < Duration::from_secs(15),
+        "a half-sent request was not closed: {read:?} after {elapsed:?}"
+    );
+    assert!(elapsed >= Duration::from_secs(5), "closed too early: {elapsed:?}");
+}
+
+/// Sends a raw HTTP request and returns the whole answer.
+fn http_exchange(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the API");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs a command with `input` on its standard input.
+fn run_with_stdin(mut cmd: std::process::Command, what: &str, input: &[u8]) -> common::Ran {
+    use std::io::Write;
+    let file = std::env::temp_dir().join(format!("rm-stdin-{}-{}", std::process::id(), what.len()));
+    std::fs::File::create(&file)
+        .and_then(|mut f| f.write_all(input))
+        .expect("stdin file");
+    cmd.stdin(std::fs::File::open(&file).expect("stdin file"));
+    let ran = run(cmd, what.to_owned(), CLI_TIMEOUT);
+    let _ = std::fs::remove_file(&file);
+    ran
 }
 
 #[test]
@@ -568,6 +698,7 @@ fn foreign_and_garbage_packets_are_rejected_and_counted() {
         overlay,
         0xdead_beef,
         1,
+        7,
         Security::Encrypted(Keyring::new(&foreign_key).expect("keyring")),
     );
     let cluster_key = rumormill::config::decode_key(&key).expect("key");
@@ -575,6 +706,7 @@ fn foreign_and_garbage_packets_are_rejected_and_counted() {
         overlay,
         0xfeed_f00d,
         1,
+        7,
         Security::Encrypted(Keyring::new(&cluster_key).expect("keyring")),
     );
 

@@ -173,6 +173,7 @@ fn strangers_on_the_gossip_port_neither_exhaust_memory_nor_block_streams() {
         overlay,
         0x0bad,
         1,
+        0x5eed,
         Security::Encrypted(Keyring::new(&cluster_key).expect("keyring")),
     );
     let sealed = seen.seal(FrameKind::Stream, b"x").expect("seal");

@@ -310,8 +310,14 @@ impl Cluster {
                 Some(members.iter().filter(|(_, s)| s == "alive").count())
             }
             _ => {
-                let (status, body) =
-                    http::request(self.control(i), "GET", "/v1/overlays/default/members", None, None).ok()?;
+                let (status, body) = http::request(
+                    self.control(i),
+                    "GET",
+                    "/v1/overlays/default/members",
+                    Some(&self.tokens[i]),
+                    None,
+                )
+                .ok()?;
                 if status != 200 {
                     return None;
                 }

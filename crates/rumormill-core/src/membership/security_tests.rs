@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::testkit::{Net, addr};
 use crate::{Config, FrameKind, Keyring, MemberState, Overlay, Security, WireError};
+use rumormill_wire::HEADER_LEN;
 
 const OLD: [u8; 32] = [1; 32];
 const NEW: [u8; 24] = [2; 24];
@@ -66,7 +67,13 @@ fn garbage_and_foreign_keys_are_counted_and_dropped() {
     let stats = net.node(0).stats().clone();
     assert_eq!(
         (stats.rejected, stats.last_rejection),
-        (1, Some(WireError::Truncated { len: 9, min: 36 }))
+        (
+            1,
+            Some(WireError::Truncated {
+                len: 9,
+                min: HEADER_LEN
+            })
+        )
     );
     net.raw(0, addr(50), FrameKind::Datagram, &[b'x'; 64]);
     assert_eq!(net.node(0).stats().last_rejection, Some(WireError::BadMagic));

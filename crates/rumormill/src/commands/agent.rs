@@ -9,6 +9,8 @@ use rumormill::transport::TokioNet;
 
 /// File in the data directory holding the admin token.
 pub const TOKEN_FILE: &str = "admin-token";
+/// File in the data directory holding the read token.
+pub const READ_TOKEN_FILE: &str = "read-token";
 /// File in the data directory telling clients where the API is.
 pub const ADDRESS_FILE: &str = "agent.json";
 
@@ -127,7 +129,16 @@ pub fn init_logging(format: LogFormat, level: &str) {
 
 /// Reads the admin token, or makes one (mode 0600) and prints it once.
 pub fn admin_token(data_dir: &Path) -> Result<String, String> {
-    let path = data_dir.join(TOKEN_FILE);
+    token(data_dir, TOKEN_FILE, "admin token")
+}
+
+/// Reads the read token, or makes one (mode 0600) and prints it once.
+pub fn read_token(data_dir: &Path) -> Result<String, String> {
+    token(data_dir, READ_TOKEN_FILE, "read token")
+}
+
+fn token(data_dir: &Path, file: &str, what: &str) -> Result<String, String> {
+    let path = data_dir.join(file);
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
         Ok(_) => {}
@@ -138,7 +149,7 @@ pub fn admin_token(data_dir: &Path) -> Result<String, String> {
     rand::Rng::fill(&mut rand::rng(), &mut bytes[..]);
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     write_private(&path, &token).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    println!("admin token (printed once; kept in {}): {token}", path.display());
+    println!("{what} (printed once; kept in {}): {token}", path.display());
     Ok(token)
 }
 
@@ -162,11 +173,14 @@ pub fn run(args: AgentArgs, data_dir: Option<PathBuf>) -> Result<(), String> {
         // The data directory and the token first: nothing has joined yet if
         // they fail.
         rumormill::persist::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
-        let token = admin_token(&config.data_dir)?;
+        let mut options = rumormill::api::ApiOptions::new(config.api.bind, admin_token(&config.data_dir)?);
+        options.read_token = Some(read_token(&config.data_dir)?);
+        options.allowed_hosts = config.api.allowed_hosts.clone();
+        options.allowed_origins = config.api.allowed_origins.clone();
         let agent = Agent::start(TokioNet, config.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let (addr, server) = match rumormill::api::serve(agent.clone(), config.api.bind, token).await {
+        let (addr, server) = match rumormill::api::serve_with(agent.clone(), options).await {
             Ok(s) => s,
             Err(e) => {
                 agent.shutdown(true).await;

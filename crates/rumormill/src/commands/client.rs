@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use rumormill::client::{Client, encode_path};
 use serde_json::{Value, json};
 
-use super::agent::{ADDRESS_FILE, TOKEN_FILE};
+use super::agent::{ADDRESS_FILE, READ_TOKEN_FILE, TOKEN_FILE};
 
 /// How client commands find the agent.
 #[derive(Debug, Args)]
@@ -17,9 +17,23 @@ pub struct Target {
     /// directory, else 127.0.0.1:7980].
     #[arg(long, global = true, env = "RUMORMILL_API", value_name = "ADDR")]
     pub api: Option<SocketAddr>,
-    /// Admin token [env: RUMORMILL_TOKEN; default: from the data directory].
+    /// API token, admin or read [env: RUMORMILL_TOKEN; default: the
+    /// data directory's read-token for reads, admin-token for changes].
+    /// Other local users can see it in the process list: prefer
+    /// --token-file or the environment.
     #[arg(long, global = true, env = "RUMORMILL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the API token; `-` reads it from standard input
+    /// [env: RUMORMILL_TOKEN_FILE]. Unlike --token, not visible to
+    /// other local users.
+    #[arg(
+        long,
+        global = true,
+        env = "RUMORMILL_TOKEN_FILE",
+        value_name = "PATH",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
     /// Overlay to act on.
     #[arg(long, short, global = true, env = "RUMORMILL_OVERLAY", default_value = "default")]
     pub overlay: String,
@@ -219,7 +233,7 @@ pub enum ClientCommand {
     Overlays(OverlaysCommand),
 }
 
-fn client(target: &Target, data_dir: &std::path::Path) -> Client {
+fn client(target: &Target, data_dir: &std::path::Path, stdin: &mut Stdin) -> Result<Client, String> {
     let api = target.api.unwrap_or_else(|| {
         std::fs::read_to_string(data_dir.join(ADDRESS_FILE))
             .ok()
@@ -227,12 +241,57 @@ fn client(target: &Target, data_dir: &std::path::Path) -> Client {
             .and_then(|v| v.get("api")?.as_str()?.parse().ok())
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], rumormill::config::DEFAULT_API_PORT)))
     });
-    let token = target.token.clone().or_else(|| {
-        std::fs::read_to_string(data_dir.join(TOKEN_FILE))
+    let from_dir = |file: &str| {
+        std::fs::read_to_string(data_dir.join(file))
             .ok()
             .map(|t| t.trim().to_owned())
-    });
-    Client::new(api, token)
+            .filter(|t| !t.is_empty())
+    };
+    let given = match (&target.token, &target.token_file) {
+        (Some(t), _) => Some(t.trim().to_owned()),
+        (None, Some(path)) => Some(read_token_file(path, stdin)?),
+        (None, None) => None,
+    };
+    Ok(match given {
+        // A token given is used for everything it is needed for.
+        Some(t) => Client::new(api, Some(t)),
+        None => Client::new(api, from_dir(TOKEN_FILE)).with_read_token(from_dir(READ_TOKEN_FILE)),
+    })
+}
+
+/// The token in `path` (`-`: standard input), trimmed.
+fn read_token_file(path: &std::path::Path, stdin: &mut Stdin) -> Result<String, String> {
+    let text = if path.as_os_str() == "-" {
+        stdin.take("--token-file -")?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read token file {}: {e}", path.display()))?
+    };
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "token file {} is empty",
+            if path.as_os_str() == "-" {
+                "- (standard input)".into()
+            } else {
+                path.display().to_string()
+            }
+        ));
+    }
+    Ok(token.to_owned())
+}
+
+/// Standard input, which only one argument may read.
+struct Stdin(Option<&'static str>);
+
+impl Stdin {
+    /// Reads standard input for `what`; refuses a second reader.
+    fn take(&mut self, what: &'static str) -> Result<String, String> {
+        if let Some(first) = self.0 {
+            return Err(format!("{first} and {what} cannot both read standard input"));
+        }
+        self.0 = Some(what);
+        read_stdin()
+    }
 }
 
 /// Runs a client command.
@@ -242,7 +301,8 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let c = client(&target, &data_dir);
+        let mut stdin = Stdin(None);
+        let c = client(&target, &data_dir, &mut stdin)?;
         let o = format!("/v1/overlays/{}", encode_path(&target.overlay));
         let e = |e: rumormill::client::ClientError| match e {
             rumormill::client::ClientError::Api { status: 401, message } => {
@@ -266,7 +326,11 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 Output::Done(format!("left overlay {}", target.overlay))
             }
             ClientCommand::Put { key, value } => {
-                let value = if value == "-" { read_stdin()? } else { value };
+                let value = if value == "-" {
+                    stdin.take("the value `-`")?
+                } else {
+                    value
+                };
                 let path = format!("{o}/updates/{}", encode_path(&key));
                 let v = c
                     .request("PUT", &path, Some(json!({ "value": value })))
@@ -298,7 +362,11 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 retry_every,
                 retry_max,
             } => {
-                let payload = if payload == "-" { read_stdin()? } else { payload };
+                let payload = if payload == "-" {
+                    stdin.take("the payload `-`")?
+                } else {
+                    payload
+                };
                 let delivery = if at_least_once {
                     json!({ "mode": "at_least_once", "retry_every": retry_every, "retry_max": retry_max })
                 } else {
@@ -315,8 +383,8 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 } else {
                     println!(
                         "event {} on {} ({}): {}",
-                        v["id"].as_str().unwrap_or_default(),
-                        v["topic"].as_str().unwrap_or_default(),
+                        cell_text(v["id"].as_str().unwrap_or_default()),
+                        cell_text(v["topic"].as_str().unwrap_or_default()),
                         v["delivery"].as_str().unwrap_or_default(),
                         if v["complete"] == json!(true) {
                             "every report final"
@@ -352,7 +420,11 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     )
                 }
                 LuggageCommand::Set { key, value } => {
-                    let value = if value == "-" { read_stdin()? } else { value };
+                    let value = if value == "-" {
+                        stdin.take("the value `-`")?
+                    } else {
+                        value
+                    };
                     let path = format!("{o}/luggage/{}", encode_path(&key));
                     c.request("PUT", &path, Some(json!({ "value": value })))
                         .await
@@ -373,7 +445,7 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 ),
                 KeysCommand::Install { key, wait } => {
                     let key = if key == "-" {
-                        read_stdin()?.trim().to_owned()
+                        stdin.take("the key `-`")?.trim().to_owned()
                     } else {
                         key
                     };
@@ -472,7 +544,7 @@ async fn subscribe(
         url.push_str(&format!("&from={f}"));
     }
     let mut req = url.into_client_request().map_err(|e| format!("bad address: {e}"))?;
-    if let Some(t) = c.token() {
+    if let Some(t) = c.token_for("GET", &format!("/v1/overlays/{}/events/ws", encode_path(overlay))) {
         let value = format!("Bearer {t}")
             .parse()
             .map_err(|_| "the token is not a valid header value".to_owned())?;
@@ -564,24 +636,72 @@ impl Output {
             Output::Row(v, cols) => print!("{}", table(std::slice::from_ref(&v), cols)),
             // `get` prints the bare value, as a shell script wants it.
             Output::Value(v) => match v.get("value").and_then(Value::as_str) {
-                Some(s) => println!("{s}"),
+                Some(s) => println!("{}", for_terminal(s)),
                 None => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
             },
             Output::Lines(v) => {
                 for line in v.as_array().into_iter().flatten() {
-                    println!("{}", line.as_str().unwrap_or_default());
+                    println!("{}", for_terminal(line.as_str().unwrap_or_default()));
                 }
             }
         }
     }
 }
 
-/// Rows as aligned columns under upper-case headers.
+/// Longest table cell, in characters; a longer one is cut and ends in `…`.
+const MAX_CELL: usize = 120;
+
+/// Whether `c` must not reach a terminal as it is: control characters
+/// (C0, DEL, C1) and the bidirectional overrides that reorder what is shown.
+fn is_unsafe(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with unsafe characters written as visible escapes (`\n`, `\t`,
+/// `\x1b`, `\u{9b}`), except those in `keep`.
+fn escape(s: &str, keep: &[char]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            c if keep.contains(&c) || !is_unsafe(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    out
+}
+
+/// A table cell: escaped, and cut to `MAX_CELL` characters.
+fn cell_text(s: &str) -> String {
+    let escaped = escape(s, &[]);
+    if escaped.chars().count() <= MAX_CELL {
+        return escaped;
+    }
+    let mut cut: String = escaped.chars().take(MAX_CELL - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// Text printed on its own (`get`, lines): as it is into a pipe, escaped
+/// (but for line breaks and tabs) on a terminal.
+fn for_terminal(s: &str) -> std::borrow::Cow<'_, str> {
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) && s.chars().any(is_unsafe) {
+        escape(s, &['\n', '\t']).into()
+    } else {
+        s.into()
+    }
+}
+
+/// Rows as aligned columns under upper-case headers; cells are escaped
+/// and cut (see `cell_text`).
 fn table(rows: &[Value], cols: &[&str]) -> String {
     let cell = |row: &Value, c: &str| match &row[c] {
         Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => cell_text(s),
+        other => cell_text(&other.to_string()),
     };
     let cells: Vec<Vec<String>> = rows.iter().map(|r| cols.iter().map(|c| cell(r, c)).collect()).collect();
     let widths: Vec<usize> = cols
@@ -598,8 +718,15 @@ fn table(rows: &[Value], cols: &[&str]) -> String {
         .collect();
     let mut out = String::new();
     let mut line = |items: Vec<String>| {
-        let parts: Vec<String> = items.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect();
-        out.push_str(parts.join("  ").trim_end());
+        let mut text = String::new();
+        for (i, (s, w)) in items.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(s);
+            text.extend(std::iter::repeat_n(' ', w.saturating_sub(s.chars().count())));
+        }
+        out.push_str(text.trim_end());
         out.push('\n');
     };
     line(cols.iter().map(|c| c.to_uppercase()).collect());
@@ -607,4 +734,37 @@ fn table(rows: &[Value], cols: &[&str]) -> String {
         line(r);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_in_tables() {
+        let rows = [json!({ "key": "k\u{1b}[2J\u{1b}[H", "value": "a\nb\tc\r\u{7f}\u{9b}\u{202e}x" })];
+        let out = table(&rows, &["key", "value"]);
+        assert!(!out.chars().any(|c| c != '\n' && is_unsafe(c)), "{out:?}");
+        assert_eq!(out.lines().count(), 2, "{out:?}");
+        assert!(out.contains("k\\x1b[2J\\x1b[H"), "{out:?}");
+        assert!(out.contains("a\\nb\\tc\\r\\x7f\\u{9b}\\u{202e}x"), "{out:?}");
+    }
+
+    #[test]
+    fn long_cells_are_cut_with_an_ellipsis_and_do_not_panic() {
+        let long = "x".repeat(70_000);
+        let rows = [json!({ "key": "k", "value": long }), json!({ "key": "k2", "value": 5 })];
+        let out = table(&rows, &["key", "value"]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        let cell = lines[1].rsplit("  ").next().unwrap_or_default();
+        assert_eq!(cell.chars().count(), MAX_CELL);
+        assert!(cell.ends_with("x…"), "{cell}");
+        // Columns stay aligned: the value column starts at the same place.
+        assert_eq!(lines[1].find('x'), lines[2].find('5'));
+        // Escapes count towards the limit: a cut never leaves raw bytes.
+        let out = table(&[json!({ "v": "\u{1b}".repeat(1000) })], &["v"]);
+        assert!(!out.contains('\u{1b}'));
+        assert!(out.lines().nth(1).is_some_and(|l| l.chars().count() == MAX_CELL));
+    }
 }

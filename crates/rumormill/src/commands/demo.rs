@@ -103,7 +103,7 @@ async fn demo(args: DemoArgs, root: &std::path::Path) -> Result<(), String> {
     println!("  export RUMORMILL_API={api} RUMORMILL_TOKEN={token}");
     println!("  rumormill members");
     println!("  rumormill put greeting hello   # then: rumormill get greeting");
-    println!("  curl -s http://{api}/v1/overlays/default/members");
+    println!("  curl -s -H \"Authorization: Bearer $RUMORMILL_TOKEN\" http://{api}/v1/overlays/default/members");
     println!();
     println!("Ctrl-C stops the demo.");
     println!();

@@ -31,10 +31,11 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Environment variables the binary reads: cleared so that the host's
 /// settings cannot leak into the tests.
-const ENV: [&str; 6] = [
+const ENV: [&str; 7] = [
     "RUMORMILL_DATA_DIR",
     "RUMORMILL_API",
     "RUMORMILL_TOKEN",
+    "RUMORMILL_TOKEN_FILE",
     "RUMORMILL_OVERLAY",
     "RUMORMILL_KEY",
     "RUST_LOG",
@@ -338,6 +339,9 @@ impl Endpoint {
 /// One agent process (killed on drop), its ports and data directory.
 pub struct Agent {
     pub ep: Endpoint,
+    /// Given as `--name`: the directory's name unless launched with
+    /// [`Agent::launch_as`].
+    member: String,
     pub gossip: SocketAddr,
     /// Given as `--seed` on every start, if any.
     seed: Option<SocketAddr>,
@@ -352,6 +356,13 @@ impl Agent {
     /// [`Agent::ready`]).
     pub fn launch(scratch: &Scratch, i: usize, key: &str, seed: Option<SocketAddr>) -> Agent {
         let name = format!("node-{i}");
+        Agent::launch_as(scratch, &name, &name, key, seed)
+    }
+
+    /// Starts an agent on the data directory `dir` (created if missing)
+    /// under the member name `member`.
+    pub fn launch_as(scratch: &Scratch, dir: &str, member: &str, key: &str, seed: Option<SocketAddr>) -> Agent {
+        let name = dir.to_owned();
         let dir = scratch.path(&name);
         std::fs::create_dir_all(&dir).expect("data directory");
         let mut agent = Agent {
@@ -360,6 +371,7 @@ impl Agent {
                 dir,
                 api: loopback(free_tcp_port()),
             },
+            member: member.to_owned(),
             gossip: loopback(free_gossip_port()),
             seed,
             key: key.to_owned(),
@@ -388,7 +400,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.ep.dir)
             .arg("--name")
-            .arg(&self.ep.name)
+            .arg(&self.member)
             .arg("--profile")
             .arg("local")
             .arg("--key")
