@@ -836,6 +836,7 @@ fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {
     let name = &rec.spec.name;
     let Some((primary, rest)) = rec.keys.split_first() else {
         return if rec.spec.plaintext {
+            rec.spec.check_plaintext_bind()?;
             Ok(Security::Plaintext)
         } else {
             Err(AgentError::Config(ConfigError::Invalid {
