@@ -481,10 +481,10 @@ impl<N: Net> Agent<N> {
             live
         };
         let mut spec = rec.spec.clone();
-        spec.keys = rec.keys.clone();
+        spec.keys = rec.keys.iter().map(|_| String::new()).collect(); // masked below
         Ok(OverlaySummary {
             name: name.to_owned(),
-            member: rec.member,
+            member: rec.member.clone(),
             addr: handle.addr(),
             epoch: rec.epoch,
             encrypted: !rec.keys.is_empty(),

@@ -127,6 +127,13 @@ impl std::fmt::Debug for OverlayRecord {
     }
 }
 
+impl Drop for OverlayRecord {
+    /// The keyring's secrets are wiped with the record.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.keys);
+    }
+}
+
 impl OverlayRecord {
     /// A fresh record: the spec's keys move to the keyring.
     pub fn new(mut spec: OverlaySpec, member: String) -> OverlayRecord {
@@ -238,7 +245,8 @@ impl Db {
 
     /// Writes (creates or replaces) an overlay's record, durably.
     pub fn put_overlay(&self, rec: &OverlayRecord) -> Result<(), PersistError> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| self.io(e))?;
+        // It holds the keyring: wiped once written.
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|e| self.io(e))?);
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
