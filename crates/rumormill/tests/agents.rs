@@ -574,6 +574,30 @@ fn a_key_holder_is_rotated_out_through_the_command_line() {
         assert!(ep.value("from-node-3").is_err(), "{} accepted node-3's write", ep.name);
     }
     assert!(eps[2].value("from-node-1").is_err(), "node-3 read node-1's write");
+
+    // Overlays created through the API take their key from a file too, and
+    // a plaintext one on the default wildcard address is refused before it
+    // binds anything.
+    let created = eps[0].json(&[
+        "overlays",
+        "create",
+        "second",
+        "--bind",
+        "127.0.0.1:0",
+        "--key-file",
+        path,
+    ]);
+    assert_eq!(created["status"], "running", "{created}");
+    assert_eq!(
+        eps[0].json(&["--overlay", "second", "keys", "export"]),
+        serde_json::json!([new_key])
+    );
+    let refused = eps[0].cli(&["overlays", "create", "third", "--plaintext"]);
+    assert_eq!(
+        refused.error_line(),
+        "rumormill: overlay \"third\": plaintext on 0.0.0.0:7950, which is not a loopback address: anyone on the \
+         network could read and inject its packets; give a key, bind to 127.0.0.1, or set allow_plaintext_network = true (HTTP 422)"
+    );
 }
 
 #[test]

@@ -46,8 +46,7 @@ pub struct AgentArgs {
     #[arg(long, env = "RUMORMILL_KEY", hide_env_values = true)]
     key: Option<String>,
     /// File holding the encryption key (base64), or `-` to read it from
-    /// standard input: out of sight of the process list
-    /// [env: RUMORMILL_KEY_FILE].
+    /// standard input: out of sight of the process list.
     #[arg(long, env = "RUMORMILL_KEY_FILE", value_name = "PATH", conflicts_with = "key")]
     key_file: Option<PathBuf>,
     /// Run the default overlay unencrypted (tests only).
