@@ -3,15 +3,16 @@
 //! Every key operation on one agent changes the keyring of every member of
 //! the overlay, as with Serf's `keys` commands. The agent that takes the
 //! request applies it, then writes a desired keyring (the key ids, primary
-//! first, the secrets of the keys installed cluster-wide, and a version one
+//! first, the secrets of the keys installed cluster-wide, and a version
 //! above the highest it has seen) to the replicated store under
 //! `_rumormill/keyring/<member>`; every member follows the desired keyring of
 //! highest version (ties broken by member name), whatever order the writes
 //! arrive in. An operation that changes nothing writes nothing, so a late
-//! no-op can never undo a newer change. A version more than
-//! [`MAX_VERSION_JUMP`] above the highest this member has seen is refused,
-//! so a key holder cannot push the version to `u64::MAX` and lock every later
-//! rotation out. Each member also publishes which keys it holds, and which
+//! no-op can never undo a newer change. Versions are wall-clock milliseconds,
+//! at least one above the highest seen; a version more than [`MAX_AHEAD_MS`]
+//! ahead of both this member's clock and the highest version it has seen is
+//! refused, so a key holder cannot push the version to `u64::MAX` and lock
+//! every later rotation out. Each member also publishes which keys it holds, and which
 //! is its primary, under `_rumormill/keys/<member>`, so the requesting agent
 //! can tell when every live member has followed, and can refuse a step that
 //! would lose packets:
@@ -50,11 +51,14 @@ use crate::transport::Net;
 
 /// Store keys of desired keyrings: this prefix and the writer's name.
 pub const DESIRED_PREFIX: &str = "_rumormill/keyring/";
-/// A desired keyring whose version is more than this above the highest
-/// version a member has seen is refused (and logged): honest operations
-/// step by one, so only a key holder trying to lock later rotations out
-/// (`u64::MAX` would leave no room above it) jumps that far.
-pub const MAX_VERSION_JUMP: u64 = 1 << 32;
+/// A desired keyring whose version (milliseconds) is more than this ahead
+/// of both the member's clock and the highest version it has seen is
+/// refused (and logged): one day. Honest writers use their clock, or one
+/// above the highest version seen, so only a key holder trying to lock
+/// later rotations out (`u64::MAX` would leave no room above it) jumps
+/// that far; and since the bound follows the clock, a member that joins
+/// later is not locked out by one such write either.
+pub const MAX_AHEAD_MS: u64 = 24 * 3600 * 1000;
 /// How often the requesting agent looks at the members' reports.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -192,9 +196,10 @@ fn settle(rec: &mut OverlayRecord, keys: Vec<String>, plan: &Plan) {
 type Newest = Option<(u64, String, Plan)>;
 
 /// The desired keyrings in the store: the one to follow, highest
-/// `(version, writer)` among those at most [`MAX_VERSION_JUMP`] above
-/// `seen`, and the `(writer, version)` of those refused for their version.
+/// `(version, writer)` among the plausible ones (see [`MAX_AHEAD_MS`]), and
+/// the `(writer, version)` of those refused for their version.
 fn desired_keyrings(o: &Overlay, seen: u64) -> (Newest, Vec<(String, u64)>) {
+    let now = wall_ms();
     let mut refused = Vec::new();
     let newest = o
         .store()
@@ -202,7 +207,7 @@ fn desired_keyrings(o: &Overlay, seen: u64) -> (Newest, Vec<(String, u64)>) {
         .filter_map(|u| {
             let writer = u.key.strip_prefix(DESIRED_PREFIX)?;
             let d: Desired = serde_json::from_slice(u.value.as_deref()?).ok()?;
-            if !plausible(d.version, seen) {
+            if !plausible(d.version, seen, now) {
                 refused.push((writer.to_owned(), d.version));
                 return None;
             }
@@ -212,16 +217,23 @@ fn desired_keyrings(o: &Overlay, seen: u64) -> (Newest, Vec<(String, u64)>) {
     (newest, refused)
 }
 
-/// Whether a desired keyring's version may follow `seen`.
-fn plausible(version: u64, seen: u64) -> bool {
-    version != u64::MAX && version <= seen.saturating_add(MAX_VERSION_JUMP)
+/// Whether a desired keyring's version may follow `seen` at wall-clock
+/// time `now` (milliseconds).
+fn plausible(version: u64, seen: u64, now: u64) -> bool {
+    version != u64::MAX && version <= seen.max(now).saturating_add(MAX_AHEAD_MS)
 }
 
-/// The version of the next desired keyring written after `seen`.
-fn next_version(seen: u64) -> Result<u64, AgentError> {
-    seen.checked_add(1).filter(|&v| v != u64::MAX).ok_or_else(|| {
-        AgentError::Conflict("the keyring version is exhausted: delete and create the overlay with a new key".into())
-    })
+/// The version of the next desired keyring written after `seen` at
+/// wall-clock time `now`: the clock, or one above `seen` if that is higher.
+fn next_version(seen: u64, now: u64) -> Result<u64, AgentError> {
+    seen.checked_add(1)
+        .map(|v| v.max(now))
+        .filter(|&v| v != u64::MAX)
+        .ok_or_else(|| {
+            AgentError::Conflict(
+                "the keyring version is exhausted: delete and create the overlay with a new key".into(),
+            )
+        })
 }
 
 /// What a member reports of its keyring (ids only).
@@ -605,7 +617,7 @@ impl<N: Net> Agent<N> {
         };
         let mut plan = base.clone();
         edit(&mut plan, &r.record)?;
-        let version = next_version(seen.max(local_seen))?;
+        let version = next_version(seen.max(local_seen), wall_ms())?;
         let changed = plan != base;
         let (keys, _) = resolve(&plan, &r.record);
         if !changed && keys == r.record.keys {
@@ -784,14 +796,24 @@ mod tests {
 
     #[test]
     fn versions_never_wrap_and_implausible_jumps_are_refused() {
-        assert!(plausible(1, 0));
-        assert!(plausible(MAX_VERSION_JUMP, 0));
-        assert!(!plausible(MAX_VERSION_JUMP + 1, 0));
-        assert!(!plausible(u64::MAX, u64::MAX - 1));
-        assert!(plausible(u64::MAX - 1, u64::MAX - 2));
-        assert_eq!(next_version(7).unwrap(), 8);
-        assert!(next_version(u64::MAX - 1).is_err());
-        assert!(next_version(u64::MAX).is_err());
+        let now = 1_800_000_000_000; // ms
+        assert!(plausible(1, 0, now));
+        assert!(plausible(now + MAX_AHEAD_MS, 0, now));
+        assert!(!plausible(now + MAX_AHEAD_MS + 1, 0, now), "a day ahead of the clock");
+        assert!(
+            plausible(now + 5 * MAX_AHEAD_MS, now + 4 * MAX_AHEAD_MS, now),
+            "a day above what was seen"
+        );
+        assert!(!plausible(u64::MAX, 0, now));
+        assert!(!plausible(u64::MAX, u64::MAX - 1, now));
+        assert!(plausible(u64::MAX - 1, u64::MAX - 2, now));
+        // A member whose clock is wrong still follows one step above what
+        // it saw.
+        assert!(plausible(now + 1, now, 0));
+        assert_eq!(next_version(7, now).unwrap(), now);
+        assert_eq!(next_version(now + 9, now).unwrap(), now + 10);
+        assert!(next_version(u64::MAX - 1, now).is_err());
+        assert!(next_version(u64::MAX, now).is_err());
     }
 
     #[test]

@@ -300,6 +300,10 @@ async fn a_keyring_of_version_max_does_not_lock_rotations_out() {
     })
     .await;
 
+    // A member that joins after the forged write is not locked out either.
+    let late = start(&dir, "v-late", &old, Some(seed)).await;
+    full_view(&[&a, &late], 4).await;
+
     // Later rotations still win, from any agent.
     let wait = Duration::from_secs(10);
     let new = rumormill::config::generate_key();
@@ -307,12 +311,13 @@ async fn a_keyring_of_version_max_does_not_lock_rotations_out() {
     assert_eq!(installed.missing, Vec::<String>::new(), "{installed:?}");
     let used = b.use_key("default", &installed.id, wait, &[]).await.expect("use");
     assert_eq!(used.missing, Vec::<String>::new(), "{used:?}");
-    for agent in [&a, &b, &m] {
+    assert_eq!(used.done.len(), 4, "{used:?}");
+    for agent in [&a, &b, &m, &late] {
         let keys = agent.keys("default").await.expect("keys");
         let primary: Vec<&str> = keys.iter().filter(|k| k.primary).map(|k| k.id.as_str()).collect();
         assert_eq!(primary, vec![installed.id.as_str()], "{keys:?}");
     }
-    for agent in [&a, &b, &m] {
+    for agent in [&a, &b, &m, &late] {
         agent.shutdown(false).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
