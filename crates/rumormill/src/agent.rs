@@ -483,10 +483,10 @@ impl<N: Net> Agent<N> {
             live
         };
         let mut spec = rec.spec.clone();
-        spec.keys = rec.keys.clone();
+        spec.keys = rec.keys.iter().map(|_| String::new()).collect(); // masked below
         Ok(OverlaySummary {
             name: name.to_owned(),
-            member: rec.member,
+            member: rec.member.clone(),
             addr: handle.addr(),
             epoch: rec.epoch,
             encrypted: !rec.keys.is_empty(),
@@ -838,6 +838,7 @@ fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {
     let name = &rec.spec.name;
     let Some((primary, rest)) = rec.keys.split_first() else {
         return if rec.spec.plaintext {
+            rec.spec.check_plaintext_bind()?;
             Ok(Security::Plaintext)
         } else {
             Err(AgentError::Config(ConfigError::Invalid {

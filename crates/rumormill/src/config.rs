@@ -22,6 +22,7 @@ use rumormill_core::Config;
 use rumormill_core::broadcast::{Direction, Mode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use zeroize::Zeroizing;
 
 /// Gossip port of the default overlay (Serf uses 7946 and 7373; we stay clear).
 pub const DEFAULT_GOSSIP_PORT: u16 = 7950;
@@ -344,6 +345,11 @@ pub struct OverlaySpec {
     /// an overlay refuses to start unless this is set.
     #[serde(default)]
     pub plaintext: bool,
+    /// Let a plaintext overlay bind an address other than loopback, where
+    /// anyone on the network can read and inject its packets. Without it
+    /// such an overlay refuses to start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext_network: bool,
     /// LAN multicast discovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<MulticastSpec>,
@@ -381,6 +387,7 @@ impl std::fmt::Debug for OverlaySpec {
             .field("timings", &self.timings)
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
             .field("plaintext", &self.plaintext)
+            .field("allow_plaintext_network", &self.allow_plaintext_network)
             .field("multicast", &self.multicast)
             .field("limits", &self.limits)
             .finish()
@@ -507,6 +514,7 @@ impl OverlaySpec {
             timings: Timings::default(),
             keys: Vec::new(),
             plaintext: false,
+            allow_plaintext_network: false,
             multicast: None,
             limits: Limits::default(),
         }
@@ -552,6 +560,21 @@ impl OverlaySpec {
             return Err(invalid(&self.name, "dns_refresh must be above zero"));
         }
         self.core_config()?;
+        Ok(())
+    }
+
+    /// Refuses a plaintext overlay bound to an address other than loopback
+    /// unless `allow_plaintext_network` is set (checked when it starts).
+    pub fn check_plaintext_bind(&self) -> Result<(), ConfigError> {
+        let bind = self.bind_addr()?;
+        if self.plaintext && !self.allow_plaintext_network && !bind.ip().is_loopback() {
+            return Err(invalid(
+                &self.name,
+                format!(
+                    "plaintext on {bind}, which is not a loopback address: anyone on the network could read and inject its packets; give a key, bind to 127.0.0.1, or set allow_plaintext_network = true"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -675,22 +698,46 @@ pub fn parse_seed(s: &str) -> Result<Seed, String> {
     Ok(Seed::Dns(host.to_owned(), port))
 }
 
-/// Decodes a base64 key and checks its length.
-pub fn decode_key(key: &str) -> Result<Vec<u8>, String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(key.trim())
-        .map_err(|_| "a key is not valid base64 (make one with `rumormill keygen`)".to_owned())?;
+/// Decodes a base64 key and checks its length. The bytes are wiped when
+/// dropped.
+pub fn decode_key(key: &str) -> Result<Zeroizing<Vec<u8>>, String> {
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(key.trim())
+            .map_err(|_| "a key is not valid base64 (make one with `rumormill keygen`)".to_owned())?,
+    );
     match bytes.len() {
         16 | 24 | 32 => Ok(bytes),
         n => Err(format!("a key has {n} bytes; it must have 16, 24 or 32")),
     }
 }
 
-/// A new random key, base64.
+/// A new random key, base64 (the raw bytes are wiped).
 pub fn generate_key() -> String {
-    let mut key = [0u8; KEY_LEN];
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
     rand::Rng::fill(&mut rand::rng(), &mut key[..]);
-    base64::engine::general_purpose::STANDARD.encode(key)
+    base64::engine::general_purpose::STANDARD.encode(*key)
+}
+
+/// Reads a base64 key from a file, or from standard input for `-`: a key
+/// given this way is not visible in the process list, as `--key` is.
+/// Surrounding white space is ignored; the key is checked.
+pub fn read_key_file(path: &std::path::Path) -> Result<Zeroizing<String>, String> {
+    let mut text = Zeroizing::new(String::new());
+    let read = if path.as_os_str() == "-" {
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| ())
+    } else {
+        std::fs::File::open(path).and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut text).map(|_| ()))
+    };
+    let source = if path.as_os_str() == "-" {
+        "standard input".to_owned()
+    } else {
+        format!("key file {}", path.display())
+    };
+    read.map_err(|e| format!("cannot read {source}: {e}"))?;
+    let key = Zeroizing::new(text.trim().to_owned());
+    decode_key(&key).map_err(|m| format!("{source}: {m}"))?;
+    Ok(key)
 }
 
 /// Parses durations such as `250ms`, `1s`, `1.5s`, `2m`, `1h`.
@@ -896,6 +943,45 @@ mod tests {
         );
         assert!(parse_seed("host:0").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn plaintext_off_loopback_needs_the_override() {
+        let mut s = OverlaySpec::named("a");
+        s.plaintext = true;
+        let e = s.check_plaintext_bind().unwrap_err().to_string();
+        assert!(
+            e.contains("plaintext on 0.0.0.0:7950, which is not a loopback address"),
+            "{e}"
+        );
+        s.bind = "[::]:7950".into();
+        assert!(s.check_plaintext_bind().is_err());
+        for loopback in ["127.0.0.1:0", "127.9.9.9:7950", "[::1]:7950"] {
+            s.bind = loopback.into();
+            s.check_plaintext_bind().unwrap();
+        }
+        s.bind = "0.0.0.0:7950".into();
+        s.allow_plaintext_network = true;
+        s.check_plaintext_bind().unwrap();
+        s.plaintext = false;
+        s.allow_plaintext_network = false;
+        s.keys = vec![generate_key()];
+        s.check_plaintext_bind().unwrap();
+    }
+
+    #[test]
+    fn key_files_are_read_trimmed_and_checked() {
+        let dir = std::env::temp_dir().join(format!("rm-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = generate_key();
+        std::fs::write(dir.join("k"), format!("{key}\n")).unwrap();
+        assert_eq!(read_key_file(&dir.join("k")).unwrap().as_str(), key);
+        std::fs::write(dir.join("bad"), "c2hvcnQ=").unwrap();
+        let e = read_key_file(&dir.join("bad")).unwrap_err();
+        assert!(e.ends_with("bad: a key has 5 bytes; it must have 16, 24 or 32"), "{e}");
+        let e = read_key_file(&dir.join("missing")).unwrap_err();
+        assert!(e.starts_with("cannot read key file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
