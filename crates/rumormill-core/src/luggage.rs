@@ -61,8 +61,14 @@ pub fn changed(u: &Update) -> Option<(String, &str)> {
     (*u.origin == member).then_some((member, key))
 }
 
+/// Whether a luggage key is acceptable: 1 to [`MAX_KEY`] bytes, no
+/// control characters (checked by the writer and on receipt).
+pub(crate) fn key_ok(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY && !key.chars().any(char::is_control)
+}
+
 fn check_key(key: &str) -> Result<(), CoreError> {
-    if key.is_empty() || key.len() > MAX_KEY || key.chars().any(char::is_control) {
+    if !key_ok(key) {
         return Err(CoreError::Invalid(format!(
             "luggage key {key:?}: 1 to {MAX_KEY} bytes, no control characters"
         )));
