@@ -7,7 +7,10 @@
 //! in full through anti-entropy (digests, then only the missing entries,
 //! chunked over streams). Entries not written by the member they name are
 //! ignored. Values up to [`Config::max_luggage_value`] (64 KiB) and
-//! [`Config::max_luggage_total`] (1 MiB) per member by default.
+//! [`Config::max_luggage_total`] (1 MiB) per member by default, checked by
+//! the writer and again on receipt by every member (with keys of 1 to
+//! [`MAX_KEY`] bytes, no control characters): a member that skips the
+//! checks cannot make the others store more.
 //!
 //! ```
 //! use rumormill_core::{Config, Identity, Overlay, Security};
