@@ -143,6 +143,10 @@ impl From<AgentError> for ApiError {
             AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // The writer's data would be larger than the overlay stores for
+            // one writer: a client error (retrying unchanged cannot help),
+            // not a 5xx that clients and proxies would retry.
+            AgentError::Quota(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         ApiError(status, e.to_string())
     }
@@ -965,13 +969,14 @@ async fn stream_inbox(
         tokio::select! {
             item = feed.recv() => match item {
                 Ok(it) if it.seq <= sent => {}
-                Ok(it) if it.seq == sent + 1 => {
+                Ok(it) if it.seq == sent + 1 && !it.elided => {
                     sent = it.seq;
                     if topics.contains(&it.topic) && !send(&mut socket, &it).await {
                         return;
                     }
                 }
-                // A gap (entries stored before we listened, or missed): read them from the store.
+                // A gap (entries stored before we listened, or missed), or
+                // an entry whose payload the feed left out: read from the store.
                 Ok(_) | Err(RecvError::Lagged(_)) => backlog = true,
                 Err(RecvError::Closed) => return,
             },
@@ -1645,7 +1650,7 @@ mod tests {
             .await
             .unwrap();
         let local_id = row["id"].as_str().unwrap().to_owned();
-        let keys = f.anonymous.get("/v1/overlays/second/keys").await.unwrap();
+        let keys = f.reader.get("/v1/overlays/second/keys").await.unwrap();
         let flags: Vec<(bool, bool)> = keys
             .as_array()
             .unwrap()

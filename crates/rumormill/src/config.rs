@@ -353,7 +353,7 @@ pub struct OverlaySpec {
     /// LAN multicast discovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<MulticastSpec>,
-    /// Size limits of events and luggage.
+    /// Size limits of events, luggage, the store per writer and the inbox.
     #[serde(default)]
     pub limits: Limits,
 }
@@ -371,6 +371,30 @@ pub struct Limits {
     /// Largest luggage total per member (default 1 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub luggage_total: Option<usize>,
+    /// Most bytes (keys + values) one writer's entries may take in the
+    /// overlay's store, on every member (default 16 MiB). Must be the same
+    /// on every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_bytes: Option<u64>,
+    /// Most entries (deletes included, until they expire) one writer may
+    /// hold in the overlay's store (default 16,384). Must be the same on
+    /// every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_entries: Option<u64>,
+    /// Most bytes of payloads the agent's inbox keeps for this overlay
+    /// (default 256 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox_bytes: Option<u64>,
+}
+
+/// Default byte cap of an overlay's inbox: 256 MiB.
+pub const DEFAULT_INBOX_BYTES: u64 = 256 << 20;
+
+impl Limits {
+    /// The inbox's byte cap.
+    pub fn inbox_bytes(&self) -> u64 {
+        self.inbox_bytes.unwrap_or(DEFAULT_INBOX_BYTES)
+    }
 }
 
 impl std::fmt::Debug for OverlaySpec {
@@ -633,12 +657,37 @@ impl OverlaySpec {
         if let Some(v) = l.luggage_total {
             c.max_luggage_total = v;
         }
+        if let Some(v) = l.writer_bytes {
+            c.dissemination.limits.writer_bytes = v;
+        }
+        if let Some(v) = l.writer_entries {
+            c.dissemination.limits.writer_entries = v;
+        }
         // Whatever goes over a stream must fit a frame, with room for the envelope.
         let frame = c.max_stream_frame.saturating_sub(64 << 10);
         if c.max_event_payload > frame || c.max_luggage_value > frame {
             return Err(invalid(
                 &self.name,
                 format!("event payloads and luggage values are limited to {frame} bytes (one stream frame)"),
+            ));
+        }
+        if (c.max_luggage_total as u64) > c.dissemination.limits.writer_bytes {
+            return Err(invalid(
+                &self.name,
+                format!(
+                    "luggage_total ({}) must not exceed writer_bytes ({})",
+                    c.max_luggage_total, c.dissemination.limits.writer_bytes
+                ),
+            ));
+        }
+        if self.limits.inbox_bytes() < c.max_event_payload as u64 {
+            return Err(invalid(
+                &self.name,
+                format!(
+                    "inbox_bytes ({}) must hold at least one event payload ({})",
+                    self.limits.inbox_bytes(),
+                    c.max_event_payload
+                ),
             ));
         }
         c.validate().map_err(|m| invalid(&self.name, m))?;
@@ -920,6 +969,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("one stream frame"), "{e}");
+        let c = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nwriter_bytes = 2000000\nwriter_entries = 50\ninbox_bytes = 3000000",
+        )
+        .unwrap();
+        let core = c.overlays[0].core_config().unwrap();
+        let q = core.dissemination.limits;
+        assert_eq!((q.writer_bytes, q.writer_entries), (2_000_000, 50));
+        assert_eq!(c.overlays[0].limits.inbox_bytes(), 3_000_000);
+        let e = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nwriter_bytes = 1000",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("must not exceed writer_bytes"), "{e}");
     }
 
     #[test]

@@ -308,6 +308,7 @@ impl Db {
                     Op::PutReport(id, v) => reports.insert((overlay, id.as_str()), v.as_slice()).map(|_| ()),
                     Op::Inbox(seq, v) => inbox.insert((overlay, *seq), v.as_slice()).map(|_| ()),
                     Op::TrimInbox(below) => inbox.retain_in((overlay, 0)..(overlay, *below), |_, _| false),
+                    Op::DeleteInbox(seq) => inbox.remove((overlay, *seq)).map(|_| ()),
                     Op::Dedup(v) => dedup.insert(overlay, v.as_slice()).map(|_| ()),
                     Op::ReserveInbox(below) => reserved.insert(overlay, *below).map(|_| ()),
                 };
@@ -358,19 +359,44 @@ impl Db {
             .map(|v| v.value().to_vec()))
     }
 
-    /// Inbox entries after `after`, at most `limit`.
-    pub fn inbox_after(&self, overlay: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, PersistError> {
+    /// Inbox entries after `after`, at most `limit` of them and — beyond
+    /// the first — at most `max_bytes` in all.
+    pub fn inbox_after(
+        &self,
+        overlay: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
         let from = after.saturating_add(1);
         let range = t.range((overlay, from)..=(overlay, u64::MAX)).map_err(|e| self.io(e))?;
-        range
-            .take(limit)
-            .map(|r| {
-                r.map(|(k, v)| (k.value().1, v.value().to_vec()))
-                    .map_err(|e| self.io(e))
-            })
-            .collect()
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for r in range.take(limit) {
+            let (k, v) = r.map_err(|e| self.io(e))?;
+            let v = v.value();
+            if !out.is_empty() && bytes + v.len() > max_bytes {
+                break;
+            }
+            bytes += v.len();
+            out.push((k.value().1, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with every inbox entry of an overlay, in order, without
+    /// collecting them.
+    pub fn inbox_scan(&self, overlay: &str, mut f: impl FnMut(u64, &[u8])) -> Result<(), PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
+        let range = t.range((overlay, 0)..=(overlay, u64::MAX)).map_err(|e| self.io(e))?;
+        for r in range {
+            let (k, v) = r.map_err(|e| self.io(e))?;
+            f(k.value().1, v.value());
+        }
+        Ok(())
     }
 
     /// The last inbox sequence number of an overlay (0: empty).
@@ -416,6 +442,8 @@ pub enum Op {
     Inbox(u64, Vec<u8>),
     /// Drops inbox entries below a sequence number.
     TrimInbox(u64),
+    /// Drops one inbox entry (evicted for the byte cap).
+    DeleteInbox(u64),
     /// Saves the de-duplication window.
     Dedup(Vec<u8>),
     /// Inbox sequence numbers up to this one (excluded) may be handed out.
@@ -511,7 +539,7 @@ mod tests {
             // durable write.
             db.write_volatile("o", &[Op::Inbox(2, b"b".to_vec())]).unwrap();
             db.write("o", &[]).unwrap();
-            assert_eq!(db.inbox_after("o", 0, 10).unwrap().len(), 2);
+            assert_eq!(db.inbox_after("o", 0, 10, usize::MAX).unwrap().len(), 2);
             // Numbers up to the reservation may have been seen by an
             // application before a crash lost their entries: not reused.
             assert_eq!(db.inbox_next("o").unwrap(), 100);
