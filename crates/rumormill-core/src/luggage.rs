@@ -7,7 +7,10 @@
 //! in full through anti-entropy (digests, then only the missing entries,
 //! chunked over streams). Entries not written by the member they name are
 //! ignored. Values up to [`Config::max_luggage_value`] (64 KiB) and
-//! [`Config::max_luggage_total`] (1 MiB) per member by default.
+//! [`Config::max_luggage_total`] (1 MiB) per member by default, checked by
+//! the writer and again on receipt by every member (with keys of 1 to
+//! [`MAX_KEY`] bytes, no control characters): a member that skips the
+//! checks cannot make the others store more.
 //!
 //! ```
 //! use rumormill_core::{Config, Identity, Overlay, Security};
@@ -61,8 +64,14 @@ pub fn changed(u: &Update) -> Option<(String, &str)> {
     (*u.origin == member).then_some((member, key))
 }
 
+/// Whether a luggage key is acceptable: 1 to [`MAX_KEY`] bytes, no
+/// control characters (checked by the writer and on receipt).
+pub(crate) fn key_ok(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY && !key.chars().any(char::is_control)
+}
+
 fn check_key(key: &str) -> Result<(), CoreError> {
-    if key.is_empty() || key.len() > MAX_KEY || key.chars().any(char::is_control) {
+    if !key_ok(key) {
         return Err(CoreError::Invalid(format!(
             "luggage key {key:?}: 1 to {MAX_KEY} bytes, no control characters"
         )));

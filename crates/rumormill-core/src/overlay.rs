@@ -89,6 +89,9 @@ pub enum CoreError {
     /// An argument is invalid (a topic name, a payload size…).
     #[error("{0}")]
     Invalid(String),
+    /// The write would take this member beyond its quota in the store.
+    #[error(transparent)]
+    Quota(#[from] crate::broadcast::QuotaExceeded),
 }
 
 /// Something the driver must send.
@@ -191,7 +194,7 @@ pub struct Overlay {
     codec: Codec,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) members: Members,
-    dissemination: Dissemination,
+    pub(crate) dissemination: Dissemination,
     pub(crate) piggyback: Piggyback,
     pub(crate) awareness: Awareness,
     pub(crate) suspicions: BTreeMap<Arc<str>, Suspicion>,
@@ -258,8 +261,11 @@ impl Overlay {
             security,
         );
         let budget = config.mtu.saturating_sub(codec.overhead());
+        let mut dconfig = config.dissemination.clone();
+        dconfig.limits.luggage_value = config.max_luggage_value as u64;
+        dconfig.limits.luggage_total = config.max_luggage_total as u64;
         let dissemination = Dissemination::new(
-            config.dissemination.clone(),
+            dconfig,
             &identity.name,
             identity.epoch,
             identity.addr,
@@ -501,12 +507,13 @@ impl Overlay {
     }
 
     /// Writes a value under `key`; it spreads to every member (see
-    /// [`crate::broadcast`]).
+    /// [`crate::broadcast`]). Refused with [`CoreError::Quota`] if it would
+    /// take this member beyond its quota ([`crate::broadcast::Limits`]).
     pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
         if self.status != Status::Active {
             return Err(CoreError::Left);
         }
-        Ok(self.dissemination.put(now, key, value))
+        Ok(self.dissemination.try_put(now, key, value)?)
     }
 
     /// Deletes `key` everywhere.
@@ -514,7 +521,7 @@ impl Overlay {
         if self.status != Status::Active {
             return Err(CoreError::Left);
         }
-        Ok(self.dissemination.delete(now, key))
+        Ok(self.dissemination.try_delete(now, key)?)
     }
 
     /// The replicated updates.

@@ -303,6 +303,49 @@ fn manual_acks_hold_the_acknowledgement_until_the_application_has_it() {
 }
 
 #[test]
+fn a_refused_event_is_not_acknowledged_and_the_next_resend_delivers_it_again() {
+    let mut sim = cluster(0.0, 8);
+    let full = subscribers()[0];
+    sim.with_node(full, |o, _| o.set_manual_acks(true));
+    let alo = Delivery::AtLeastOnce {
+        retry_every: Duration::from_secs(1),
+        retry_max: 0,
+    };
+    publish(&mut sim, 0, 1, alo, 0.5);
+    let deliveries = |sim: &Simulation| {
+        sim.events()
+            .iter()
+            .filter(|(_, i, e)| *i == full && matches!(e, Event::Message(_)))
+            .count()
+    };
+    assert_eq!(deliveries(&sim), 1);
+    let id = sim
+        .events()
+        .iter()
+        .find_map(|(_, i, e)| match e {
+            Event::Message(m) if *i == full => Some(m.id.clone()),
+            _ => None,
+        })
+        .expect("delivered");
+    // The application could not store it (its inbox is full): refused.
+    sim.with_node(full, |o, _| o.refuse(&id));
+    advance(&mut sim, 1.5);
+    assert_eq!(
+        deliveries(&sim),
+        2,
+        "the resend is delivered again, not taken for a duplicate"
+    );
+    let name = rumormill_sim::member_name(full);
+    assert!(
+        !reports(&sim, 0).iter().any(|(_, who, _)| *who == name),
+        "not acknowledged"
+    );
+    sim.with_node(full, |o, _| o.acknowledge(&id));
+    advance(&mut sim, 1.0);
+    assert!(reports(&sim, 0).contains(&(id.seq, name, Outcome::Delivered)));
+}
+
+#[test]
 fn a_restarted_publisher_resumes_its_pending_events() {
     let mut sim = cluster(0.0, 7);
     let publisher = 1;

@@ -76,6 +76,10 @@ pub enum AgentError {
     /// The data directory failed.
     #[error(transparent)]
     Persist(#[from] PersistError),
+    /// The write would take this member beyond its quota in the
+    /// overlay's store (or its luggage limits).
+    #[error("{0}")]
+    Quota(String),
 }
 
 /// One row of a member list.
@@ -176,6 +180,16 @@ pub struct OverlayStats {
     pub frames_refused: u64,
     /// Values stored.
     pub values: usize,
+    /// Received updates refused because their writer was over its quota.
+    pub quota_refused: u64,
+    /// Received luggage updates refused for the luggage limits.
+    pub luggage_refused: u64,
+    /// Inbox entries of best-effort events and local topics evicted to
+    /// keep the inbox within its byte cap.
+    pub inbox_evicted: u64,
+    /// At-least-once events refused (not acknowledged, so resent later)
+    /// because the inbox was full of them.
+    pub inbox_refused: u64,
 }
 
 pub(crate) struct Running {
@@ -187,6 +201,8 @@ pub(crate) struct Running {
     pub(crate) feed: crate::events::InboxFeed,
     /// The agent's topics, as the event pump sees them.
     topics: Arc<std::sync::Mutex<Vec<String>>>,
+    /// What the inbox's byte cap evicted and refused.
+    inbox: Arc<crate::events::InboxCounters>,
 }
 
 impl Running {
@@ -340,6 +356,7 @@ impl<N: Net> Agent<N> {
             tasks: Vec::new(),
             feed: tokio::sync::broadcast::channel(4096).0,
             topics,
+            inbox: Arc::default(),
         };
         if self.start_tasks(&mut running).await {
             wait_for_store(&name, &running.handle).await;
@@ -384,6 +401,8 @@ impl<N: Net> Agent<N> {
             handle.clone(),
             running.topics.clone(),
             running.feed.clone(),
+            running.inbox.clone(),
+            spec.limits.inbox_bytes(),
         );
         running.tasks.push(tokio::spawn(pump));
         let me = self.me.clone();
@@ -455,12 +474,12 @@ impl<N: Net> Agent<N> {
 
     /// Summary of one overlay.
     pub async fn overlay(&self, name: &str) -> Result<OverlaySummary, AgentError> {
-        let (rec, handle, left) = {
+        let (rec, handle, left, inbox) = {
             let overlays = self.overlays.lock().await;
             let r = overlays
                 .get(name)
                 .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-            (r.record.clone(), r.handle.clone(), r.left)
+            (r.record.clone(), r.handle.clone(), r.left, r.inbox.clone())
         };
         let t = handle.transport_stats();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -471,15 +490,26 @@ impl<N: Net> Agent<N> {
             connections_refused: load(&t.connections_refused),
             connections_evicted: load(&t.connections_evicted),
             frames_refused: load(&t.frames_refused),
+            inbox_evicted: load(&inbox.evicted),
+            inbox_refused: load(&inbox.refused),
             ..OverlayStats::default()
         };
         let live = if left {
             0
         } else {
-            let (live, s, values) = handle
-                .call(|o, _| (o.live_count(), o.stats().clone(), o.store().len()))
+            let (live, s, values, d) = handle
+                .call(|o, _| {
+                    (
+                        o.live_count(),
+                        o.stats().clone(),
+                        o.store().len(),
+                        o.dissemination_stats(),
+                    )
+                })
                 .await
                 .unwrap_or_default();
+            stats.quota_refused = d.quota_refused;
+            stats.luggage_refused = d.luggage_refused;
             stats.datagrams_sent = s.datagrams_sent;
             stats.datagrams_received = s.datagrams_received;
             stats.frames_sent = s.frames_sent;
@@ -492,10 +522,10 @@ impl<N: Net> Agent<N> {
             live
         };
         let mut spec = rec.spec.clone();
-        spec.keys = rec.keys.clone();
+        spec.keys = rec.keys.iter().map(|_| String::new()).collect(); // masked below
         Ok(OverlaySummary {
             name: name.to_owned(),
-            member: rec.member,
+            member: rec.member.clone(),
             addr: handle.addr(),
             epoch: rec.epoch,
             encrypted: !rec.keys.is_empty(),
@@ -839,6 +869,7 @@ pub(crate) fn plaintext(name: &str) -> AgentError {
 pub(crate) fn core_error(e: CoreError) -> AgentError {
     match e {
         CoreError::Left => AgentError::Conflict("the member has left the overlay".into()),
+        CoreError::Quota(q) => AgentError::Quota(q.to_string()),
         other => AgentError::BadRequest(other.to_string()),
     }
 }
@@ -847,6 +878,7 @@ fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {
     let name = &rec.spec.name;
     let Some((primary, rest)) = rec.keys.split_first() else {
         return if rec.spec.plaintext {
+            rec.spec.check_plaintext_bind()?;
             Ok(Security::Plaintext)
         } else {
             Err(AgentError::Config(ConfigError::Invalid {

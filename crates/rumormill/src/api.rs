@@ -143,6 +143,10 @@ impl From<AgentError> for ApiError {
             AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // The writer's data would be larger than the overlay stores for
+            // one writer: a client error (retrying unchanged cannot help),
+            // not a 5xx that clients and proxies would retry.
+            AgentError::Quota(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         ApiError(status, e.to_string())
     }
@@ -197,8 +201,9 @@ pub struct PutRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRequest {
-    /// The key, base64 (`rumormill keygen`).
-    pub key: String,
+    /// The key, base64 (`rumormill keygen`). Wiped from memory once used.
+    #[schema(value_type = String)]
+    pub key: zeroize::Zeroizing<String>,
 }
 
 /// The keyring's secrets.
@@ -213,6 +218,59 @@ pub struct KeyExport {
 pub struct WaitQuery {
     /// Seconds (default 10, at most 120).
     pub wait: Option<u64>,
+}
+
+/// Where a key is installed or removed: `overlay` (default: every member;
+/// the secret travels in the overlay's store, sealed under the current
+/// keys) or `local` (this agent alone; the secret never leaves it).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ScopeQuery {
+    /// `overlay` (default) or `local`.
+    pub scope: Option<String>,
+}
+
+impl ScopeQuery {
+    fn local(q: Result<Query<ScopeQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult<bool> {
+        let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+        match q.scope.as_deref() {
+            None | Some("overlay") => Ok(false),
+            Some("local") => Ok(true),
+            Some(other) => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("scope={other:?}: expected overlay or local"),
+            )),
+        }
+    }
+}
+
+/// Members a `use` or `remove` leaves out: they are not waited for, and
+/// are cut off once the old key is removed.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ExcludeQuery {
+    /// Member names, comma-separated.
+    pub exclude: Option<String>,
+}
+
+impl ExcludeQuery {
+    fn members(q: Result<Query<ExcludeQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult<Vec<String>> {
+        let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+        let names: Vec<String> = q
+            .exclude
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if names.len() > 1024 || names.iter().any(|n| n.len() > 128) {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "exclude: at most 1024 member names of at most 128 characters".into(),
+            ));
+        }
+        Ok(names)
+    }
 }
 
 impl WaitQuery {
@@ -661,9 +719,12 @@ async fn list_keys(State(s): State<AppState>, Path(overlay): Path<String>) -> Ap
     Ok(Json(s.agent.keys(&overlay).await?))
 }
 
-/// Installs a key on every member of the overlay: packets sealed with it
-/// are accepted from now on. Waits for every live member to report it.
-#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys", params(("overlay" = String, Path), WaitQuery), request_body = KeyRequest,
+/// Installs a key on every member of the overlay (`scope=overlay`, the
+/// default: the secret travels sealed under the current keys and waits for
+/// every live member to report it), or on this agent alone (`scope=local`:
+/// the secret never leaves it; answers at once with who reports the key).
+/// Packets sealed with it are accepted from now on.
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys", params(("overlay" = String, Path), WaitQuery, ScopeQuery), request_body = KeyRequest,
     security(("admin_token" = [])),
     responses((status = 200, body = KeyChange), (status = 202, body = KeyChange, description = "not every member followed in time"),
         (status = 400, body = ErrorBody)))]
@@ -671,40 +732,55 @@ async fn install_key(
     State(s): State<AppState>,
     Path(overlay): Path<String>,
     wait: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    scope: Result<Query<ScopeQuery>, axum::extract::rejection::QueryRejection>,
     Body(req): Body<KeyRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let wait = WaitQuery::duration(wait)?;
+    if ScopeQuery::local(scope)? {
+        let change = s.agent.install_local_key(&overlay, &req.key).await?;
+        return Ok((StatusCode::OK, Json(change)));
+    }
     let change = s.agent.install_key(&overlay, &req.key, wait).await?;
     Ok((change_status(&change), Json(change)))
 }
 
 /// Makes a key primary on every member (refused unless every live member
-/// has it installed).
-#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys/{id}/use", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery),
+/// not excluded has it installed).
+#[utoipa::path(post, path = "/v1/overlays/{overlay}/keys/{id}/use", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery, ExcludeQuery),
     security(("admin_token" = [])),
     responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn use_key(
     State(s): State<AppState>,
     Path((overlay, id)): Path<(String, String)>,
     wait: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    exclude: Result<Query<ExcludeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let wait = WaitQuery::duration(wait)?;
-    let change = s.agent.use_key(&overlay, &id, wait).await?;
+    let exclude = ExcludeQuery::members(exclude)?;
+    let change = s.agent.use_key(&overlay, &id, wait, &exclude).await?;
     Ok((change_status(&change), Json(change)))
 }
 
-/// Removes a key from every member (refused while a live member seals
-/// with it).
-#[utoipa::path(delete, path = "/v1/overlays/{overlay}/keys/{id}", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery),
+/// Removes a key from every member (refused while a live member not
+/// excluded seals with it), or from this agent alone (`scope=local`, for a
+/// key installed locally that no rotation uses yet).
+#[utoipa::path(delete, path = "/v1/overlays/{overlay}/keys/{id}", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery, ExcludeQuery, ScopeQuery),
     security(("admin_token" = [])),
     responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn remove_key(
     State(s): State<AppState>,
     Path((overlay, id)): Path<(String, String)>,
     wait: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    exclude: Result<Query<ExcludeQuery>, axum::extract::rejection::QueryRejection>,
+    scope: Result<Query<ScopeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let wait = WaitQuery::duration(wait)?;
-    let change = s.agent.remove_key(&overlay, &id, wait).await?;
+    let exclude = ExcludeQuery::members(exclude)?;
+    if ScopeQuery::local(scope)? {
+        let change = s.agent.remove_local_key(&overlay, &id).await?;
+        return Ok((StatusCode::OK, Json(change)));
+    }
+    let change = s.agent.remove_key(&overlay, &id, wait, &exclude).await?;
     Ok((change_status(&change), Json(change)))
 }
 
@@ -893,13 +969,14 @@ async fn stream_inbox(
         tokio::select! {
             item = feed.recv() => match item {
                 Ok(it) if it.seq <= sent => {}
-                Ok(it) if it.seq == sent + 1 => {
+                Ok(it) if it.seq == sent + 1 && !it.elided => {
                     sent = it.seq;
                     if topics.contains(&it.topic) && !send(&mut socket, &it).await {
                         return;
                     }
                 }
-                // A gap (entries stored before we listened, or missed): read them from the store.
+                // A gap (entries stored before we listened, or missed), or
+                // an entry whose payload the feed left out: read from the store.
                 Ok(_) | Err(RecvError::Lagged(_)) => backlog = true,
                 Err(RecvError::Closed) => return,
             },
@@ -1542,9 +1619,57 @@ mod tests {
         let keys = f.reader.get("/v1/overlays/second/keys").await.unwrap();
         assert_eq!(
             keys,
-            json!([{ "id": id, "suite": "aes-256-gcm", "primary": true, "installed_on": 1, "primary_on": 1, "members": 1 }])
+            json!([{ "id": id, "suite": "aes-256-gcm", "primary": true, "local": false, "installed_on": 1, "primary_on": 1, "members": 1 }])
         );
         // The keyring is kept: a restart of the overlay uses the new key.
+        let exported = f.admin.get("/v1/overlays/second/keys/export").await.unwrap();
+        assert_eq!(exported["keys"], json!([new]));
+
+        // A key installed on this agent alone, then removed from it.
+        let (status, msg) = api_err(
+            f.admin
+                .request(
+                    "POST",
+                    "/v1/overlays/second/keys?scope=nope",
+                    Some(json!({ "key": new })),
+                )
+                .await,
+        );
+        assert_eq!(
+            (status, msg.as_str()),
+            (400, "scope=\"nope\": expected overlay or local")
+        );
+        let local = crate::config::generate_key();
+        let row = f
+            .admin
+            .request(
+                "POST",
+                "/v1/overlays/second/keys?scope=local",
+                Some(json!({ "key": local })),
+            )
+            .await
+            .unwrap();
+        let local_id = row["id"].as_str().unwrap().to_owned();
+        let keys = f.reader.get("/v1/overlays/second/keys").await.unwrap();
+        let flags: Vec<(bool, bool)> = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| (k["primary"] == true, k["local"] == true))
+            .collect();
+        assert_eq!(flags.len(), 2, "{keys}");
+        assert!(
+            flags.contains(&(true, false)) && flags.contains(&(false, true)),
+            "{keys}"
+        );
+        f.admin
+            .request(
+                "DELETE",
+                &format!("/v1/overlays/second/keys/{local_id}?scope=local"),
+                None,
+            )
+            .await
+            .unwrap();
         let exported = f.admin.get("/v1/overlays/second/keys/export").await.unwrap();
         assert_eq!(exported["keys"], json!([new]));
 

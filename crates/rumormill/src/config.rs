@@ -22,6 +22,7 @@ use rumormill_core::Config;
 use rumormill_core::broadcast::{Direction, Mode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use zeroize::Zeroizing;
 
 /// Gossip port of the default overlay (Serf uses 7946 and 7373; we stay clear).
 pub const DEFAULT_GOSSIP_PORT: u16 = 7950;
@@ -344,10 +345,15 @@ pub struct OverlaySpec {
     /// an overlay refuses to start unless this is set.
     #[serde(default)]
     pub plaintext: bool,
+    /// Let a plaintext overlay bind an address other than loopback, where
+    /// anyone on the network can read and inject its packets. Without it
+    /// such an overlay refuses to start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext_network: bool,
     /// LAN multicast discovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multicast: Option<MulticastSpec>,
-    /// Size limits of events and luggage.
+    /// Size limits of events, luggage, the store per writer and the inbox.
     #[serde(default)]
     pub limits: Limits,
 }
@@ -365,6 +371,30 @@ pub struct Limits {
     /// Largest luggage total per member (default 1 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub luggage_total: Option<usize>,
+    /// Most bytes (keys + values) one writer's entries may take in the
+    /// overlay's store, on every member (default 16 MiB). Must be the same
+    /// on every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_bytes: Option<u64>,
+    /// Most entries (deletes included, until they expire) one writer may
+    /// hold in the overlay's store (default 16,384). Must be the same on
+    /// every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_entries: Option<u64>,
+    /// Most bytes of payloads the agent's inbox keeps for this overlay
+    /// (default 256 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox_bytes: Option<u64>,
+}
+
+/// Default byte cap of an overlay's inbox: 256 MiB.
+pub const DEFAULT_INBOX_BYTES: u64 = 256 << 20;
+
+impl Limits {
+    /// The inbox's byte cap.
+    pub fn inbox_bytes(&self) -> u64 {
+        self.inbox_bytes.unwrap_or(DEFAULT_INBOX_BYTES)
+    }
 }
 
 impl std::fmt::Debug for OverlaySpec {
@@ -381,6 +411,7 @@ impl std::fmt::Debug for OverlaySpec {
             .field("timings", &self.timings)
             .field("keys", &format_args!("[{} redacted]", self.keys.len()))
             .field("plaintext", &self.plaintext)
+            .field("allow_plaintext_network", &self.allow_plaintext_network)
             .field("multicast", &self.multicast)
             .field("limits", &self.limits)
             .finish()
@@ -507,6 +538,7 @@ impl OverlaySpec {
             timings: Timings::default(),
             keys: Vec::new(),
             plaintext: false,
+            allow_plaintext_network: false,
             multicast: None,
             limits: Limits::default(),
         }
@@ -552,6 +584,21 @@ impl OverlaySpec {
             return Err(invalid(&self.name, "dns_refresh must be above zero"));
         }
         self.core_config()?;
+        Ok(())
+    }
+
+    /// Refuses a plaintext overlay bound to an address other than loopback
+    /// unless `allow_plaintext_network` is set (checked when it starts).
+    pub fn check_plaintext_bind(&self) -> Result<(), ConfigError> {
+        let bind = self.bind_addr()?;
+        if self.plaintext && !self.allow_plaintext_network && !bind.ip().is_loopback() {
+            return Err(invalid(
+                &self.name,
+                format!(
+                    "plaintext on {bind}, which is not a loopback address: anyone on the network could read and inject its packets; give a key, bind to 127.0.0.1, or set allow_plaintext_network = true"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -610,12 +657,37 @@ impl OverlaySpec {
         if let Some(v) = l.luggage_total {
             c.max_luggage_total = v;
         }
+        if let Some(v) = l.writer_bytes {
+            c.dissemination.limits.writer_bytes = v;
+        }
+        if let Some(v) = l.writer_entries {
+            c.dissemination.limits.writer_entries = v;
+        }
         // Whatever goes over a stream must fit a frame, with room for the envelope.
         let frame = c.max_stream_frame.saturating_sub(64 << 10);
         if c.max_event_payload > frame || c.max_luggage_value > frame {
             return Err(invalid(
                 &self.name,
                 format!("event payloads and luggage values are limited to {frame} bytes (one stream frame)"),
+            ));
+        }
+        if (c.max_luggage_total as u64) > c.dissemination.limits.writer_bytes {
+            return Err(invalid(
+                &self.name,
+                format!(
+                    "luggage_total ({}) must not exceed writer_bytes ({})",
+                    c.max_luggage_total, c.dissemination.limits.writer_bytes
+                ),
+            ));
+        }
+        if self.limits.inbox_bytes() < c.max_event_payload as u64 {
+            return Err(invalid(
+                &self.name,
+                format!(
+                    "inbox_bytes ({}) must hold at least one event payload ({})",
+                    self.limits.inbox_bytes(),
+                    c.max_event_payload
+                ),
             ));
         }
         c.validate().map_err(|m| invalid(&self.name, m))?;
@@ -675,22 +747,46 @@ pub fn parse_seed(s: &str) -> Result<Seed, String> {
     Ok(Seed::Dns(host.to_owned(), port))
 }
 
-/// Decodes a base64 key and checks its length.
-pub fn decode_key(key: &str) -> Result<Vec<u8>, String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(key.trim())
-        .map_err(|_| "a key is not valid base64 (make one with `rumormill keygen`)".to_owned())?;
+/// Decodes a base64 key and checks its length. The bytes are wiped when
+/// dropped.
+pub fn decode_key(key: &str) -> Result<Zeroizing<Vec<u8>>, String> {
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(key.trim())
+            .map_err(|_| "a key is not valid base64 (make one with `rumormill keygen`)".to_owned())?,
+    );
     match bytes.len() {
         16 | 24 | 32 => Ok(bytes),
         n => Err(format!("a key has {n} bytes; it must have 16, 24 or 32")),
     }
 }
 
-/// A new random key, base64.
+/// A new random key, base64 (the raw bytes are wiped).
 pub fn generate_key() -> String {
-    let mut key = [0u8; KEY_LEN];
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
     rand::Rng::fill(&mut rand::rng(), &mut key[..]);
-    base64::engine::general_purpose::STANDARD.encode(key)
+    base64::engine::general_purpose::STANDARD.encode(*key)
+}
+
+/// Reads a base64 key from a file, or from standard input for `-`: a key
+/// given this way is not visible in the process list, as `--key` is.
+/// Surrounding white space is ignored; the key is checked.
+pub fn read_key_file(path: &std::path::Path) -> Result<Zeroizing<String>, String> {
+    let mut text = Zeroizing::new(String::new());
+    let read = if path.as_os_str() == "-" {
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| ())
+    } else {
+        std::fs::File::open(path).and_then(|mut f| std::io::Read::read_to_string(&mut f, &mut text).map(|_| ()))
+    };
+    let source = if path.as_os_str() == "-" {
+        "standard input".to_owned()
+    } else {
+        format!("key file {}", path.display())
+    };
+    read.map_err(|e| format!("cannot read {source}: {e}"))?;
+    let key = Zeroizing::new(text.trim().to_owned());
+    decode_key(&key).map_err(|m| format!("{source}: {m}"))?;
+    Ok(key)
 }
 
 /// Parses durations such as `250ms`, `1s`, `1.5s`, `2m`, `1h`.
@@ -873,6 +969,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("one stream frame"), "{e}");
+        let c = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nwriter_bytes = 2000000\nwriter_entries = 50\ninbox_bytes = 3000000",
+        )
+        .unwrap();
+        let core = c.overlays[0].core_config().unwrap();
+        let q = core.dissemination.limits;
+        assert_eq!((q.writer_bytes, q.writer_entries), (2_000_000, 50));
+        assert_eq!(c.overlays[0].limits.inbox_bytes(), 3_000_000);
+        let e = AgentConfig::from_toml(
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nwriter_bytes = 1000",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("must not exceed writer_bytes"), "{e}");
     }
 
     #[test]
@@ -896,6 +1005,45 @@ mod tests {
         );
         assert!(parse_seed("host:0").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn plaintext_off_loopback_needs_the_override() {
+        let mut s = OverlaySpec::named("a");
+        s.plaintext = true;
+        let e = s.check_plaintext_bind().unwrap_err().to_string();
+        assert!(
+            e.contains("plaintext on 0.0.0.0:7950, which is not a loopback address"),
+            "{e}"
+        );
+        s.bind = "[::]:7950".into();
+        assert!(s.check_plaintext_bind().is_err());
+        for loopback in ["127.0.0.1:0", "127.9.9.9:7950", "[::1]:7950"] {
+            s.bind = loopback.into();
+            s.check_plaintext_bind().unwrap();
+        }
+        s.bind = "0.0.0.0:7950".into();
+        s.allow_plaintext_network = true;
+        s.check_plaintext_bind().unwrap();
+        s.plaintext = false;
+        s.allow_plaintext_network = false;
+        s.keys = vec![generate_key()];
+        s.check_plaintext_bind().unwrap();
+    }
+
+    #[test]
+    fn key_files_are_read_trimmed_and_checked() {
+        let dir = std::env::temp_dir().join(format!("rm-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = generate_key();
+        std::fs::write(dir.join("k"), format!("{key}\n")).unwrap();
+        assert_eq!(read_key_file(&dir.join("k")).unwrap().as_str(), key);
+        std::fs::write(dir.join("bad"), "c2hvcnQ=").unwrap();
+        let e = read_key_file(&dir.join("bad")).unwrap_err();
+        assert!(e.ends_with("bad: a key has 5 bytes; it must have 16, 24 or 32"), "{e}");
+        let e = read_key_file(&dir.join("missing")).unwrap_err();
+        assert!(e.starts_with("cannot read key file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

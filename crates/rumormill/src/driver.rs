@@ -104,7 +104,10 @@ impl OverlayHandle {
     }
 
     /// Events of the overlay from now on, for observers: a slow observer
-    /// misses some (see [`broadcast::Receiver`]).
+    /// misses some (see [`broadcast::Receiver`]). Observers get membership
+    /// changes, delivery reports and updates of the members' own reserved
+    /// data other than luggage; application values, luggage and event
+    /// payloads go only to the event stream (read values from the store).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
@@ -384,12 +387,30 @@ impl<N: Net> Task<N> {
             if let Event::Member { change, member } = &event {
                 tracing::info!(member = %member.name, addr = %member.addr, ?change, "member");
             }
-            if let Some(s) = &self.stream {
-                if s.send(event.clone()).is_err() {
-                    self.stream = None; // nobody consumes it
-                }
+            // Values of updates and payloads of events are handed on only
+            // where they are used, so that no queue holds on to them after
+            // the store let them go: the event pump gets events, reports,
+            // membership and luggage changes; observers (a broadcast that
+            // keeps its last 4,096 entries) get membership changes,
+            // reports and updates of the members' own data except luggage.
+            let (pump, observers) = match &event {
+                Event::Update(u) => (
+                    rumormill_core::luggage::changed(&u.update).is_some(),
+                    u.update.key.starts_with(rumormill_core::broadcast::RESERVED_PREFIX)
+                        && rumormill_core::luggage::parse(&u.update.key).is_none(),
+                ),
+                Event::Message(_) => (true, false),
+                _ => (true, true),
+            };
+            if pump
+                && let Some(s) = &self.stream
+                && s.send(event.clone()).is_err()
+            {
+                self.stream = None; // nobody consumes it
             }
-            let _ = self.events.send(event);
+            if observers {
+                let _ = self.events.send(event);
+            }
         }
     }
 }

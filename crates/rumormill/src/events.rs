@@ -17,10 +17,18 @@
 //!   (`luggage.changed`) and delivery reports (`delivery.report`) for the
 //!   topics the agent subscribes to. Applications read it from a sequence
 //!   number on (`?from=`), so one that reconnects misses nothing and sees
-//!   nothing twice. The last [`INBOX_KEEP`] entries are kept.
+//!   nothing twice. The last [`INBOX_KEEP`] entries are kept, within a
+//!   byte cap (`[overlay.limits] inbox_bytes`, 256 MiB by default): to make
+//!   room, the oldest best-effort events and local-topic entries are
+//!   evicted, then at-least-once events stored more than a day ago; an
+//!   at-least-once event that still does not fit is refused — neither
+//!   stored nor acknowledged, so its publisher resends it — and a
+//!   best-effort one is dropped. Both are counted. Each payload is stored
+//!   once, as bytes; its text and base64 forms are made when it is read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine;
@@ -36,6 +44,9 @@ use crate::transport::Net;
 
 /// Inbox entries kept per overlay.
 pub const INBOX_KEEP: u64 = 100_000;
+/// Most bytes of stored entries one read of the inbox returns (beyond its
+/// first entry).
+pub const INBOX_READ_BYTES: usize = 16 << 20;
 /// How long the reports of a completed event are kept (pruned every
 /// thousand at-least-once publications).
 pub const REPORTS_KEEP: Duration = Duration::from_secs(24 * 3600);
@@ -77,6 +88,153 @@ pub struct InboxItem {
     pub outcome: Option<String>,
     /// Wall-clock milliseconds when the agent stored it.
     pub time_ms: u64,
+    /// On the live feed: the payload was left out (too large to keep in
+    /// the feed's buffer); read the entry from the store.
+    #[serde(skip)]
+    pub(crate) elided: bool,
+}
+
+/// An inbox entry as stored: the item without its payload fields, and
+/// the payload bytes once.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredHeader {
+    #[serde(flatten)]
+    item: InboxItem,
+    /// An at-least-once event (never evicted for the byte cap before a day).
+    #[serde(default)]
+    alo: bool,
+    /// Whether a payload follows the header.
+    #[serde(default)]
+    has_payload: bool,
+}
+
+/// Marks the stored form (a JSON entry of earlier versions starts with `{`).
+const STORED_MAGIC: &[u8; 4] = b"\0RI1";
+
+/// Counters of an overlay's inbox.
+#[derive(Debug, Default)]
+pub(crate) struct InboxCounters {
+    /// Best-effort and local-topic entries evicted or not stored for the byte cap.
+    pub(crate) evicted: std::sync::atomic::AtomicU64,
+    /// At-least-once events refused (not acknowledged) for the byte cap.
+    pub(crate) refused: std::sync::atomic::AtomicU64,
+}
+
+/// Payloads up to this size travel in the live feed; larger ones are read
+/// from the store by the followers, so that the feed's buffer (its last
+/// 4,096 entries) holds at most a few megabytes.
+const FEED_INLINE: usize = 1024;
+
+/// At-least-once entries younger than this are not evicted for the byte cap.
+const ALO_KEEP_MS: u64 = 24 * 3600 * 1000;
+
+/// Encodes an entry: header, then the payload bytes.
+fn encode_stored(item: &InboxItem, payload: Option<&[u8]>, alo: bool) -> Vec<u8> {
+    let header = StoredHeader {
+        item: InboxItem {
+            payload: None,
+            payload_base64: None,
+            ..item.clone()
+        },
+        alo,
+        has_payload: payload.is_some(),
+    };
+    let h = serde_json::to_vec(&header).unwrap_or_default();
+    let p = payload.unwrap_or_default();
+    let mut out = Vec::with_capacity(8 + h.len() + p.len());
+    out.extend_from_slice(STORED_MAGIC);
+    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(p);
+    out
+}
+
+/// Decodes a stored entry, with its payload rendered, and whether it is an
+/// at-least-once event. Entries of earlier versions (JSON) count as
+/// at-least-once when they carry an event id on an application topic.
+fn decode_stored(bytes: &[u8]) -> Option<(InboxItem, bool)> {
+    let Some(rest) = bytes.strip_prefix(STORED_MAGIC) else {
+        let item: InboxItem = serde_json::from_slice(bytes).ok()?;
+        let alo = item.id.is_some() && !is_local(&item.topic);
+        return Some((item, alo));
+    };
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let header: StoredHeader = serde_json::from_slice(rest.get(4..4usize.checked_add(len)?)?).ok()?;
+    let mut item = header.item;
+    if header.has_payload {
+        let (text, b64) = payload_fields(rest.get(4 + len..)?);
+        item.payload = text;
+        item.payload_base64 = b64;
+    }
+    Some((item, header.alo))
+}
+
+/// What the pump knows of the stored inbox, to keep it within its byte cap.
+#[derive(Debug, Default)]
+struct InboxIndex {
+    /// Best-effort events and local topics: seq → stored bytes.
+    evictable: BTreeMap<u64, u64>,
+    /// At-least-once events: seq → (stored bytes, time stored).
+    durable: BTreeMap<u64, (u64, u64)>,
+    evictable_bytes: u64,
+    bytes: u64,
+}
+
+impl InboxIndex {
+    fn add(&mut self, seq: u64, len: u64, alo: bool, time_ms: u64) {
+        if alo {
+            self.durable.insert(seq, (len, time_ms));
+        } else {
+            self.evictable.insert(seq, len);
+            self.evictable_bytes += len;
+        }
+        self.bytes += len;
+    }
+
+    /// Forgets entries below `below` (the count retention).
+    fn trim(&mut self, below: u64) {
+        let keep = self.evictable.split_off(&below);
+        for (_, l) in std::mem::replace(&mut self.evictable, keep) {
+            self.evictable_bytes -= l;
+            self.bytes -= l;
+        }
+        let keep = self.durable.split_off(&below);
+        for (_, (l, _)) in std::mem::replace(&mut self.durable, keep) {
+            self.bytes -= l;
+        }
+    }
+
+    /// Makes room for `len` more bytes within `cap`: the entries to delete,
+    /// or `None` (nothing evicted) when even evicting all it may would
+    /// not make room.
+    fn make_room(&mut self, len: u64, cap: u64, now_ms: u64) -> Option<Vec<u64>> {
+        if self.bytes + len <= cap {
+            return Some(Vec::new());
+        }
+        let old: u64 = self
+            .durable
+            .values()
+            .take_while(|(_, t)| now_ms.saturating_sub(*t) >= ALO_KEEP_MS)
+            .map(|(l, _)| *l)
+            .sum();
+        if self.bytes - self.evictable_bytes - old + len > cap {
+            return None;
+        }
+        let mut gone = Vec::new();
+        while self.bytes + len > cap {
+            if let Some((s, l)) = self.evictable.pop_first() {
+                self.evictable_bytes -= l;
+                self.bytes -= l;
+                gone.push(s);
+            } else if let Some((s, (l, _))) = self.durable.pop_first() {
+                self.bytes -= l;
+                gone.push(s);
+            } else {
+                break;
+            }
+        }
+        Some(gone)
+    }
 }
 
 /// How an event is delivered, in API terms.
@@ -359,14 +517,15 @@ impl<N: Net> Agent<N> {
         Ok(r.record.topics.clone())
     }
 
-    /// Inbox entries after `after`, at most `limit`.
+    /// Inbox entries after `after`, at most `limit` and — beyond the first
+    /// — at most 16 MiB of them.
     pub async fn inbox(&self, name: &str, after: u64, limit: usize) -> Result<Vec<InboxItem>, AgentError> {
         has_left_or_unknown(self, name).await?;
         Ok(self
             .db
-            .inbox_after(name, after, limit)?
+            .inbox_after(name, after, limit, INBOX_READ_BYTES)?
             .into_iter()
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .filter_map(|(_, v)| decode_stored(&v).map(|(item, _)| item))
             .collect())
     }
 
@@ -451,12 +610,24 @@ pub(crate) async fn pump<N: Net>(
     handle: OverlayHandle,
     topics: Arc<std::sync::Mutex<Vec<String>>>,
     feed: InboxFeed,
+    counters: Arc<InboxCounters>,
+    cap: u64,
 ) {
     let Some(mut stream) = handle.take_event_stream() else {
         return;
     };
+    let mut index = InboxIndex::default();
     let mut next_seq = match agent.upgrade() {
-        Some(a) => a.db.inbox_next(&name).unwrap_or(1),
+        Some(a) => {
+            let scanned = a.db.inbox_scan(&name, |seq, v| {
+                let (alo, time) = decode_stored(v).map_or((true, 0), |(it, alo)| (alo, it.time_ms));
+                index.add(seq, v.len() as u64, alo, time);
+            });
+            if let Err(e) = scanned {
+                tracing::warn!(overlay = %name, error = %e, "inbox not measured");
+            }
+            a.db.inbox_next(&name).unwrap_or(1)
+        }
         None => return,
     };
     // Sequence numbers below `reserved` may be handed out; the reservation
@@ -498,8 +669,7 @@ pub(crate) async fn pump<N: Net>(
         let Some(agent) = agent.upgrade() else { return };
         let wanted: Vec<String> = topics.lock().map(|t| t.clone()).unwrap_or_default();
         let subscribed = |t: &str| wanted.iter().any(|w| w == t);
-        let mut items: Vec<InboxItem> = Vec::new();
-        let mut acks: Vec<EventId> = Vec::new();
+        let mut items: Vec<Incoming> = Vec::new();
         let mut reports: Vec<DeliveryReport> = Vec::new();
         // Best-effort events and local topics need no flush to disk: a
         // crash may lose the last second of them.
@@ -515,6 +685,13 @@ pub(crate) async fn pump<N: Net>(
                 key: None,
                 outcome: None,
                 time_ms: wall_ms(),
+                elided: false,
+            };
+            let plain = |item: InboxItem| Incoming {
+                item,
+                payload: None,
+                alo: false,
+                ack: None,
             };
             match e {
                 Event::Message(EventMessage {
@@ -523,25 +700,25 @@ pub(crate) async fn pump<N: Net>(
                     payload,
                     at_least_once,
                 }) => {
-                    durable |= at_least_once;
-                    let (text, b64) = payload_fields(&payload);
-                    items.push(InboxItem {
-                        id: Some(id.to_string()),
-                        payload: text,
-                        payload_base64: b64,
-                        member: Some(id.origin.to_string()),
-                        ..item(&topic)
+                    items.push(Incoming {
+                        item: InboxItem {
+                            id: Some(id.to_string()),
+                            member: Some(id.origin.to_string()),
+                            ..item(&topic)
+                        },
+                        payload: Some(payload),
+                        alo: at_least_once,
+                        ack: Some(id),
                     });
-                    acks.push(id);
                 }
                 Event::Report(r) => {
                     if subscribed("delivery.report") {
-                        items.push(InboxItem {
+                        items.push(plain(InboxItem {
                             id: Some(r.id.to_string()),
                             member: Some(r.subscriber.to_string()),
                             outcome: Some(r.outcome.as_str().into()),
                             ..item("delivery.report")
-                        });
+                        }));
                     }
                     reports.push(r);
                 }
@@ -555,22 +732,22 @@ pub(crate) async fn pump<N: Net>(
                         _ => continue,
                     };
                     if subscribed(topic) {
-                        items.push(InboxItem {
+                        items.push(plain(InboxItem {
                             member: Some(member.name.to_string()),
                             ..item(topic)
-                        });
+                        }));
                     }
                 }
                 Event::Update(u) => {
                     if let Some((member, key)) = rumormill_core::luggage::changed(&u.update) {
                         if subscribed("luggage.changed") {
-                            let (text, b64) = u.update.value.as_deref().map(payload_fields).unwrap_or((None, None));
-                            items.push(InboxItem {
-                                member: Some(member),
-                                key: Some(key.to_owned()),
-                                payload: text,
-                                payload_base64: b64,
-                                ..item("luggage.changed")
+                            items.push(Incoming {
+                                payload: u.update.value.clone(),
+                                ..plain(InboxItem {
+                                    member: Some(member),
+                                    key: Some(key.to_owned()),
+                                    ..item("luggage.changed")
+                                })
                             });
                         }
                     }
@@ -578,18 +755,75 @@ pub(crate) async fn pump<N: Net>(
                 _ => {}
             }
         }
-        for it in &mut items {
-            it.seq = next_seq;
+        let mut ops: Vec<Op> = Vec::new();
+        let mut acks: Vec<EventId> = Vec::new();
+        let mut refused: Vec<EventId> = Vec::new();
+        let mut stored: Vec<InboxItem> = Vec::with_capacity(items.len());
+        let now_ms = wall_ms();
+        for mut inc in items {
+            inc.item.seq = next_seq;
+            let bytes = encode_stored(&inc.item, inc.payload.as_deref(), inc.alo);
+            match index.make_room(bytes.len() as u64, cap, now_ms) {
+                Some(gone) => {
+                    let evicted = gone.len() as u64;
+                    counters.evicted.fetch_add(evicted, Ordering::Relaxed);
+                    ops.extend(gone.into_iter().map(Op::DeleteInbox));
+                }
+                None => {
+                    // No room without evicting recent at-least-once events.
+                    match inc.ack {
+                        Some(id) if inc.alo => {
+                            counters.refused.fetch_add(1, Ordering::Relaxed);
+                            refused.push(id);
+                        }
+                        // Best effort: not stored; nothing to resend.
+                        Some(id) => {
+                            counters.evicted.fetch_add(1, Ordering::Relaxed);
+                            acks.push(id);
+                        }
+                        None => {
+                            counters.evicted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    continue;
+                }
+            }
             next_seq += 1;
+            durable |= inc.alo;
+            index.add(inc.item.seq, bytes.len() as u64, inc.alo, inc.item.time_ms);
+            ops.push(Op::Inbox(inc.item.seq, bytes));
+            if let Some(id) = inc.ack {
+                acks.push(id);
+            }
+            let mut item = inc.item;
+            match inc.payload {
+                Some(p) if p.len() <= FEED_INLINE => {
+                    let (text, b64) = payload_fields(&p);
+                    item.payload = text;
+                    item.payload_base64 = b64;
+                }
+                Some(_) => item.elided = true,
+                None => {}
+            }
+            stored.push(item);
         }
-        let mut ops: Vec<Op> = items.iter().map(|it| Op::Inbox(it.seq, json(it))).collect();
+        if !refused.is_empty() {
+            let _ = handle
+                .call(move |o, _| {
+                    for id in &refused {
+                        o.refuse(id);
+                    }
+                })
+                .await;
+        }
         if next_seq > reserved {
             reserved = next_seq + INBOX_RESERVE;
             ops.push(Op::ReserveInbox(reserved));
             durable = true;
         }
-        if next_seq > INBOX_KEEP && items.iter().any(|it| it.seq % 1000 == 0) {
+        if next_seq > INBOX_KEEP && stored.iter().any(|it| it.seq % 1000 == 0) {
             ops.push(Op::TrimInbox(next_seq - INBOX_KEEP));
+            index.trim(next_seq - INBOX_KEEP);
         }
         if !acks.is_empty() {
             // The window saved with these events includes exactly them and
@@ -648,10 +882,19 @@ pub(crate) async fn pump<N: Net>(
                 })
                 .await;
         }
-        for it in items {
+        for it in stored {
             let _ = feed.send(Arc::new(it));
         }
     }
+}
+
+/// An entry on its way into the inbox.
+struct Incoming {
+    item: InboxItem,
+    payload: Option<Vec<u8>>,
+    alo: bool,
+    /// The event to acknowledge once stored.
+    ack: Option<EventId>,
 }
 
 /// Updates the stored records of the reported events.

@@ -2,15 +2,20 @@
 //!
 //! Every key operation on one agent changes the keyring of every member of
 //! the overlay, as with Serf's `keys` commands. The agent that takes the
-//! request applies it, then writes a desired keyring (the keys, primary
-//! first, and a version one above the highest it has seen) to the replicated
-//! store under `_rumormill/keyring/<member>`; every member follows the
-//! desired keyring of highest version (ties broken by member name), whatever
-//! order the writes arrive in. An operation that changes nothing writes
-//! nothing, so a late no-op can never undo a newer change. Each member also publishes
-//! which keys it holds, and which is its primary, under
-//! `_rumormill/keys/<member>`, so the requesting agent can tell when every
-//! live member has followed, and can refuse a step that would lose packets:
+//! request applies it, then writes a desired keyring (the key ids, primary
+//! first, the secrets of the keys installed cluster-wide, and a version
+//! above the highest it has seen) to the replicated store under
+//! `_rumormill/keyring/<member>`; every member follows the desired keyring of
+//! highest version (ties broken by member name), whatever order the writes
+//! arrive in. An operation that changes nothing writes nothing, so a late
+//! no-op can never undo a newer change. Versions are wall-clock milliseconds,
+//! at least one above the highest seen; a version more than [`MAX_AHEAD_MS`]
+//! ahead of both this member's clock and the highest version it has seen is
+//! refused, so a key holder cannot push the version to `u64::MAX` and lock
+//! every later rotation out. Each member also publishes which keys it holds, and which
+//! is its primary, under `_rumormill/keys/<member>`, so the requesting agent
+//! can tell when every live member has followed, and can refuse a step that
+//! would lose packets:
 //!
 //! 1. `install NEW` — every member accepts NEW from now on;
 //! 2. `use NEW` — refused until every live member reports NEW installed;
@@ -18,9 +23,16 @@
 //! 3. `remove OLD` — refused while a live member still seals with OLD.
 //!
 //! Packets already in flight under OLD when it is removed are the only ones
-//! rejected; none is rejected once the rotation has completed. The desired
-//! keyring travels encrypted under the overlay's current keys, to members
-//! that hold them already.
+//! rejected; none is rejected once the rotation has completed.
+//!
+//! A cluster-wide install carries the new secret in the desired keyring,
+//! sealed under the current keys: every holder of the current keys learns
+//! it. To rotate a holder *out*, the new key is installed on each trusted
+//! agent alone (`install` with the local scope: the secret never enters the
+//! store, only its id appears in the reports); `use` and `remove` name key
+//! ids only, and take the members to leave out (`exclude`), which are not
+//! waited for. Once the old key is removed, an excluded member can neither
+//! open the others' packets nor have its own accepted.
 
 use std::collections::BTreeSet;
 use std::sync::Weak;
@@ -29,14 +41,24 @@ use std::time::Duration;
 use rumormill_core::{Event, KeyId, MemberInfo, Overlay};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::agent::{Agent, AgentError, RESERVED_PREFIX, core_error, plaintext, running_mut, stopped, wall_ms};
 use crate::config;
 use crate::driver::OverlayHandle;
+use crate::persist::OverlayRecord;
 use crate::transport::Net;
 
 /// Store keys of desired keyrings: this prefix and the writer's name.
 pub const DESIRED_PREFIX: &str = "_rumormill/keyring/";
+/// A desired keyring whose version (milliseconds) is more than this ahead
+/// of both the member's clock and the highest version it has seen is
+/// refused (and logged): one day. Honest writers use their clock, or one
+/// above the highest version seen, so only a key holder trying to lock
+/// later rotations out (`u64::MAX` would leave no room above it) jumps
+/// that far; and since the bound follows the clock, a member that joins
+/// later is not locked out by one such write either.
+pub const MAX_AHEAD_MS: u64 = 24 * 3600 * 1000;
 /// How often the requesting agent looks at the members' reports.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -44,23 +66,174 @@ fn report_key(member: &str) -> String {
     format!("{RESERVED_PREFIX}keys/{member}")
 }
 
-/// A desired keyring: base64 keys, primary first; the highest version wins.
-#[derive(Debug, Serialize, Deserialize)]
+/// A desired keyring as stored: the key ids, primary first, and the
+/// base64 secrets of the keys installed cluster-wide (keys installed on
+/// each agent alone are named by id only). The highest version wins.
+/// The secrets are wiped from memory when it is dropped.
+#[derive(Serialize, Deserialize)]
 struct Desired {
     version: u64,
+    #[serde(default)]
+    ids: Vec<String>,
     keys: Vec<String>,
 }
 
-/// The desired keyring to follow: highest `(version, writer)`.
-fn newest_desired(o: &Overlay) -> Option<(u64, String, Desired)> {
-    o.store()
+impl Drop for Desired {
+    fn drop(&mut self) {
+        self.keys.zeroize();
+    }
+}
+
+/// A keyring to hold: ids, primary first, and the secrets that may travel
+/// in the store. Its secrets are wiped when it is dropped.
+#[derive(Clone, PartialEq, Eq, Default)]
+struct Plan {
+    ids: Vec<KeyId>,
+    shared: Vec<String>,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        self.shared.zeroize();
+    }
+}
+
+impl Plan {
+    /// From a stored desired keyring; `None` when it does not parse.
+    fn from_desired(d: &Desired) -> Option<Plan> {
+        let ids = if d.ids.is_empty() {
+            // Written before ids were carried: every key is shared.
+            d.keys.iter().map(|k| secret_id(k)).collect::<Option<Vec<_>>>()?
+        } else {
+            d.ids.iter().map(|h| parse_hex(h)).collect::<Option<Vec<_>>>()?
+        };
+        (!ids.is_empty()).then(|| Plan {
+            ids,
+            shared: d.keys.clone(),
+        })
+    }
+
+    /// From this member's record: every key but those installed locally
+    /// that no desired keyring names yet; only non-local secrets shared.
+    fn from_record(rec: &OverlayRecord) -> Plan {
+        let mut plan = Plan::default();
+        for k in &rec.keys {
+            let Some(id) = secret_id(k) else { continue };
+            let hex = key_hex(id);
+            if !rec.pending_keys.contains(&hex) {
+                plan.ids.push(id);
+            }
+            if !rec.local_keys.contains(&hex) {
+                plan.shared.push(k.clone());
+            }
+        }
+        plan
+    }
+
+    fn to_desired(&self, version: u64) -> Desired {
+        Desired {
+            version,
+            ids: self.ids.iter().map(|&id| key_hex(id)).collect(),
+            keys: self.shared.clone(),
+        }
+    }
+
+    fn shares(&self, id: KeyId) -> bool {
+        self.shared.iter().any(|k| secret_id(k) == Some(id))
+    }
+}
+
+/// The id of a base64 secret (`None` if it is not a key).
+fn secret_id(secret: &str) -> Option<KeyId> {
+    let bytes = config::decode_key(secret).ok()?;
+    Some(rumormill_wire::key_id(&bytes))
+}
+
+fn parse_hex(s: &str) -> Option<KeyId> {
+    KeyId::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+}
+
+/// The keyring a member holds under `plan`: the planned keys whose secret
+/// it knows (from its own keyring or the plan), primary first, then its
+/// local keys no plan names yet. Also the planned ids it lacks.
+fn resolve(plan: &Plan, rec: &OverlayRecord) -> (Vec<String>, Vec<KeyId>) {
+    let known: Vec<(KeyId, &String)> = rec
+        .keys
+        .iter()
+        .chain(plan.shared.iter())
+        .filter_map(|k| Some((secret_id(k)?, k)))
+        .collect();
+    let mut keys = Vec::new();
+    let mut lacking = Vec::new();
+    for id in &plan.ids {
+        match known.iter().find(|(k, _)| k == id) {
+            Some((_, secret)) => keys.push((*secret).clone()),
+            None => lacking.push(*id),
+        }
+    }
+    for k in &rec.keys {
+        let Some(id) = secret_id(k) else { continue };
+        if rec.pending_keys.contains(&key_hex(id)) && !plan.ids.contains(&id) {
+            keys.push(k.clone());
+        }
+    }
+    (keys, lacking)
+}
+
+/// After holding `keys` under `plan`: local keys the plan names are no
+/// longer pending, shared ones no longer local, removed ones forgotten.
+fn settle(rec: &mut OverlayRecord, keys: Vec<String>, plan: &Plan) {
+    let mut old = std::mem::replace(&mut rec.keys, keys);
+    old.zeroize();
+    let held: Vec<String> = rec.keys.iter().filter_map(|k| secret_id(k)).map(key_hex).collect();
+    let named: Vec<String> = plan.ids.iter().map(|&id| key_hex(id)).collect();
+    rec.pending_keys.retain(|h| held.contains(h) && !named.contains(h));
+    rec.local_keys
+        .retain(|h| held.contains(h) && parse_hex(h).is_some_and(|id| !plan.shares(id)));
+}
+
+/// A desired keyring to follow: its version, its writer and its plan.
+type Newest = Option<(u64, String, Plan)>;
+
+/// The desired keyrings in the store: the one to follow, highest
+/// `(version, writer)` among the plausible ones (see [`MAX_AHEAD_MS`]), and
+/// the `(writer, version)` of those refused for their version.
+fn desired_keyrings(o: &Overlay, seen: u64) -> (Newest, Vec<(String, u64)>) {
+    let now = wall_ms();
+    let mut refused = Vec::new();
+    let newest = o
+        .store()
         .iter()
         .filter_map(|u| {
             let writer = u.key.strip_prefix(DESIRED_PREFIX)?;
             let d: Desired = serde_json::from_slice(u.value.as_deref()?).ok()?;
-            Some((d.version, writer.to_owned(), d))
+            if !plausible(d.version, seen, now) {
+                refused.push((writer.to_owned(), d.version));
+                return None;
+            }
+            Some((d.version, writer.to_owned(), Plan::from_desired(&d)?))
         })
-        .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
+        .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    (newest, refused)
+}
+
+/// Whether a desired keyring's version may follow `seen` at wall-clock
+/// time `now` (milliseconds).
+fn plausible(version: u64, seen: u64, now: u64) -> bool {
+    version != u64::MAX && version <= seen.max(now).saturating_add(MAX_AHEAD_MS)
+}
+
+/// The version of the next desired keyring written after `seen` at
+/// wall-clock time `now`: the clock, or one above `seen` if that is higher.
+fn next_version(seen: u64, now: u64) -> Result<u64, AgentError> {
+    seen.checked_add(1)
+        .map(|v| v.max(now))
+        .filter(|&v| v != u64::MAX)
+        .ok_or_else(|| {
+            AgentError::Conflict(
+                "the keyring version is exhausted: delete and create the overlay with a new key".into(),
+            )
+        })
 }
 
 /// What a member reports of its keyring (ids only).
@@ -80,6 +253,9 @@ pub struct KeyRow {
     pub suite: String,
     /// Whether this agent seals outgoing packets with it.
     pub primary: bool,
+    /// Whether it was installed on this agent alone (`scope=local`): its
+    /// secret never travels in the overlay's store.
+    pub local: bool,
     /// Live members (this one included) that report it installed.
     pub installed_on: usize,
     /// Live members that report it as their primary.
@@ -88,7 +264,7 @@ pub struct KeyRow {
     pub members: usize,
 }
 
-/// The outcome of a cluster-wide key operation.
+/// The outcome of a key operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct KeyChange {
     /// The key's id.
@@ -97,8 +273,13 @@ pub struct KeyChange {
     pub members: usize,
     /// Members that have applied the change.
     pub done: Vec<String>,
-    /// Live members that had not applied it when the wait ended.
+    /// Live members that had not applied it when the wait ended (for a
+    /// local install: the members that do not report the key yet).
     pub missing: Vec<String>,
+    /// Members left out on request (`exclude`): not waited for; they are
+    /// cut off once the old key is removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
 }
 
 /// Key ids are shown as 8 hex digits.
@@ -107,13 +288,11 @@ pub fn key_hex(id: KeyId) -> String {
 }
 
 fn parse_key_id(s: &str) -> Result<KeyId, AgentError> {
-    KeyId::from_str_radix(s.trim_start_matches("0x"), 16)
-        .map_err(|_| AgentError::BadRequest(format!("{s:?} is not a key id (8 hex digits, see `keys list`)")))
+    parse_hex(s).ok_or_else(|| AgentError::BadRequest(format!("{s:?} is not a key id (8 hex digits, see `keys list`)")))
 }
 
 fn find_key(keys: &[String], id: KeyId) -> Option<usize> {
-    keys.iter()
-        .position(|k| config::decode_key(k).is_ok_and(|b| rumormill_wire::key_id(&b) == id))
+    keys.iter().position(|k| secret_id(k) == Some(id))
 }
 
 fn own_report(o: &Overlay) -> Option<Report> {
@@ -169,7 +348,7 @@ fn reports(o: &Overlay) -> Vec<(String, Option<Report>)> {
 fn apply(
     o: &mut Overlay,
     now: std::time::Instant,
-    keys: &[Vec<u8>],
+    keys: &[Zeroizing<Vec<u8>>],
     desired: Option<Desired>,
 ) -> Result<(), AgentError> {
     let wanted: BTreeSet<KeyId> = keys.iter().map(|k| rumormill_wire::key_id(k)).collect();
@@ -186,10 +365,11 @@ fn apply(
     }
     publish(o, now);
     if let Some(d) = desired {
-        let json = serde_json::to_vec(&d).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        // The store keeps its own copy (it has to send it); this one is wiped.
+        let json = Zeroizing::new(serde_json::to_vec(&d).map_err(|e| AgentError::BadRequest(e.to_string()))?);
         let key = format!("{DESIRED_PREFIX}{}", o.name());
         o.advance_clock(wall_ms());
-        o.put(now, &key, json).map_err(core_error)?;
+        o.put(now, &key, json.to_vec()).map_err(core_error)?;
     }
     Ok(())
 }
@@ -198,6 +378,10 @@ impl<N: Net> Agent<N> {
     /// The keyring: ids and suites, and how many live members hold each key.
     pub async fn keys(&self, name: &str) -> Result<Vec<KeyRow>, AgentError> {
         let handle = self.handle(name).await?;
+        let local = match self.overlays.lock().await.get(name) {
+            Some(r) => r.record.local_keys.clone(),
+            None => return Err(AgentError::UnknownOverlay(name.to_owned())),
+        };
         let (keys, reports) = handle
             .call(|o, _| (o.keys(), reports(o)))
             .await
@@ -212,6 +396,7 @@ impl<N: Net> Agent<N> {
                     installed_on: known().filter(|r| r.installed.contains(&id)).count(),
                     primary_on: known().filter(|r| r.primary == id).count(),
                     members: reports.len(),
+                    local: local.contains(&id),
                     id,
                     suite: k.suite.to_owned(),
                     primary: k.primary,
@@ -233,58 +418,146 @@ impl<N: Net> Agent<N> {
     }
 
     /// Installs a key on every member; waits up to `wait` for all live
-    /// members to report it.
+    /// members to report it. The secret travels in the overlay's store,
+    /// sealed under the current keys: every current holder learns it.
     pub async fn install_key(&self, name: &str, key: &str, wait: Duration) -> Result<KeyChange, AgentError> {
-        let bytes = config::decode_key(key).map_err(AgentError::BadRequest)?;
-        let id = rumormill_wire::key_id(&bytes);
-        let key = key.trim().to_owned();
-        self.change_keyring(name, |keys| {
-            if !keys.contains(&key) {
-                keys.push(key);
+        let id = secret_id(key).ok_or_else(|| bad_key(key))?;
+        let key = Zeroizing::new(key.trim().to_owned());
+        self.change_keyring(name, |plan, _| {
+            if !plan.shares(id) {
+                plan.shared.push(key.to_string());
+            }
+            if !plan.ids.contains(&id) {
+                plan.ids.push(id);
             }
             Ok(())
         })
         .await?;
         tracing::info!(overlay = %name, key = %key_hex(id), "key installed");
         let hex = key_hex(id);
-        Ok(self.wait_for(name, id, wait, move |r| r.installed.contains(&hex)).await)
+        Ok(self
+            .wait_for(name, id, wait, &[], move |r| r.installed.contains(&hex))
+            .await)
+    }
+
+    /// Installs a key on this agent alone: packets sealed with it are
+    /// accepted here from now on. The secret never enters the overlay's
+    /// store (only its id, in this member's report), so a member can be
+    /// rotated out: install the new key this way on every agent to keep,
+    /// then `use` it and `remove` the old one, excluding the others.
+    /// Answers at once with the members that report the key so far.
+    pub async fn install_local_key(&self, name: &str, key: &str) -> Result<KeyChange, AgentError> {
+        let id = secret_id(key).ok_or_else(|| bad_key(key))?;
+        let hex = key_hex(id);
+        {
+            let mut overlays = self.overlays.lock().await;
+            let r = running_mut(&mut overlays, name)?;
+            if r.record.keys.is_empty() {
+                return Err(plaintext(name));
+            }
+            if find_key(&r.record.keys, id).is_none() {
+                let mut rec = r.record.clone();
+                rec.keys.push(key.trim().to_owned());
+                rec.local_keys.push(hex.clone());
+                rec.pending_keys.push(hex.clone());
+                let bytes = decode_all(&rec.keys)?;
+                r.handle
+                    .call(move |o, now| apply(o, now, &bytes, None))
+                    .await
+                    .map_err(|_| stopped(name))??;
+                self.db.put_overlay(&rec)?;
+                r.record = rec;
+                tracing::info!(overlay = %name, key = %hex, "key installed on this agent only");
+            }
+        }
+        Ok(self
+            .wait_for(name, id, Duration::ZERO, &[], move |r| r.installed.contains(&hex))
+            .await)
+    }
+
+    /// Removes from this agent alone a key installed with
+    /// [`Agent::install_local_key`] that no rotation has used yet.
+    pub async fn remove_local_key(&self, name: &str, id: &str) -> Result<KeyChange, AgentError> {
+        let id = parse_key_id(id)?;
+        let hex = key_hex(id);
+        {
+            let mut overlays = self.overlays.lock().await;
+            let r = running_mut(&mut overlays, name)?;
+            let pos = find_key(&r.record.keys, id).ok_or_else(|| unknown_key(id))?;
+            if !r.record.pending_keys.contains(&hex) {
+                return Err(AgentError::Conflict(format!(
+                    "key {hex} is part of the overlay's keyring, not only of this agent's: remove it from every member (`keys remove` without `--local`)"
+                )));
+            }
+            let mut rec = r.record.clone();
+            let mut secret = rec.keys.remove(pos);
+            secret.zeroize();
+            rec.local_keys.retain(|h| *h != hex);
+            rec.pending_keys.retain(|h| *h != hex);
+            let bytes = decode_all(&rec.keys)?;
+            r.handle
+                .call(move |o, now| apply(o, now, &bytes, None))
+                .await
+                .map_err(|_| stopped(name))??;
+            self.db.put_overlay(&rec)?;
+            r.record = rec;
+            tracing::info!(overlay = %name, key = %hex, "key removed from this agent");
+        }
+        Ok(self
+            .wait_for(name, id, Duration::ZERO, &[], move |r| !r.installed.contains(&hex))
+            .await)
     }
 
     /// Makes a key primary on every member. Refused unless every live
-    /// member reports it installed.
-    pub async fn use_key(&self, name: &str, id: &str, wait: Duration) -> Result<KeyChange, AgentError> {
+    /// member not in `exclude` reports it installed; those in `exclude` are
+    /// not waited for.
+    pub async fn use_key(
+        &self,
+        name: &str,
+        id: &str,
+        wait: Duration,
+        exclude: &[String],
+    ) -> Result<KeyChange, AgentError> {
         let id = parse_key_id(id)?;
         let hex = key_hex(id);
         if find_key(&self.export_keys(name).await?, id).is_none() {
             return Err(unknown_key(id));
         }
         let lacking = self
-            .members_where(name, wait, |r| !r.is_some_and(|r| r.installed.contains(&hex)))
+            .members_where(name, wait, exclude, |r| !r.is_some_and(|r| r.installed.contains(&hex)))
             .await?;
         if !lacking.is_empty() {
             return Err(AgentError::Conflict(format!(
-                "key {hex} is not installed on {}: install it everywhere first (`keys install`), or the packets they cannot open would be lost",
+                "key {hex} is not installed on {}: install it there first (`keys install`, or `keys install --local` on each agent to keep), or leave them out with `--exclude` (they are cut off once the old key is removed); otherwise the packets they cannot open would be lost",
                 lacking.join(", ")
             )));
         }
-        self.change_keyring(name, |keys| {
-            let pos = find_key(keys, id).ok_or_else(|| unknown_key(id))?;
-            let k = keys.remove(pos);
-            keys.insert(0, k);
+        self.change_keyring(name, |plan, rec| {
+            if find_key(&rec.keys, id).is_none() && !plan.shares(id) {
+                return Err(unknown_key(id));
+            }
+            plan.ids.retain(|&k| k != id);
+            plan.ids.insert(0, id);
             Ok(())
         })
         .await?;
-        tracing::info!(overlay = %name, key = %hex, "primary key changed");
-        Ok(self.wait_for(name, id, wait, move |r| r.primary == hex).await)
+        tracing::info!(overlay = %name, key = %hex, excluded = ?exclude, "primary key changed");
+        Ok(self.wait_for(name, id, wait, exclude, move |r| r.primary == hex).await)
     }
 
-    /// Removes a key from every member. Refused while a live member still
-    /// seals with it.
-    pub async fn remove_key(&self, name: &str, id: &str, wait: Duration) -> Result<KeyChange, AgentError> {
+    /// Removes a key from every member. Refused while a live member not in
+    /// `exclude` still seals with it.
+    pub async fn remove_key(
+        &self,
+        name: &str,
+        id: &str,
+        wait: Duration,
+        exclude: &[String],
+    ) -> Result<KeyChange, AgentError> {
         let id = parse_key_id(id)?;
         let hex = key_hex(id);
         match self.export_keys(name).await?.first() {
-            Some(k) if config::decode_key(k).is_ok_and(|b| rumormill_wire::key_id(&b) == id) => {
+            Some(k) if secret_id(k) == Some(id) => {
                 return Err(AgentError::Conflict(format!(
                     "key {hex} is the primary key: make another one primary first (`keys use`)"
                 )));
@@ -292,29 +565,30 @@ impl<N: Net> Agent<N> {
             _ => {}
         }
         let sealing = self
-            .members_where(name, wait, |r| r.is_some_and(|r| r.primary == hex))
+            .members_where(name, wait, exclude, |r| r.is_some_and(|r| r.primary == hex))
             .await?;
         if !sealing.is_empty() {
             return Err(AgentError::Conflict(format!(
-                "key {hex} is the primary key of {}: make another key primary first (`keys use`)",
+                "key {hex} is the primary key of {}: make another key primary first (`keys use`), or leave them out with `--exclude`",
                 sealing.join(", ")
             )));
         }
-        self.change_keyring(name, |keys| {
-            let pos = find_key(keys, id).ok_or_else(|| unknown_key(id))?;
+        self.change_keyring(name, |plan, _| {
+            let pos = plan.ids.iter().position(|&k| k == id).ok_or_else(|| unknown_key(id))?;
             if pos == 0 {
                 return Err(AgentError::Conflict(format!(
                     "key {} is the primary key: make another one primary first",
                     key_hex(id)
                 )));
             }
-            keys.remove(pos);
+            plan.ids.remove(pos);
+            plan.shared.retain(|k| secret_id(k) != Some(id));
             Ok(())
         })
         .await?;
-        tracing::info!(overlay = %name, key = %hex, "key removed");
+        tracing::info!(overlay = %name, key = %hex, excluded = ?exclude, "key removed");
         Ok(self
-            .wait_for(name, id, wait, move |r| !r.installed.contains(&hex))
+            .wait_for(name, id, wait, exclude, move |r| !r.installed.contains(&hex))
             .await)
     }
 
@@ -324,43 +598,49 @@ impl<N: Net> Agent<N> {
     async fn change_keyring(
         &self,
         name: &str,
-        edit: impl FnOnce(&mut Vec<String>) -> Result<(), AgentError>,
+        edit: impl FnOnce(&mut Plan, &OverlayRecord) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
         let mut overlays = self.overlays.lock().await;
         let r = running_mut(&mut overlays, name)?;
         if r.record.keys.is_empty() {
             return Err(plaintext(name));
         }
-        let newest = r
+        let local_seen = r.record.keyring_version;
+        let (newest, _) = r
             .handle
-            .call(|o, _| newest_desired(o))
+            .call(move |o, _| desired_keyrings(o, local_seen))
             .await
             .map_err(|_| stopped(name))?;
         let (base, seen) = match newest {
-            Some((v, _, d)) if v >= r.record.keyring_version && !d.keys.is_empty() => (d.keys, v),
-            other => (r.record.keys.clone(), other.map_or(0, |(v, _, _)| v)),
+            Some((v, _, plan)) if v >= local_seen => (plan, v),
+            other => (Plan::from_record(&r.record), other.map_or(0, |(v, _, _)| v)),
         };
-        let mut keys = base.clone();
-        edit(&mut keys)?;
-        let version = seen.max(r.record.keyring_version) + 1;
-        let desired = (keys != base).then(|| Desired {
-            version,
-            keys: keys.clone(),
-        });
-        if desired.is_none() && keys == r.record.keys {
+        let mut plan = base.clone();
+        edit(&mut plan, &r.record)?;
+        let version = next_version(seen.max(local_seen), wall_ms())?;
+        let changed = plan != base;
+        let (keys, _) = resolve(&plan, &r.record);
+        if !changed && keys == r.record.keys {
             return Ok(()); // nothing to change, nothing to publish
         }
+        if keys.is_empty() {
+            return Err(AgentError::Conflict(
+                "the change would leave this member without a key".into(),
+            ));
+        }
+        let desired = changed.then(|| plan.to_desired(version));
         let bytes = decode_all(&keys)?;
-        let published = desired.is_some();
         r.handle
             .call(move |o, now| apply(o, now, &bytes, desired))
             .await
             .map_err(|_| stopped(name))??;
-        r.record.keys = keys;
-        if published {
-            r.record.keyring_version = version;
+        let mut rec = r.record.clone();
+        settle(&mut rec, keys, &plan);
+        if changed {
+            rec.keyring_version = version;
         }
-        self.db.put_overlay(&r.record)?;
+        self.db.put_overlay(&rec)?;
+        r.record = rec;
         Ok(())
     }
 
@@ -369,37 +649,60 @@ impl<N: Net> Agent<N> {
     async fn follow(&self, name: &str) -> Result<(), AgentError> {
         let mut overlays = self.overlays.lock().await;
         let r = running_mut(&mut overlays, name)?;
-        let newest = r
+        let seen = r.record.keyring_version;
+        let (newest, refused) = r
             .handle
-            .call(|o, _| newest_desired(o))
+            .call(move |o, _| desired_keyrings(o, seen))
             .await
             .map_err(|_| stopped(name))?;
-        let Some((version, writer, desired)) = newest else {
+        for (writer, version) in refused {
+            tracing::warn!(overlay = %name, %writer, version, seen, "desired keyring refused: its version jumps implausibly far above the highest seen");
+        }
+        let Some((version, writer, plan)) = newest else {
             return Ok(());
         };
-        if version < r.record.keyring_version || desired.keys.is_empty() || desired.keys == r.record.keys {
-            r.record.keyring_version = r.record.keyring_version.max(version);
+        if version < seen {
             return Ok(());
         }
-        let bytes = decode_all(&desired.keys)?;
-        let primary = key_hex(rumormill_wire::key_id(&bytes[0]));
-        r.handle
-            .call(move |o, now| apply(o, now, &bytes, None))
-            .await
-            .map_err(|_| stopped(name))??;
-        r.record.keys = desired.keys;
-        r.record.keyring_version = version;
-        self.db.put_overlay(&r.record)?;
-        tracing::info!(overlay = %name, %primary, version, %writer, "keyring changed by the overlay");
+        let (keys, lacking) = resolve(&plan, &r.record);
+        if !lacking.is_empty() {
+            let ids: Vec<String> = lacking.iter().map(|&id| key_hex(id)).collect();
+            tracing::warn!(overlay = %name, keys = %ids.join(","), version, %writer,
+                "the overlay's keyring names keys this member does not hold: it was left out of a rotation (install them with `keys install --local`)");
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut rec = r.record.clone();
+        let changed_keys = keys != rec.keys;
+        settle(&mut rec, keys.clone(), &plan);
+        rec.keyring_version = version;
+        if rec == r.record {
+            return Ok(());
+        }
+        if changed_keys {
+            let bytes = decode_all(&keys)?;
+            r.handle
+                .call(move |o, now| apply(o, now, &bytes, None))
+                .await
+                .map_err(|_| stopped(name))??;
+        }
+        self.db.put_overlay(&rec)?;
+        r.record = rec;
+        if changed_keys {
+            let primary = plan.ids.first().map(|&id| key_hex(id)).unwrap_or_default();
+            tracing::info!(overlay = %name, %primary, version, %writer, "keyring changed by the overlay");
+        }
         Ok(())
     }
 
-    /// Names of live members whose report matches `pred`, once none does or
-    /// `wait` has passed.
+    /// Names of live members not in `exclude` whose report matches `pred`,
+    /// once none does or `wait` has passed.
     async fn members_where(
         &self,
         name: &str,
         wait: Duration,
+        exclude: &[String],
         pred: impl Fn(Option<&Report>) -> bool,
     ) -> Result<Vec<String>, AgentError> {
         // Reports spread like any value: one just published elsewhere may
@@ -410,7 +713,7 @@ impl<N: Net> Agent<N> {
             let rows = handle.call(|o, _| reports(o)).await.map_err(|_| stopped(name))?;
             let matching: Vec<String> = rows
                 .into_iter()
-                .filter(|(_, r)| pred(r.as_ref()))
+                .filter(|(n, r)| !exclude.contains(n) && pred(r.as_ref()))
                 .map(|(n, _)| n)
                 .collect();
             if matching.is_empty() || tokio::time::Instant::now() >= deadline {
@@ -420,20 +723,30 @@ impl<N: Net> Agent<N> {
         }
     }
 
-    /// Waits up to `wait` for every live member's report to satisfy `done`.
-    async fn wait_for(&self, name: &str, id: KeyId, wait: Duration, done: impl Fn(&Report) -> bool) -> KeyChange {
+    /// Waits up to `wait` for every live member's report (but those in
+    /// `exclude`) to satisfy `done`.
+    async fn wait_for(
+        &self,
+        name: &str,
+        id: KeyId,
+        wait: Duration,
+        exclude: &[String],
+        done: impl Fn(&Report) -> bool,
+    ) -> KeyChange {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let rows = match self.handle(name).await {
                 Ok(h) => h.call(|o, _| reports(o)).await.unwrap_or_default(),
                 Err(_) => Vec::new(),
             };
+            let (excluded, rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(n, _)| exclude.contains(n));
             let (ok, missing): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, r)| r.as_ref().is_some_and(&done));
             let change = KeyChange {
                 id: key_hex(id),
-                members: ok.len() + missing.len(),
+                members: ok.len() + missing.len() + excluded.len(),
                 done: ok.into_iter().map(|(n, _)| n).collect(),
                 missing: missing.into_iter().map(|(n, _)| n).collect(),
+                excluded: exclude.to_vec(),
             };
             if change.missing.is_empty() || tokio::time::Instant::now() >= deadline {
                 return change;
@@ -447,7 +760,14 @@ fn unknown_key(id: KeyId) -> AgentError {
     AgentError::BadRequest(format!("no key with id {} is installed", key_hex(id)))
 }
 
-fn decode_all(keys: &[String]) -> Result<Vec<Vec<u8>>, AgentError> {
+fn bad_key(key: &str) -> AgentError {
+    match config::decode_key(key) {
+        Err(m) => AgentError::BadRequest(m),
+        Ok(_) => AgentError::BadRequest("not a key".into()),
+    }
+}
+
+fn decode_all(keys: &[String]) -> Result<Vec<Zeroizing<Vec<u8>>>, AgentError> {
     keys.iter()
         .map(|k| config::decode_key(k).map_err(AgentError::BadRequest))
         .collect()
@@ -467,5 +787,76 @@ pub(crate) async fn watch<N: Net>(agent: Weak<Agent<N>>, name: String, handle: O
         if let Err(e) = agent.follow(&name).await {
             tracing::warn!(overlay = %name, error = %e, "desired keyring not applied");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_never_wrap_and_implausible_jumps_are_refused() {
+        let now = 1_800_000_000_000; // ms
+        assert!(plausible(1, 0, now));
+        assert!(plausible(now + MAX_AHEAD_MS, 0, now));
+        assert!(!plausible(now + MAX_AHEAD_MS + 1, 0, now), "a day ahead of the clock");
+        assert!(
+            plausible(now + 5 * MAX_AHEAD_MS, now + 4 * MAX_AHEAD_MS, now),
+            "a day above what was seen"
+        );
+        assert!(!plausible(u64::MAX, 0, now));
+        assert!(!plausible(u64::MAX, u64::MAX - 1, now));
+        assert!(plausible(u64::MAX - 1, u64::MAX - 2, now));
+        // A member whose clock is wrong still follows one step above what
+        // it saw.
+        assert!(plausible(now + 1, now, 0));
+        assert_eq!(next_version(7, now).unwrap(), now);
+        assert_eq!(next_version(now + 9, now).unwrap(), now + 10);
+        assert!(next_version(u64::MAX - 1, now).is_err());
+        assert!(next_version(u64::MAX, now).is_err());
+    }
+
+    #[test]
+    fn local_keys_are_never_shared_and_kept_until_named() {
+        let old = config::generate_key();
+        let new = config::generate_key();
+        let old_id = secret_id(&old).unwrap();
+        let new_id = secret_id(&new).unwrap();
+        let mut rec = OverlayRecord::new(config::OverlaySpec::named("o"), "m".into());
+        rec.keys = vec![old.clone(), new.clone()];
+        rec.local_keys = vec![key_hex(new_id)];
+        rec.pending_keys = vec![key_hex(new_id)];
+        let plan = Plan::from_record(&rec);
+        assert_eq!(plan.ids, vec![old_id]);
+        assert!(plan.shares(old_id) && !plan.shares(new_id));
+        // A desired keyring that does not name the local key keeps it.
+        let (keys, lacking) = resolve(&plan, &rec);
+        assert_eq!((keys, lacking), (vec![old.clone(), new.clone()], vec![]));
+        // `use NEW`: the local secret still does not travel.
+        let mut used = plan.clone();
+        used.ids.insert(0, new_id);
+        let desired = serde_json::to_string(&used.to_desired(2)).unwrap();
+        assert!(
+            !desired.contains(&new) && desired.contains(&key_hex(new_id)),
+            "{desired}"
+        );
+        let (keys, _) = resolve(&used, &rec);
+        settle(&mut rec, keys, &used);
+        assert_eq!(rec.keys, vec![new.clone(), old.clone()]);
+        assert!(rec.pending_keys.is_empty());
+        assert_eq!(rec.local_keys, vec![key_hex(new_id)]);
+        // A member without the local key follows what it can, and says
+        // what it lacks.
+        let mut outsider = OverlayRecord::new(config::OverlaySpec::named("o"), "x".into());
+        outsider.keys = vec![old.clone()];
+        let (keys, lacking) = resolve(&used, &outsider);
+        assert_eq!((keys, lacking), (vec![old.clone()], vec![new_id]));
+        // `remove OLD`: nothing left for it.
+        let mut removed = used.clone();
+        removed.ids.retain(|&k| k != old_id);
+        removed.shared.retain(|k| secret_id(k) != Some(old_id));
+        let (keys, lacking) = resolve(&removed, &outsider);
+        assert_eq!((keys, lacking), (vec![], vec![new_id]));
+        assert_eq!(Plan::from_record(&rec).shared, vec![old]);
     }
 }

@@ -64,6 +64,14 @@ pub enum PersistError {
         /// What the storage layer said.
         reason: String,
     },
+    /// The data directory is open to other users.
+    #[error("data directory {path} is open to other users (mode {mode:o}) and holds keys: run `chmod 700 {path}`")]
+    OpenDir {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A read or write failed.
     #[error("database {path}: {reason}")]
     Io {
@@ -93,6 +101,14 @@ pub struct OverlayRecord {
     /// Topics the agent subscribes to (see [`crate::events`]).
     #[serde(default)]
     pub topics: Vec<String>,
+    /// Ids (hex) of keys installed on this agent alone: their secrets are
+    /// never written to the overlay's store (see [`crate::keyring`]).
+    #[serde(default)]
+    pub local_keys: Vec<String>,
+    /// Ids (hex) of local keys no desired keyring names yet: kept when this
+    /// member follows one.
+    #[serde(default)]
+    pub pending_keys: Vec<String>,
 }
 
 impl std::fmt::Debug for OverlayRecord {
@@ -105,7 +121,16 @@ impl std::fmt::Debug for OverlayRecord {
             .field("peers", &self.peers)
             .field("keyring_version", &self.keyring_version)
             .field("topics", &self.topics)
+            .field("local_keys", &self.local_keys)
+            .field("pending_keys", &self.pending_keys)
             .finish()
+    }
+}
+
+impl Drop for OverlayRecord {
+    /// The keyring's secrets are wiped with the record.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.keys);
     }
 }
 
@@ -121,6 +146,8 @@ impl OverlayRecord {
             peers: Vec::new(),
             keyring_version: 0,
             topics: Vec::new(),
+            local_keys: Vec::new(),
+            pending_keys: Vec::new(),
         }
     }
 }
@@ -134,9 +161,15 @@ pub struct Db {
 
 impl Db {
     /// Opens (or creates) the database in `dir`, creating `dir` if needed.
+    /// The directory must not be open to other users; the file is made
+    /// readable by its owner only (it holds the keyrings).
     pub fn open(dir: &Path) -> Result<Db, PersistError> {
         create_private_dir(dir)?;
         let path = dir.join(DB_FILE);
+        private_file(&path).map_err(|source| PersistError::Dir {
+            path: path.clone(),
+            source,
+        })?;
         let db = match redb::Database::create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(PersistError::InUse { path }),
@@ -212,7 +245,8 @@ impl Db {
 
     /// Writes (creates or replaces) an overlay's record, durably.
     pub fn put_overlay(&self, rec: &OverlayRecord) -> Result<(), PersistError> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| self.io(e))?;
+        // It holds the keyring: wiped once written.
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|e| self.io(e))?);
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
@@ -274,6 +308,7 @@ impl Db {
                     Op::PutReport(id, v) => reports.insert((overlay, id.as_str()), v.as_slice()).map(|_| ()),
                     Op::Inbox(seq, v) => inbox.insert((overlay, *seq), v.as_slice()).map(|_| ()),
                     Op::TrimInbox(below) => inbox.retain_in((overlay, 0)..(overlay, *below), |_, _| false),
+                    Op::DeleteInbox(seq) => inbox.remove((overlay, *seq)).map(|_| ()),
                     Op::Dedup(v) => dedup.insert(overlay, v.as_slice()).map(|_| ()),
                     Op::ReserveInbox(below) => reserved.insert(overlay, *below).map(|_| ()),
                 };
@@ -324,19 +359,44 @@ impl Db {
             .map(|v| v.value().to_vec()))
     }
 
-    /// Inbox entries after `after`, at most `limit`.
-    pub fn inbox_after(&self, overlay: &str, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, PersistError> {
+    /// Inbox entries after `after`, at most `limit` of them and — beyond
+    /// the first — at most `max_bytes` in all.
+    pub fn inbox_after(
+        &self,
+        overlay: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
         let from = after.saturating_add(1);
         let range = t.range((overlay, from)..=(overlay, u64::MAX)).map_err(|e| self.io(e))?;
-        range
-            .take(limit)
-            .map(|r| {
-                r.map(|(k, v)| (k.value().1, v.value().to_vec()))
-                    .map_err(|e| self.io(e))
-            })
-            .collect()
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for r in range.take(limit) {
+            let (k, v) = r.map_err(|e| self.io(e))?;
+            let v = v.value();
+            if !out.is_empty() && bytes + v.len() > max_bytes {
+                break;
+            }
+            bytes += v.len();
+            out.push((k.value().1, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with every inbox entry of an overlay, in order, without
+    /// collecting them.
+    pub fn inbox_scan(&self, overlay: &str, mut f: impl FnMut(u64, &[u8])) -> Result<(), PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
+        let range = t.range((overlay, 0)..=(overlay, u64::MAX)).map_err(|e| self.io(e))?;
+        for r in range {
+            let (k, v) = r.map_err(|e| self.io(e))?;
+            f(k.value().1, v.value());
+        }
+        Ok(())
     }
 
     /// The last inbox sequence number of an overlay (0: empty).
@@ -382,14 +442,36 @@ pub enum Op {
     Inbox(u64, Vec<u8>),
     /// Drops inbox entries below a sequence number.
     TrimInbox(u64),
+    /// Drops one inbox entry (evicted for the byte cap).
+    DeleteInbox(u64),
     /// Saves the de-duplication window.
     Dedup(Vec<u8>),
     /// Inbox sequence numbers up to this one (excluded) may be handed out.
     ReserveInbox(u64),
 }
 
+/// Creates the database file with mode 0600 if it does not exist (redb
+/// would create it with the umask's), and gives an existing one that mode.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file.metadata()?.permissions().mode() & 0o777;
+        if mode != 0o600 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            tracing::info!(file = %path.display(), mode = %format!("{mode:o}"), "database file made private (0600)");
+        }
+    }
+    Ok(())
+}
+
 /// Creates `dir` with mode 0700 (it holds keys and the admin token); an
-/// existing directory keeps its mode, with a warning when others can read it.
+/// existing directory that others may enter, read or write is refused.
 pub fn create_private_dir(dir: &Path) -> Result<(), PersistError> {
     let err = |source| PersistError::Dir {
         path: dir.to_owned(),
@@ -401,7 +483,10 @@ pub fn create_private_dir(dir: &Path) -> Result<(), PersistError> {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                tracing::warn!(dir = %dir.display(), mode = %format!("{mode:o}"), "the data directory, which holds keys, is open to other users (chmod 700 it)");
+                return Err(PersistError::OpenDir {
+                    path: dir.to_owned(),
+                    mode,
+                });
             }
         }
         return Ok(());
@@ -416,6 +501,7 @@ pub fn create_private_dir(dir: &Path) -> Result<(), PersistError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::DirBuilderExt;
 
     fn temp(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("rm-persist-{tag}-{}", std::process::id()));
@@ -453,7 +539,7 @@ mod tests {
             // durable write.
             db.write_volatile("o", &[Op::Inbox(2, b"b".to_vec())]).unwrap();
             db.write("o", &[]).unwrap();
-            assert_eq!(db.inbox_after("o", 0, 10).unwrap().len(), 2);
+            assert_eq!(db.inbox_after("o", 0, 10, usize::MAX).unwrap().len(), 2);
             // Numbers up to the reservation may have been seen by an
             // application before a crash lost their entries: not reused.
             assert_eq!(db.inbox_next("o").unwrap(), 100);
@@ -469,16 +555,50 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn private_dir(dir: &Path) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_database_is_private_and_an_open_directory_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp("modes");
+        drop(Db::open(&dir).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(DB_FILE)), 0o600);
+        // A file left readable by an older version is made private.
+        std::fs::set_permissions(dir.join(DB_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Db::open(&dir).unwrap());
+        assert_eq!(mode(&dir.join(DB_FILE)), 0o600);
+        // A directory others can read is refused, with the fix.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = Db::open(&dir).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "data directory {} is open to other users (mode 755) and holds keys: run `chmod 700 {}`",
+                dir.display(),
+                dir.display()
+            )
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn garbage_and_foreign_files_are_refused_clearly() {
         let dir = temp("garbage");
-        std::fs::create_dir_all(&dir).unwrap();
+        private_dir(&dir);
         std::fs::write(dir.join(DB_FILE), vec![0x5a; 10_000]).unwrap();
         let err = Db::open(&dir).unwrap_err();
         assert!(err.to_string().contains("not a usable Rumormill database"), "{err}");
 
         let foreign = temp("foreign");
-        std::fs::create_dir_all(&foreign).unwrap();
+        private_dir(&foreign);
         {
             let db = redb::Database::create(foreign.join(DB_FILE)).unwrap();
             let tx = db.begin_write().unwrap();

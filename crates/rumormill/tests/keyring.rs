@@ -69,7 +69,7 @@ async fn one_agent_rotates_the_key_of_every_member() {
     let wait = Duration::from_secs(10);
     let installed = a.install_key("default", &new, wait).await.expect("install");
     assert_eq!((installed.members, installed.missing.len()), (3, 0), "{installed:?}");
-    let removing_primary = a.remove_key("default", &old_id, wait).await.unwrap_err();
+    let removing_primary = a.remove_key("default", &old_id, wait, &[]).await.unwrap_err();
     assert!(
         removing_primary
             .to_string()
@@ -77,15 +77,15 @@ async fn one_agent_rotates_the_key_of_every_member() {
         "{removing_primary}"
     );
     let used = c
-        .use_key("default", &installed.id, wait)
+        .use_key("default", &installed.id, wait, &[])
         .await
         .expect("use, from another agent");
     assert_eq!(used.missing, Vec::<String>::new());
     // A no-op from an agent whose write clock is ahead (b writes all the
     // time), right before a real change elsewhere, must not undo it.
-    let noop = b.use_key("default", &installed.id, wait).await.expect("no-op use");
+    let noop = b.use_key("default", &installed.id, wait, &[]).await.expect("no-op use");
     assert_eq!(noop.missing, Vec::<String>::new());
-    let removed = a.remove_key("default", &old_id, wait).await.expect("remove");
+    let removed = a.remove_key("default", &old_id, wait, &[]).await.expect("remove");
     assert_eq!(removed.missing, Vec::<String>::new());
 
     for agent in all {
@@ -116,6 +116,208 @@ async fn one_agent_rotates_the_key_of_every_member() {
         }
     }
     for agent in all {
+        agent.shutdown(false).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls `check` every 20 ms for up to `secs` seconds.
+async fn eventually(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let last = match check().await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {last}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn full_view(agents: &[&A], n: usize) {
+    for a in agents {
+        eventually("every member and report known", 15, async || {
+            let keys = a.keys("default").await.map_err(|e| e.to_string())?;
+            if keys.iter().all(|k| k.installed_on == n && k.members == n) {
+                Ok(())
+            } else {
+                Err(format!("{keys:?}"))
+            }
+        })
+        .await;
+    }
+}
+
+/// Every value in an agent's replicated store, raw.
+async fn store_values(a: &A) -> Vec<Vec<u8>> {
+    a.handle("default")
+        .await
+        .expect("handle")
+        .call(|o, _| o.store().iter().filter_map(|u| u.value.clone()).collect())
+        .await
+        .expect("store")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compromised_holder_is_rotated_out() {
+    let dir = std::env::temp_dir().join(format!("rm-keyring-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let old = rumormill::config::generate_key();
+    let a = start(&dir, "x-a", &old, None).await;
+    let seed = a.overlay("default").await.expect("overlay").addr;
+    let b = start(&dir, "x-b", &old, Some(seed)).await;
+    let m = start(&dir, "x-m", &old, Some(seed)).await;
+    full_view(&[&a, &b, &m], 3).await;
+    let old_id = a.keys("default").await.expect("keys")[0].id.clone();
+
+    // The operator installs NEW on the two agents it trusts, each alone.
+    let new = rumormill::config::generate_key();
+    let on_a = a.install_local_key("default", &new).await.expect("local install on a");
+    let new_id = on_a.id.clone();
+    assert_eq!(on_a.done, vec!["x-a".to_owned()], "{on_a:?}");
+    b.install_local_key("default", &new).await.expect("local install on b");
+    let listed = a.keys("default").await.expect("keys");
+    assert!(
+        listed.iter().any(|k| k.id == new_id && k.local && !k.primary),
+        "{listed:?}"
+    );
+
+    // `use` waits for every member that holds the key; without `exclude`
+    // it refuses, naming the one that lacks it.
+    let refused = a
+        .use_key("default", &new_id, Duration::from_secs(2), &[])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!("key {new_id} is not installed on x-m")),
+        "{refused}"
+    );
+    let excluded = vec!["x-m".to_owned()];
+    let used = a
+        .use_key("default", &new_id, Duration::from_secs(10), &excluded)
+        .await
+        .expect("use, leaving x-m out");
+    assert_eq!(
+        (used.missing.clone(), used.excluded.clone()),
+        (vec![], excluded.clone()),
+        "{used:?}"
+    );
+    let removed = b
+        .remove_key("default", &old_id, Duration::from_secs(10), &excluded)
+        .await
+        .expect("remove, leaving x-m out");
+    assert_eq!(removed.missing, Vec::<String>::new(), "{removed:?}");
+
+    // The two kept agents hold NEW only; the excluded one still holds OLD
+    // only and never saw NEW's secret.
+    for agent in [&a, &b] {
+        assert_eq!(agent.export_keys("default").await.expect("export"), vec![new.clone()]);
+    }
+    assert_eq!(m.export_keys("default").await.expect("export"), vec![old.clone()]);
+    for (who, agent) in [("x-a", &a), ("x-b", &b), ("x-m", &m)] {
+        for v in store_values(agent).await {
+            assert!(
+                !String::from_utf8_lossy(&v).contains(&new),
+                "NEW's secret is in {who}'s store: {}",
+                String::from_utf8_lossy(&v)
+            );
+        }
+    }
+
+    // It can neither inject nor read: its writes never arrive, its
+    // packets are rejected, and it cannot open the others' packets.
+    let before = rejected(&m).await;
+    let injected_before = rejected(&a).await;
+    m.put("default", "injected", b"by x-m".to_vec())
+        .await
+        .expect("put on x-m");
+    a.put("default", "secret", b"for a and b".to_vec())
+        .await
+        .expect("put on a");
+    eventually("b gets a's write", 5, async || match b.get("default", "secret").await {
+        Ok(r) if r.value.as_deref() == Some("for a and b") => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
+    eventually("x-m's packets rejected by a, a's by x-m", 10, async || {
+        let (on_a, on_m) = (rejected(&a).await, rejected(&m).await);
+        if on_a > injected_before && on_m > before {
+            Ok(())
+        } else {
+            Err(format!(
+                "rejected on a: {injected_before} -> {on_a}, on x-m: {before} -> {on_m}"
+            ))
+        }
+    })
+    .await;
+    assert!(m.get("default", "secret").await.is_err(), "x-m read a's write");
+    for agent in [&a, &b] {
+        assert!(
+            agent.get("default", "injected").await.is_err(),
+            "x-m's write was accepted"
+        );
+    }
+    for agent in [&a, &b, &m] {
+        agent.shutdown(false).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyring_of_version_max_does_not_lock_rotations_out() {
+    let dir = std::env::temp_dir().join(format!("rm-keyring-max-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let old = rumormill::config::generate_key();
+    let a = start(&dir, "v-a", &old, None).await;
+    let seed = a.overlay("default").await.expect("overlay").addr;
+    let b = start(&dir, "v-b", &old, Some(seed)).await;
+    let m = start(&dir, "v-m", &old, Some(seed)).await;
+    full_view(&[&a, &b, &m], 3).await;
+
+    // A key holder writes a desired keyring of version u64::MAX (the
+    // current keys, so nothing visibly changes).
+    let forged = serde_json::json!({ "version": u64::MAX, "keys": [old] }).to_string();
+    m.handle("default")
+        .await
+        .expect("handle")
+        .call(move |o, now| o.put(now, "_rumormill/keyring/v-m", forged.into_bytes()))
+        .await
+        .expect("call")
+        .expect("forged write");
+    eventually("the forged keyring reaches a and b", 10, async || {
+        for agent in [&a, &b] {
+            let n = store_values(agent)
+                .await
+                .iter()
+                .filter(|v| String::from_utf8_lossy(v).contains(&u64::MAX.to_string()))
+                .count();
+            if n == 0 {
+                return Err("not yet".into());
+            }
+        }
+        Ok(())
+    })
+    .await;
+
+    // A member that joins after the forged write is not locked out either.
+    let late = start(&dir, "v-late", &old, Some(seed)).await;
+    full_view(&[&a, &late], 4).await;
+
+    // Later rotations still win, from any agent.
+    let wait = Duration::from_secs(10);
+    let new = rumormill::config::generate_key();
+    let installed = a.install_key("default", &new, wait).await.expect("install");
+    assert_eq!(installed.missing, Vec::<String>::new(), "{installed:?}");
+    let used = b.use_key("default", &installed.id, wait, &[]).await.expect("use");
+    assert_eq!(used.missing, Vec::<String>::new(), "{used:?}");
+    assert_eq!(used.done.len(), 4, "{used:?}");
+    for agent in [&a, &b, &m, &late] {
+        let keys = agent.keys("default").await.expect("keys");
+        let primary: Vec<&str> = keys.iter().filter(|k| k.primary).map(|k| k.id.as_str()).collect();
+        assert_eq!(primary, vec![installed.id.as_str()], "{keys:?}");
+    }
+    for agent in [&a, &b, &m, &late] {
         agent.shutdown(false).await;
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -183,14 +183,19 @@ impl Dissemination {
                 news.push(u);
             }
         }
-        let Some(accepted) = self.accept(now, news) else { return };
+        let mut refused = Vec::new();
+        let Some(accepted) = self.accept(now, news, &mut refused) else {
+            return;
+        };
         self.stats.fresh += accepted.len() as u64;
         for u in &accepted {
             // Found by anti-entropy: rumor it onwards too.
             self.infect(now, u);
         }
         if d.chunks <= 1 || self.reassembly.complete(now, d.exchange, d.chunks) {
-            self.store.merge_seen(&d.seen);
+            let skip = std::mem::take(&mut self.refused_lives);
+            self.store
+                .merge_seen(&d.seen, |o, e| skip.get(o).is_some_and(|lives| lives.contains(&e)));
             self.stats.syncs += 1;
         }
     }

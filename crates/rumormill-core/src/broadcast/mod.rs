@@ -18,12 +18,14 @@
 
 pub mod anti_entropy;
 pub mod handler;
+#[cfg(test)]
+mod quota_tests;
 pub mod rumor;
 pub mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -36,7 +38,7 @@ use rumormill_wire::proto::{Envelope, envelope::Body};
 
 pub use handler::{AcceptAll, Decision, UpdateHandler};
 pub use rumor::RumorState;
-pub use store::{Store, Update};
+pub use store::{Limits, QuotaExceeded, Store, Update, Usage};
 
 /// Keys under this prefix hold the members' own data (topics, racks…);
 /// applications should leave them alone.
@@ -183,6 +185,11 @@ pub struct DisseminationConfig {
     pub tombstone_ttl: Duration,
     /// Largest chunk of updates in one stream frame.
     pub max_chunk: usize,
+    /// What one writer may make every member store, checked on receipt
+    /// and for local writes ([`Store::check`]). Must be the same on every
+    /// member. [`crate::Overlay::new`] takes the luggage limits from
+    /// [`crate::Config`].
+    pub limits: Limits,
 }
 
 impl Default for DisseminationConfig {
@@ -206,6 +213,7 @@ impl Default for DisseminationConfig {
             removed_ttl: Duration::from_secs(30),
             tombstone_ttl: Duration::from_secs(24 * 3600),
             max_chunk: 64 << 10,
+            limits: Limits::default(),
         }
     }
 }
@@ -236,6 +244,11 @@ impl DisseminationConfig {
         self.mode != Mode::Rumor
     }
 }
+
+/// Most writers remembered as having refused updates between two merged
+/// deltas; beyond it, a refused update may be taken as seen by the next
+/// merge (and then comes again only when rewritten).
+const MAX_REFUSED_LIVES: usize = 4096;
 
 /// Where a message goes and how.
 #[derive(Debug, Clone, PartialEq)]
@@ -270,6 +283,13 @@ pub struct DisseminationStats {
     pub syncs: u64,
     /// Updates that went from infected to removed.
     pub removed: u64,
+    /// Received updates refused because they would take their writer
+    /// beyond its quota (bytes or entries): not stored, not spread, not
+    /// counted as seen (they may come again when there is room).
+    pub quota_refused: u64,
+    /// Received luggage updates refused for the luggage limits (value,
+    /// total per member, key).
+    pub luggage_refused: u64,
 }
 
 /// An accepted update, for the application.
@@ -304,6 +324,10 @@ pub struct Dissemination {
     pub(crate) reassembly: anti_entropy::Reassembly,
     pub(crate) events: VecDeque<UpdateEvent>,
     pub(crate) stats: DisseminationStats,
+    /// Lives (origin, epoch) with updates refused since the last delta
+    /// was merged: their summaries are not merged, so the refused updates
+    /// stay unseen and can come again.
+    pub(crate) refused_lives: BTreeMap<Arc<str>, BTreeSet<u64>>,
 }
 
 impl fmt::Debug for Dissemination {
@@ -362,6 +386,7 @@ impl Dissemination {
             reassembly: anti_entropy::Reassembly::default(),
             events: VecDeque::new(),
             stats: DisseminationStats::default(),
+            refused_lives: BTreeMap::new(),
         }
     }
 
@@ -378,35 +403,57 @@ impl Dissemination {
         self.clock = self.clock.max(floor);
     }
 
-    /// Writes a value; it spreads to every member.
+    /// Writes a value; it spreads to every member. The writer's quota is
+    /// not checked (see [`Dissemination::try_put`]): members that check it
+    /// on receipt may refuse the write.
     pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Update {
-        self.write(now, key, Some(value))
+        self.write(now, key, Some(value), false)
+            .unwrap_or_else(|_| unreachable!("unchecked writes are not refused"))
     }
 
-    /// Deletes a key; the delete spreads like a value.
+    /// Deletes a key; the delete spreads like a value. Unchecked, as
+    /// [`Dissemination::put`].
     pub fn delete(&mut self, now: Instant, key: &str) -> Update {
-        self.write(now, key, None)
+        self.write(now, key, None, false)
+            .unwrap_or_else(|_| unreachable!("unchecked writes are not refused"))
     }
 
-    fn write(&mut self, now: Instant, key: &str, value: Option<Vec<u8>>) -> Update {
-        self.clock = self.clock.saturating_add(1);
-        self.next_seq = self.next_seq.saturating_add(1);
+    /// Writes a value if it keeps this member within its quota
+    /// ([`DisseminationConfig::limits`]); otherwise nothing is written.
+    pub fn try_put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<Update, QuotaExceeded> {
+        self.write(now, key, Some(value), true)
+    }
+
+    /// Deletes a key if the delete keeps this member within its quota (a
+    /// delete of another member's key takes one entry of its own).
+    pub fn try_delete(&mut self, now: Instant, key: &str) -> Result<Update, QuotaExceeded> {
+        self.write(now, key, None, true)
+    }
+
+    fn write(&mut self, now: Instant, key: &str, value: Option<Vec<u8>>, check: bool) -> Result<Update, QuotaExceeded> {
+        let mut clock = self.clock.saturating_add(1);
         // Beat whatever is stored, even if written by a member with a faster clock.
         if let Some(cur) = self.store.get(key) {
-            self.clock = self.clock.max(cur.lamport.saturating_add(1));
+            clock = clock.max(cur.lamport.saturating_add(1));
         }
         let u = Update {
             key: key.to_owned(),
             value,
-            lamport: self.clock,
+            lamport: clock,
             origin: self.me.clone(),
             epoch: self.epoch,
-            seq: self.next_seq,
+            seq: self.next_seq.saturating_add(1),
         };
+        // A refused write takes no sequence number: receivers must see no gap.
+        if check {
+            self.store.check(&u, &self.config.limits)?;
+        }
+        self.clock = clock;
+        self.next_seq = u.seq;
         let stamp = self.stamp(now);
         self.store.apply(u.clone(), stamp);
         self.infect(now, &u);
-        u
+        Ok(u)
     }
 
     /// The replicated data.
@@ -499,7 +546,15 @@ impl Dissemination {
 
     /// Runs the handler over updates that are news and applies its
     /// decision; returns the accepted ones, or `None` if it said ignore.
-    pub(crate) fn accept(&mut self, now: Instant, batch: Vec<Update>) -> Option<Vec<Update>> {
+    /// Updates that would take their writer beyond its limits are refused
+    /// (counted, not stored, not returned, not marked seen) and their ids
+    /// pushed onto `refused`.
+    pub(crate) fn accept(
+        &mut self,
+        now: Instant,
+        batch: Vec<Update>,
+        refused: &mut Vec<rumor::RumorKey>,
+    ) -> Option<Vec<Update>> {
         if batch.is_empty() {
             return Some(batch);
         }
@@ -534,6 +589,17 @@ impl Dissemination {
         };
         let mut stored = Vec::with_capacity(accepted.len());
         for u in accepted {
+            if let Err(e) = self.store.check(&u, &self.config.limits) {
+                match e {
+                    QuotaExceeded::Bytes { .. } | QuotaExceeded::Entries { .. } => self.stats.quota_refused += 1,
+                    _ => self.stats.luggage_refused += 1,
+                }
+                if self.refused_lives.len() < MAX_REFUSED_LIVES {
+                    self.refused_lives.entry(u.origin.clone()).or_default().insert(u.epoch);
+                }
+                refused.push((u.origin.clone(), u.epoch, u.seq));
+                continue;
+            }
             self.clock = self.clock.max(u.lamport);
             if self.store.apply(u.clone(), stamp) {
                 self.events.push_back(UpdateEvent { update: u.clone() });

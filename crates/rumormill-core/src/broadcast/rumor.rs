@@ -193,7 +193,17 @@ impl Dissemination {
             }
         }
         // The handler said ignore: as if the push never came, no feedback.
-        let Some(accepted) = self.accept(now, news) else { return };
+        let mut refused = Vec::new();
+        let Some(accepted) = self.accept(now, news, &mut refused) else {
+            return;
+        };
+        // Refused for a quota: answered as known, so the pusher loses
+        // interest instead of pushing it here for ever.
+        known.extend(refused.into_iter().map(|(origin, epoch, seq)| UpdateId {
+            origin: origin.to_string(),
+            seq,
+            epoch,
+        }));
         self.stats.fresh += accepted.len() as u64;
         let fresh: Vec<UpdateId> = accepted
             .iter()

@@ -130,6 +130,119 @@ impl Seen {
     }
 }
 
+/// What one writer's current entries take in a store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of keys and values.
+    pub bytes: u64,
+    /// Entries, deletes included (a delete holds its key until its TTL).
+    pub entries: u64,
+    /// Bytes of the writer's own luggage values.
+    pub luggage: u64,
+}
+
+/// How much one writer may make every member store. They are overlay
+/// settings: every member must use the same, since each applies them on
+/// receipt (see [`Store::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes (keys + values) of one writer's current entries.
+    pub writer_bytes: u64,
+    /// Most entries (deletes included) one writer holds.
+    pub writer_entries: u64,
+    /// Largest luggage value.
+    pub luggage_value: u64,
+    /// Most bytes of luggage values per member.
+    pub luggage_total: u64,
+}
+
+/// Default bytes per writer: 16 MiB.
+pub const DEFAULT_WRITER_BYTES: u64 = 16 << 20;
+/// Default entries per writer: 16,384.
+pub const DEFAULT_WRITER_ENTRIES: u64 = 16_384;
+
+impl Default for Limits {
+    /// 16 MiB and 16,384 entries per writer: sixteen times the default
+    /// luggage of a member (1 MiB) with room for its subscriptions, rack
+    /// and key reports, and for application values beside them; luggage
+    /// values of 64 KiB, 1 MiB per member.
+    fn default() -> Limits {
+        Limits {
+            writer_bytes: DEFAULT_WRITER_BYTES,
+            writer_entries: DEFAULT_WRITER_ENTRIES,
+            luggage_value: crate::luggage::DEFAULT_MAX_VALUE as u64,
+            luggage_total: crate::luggage::DEFAULT_MAX_TOTAL as u64,
+        }
+    }
+}
+
+/// Why an update was refused: it would take its writer beyond a limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuotaExceeded {
+    /// Keys and values of the writer would exceed `max` bytes.
+    #[error(
+        "writer {writer:?} would hold {would} bytes of keys and values: at most {max} per writer (delete some keys first)"
+    )]
+    Bytes {
+        /// The writer.
+        writer: String,
+        /// What it would hold.
+        would: u64,
+        /// The quota.
+        max: u64,
+    },
+    /// The writer would hold more than `max` entries.
+    #[error(
+        "writer {writer:?} would hold {would} entries: at most {max} per writer, deletes included until they expire"
+    )]
+    Entries {
+        /// The writer.
+        writer: String,
+        /// What it would hold.
+        would: u64,
+        /// The quota.
+        max: u64,
+    },
+    /// A luggage value over the limit.
+    #[error("luggage value of {len} bytes: at most {max}")]
+    LuggageValue {
+        /// Its length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The member's luggage would exceed its total.
+    #[error("luggage would total {would} bytes: at most {max} per member")]
+    LuggageTotal {
+        /// What it would total.
+        would: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A luggage key that the writer's own API would not take.
+    #[error("luggage key of {len} bytes or with control characters: 1 to {max} bytes, none")]
+    LuggageKey {
+        /// Its length.
+        len: u64,
+        /// The longest allowed.
+        max: u64,
+    },
+}
+
+/// What an update costs its writer.
+fn cost(u: &Update) -> Usage {
+    let luggage = match (&u.value, crate::luggage::parse(&u.key)) {
+        (Some(v), Some((member, _))) if *member == *u.origin => v.len() as u64,
+        _ => 0,
+    };
+    Usage {
+        bytes: (u.key.len() + u.value.as_ref().map_or(0, Vec::len)) as u64,
+        entries: 1,
+        luggage,
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     update: Update,
@@ -147,12 +260,103 @@ pub struct Store {
     /// Seen sequence numbers, per origin and epoch.
     seen: BTreeMap<Arc<str>, BTreeMap<u64, Seen>>,
     tombstones: usize,
+    /// What each writer's current entries take.
+    usage: BTreeMap<Arc<str>, Usage>,
 }
 
 impl Store {
     /// Deletes held.
     pub fn tombstones(&self) -> usize {
         self.tombstones
+    }
+
+    /// What `writer`'s current entries take.
+    pub fn usage(&self, writer: &str) -> Usage {
+        self.usage.get(writer).copied().unwrap_or_default()
+    }
+
+    /// Whether storing `u` keeps its writer within `limits`. An update
+    /// that would not be stored (an older version) or that does not raise
+    /// what its writer holds passes: a writer over its quota (under a
+    /// member with a smaller one) can still shrink.
+    pub fn check(&self, u: &Update, limits: &Limits) -> Result<(), QuotaExceeded> {
+        let cur = self.entries.get(&u.key).map(|e| &e.update);
+        if cur.is_some_and(|c| c.version() >= u.version()) {
+            return Ok(());
+        }
+        if let Some((member, key)) = crate::luggage::parse(&u.key)
+            && member == *u.origin
+            && u.value.is_some()
+            && !crate::luggage::key_ok(key)
+        {
+            return Err(QuotaExceeded::LuggageKey {
+                len: key.len() as u64,
+                max: crate::luggage::MAX_KEY as u64,
+            });
+        }
+        let before = self.usage(&u.origin);
+        let add = cost(u);
+        let sub = match cur {
+            Some(c) if c.origin == u.origin => cost(c),
+            _ => Usage::default(),
+        };
+        let after = Usage {
+            bytes: (before.bytes + add.bytes).saturating_sub(sub.bytes),
+            entries: (before.entries + add.entries).saturating_sub(sub.entries),
+            luggage: (before.luggage + add.luggage).saturating_sub(sub.luggage),
+        };
+        let writer = || u.origin.to_string();
+        if add.luggage > limits.luggage_value {
+            return Err(QuotaExceeded::LuggageValue {
+                len: add.luggage,
+                max: limits.luggage_value,
+            });
+        }
+        if after.luggage > limits.luggage_total && after.luggage > before.luggage {
+            return Err(QuotaExceeded::LuggageTotal {
+                would: after.luggage,
+                max: limits.luggage_total,
+            });
+        }
+        if after.bytes > limits.writer_bytes && after.bytes > before.bytes {
+            return Err(QuotaExceeded::Bytes {
+                writer: writer(),
+                would: after.bytes,
+                max: limits.writer_bytes,
+            });
+        }
+        if after.entries > limits.writer_entries && after.entries > before.entries {
+            return Err(QuotaExceeded::Entries {
+                writer: writer(),
+                would: after.entries,
+                max: limits.writer_entries,
+            });
+        }
+        Ok(())
+    }
+
+    fn charge(&mut self, u: &Update) {
+        let c = cost(u);
+        let key: Arc<str> = match self.usage.get_key_value(&*u.origin) {
+            Some((k, _)) => k.clone(),
+            None => u.origin.clone(),
+        };
+        let e = self.usage.entry(key).or_default();
+        e.bytes += c.bytes;
+        e.entries += c.entries;
+        e.luggage += c.luggage;
+    }
+
+    fn refund(&mut self, u: &Update) {
+        let c = cost(u);
+        if let Some(e) = self.usage.get_mut(&*u.origin) {
+            e.bytes = e.bytes.saturating_sub(c.bytes);
+            e.entries = e.entries.saturating_sub(c.entries);
+            e.luggage = e.luggage.saturating_sub(c.luggage);
+            if e.entries == 0 {
+                self.usage.remove(&*u.origin);
+            }
+        }
     }
 
     /// The current update of `key` (a delete included).
@@ -254,8 +458,12 @@ impl Store {
         if u.value.is_none() {
             self.tombstones += 1;
         }
+        self.charge(&u);
         self.by_id.insert((u.origin.clone(), u.epoch, u.seq), u.key.clone());
-        self.entries.insert(u.key.clone(), Entry { update: u, stored: now });
+        // The replaced update — its value with it — is dropped here.
+        if let Some(old) = self.entries.insert(u.key.clone(), Entry { update: u, stored: now }) {
+            self.refund(&old.update);
+        }
         true
     }
 
@@ -263,6 +471,7 @@ impl Store {
     pub(crate) fn replace(&mut self, updates: Vec<Update>, now: Stamp) {
         self.entries.clear();
         self.by_id.clear();
+        self.usage.clear();
         self.tombstones = 0;
         for u in updates {
             self.apply(u, now);
@@ -283,9 +492,12 @@ impl Store {
 
     /// Counts as seen what a peer has seen: sent with the last chunk of a
     /// delta, once everything the peer held that we lacked has arrived.
-    pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary]) {
+    /// Lives for which `skip(origin, epoch)` holds are left out: this
+    /// member refused some of their updates, which must stay unseen so
+    /// that they can come again once there is room.
+    pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary], skip: impl Fn(&str, u64) -> bool) {
         for s in summaries.iter().take(MAX_ORIGINS) {
-            if !s.origin.is_empty() {
+            if !s.origin.is_empty() && !skip(&s.origin, s.epoch) {
                 self.seen_mut(&s.origin, s.epoch).merge(s);
             }
         }
@@ -328,6 +540,7 @@ impl Store {
         for k in expired {
             if let Some(e) = self.entries.remove(&k) {
                 self.tombstones -= 1;
+                self.refund(&e.update);
                 self.by_id.remove(&(e.update.origin, e.update.epoch, e.update.seq));
             }
         }
@@ -408,7 +621,7 @@ mod tests {
         for u in missing {
             b.apply(u, 0);
         }
-        b.merge_seen(&a.summaries());
+        b.merge_seen(&a.summaries(), |_, _| false);
         assert!(b.seen("a", 1, 1) && b.seen("a", 1, 2));
         assert!(a.missing_for(&b.summaries()).is_empty());
     }
@@ -422,14 +635,14 @@ mod tests {
             contiguous: u64::MAX,
             beyond: vec![u64::MAX, 5],
         };
-        s.merge_seen(&[evil]);
+        s.merge_seen(&[evil], |_, _| false);
         let edge = proto::OriginSummary {
             origin: "y".into(),
             epoch: 1,
             contiguous: u64::MAX - 1,
             beyond: vec![u64::MAX],
         };
-        s.merge_seen(&[edge]);
+        s.merge_seen(&[edge], |_, _| false);
         assert!(!s.seen("x", 1, 6), "an impossible watermark is ignored");
         assert!(s.seen("x", 1, 5));
         let mut wire = up("k", "v", u64::MAX, "x", 7).to_wire();

@@ -102,6 +102,27 @@ impl Dedup {
         }
     }
 
+    /// Forgets that `(origin, epoch, seq)` was seen, so that it counts as
+    /// new when it comes again. Numbers more than [`WINDOW`] below the
+    /// floor cannot be forgotten (false).
+    pub fn forget(&mut self, origin: &Arc<str>, epoch: u64, seq: u64) -> bool {
+        let Some(w) = self.lives.get_mut(&(origin.clone(), epoch)) else {
+            return true;
+        };
+        if w.above.remove(&seq) {
+            return true;
+        }
+        if seq == 0 || seq > w.floor {
+            return true;
+        }
+        if w.floor - seq >= WINDOW as u64 {
+            return false;
+        }
+        w.above.extend(seq + 1..=w.floor);
+        w.floor = seq - 1;
+        true
+    }
+
     /// Whether `(origin, epoch, seq)` was seen.
     pub fn contains(&self, origin: &str, epoch: u64, seq: u64) -> bool {
         self.lives

@@ -826,6 +826,14 @@ impl Overlay {
         }
     }
 
+    /// Refuses a delivered at-least-once event the application could not
+    /// store (manual mode; a full inbox, say): it is not acknowledged, and
+    /// the publisher's next resend delivers it again.
+    pub fn refuse(&mut self, id: &EventId) {
+        self.pubsub.unacked.remove(id);
+        self.pubsub.seen.forget(&id.origin, id.epoch, id.seq);
+    }
+
     /// Acknowledges a delivered event to its publisher (manual mode).
     pub fn acknowledge(&mut self, id: &EventId) {
         self.pubsub.acked.insert(&id.origin, id.epoch, id.seq);

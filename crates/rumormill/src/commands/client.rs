@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use rumormill::client::{Client, encode_path};
 use serde_json::{Value, json};
+use zeroize::Zeroizing;
 
 use super::agent::{ADDRESS_FILE, READ_TOKEN_FILE, TOKEN_FILE};
 
@@ -43,14 +44,25 @@ pub struct Target {
 }
 
 /// The overlay's keyring. Changes apply to every member of the overlay;
-/// a rotation is `install NEW`, `use NEW-ID`, `remove OLD-ID`.
+/// a rotation is `install NEW`, `use NEW-ID`, `remove OLD-ID`. To rotate a
+/// member out, install NEW with `--local` on each agent to keep, then
+/// `use NEW-ID --exclude MEMBER` and `remove OLD-ID --exclude MEMBER`.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Installs a key on every member (accepted from now on).
+    /// Installs a key on every member (accepted from now on); with
+    /// `--local`, on this agent alone.
     Install {
         /// Base64 key (`rumormill keygen`); `-` reads it from standard
         /// input, out of sight of `ps` and shell history.
-        key: String,
+        #[arg(required_unless_present = "key_file")]
+        key: Option<String>,
+        /// File holding the key (`-`: standard input).
+        #[arg(long, value_name = "PATH", conflicts_with = "key")]
+        key_file: Option<PathBuf>,
+        /// This agent alone: the secret never travels in the overlay (to
+        /// rotate a key holder out).
+        #[arg(long)]
+        local: bool,
         /// Seconds to wait for every live member to follow.
         #[arg(long, default_value_t = 10)]
         wait: u64,
@@ -59,14 +71,25 @@ pub enum KeysCommand {
     Use {
         /// Key id (from `keys list`).
         id: String,
+        /// Member to leave out (not waited for; cut off once the old key
+        /// is removed); repeatable.
+        #[arg(long, value_name = "MEMBER")]
+        exclude: Vec<String>,
         /// Seconds to wait for every live member to follow.
         #[arg(long, default_value_t = 10)]
         wait: u64,
     },
-    /// Removes a key from every member (refused while one still sends with it).
+    /// Removes a key from every member (refused while one still sends with
+    /// it); with `--local`, a key installed with `--local`, from this agent.
     Remove {
         /// Key id.
         id: String,
+        /// Member to leave out (it may still seal with the key); repeatable.
+        #[arg(long, value_name = "MEMBER")]
+        exclude: Vec<String>,
+        /// This agent alone.
+        #[arg(long, conflicts_with = "exclude")]
+        local: bool,
         /// Seconds to wait for every live member to follow.
         #[arg(long, default_value_t = 10)]
         wait: u64,
@@ -126,12 +149,19 @@ pub enum OverlaysCommand {
         /// Seeds; repeatable.
         #[arg(long = "seed")]
         seeds: Vec<String>,
-        /// Key, base64 [default: a new one].
+        /// Key, base64 [default: a new one]. Visible in the process list:
+        /// prefer --key-file.
         #[arg(long)]
         key: Option<String>,
+        /// File holding the key (base64), or `-` for standard input.
+        #[arg(long, value_name = "PATH", conflicts_with = "key")]
+        key_file: Option<PathBuf>,
         /// Unencrypted.
-        #[arg(long, conflicts_with = "key")]
+        #[arg(long, conflicts_with_all = ["key", "key_file"])]
         plaintext: bool,
+        /// Let a plaintext overlay bind an address other than loopback.
+        #[arg(long, requires = "plaintext")]
+        allow_plaintext_network: bool,
         /// Timing preset: lan, wan or local.
         #[arg(long, default_value = "lan")]
         profile: String,
@@ -441,30 +471,70 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
             ClientCommand::Keys(k) => match k {
                 KeysCommand::List => Output::Table(
                     c.get(&format!("{o}/keys")).await.map_err(e)?,
-                    &["id", "suite", "primary", "installed_on", "primary_on", "members"],
+                    &[
+                        "id",
+                        "suite",
+                        "primary",
+                        "local",
+                        "installed_on",
+                        "primary_on",
+                        "members",
+                    ],
                 ),
-                KeysCommand::Install { key, wait } => {
-                    let key = if key == "-" {
-                        stdin.take("the key `-`")?.trim().to_owned()
-                    } else {
-                        key
+                KeysCommand::Install {
+                    key,
+                    key_file,
+                    local,
+                    wait,
+                } => {
+                    let from_stdin =
+                        key_file.as_deref().is_some_and(|p| p.as_os_str() == "-") || key.as_deref() == Some("-");
+                    let key = match (key_file, key) {
+                        _ if from_stdin => {
+                            let raw = Zeroizing::new(stdin.take("the key `-`")?);
+                            Zeroizing::new(raw.trim().to_owned())
+                        }
+                        (Some(path), _) => rumormill::config::read_key_file(&path)?,
+                        (None, Some(k)) => Zeroizing::new(k),
+                        (None, None) => return Err("give the key, `-` or --key-file".into()),
                     };
                     let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
-                    let path = format!("{o}/keys?wait={wait}");
-                    let v = c.request("POST", &path, Some(json!({ "key": key }))).await.map_err(e)?;
-                    key_change(v, "installed on", target.json)?
+                    let scope = if local { "local" } else { "overlay" };
+                    let path = format!("{o}/keys?wait={wait}&scope={scope}");
+                    let v = c
+                        .request("POST", &path, Some(json!({ "key": key.as_str() })))
+                        .await
+                        .map_err(e)?;
+                    if local {
+                        local_change(v, target.json)
+                    } else {
+                        key_change(v, "installed on", target.json)?
+                    }
                 }
-                KeysCommand::Use { id, wait } => {
+                KeysCommand::Use { id, exclude, wait } => {
                     let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
-                    let path = format!("{o}/keys/{}/use?wait={wait}", encode_path(&id));
+                    let path = format!("{o}/keys/{}/use?wait={wait}{}", encode_path(&id), exclude_arg(&exclude));
                     let v = c.request("POST", &path, None).await.map_err(e)?;
                     key_change(v, "primary on", target.json)?
                 }
-                KeysCommand::Remove { id, wait } => {
+                KeysCommand::Remove {
+                    id,
+                    exclude,
+                    local,
+                    wait,
+                } => {
                     let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
-                    let path = format!("{o}/keys/{}?wait={wait}", encode_path(&id));
+                    let path = if local {
+                        format!("{o}/keys/{}?scope=local", encode_path(&id))
+                    } else {
+                        format!("{o}/keys/{}?wait={wait}{}", encode_path(&id), exclude_arg(&exclude))
+                    };
                     let v = c.request("DELETE", &path, None).await.map_err(e)?;
-                    key_change(v, "removed from", target.json)?
+                    if local {
+                        local_change(v, target.json)
+                    } else {
+                        key_change(v, "removed from", target.json)?
+                    }
                 }
                 KeysCommand::Export => {
                     let v = c.get(&format!("{o}/keys/export")).await.map_err(e)?;
@@ -488,18 +558,23 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     rack,
                     seeds,
                     key,
+                    key_file,
                     plaintext,
+                    allow_plaintext_network,
                     profile,
                 } => {
-                    let keys = if plaintext {
-                        vec![]
-                    } else {
-                        vec![key.unwrap_or_else(rumormill::config::generate_key)]
+                    let keys = match (plaintext, key_file, key) {
+                        (true, _, _) => vec![],
+                        (false, Some(path), _) => vec![rumormill::config::read_key_file(&path)?.to_string()],
+                        (false, None, key) => vec![key.unwrap_or_else(rumormill::config::generate_key)],
                     };
                     let mut spec = json!({
                         "name": name, "bind": bind, "seeds": seeds, "keys": keys,
                         "plaintext": plaintext, "profile": profile,
                     });
+                    if allow_plaintext_network {
+                        spec["allow_plaintext_network"] = json!(true);
+                    }
                     if let Some(m) = member {
                         spec["member"] = json!(m);
                     }
@@ -592,6 +667,39 @@ fn read_stdin() -> Result<String, String> {
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
         .map_err(|e| format!("cannot read standard input: {e}"))?;
     Ok(s)
+}
+
+/// `&exclude=a,b`, or nothing.
+fn exclude_arg(members: &[String]) -> String {
+    if members.is_empty() {
+        String::new()
+    } else {
+        format!("&exclude={}", encode_path(&members.join(",")))
+    }
+}
+
+/// "key 1a2b3c4d on this agent only (2/3 members hold it; not on c)".
+fn local_change(v: Value, json: bool) -> Output {
+    if json {
+        return Output::Value(v);
+    }
+    let done = v["done"].as_array().map_or(0, Vec::len);
+    let members = v["members"].as_u64().unwrap_or(0);
+    let id = v["id"].as_str().unwrap_or_default();
+    let missing: Vec<&str> = v["missing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let lacking = if missing.is_empty() {
+        String::new()
+    } else {
+        format!("; not on {}", missing.join(", "))
+    };
+    Output::Done(format!(
+        "key {id} on this agent only ({done}/{members} members hold it{lacking})"
+    ))
 }
 
 /// "key 1a2b3c4d installed on 5/5 members"; an error when some did not follow.

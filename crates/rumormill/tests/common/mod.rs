@@ -31,13 +31,14 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(20);
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Environment variables the binary reads: cleared so that the host's
 /// settings cannot leak into the tests.
-const ENV: [&str; 7] = [
+const ENV: [&str; 8] = [
     "RUMORMILL_DATA_DIR",
     "RUMORMILL_API",
     "RUMORMILL_TOKEN",
     "RUMORMILL_TOKEN_FILE",
     "RUMORMILL_OVERLAY",
     "RUMORMILL_KEY",
+    "RUMORMILL_KEY_FILE",
     "RUST_LOG",
 ];
 
@@ -364,7 +365,7 @@ impl Agent {
     pub fn launch_as(scratch: &Scratch, dir: &str, member: &str, key: &str, seed: Option<SocketAddr>) -> Agent {
         let name = dir.to_owned();
         let dir = scratch.path(&name);
-        std::fs::create_dir_all(&dir).expect("data directory");
+        private_dir(&dir);
         let mut agent = Agent {
             ep: Endpoint {
                 name: name.clone(),
@@ -549,4 +550,14 @@ pub fn views_match(
         }
     }
     Ok(())
+}
+
+/// Creates a data directory the agent accepts: mode 0700.
+pub fn private_dir(dir: &Path) {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .expect("data directory");
 }

@@ -1,0 +1,257 @@
+//! Writer quotas and luggage limits, checked by the writer and on receipt.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rumormill_wire::proto::envelope::Body;
+
+use super::*;
+use crate::Config;
+use crate::testkit::{Net, name};
+
+const A: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 1));
+const B: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 2));
+
+fn limits(bytes: u64, entries: u64) -> Limits {
+    Limits {
+        writer_bytes: bytes,
+        writer_entries: entries,
+        ..Limits::default()
+    }
+}
+
+fn config(mode: Mode, limits: Limits) -> DisseminationConfig {
+    DisseminationConfig {
+        mode,
+        anti_entropy_direction: Direction::Pull,
+        limits,
+        ..DisseminationConfig::default()
+    }
+}
+
+/// `a` (no quota to speak of) writes with unchecked puts; `b` checks.
+struct Pair {
+    a: Dissemination,
+    b: Dissemination,
+    now: Instant,
+}
+
+impl Pair {
+    fn new(mode: Mode, b_limits: Limits) -> Pair {
+        let now = Instant::now();
+        Pair {
+            a: Dissemination::new(config(mode, limits(u64::MAX, u64::MAX)), "a", 1, A, 1300, 1, now),
+            b: Dissemination::new(config(mode, b_limits), "b", 1, B, 1300, 2, now),
+            now,
+        }
+    }
+
+    /// Runs `a`'s due rounds towards `b` (for a pull exchange, `b`'s
+    /// towards `a`), then carries messages both ways until quiet.
+    fn round(&mut self) {
+        self.now += Duration::from_secs(60);
+        let now = self.now;
+        self.a.handle_timeout(now, &mut |_| vec![B]);
+        self.b.handle_timeout(now, &mut |_| vec![A]);
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some(m) = self.a.poll_message() {
+                moved = true;
+                if let Some(body) = m.envelope.body {
+                    self.b.handle(now, A, body);
+                }
+            }
+            while let Some(m) = self.b.poll_message() {
+                moved = true;
+                if let Some(body) = m.envelope.body {
+                    self.a.handle(now, B, body);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("messages still moving after 100 exchanges");
+    }
+}
+
+#[test]
+fn a_rumor_over_the_writers_quota_is_refused_on_receipt_counted_and_not_spread() {
+    let mut p = Pair::new(Mode::Rumor, limits(10_000, 100));
+    for i in 0..5 {
+        p.a.put(p.now, &format!("k{i}"), vec![7; 3000]);
+    }
+    p.round();
+    assert_eq!(p.b.store().len(), 3, "three values of 3 kB fit 10 kB, not four");
+    assert_eq!(p.b.stats().quota_refused, 2);
+    let usage = p.b.store().usage("a");
+    assert_eq!((usage.bytes, usage.entries), (3 * 3002, 3));
+    assert_eq!(p.b.infected_count(), 3, "b spreads only what it stored");
+    assert!(!p.b.store().seen("a", 1, 4), "refused, not seen: it may come again");
+    // b answered the refused ones as known: a loses interest in them
+    // instead of pushing them for ever.
+    for _ in 0..5 {
+        p.round();
+    }
+    assert_eq!(p.a.infected_count(), 0);
+    assert!(p.b.store().usage("a").bytes <= 10_000);
+}
+
+#[test]
+fn a_refused_update_comes_again_by_anti_entropy_once_there_is_room() {
+    let mut p = Pair::new(Mode::AntiEntropy, limits(10_000, 100));
+    p.a.put(p.now, "k1", vec![1; 6000]);
+    p.a.put(p.now, "k2", vec![2; 6000]);
+    p.round();
+    assert_eq!(p.b.store().value("k1").map(<[u8]>::len), Some(6000));
+    assert_eq!(p.b.store().get("k2"), None);
+    assert_eq!(p.b.stats().quota_refused, 1);
+    assert!(
+        !p.b.store().seen("a", 1, 2),
+        "the delta's summaries did not mark the refused update seen"
+    );
+    p.a.delete(p.now, "k1");
+    for _ in 0..3 {
+        p.round();
+    }
+    assert_eq!(p.b.store().value("k2").map(<[u8]>::len), Some(6000), "k2 has room now");
+    assert!(p.b.store().get("k1").is_some_and(|u| u.value.is_none()));
+    assert!(p.b.store().missing_for(&p.a.store().summaries()).is_empty());
+    assert!(
+        p.a.store().missing_for(&p.b.store().summaries()).is_empty(),
+        "converged"
+    );
+    assert_eq!(
+        p.b.store().usage("a").bytes,
+        2 + 6002,
+        "the deleted value's bytes are gone"
+    );
+}
+
+#[test]
+fn a_local_write_over_quota_is_refused_with_a_typed_error_and_takes_no_sequence_number() {
+    let now = Instant::now();
+    let mut d = Dissemination::new(config(Mode::Rumor, limits(1000, 3)), "a", 1, A, 1300, 1, now);
+    d.try_put(now, "k1", vec![0; 500]).expect("fits");
+    let err = d.try_put(now, "k2", vec![0; 500]).expect_err("1,004 bytes > 1,000");
+    assert_eq!(
+        err,
+        QuotaExceeded::Bytes {
+            writer: "a".into(),
+            would: 1004,
+            max: 1000
+        }
+    );
+    assert!(err.to_string().contains("at most 1000 per writer"), "{err}");
+    assert_eq!(d.store().get("k2"), None);
+    // Replacing a value counts its new size only; the next write is seq 2.
+    let u = d.try_put(now, "k1", vec![0; 900]).expect("replaces");
+    assert_eq!(u.seq, 2, "the refused write left no gap");
+    d.try_put(now, "k2", vec![]).expect("fits");
+    d.try_put(now, "k3", vec![]).expect("fits");
+    let err = d.try_put(now, "k4", vec![]).expect_err("a fourth entry");
+    assert!(matches!(err, QuotaExceeded::Entries { would: 4, max: 3, .. }), "{err}");
+    // Deleting one's own key takes no new entry; deleting a key one does
+    // not hold does.
+    d.try_delete(now, "k3").expect("own key");
+    assert!(matches!(
+        d.try_delete(now, "nothing"),
+        Err(QuotaExceeded::Entries { .. })
+    ));
+    // A shrinking write passes even over quota.
+    d.try_put(now, "k1", vec![0; 10]).expect("shrinks");
+}
+
+#[test]
+fn deletes_count_until_their_tombstones_expire() {
+    let now = Instant::now();
+    let mut c = config(Mode::Rumor, limits(1 << 20, 2));
+    c.tombstone_ttl = Duration::from_secs(60);
+    let mut d = Dissemination::new(c, "a", 1, A, 1300, 1, now);
+    d.try_put(now, "x", vec![1]).expect("fits");
+    d.try_delete(now, "x").expect("own key");
+    d.try_put(now, "y", vec![1]).expect("fits");
+    d.try_delete(now, "y").expect("own key");
+    assert_eq!(d.store().usage("a").entries, 2, "two tombstones");
+    assert!(d.try_put(now, "z", vec![1]).is_err(), "tombstones hold their keys");
+    let later = now + Duration::from_secs(61);
+    d.handle_timeout(later, &mut |_| Vec::new());
+    assert_eq!(
+        d.store().usage("a"),
+        Usage::default(),
+        "expired tombstones are refunded"
+    );
+    d.try_put(later, "z", vec![1]).expect("room again");
+}
+
+#[test]
+fn luggage_limits_are_checked_on_receipt() {
+    let mut p = Pair::new(Mode::Rumor, Limits::default());
+    let lug = |k: &str| format!("_rumormill/luggage/a/{k}");
+    p.a.put(p.now, &lug("big"), vec![1; 64 * 1024 + 1]);
+    p.a.put(p.now, &lug("bad\u{7}key"), b"x".to_vec());
+    p.a.put(p.now, &lug(&"k".repeat(300)), b"x".to_vec());
+    p.a.put(p.now, &lug("ok"), vec![1; 64 * 1024]);
+    p.round();
+    assert_eq!(p.b.store().value(&lug("ok")).map(<[u8]>::len), Some(64 * 1024));
+    assert_eq!(p.b.store().get(&lug("big")), None, "a value over 64 KiB");
+    assert_eq!(p.b.store().get(&lug("bad\u{7}key")), None, "a control character");
+    assert_eq!(p.b.store().get(&lug(&"k".repeat(300))), None, "a key over 256 bytes");
+    assert_eq!(p.b.stats().luggage_refused, 3);
+    // The total per member: "ok" and 15 more values of 64 KiB make 1 MiB;
+    // a 17th is refused.
+    let before = p.b.stats().luggage_refused;
+    for i in 0..16 {
+        p.a.put(p.now, &lug(&format!("v{i}")), vec![2; 64 * 1024]);
+    }
+    p.round();
+    assert_eq!(p.b.store().usage("a").luggage, 1 << 20);
+    assert!(p.b.store().value(&lug("v14")).is_some());
+    assert_eq!(p.b.store().get(&lug("v15")), None);
+    assert!(p.b.stats().luggage_refused > before);
+    assert_eq!(p.b.stats().quota_refused, 0);
+}
+
+#[test]
+fn a_writer_over_quota_cannot_grow_another_members_store() {
+    // n1 runs with the quota lifted (unchecked writes, as a modified
+    // member would); every other member keeps 64 KiB per writer.
+    let mut c = Config::new_lan();
+    c.dissemination.mode = Mode::Both;
+    c.dissemination.anti_entropy_interval = Duration::from_secs(2);
+    c.dissemination.limits.writer_bytes = 64 << 10;
+    let mut net = Net::new(6, c);
+    net.run_for(Duration::from_secs(3));
+    for i in 0..40 {
+        let now = net.now;
+        net.node(1)
+            .dissemination
+            .put(now, &format!("big{i}"), vec![i as u8; 10_000]);
+        net.run_for(Duration::from_millis(300));
+    }
+    net.run_for(Duration::from_secs(20));
+    let writer = name(1);
+    let mut held = Vec::new();
+    for i in [0, 2, 3, 4, 5] {
+        let usage = net.node(i).store().usage(&writer);
+        assert!(usage.bytes <= 64 << 10, "n{i} holds {} bytes of n1's", usage.bytes);
+        assert!(net.node(i).dissemination_stats().quota_refused > 0, "n{i}");
+        held.push(
+            net.node(i)
+                .store()
+                .prefixed("big")
+                .map(|u| u.key.clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(held[0].len(), 6, "six values of 10 kB fit 64 KiB");
+    assert!(held.iter().all(|h| *h == held[0]), "the members agree: {held:?}");
+    // The honest writer's own API refuses the same write.
+    let now = net.now;
+    let err = net.node(2).put(now, "big", vec![0; 70_000]).expect_err("over quota");
+    assert!(
+        matches!(err, crate::CoreError::Quota(QuotaExceeded::Bytes { .. })),
+        "{err}"
+    );
+    let _ = Body::Rumor;
+}
