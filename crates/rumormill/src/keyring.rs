@@ -10,9 +10,9 @@
 //! arrive in. An operation that changes nothing writes nothing, so a late
 //! no-op can never undo a newer change. Versions are wall-clock milliseconds,
 //! at least one above the highest seen; a version more than [`MAX_AHEAD_MS`]
-//! ahead of both this member's clock and the highest version it has seen is
-//! refused, so a key holder cannot push the version to `u64::MAX` and lock
-//! every later rotation out. Each member also publishes which keys it holds, and which
+//! ahead of this member's clock is refused, so a key holder cannot push the
+//! version to `u64::MAX`, or step by step far into the future, and lock
+//! later rotations or later joiners out. Each member also publishes which keys it holds, and which
 //! is its primary, under `_rumormill/keys/<member>`, so the requesting agent
 //! can tell when every live member has followed, and can refuse a step that
 //! would lose packets:
@@ -52,12 +52,15 @@ use crate::transport::Net;
 /// Store keys of desired keyrings: this prefix and the writer's name.
 pub const DESIRED_PREFIX: &str = "_rumormill/keyring/";
 /// A desired keyring whose version (milliseconds) is more than this ahead
-/// of both the member's clock and the highest version it has seen is
-/// refused (and logged): one day. Honest writers use their clock, or one
-/// above the highest version seen, so only a key holder trying to lock
-/// later rotations out (`u64::MAX` would leave no room above it) jumps
-/// that far; and since the bound follows the clock, a member that joins
-/// later is not locked out by one such write either.
+/// of the member's clock is refused (and logged): one day. Honest writers
+/// use their clock, or one above the highest version seen, so only a key
+/// holder trying to lock later rotations out (`u64::MAX` would leave no
+/// room above it) jumps that far. The bound is the clock alone, not the
+/// highest version seen: otherwise a holder could ratchet the version up a
+/// day per write, and a member joining later (which has seen nothing)
+/// would refuse every honest version above the ratchet. A member whose
+/// clock is more than a day behind its peers' refuses their rotations
+/// until its clock is set right (logged).
 pub const MAX_AHEAD_MS: u64 = 24 * 3600 * 1000;
 /// How often the requesting agent looks at the members' reports.
 const POLL: Duration = Duration::from_millis(20);
@@ -198,7 +201,7 @@ type Newest = Option<(u64, String, Plan)>;
 /// The desired keyrings in the store: the one to follow, highest
 /// `(version, writer)` among the plausible ones (see [`MAX_AHEAD_MS`]), and
 /// the `(writer, version)` of those refused for their version.
-fn desired_keyrings(o: &Overlay, seen: u64) -> (Newest, Vec<(String, u64)>) {
+fn desired_keyrings(o: &Overlay) -> (Newest, Vec<(String, u64)>) {
     let now = wall_ms();
     let mut refused = Vec::new();
     let newest = o
@@ -207,7 +210,7 @@ fn desired_keyrings(o: &Overlay, seen: u64) -> (Newest, Vec<(String, u64)>) {
         .filter_map(|u| {
             let writer = u.key.strip_prefix(DESIRED_PREFIX)?;
             let d: Desired = serde_json::from_slice(u.value.as_deref()?).ok()?;
-            if !plausible(d.version, seen, now) {
+            if !plausible(d.version, now) {
                 refused.push((writer.to_owned(), d.version));
                 return None;
             }
@@ -217,22 +220,24 @@ fn desired_keyrings(o: &Overlay, seen: u64) -> (Newest, Vec<(String, u64)>) {
     (newest, refused)
 }
 
-/// Whether a desired keyring's version may follow `seen` at wall-clock
-/// time `now` (milliseconds).
-fn plausible(version: u64, seen: u64, now: u64) -> bool {
-    version != u64::MAX && version <= seen.max(now).saturating_add(MAX_AHEAD_MS)
+/// Whether a desired keyring's version may be followed at wall-clock time
+/// `now` (milliseconds).
+fn plausible(version: u64, now: u64) -> bool {
+    version != u64::MAX && version <= now.saturating_add(MAX_AHEAD_MS)
 }
 
 /// The version of the next desired keyring written after `seen` at
-/// wall-clock time `now`: the clock, or one above `seen` if that is higher.
+/// wall-clock time `now`: the clock, or one above `seen` if that is higher;
+/// refused when the others would refuse it (see [`plausible`]).
 fn next_version(seen: u64, now: u64) -> Result<u64, AgentError> {
     seen.checked_add(1)
         .map(|v| v.max(now))
-        .filter(|&v| v != u64::MAX)
+        .filter(|&v| plausible(v, now))
         .ok_or_else(|| {
-            AgentError::Conflict(
-                "the keyring version is exhausted: delete and create the overlay with a new key".into(),
-            )
+            AgentError::Conflict(format!(
+                "the newest keyring version ({seen}) is more than a day ahead of this agent's clock ({now} ms): \
+                 check the clocks; a key change can be made once the clock has passed it"
+            ))
         })
 }
 
@@ -608,7 +613,7 @@ impl<N: Net> Agent<N> {
         let local_seen = r.record.keyring_version;
         let (newest, _) = r
             .handle
-            .call(move |o, _| desired_keyrings(o, local_seen))
+            .call(move |o, _| desired_keyrings(o))
             .await
             .map_err(|_| stopped(name))?;
         let (base, seen) = match newest {
@@ -652,11 +657,11 @@ impl<N: Net> Agent<N> {
         let seen = r.record.keyring_version;
         let (newest, refused) = r
             .handle
-            .call(move |o, _| desired_keyrings(o, seen))
+            .call(move |o, _| desired_keyrings(o))
             .await
             .map_err(|_| stopped(name))?;
         for (writer, version) in refused {
-            tracing::warn!(overlay = %name, %writer, version, seen, "desired keyring refused: its version jumps implausibly far above the highest seen");
+            tracing::warn!(overlay = %name, %writer, version, seen, "desired keyring refused: its version is more than a day ahead of this agent's clock");
         }
         let Some((version, writer, plan)) = newest else {
             return Ok(());
@@ -797,23 +802,38 @@ mod tests {
     #[test]
     fn versions_never_wrap_and_implausible_jumps_are_refused() {
         let now = 1_800_000_000_000; // ms
-        assert!(plausible(1, 0, now));
-        assert!(plausible(now + MAX_AHEAD_MS, 0, now));
-        assert!(!plausible(now + MAX_AHEAD_MS + 1, 0, now), "a day ahead of the clock");
-        assert!(
-            plausible(now + 5 * MAX_AHEAD_MS, now + 4 * MAX_AHEAD_MS, now),
-            "a day above what was seen"
-        );
-        assert!(!plausible(u64::MAX, 0, now));
-        assert!(!plausible(u64::MAX, u64::MAX - 1, now));
-        assert!(plausible(u64::MAX - 1, u64::MAX - 2, now));
-        // A member whose clock is wrong still follows one step above what
-        // it saw.
-        assert!(plausible(now + 1, now, 0));
+        assert!(plausible(1, now));
+        assert!(plausible(now + MAX_AHEAD_MS, now));
+        assert!(!plausible(now + MAX_AHEAD_MS + 1, now), "a day ahead of the clock");
+        assert!(!plausible(u64::MAX, now));
+        assert!(plausible(u64::MAX - 1, u64::MAX - 2), "no overflow near the end");
         assert_eq!(next_version(7, now).unwrap(), now);
         assert_eq!(next_version(now + 9, now).unwrap(), now + 10);
+        assert!(
+            next_version(now + MAX_AHEAD_MS, now).is_err(),
+            "the others would refuse it"
+        );
         assert!(next_version(u64::MAX - 1, now).is_err());
         assert!(next_version(u64::MAX, now).is_err());
+    }
+
+    #[test]
+    fn the_version_cannot_be_ratcheted_a_day_per_write() {
+        // A holder writes a day ahead, then a day ahead of that: the first
+        // is followed, the second is refused by every member, the ones that
+        // saw the first included, so a member joining later (which saw
+        // nothing) follows exactly what the others follow.
+        let now = 1_800_000_000_000;
+        let first = now + MAX_AHEAD_MS;
+        assert!(plausible(first, now));
+        assert!(!plausible(first + MAX_AHEAD_MS, now));
+        // An honest writer never writes what the others would refuse: right
+        // after the forged write it is told to wait, a moment later its
+        // version is followed by every member, a new one included.
+        assert!(next_version(first, now).is_err());
+        let later = now + 1;
+        assert_eq!(next_version(first, later).ok(), Some(first + 1));
+        assert!(plausible(first + 1, later));
     }
 
     #[test]
