@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::agent::{Agent, AgentError, RESERVED_PREFIX, core_error, plaintext, running_mut, stopped, wall_ms};
+use crate::agent::{Agent, AgentError, RESERVED_PREFIX, Running, core_error, plaintext, running_mut, stopped, wall_ms};
 use crate::config;
 use crate::driver::OverlayHandle;
 use crate::persist::OverlayRecord;
@@ -465,19 +465,26 @@ impl<N: Net> Agent<N> {
                 rec.keys.push(key.trim().to_owned());
                 rec.local_keys.push(hex.clone());
                 rec.pending_keys.push(hex.clone());
-                let bytes = decode_all(&rec.keys)?;
-                r.handle
-                    .call(move |o, now| apply(o, now, &bytes, None))
-                    .await
-                    .map_err(|_| stopped(name))??;
-                self.db.put_overlay(&rec)?;
-                r.record = rec;
+                self.hold_locally(name, r, rec).await?;
                 tracing::info!(overlay = %name, key = %hex, "key installed on this agent only");
             }
         }
         Ok(self
             .wait_for(name, id, Duration::ZERO, &[], move |r| r.installed.contains(&hex))
             .await)
+    }
+
+    /// Makes the overlay hold `rec`'s keyring on this agent alone (no
+    /// desired keyring is written), then saves `rec`.
+    async fn hold_locally(&self, name: &str, r: &mut Running, rec: OverlayRecord) -> Result<(), AgentError> {
+        let bytes = decode_all(&rec.keys)?;
+        r.handle
+            .call(move |o, now| apply(o, now, &bytes, None))
+            .await
+            .map_err(|_| stopped(name))??;
+        self.db.put_overlay(&rec)?;
+        r.record = rec;
+        Ok(())
     }
 
     /// Removes from this agent alone a key installed with
@@ -499,13 +506,7 @@ impl<N: Net> Agent<N> {
             secret.zeroize();
             rec.local_keys.retain(|h| *h != hex);
             rec.pending_keys.retain(|h| *h != hex);
-            let bytes = decode_all(&rec.keys)?;
-            r.handle
-                .call(move |o, now| apply(o, now, &bytes, None))
-                .await
-                .map_err(|_| stopped(name))??;
-            self.db.put_overlay(&rec)?;
-            r.record = rec;
+            self.hold_locally(name, r, rec).await?;
             tracing::info!(overlay = %name, key = %hex, "key removed from this agent");
         }
         Ok(self
