@@ -8,8 +8,11 @@
 //! read needs the read token or the admin token, and every request that
 //! changes state, and the key export, the admin token, as
 //! `Authorization: Bearer <token>` (`?token=` only on the WebSocket
-//! upgrade). Errors are `{"error": "what was wrong"}` with a 4xx status
-//! (5xx only when the data directory fails).
+//! upgrade); the read token follows the event stream only of topics the
+//! agent already subscribes to. Errors are `{"error": "what was wrong"}`
+//! with a 4xx status (500 when the data directory fails; 503 with
+//! `Retry-After` when the cap on event-stream followers or on key
+//! operations waiting for the members is full).
 //!
 //! ```no_run
 //! # async fn f(agent: std::sync::Arc<rumormill::agent::Agent<rumormill::transport::TokioNet>>) -> std::io::Result<()> {
@@ -813,7 +816,7 @@ async fn list_keys(State(s): State<AppState>, Path(overlay): Path<String>) -> Ap
 #[utoipa::path(post, path = "/v1/overlays/{overlay}/keys", params(("overlay" = String, Path), WaitQuery, ScopeQuery), request_body = KeyRequest,
     security(("admin_token" = [])),
     responses((status = 200, body = KeyChange), (status = 202, body = KeyChange, description = "not every member followed in time"),
-        (status = 400, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn install_key(
     State(s): State<AppState>,
     Path(overlay): Path<String>,
@@ -835,7 +838,7 @@ async fn install_key(
 /// not excluded has it installed).
 #[utoipa::path(post, path = "/v1/overlays/{overlay}/keys/{id}/use", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery, ExcludeQuery),
     security(("admin_token" = [])),
-    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn use_key(
     State(s): State<AppState>,
     Path((overlay, id)): Path<(String, String)>,
@@ -854,7 +857,7 @@ async fn use_key(
 /// key installed locally that no rotation uses yet).
 #[utoipa::path(delete, path = "/v1/overlays/{overlay}/keys/{id}", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery, ExcludeQuery, ScopeQuery),
     security(("admin_token" = [])),
-    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn remove_key(
     State(s): State<AppState>,
     Path((overlay, id)): Path<(String, String)>,
