@@ -1136,11 +1136,20 @@ async fn stream_inbox(
                 Some(Ok(_)) => {}
             },
             // The server stopped (its task aborted): close the stream too.
-            _ = async { match stopped.as_mut() { Some(s) => { let _ = s.changed().await; } None => std::future::pending().await } } => {
+            () = server_stopped(&mut stopped) => {
                 let _ = socket.send(Message::Close(None)).await;
                 return;
             }
         }
+    }
+}
+
+/// Completes when the server's task has stopped (never without a signal).
+async fn server_stopped(signal: &mut Option<tokio::sync::watch::Receiver<()>>) {
+    match signal {
+        // Nothing is ever sent: this returns once the sender is dropped.
+        Some(s) => while s.changed().await.is_ok() {},
+        None => std::future::pending().await,
     }
 }
 
