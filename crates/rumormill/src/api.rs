@@ -8,8 +8,11 @@
 //! read needs the read token or the admin token, and every request that
 //! changes state, and the key export, the admin token, as
 //! `Authorization: Bearer <token>` (`?token=` only on the WebSocket
-//! upgrade). Errors are `{"error": "what was wrong"}` with a 4xx status
-//! (5xx only when the data directory fails).
+//! upgrade); the read token follows the event stream only of topics the
+//! agent already subscribes to. Errors are `{"error": "what was wrong"}`
+//! with a 4xx status (500 when the data directory fails; 503 with
+//! `Retry-After` when the cap on event-stream followers or on key
+//! operations waiting for the members is full).
 //!
 //! ```no_run
 //! # async fn f(agent: std::sync::Arc<rumormill::agent::Agent<rumormill::transport::TokioNet>>) -> std::io::Result<()> {
@@ -54,6 +57,28 @@ struct AppState {
     token: Arc<str>,
     read_token: Option<Arc<str>>,
     hosts: Arc<access::HostPolicy>,
+    /// One permit per event-stream follower.
+    followers: Arc<tokio::sync::Semaphore>,
+    /// One permit per key operation waiting for the members (`?wait=`).
+    long_polls: Arc<tokio::sync::Semaphore>,
+    max_followers: usize,
+    max_long_polls: usize,
+}
+
+/// Which token a request was served with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    Read,
+    Admin,
+}
+
+/// What a request knows of its connection: the connection's slot, held
+/// until the connection ends — past a WebSocket upgrade too — and a
+/// signal that the server has stopped.
+#[derive(Clone)]
+struct Connection {
+    _slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+    stopped: tokio::sync::watch::Receiver<()>,
 }
 
 /// Largest request body (a 1 MiB event payload in base64 fits).
@@ -63,6 +88,15 @@ pub const BODY_LIMIT: usize = 2 << 20;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the listen queue.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Event-stream followers (WebSockets) at once; more get 503. Each also
+/// holds a connection slot, as do long-polls, so that with
+/// [`MAX_LONG_POLLS`] at most half of [`MAX_CONNECTIONS`] are long-lived.
+pub const MAX_FOLLOWERS: usize = 64;
+/// Key operations waiting for the members (`?wait=` above 0) at once;
+/// more get 503.
+pub const MAX_LONG_POLLS: usize = 64;
+/// The `Retry-After` (seconds) of a 503 for a full follower or long-poll cap.
+pub const RETRY_AFTER_SECS: u64 = 5;
 /// Largest request head (request line and headers); larger gets 431.
 const MAX_HEAD: usize = 64 << 10;
 
@@ -85,6 +119,10 @@ pub struct ApiOptions {
     pub header_read_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Event-stream followers at once.
+    pub max_followers: usize,
+    /// Key operations waiting for the members at once.
+    pub max_long_polls: usize,
 }
 
 impl ApiOptions {
@@ -98,6 +136,8 @@ impl ApiOptions {
             allowed_origins: Vec::new(),
             header_read_timeout: HEADER_READ_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
+            max_followers: MAX_FOLLOWERS,
+            max_long_polls: MAX_LONG_POLLS,
         }
     }
 }
@@ -112,6 +152,8 @@ impl std::fmt::Debug for ApiOptions {
             .field("allowed_origins", &self.allowed_origins)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_connections", &self.max_connections)
+            .field("max_followers", &self.max_followers)
+            .field("max_long_polls", &self.max_long_polls)
             .finish()
     }
 }
@@ -129,7 +171,14 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+        let mut response = (self.0, Json(ErrorBody { error: self.1 })).into_response();
+        // The API answers 503 only when a cap on long-lived requests is full.
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
     }
 }
 
@@ -376,6 +425,10 @@ pub fn router_with(agent: AgentRef, options: &ApiOptions) -> Result<Router, Stri
         token: options.admin_token.as_str().into(),
         read_token: options.read_token.as_deref().map(Into::into),
         hosts: Arc::new(hosts),
+        followers: Arc::new(tokio::sync::Semaphore::new(options.max_followers)),
+        long_polls: Arc::new(tokio::sync::Semaphore::new(options.max_long_polls)),
+        max_followers: options.max_followers,
+        max_long_polls: options.max_long_polls,
     };
     let o = "/v1/overlays/{overlay}";
     Ok(Router::new()
@@ -436,7 +489,7 @@ async fn check_host(State(state): State<AppState>, req: Request, next: Next) -> 
 /// document need none); changes and the key export need the admin token.
 /// `?token=` is taken only on the event stream's WebSocket upgrade, which
 /// a browser cannot give headers.
-async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let from_query = req
         .uri()
@@ -461,6 +514,9 @@ async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> R
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_owned())
         .or(from_query);
+    let admin = given
+        .as_deref()
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), state.token.as_bytes()));
     let refusal = match given {
         None if scope == access::Scope::Admin => Some((
             StatusCode::UNAUTHORIZED,
@@ -471,7 +527,6 @@ async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> R
             "this request needs a token: send `Authorization: Bearer <token>` with the read token or the admin token (files read-token and admin-token in the agent's data directory)",
         )),
         Some(t) => {
-            let admin = constant_time_eq(t.as_bytes(), state.token.as_bytes());
             let read = state
                 .read_token
                 .as_ref()
@@ -494,7 +549,28 @@ async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> R
     if let Some((status, m)) = refusal {
         return ApiError(status, m.into()).into_response();
     }
+    req.extensions_mut()
+        .insert(if admin { Grant::Admin } else { Grant::Read });
     next.run(req).await
+}
+
+impl AppState {
+    /// A long-poll slot when `wait` is not zero; 503 when all are taken.
+    fn long_poll(&self, wait: Duration) -> ApiResult<Option<tokio::sync::OwnedSemaphorePermit>> {
+        if wait.is_zero() {
+            return Ok(None);
+        }
+        self.long_polls.clone().try_acquire_owned().map(Some).map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{} key operations are already waiting for the members, the most the API runs at once: \
+                     retry later, or with ?wait=0 (the change still spreads; `keys` shows who has it)",
+                    self.max_long_polls
+                ),
+            )
+        })
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -535,8 +611,12 @@ pub async fn serve_with(
 /// with a time limit on request heads and a bound on their size and on
 /// the number of connections.
 async fn accept(listener: tokio::net::TcpListener, app: Router, header_timeout: Duration, max_connections: usize) {
+    use hyper::service::Service as _;
     use hyper_util::rt::{TokioIo, TokioTimer};
     let permits = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    // Dropped with this task: upgraded connections, which outlive their
+    // connection task, see it and close.
+    let (_stop, stopped) = tokio::sync::watch::channel(());
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -552,9 +632,18 @@ async fn accept(listener: tokio::net::TcpListener, app: Router, header_timeout: 
                 continue;
             }
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // The slot goes with every request of the connection, so that an
+        // upgraded one (a WebSocket) keeps it after this task ends.
+        let connection = Connection {
+            _slot: Arc::new(permit),
+            stopped: stopped.clone(),
+        };
+        let inner = hyper_util::service::TowerToHyperService::new(app.clone());
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(connection.clone());
+            inner.call(req)
+        });
         connections.spawn(async move {
-            let _permit = permit;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -727,7 +816,7 @@ async fn list_keys(State(s): State<AppState>, Path(overlay): Path<String>) -> Ap
 #[utoipa::path(post, path = "/v1/overlays/{overlay}/keys", params(("overlay" = String, Path), WaitQuery, ScopeQuery), request_body = KeyRequest,
     security(("admin_token" = [])),
     responses((status = 200, body = KeyChange), (status = 202, body = KeyChange, description = "not every member followed in time"),
-        (status = 400, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn install_key(
     State(s): State<AppState>,
     Path(overlay): Path<String>,
@@ -740,6 +829,7 @@ async fn install_key(
         let change = s.agent.install_local_key(&overlay, &req.key).await?;
         return Ok((StatusCode::OK, Json(change)));
     }
+    let _slot = s.long_poll(wait)?;
     let change = s.agent.install_key(&overlay, &req.key, wait).await?;
     Ok((change_status(&change), Json(change)))
 }
@@ -748,7 +838,7 @@ async fn install_key(
 /// not excluded has it installed).
 #[utoipa::path(post, path = "/v1/overlays/{overlay}/keys/{id}/use", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery, ExcludeQuery),
     security(("admin_token" = [])),
-    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn use_key(
     State(s): State<AppState>,
     Path((overlay, id)): Path<(String, String)>,
@@ -757,6 +847,7 @@ async fn use_key(
 ) -> ApiResult<impl IntoResponse> {
     let wait = WaitQuery::duration(wait)?;
     let exclude = ExcludeQuery::members(exclude)?;
+    let _slot = s.long_poll(wait)?;
     let change = s.agent.use_key(&overlay, &id, wait, &exclude).await?;
     Ok((change_status(&change), Json(change)))
 }
@@ -766,7 +857,7 @@ async fn use_key(
 /// key installed locally that no rotation uses yet).
 #[utoipa::path(delete, path = "/v1/overlays/{overlay}/keys/{id}", params(("overlay" = String, Path), ("id" = String, Path), WaitQuery, ExcludeQuery, ScopeQuery),
     security(("admin_token" = [])),
-    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = KeyChange), (status = 202, body = KeyChange), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn remove_key(
     State(s): State<AppState>,
     Path((overlay, id)): Path<(String, String)>,
@@ -780,6 +871,7 @@ async fn remove_key(
         let change = s.agent.remove_local_key(&overlay, &id).await?;
         return Ok((StatusCode::OK, Json(change)));
     }
+    let _slot = s.long_poll(wait)?;
     let change = s.agent.remove_key(&overlay, &id, wait, &exclude).await?;
     Ok((change_status(&change), Json(change)))
 }
@@ -897,19 +989,26 @@ async fn read_inbox(
     Ok(Json(items))
 }
 
-/// Subscribes the agent to `topics` and streams the inbox entries of those
-/// topics as JSON text messages, from `from` on (default: from now). One
-/// that reconnects with `from` = the last `seq` it saw misses nothing and
-/// sees nothing twice. Needs the read token or the admin token
-/// (`Authorization`, or `?token=` here only), and a page of the API's own
-/// origin when it comes from a browser.
+/// Streams the inbox entries of `topics` as JSON text messages, from
+/// `from` on (default: from now). One that reconnects with `from` = the
+/// last `seq` it saw misses nothing and sees nothing twice. With the admin
+/// token it first subscribes the agent to `topics` (kept across restarts,
+/// and gossiped for application topics); the read token follows only
+/// topics the agent already subscribes to (local ones such as
+/// `member.failed` included), else 403. Needs a token in `Authorization`
+/// (or `?token=`, here only), and a page of the API's own origin when it
+/// comes from a browser. At most 64 followers at once (503 beyond, with
+/// `Retry-After`).
 #[utoipa::path(get, path = "/v1/overlays/{overlay}/events/ws", params(("overlay" = String, Path), InboxQuery),
     security(("read_token" = []), ("admin_token" = [])),
-    responses((status = 101, description = "WebSocket of InboxItem JSON messages"), (status = 400, body = ErrorBody)))]
+    responses((status = 101, description = "WebSocket of InboxItem JSON messages"), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn events_ws(
     State(s): State<AppState>,
     Path(overlay): Path<String>,
     query: Result<Query<InboxQuery>, axum::extract::rejection::QueryRejection>,
+    grant: Option<axum::Extension<Grant>>,
+    connection: Option<axum::Extension<Connection>>,
     ws: axum::extract::WebSocketUpgrade,
 ) -> ApiResult<Response> {
     let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
@@ -920,7 +1019,24 @@ async fn events_ws(
             "give the topics to follow: ?topics=a,b".into(),
         ));
     }
-    s.agent.subscribe(&overlay, &topics).await?;
+    let admin = grant.is_some_and(|axum::Extension(g)| g == Grant::Admin);
+    if !admin {
+        refuse_new_topics(&s.agent.subscriptions(&overlay).await?, &topics)?;
+    }
+    // A slot before anything is changed: a refused follower subscribes nothing.
+    let slot = s.followers.clone().try_acquire_owned().map_err(|_| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} event-stream followers are already connected, the most the API serves at once: \
+                 retry later, or read the inbox with GET …/events?from=",
+                s.max_followers
+            ),
+        )
+    })?;
+    if admin {
+        s.agent.subscribe(&overlay, &topics).await?;
+    }
     let (last, feed) = s.agent.inbox_feed(&overlay).await?;
     let from = q.from.unwrap_or(last);
     if from > last {
@@ -930,7 +1046,41 @@ async fn events_ws(
         ));
     }
     let agent = s.agent.clone();
-    Ok(ws.on_upgrade(move |socket| stream_inbox(agent, overlay, topics, from, feed, socket)))
+    let connection = connection.map(|axum::Extension(c)| c);
+    Ok(ws.on_upgrade(move |socket| async move {
+        // Both slots last as long as the stream.
+        let _slot = slot;
+        let stopped = connection.as_ref().map(|c| c.stopped.clone());
+        stream_inbox(agent, overlay, topics, from, feed, socket, stopped).await;
+        drop(connection);
+    }))
+}
+
+/// 403 when `topics` has some the agent does not subscribe to: the read
+/// token follows, it does not subscribe.
+fn refuse_new_topics(subscribed: &[String], topics: &[String]) -> ApiResult<()> {
+    let new: Vec<&String> = topics.iter().filter(|t| !subscribed.contains(t)).collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 8;
+    let mut names = new
+        .iter()
+        .take(SHOWN)
+        .map(|t| format!("{t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if new.len() > SHOWN {
+        names.push_str(&format!(" and {} more", new.len() - SHOWN));
+    }
+    Err(ApiError(
+        StatusCode::FORBIDDEN,
+        format!(
+            "the agent does not subscribe to {names}: the read token follows only topics the agent already \
+             subscribes to; subscribing needs the admin token (PUT …/subscriptions/{{topic}}, or this stream \
+             with the admin token)"
+        ),
+    ))
 }
 
 async fn stream_inbox(
@@ -940,6 +1090,7 @@ async fn stream_inbox(
     mut sent: u64,
     mut feed: tokio::sync::broadcast::Receiver<Arc<InboxItem>>,
     mut socket: axum::extract::ws::WebSocket,
+    mut stopped: Option<tokio::sync::watch::Receiver<()>>,
 ) {
     use axum::extract::ws::Message;
     use tokio::sync::broadcast::error::RecvError;
@@ -984,7 +1135,21 @@ async fn stream_inbox(
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
             },
+            // The server stopped (its task aborted): close the stream too.
+            () = server_stopped(&mut stopped) => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
         }
+    }
+}
+
+/// Completes when the server's task has stopped (never without a signal).
+async fn server_stopped(signal: &mut Option<tokio::sync::watch::Receiver<()>>) {
+    match signal {
+        // Nothing is ever sent: this returns once the sender is dropped.
+        Some(s) => while s.changed().await.is_ok() {},
+        None => std::future::pending().await,
     }
 }
 
@@ -1354,7 +1519,12 @@ mod tests {
         let addr = f.server_addr();
         assert_eq!(ws_status(addr, "", &[]).await, Err(401));
         assert_eq!(ws_status(addr, "&token=guess", &[]).await, Err(401));
-        // The read token follows the stream, in the header or the query.
+        // The read token follows the stream of a subscribed topic, in the
+        // header or the query.
+        f.admin
+            .request("PUT", "/v1/overlays/default/subscriptions/t", None)
+            .await
+            .unwrap();
         assert_eq!(ws_status(addr, "", &[("authorization", "Bearer reader")]).await, Ok(()));
         assert_eq!(ws_status(addr, "&token=reader", &[]).await, Ok(()));
         let own = format!("http://{addr}");
@@ -1371,6 +1541,230 @@ mod tests {
             ws_status(addr, "&token=sesame", &[("host", "evil.example")]).await,
             Err(403)
         );
+        f.finish().await;
+    }
+
+    type Follower = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    /// Opens the event stream of `topics` with `token`; a refusal gives its
+    /// status, `Retry-After` and message.
+    async fn follow(addr: SocketAddr, topics: &str, token: &str) -> Result<Follower, (u16, Option<String>, String)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{addr}/v1/overlays/default/events/ws?topics={topics}")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        match tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await {
+            Ok(Ok((ws, _))) => Ok(ws),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+                let retry = resp
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap_or_default().to_owned());
+                let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                let message = serde_json::from_str::<Value>(&body).unwrap()["error"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                Err((resp.status().as_u16(), retry, message))
+            }
+            Ok(Err(e)) => panic!("websocket: {e}"),
+            Err(_) => panic!("no websocket answer within 10 s"),
+        }
+    }
+
+    /// The next text message of a follower, within 10 s.
+    async fn next_text(ws: &mut Follower) -> Value {
+        use futures_util::StreamExt;
+        for _ in 0..100 {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                    return serde_json::from_str(&t).unwrap();
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no message from the stream: {other:?}"),
+            }
+        }
+        panic!("100 frames without a text message");
+    }
+
+    async fn topics_of(c: &Client) -> Vec<String> {
+        let v = c.get("/v1/overlays/default/subscriptions").await.unwrap();
+        serde_json::from_value(v["topics"].clone()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_read_token_follows_only_topics_the_agent_subscribes_to() {
+        let f = Fixture::new("ws-read").await;
+        let addr = f.server_addr();
+        // Neither an application topic nor a local one: 403, nothing subscribed.
+        for topics in ["t", "member.failed", "t,member.failed,u"] {
+            let Err((status, _, msg)) = follow(addr, topics, "reader").await else {
+                panic!("{topics}: the read token subscribed");
+            };
+            assert_eq!(status, 403, "{topics}: {msg}");
+            assert!(msg.contains("needs the admin token"), "{msg}");
+            let named = topics.split(',').all(|t| msg.contains(&format!("{t:?}")));
+            assert!(named, "{topics}: {msg}");
+            assert_eq!(topics_of(&f.reader).await, Vec::<String>::new(), "{topics}");
+        }
+        let Err((_, _, msg)) = follow(addr, "t,member.failed,u", "reader").await else {
+            unreachable!()
+        };
+        assert!(msg.contains("\"t\", \"member.failed\", \"u\""), "{msg}");
+        // Reading the inbox filtered by topic subscribes nothing either.
+        f.reader
+            .get("/v1/overlays/default/events?from=0&topics=t")
+            .await
+            .unwrap();
+        assert_eq!(topics_of(&f.reader).await, Vec::<String>::new());
+        // The admin token subscribes as it follows.
+        let mut admin = follow(addr, "t,member.failed", "sesame").await.unwrap();
+        assert_eq!(topics_of(&f.reader).await, vec!["member.failed", "t"]);
+        // Now the read token follows them, and gets the events.
+        let mut reader = follow(addr, "t", "reader").await.unwrap();
+        let Err((status, _, msg)) = follow(addr, "t,u", "reader").await else {
+            panic!("the read token subscribed to u");
+        };
+        assert_eq!(status, 403, "{msg}");
+        assert!(msg.contains("\"u\"") && !msg.contains("\"t\""), "{msg}");
+        f.admin
+            .request(
+                "POST",
+                "/v1/overlays/default/events",
+                Some(json!({ "topic": "t", "payload": "hello" })),
+            )
+            .await
+            .unwrap();
+        for ws in [&mut reader, &mut admin] {
+            let item = next_text(ws).await;
+            assert_eq!(
+                (item["topic"].as_str(), item["payload"].as_str()),
+                (Some("t"), Some("hello"))
+            );
+        }
+        assert_eq!(topics_of(&f.reader).await, vec!["member.failed", "t"]);
+        let _ = reader.close(None).await;
+        let _ = admin.close(None).await;
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn followers_beyond_the_cap_are_refused_while_requests_still_answer() {
+        let f = Fixture::with("ws-cap", |o| o.max_followers = 2).await;
+        let addr = f.server_addr();
+        f.admin
+            .request("PUT", "/v1/overlays/default/subscriptions/t", None)
+            .await
+            .unwrap();
+        let mut first = follow(addr, "t", "reader").await.unwrap();
+        let _second = follow(addr, "t", "reader").await.unwrap();
+        for (token, topics) in [("reader", "t"), ("sesame", "new")] {
+            let Err((status, retry, msg)) = follow(addr, topics, token).await else {
+                panic!("a third follower was served");
+            };
+            assert_eq!((status, retry.as_deref()), (503, Some("5")), "{msg}");
+            assert!(msg.contains("2 event-stream followers"), "{msg}");
+        }
+        // The refused admin follower subscribed nothing.
+        assert_eq!(topics_of(&f.reader).await, vec!["t"]);
+        // Ordinary requests are served.
+        for _ in 0..5 {
+            assert_eq!(
+                f.reader.get("/v1/overlays/default/members").await.unwrap()[0]["name"],
+                "api-test"
+            );
+        }
+        // A follower that closes makes room.
+        let _ = first.close(None).await;
+        drop(first);
+        let started = std::time::Instant::now();
+        let third = loop {
+            match follow(addr, "t", "reader").await {
+                Ok(ws) => break ws,
+                Err((503, _, _)) if started.elapsed() < Duration::from_secs(5) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("no room 5 s after a follower closed: {e:?}"),
+            }
+        };
+        drop(third);
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_follower_keeps_its_connection_slot_until_it_closes() {
+        use futures_util::StreamExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let f = Fixture::with("ws-slot", |o| {
+            o.max_connections = 2;
+            o.max_followers = 2;
+        })
+        .await;
+        let addr = f.server_addr();
+        // Not through the API: a client's idle keep-alive connection would
+        // hold a slot.
+        f.agent.subscribe("default", &["t".to_owned()]).await.unwrap();
+        let mut first = follow(addr, "t", "reader").await.unwrap();
+        let mut second = follow(addr, "t", "reader").await.unwrap();
+        // Both connection slots are the followers': a request waits.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(get_with("/v1/health", &[("Host", "localhost")]).as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let early = tokio::time::timeout(Duration::from_millis(500), s.read_to_end(&mut answer)).await;
+        assert!(
+            early.is_err(),
+            "answered while the followers held every slot: {answer:?}"
+        );
+        // One closes: the request is served.
+        let _ = first.close(None).await;
+        drop(first);
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "no answer within 5 s of a follower closing");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        // Stopping the server closes the followers it still has.
+        f.server.abort();
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match second.next().await {
+                    Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "a follower stayed open 5 s after the server stopped");
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn key_operations_that_wait_are_capped_and_ones_that_do_not_are_served() {
+        let f = Fixture::with("long-poll-cap", |o| o.max_long_polls = 0).await;
+        let addr = f.server_addr();
+        let key = crate::config::generate_key();
+        let body = serde_json::to_vec(&json!({ "key": key })).unwrap();
+        let head = |wait: &str| {
+            format!(
+                "POST /v1/overlays/default/keys?wait={wait} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                 Authorization: Bearer sesame\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+        };
+        let (status, msg) = raw(addr, &head("5"), &body).await;
+        assert_eq!(status, 503, "{msg}");
+        assert!(msg.contains("0 key operations are already waiting"), "{msg}");
+        let keys = f.admin.get("/v1/overlays/default/keys").await.unwrap();
+        assert_eq!(
+            keys.as_array().map(Vec::len),
+            Some(1),
+            "the refused install installed nothing"
+        );
+        let (status, msg) = raw(addr, &head("0"), &body).await;
+        assert_eq!(status, 200, "{msg}");
         f.finish().await;
     }
 

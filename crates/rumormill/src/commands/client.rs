@@ -232,7 +232,8 @@ pub enum ClientCommand {
     },
     /// Subscribes to topics and prints one JSON line per event (also
     /// member.joined/suspect/failed/left/alive, luggage.changed,
-    /// delivery.report).
+    /// delivery.report). Subscribing needs the admin token; with only the
+    /// read token, the agent must already subscribe to the topics.
     Subscribe {
         /// Topics.
         #[arg(required = true)]
@@ -619,7 +620,10 @@ async fn subscribe(
         url.push_str(&format!("&from={f}"));
     }
     let mut req = url.into_client_request().map_err(|e| format!("bad address: {e}"))?;
-    if let Some(t) = c.token_for("GET", &format!("/v1/overlays/{}/events/ws", encode_path(overlay))) {
+    // Subscribing needs the admin token; with only the read token the
+    // agent must already subscribe to the topics.
+    let read = c.token_for("GET", &format!("/v1/overlays/{}/events/ws", encode_path(overlay)));
+    if let Some(t) = c.token().or(read) {
         let value = format!("Bearer {t}")
             .parse()
             .map_err(|_| "the token is not a valid header value".to_owned())?;
