@@ -284,7 +284,8 @@ pub struct DisseminationStats {
     /// Updates that went from infected to removed.
     pub removed: u64,
     /// Received updates refused because they would take their writer
-    /// beyond its quota (bytes or entries): not stored, not spread, not
+    /// beyond its quota, or the whole store beyond its limit (bytes or
+    /// entries): not stored, not spread, not
     /// counted as seen (they may come again when there is room).
     pub quota_refused: u64,
     /// Received luggage updates refused for the luggage limits (value,
@@ -591,7 +592,10 @@ impl Dissemination {
         for u in accepted {
             if let Err(e) = self.store.check(&u, &self.config.limits) {
                 match e {
-                    QuotaExceeded::Bytes { .. } | QuotaExceeded::Entries { .. } => self.stats.quota_refused += 1,
+                    QuotaExceeded::Bytes { .. }
+                    | QuotaExceeded::Entries { .. }
+                    | QuotaExceeded::StoreBytes { .. }
+                    | QuotaExceeded::StoreEntries { .. } => self.stats.quota_refused += 1,
                     _ => self.stats.luggage_refused += 1,
                 }
                 if self.refused_lives.len() < MAX_REFUSED_LIVES {

@@ -255,3 +255,64 @@ fn a_writer_over_quota_cannot_grow_another_members_store() {
     );
     let _ = Body::Rumor;
 }
+
+fn forged_update(origin: &str, key: &str, len: usize) -> Update {
+    Update {
+        key: key.into(),
+        value: Some(vec![9; len]),
+        lamport: 1,
+        origin: origin.into(),
+        epoch: 1,
+        seq: 1,
+    }
+}
+
+fn push(d: &mut Dissemination, now: Instant, updates: Vec<Update>) {
+    let r = rumormill_wire::proto::Rumor {
+        updates: updates.iter().map(Update::to_wire).collect(),
+        want_feedback: true,
+        reply_to: None,
+    };
+    d.handle(now, A, Body::Rumor(r));
+}
+
+#[test]
+fn a_writer_using_many_origin_names_cannot_raise_the_store_over_its_total_cap() {
+    let now = Instant::now();
+    let l = Limits {
+        store_bytes: 50_000,
+        store_entries: 40,
+        ..limits(10_000, 100)
+    };
+    let mut b = Dissemination::new(config(Mode::Rumor, l), "b", 1, B, 1300, 2, now);
+    // 100 invented writers, each within its own quota (one value of 5 kB).
+    for i in 0..100 {
+        push(
+            &mut b,
+            now,
+            vec![forged_update(&format!("x{i}"), &format!("k{i}"), 5000)],
+        );
+    }
+    let total = b.store().total();
+    assert!(total.bytes <= 50_000, "the store holds {} bytes", total.bytes);
+    assert_eq!(b.store().len(), 9, "nine values of 5,002 bytes fit 50,000");
+    assert_eq!(b.stats().quota_refused, 91);
+    assert!(!b.store().seen("x9", 1, 1), "refused, not seen");
+    // Small values: the entry cap holds too.
+    for i in 0..100 {
+        push(&mut b, now, vec![forged_update(&format!("y{i}"), &format!("s{i}"), 0)]);
+    }
+    assert_eq!(b.store().total().entries, 40);
+    // A replacement that shrinks the store is accepted, even at the cap.
+    let mut smaller = forged_update("x0", "k0", 10);
+    smaller.lamport = 2;
+    smaller.seq = 2;
+    push(&mut b, now, vec![smaller]);
+    assert_eq!(b.store().value("k0").map(<[u8]>::len), Some(10));
+    // A local write over the store cap: refused with the store limit named.
+    let err = b.try_put(now, "mine", vec![0; 100]).expect_err("the store is full");
+    assert!(matches!(err, QuotaExceeded::StoreEntries { max: 40, .. }), "{err}");
+    assert!(err.to_string().contains("store_entries"), "{err}");
+    b.try_put(now, "k1", vec![0; 10])
+        .expect("replaces x1's value with a smaller one");
+}

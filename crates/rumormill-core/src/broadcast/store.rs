@@ -141,9 +141,9 @@ pub struct Usage {
     pub luggage: u64,
 }
 
-/// How much one writer may make every member store. They are overlay
-/// settings: every member must use the same, since each applies them on
-/// receipt (see [`Store::check`]).
+/// How much one writer, and all writers together, may make every member
+/// store. They are overlay settings: every member must use the same, since
+/// each applies them on receipt (see [`Store::check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Most bytes (keys + values) of one writer's current entries.
@@ -154,24 +154,40 @@ pub struct Limits {
     pub luggage_value: u64,
     /// Most bytes of luggage values per member.
     pub luggage_total: u64,
+    /// Most bytes (keys + values) of the whole store, all writers
+    /// together. Writer names are not authenticated beyond the overlay's
+    /// key, so without it a key holder writing under many names could make
+    /// every member store `writer_bytes` per name.
+    pub store_bytes: u64,
+    /// Most entries (deletes included) of the whole store, all writers
+    /// together.
+    pub store_entries: u64,
 }
 
 /// Default bytes per writer: 16 MiB.
 pub const DEFAULT_WRITER_BYTES: u64 = 16 << 20;
 /// Default entries per writer: 16,384.
 pub const DEFAULT_WRITER_ENTRIES: u64 = 16_384;
+/// Default bytes of the whole store: 256 MiB.
+pub const DEFAULT_STORE_BYTES: u64 = 256 << 20;
+/// Default entries of the whole store: 262,144.
+pub const DEFAULT_STORE_ENTRIES: u64 = 262_144;
 
 impl Default for Limits {
     /// 16 MiB and 16,384 entries per writer: sixteen times the default
     /// luggage of a member (1 MiB) with room for its subscriptions, rack
     /// and key reports, and for application values beside them; luggage
-    /// values of 64 KiB, 1 MiB per member.
+    /// values of 64 KiB, 1 MiB per member. The whole store: 256 MiB and
+    /// 262,144 entries, sixteen writers at their full quota, or a thousand
+    /// members with 256 KiB each; as much as the agent's inbox may take.
     fn default() -> Limits {
         Limits {
             writer_bytes: DEFAULT_WRITER_BYTES,
             writer_entries: DEFAULT_WRITER_ENTRIES,
             luggage_value: crate::luggage::DEFAULT_MAX_VALUE as u64,
             luggage_total: crate::luggage::DEFAULT_MAX_TOTAL as u64,
+            store_bytes: DEFAULT_STORE_BYTES,
+            store_entries: DEFAULT_STORE_ENTRIES,
         }
     }
 }
@@ -202,6 +218,26 @@ pub enum QuotaExceeded {
         /// What it would hold.
         would: u64,
         /// The quota.
+        max: u64,
+    },
+    /// Keys and values of all writers together would exceed `max` bytes.
+    #[error(
+        "the store would hold {would} bytes of keys and values: at most {max} for all writers together (store_bytes; delete some keys first)"
+    )]
+    StoreBytes {
+        /// What the store would hold.
+        would: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The store would hold more than `max` entries, all writers together.
+    #[error(
+        "the store would hold {would} entries: at most {max} for all writers together (store_entries), deletes included until they expire"
+    )]
+    StoreEntries {
+        /// What the store would hold.
+        would: u64,
+        /// The limit.
         max: u64,
     },
     /// A luggage value over the limit.
@@ -262,6 +298,8 @@ pub struct Store {
     tombstones: usize,
     /// What each writer's current entries take.
     usage: BTreeMap<Arc<str>, Usage>,
+    /// What all current entries take together (`luggage` unused).
+    total: Usage,
 }
 
 impl Store {
@@ -275,10 +313,16 @@ impl Store {
         self.usage.get(writer).copied().unwrap_or_default()
     }
 
-    /// Whether storing `u` keeps its writer within `limits`. An update
-    /// that would not be stored (an older version) or that does not raise
-    /// what its writer holds passes: a writer over its quota (under a
-    /// member with a smaller one) can still shrink.
+    /// What all current entries take together.
+    pub fn total(&self) -> Usage {
+        self.total
+    }
+
+    /// Whether storing `u` keeps its writer, and the whole store, within
+    /// `limits`. An update that would not be stored (an older version) or
+    /// that does not raise what its writer (or the store) holds passes: a
+    /// writer over its quota (under a member with a smaller one) can still
+    /// shrink.
     pub fn check(&self, u: &Update, limits: &Limits) -> Result<(), QuotaExceeded> {
         let cur = self.entries.get(&u.key).map(|e| &e.update);
         if cur.is_some_and(|c| c.version() >= u.version()) {
@@ -332,6 +376,23 @@ impl Store {
                 max: limits.writer_entries,
             });
         }
+        // The whole store: whoever wrote what `u` replaces.
+        let sub = cur.map(cost).unwrap_or_default();
+        let total = self.total.bytes + add.bytes;
+        let total = total.saturating_sub(sub.bytes);
+        if total > limits.store_bytes && add.bytes > sub.bytes {
+            return Err(QuotaExceeded::StoreBytes {
+                would: total,
+                max: limits.store_bytes,
+            });
+        }
+        let entries = (self.total.entries + add.entries).saturating_sub(sub.entries);
+        if entries > limits.store_entries && add.entries > sub.entries {
+            return Err(QuotaExceeded::StoreEntries {
+                would: entries,
+                max: limits.store_entries,
+            });
+        }
         Ok(())
     }
 
@@ -345,10 +406,14 @@ impl Store {
         e.bytes += c.bytes;
         e.entries += c.entries;
         e.luggage += c.luggage;
+        self.total.bytes += c.bytes;
+        self.total.entries += c.entries;
     }
 
     fn refund(&mut self, u: &Update) {
         let c = cost(u);
+        self.total.bytes = self.total.bytes.saturating_sub(c.bytes);
+        self.total.entries = self.total.entries.saturating_sub(c.entries);
         if let Some(e) = self.usage.get_mut(&*u.origin) {
             e.bytes = e.bytes.saturating_sub(c.bytes);
             e.entries = e.entries.saturating_sub(c.entries);
@@ -472,6 +537,7 @@ impl Store {
         self.entries.clear();
         self.by_id.clear();
         self.usage.clear();
+        self.total = Usage::default();
         self.tombstones = 0;
         for u in updates {
             self.apply(u, now);
