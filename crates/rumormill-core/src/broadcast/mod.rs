@@ -25,7 +25,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -245,11 +245,6 @@ impl DisseminationConfig {
     }
 }
 
-/// Most writers remembered as having refused updates between two merged
-/// deltas; beyond it, a refused update may be taken as seen by the next
-/// merge (and then comes again only when rewritten).
-const MAX_REFUSED_LIVES: usize = 4096;
-
 /// Where a message goes and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
@@ -325,10 +320,6 @@ pub struct Dissemination {
     pub(crate) reassembly: anti_entropy::Reassembly,
     pub(crate) events: VecDeque<UpdateEvent>,
     pub(crate) stats: DisseminationStats,
-    /// Lives (origin, epoch) with updates refused since the last delta
-    /// was merged: their summaries are not merged, so the refused updates
-    /// stay unseen and can come again.
-    pub(crate) refused_lives: BTreeMap<Arc<str>, BTreeSet<u64>>,
 }
 
 impl fmt::Debug for Dissemination {
@@ -387,7 +378,6 @@ impl Dissemination {
             reassembly: anti_entropy::Reassembly::default(),
             events: VecDeque::new(),
             stats: DisseminationStats::default(),
-            refused_lives: BTreeMap::new(),
         }
     }
 
@@ -598,9 +588,7 @@ impl Dissemination {
                     | QuotaExceeded::StoreEntries { .. } => self.stats.quota_refused += 1,
                     _ => self.stats.luggage_refused += 1,
                 }
-                if self.refused_lives.len() < MAX_REFUSED_LIVES {
-                    self.refused_lives.entry(u.origin.clone()).or_default().insert(u.epoch);
-                }
+                self.store.refuse(&u);
                 refused.push((u.origin.clone(), u.epoch, u.seq));
                 continue;
             }

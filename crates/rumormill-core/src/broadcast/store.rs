@@ -79,6 +79,119 @@ const MAX_BEYOND: usize = 4096;
 /// Most origins taken from one peer's summaries.
 const MAX_ORIGINS: usize = 65_536;
 
+/// Most refused updates remembered (see [`Refused`]).
+const MAX_REFUSED: usize = 4096;
+/// Most bytes of keys of the refused updates remembered.
+const MAX_REFUSED_KEY_BYTES: usize = 1 << 20;
+/// Most lives whose summaries are never merged, once [`MAX_REFUSED`] is
+/// reached; beyond it, no summary is merged at all.
+const MAX_BLOCKED_LIVES: usize = 4096;
+
+/// An update's identity: origin, epoch, seq.
+type Id = (Arc<str>, u64, u64);
+
+/// Updates refused on receipt (a quota), which must stay unseen until they
+/// are stored or superseded: a peer's summaries are not merged for their
+/// origin and epoch, so that the refused updates can come again. Bounded:
+/// a life whose refusal cannot be remembered is *blocked* (its summaries
+/// are never merged again; that costs full exchanges, not correctness), and
+/// past [`MAX_BLOCKED_LIVES`] no summary is merged at all.
+#[derive(Debug, Clone, Default)]
+struct Refused {
+    /// Refused updates by key: their ids and Lamport times, to find those a
+    /// newer write of the key supersedes.
+    by_key: BTreeMap<String, BTreeMap<Id, u64>>,
+    /// Refused updates remembered per life.
+    lives: BTreeMap<Arc<str>, BTreeMap<u64, usize>>,
+    count: usize,
+    key_bytes: usize,
+    blocked: BTreeMap<Arc<str>, BTreeSet<u64>>,
+    blocked_count: usize,
+    blocked_all: bool,
+}
+
+impl Refused {
+    fn insert(&mut self, u: &Update) {
+        let id = (u.origin.clone(), u.epoch, u.seq);
+        if self.by_key.get(&u.key).is_some_and(|ids| ids.contains_key(&id)) {
+            return;
+        }
+        let new_key = !self.by_key.contains_key(&u.key);
+        let key_cost = if new_key { u.key.len() } else { 0 };
+        if self.count >= MAX_REFUSED || self.key_bytes + key_cost > MAX_REFUSED_KEY_BYTES {
+            if self.blocked_count < MAX_BLOCKED_LIVES {
+                if self.blocked.entry(u.origin.clone()).or_default().insert(u.epoch) {
+                    self.blocked_count += 1;
+                }
+            } else if !self.holds_back(&u.origin, u.epoch) {
+                self.blocked_all = true;
+            }
+            return;
+        }
+        self.key_bytes += key_cost;
+        self.count += 1;
+        *self
+            .lives
+            .entry(u.origin.clone())
+            .or_default()
+            .entry(u.epoch)
+            .or_default() += 1;
+        self.by_key.entry(u.key.clone()).or_default().insert(id, u.lamport);
+    }
+
+    fn remove(&mut self, key: &str, id: &Id) {
+        let Some(ids) = self.by_key.get_mut(key) else {
+            return;
+        };
+        if ids.remove(id).is_none() {
+            return;
+        }
+        if ids.is_empty() {
+            self.by_key.remove(key);
+            self.key_bytes -= key.len();
+        }
+        self.count -= 1;
+        if let Some(epochs) = self.lives.get_mut(&id.0) {
+            if let Some(n) = epochs.get_mut(&id.1) {
+                *n -= 1;
+                if *n == 0 {
+                    epochs.remove(&id.1);
+                }
+            }
+            if epochs.is_empty() {
+                self.lives.remove(&id.0);
+            }
+        }
+    }
+
+    /// Forgets `u` and the refused updates of its key it supersedes
+    /// (older versions), which are returned: they count as seen now.
+    fn settle(&mut self, u: &Update, stored: bool) -> Vec<Id> {
+        let Some(ids) = self.by_key.get(&u.key) else {
+            return Vec::new();
+        };
+        let id = (u.origin.clone(), u.epoch, u.seq);
+        let gone: Vec<Id> = ids
+            .iter()
+            .filter(|((o, e, _), lamport)| stored && (**lamport, &**o, *e) < u.version())
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.remove(&u.key, &id);
+        for g in &gone {
+            self.remove(&u.key, g);
+        }
+        gone
+    }
+
+    fn holds_back(&self, origin: &str, epoch: u64) -> bool {
+        if self.blocked_all {
+            return true;
+        }
+        self.lives.get(origin).is_some_and(|e| e.contains_key(&epoch))
+            || self.blocked.get(origin).is_some_and(|e| e.contains(&epoch))
+    }
+}
+
 /// The seen sequence numbers of one origin.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Seen {
@@ -300,6 +413,8 @@ pub struct Store {
     usage: BTreeMap<Arc<str>, Usage>,
     /// What all current entries take together (`luggage` unused).
     total: Usage,
+    /// Updates refused on receipt, kept unseen.
+    refused: Refused,
 }
 
 impl Store {
@@ -512,6 +627,7 @@ impl Store {
         self.mark_seen(&u.origin, u.epoch, u.seq);
         if let Some(cur) = self.entries.get(&u.key) {
             if cur.update.version() >= u.version() {
+                self.refused.settle(&u, false);
                 return false;
             }
             let old = (cur.update.origin.clone(), cur.update.epoch, cur.update.seq);
@@ -522,6 +638,10 @@ impl Store {
         }
         if u.value.is_none() {
             self.tombstones += 1;
+        }
+        for (o, e, q) in self.refused.settle(&u, true) {
+            // Superseded: as if it had arrived after this write.
+            self.mark_seen(&o, e, q);
         }
         self.charge(&u);
         self.by_id.insert((u.origin.clone(), u.epoch, u.seq), u.key.clone());
@@ -556,14 +676,21 @@ impl Store {
             .collect()
     }
 
+    /// Remembers that `u` was refused on receipt: it stays unseen, and the
+    /// summaries of its origin and epoch are not merged, until it is stored
+    /// or a newer write of its key supersedes it.
+    pub(crate) fn refuse(&mut self, u: &Update) {
+        self.refused.insert(u);
+    }
+
     /// Counts as seen what a peer has seen: sent with the last chunk of a
     /// delta, once everything the peer held that we lacked has arrived.
-    /// Lives for which `skip(origin, epoch)` holds are left out: this
-    /// member refused some of their updates, which must stay unseen so
-    /// that they can come again once there is room.
-    pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary], skip: impl Fn(&str, u64) -> bool) {
+    /// Lives with refused updates (see [`Store::refuse`]) are left out:
+    /// those must stay unseen so that they can come again once there is
+    /// room.
+    pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary]) {
         for s in summaries.iter().take(MAX_ORIGINS) {
-            if !s.origin.is_empty() && !skip(&s.origin, s.epoch) {
+            if !s.origin.is_empty() && !self.refused.holds_back(&s.origin, s.epoch) {
                 self.seen_mut(&s.origin, s.epoch).merge(s);
             }
         }
@@ -687,7 +814,7 @@ mod tests {
         for u in missing {
             b.apply(u, 0);
         }
-        b.merge_seen(&a.summaries(), |_, _| false);
+        b.merge_seen(&a.summaries());
         assert!(b.seen("a", 1, 1) && b.seen("a", 1, 2));
         assert!(a.missing_for(&b.summaries()).is_empty());
     }
@@ -701,14 +828,14 @@ mod tests {
             contiguous: u64::MAX,
             beyond: vec![u64::MAX, 5],
         };
-        s.merge_seen(&[evil], |_, _| false);
+        s.merge_seen(&[evil]);
         let edge = proto::OriginSummary {
             origin: "y".into(),
             epoch: 1,
             contiguous: u64::MAX - 1,
             beyond: vec![u64::MAX],
         };
-        s.merge_seen(&[edge], |_, _| false);
+        s.merge_seen(&[edge]);
         assert!(!s.seen("x", 1, 6), "an impossible watermark is ignored");
         assert!(s.seen("x", 1, 5));
         let mut wire = up("k", "v", u64::MAX, "x", 7).to_wire();
