@@ -574,20 +574,16 @@ impl Dissemination {
                 for u in &batch {
                     self.store.mark_seen(&u.origin, u.epoch, u.seq);
                 }
-                self.store.replace(all, stamp);
+                for e in self.store.replace(all, stamp, &self.config.limits) {
+                    self.count_refusal(&e);
+                }
                 return Some(Vec::new());
             }
         };
         let mut stored = Vec::with_capacity(accepted.len());
         for u in accepted {
             if let Err(e) = self.store.check(&u, &self.config.limits) {
-                match e {
-                    QuotaExceeded::Bytes { .. }
-                    | QuotaExceeded::Entries { .. }
-                    | QuotaExceeded::StoreBytes { .. }
-                    | QuotaExceeded::StoreEntries { .. } => self.stats.quota_refused += 1,
-                    _ => self.stats.luggage_refused += 1,
-                }
+                self.count_refusal(&e);
                 self.store.refuse(&u);
                 refused.push((u.origin.clone(), u.epoch, u.seq));
                 continue;
@@ -599,6 +595,16 @@ impl Dissemination {
             stored.push(u);
         }
         Some(stored)
+    }
+
+    fn count_refusal(&mut self, e: &QuotaExceeded) {
+        match e {
+            QuotaExceeded::Bytes { .. }
+            | QuotaExceeded::Entries { .. }
+            | QuotaExceeded::StoreBytes { .. }
+            | QuotaExceeded::StoreEntries { .. } => self.stats.quota_refused += 1,
+            _ => self.stats.luggage_refused += 1,
+        }
     }
 
     /// Forgets removed rumor state and expired tombstones.

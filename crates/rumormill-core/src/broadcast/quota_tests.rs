@@ -388,3 +388,29 @@ fn a_refused_update_superseded_by_a_newer_write_of_its_key_counts_as_seen() {
     assert!(b.store().seen("a", 1, 2), "superseded, so seen");
     assert!(b.store().seen("a", 1, k3.seq), "a's summaries merge again");
 }
+
+#[test]
+fn a_replacing_handler_is_held_to_the_quotas() {
+    let now = Instant::now();
+    let l = Limits {
+        store_entries: 5,
+        ..limits(10_000, 100)
+    };
+    let mut b = Dissemination::new(config(Mode::Rumor, l), "b", 1, B, 1300, 2, now);
+    b.set_handler(|batch: &[Update], _: &Store| {
+        let mut all: Vec<Update> = (0..3).map(|i| forged_update("w", &format!("w{i}"), 4000)).collect();
+        all.extend((0..4).map(|i| forged_update(&format!("x{i}"), &format!("x{i}"), 10)));
+        all.extend(batch.iter().cloned());
+        Decision::Replace(all)
+    });
+    push(&mut b, now, vec![forged_update("a", "k", 10)]);
+    let s = b.store();
+    assert_eq!(
+        s.usage("w").bytes,
+        2 * 4002,
+        "two values of 4 kB fit w's 10 kB, not three"
+    );
+    assert_eq!(s.total().entries, 5, "the store's five entries");
+    assert_eq!(s.get("k"), None, "the sixth entry was left out");
+    assert_eq!(b.stats().quota_refused, 3);
+}

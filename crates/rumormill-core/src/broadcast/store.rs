@@ -652,16 +652,26 @@ impl Store {
         true
     }
 
-    /// Replaces the whole store (a handler's decision).
-    pub(crate) fn replace(&mut self, updates: Vec<Update>, now: Stamp) {
+    /// Replaces the whole store (a handler's decision). Each update is
+    /// checked against `limits` as it is added, as if received: those that
+    /// would take their writer or the store beyond them are left out. Returns
+    /// the errors of those left out.
+    pub(crate) fn replace(&mut self, updates: Vec<Update>, now: Stamp, limits: &Limits) -> Vec<QuotaExceeded> {
         self.entries.clear();
         self.by_id.clear();
         self.usage.clear();
         self.total = Usage::default();
         self.tombstones = 0;
+        let mut refused = Vec::new();
         for u in updates {
-            self.apply(u, now);
+            match self.check(&u, limits) {
+                Ok(()) => {
+                    self.apply(u, now);
+                }
+                Err(e) => refused.push(e),
+            }
         }
+        refused
     }
 
     /// What this store has seen, per origin and epoch.
