@@ -81,8 +81,9 @@ const MAX_ORIGINS: usize = 65_536;
 
 /// Most refused updates remembered (see [`Refused`]).
 const MAX_REFUSED: usize = 4096;
-/// Most bytes of keys of the refused updates remembered.
-const MAX_REFUSED_KEY_BYTES: usize = 1 << 20;
+/// Most bytes of keys and origin names of the refused updates (and of the
+/// blocked lives) remembered.
+const MAX_REFUSED_BYTES: usize = 1 << 20;
 /// Most lives whose summaries are never merged, once [`MAX_REFUSED`] is
 /// reached; beyond it, no summary is merged at all.
 const MAX_BLOCKED_LIVES: usize = 4096;
@@ -104,7 +105,8 @@ struct Refused {
     /// Refused updates remembered per life.
     lives: BTreeMap<Arc<str>, BTreeMap<u64, usize>>,
     count: usize,
-    key_bytes: usize,
+    /// Keys (once each) and origin names (once per id and blocked life).
+    bytes: usize,
     blocked: BTreeMap<Arc<str>, BTreeSet<u64>>,
     blocked_count: usize,
     blocked_all: bool,
@@ -117,18 +119,23 @@ impl Refused {
             return;
         }
         let new_key = !self.by_key.contains_key(&u.key);
-        let key_cost = if new_key { u.key.len() } else { 0 };
-        if self.count >= MAX_REFUSED || self.key_bytes + key_cost > MAX_REFUSED_KEY_BYTES {
-            if self.blocked_count < MAX_BLOCKED_LIVES {
-                if self.blocked.entry(u.origin.clone()).or_default().insert(u.epoch) {
-                    self.blocked_count += 1;
-                }
-            } else if !self.holds_back(&u.origin, u.epoch) {
+        let cost = if new_key { u.key.len() } else { 0 } + u.origin.len();
+        if self.count >= MAX_REFUSED || self.bytes + cost > MAX_REFUSED_BYTES {
+            // Even a life with remembered refusals: once those settle,
+            // this one would be merged as seen.
+            if self.blocked_all || self.blocked.get(&u.origin).is_some_and(|e| e.contains(&u.epoch)) {
+                return;
+            }
+            if self.blocked_count < MAX_BLOCKED_LIVES && self.bytes + u.origin.len() <= MAX_REFUSED_BYTES {
+                self.blocked.entry(u.origin.clone()).or_default().insert(u.epoch);
+                self.blocked_count += 1;
+                self.bytes += u.origin.len();
+            } else {
                 self.blocked_all = true;
             }
             return;
         }
-        self.key_bytes += key_cost;
+        self.bytes += cost;
         self.count += 1;
         *self
             .lives
@@ -148,8 +155,9 @@ impl Refused {
         }
         if ids.is_empty() {
             self.by_key.remove(key);
-            self.key_bytes -= key.len();
+            self.bytes = self.bytes.saturating_sub(key.len());
         }
+        self.bytes = self.bytes.saturating_sub(id.0.len());
         self.count -= 1;
         if let Some(epochs) = self.lives.get_mut(&id.0) {
             if let Some(n) = epochs.get_mut(&id.1) {
@@ -870,6 +878,33 @@ mod tests {
         peer.apply(up_in("k", "old", 1, "a", 1, 1), 0);
         let missing: Vec<u64> = s.missing_for(&peer.summaries()).iter().map(|u| u.epoch).collect();
         assert_eq!(missing, vec![2]);
+    }
+
+    #[test]
+    fn past_the_bound_of_refusals_remembered_a_writers_summaries_are_not_merged() {
+        let mut s = Store::default();
+        let n = MAX_REFUSED as u64 + 1;
+        for q in 1..=n {
+            s.refuse(&up(&format!("k{q}"), "v", q, "a", q));
+        }
+        // Every remembered refusal settles: stored at last.
+        for q in 1..n {
+            assert!(s.apply(up(&format!("k{q}"), "v", q, "a", q), 0));
+        }
+        let peer = proto::OriginSummary {
+            origin: "a".into(),
+            epoch: 1,
+            contiguous: n,
+            beyond: Vec::new(),
+        };
+        s.merge_seen(std::slice::from_ref(&peer));
+        assert!(!s.seen("a", 1, n), "the refusal past the bound is not merged as seen");
+        // Another writer's lives still merge.
+        s.merge_seen(&[proto::OriginSummary {
+            origin: "b".into(),
+            ..peer
+        }]);
+        assert!(s.seen("b", 1, n));
     }
 
     #[test]
