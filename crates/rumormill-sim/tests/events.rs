@@ -328,7 +328,7 @@ fn a_refused_event_is_not_acknowledged_and_the_next_resend_delivers_it_again() {
         })
         .expect("delivered");
     // The application could not store it (its inbox is full): refused.
-    sim.with_node(full, |o, _| o.refuse(&id));
+    assert_eq!(sim.with_node(full, |o, _| o.refuse(&id)), Some(true), "refused");
     advance(&mut sim, 1.5);
     assert_eq!(
         deliveries(&sim),
@@ -410,4 +410,47 @@ fn a_one_mebibyte_event_reaches_every_subscriber_over_streams() {
     let r = reports(&sim, 0);
     assert_eq!(r.len(), 10);
     assert!(r.iter().all(|(_, _, o)| *o == Outcome::Delivered), "{r:?}");
+}
+
+#[test]
+fn an_event_too_old_to_be_forgotten_is_not_refused_and_can_still_be_acknowledged() {
+    let mut sim = cluster(0.0, 8);
+    let full = subscribers()[0];
+    sim.with_node(full, |o, _| o.set_manual_acks(true));
+    let alo = Delivery::AtLeastOnce {
+        retry_every: Duration::from_secs(1),
+        retry_max: 0,
+    };
+    publish(&mut sim, 0, 1, alo, 0.5);
+    let id = sim
+        .events()
+        .iter()
+        .find_map(|(_, i, e)| match e {
+            Event::Message(m) if *i == full => Some(m.id.clone()),
+            _ => None,
+        })
+        .expect("delivered");
+    // The member has since taken far more of this publisher's events as
+    // final: forgetting this one would not make its resend news again.
+    let floor = id.seq + rumormill_core::events::dedup::WINDOW as u64 + 10;
+    sim.with_node(full, |o, _| {
+        o.restore_delivered([rumormill_core::events::dedup::DedupEntry {
+            origin: id.origin.clone(),
+            epoch: id.epoch,
+            floor,
+            above: Vec::new(),
+        }])
+    });
+    assert!(
+        sim.with_node(full, |o, _| o.refuse(&id)) == Some(false),
+        "a refusal that cannot be undone is declined"
+    );
+    // Still awaiting its acknowledgement: the application stores it anyway.
+    sim.with_node(full, |o, _| o.acknowledge(&id));
+    advance(&mut sim, 1.0);
+    let name = rumormill_sim::member_name(full);
+    assert!(
+        reports(&sim, 0).contains(&(id.seq, name, Outcome::Delivered)),
+        "acknowledged, not lost"
+    );
 }

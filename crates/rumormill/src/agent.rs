@@ -190,6 +190,10 @@ pub struct OverlayStats {
     /// At-least-once events refused (not acknowledged, so resent later)
     /// because the inbox was full of them.
     pub inbox_refused: u64,
+    /// At-least-once events stored over the inbox's byte cap because they
+    /// could not be refused (too old for the de-duplication window to take
+    /// back: a resend would be taken for a duplicate).
+    pub inbox_over_cap: u64,
 }
 
 pub(crate) struct Running {
@@ -492,6 +496,7 @@ impl<N: Net> Agent<N> {
             frames_refused: load(&t.frames_refused),
             inbox_evicted: load(&inbox.evicted),
             inbox_refused: load(&inbox.refused),
+            inbox_over_cap: load(&inbox.over_cap),
             ..OverlayStats::default()
         };
         let live = if left {

@@ -381,6 +381,17 @@ pub struct Limits {
     /// every member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer_entries: Option<u64>,
+    /// Most bytes (keys + values) of the overlay's whole store, all
+    /// writers together, on every member (default 256 MiB). Writer names
+    /// are not authenticated beyond the key: this is what bounds a key
+    /// holder writing under many names. Must be the same on every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_bytes: Option<u64>,
+    /// Most entries (deletes included, until they expire) of the overlay's
+    /// whole store, all writers together (default 262,144). Must be the
+    /// same on every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_entries: Option<u64>,
     /// Most bytes of payloads the agent's inbox keeps for this overlay
     /// (default 256 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -662,6 +673,12 @@ impl OverlaySpec {
         }
         if let Some(v) = l.writer_entries {
             c.dissemination.limits.writer_entries = v;
+        }
+        if let Some(v) = l.store_bytes {
+            c.dissemination.limits.store_bytes = v;
+        }
+        if let Some(v) = l.store_entries {
+            c.dissemination.limits.store_entries = v;
         }
         // Whatever goes over a stream must fit a frame, with room for the envelope.
         let frame = c.max_stream_frame.saturating_sub(64 << 10);
@@ -970,12 +987,13 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("one stream frame"), "{e}");
         let c = AgentConfig::from_toml(
-            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nwriter_bytes = 2000000\nwriter_entries = 50\ninbox_bytes = 3000000",
+            "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nwriter_bytes = 2000000\nwriter_entries = 50\nstore_bytes = 9000000\nstore_entries = 500\ninbox_bytes = 3000000",
         )
         .unwrap();
         let core = c.overlays[0].core_config().unwrap();
         let q = core.dissemination.limits;
         assert_eq!((q.writer_bytes, q.writer_entries), (2_000_000, 50));
+        assert_eq!((q.store_bytes, q.store_entries), (9_000_000, 500));
         assert_eq!(c.overlays[0].limits.inbox_bytes(), 3_000_000);
         let e = AgentConfig::from_toml(
             "[[overlay]]\nname = \"a\"\nplaintext = true\n[overlay.limits]\nwriter_bytes = 1000",

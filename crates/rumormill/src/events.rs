@@ -22,8 +22,11 @@
 //!   room, the oldest best-effort events and local-topic entries are
 //!   evicted, then at-least-once events stored more than a day ago; an
 //!   at-least-once event that still does not fit is refused — neither
-//!   stored nor acknowledged, so its publisher resends it — and a
-//!   best-effort one is dropped. Both are counted. Each payload is stored
+//!   stored nor acknowledged, so its publisher resends it — unless the
+//!   core can no longer take it back (it is far below the de-duplication
+//!   floor, so the resend would be a duplicate): that one is stored over
+//!   the cap (`inbox_over_cap`) rather than lost. A best-effort one that
+//!   does not fit is dropped. All are counted. Each payload is stored
 //!   once, as bytes; its text and base64 forms are made when it is read.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -118,6 +121,9 @@ pub(crate) struct InboxCounters {
     pub(crate) evicted: std::sync::atomic::AtomicU64,
     /// At-least-once events refused (not acknowledged) for the byte cap.
     pub(crate) refused: std::sync::atomic::AtomicU64,
+    /// At-least-once events stored over the byte cap because they could
+    /// not be refused (too old for the de-duplication window to take back).
+    pub(crate) over_cap: std::sync::atomic::AtomicU64,
 }
 
 /// Payloads up to this size travel in the live feed; larger ones are read
@@ -757,7 +763,6 @@ pub(crate) async fn pump<N: Net>(
         }
         let mut ops: Vec<Op> = Vec::new();
         let mut acks: Vec<EventId> = Vec::new();
-        let mut refused: Vec<EventId> = Vec::new();
         let mut stored: Vec<InboxItem> = Vec::with_capacity(items.len());
         let now_ms = wall_ms();
         for mut inc in items {
@@ -771,21 +776,31 @@ pub(crate) async fn pump<N: Net>(
                 }
                 None => {
                     // No room without evicting recent at-least-once events.
-                    match inc.ack {
+                    match inc.ack.clone() {
                         Some(id) if inc.alo => {
-                            counters.refused.fetch_add(1, Ordering::Relaxed);
-                            refused.push(id);
+                            // Refused, to be resent, unless the core cannot
+                            // take it back (far below its de-duplication
+                            // floor: the resend would be a duplicate). Then
+                            // it is stored over the cap rather than lost.
+                            let back = id.clone();
+                            let taken_back = handle.call(move |o, _| o.refuse(&back)).await.unwrap_or(false);
+                            if taken_back {
+                                counters.refused.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            counters.over_cap.fetch_add(1, Ordering::Relaxed);
                         }
                         // Best effort: not stored; nothing to resend.
                         Some(id) => {
                             counters.evicted.fetch_add(1, Ordering::Relaxed);
                             acks.push(id);
+                            continue;
                         }
                         None => {
                             counters.evicted.fetch_add(1, Ordering::Relaxed);
+                            continue;
                         }
                     }
-                    continue;
                 }
             }
             next_seq += 1;
@@ -806,15 +821,6 @@ pub(crate) async fn pump<N: Net>(
                 None => {}
             }
             stored.push(item);
-        }
-        if !refused.is_empty() {
-            let _ = handle
-                .call(move |o, _| {
-                    for id in &refused {
-                        o.refuse(id);
-                    }
-                })
-                .await;
         }
         if next_seq > reserved {
             reserved = next_seq + INBOX_RESERVE;

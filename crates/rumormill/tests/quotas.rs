@@ -53,6 +53,39 @@ async fn wait<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Result<T
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_over_the_whole_stores_cap_is_a_413_naming_the_store_limit() {
+    let dir = scratch("store");
+    let limits = Limits {
+        store_bytes: Some(100_000),
+        ..Limits::default()
+    };
+    let a = start(&dir, "s-a", None, limits).await;
+    let (api, server) = rumormill::api::serve(a.clone(), "127.0.0.1:0".parse().expect("addr"), "sesame".into())
+        .await
+        .expect("API");
+    let admin = Client::new(api, Some("sesame".into()));
+    let body = json!({ "value": "x".repeat(60_000) });
+    admin
+        .request("PUT", "/v1/overlays/default/updates/one", Some(body.clone()))
+        .await
+        .expect("60 kB fit 100 kB");
+    match admin
+        .request("PUT", "/v1/overlays/default/updates/two", Some(body))
+        .await
+    {
+        Err(ClientError::Api { status, message }) => {
+            assert_eq!(status, 413, "{message}");
+            assert!(message.contains("store_bytes"), "names the store limit: {message}");
+            assert!(message.contains("at most 100000 for all writers"), "{message}");
+        }
+        other => panic!("expected a 413, got {other:?}"),
+    }
+    server.abort();
+    a.shutdown(false).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_over_quota_is_a_413_and_a_member_with_a_smaller_quota_counts_what_it_refuses() {
     let dir = scratch("api");
     let big = Limits {

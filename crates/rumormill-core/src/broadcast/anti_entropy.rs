@@ -193,9 +193,7 @@ impl Dissemination {
             self.infect(now, u);
         }
         if d.chunks <= 1 || self.reassembly.complete(now, d.exchange, d.chunks) {
-            let skip = std::mem::take(&mut self.refused_lives);
-            self.store
-                .merge_seen(&d.seen, |o, e| skip.get(o).is_some_and(|lives| lives.contains(&e)));
+            self.store.merge_seen(&d.seen);
             self.stats.syncs += 1;
         }
     }

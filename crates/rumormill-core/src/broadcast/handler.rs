@@ -9,7 +9,10 @@ pub enum Decision {
     AcceptAll,
     /// Store only the updates at these positions of the batch.
     AcceptSubset(Vec<usize>),
-    /// Replace the whole store with these updates.
+    /// Replace the whole store with these updates. They are checked
+    /// against the quotas ([`super::Limits`]) in order, as received updates
+    /// are: those that would take their writer or the store beyond them are
+    /// left out and counted in `quota_refused` (or `luggage_refused`).
     Replace(Vec<Update>),
     /// Drop the batch and send the pusher no feedback, as if it never came.
     Ignore,

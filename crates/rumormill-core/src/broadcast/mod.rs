@@ -25,7 +25,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -245,11 +245,6 @@ impl DisseminationConfig {
     }
 }
 
-/// Most writers remembered as having refused updates between two merged
-/// deltas; beyond it, a refused update may be taken as seen by the next
-/// merge (and then comes again only when rewritten).
-const MAX_REFUSED_LIVES: usize = 4096;
-
 /// Where a message goes and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
@@ -284,7 +279,8 @@ pub struct DisseminationStats {
     /// Updates that went from infected to removed.
     pub removed: u64,
     /// Received updates refused because they would take their writer
-    /// beyond its quota (bytes or entries): not stored, not spread, not
+    /// beyond its quota, or the whole store beyond its limit (bytes or
+    /// entries): not stored, not spread, not
     /// counted as seen (they may come again when there is room).
     pub quota_refused: u64,
     /// Received luggage updates refused for the luggage limits (value,
@@ -324,10 +320,6 @@ pub struct Dissemination {
     pub(crate) reassembly: anti_entropy::Reassembly,
     pub(crate) events: VecDeque<UpdateEvent>,
     pub(crate) stats: DisseminationStats,
-    /// Lives (origin, epoch) with updates refused since the last delta
-    /// was merged: their summaries are not merged, so the refused updates
-    /// stay unseen and can come again.
-    pub(crate) refused_lives: BTreeMap<Arc<str>, BTreeSet<u64>>,
 }
 
 impl fmt::Debug for Dissemination {
@@ -386,7 +378,6 @@ impl Dissemination {
             reassembly: anti_entropy::Reassembly::default(),
             events: VecDeque::new(),
             stats: DisseminationStats::default(),
-            refused_lives: BTreeMap::new(),
         }
     }
 
@@ -583,20 +574,17 @@ impl Dissemination {
                 for u in &batch {
                     self.store.mark_seen(&u.origin, u.epoch, u.seq);
                 }
-                self.store.replace(all, stamp);
+                for e in self.store.replace(all, stamp, &self.config.limits) {
+                    self.count_refusal(&e);
+                }
                 return Some(Vec::new());
             }
         };
         let mut stored = Vec::with_capacity(accepted.len());
         for u in accepted {
             if let Err(e) = self.store.check(&u, &self.config.limits) {
-                match e {
-                    QuotaExceeded::Bytes { .. } | QuotaExceeded::Entries { .. } => self.stats.quota_refused += 1,
-                    _ => self.stats.luggage_refused += 1,
-                }
-                if self.refused_lives.len() < MAX_REFUSED_LIVES {
-                    self.refused_lives.entry(u.origin.clone()).or_default().insert(u.epoch);
-                }
+                self.count_refusal(&e);
+                self.store.refuse(&u);
                 refused.push((u.origin.clone(), u.epoch, u.seq));
                 continue;
             }
@@ -607,6 +595,16 @@ impl Dissemination {
             stored.push(u);
         }
         Some(stored)
+    }
+
+    fn count_refusal(&mut self, e: &QuotaExceeded) {
+        match e {
+            QuotaExceeded::Bytes { .. }
+            | QuotaExceeded::Entries { .. }
+            | QuotaExceeded::StoreBytes { .. }
+            | QuotaExceeded::StoreEntries { .. } => self.stats.quota_refused += 1,
+            _ => self.stats.luggage_refused += 1,
+        }
     }
 
     /// Forgets removed rumor state and expired tombstones.

@@ -255,3 +255,162 @@ fn a_writer_over_quota_cannot_grow_another_members_store() {
     );
     let _ = Body::Rumor;
 }
+
+fn forged_update(origin: &str, key: &str, len: usize) -> Update {
+    Update {
+        key: key.into(),
+        value: Some(vec![9; len]),
+        lamport: 1,
+        origin: origin.into(),
+        epoch: 1,
+        seq: 1,
+    }
+}
+
+fn push(d: &mut Dissemination, now: Instant, updates: Vec<Update>) {
+    let r = rumormill_wire::proto::Rumor {
+        updates: updates.iter().map(Update::to_wire).collect(),
+        want_feedback: true,
+        reply_to: None,
+    };
+    d.handle(now, A, Body::Rumor(r));
+}
+
+#[test]
+fn a_writer_using_many_origin_names_cannot_raise_the_store_over_its_total_cap() {
+    let now = Instant::now();
+    let l = Limits {
+        store_bytes: 50_000,
+        store_entries: 40,
+        ..limits(10_000, 100)
+    };
+    let mut b = Dissemination::new(config(Mode::Rumor, l), "b", 1, B, 1300, 2, now);
+    // 100 invented writers, each within its own quota (one value of 5 kB).
+    for i in 0..100 {
+        push(
+            &mut b,
+            now,
+            vec![forged_update(&format!("x{i}"), &format!("k{i}"), 5000)],
+        );
+    }
+    let total = b.store().total();
+    assert!(total.bytes <= 50_000, "the store holds {} bytes", total.bytes);
+    assert_eq!(b.store().len(), 9, "nine values of 5,002 bytes fit 50,000");
+    assert_eq!(b.stats().quota_refused, 91);
+    assert!(!b.store().seen("x9", 1, 1), "refused, not seen");
+    // Small values: the entry cap holds too.
+    for i in 0..100 {
+        push(&mut b, now, vec![forged_update(&format!("y{i}"), &format!("s{i}"), 0)]);
+    }
+    assert_eq!(b.store().total().entries, 40);
+    // A replacement that shrinks the store is accepted, even at the cap.
+    let mut smaller = forged_update("x0", "k0", 10);
+    smaller.lamport = 2;
+    smaller.seq = 2;
+    push(&mut b, now, vec![smaller]);
+    assert_eq!(b.store().value("k0").map(<[u8]>::len), Some(10));
+    // A local write over the store cap: refused with the store limit named.
+    let err = b.try_put(now, "mine", vec![0; 100]).expect_err("the store is full");
+    assert!(matches!(err, QuotaExceeded::StoreEntries { max: 40, .. }), "{err}");
+    assert!(err.to_string().contains("store_entries"), "{err}");
+    b.try_put(now, "k1", vec![0; 10])
+        .expect("replaces x1's value with a smaller one");
+}
+
+fn delta(updates: &[Update], seen: &Store, exchange: u64, chunk: u32, chunks: u32) -> Body {
+    Body::Delta(rumormill_wire::proto::Delta {
+        updates: updates.iter().map(Update::to_wire).collect(),
+        seen: seen.summaries(),
+        exchange,
+        chunk,
+        chunks,
+    })
+}
+
+#[test]
+fn a_refused_update_stays_unseen_when_another_exchange_completes_between_chunks() {
+    let now = Instant::now();
+    let mut a = Dissemination::new(
+        config(Mode::AntiEntropy, limits(u64::MAX, u64::MAX)),
+        "a",
+        1,
+        A,
+        1300,
+        1,
+        now,
+    );
+    let mut b = Dissemination::new(config(Mode::AntiEntropy, limits(10_000, 100)), "b", 1, B, 1300, 2, now);
+    let k1 = a.put(now, "k1", vec![1; 6000]);
+    let k2 = a.put(now, "k2", vec![2; 6000]);
+    // A chunked delta from a: k1 in the first chunk, k2 (refused) in the second.
+    b.handle(now, A, delta(std::slice::from_ref(&k1), a.store(), 7, 0, 2));
+    b.handle(now, A, delta(std::slice::from_ref(&k2), a.store(), 7, 1, 3));
+    assert_eq!(b.stats().quota_refused, 1);
+    // Another exchange, with a third member that has seen everything of
+    // a's, completes in between.
+    b.handle(now, A, delta(&[], a.store(), 8, 0, 1));
+    assert!(!b.store().seen("a", 1, 2), "merged by the unrelated exchange");
+    // The last chunk of the first delta.
+    b.handle(now, A, delta(&[], a.store(), 7, 2, 3));
+    assert!(!b.store().seen("a", 1, 2), "the refused update was marked seen");
+    // Once there is room it comes again and is stored, and a's summaries
+    // merge again.
+    let del = a.delete(now, "k1");
+    b.handle(now, A, delta(&[del, k2.clone()], a.store(), 9, 0, 1));
+    assert_eq!(b.store().value("k2").map(<[u8]>::len), Some(6000));
+    assert!(b.store().seen("a", 1, 2));
+}
+
+#[test]
+fn a_refused_update_superseded_by_a_newer_write_of_its_key_counts_as_seen() {
+    let now = Instant::now();
+    let mut a = Dissemination::new(
+        config(Mode::AntiEntropy, limits(u64::MAX, u64::MAX)),
+        "a",
+        1,
+        A,
+        1300,
+        1,
+        now,
+    );
+    let mut b = Dissemination::new(config(Mode::AntiEntropy, limits(10_000, 100)), "b", 1, B, 1300, 2, now);
+    let k1 = a.put(now, "k1", vec![1; 6000]);
+    let k2 = a.put(now, "k2", vec![2; 6000]);
+    b.handle(now, A, delta(&[k1, k2], a.store(), 1, 0, 1));
+    assert!(!b.store().seen("a", 1, 2));
+    // a overwrites k2 with a small value: seq 2 will never travel again.
+    let small = a.put(now, "k2", vec![3; 10]);
+    a.put(now, "k3", vec![4; 10]);
+    let k3 = a.store().get("k3").cloned().expect("k3");
+    // The delta carries k2's new value; k3 is left out (as if it had come
+    // by rumor and been overwritten): only the merged summary marks it.
+    b.handle(now, A, delta(&[small], a.store(), 2, 0, 1));
+    assert!(b.store().seen("a", 1, 2), "superseded, so seen");
+    assert!(b.store().seen("a", 1, k3.seq), "a's summaries merge again");
+}
+
+#[test]
+fn a_replacing_handler_is_held_to_the_quotas() {
+    let now = Instant::now();
+    let l = Limits {
+        store_entries: 5,
+        ..limits(10_000, 100)
+    };
+    let mut b = Dissemination::new(config(Mode::Rumor, l), "b", 1, B, 1300, 2, now);
+    b.set_handler(|batch: &[Update], _: &Store| {
+        let mut all: Vec<Update> = (0..3).map(|i| forged_update("w", &format!("w{i}"), 4000)).collect();
+        all.extend((0..4).map(|i| forged_update(&format!("x{i}"), &format!("x{i}"), 10)));
+        all.extend(batch.iter().cloned());
+        Decision::Replace(all)
+    });
+    push(&mut b, now, vec![forged_update("a", "k", 10)]);
+    let s = b.store();
+    assert_eq!(
+        s.usage("w").bytes,
+        2 * 4002,
+        "two values of 4 kB fit w's 10 kB, not three"
+    );
+    assert_eq!(s.total().entries, 5, "the store's five entries");
+    assert_eq!(s.get("k"), None, "the sixth entry was left out");
+    assert_eq!(b.stats().quota_refused, 3);
+}

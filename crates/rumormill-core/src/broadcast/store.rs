@@ -79,6 +79,127 @@ const MAX_BEYOND: usize = 4096;
 /// Most origins taken from one peer's summaries.
 const MAX_ORIGINS: usize = 65_536;
 
+/// Most refused updates remembered (see [`Refused`]).
+const MAX_REFUSED: usize = 4096;
+/// Most bytes of keys and origin names of the refused updates (and of the
+/// blocked lives) remembered.
+const MAX_REFUSED_BYTES: usize = 1 << 20;
+/// Most lives whose summaries are never merged, once [`MAX_REFUSED`] is
+/// reached; beyond it, no summary is merged at all.
+const MAX_BLOCKED_LIVES: usize = 4096;
+
+/// An update's identity: origin, epoch, seq.
+type Id = (Arc<str>, u64, u64);
+
+/// Updates refused on receipt (a quota), which must stay unseen until they
+/// are stored or superseded: a peer's summaries are not merged for their
+/// origin and epoch, so that the refused updates can come again. Bounded:
+/// a life whose refusal cannot be remembered is *blocked* (its summaries
+/// are never merged again; that costs full exchanges, not correctness), and
+/// past [`MAX_BLOCKED_LIVES`] no summary is merged at all.
+#[derive(Debug, Clone, Default)]
+struct Refused {
+    /// Refused updates by key: their ids and Lamport times, to find those a
+    /// newer write of the key supersedes.
+    by_key: BTreeMap<String, BTreeMap<Id, u64>>,
+    /// Refused updates remembered per life.
+    lives: BTreeMap<Arc<str>, BTreeMap<u64, usize>>,
+    count: usize,
+    /// Keys (once each) and origin names (once per id and blocked life).
+    bytes: usize,
+    blocked: BTreeMap<Arc<str>, BTreeSet<u64>>,
+    blocked_count: usize,
+    blocked_all: bool,
+}
+
+impl Refused {
+    fn insert(&mut self, u: &Update) {
+        let id = (u.origin.clone(), u.epoch, u.seq);
+        if self.by_key.get(&u.key).is_some_and(|ids| ids.contains_key(&id)) {
+            return;
+        }
+        let new_key = !self.by_key.contains_key(&u.key);
+        let cost = if new_key { u.key.len() } else { 0 } + u.origin.len();
+        if self.count >= MAX_REFUSED || self.bytes + cost > MAX_REFUSED_BYTES {
+            // Even a life with remembered refusals: once those settle,
+            // this one would be merged as seen.
+            if self.blocked_all || self.blocked.get(&u.origin).is_some_and(|e| e.contains(&u.epoch)) {
+                return;
+            }
+            if self.blocked_count < MAX_BLOCKED_LIVES && self.bytes + u.origin.len() <= MAX_REFUSED_BYTES {
+                self.blocked.entry(u.origin.clone()).or_default().insert(u.epoch);
+                self.blocked_count += 1;
+                self.bytes += u.origin.len();
+            } else {
+                self.blocked_all = true;
+            }
+            return;
+        }
+        self.bytes += cost;
+        self.count += 1;
+        *self
+            .lives
+            .entry(u.origin.clone())
+            .or_default()
+            .entry(u.epoch)
+            .or_default() += 1;
+        self.by_key.entry(u.key.clone()).or_default().insert(id, u.lamport);
+    }
+
+    fn remove(&mut self, key: &str, id: &Id) {
+        let Some(ids) = self.by_key.get_mut(key) else {
+            return;
+        };
+        if ids.remove(id).is_none() {
+            return;
+        }
+        if ids.is_empty() {
+            self.by_key.remove(key);
+            self.bytes = self.bytes.saturating_sub(key.len());
+        }
+        self.bytes = self.bytes.saturating_sub(id.0.len());
+        self.count -= 1;
+        if let Some(epochs) = self.lives.get_mut(&id.0) {
+            if let Some(n) = epochs.get_mut(&id.1) {
+                *n -= 1;
+                if *n == 0 {
+                    epochs.remove(&id.1);
+                }
+            }
+            if epochs.is_empty() {
+                self.lives.remove(&id.0);
+            }
+        }
+    }
+
+    /// Forgets `u` and the refused updates of its key it supersedes
+    /// (older versions), which are returned: they count as seen now.
+    fn settle(&mut self, u: &Update, stored: bool) -> Vec<Id> {
+        let Some(ids) = self.by_key.get(&u.key) else {
+            return Vec::new();
+        };
+        let id = (u.origin.clone(), u.epoch, u.seq);
+        let gone: Vec<Id> = ids
+            .iter()
+            .filter(|((o, e, _), lamport)| stored && (**lamport, &**o, *e) < u.version())
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.remove(&u.key, &id);
+        for g in &gone {
+            self.remove(&u.key, g);
+        }
+        gone
+    }
+
+    fn holds_back(&self, origin: &str, epoch: u64) -> bool {
+        if self.blocked_all {
+            return true;
+        }
+        self.lives.get(origin).is_some_and(|e| e.contains_key(&epoch))
+            || self.blocked.get(origin).is_some_and(|e| e.contains(&epoch))
+    }
+}
+
 /// The seen sequence numbers of one origin.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Seen {
@@ -141,9 +262,9 @@ pub struct Usage {
     pub luggage: u64,
 }
 
-/// How much one writer may make every member store. They are overlay
-/// settings: every member must use the same, since each applies them on
-/// receipt (see [`Store::check`]).
+/// How much one writer, and all writers together, may make every member
+/// store. They are overlay settings: every member must use the same, since
+/// each applies them on receipt (see [`Store::check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Most bytes (keys + values) of one writer's current entries.
@@ -154,24 +275,40 @@ pub struct Limits {
     pub luggage_value: u64,
     /// Most bytes of luggage values per member.
     pub luggage_total: u64,
+    /// Most bytes (keys + values) of the whole store, all writers
+    /// together. Writer names are not authenticated beyond the overlay's
+    /// key, so without it a key holder writing under many names could make
+    /// every member store `writer_bytes` per name.
+    pub store_bytes: u64,
+    /// Most entries (deletes included) of the whole store, all writers
+    /// together.
+    pub store_entries: u64,
 }
 
 /// Default bytes per writer: 16 MiB.
 pub const DEFAULT_WRITER_BYTES: u64 = 16 << 20;
 /// Default entries per writer: 16,384.
 pub const DEFAULT_WRITER_ENTRIES: u64 = 16_384;
+/// Default bytes of the whole store: 256 MiB.
+pub const DEFAULT_STORE_BYTES: u64 = 256 << 20;
+/// Default entries of the whole store: 262,144.
+pub const DEFAULT_STORE_ENTRIES: u64 = 262_144;
 
 impl Default for Limits {
     /// 16 MiB and 16,384 entries per writer: sixteen times the default
     /// luggage of a member (1 MiB) with room for its subscriptions, rack
     /// and key reports, and for application values beside them; luggage
-    /// values of 64 KiB, 1 MiB per member.
+    /// values of 64 KiB, 1 MiB per member. The whole store: 256 MiB and
+    /// 262,144 entries, sixteen writers at their full quota, or a thousand
+    /// members with 256 KiB each; as much as the agent's inbox may take.
     fn default() -> Limits {
         Limits {
             writer_bytes: DEFAULT_WRITER_BYTES,
             writer_entries: DEFAULT_WRITER_ENTRIES,
             luggage_value: crate::luggage::DEFAULT_MAX_VALUE as u64,
             luggage_total: crate::luggage::DEFAULT_MAX_TOTAL as u64,
+            store_bytes: DEFAULT_STORE_BYTES,
+            store_entries: DEFAULT_STORE_ENTRIES,
         }
     }
 }
@@ -202,6 +339,26 @@ pub enum QuotaExceeded {
         /// What it would hold.
         would: u64,
         /// The quota.
+        max: u64,
+    },
+    /// Keys and values of all writers together would exceed `max` bytes.
+    #[error(
+        "the store would hold {would} bytes of keys and values: at most {max} for all writers together (store_bytes; delete some keys first)"
+    )]
+    StoreBytes {
+        /// What the store would hold.
+        would: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The store would hold more than `max` entries, all writers together.
+    #[error(
+        "the store would hold {would} entries: at most {max} for all writers together (store_entries), deletes included until they expire"
+    )]
+    StoreEntries {
+        /// What the store would hold.
+        would: u64,
+        /// The limit.
         max: u64,
     },
     /// A luggage value over the limit.
@@ -262,6 +419,10 @@ pub struct Store {
     tombstones: usize,
     /// What each writer's current entries take.
     usage: BTreeMap<Arc<str>, Usage>,
+    /// What all current entries take together (`luggage` unused).
+    total: Usage,
+    /// Updates refused on receipt, kept unseen.
+    refused: Refused,
 }
 
 impl Store {
@@ -275,10 +436,16 @@ impl Store {
         self.usage.get(writer).copied().unwrap_or_default()
     }
 
-    /// Whether storing `u` keeps its writer within `limits`. An update
-    /// that would not be stored (an older version) or that does not raise
-    /// what its writer holds passes: a writer over its quota (under a
-    /// member with a smaller one) can still shrink.
+    /// What all current entries take together.
+    pub fn total(&self) -> Usage {
+        self.total
+    }
+
+    /// Whether storing `u` keeps its writer, and the whole store, within
+    /// `limits`. An update that would not be stored (an older version) or
+    /// that does not raise what its writer (or the store) holds passes: a
+    /// writer over its quota (under a member with a smaller one) can still
+    /// shrink.
     pub fn check(&self, u: &Update, limits: &Limits) -> Result<(), QuotaExceeded> {
         let cur = self.entries.get(&u.key).map(|e| &e.update);
         if cur.is_some_and(|c| c.version() >= u.version()) {
@@ -332,6 +499,23 @@ impl Store {
                 max: limits.writer_entries,
             });
         }
+        // The whole store: whoever wrote what `u` replaces.
+        let sub = cur.map(cost).unwrap_or_default();
+        let total = self.total.bytes + add.bytes;
+        let total = total.saturating_sub(sub.bytes);
+        if total > limits.store_bytes && add.bytes > sub.bytes {
+            return Err(QuotaExceeded::StoreBytes {
+                would: total,
+                max: limits.store_bytes,
+            });
+        }
+        let entries = (self.total.entries + add.entries).saturating_sub(sub.entries);
+        if entries > limits.store_entries && add.entries > sub.entries {
+            return Err(QuotaExceeded::StoreEntries {
+                would: entries,
+                max: limits.store_entries,
+            });
+        }
         Ok(())
     }
 
@@ -345,10 +529,14 @@ impl Store {
         e.bytes += c.bytes;
         e.entries += c.entries;
         e.luggage += c.luggage;
+        self.total.bytes += c.bytes;
+        self.total.entries += c.entries;
     }
 
     fn refund(&mut self, u: &Update) {
         let c = cost(u);
+        self.total.bytes = self.total.bytes.saturating_sub(c.bytes);
+        self.total.entries = self.total.entries.saturating_sub(c.entries);
         if let Some(e) = self.usage.get_mut(&*u.origin) {
             e.bytes = e.bytes.saturating_sub(c.bytes);
             e.entries = e.entries.saturating_sub(c.entries);
@@ -447,6 +635,7 @@ impl Store {
         self.mark_seen(&u.origin, u.epoch, u.seq);
         if let Some(cur) = self.entries.get(&u.key) {
             if cur.update.version() >= u.version() {
+                self.refused.settle(&u, false);
                 return false;
             }
             let old = (cur.update.origin.clone(), cur.update.epoch, cur.update.seq);
@@ -458,6 +647,10 @@ impl Store {
         if u.value.is_none() {
             self.tombstones += 1;
         }
+        for (o, e, q) in self.refused.settle(&u, true) {
+            // Superseded: as if it had arrived after this write.
+            self.mark_seen(&o, e, q);
+        }
         self.charge(&u);
         self.by_id.insert((u.origin.clone(), u.epoch, u.seq), u.key.clone());
         // The replaced update — its value with it — is dropped here.
@@ -467,15 +660,26 @@ impl Store {
         true
     }
 
-    /// Replaces the whole store (a handler's decision).
-    pub(crate) fn replace(&mut self, updates: Vec<Update>, now: Stamp) {
+    /// Replaces the whole store (a handler's decision). Each update is
+    /// checked against `limits` as it is added, as if received: those that
+    /// would take their writer or the store beyond them are left out. Returns
+    /// the errors of those left out.
+    pub(crate) fn replace(&mut self, updates: Vec<Update>, now: Stamp, limits: &Limits) -> Vec<QuotaExceeded> {
         self.entries.clear();
         self.by_id.clear();
         self.usage.clear();
+        self.total = Usage::default();
         self.tombstones = 0;
+        let mut refused = Vec::new();
         for u in updates {
-            self.apply(u, now);
+            match self.check(&u, limits) {
+                Ok(()) => {
+                    self.apply(u, now);
+                }
+                Err(e) => refused.push(e),
+            }
         }
+        refused
     }
 
     /// What this store has seen, per origin and epoch.
@@ -490,14 +694,21 @@ impl Store {
             .collect()
     }
 
+    /// Remembers that `u` was refused on receipt: it stays unseen, and the
+    /// summaries of its origin and epoch are not merged, until it is stored
+    /// or a newer write of its key supersedes it.
+    pub(crate) fn refuse(&mut self, u: &Update) {
+        self.refused.insert(u);
+    }
+
     /// Counts as seen what a peer has seen: sent with the last chunk of a
     /// delta, once everything the peer held that we lacked has arrived.
-    /// Lives for which `skip(origin, epoch)` holds are left out: this
-    /// member refused some of their updates, which must stay unseen so
-    /// that they can come again once there is room.
-    pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary], skip: impl Fn(&str, u64) -> bool) {
+    /// Lives with refused updates (see [`Store::refuse`]) are left out:
+    /// those must stay unseen so that they can come again once there is
+    /// room.
+    pub(crate) fn merge_seen(&mut self, summaries: &[proto::OriginSummary]) {
         for s in summaries.iter().take(MAX_ORIGINS) {
-            if !s.origin.is_empty() && !skip(&s.origin, s.epoch) {
+            if !s.origin.is_empty() && !self.refused.holds_back(&s.origin, s.epoch) {
                 self.seen_mut(&s.origin, s.epoch).merge(s);
             }
         }
@@ -621,7 +832,7 @@ mod tests {
         for u in missing {
             b.apply(u, 0);
         }
-        b.merge_seen(&a.summaries(), |_, _| false);
+        b.merge_seen(&a.summaries());
         assert!(b.seen("a", 1, 1) && b.seen("a", 1, 2));
         assert!(a.missing_for(&b.summaries()).is_empty());
     }
@@ -635,14 +846,14 @@ mod tests {
             contiguous: u64::MAX,
             beyond: vec![u64::MAX, 5],
         };
-        s.merge_seen(&[evil], |_, _| false);
+        s.merge_seen(&[evil]);
         let edge = proto::OriginSummary {
             origin: "y".into(),
             epoch: 1,
             contiguous: u64::MAX - 1,
             beyond: vec![u64::MAX],
         };
-        s.merge_seen(&[edge], |_, _| false);
+        s.merge_seen(&[edge]);
         assert!(!s.seen("x", 1, 6), "an impossible watermark is ignored");
         assert!(s.seen("x", 1, 5));
         let mut wire = up("k", "v", u64::MAX, "x", 7).to_wire();
@@ -667,6 +878,33 @@ mod tests {
         peer.apply(up_in("k", "old", 1, "a", 1, 1), 0);
         let missing: Vec<u64> = s.missing_for(&peer.summaries()).iter().map(|u| u.epoch).collect();
         assert_eq!(missing, vec![2]);
+    }
+
+    #[test]
+    fn past_the_bound_of_refusals_remembered_a_writers_summaries_are_not_merged() {
+        let mut s = Store::default();
+        let n = MAX_REFUSED as u64 + 1;
+        for q in 1..=n {
+            s.refuse(&up(&format!("k{q}"), "v", q, "a", q));
+        }
+        // Every remembered refusal settles: stored at last.
+        for q in 1..n {
+            assert!(s.apply(up(&format!("k{q}"), "v", q, "a", q), 0));
+        }
+        let peer = proto::OriginSummary {
+            origin: "a".into(),
+            epoch: 1,
+            contiguous: n,
+            beyond: Vec::new(),
+        };
+        s.merge_seen(std::slice::from_ref(&peer));
+        assert!(!s.seen("a", 1, n), "the refusal past the bound is not merged as seen");
+        // Another writer's lives still merge.
+        s.merge_seen(&[proto::OriginSummary {
+            origin: "b".into(),
+            ..peer
+        }]);
+        assert!(s.seen("b", 1, n));
     }
 
     #[test]

@@ -828,10 +828,19 @@ impl Overlay {
 
     /// Refuses a delivered at-least-once event the application could not
     /// store (manual mode; a full inbox, say): it is not acknowledged, and
-    /// the publisher's next resend delivers it again.
-    pub fn refuse(&mut self, id: &EventId) {
+    /// the publisher's next resend delivers it again. Returns `false`, and
+    /// refuses nothing, if the event cannot be forgotten — its sequence
+    /// number is more than [`dedup::WINDOW`] below what this member has
+    /// taken as final from its publisher, so a resend would be taken for a
+    /// duplicate: the application must then store it anyway (and
+    /// acknowledge it), or it is lost.
+    #[must_use = "an event that cannot be refused must be stored, or it is lost"]
+    pub fn refuse(&mut self, id: &EventId) -> bool {
+        if !self.pubsub.seen.forget(&id.origin, id.epoch, id.seq) {
+            return false;
+        }
         self.pubsub.unacked.remove(id);
-        self.pubsub.seen.forget(&id.origin, id.epoch, id.seq);
+        true
     }
 
     /// Acknowledges a delivered event to its publisher (manual mode).
