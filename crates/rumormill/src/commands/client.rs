@@ -682,6 +682,16 @@ fn exclude_arg(members: &[String]) -> String {
     }
 }
 
+/// The members a key change answer names as not having followed.
+fn missing_members(v: &Value) -> Vec<&str> {
+    v["missing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 /// "key 1a2b3c4d on this agent only (2/3 members hold it; not on c)".
 fn local_change(v: Value, json: bool) -> Output {
     if json {
@@ -690,12 +700,7 @@ fn local_change(v: Value, json: bool) -> Output {
     let done = v["done"].as_array().map_or(0, Vec::len);
     let members = v["members"].as_u64().unwrap_or(0);
     let id = v["id"].as_str().unwrap_or_default();
-    let missing: Vec<&str> = v["missing"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+    let missing = missing_members(&v);
     let lacking = if missing.is_empty() {
         String::new()
     } else {
@@ -711,12 +716,7 @@ fn key_change(v: Value, what: &str, json: bool) -> Result<Output, String> {
     let done = v["done"].as_array().map_or(0, Vec::len);
     let members = v["members"].as_u64().unwrap_or(0);
     let id = v["id"].as_str().unwrap_or_default().to_owned();
-    let missing: Vec<&str> = v["missing"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+    let missing = missing_members(&v);
     if !missing.is_empty() {
         return Err(format!(
             "key {id} {what} {done}/{members} members; not yet on {} (it goes on spreading; check with `keys list`)",
