@@ -79,7 +79,7 @@ impl Membership {
         self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from, env);
     }
 
-    pub(crate) fn apply_alive(
+    pub(super) fn apply_alive(
         &mut self,
         now: Instant,
         name: &str,
@@ -156,7 +156,7 @@ impl Membership {
             .push(name.clone(), alive_envelope(&name, incarnation, epoch, addr));
     }
 
-    pub(crate) fn apply_suspect(
+    pub(super) fn apply_suspect(
         &mut self,
         now: Instant,
         name: &str,
@@ -212,7 +212,7 @@ impl Membership {
         }
     }
 
-    pub(crate) fn apply_dead(
+    pub(super) fn apply_dead(
         &mut self,
         now: Instant,
         name: &str,
@@ -258,7 +258,7 @@ impl Membership {
 
     /// Pings suspects whose check is due, with the suspicion in the same
     /// packet (first, so the ack already carries any refutation).
-    pub(crate) fn check_suspects(&mut self, now: Instant, env: &mut Env<'_>) {
+    pub(super) fn check_suspects(&mut self, now: Instant, env: &mut Env<'_>) {
         let due: Vec<Arc<str>> = self
             .suspicions
             .iter()
@@ -279,7 +279,7 @@ impl Membership {
     }
 
     /// Suspicion timed out: the local member declares the suspect failed.
-    pub(crate) fn expire_suspicions(&mut self, now: Instant, env: &mut Env<'_>) {
+    pub(super) fn expire_suspicions(&mut self, now: Instant, env: &mut Env<'_>) {
         let expired: Vec<(Arc<str>, Suspicion)> = self
             .suspicions
             .iter()
@@ -301,7 +301,7 @@ impl Membership {
     /// Someone suspects the local member, or declares it failed. At the
     /// current version: refute. At an older version the sender missed the
     /// refutation: spread the current alive again (no new incarnation).
-    pub(crate) fn about_me(&mut self, epoch: u64, incarnation: u32, env: &mut Env<'_>) {
+    pub(super) fn about_me(&mut self, epoch: u64, incarnation: u32, env: &mut Env<'_>) {
         if self.leaving || epoch != self.me.epoch {
             return;
         }
@@ -315,7 +315,7 @@ impl Membership {
 
     /// Someone says the local member is suspect or failed (or is alive at a
     /// version it never had): raise the incarnation and spread the news.
-    pub(crate) fn refute(&mut self, seen: u32, env: &mut Env<'_>) {
+    pub(super) fn refute(&mut self, seen: u32, env: &mut Env<'_>) {
         self.me.incarnation = seen.max(self.me.incarnation).saturating_add(1);
         self.awareness.apply(1);
         env.wire.stats.refutations += 1;
@@ -333,11 +333,11 @@ impl Membership {
         self.ticks[Tick::Gossip] = now;
     }
 
-    pub(crate) fn local_alive(&self) -> Envelope {
+    pub(super) fn local_alive(&self) -> Envelope {
         alive_envelope(&self.me.name, self.me.incarnation, self.me.epoch, self.me.addr)
     }
 
-    pub(crate) fn emit(&mut self, change: MemberChange, i: usize) {
+    pub(super) fn emit(&mut self, change: MemberChange, i: usize) {
         self.events.push_back(Event::Member {
             change,
             member: self.members.at(i).info(),
@@ -345,7 +345,7 @@ impl Membership {
     }
 
     /// Whether the member table may grow; counts a refusal.
-    pub(crate) fn has_room(&mut self, env: &mut Env<'_>) -> bool {
+    pub(super) fn has_room(&mut self, env: &mut Env<'_>) -> bool {
         let room = self.members.len() < env.config.max_members;
         if !room {
             env.wire.stats.table_full += 1;

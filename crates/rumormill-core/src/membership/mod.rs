@@ -358,16 +358,16 @@ pub(crate) struct Env<'a> {
 
 /// Who the local member is; its incarnation rises when it refutes.
 #[derive(Debug, Clone)]
-pub(crate) struct Local {
-    pub(crate) name: Arc<str>,
-    pub(crate) addr: SocketAddr,
-    pub(crate) epoch: u64,
-    pub(crate) incarnation: u32,
+struct Local {
+    name: Arc<str>,
+    addr: SocketAddr,
+    epoch: u64,
+    incarnation: u32,
 }
 
 /// Membership's periodic ticks, the entries of [`Ticks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Tick {
+enum Tick {
     Probe,
     Gossip,
     PushPull,
@@ -377,7 +377,7 @@ pub(crate) enum Tick {
 
 /// When each periodic tick runs next, indexed by [`Tick`].
 #[derive(Debug, Clone)]
-pub(crate) struct Ticks([Instant; 5]);
+struct Ticks([Instant; 5]);
 
 impl Index<Tick> for Ticks {
     type Output = Instant;
@@ -600,6 +600,7 @@ impl Membership {
         self.members.live() + 1
     }
 
+    #[cfg(test)]
     pub(crate) fn seeds(&self) -> &[SocketAddr] {
         &self.seeds
     }
@@ -609,7 +610,7 @@ impl Membership {
         self.seeds = seeds;
     }
 
-    pub(crate) fn stamp(&self, now: Instant) -> Stamp {
+    pub(super) fn stamp(&self, now: Instant) -> Stamp {
         now.saturating_duration_since(self.origin).as_millis() as u64
     }
 
@@ -617,12 +618,12 @@ impl Membership {
 
     /// Sends messages in one datagram with piggybacked changes; each
     /// change goes out as often as the cluster's size calls for.
-    pub(crate) fn send(&mut self, env: &mut Env<'_>, to: SocketAddr, msgs: Vec<Envelope>) {
+    pub(super) fn send(&mut self, env: &mut Env<'_>, to: SocketAddr, msgs: Vec<Envelope>) {
         let limit = env.config.retransmit_limit(self.cluster_size());
         env.wire.send(to, msgs, &mut self.piggyback, limit);
     }
 
-    pub(crate) fn next_seq(&mut self) -> u32 {
+    pub(super) fn next_seq(&mut self) -> u32 {
         self.next_seq = self.next_seq.wrapping_add(1);
         self.next_seq
     }

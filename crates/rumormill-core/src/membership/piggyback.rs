@@ -103,7 +103,7 @@ impl Piggyback {
 impl Membership {
     /// A gossip round: piggybacked changes to a few random members (live
     /// ones, and recently failed ones so they can refute).
-    pub(crate) fn gossip_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+    pub(super) fn gossip_tick(&mut self, now: Instant, env: &mut Env<'_>) {
         self.ticks[Tick::Gossip] = next_tick(self.ticks[Tick::Gossip], env.config.gossip_interval, now);
         if self.piggyback.is_empty() {
             return;

@@ -64,12 +64,12 @@ impl Membership {
         }
     }
 
-    pub(crate) fn push_pull_with(&mut self, addr: SocketAddr, join: bool, env: &mut Env<'_>) {
+    pub(super) fn push_pull_with(&mut self, addr: SocketAddr, join: bool, env: &mut Env<'_>) {
         let msg = self.push_pull_message(join, false);
         env.wire.send_stream(addr, msg);
     }
 
-    pub(crate) fn push_pull_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+    pub(super) fn push_pull_tick(&mut self, now: Instant, env: &mut Env<'_>) {
         self.ticks[Tick::PushPull] = now + env.config.push_pull_interval_for(self.cluster_size());
         let peer = self.members.random(1, env.rng, |m| m.state == MemberState::Alive);
         if let Some(&i) = peer.first() {
@@ -245,7 +245,7 @@ impl Membership {
         self.ticks[Tick::PushPull] = now + interval.mul_f64(env.rng.random::<f64>());
     }
 
-    pub(crate) fn reconnect_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+    pub(super) fn reconnect_tick(&mut self, now: Instant, env: &mut Env<'_>) {
         self.ticks[Tick::Reconnect] = now + env.config.reconnect_interval;
         let live_addrs = |m: &Members, a: SocketAddr| m.iter().any(|m| m.state.is_live() && m.addr() == a);
         let seeds: Vec<SocketAddr> = self
@@ -273,7 +273,7 @@ impl Membership {
         }
     }
 
-    pub(crate) fn reap_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+    pub(super) fn reap_tick(&mut self, now: Instant, env: &mut Env<'_>) {
         self.ticks[Tick::Reap] = now + env.config.tombstone_ttl.min(std::time::Duration::from_secs(60));
         let ttl = env.config.tombstone_ttl.as_millis() as u64;
         let t = self.stamp(now);

@@ -64,7 +64,7 @@ fn nack(seq: u32) -> Envelope {
 impl Membership {
     /// Start of a probe period: conclude the previous probe, then ping the
     /// next member in the round-robin order.
-    pub(crate) fn probe_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+    pub(super) fn probe_tick(&mut self, now: Instant, env: &mut Env<'_>) {
         if let Some(p) = self.probe.take() {
             self.probe_failed(now, p, env);
         }
@@ -108,7 +108,7 @@ impl Membership {
     }
 
     /// The direct ping went unanswered: ask others to try.
-    pub(crate) fn start_indirect_probe(&mut self, env: &mut Env<'_>) {
+    pub(super) fn start_indirect_probe(&mut self, env: &mut Env<'_>) {
         let Some(p) = self.probe.as_mut() else { return };
         p.direct_deadline = None;
         let (seq, target) = (p.seq, p.target.clone());
@@ -208,7 +208,7 @@ impl Membership {
 
     /// Indirect probes whose target stayed silent answer the origin with a
     /// nack.
-    pub(crate) fn expire_indirect_probes(&mut self, now: Instant, env: &mut Env<'_>) {
+    pub(super) fn expire_indirect_probes(&mut self, now: Instant, env: &mut Env<'_>) {
         let expired: Vec<u32> = self
             .indirect_probes
             .iter()
@@ -223,7 +223,7 @@ impl Membership {
     }
 
     /// Pings an address to see whether a push-pull is worth sending there.
-    pub(crate) fn reconnect_ping(&mut self, now: Instant, addr: SocketAddr, target: &str, env: &mut Env<'_>) {
+    pub(super) fn reconnect_ping(&mut self, now: Instant, addr: SocketAddr, target: &str, env: &mut Env<'_>) {
         let seq = self.next_seq();
         self.reconnects.insert(seq, (addr, now + env.config.probe_interval));
         self.send(env, addr, vec![ping(seq, target)]);
