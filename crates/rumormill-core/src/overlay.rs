@@ -187,7 +187,8 @@ impl Timer {
         Timer::Membership(membership::Timer::Reap),
         Timer::Events,
         Timer::Store,
-        // Last, so that a round carries the changes the others just made.
+        // Last: it also runs while leaving, and its round carries the
+        // changes the entries above just made.
         Timer::Membership(membership::Timer::Gossip),
     ];
 }
@@ -270,8 +271,9 @@ impl Wire {
     }
 }
 
-/// A sender lent to a sub-machine other than membership: its datagrams
-/// carry membership's piggybacked changes like every other.
+/// A sender lent out by membership (to events, and for dissemination's
+/// messages): its datagrams carry membership's piggybacked changes like
+/// membership's own.
 pub(crate) struct Sender<'a> {
     wire: &'a mut Wire,
     piggyback: &'a mut Piggyback,
@@ -1007,5 +1009,29 @@ impl Overlay {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rumormill_wire::proto::Envelope;
+
+    use crate::testkit::{Net, addr};
+    use crate::{Config, FrameKind};
+
+    #[test]
+    fn a_message_without_a_body_is_counted_as_malformed() {
+        let mut net = Net::new(2, Config::new_lan());
+        net.run_for(std::time::Duration::from_secs(1));
+        let before = net.node(0).stats().malformed;
+        net.inject(0, addr(1), FrameKind::Datagram, vec![Envelope { body: None }]);
+        assert_eq!(net.node(0).stats().malformed, before + 1);
+    }
+
+    #[test]
+    fn the_timer_table_names_each_source_once() {
+        for (i, a) in super::Timer::ALL.iter().enumerate() {
+            assert!(!super::Timer::ALL[i + 1..].contains(a), "{a:?} twice");
+        }
     }
 }

@@ -20,6 +20,10 @@
 //! - **Once at the application**: receivers remember the events they
 //!   delivered ([`dedup`]) and acknowledge duplicates without delivering
 //!   them again.
+//!
+//! All of it is one sub-machine of the overlay, with private state: it
+//! reads the member table and the store, and sends through a sender that
+//! piggybacks membership changes, all lent to it for each call.
 
 pub mod dedup;
 pub mod subscriptions;
