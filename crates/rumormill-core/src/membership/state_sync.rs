@@ -92,8 +92,7 @@ impl Membership {
         if pp.reply && pp.join {
             // Our join was answered: fetch the replicated store (topics,
             // luggage, values) at once rather than at the next interval.
-            let limit = env.config.retransmit_limit(self.cluster_size());
-            store(peer, &mut Sender::new(env.wire, &mut self.piggyback, limit));
+            store(peer, &mut self.sender(env.wire, env.config));
             // Members joining at the same moment reach us only by gossip,
             // whose retransmissions can miss one of a burst of joins: one
             // more full-state exchange once the burst is over (1–2 s on a
