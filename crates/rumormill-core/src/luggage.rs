@@ -24,10 +24,9 @@
 //! [`Config::max_luggage_value`]: crate::Config::max_luggage_value
 //! [`Config::max_luggage_total`]: crate::Config::max_luggage_total
 
-use std::time::Instant;
-
-use crate::broadcast::{RESERVED_PREFIX, Update};
-use crate::overlay::{CoreError, Overlay};
+use crate::broadcast::{RESERVED_PREFIX, Store, Update};
+use crate::config::Config;
+use crate::overlay::CoreError;
 
 /// Default largest value (64 KiB).
 pub const DEFAULT_MAX_VALUE: usize = 64 << 10;
@@ -79,59 +78,59 @@ fn check_key(key: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
-impl Overlay {
-    /// Sets one of the local member's luggage entries.
-    pub fn set_luggage(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<(), CoreError> {
-        check_key(key)?;
-        let max = self.config.max_luggage_value;
-        if value.len() > max {
-            return Err(CoreError::Invalid(format!(
-                "luggage value of {} bytes: at most {max}",
-                value.len()
-            )));
-        }
-        let me = self.me.name.clone();
-        let others: usize = self
-            .luggage(&me)
-            .iter()
-            .filter(|(k, _)| k != key)
-            .map(|(_, v)| v.len())
-            .sum();
-        let total = self.config.max_luggage_total;
-        if others + value.len() > total {
-            return Err(CoreError::Invalid(format!(
-                "luggage would total {} bytes: at most {total} per member",
-                others + value.len()
-            )));
-        }
-        let store_key = format!("{}{key}", prefix(&me));
-        self.put(now, &store_key, value).map(|_| ())
-    }
+/// The store key of `member`'s luggage entry `key`.
+pub(crate) fn store_key(member: &str, key: &str) -> String {
+    format!("{}{key}", prefix(member))
+}
 
-    /// Deletes one of the local member's luggage entries; false if it had none.
-    pub fn delete_luggage(&mut self, now: Instant, key: &str) -> Result<bool, CoreError> {
-        let store_key = format!("{}{key}", prefix(&self.me.name));
-        if self.store().value(&store_key).is_none() {
-            return Ok(false);
-        }
-        self.delete(now, &store_key).map(|_| true)
+/// Checks a write of the local member's luggage entry `key` against the
+/// limits (the key, the value, the member's total); returns its store key.
+pub(crate) fn check_write(
+    store: &Store,
+    config: &Config,
+    me: &str,
+    key: &str,
+    value: &[u8],
+) -> Result<String, CoreError> {
+    check_key(key)?;
+    let max = config.max_luggage_value;
+    if value.len() > max {
+        return Err(CoreError::Invalid(format!(
+            "luggage value of {} bytes: at most {max}",
+            value.len()
+        )));
     }
+    let others: usize = entries(store, me)
+        .iter()
+        .filter(|(k, _)| k != key)
+        .map(|(_, v)| v.len())
+        .sum();
+    let total = config.max_luggage_total;
+    if others + value.len() > total {
+        return Err(CoreError::Invalid(format!(
+            "luggage would total {} bytes: at most {total} per member",
+            others + value.len()
+        )));
+    }
+    Ok(store_key(me, key))
+}
 
-    /// A member's luggage as the local member holds it, by key.
-    pub fn luggage(&self, member: &str) -> Vec<(String, Vec<u8>)> {
-        let p = prefix(member);
-        self.store()
-            .prefixed(&p)
-            .filter(|u| &*u.origin == member)
-            .filter_map(|u| Some((u.key[p.len()..].to_owned(), u.value.clone()?)))
-            .collect()
-    }
+/// A member's luggage in `store`, by key.
+pub(crate) fn entries(store: &Store, member: &str) -> Vec<(String, Vec<u8>)> {
+    let p = prefix(member);
+    store
+        .prefixed(&p)
+        .filter(|u| &*u.origin == member)
+        .filter_map(|u| Some((u.key[p.len()..].to_owned(), u.value.clone()?)))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
-    use crate::{Config, Identity, Security};
+    use crate::{Config, Identity, Overlay, Security};
 
     fn overlay(name: &str) -> (Overlay, Instant) {
         let now = Instant::now();

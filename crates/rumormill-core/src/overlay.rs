@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,11 +11,10 @@ use rumormill_wire::{Codec, FrameKind, HeaderFilter, KeyId, KeyInfo, Keyring, Pa
 use crate::broadcast::{Dissemination, DisseminationStats, Store, Update, UpdateHandler};
 use crate::config::Config;
 use crate::event::Event;
-use crate::membership::awareness::Awareness;
+use crate::events::{self, Delivery, EventId, Events, PendingEvent, dedup};
+use crate::luggage;
 use crate::membership::piggyback::Piggyback;
-use crate::membership::suspicion::Suspicion;
-use crate::membership::swim::{Probe, Relay};
-use crate::membership::{Member, MemberInfo, MemberState, Members};
+use crate::membership::{self, Member, MemberInfo, MemberState, Membership};
 
 /// Who the local member is.
 ///
@@ -128,7 +127,8 @@ pub struct Stats {
     pub rejected: u64,
     /// The last reason for a rejection.
     pub last_rejection: Option<WireError>,
-    /// Messages that decoded but made no sense (bad address, empty name).
+    /// Messages that decoded but made no sense (bad address, empty name,
+    /// no body).
     pub malformed: u64,
     /// Pings addressed to another member name.
     pub misdirected: u64,
@@ -159,65 +159,199 @@ pub struct Stats {
     pub event_hop_takeovers: u64,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Local {
-    pub(crate) name: Arc<str>,
-    pub(crate) addr: SocketAddr,
-    pub(crate) epoch: u64,
-    pub(crate) incarnation: u32,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct Timers {
-    pub(crate) probe: Instant,
-    pub(crate) gossip: Instant,
-    pub(crate) push_pull: Instant,
-    pub(crate) reconnect: Instant,
-    pub(crate) reap: Instant,
-}
-
+/// A source of timeouts, as [`Overlay::handle_timeout`] runs them.
+///
+/// [`Timer::ALL`] is the one list both [`Overlay::poll_timeout`] (the
+/// earliest entry) and [`Overlay::handle_timeout`] (every due entry, in
+/// this order) walk. The order is part of determinism: it fixes the order
+/// of the random draws within one call. A new timer is one variant and one
+/// place in the list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    Active,
-    Leaving,
-    Closed,
+enum Timer {
+    Membership(membership::Timer),
+    /// Resends of events and of relay copies.
+    Events,
+    /// Rumor rounds, anti-entropy exchanges and garbage collection.
+    Store,
+}
+
+impl Timer {
+    const ALL: [Timer; 11] = [
+        Timer::Membership(membership::Timer::ProbeDeadline),
+        Timer::Membership(membership::Timer::IndirectProbes),
+        Timer::Membership(membership::Timer::Reconnects),
+        Timer::Membership(membership::Timer::Suspicions),
+        Timer::Membership(membership::Timer::Probe),
+        Timer::Membership(membership::Timer::PushPull),
+        Timer::Membership(membership::Timer::Reconnect),
+        Timer::Membership(membership::Timer::Reap),
+        Timer::Events,
+        Timer::Store,
+        // Last: it also runs while leaving, and its round carries the
+        // changes the entries above just made.
+        Timer::Membership(membership::Timer::Gossip),
+    ];
+}
+
+/// When a timer is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    /// Whether the overlay must wake up for it. An idle timer keeps its
+    /// phase: it runs when due if something else woke the overlay, but is
+    /// no reason to wake.
+    pub(crate) wakes: bool,
+}
+
+impl Deadline {
+    pub(crate) fn wake(at: Instant) -> Deadline {
+        Deadline { at, wakes: true }
+    }
+}
+
+/// The overlay's end of the wire: the codec that opens and seals packets,
+/// the sealed transmits waiting for the driver, and the counters of what
+/// went through. The sub-machines send through it and count in it.
+pub(crate) struct Wire {
+    codec: Codec,
+    mtu: usize,
+    transmits: VecDeque<Transmit>,
+    pub(crate) stats: Stats,
+}
+
+impl Wire {
+    /// Room for messages in one datagram.
+    pub(crate) fn datagram_budget(&self) -> usize {
+        self.mtu.saturating_sub(self.codec.overhead())
+    }
+
+    /// Sends messages in one datagram, filling the rest with piggybacked
+    /// membership changes, each of which goes out at most `limit` times.
+    pub(crate) fn send(&mut self, to: SocketAddr, msgs: Vec<Envelope>, piggyback: &mut Piggyback, limit: u32) {
+        let mut packet = PacketBuilder::new(self.datagram_budget());
+        for m in msgs {
+            if let Err(m) = packet.push(m) {
+                // Too big for one datagram: it goes over a stream instead.
+                self.send_stream(to, m);
+            }
+        }
+        piggyback.fill(&mut packet, limit);
+        if packet.is_empty() {
+            return;
+        }
+        self.seal(to, FrameKind::Datagram, &packet.finish());
+    }
+
+    pub(crate) fn send_stream(&mut self, to: SocketAddr, msg: Envelope) {
+        self.seal(to, FrameKind::Stream, &rumormill_wire::encode_envelope(&msg));
+    }
+
+    fn seal(&mut self, to: SocketAddr, kind: FrameKind, body: &[u8]) {
+        match self.codec.seal(kind, body) {
+            Ok(payload) => {
+                match kind {
+                    FrameKind::Datagram => {
+                        self.stats.datagrams_sent += 1;
+                        self.stats.datagram_bytes_sent += payload.len() as u64;
+                    }
+                    FrameKind::Stream => {
+                        self.stats.frames_sent += 1;
+                        self.stats.frame_bytes_sent += payload.len() as u64;
+                    }
+                }
+                self.transmits.push_back(Transmit { to, kind, payload });
+            }
+            Err(_) => self.stats.seal_errors += 1,
+        }
+    }
+
+    fn reject(&mut self, e: WireError) {
+        self.stats.rejected += 1;
+        self.stats.last_rejection = Some(e);
+    }
+}
+
+/// A sender lent out by membership (to events, and for dissemination's
+/// messages): its datagrams carry membership's piggybacked changes like
+/// membership's own.
+pub(crate) struct Sender<'a> {
+    wire: &'a mut Wire,
+    piggyback: &'a mut Piggyback,
+    limit: u32,
+}
+
+impl<'a> Sender<'a> {
+    pub(crate) fn new(wire: &'a mut Wire, piggyback: &'a mut Piggyback, limit: u32) -> Sender<'a> {
+        Sender { wire, piggyback, limit }
+    }
+
+    /// Sends messages in one datagram (see [`Wire::send`]).
+    pub(crate) fn send(&mut self, to: SocketAddr, msgs: Vec<Envelope>) {
+        self.wire.send(to, msgs, self.piggyback, self.limit);
+    }
+
+    pub(crate) fn send_stream(&mut self, to: SocketAddr, msg: Envelope) {
+        self.wire.send_stream(to, msg);
+    }
+
+    /// Room for messages in one datagram.
+    pub(crate) fn datagram_budget(&self) -> usize {
+        self.wire.datagram_budget()
+    }
+
+    /// The overlay's counters.
+    pub(crate) fn stats(&mut self) -> &mut Stats {
+        &mut self.wire.stats
+    }
+}
+
+/// Sends what dissemination queued, through `out`.
+fn forward(dissemination: &mut Dissemination, out: &mut Sender<'_>) {
+    while let Some(o) = dissemination.poll_message() {
+        if o.stream {
+            out.send_stream(o.to, o.envelope);
+        } else {
+            out.send(o.to, vec![o.envelope]);
+        }
+    }
 }
 
 /// One member's participation in one overlay: the sans-IO state machine.
 ///
-/// See the [crate documentation](crate) for the input/output contract.
+/// Inputs are [`Overlay::handle_datagram`], [`Overlay::handle_stream`],
+/// [`Overlay::handle_timeout`] and the API calls; after each, a driver
+/// drains [`Overlay::poll_transmit`] and [`Overlay::poll_event`], then
+/// sleeps until [`Overlay::poll_timeout`]. See the [crate
+/// documentation](crate) for an example.
+///
+/// Inside, the overlay is a router: it opens and decodes packets, hands
+/// each message to the sub-machine whose protocol it belongs to —
+/// membership (SWIM, state sync), [`Dissemination`] (the replicated store)
+/// or events on topics — seals what they send, and runs their timers from
+/// one table. Each sub-machine gets only narrow views of the others for the
+/// call: membership the configuration, the RNG, the wire and a way to sync
+/// the store after a join; dissemination a sampler of alive members; events
+/// the member table and the store (read-only), the RNG and a sender that
+/// piggybacks membership changes.
 pub struct Overlay {
-    pub(crate) config: Config,
-    /// Zero of the member table's millisecond clock.
-    origin: Instant,
-    pub(crate) me: Local,
-    codec: Codec,
-    pub(crate) rng: ChaCha8Rng,
-    pub(crate) members: Members,
-    pub(crate) dissemination: Dissemination,
-    pub(crate) piggyback: Piggyback,
-    pub(crate) awareness: Awareness,
-    pub(crate) suspicions: BTreeMap<Arc<str>, Suspicion>,
-    pub(crate) probe: Option<Probe>,
-    pub(crate) probe_index: usize,
-    pub(crate) relays: BTreeMap<u32, Relay>,
-    pub(crate) reconnects: BTreeMap<u32, (SocketAddr, Instant)>,
-    pub(crate) next_seq: u32,
-    pub(crate) seeds: Vec<SocketAddr>,
-    pub(crate) timers: Timers,
-    status: Status,
-    transmits: VecDeque<Transmit>,
-    pub(crate) events: VecDeque<Event>,
-    pub(crate) pubsub: crate::events::Events,
-    pub(crate) stats: Stats,
+    config: Config,
+    rng: ChaCha8Rng,
+    wire: Wire,
+    membership: Membership,
+    dissemination: Dissemination,
+    events: Events,
+    /// What the sub-machines told, in the order they told it.
+    output: VecDeque<Event>,
+    /// The departure has been gossiped: nothing more is sent or received.
+    closed: bool,
 }
 
 impl std::fmt::Debug for Overlay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Overlay")
-            .field("me", &self.me)
-            .field("members", &self.members.len())
-            .field("codec", &self.codec)
+            .field("me", self.membership.name())
+            .field("members", &self.membership.table().len())
+            .field("codec", &self.wire.codec)
             .finish_non_exhaustive()
     }
 }
@@ -244,15 +378,7 @@ impl Overlay {
         overlay_id: u32,
     ) -> Overlay {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        // Random phases, so that members started together do not act in lockstep.
-        let mut phase = |d: Duration| now + d.mul_f64(rng.random::<f64>());
-        let timers = Timers {
-            probe: phase(config.probe_interval),
-            gossip: phase(config.gossip_interval),
-            push_pull: phase(config.push_pull_interval),
-            reconnect: phase(config.reconnect_interval),
-            reap: now + config.tombstone_ttl.min(Duration::from_secs(60)),
-        };
+        let membership = Membership::new(&config, &identity, now, &mut rng);
         let codec = Codec::new(
             overlay_id,
             identity.sender_id(),
@@ -275,32 +401,62 @@ impl Overlay {
         );
         Overlay {
             dissemination,
-            origin: now,
-            awareness: Awareness::new(config.awareness_max),
-            config,
-            me: Local {
-                name: identity.name,
-                addr: identity.addr,
-                epoch: identity.epoch,
-                incarnation: 0,
+            events: Events::new(&identity, &config),
+            membership,
+            wire: Wire {
+                codec,
+                mtu: config.mtu,
+                transmits: VecDeque::new(),
+                stats: Stats::default(),
             },
-            codec,
+            config,
             rng,
-            members: Members::default(),
-            piggyback: Piggyback::default(),
-            suspicions: BTreeMap::new(),
-            probe: None,
-            probe_index: 0,
-            relays: BTreeMap::new(),
-            reconnects: BTreeMap::new(),
-            next_seq: 0,
-            seeds: Vec::new(),
-            timers,
-            status: Status::Active,
-            transmits: VecDeque::new(),
-            events: VecDeque::new(),
-            pubsub: crate::events::Events::default(),
-            stats: Stats::default(),
+            output: VecDeque::new(),
+            closed: false,
+        }
+    }
+
+    /// Membership, with what it borrows of the overlay for one call.
+    fn membership(&mut self) -> (&mut Membership, membership::Env<'_>) {
+        let env = membership::Env {
+            config: &self.config,
+            rng: &mut self.rng,
+            wire: &mut self.wire,
+        };
+        (&mut self.membership, env)
+    }
+
+    /// Events, with their views of the others for one call.
+    fn events(&mut self) -> (&mut Events, events::Env<'_>) {
+        let (members, out) = self.membership.lend(&mut self.wire, &self.config);
+        let env = events::Env {
+            members,
+            store: self.dissemination.store(),
+            rng: &mut self.rng,
+            out,
+        };
+        (&mut self.events, env)
+    }
+
+    /// Moves what membership and events have to tell into the output. Each
+    /// input reaches one of them at a time, so the order is kept.
+    fn collect(&mut self) {
+        while let Some(e) = self.membership.poll_event() {
+            self.output.push_back(e);
+        }
+        while let Some(e) = self.events.poll_event() {
+            self.output.push_back(e);
+        }
+    }
+
+    /// Sends what dissemination queued and forwards its events.
+    fn drain_dissemination(&mut self) {
+        forward(
+            &mut self.dissemination,
+            &mut self.membership.sender(&mut self.wire, &self.config),
+        );
+        while let Some(e) = self.dissemination.poll_event() {
+            self.output.push_back(Event::Update(e));
         }
     }
 
@@ -317,12 +473,13 @@ impl Overlay {
     /// Handles a received datagram. Anything that does not open and decode
     /// is counted in [`Stats::rejected`] and dropped.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
-        self.stats.datagrams_received += 1;
-        self.stats.bytes_received += bytes.len() as u64;
-        if self.status == Status::Closed {
+        self.wire.stats.datagrams_received += 1;
+        self.wire.stats.bytes_received += bytes.len() as u64;
+        if self.closed {
             return;
         }
         let packet = self
+            .wire
             .codec
             .open(FrameKind::Datagram, bytes)
             .and_then(|o| rumormill_wire::decode_packet(&o.body));
@@ -332,145 +489,172 @@ impl Overlay {
                     self.handle_envelope(now, from, e);
                 }
             }
-            Err(e) => self.reject(e),
+            Err(e) => self.wire.reject(e),
         }
     }
 
     /// Handles one frame received on a stream (without its length prefix).
     pub fn handle_stream(&mut self, now: Instant, from: SocketAddr, frame: &[u8]) {
-        self.stats.frames_received += 1;
-        self.stats.bytes_received += frame.len() as u64;
-        if self.status == Status::Closed {
+        self.wire.stats.frames_received += 1;
+        self.wire.stats.bytes_received += frame.len() as u64;
+        if self.closed {
             return;
         }
         if frame.len() > self.config.max_stream_frame {
-            self.reject(WireError::FrameTooLarge {
+            self.wire.reject(WireError::FrameTooLarge {
                 len: frame.len(),
                 max: self.config.max_stream_frame,
             });
             return;
         }
         match self
+            .wire
             .codec
             .open(FrameKind::Stream, frame)
             .and_then(|o| rumormill_wire::decode_envelope(&o.body))
         {
             Ok(e) => self.handle_envelope(now, from, e),
-            Err(e) => self.reject(e),
+            Err(e) => self.wire.reject(e),
         }
     }
 
     /// Counts a stream frame the driver refused on its header, before
     /// reading its body (see [`Overlay::header_filter`]), as rejected.
     pub fn count_refused_frame(&mut self, e: WireError) {
-        self.reject(e);
+        self.wire.reject(e);
     }
 
     /// What the overlay's codec accepts in a header, for the tasks that read
     /// stream connections; it changes with the keyring.
     pub fn header_filter(&self) -> HeaderFilter {
-        self.codec.header_filter()
+        self.wire.codec.header_filter()
     }
 
-    fn reject(&mut self, e: WireError) {
-        self.stats.rejected += 1;
-        self.stats.last_rejection = Some(e);
-    }
-
+    /// Hands one message to the sub-machine whose protocol it belongs to.
+    /// Every message type is named: one that nothing handled would be
+    /// counted as malformed, never dropped unseen.
     fn handle_envelope(&mut self, now: Instant, from: SocketAddr, e: Envelope) {
         let Some(body) = e.body else {
-            self.stats.malformed += 1;
+            self.wire.stats.malformed += 1;
             return;
         };
         match body {
-            Body::Ping(p) => self.on_ping(from, p),
-            Body::Ack(a) => self.on_ack(a),
-            Body::PingReq(r) => self.on_ping_req(now, from, r),
-            Body::Nack(n) => self.on_nack(n),
-            Body::Alive(a) => match rumormill_wire::socket_addr(a.addr.as_ref()) {
-                Ok(addr) if !a.name.is_empty() => self.apply_alive(now, &a.name, a.incarnation, a.epoch, addr),
-                _ => self.stats.malformed += 1,
-            },
-            Body::Suspect(s) => self.apply_suspect(now, &s.name, s.incarnation, s.epoch, &s.from),
-            Body::Dead(d) => self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from),
-            Body::PushPull(pp) => self.on_push_pull(now, from, pp),
-            Body::Event(ev) => self.on_event(now, from, *ev),
-            Body::EventAck(a) => self.on_event_ack(from, a),
-            other => {
-                self.dissemination.handle(now, from, other);
+            Body::Ping(p) => {
+                let (m, mut env) = self.membership();
+                m.on_ping(from, p, &mut env);
+            }
+            Body::Ack(a) => {
+                let (m, mut env) = self.membership();
+                m.on_ack(a, &mut env);
+            }
+            Body::PingReq(r) => {
+                let (m, mut env) = self.membership();
+                m.on_ping_req(now, from, r, &mut env);
+            }
+            Body::Nack(n) => self.membership.on_nack(n),
+            Body::Alive(a) => {
+                let (m, mut env) = self.membership();
+                m.on_alive(now, a, &mut env);
+            }
+            Body::Suspect(s) => {
+                let (m, mut env) = self.membership();
+                m.on_suspect(now, s, &mut env);
+            }
+            Body::Dead(d) => {
+                let (m, mut env) = self.membership();
+                m.on_dead(now, d, &mut env);
+            }
+            Body::PushPull(pp) => {
+                let store = &mut self.dissemination;
+                let mut env = membership::Env {
+                    config: &self.config,
+                    rng: &mut self.rng,
+                    wire: &mut self.wire,
+                };
+                // A join answered: the store is synced at once, through the
+                // same sender, before the rest of the reply is handled.
+                let mut sync = |peer: SocketAddr, out: &mut Sender<'_>| {
+                    store.exchange_now(peer);
+                    forward(store, out);
+                };
+                self.membership.on_push_pull(now, from, pp, &mut env, &mut sync);
+                // Membership's changes came first, then the store's.
+                self.collect();
+                self.drain_dissemination();
+            }
+            Body::Event(ev) => {
+                let (events, mut env) = self.events();
+                events.on_event(now, from, *ev, &mut env);
+            }
+            Body::EventAck(a) => {
+                let (events, mut env) = self.events();
+                events.on_event_ack(from, a, &mut env);
+            }
+            body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
+                self.dissemination.handle(now, from, body);
                 self.drain_dissemination();
             }
         }
+        self.collect();
     }
 
-    /// Starts an anti-entropy exchange with `peer` now.
-    pub(crate) fn sync_store_with(&mut self, peer: SocketAddr) {
-        self.dissemination.exchange_now(peer);
-        self.drain_dissemination();
+    /// When `timer` is due, or `None` when nothing waits on it (and for
+    /// every timer once closed). A departing member only gossips.
+    fn deadline(&self, timer: Timer) -> Option<Deadline> {
+        if self.closed {
+            return None;
+        }
+        let active = !self.membership.is_leaving();
+        match timer {
+            Timer::Membership(t) => self.membership.deadline(t),
+            Timer::Events if active => self.events.poll_timeout().map(Deadline::wake),
+            Timer::Store if active => Some(Deadline::wake(self.dissemination.poll_timeout())),
+            Timer::Events | Timer::Store => None,
+        }
     }
 
-    /// Sends what dissemination queued and forwards its events.
-    fn drain_dissemination(&mut self) {
-        while let Some(out) = self.dissemination.poll_message() {
-            if out.stream {
-                self.send_stream(out.to, out.envelope);
-            } else {
-                self.send(out.to, vec![out.envelope]);
+    /// Runs `timer`, due at `now`.
+    fn run_timer(&mut self, now: Instant, timer: Timer) {
+        match timer {
+            Timer::Membership(t) => {
+                let (m, mut env) = self.membership();
+                m.handle_timeout(now, t, &mut env);
+            }
+            Timer::Events => {
+                let (events, mut env) = self.events();
+                events.handle_timeout(now, &mut env);
+            }
+            Timer::Store => {
+                // The sampler of alive members dissemination is lent.
+                let (members, rng) = (self.membership.table(), &mut self.rng);
+                let mut peers = |k: usize| {
+                    let k = if k == 0 { members.len() } else { k };
+                    let picked = members.random(k, rng, |m| m.state == MemberState::Alive);
+                    picked.into_iter().map(|i| members.at(i).addr()).collect()
+                };
+                self.dissemination.handle_timeout(now, &mut peers);
+                self.drain_dissemination();
             }
         }
-        while let Some(e) = self.dissemination.poll_event() {
-            self.events.push_back(Event::Update(e));
-        }
+        self.collect();
     }
 
-    /// Advances timers: probes, gossip, push-pull, reconnection, suspicion
-    /// timeouts. Call it at (or after) [`Overlay::poll_timeout`].
+    /// Runs every due timer: probes, gossip, push-pull, reconnection,
+    /// suspicion timeouts, event resends, dissemination rounds. Call it at
+    /// (or after) [`Overlay::poll_timeout`].
     pub fn handle_timeout(&mut self, now: Instant) {
-        match self.status {
-            Status::Closed => return,
-            Status::Leaving if self.piggyback.is_empty() => {
-                self.status = Status::Closed;
-                return;
-            }
-            Status::Leaving => {}
-            Status::Active => {
-                if let Some(deadline) = self.probe.as_ref().and_then(|p| p.direct_deadline) {
-                    if deadline <= now {
-                        self.start_indirect_probe();
-                    }
-                }
-                self.expire_relays(now);
-                self.expire_suspicions(now);
-                self.check_suspects(now);
-                if self.timers.probe <= now {
-                    self.probe_tick(now);
-                }
-                if self.timers.push_pull <= now {
-                    self.push_pull_tick(now);
-                }
-                if self.timers.reconnect <= now {
-                    self.reconnect_tick(now);
-                }
-                if self.timers.reap <= now {
-                    self.reap_tick(now);
-                }
-                if self.pubsub.poll_timeout().is_some_and(|t| t <= now) {
-                    self.events_tick(now);
-                }
-                if self.dissemination.poll_timeout() <= now {
-                    let (members, rng) = (&self.members, &mut self.rng);
-                    let mut peers = |k: usize| {
-                        let k = if k == 0 { members.len() } else { k };
-                        let picked = members.random(k, rng, |m| m.state == MemberState::Alive);
-                        picked.into_iter().map(|i| members.at(i).addr()).collect()
-                    };
-                    self.dissemination.handle_timeout(now, &mut peers);
-                    self.drain_dissemination();
-                }
-            }
+        if self.closed {
+            return;
         }
-        if self.timers.gossip <= now {
-            self.gossip_tick(now);
+        if self.membership.is_leaving() && self.membership.nothing_to_tell() {
+            self.closed = true;
+            return;
+        }
+        for timer in Timer::ALL {
+            // Read afresh: an earlier entry may have moved this one.
+            if self.deadline(timer).is_some_and(|d| d.at <= now) {
+                self.run_timer(now, timer);
+            }
         }
     }
 
@@ -478,10 +662,9 @@ impl Overlay {
     /// are also remembered as seeds to re-contact whenever none of them is
     /// seen alive.
     pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), CoreError> {
-        if self.status != Status::Active {
-            return Err(CoreError::Left);
-        }
-        self.join_via(now, seeds);
+        self.check_active()?;
+        let (m, mut env) = self.membership();
+        m.join_via(now, seeds, &mut env);
         Ok(())
     }
 
@@ -490,12 +673,9 @@ impl Overlay {
     /// unauthenticated sources (multicast announcements), which must not
     /// pile up in the seed list.
     pub fn contact(&mut self, addr: SocketAddr) -> Result<(), CoreError> {
-        if self.status != Status::Active {
-            return Err(CoreError::Left);
-        }
-        if addr != self.me.addr {
-            self.push_pull_with(addr, true);
-        }
+        self.check_active()?;
+        let (m, mut env) = self.membership();
+        m.contact(addr, &mut env);
         Ok(())
     }
 
@@ -510,17 +690,13 @@ impl Overlay {
     /// [`crate::broadcast`]). Refused with [`CoreError::Quota`] if it would
     /// take this member beyond its quota ([`crate::broadcast::Limits`]).
     pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
-        if self.status != Status::Active {
-            return Err(CoreError::Left);
-        }
+        self.check_active()?;
         Ok(self.dissemination.try_put(now, key, value)?)
     }
 
     /// Deletes `key` everywhere.
     pub fn delete(&mut self, now: Instant, key: &str) -> Result<Update, CoreError> {
-        if self.status != Status::Active {
-            return Err(CoreError::Left);
-        }
+        self.check_active()?;
         Ok(self.dissemination.try_delete(now, key)?)
     }
 
@@ -539,6 +715,12 @@ impl Overlay {
         &self.dissemination
     }
 
+    /// Dissemination itself, for tests that write past the API's checks.
+    #[cfg(test)]
+    pub(crate) fn dissemination_mut(&mut self) -> &mut Dissemination {
+        &mut self.dissemination
+    }
+
     /// Counters of the dissemination protocols.
     pub fn dissemination_stats(&self) -> DisseminationStats {
         self.dissemination.stats()
@@ -546,7 +728,12 @@ impl Overlay {
 
     /// Replaces the seed addresses re-contacted when not seen alive.
     pub fn set_seeds(&mut self, seeds: Vec<SocketAddr>) {
-        self.seeds = seeds;
+        self.membership.set_seeds(seeds);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn seeds(&self) -> &[SocketAddr] {
+        self.membership.seeds()
     }
 
     /// Adds members known from elsewhere (a snapshot taken before a
@@ -554,162 +741,251 @@ impl Overlay {
     /// member, or already known, are ignored; suspects are restored as alive
     /// (the failure detector will judge them afresh).
     pub fn restore(&mut self, now: Instant, members: impl IntoIterator<Item = MemberInfo>) {
-        let since = self.stamp(now);
-        let mut fresh: Vec<Member> = members
-            .into_iter()
-            .filter(|m| m.name != self.me.name && self.members.position(&m.name).is_none())
-            .map(|m| Member {
-                name: m.name,
-                addr: m.addr.into(),
-                incarnation: m.incarnation,
-                epoch: m.epoch,
-                state: if m.state == MemberState::Suspect {
-                    MemberState::Alive
-                } else {
-                    m.state
-                },
-                since,
-            })
-            .collect();
-        // A random place in the probe order for each, as if they had joined one by one.
-        rand::seq::SliceRandom::shuffle(&mut fresh[..], &mut self.rng);
-        self.members.reserve(fresh.len());
-        for m in fresh {
-            self.members.insert(m);
-        }
-        // Spread the first full-state exchanges over the interval this
-        // cluster size calls for, not the base one.
-        let interval = self.config.push_pull_interval_for(self.cluster_size());
-        self.timers.push_pull = now + interval.mul_f64(self.rng.random::<f64>());
+        let (m, mut env) = self.membership();
+        m.restore(now, members, &mut env);
     }
 
     /// Leaves gracefully: tells the overlay, keeps gossiping until the news
     /// has been retransmitted enough, then goes quiet ([`Overlay::is_closed`]).
     pub fn leave(&mut self, now: Instant) {
-        if self.status != Status::Active {
-            return;
+        if self.check_active().is_ok() {
+            self.membership.leave(now);
         }
-        self.status = Status::Leaving;
-        self.probe = None;
-        let (name, inc, epoch) = (self.me.name.clone(), self.me.incarnation, self.me.epoch);
-        let dead = crate::membership::lifecycle::dead_envelope(&name, inc, epoch, &name);
-        self.piggyback.push(name, dead);
-        self.timers.gossip = now;
     }
 
     /// Whether a [`Overlay::leave`] has completed.
     pub fn is_closed(&self) -> bool {
-        self.status == Status::Closed
+        self.closed
     }
 
-    pub(crate) fn is_leaving(&self) -> bool {
-        self.status != Status::Active
+    /// Refuses writes and joins once the local member is leaving or gone.
+    fn check_active(&self) -> Result<(), CoreError> {
+        if self.membership.is_leaving() || self.closed {
+            return Err(CoreError::Left);
+        }
+        Ok(())
     }
 
     /// Installs a key (the overlay must be encrypted).
     pub fn install_key(&mut self, key: &[u8]) -> Result<KeyId, CoreError> {
-        Ok(self.codec.with_keyring(|r| r.install(key))?)
+        Ok(self.wire.codec.with_keyring(|r| r.install(key))?)
     }
 
     /// Makes an installed key the one outgoing packets are sealed with.
     pub fn use_key(&mut self, id: KeyId) -> Result<(), CoreError> {
-        Ok(self.codec.with_keyring(|r| r.use_key(id))?)
+        Ok(self.wire.codec.with_keyring(|r| r.use_key(id))?)
     }
 
     /// Removes a key that is not the primary one.
     pub fn remove_key(&mut self, id: KeyId) -> Result<(), CoreError> {
-        Ok(self.codec.with_keyring(|r| r.remove(id))?)
+        Ok(self.wire.codec.with_keyring(|r| r.remove(id))?)
     }
 
     /// Runs any keyring operation.
     pub fn with_keyring<T>(&mut self, f: impl FnOnce(&mut Keyring) -> Result<T, WireError>) -> Result<T, CoreError> {
-        Ok(self.codec.with_keyring(f)?)
+        Ok(self.wire.codec.with_keyring(f)?)
     }
 
     /// The installed keys, or `None` on a plain-text overlay.
     pub fn keys(&self) -> Option<Vec<KeyInfo>> {
-        self.codec.keys()
+        self.wire.codec.keys()
+    }
+
+    // ----- events on topics ---------------------------------------------
+
+    /// Subscribes the local member to `topic`; every member learns it.
+    pub fn subscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+        match self.events.subscribe(self.dissemination.store(), topic)? {
+            Some((key, value)) => self.put(now, &key, value).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Unsubscribes the local member from `topic`.
+    pub fn unsubscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+        match self.events.unsubscribe(self.dissemination.store(), topic) {
+            Some((key, value)) => self.put(now, &key, value).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The local member's topics.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.topics_of(self.membership.name())
+    }
+
+    /// A member's topics, as the local member knows them.
+    pub fn topics_of(&self, member: &str) -> Vec<String> {
+        events::topics_of(self.dissemination.store(), member)
+    }
+
+    /// The live members subscribed to `topic`, the local one included,
+    /// with their addresses.
+    pub fn subscribers(&self, topic: &str) -> Vec<(Arc<str>, SocketAddr)> {
+        self.events
+            .subscribers(self.dissemination.store(), self.membership.table(), topic)
+    }
+
+    /// Publishes `payload` on `topic` to its subscribers (see [`crate::events`]).
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        topic: &str,
+        payload: Vec<u8>,
+        delivery: Delivery,
+    ) -> Result<EventId, CoreError> {
+        if self.membership.is_leaving() {
+            return Err(CoreError::Left);
+        }
+        let (events, mut env) = self.events();
+        let id = events.publish(now, topic, payload, delivery, &mut env);
+        self.collect();
+        id
+    }
+
+    /// At-least-once events still awaiting acknowledgements: what a
+    /// driver saves to resume them after a restart ([`Overlay::resume`]).
+    pub fn pending_events(&self) -> Vec<PendingEvent> {
+        self.events.pending_events()
+    }
+
+    /// One pending at-least-once event (see [`Overlay::pending_events`]).
+    pub fn pending_event(&self, id: &EventId) -> Option<PendingEvent> {
+        self.events.pending_event(id)
+    }
+
+    /// Takes over an at-least-once event published before a restart: it
+    /// keeps its id (so subscribers that have it do not deliver it again)
+    /// and is resent to the subscribers still waiting one `retry_every`
+    /// later (time to rejoin and sync).
+    pub fn resume(&mut self, now: Instant, e: PendingEvent) -> Result<(), CoreError> {
+        self.events.resume(now, e)
+    }
+
+    /// With manual acknowledgements on, a delivered event is acknowledged
+    /// to its publisher only once the application calls
+    /// [`Overlay::acknowledge`] — after storing it durably, say — so that a
+    /// crash in between makes the publisher resend it instead of losing it.
+    pub fn set_manual_acks(&mut self, on: bool) {
+        self.events.set_manual_acks(on);
+    }
+
+    /// Records that the application has stored these delivered events
+    /// (manual mode): they join the window [`Overlay::delivered_window`]
+    /// returns. Save that window with them, then [`Overlay::acknowledge`].
+    pub fn mark_stored(&mut self, ids: &[EventId]) {
+        self.events.mark_stored(ids);
+    }
+
+    /// Refuses a delivered at-least-once event the application could not
+    /// store (manual mode; a full inbox, say): it is not acknowledged, and
+    /// the publisher's next resend delivers it again. Returns `false`, and
+    /// refuses nothing, if the event cannot be forgotten — its sequence
+    /// number is more than [`dedup::WINDOW`] below what this member has
+    /// taken as final from its publisher, so a resend would be taken for a
+    /// duplicate: the application must then store it anyway (and
+    /// acknowledge it), or it is lost.
+    #[must_use = "an event that cannot be refused must be stored, or it is lost"]
+    pub fn refuse(&mut self, id: &EventId) -> bool {
+        self.events.refuse(id)
+    }
+
+    /// Acknowledges a delivered event to its publisher (manual mode).
+    pub fn acknowledge(&mut self, id: &EventId) {
+        let (events, mut env) = self.events();
+        events.acknowledge(id, &mut env.out);
+    }
+
+    /// The de-duplication window to save across a restart: with manual
+    /// acknowledgements, the events the application has stored (never one
+    /// it has not: that one must be delivered again); otherwise every event
+    /// delivered.
+    pub fn delivered_window(&self) -> Vec<dedup::DedupEntry> {
+        self.events.delivered_window()
+    }
+
+    /// Restores a saved de-duplication window: those events are not
+    /// delivered again.
+    pub fn restore_delivered(&mut self, entries: impl IntoIterator<Item = dedup::DedupEntry>) {
+        self.events.restore_delivered(entries);
+    }
+
+    // ----- luggage ------------------------------------------------------
+
+    /// Sets one of the local member's luggage entries (see [`crate::luggage`]).
+    pub fn set_luggage(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<(), CoreError> {
+        let store_key = luggage::check_write(self.store(), &self.config, self.membership.name(), key, &value)?;
+        self.put(now, &store_key, value).map(|_| ())
+    }
+
+    /// Deletes one of the local member's luggage entries; false if it had none.
+    pub fn delete_luggage(&mut self, now: Instant, key: &str) -> Result<bool, CoreError> {
+        let store_key = luggage::store_key(self.membership.name(), key);
+        if self.store().value(&store_key).is_none() {
+            return Ok(false);
+        }
+        self.delete(now, &store_key).map(|_| true)
+    }
+
+    /// A member's luggage as the local member holds it, by key.
+    pub fn luggage(&self, member: &str) -> Vec<(String, Vec<u8>)> {
+        luggage::entries(self.store(), member)
     }
 
     // ----- outputs ------------------------------------------------------
 
     /// The next datagram or stream frame to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.wire.transmits.pop_front()
     }
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.output.pop_front()
     }
 
-    /// When [`Overlay::handle_timeout`] must be called next; `None` once
-    /// closed.
+    /// When [`Overlay::handle_timeout`] must be called next: the earliest
+    /// timer that wakes; `None` once closed.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.status {
-            Status::Closed => None,
-            Status::Leaving => Some(self.timers.gossip),
-            Status::Active => {
-                let t = &self.timers;
-                let mut next = t.probe.min(t.push_pull).min(t.reconnect).min(t.reap);
-                let others = [
-                    (!self.piggyback.is_empty()).then_some(self.timers.gossip),
-                    self.probe.as_ref().and_then(|p| p.direct_deadline),
-                    self.relays.values().map(|r| r.deadline).min(),
-                    self.reconnects.values().map(|r| r.1).min(),
-                    self.suspicions.values().map(|s| s.deadline.min(s.next_check)).min(),
-                    Some(self.dissemination.poll_timeout()),
-                    self.pubsub.poll_timeout(),
-                ];
-                for d in others.into_iter().flatten() {
-                    next = next.min(d);
-                }
-                Some(next)
-            }
-        }
+        Timer::ALL
+            .into_iter()
+            .filter_map(|t| self.deadline(t))
+            .filter(|d| d.wakes)
+            .map(|d| d.at)
+            .min()
     }
 
     // ----- queries ------------------------------------------------------
 
     /// The local member's name.
     pub fn name(&self) -> &str {
-        &self.me.name
+        self.membership.name()
     }
 
     /// The local member's address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.me.addr
+        self.membership.addr()
     }
 
     /// The local member as others should see it.
     pub fn local(&self) -> MemberInfo {
-        MemberInfo {
-            name: self.me.name.clone(),
-            addr: self.me.addr,
-            incarnation: self.me.incarnation,
-            epoch: self.me.epoch,
-            state: if self.is_leaving() {
-                MemberState::Left
-            } else {
-                MemberState::Alive
-            },
-        }
+        self.membership.local()
     }
 
     /// One member by name (not the local one).
     pub fn member(&self, name: &str) -> Option<MemberInfo> {
-        self.members.get(name).map(Member::info)
+        self.membership.table().get(name).map(Member::info)
     }
 
     /// All known members except the local one, tombstones included, in no
     /// particular but deterministic order.
     pub fn members(&self) -> impl Iterator<Item = MemberInfo> + '_ {
-        self.members.iter().map(Member::info)
+        self.membership.table().iter().map(Member::info)
     }
 
     /// Alive and suspect members, the local one included.
     pub fn live_count(&self) -> usize {
-        self.cluster_size()
+        self.membership.cluster_size()
     }
 
     /// A fingerprint of the live view (the local member and every alive or
@@ -717,100 +993,45 @@ impl Overlay {
     /// [`Overlay::live_count`]s are equal see the same members, with high
     /// probability: a cheap way to check that an overlay has converged.
     pub fn view_digest(&self) -> u64 {
-        let me = crate::membership::name_hash(&self.me.name) ^ self.me.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.members.digest().wrapping_add(me)
+        self.membership.view_digest()
     }
 
     /// Lifeguard's local health score (0 = healthy).
     pub fn health_score(&self) -> u32 {
-        self.awareness.score()
+        self.membership.health_score()
     }
 
     /// Traffic counters.
     pub fn stats(&self) -> &Stats {
-        &self.stats
+        &self.wire.stats
     }
 
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
     }
+}
 
-    pub(crate) fn stamp(&self, now: Instant) -> crate::membership::Stamp {
-        now.saturating_duration_since(self.origin).as_millis() as u64
+#[cfg(test)]
+mod tests {
+    use rumormill_wire::proto::Envelope;
+
+    use crate::testkit::{Net, addr};
+    use crate::{Config, FrameKind};
+
+    #[test]
+    fn a_message_without_a_body_is_counted_as_malformed() {
+        let mut net = Net::new(2, Config::new_lan());
+        net.run_for(std::time::Duration::from_secs(1));
+        let before = net.node(0).stats().malformed;
+        net.inject(0, addr(1), FrameKind::Datagram, vec![Envelope { body: None }]);
+        assert_eq!(net.node(0).stats().malformed, before + 1);
     }
 
-    // ----- sending ------------------------------------------------------
-
-    /// Sends messages in one datagram, filling the rest with piggybacked
-    /// membership changes.
-    pub(crate) fn send(&mut self, to: SocketAddr, msgs: Vec<Envelope>) {
-        let budget = self.config.mtu.saturating_sub(self.codec.overhead());
-        let mut packet = PacketBuilder::new(budget);
-        for m in msgs {
-            if let Err(m) = packet.push(m) {
-                // Too big for one datagram: it goes over a stream instead.
-                self.send_stream(to, m);
-            }
-        }
-        let limit = self.config.retransmit_limit(self.cluster_size());
-        self.piggyback.fill(&mut packet, limit);
-        if packet.is_empty() {
-            return;
-        }
-        self.seal(to, FrameKind::Datagram, &packet.finish());
-    }
-
-    /// Room for messages in one datagram.
-    pub(crate) fn datagram_budget(&self) -> usize {
-        self.config.mtu.saturating_sub(self.codec.overhead())
-    }
-
-    pub(crate) fn send_stream(&mut self, to: SocketAddr, msg: Envelope) {
-        self.seal(to, FrameKind::Stream, &rumormill_wire::encode_envelope(&msg));
-    }
-
-    fn seal(&mut self, to: SocketAddr, kind: FrameKind, body: &[u8]) {
-        match self.codec.seal(kind, body) {
-            Ok(payload) => {
-                match kind {
-                    FrameKind::Datagram => {
-                        self.stats.datagrams_sent += 1;
-                        self.stats.datagram_bytes_sent += payload.len() as u64;
-                    }
-                    FrameKind::Stream => {
-                        self.stats.frames_sent += 1;
-                        self.stats.frame_bytes_sent += payload.len() as u64;
-                    }
-                }
-                self.transmits.push_back(Transmit { to, kind, payload });
-            }
-            Err(_) => self.stats.seal_errors += 1,
-        }
-    }
-
-    /// A gossip round: piggybacked changes to a few random members (live
-    /// ones, and recently failed ones so they can refute).
-    fn gossip_tick(&mut self, now: Instant) {
-        self.timers.gossip = next_tick(self.timers.gossip, self.config.gossip_interval, now);
-        if self.piggyback.is_empty() {
-            return;
-        }
-        let dead_window = self.config.gossip_to_the_dead.as_millis() as u64;
-        let t = self.stamp(now);
-        let targets = self.members.random(self.config.gossip_nodes, &mut self.rng, |m| {
-            m.state.is_live() || (m.state == MemberState::Failed && t.saturating_sub(m.since) < dead_window)
-        });
-        if targets.is_empty() && self.is_leaving() {
-            // Nobody left to tell: the leave is complete.
-            self.piggyback.clear();
-        }
-        for i in targets {
-            let addr = self.members.at(i).addr();
-            self.send(addr, Vec::new());
-            if self.piggyback.is_empty() {
-                break;
-            }
+    #[test]
+    fn the_timer_table_names_each_source_once() {
+        for (i, a) in super::Timer::ALL.iter().enumerate() {
+            assert!(!super::Timer::ALL[i + 1..].contains(a), "{a:?} twice");
         }
     }
 }

@@ -20,20 +20,28 @@
 //! - **Once at the application**: receivers remember the events they
 //!   delivered ([`dedup`]) and acknowledge duplicates without delivering
 //!   them again.
+//!
+//! All of it is one sub-machine of the overlay, with private state: it
+//! reads the member table and the store, and sends through a sender that
+//! piggybacks membership changes, all lent to it for each call.
 
 pub mod dedup;
 pub mod subscriptions;
 pub mod tree;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand_chacha::ChaCha8Rng;
 use rumormill_wire::proto::{self, Envelope, envelope::Body};
 
-use crate::membership::MemberState;
-use crate::overlay::{CoreError, Overlay};
+use crate::broadcast::Store;
+use crate::config::Config;
+use crate::event::Event;
+use crate::membership::{MemberState, Members};
+use crate::overlay::{CoreError, Identity, Sender};
 
 /// Largest event payload by default (1 MiB); bigger ones are refused.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
@@ -191,9 +199,31 @@ struct Pending {
     targets: BTreeMap<Arc<str>, Target>,
 }
 
-/// The event state of one member.
-#[derive(Debug, Default)]
+/// What the events sub-machine reads of the others for one input.
+pub(crate) struct Env<'a> {
+    /// The member table, read-only: who is live, and where.
+    pub(crate) members: &'a Members,
+    /// The replicated store, read-only: who subscribes to what.
+    pub(crate) store: &'a Store,
+    /// The overlay's RNG: relays are picked at random.
+    pub(crate) rng: &'a mut ChaCha8Rng,
+    /// Sends in datagrams that carry piggybacked membership changes, and
+    /// counts.
+    pub(crate) out: Sender<'a>,
+}
+
+/// The events sub-machine of one member: what it published and awaits
+/// acknowledgements for, the relay copies it awaits relay
+/// acknowledgements for, and what it delivered (for de-duplication).
+#[derive(Debug)]
 pub(crate) struct Events {
+    /// The local member: events are published under its name and life.
+    name: Arc<str>,
+    addr: SocketAddr,
+    epoch: u64,
+    max_payload: usize,
+    relay_fanout: usize,
+    hop_timeout: Duration,
     next_seq: u64,
     /// Keyed by the whole id: events resumed after a restart keep the id
     /// (and boot epoch) they were published under.
@@ -206,12 +236,14 @@ pub(crate) struct Events {
     /// save), a subset of `seen`.
     acked: dedup::Dedup,
     pending_bytes: usize,
-    pub(crate) seen: dedup::Dedup,
+    seen: dedup::Dedup,
     /// Relay copies awaiting their relay acknowledgement, by event and
     /// receiver.
     hops: BTreeMap<(EventId, Arc<str>), HopSent>,
     /// Own best-effort events still on their way: seq and publication time.
-    recent: std::collections::VecDeque<(u64, Instant)>,
+    recent: VecDeque<(u64, Instant)>,
+    /// Deliveries and reports for the application.
+    output: VecDeque<Event>,
 }
 
 /// A relay copy sent in a datagram, not acknowledged yet.
@@ -225,14 +257,6 @@ struct HopSent {
     event: Box<proto::Event>,
     /// Members of the span found not answering for this event.
     unresponsive: Vec<Arc<str>>,
-}
-
-impl Events {
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let resend = self.pending.values().map(|p| p.next).min();
-        let hop = self.hops.values().map(|h| h.next).min();
-        resend.into_iter().chain(hop).min()
-    }
 }
 
 /// An event message; acknowledgements go to `reply_to` (the publisher).
@@ -273,13 +297,49 @@ fn ack_envelope(id: &EventId, me: &str, unsubscribed: bool, relay: bool) -> Enve
     }
 }
 
-impl Overlay {
-    /// Subscribes the local member to `topic`; every member learns it.
-    pub fn subscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+impl Events {
+    /// The events state of the local member `identity`.
+    pub(crate) fn new(identity: &Identity, config: &Config) -> Events {
+        Events {
+            name: identity.name.clone(),
+            addr: identity.addr,
+            epoch: identity.epoch,
+            max_payload: config.max_event_payload,
+            relay_fanout: config.event_relay_fanout,
+            hop_timeout: config.event_hop_timeout,
+            next_seq: 0,
+            pending: BTreeMap::new(),
+            manual_acks: false,
+            unacked: BTreeMap::new(),
+            acked: dedup::Dedup::default(),
+            pending_bytes: 0,
+            seen: dedup::Dedup::default(),
+            hops: BTreeMap::new(),
+            recent: VecDeque::new(),
+            output: VecDeque::new(),
+        }
+    }
+
+    /// When [`Events::handle_timeout`] is due: the next resend of an
+    /// at-least-once event or of a relay copy.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let resend = self.pending.values().map(|p| p.next).min();
+        let hop = self.hops.values().map(|h| h.next).min();
+        resend.into_iter().chain(hop).min()
+    }
+
+    /// The next delivery or delivery report for the application.
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.output.pop_front()
+    }
+
+    /// The write that subscribes the local member to `topic` (a store key
+    /// and value), or `None` if it subscribes already.
+    pub(crate) fn subscribe(&self, store: &Store, topic: &str) -> Result<Option<(String, Vec<u8>)>, CoreError> {
         subscriptions::check_topic(topic).map_err(CoreError::Invalid)?;
-        let mut topics = self.subscriptions();
+        let mut topics = topics_of(store, &self.name);
         if topics.iter().any(|t| t == topic) {
-            return Ok(());
+            return Ok(None);
         }
         if topics.len() >= subscriptions::MAX_TOPICS {
             return Err(CoreError::Invalid(format!(
@@ -290,64 +350,42 @@ impl Overlay {
         }
         topics.push(topic.to_owned());
         topics.sort();
-        let key = subscriptions::topics_key(&self.me.name.clone());
-        self.put(now, &key, subscriptions::encode(&topics)).map(|_| ())
+        Ok(Some((
+            subscriptions::topics_key(&self.name),
+            subscriptions::encode(&topics),
+        )))
     }
 
-    /// Unsubscribes the local member from `topic`.
-    pub fn unsubscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
-        let mut topics = self.subscriptions();
+    /// The write that unsubscribes the local member from `topic`, or
+    /// `None` if it does not subscribe.
+    pub(crate) fn unsubscribe(&self, store: &Store, topic: &str) -> Option<(String, Vec<u8>)> {
+        let mut topics = topics_of(store, &self.name);
         let before = topics.len();
         topics.retain(|t| t != topic);
         if topics.len() == before {
-            return Ok(());
-        }
-        let key = subscriptions::topics_key(&self.me.name.clone());
-        self.put(now, &key, subscriptions::encode(&topics)).map(|_| ())
-    }
-
-    /// The local member's topics.
-    pub fn subscriptions(&self) -> Vec<String> {
-        self.topics_of(&self.me.name)
-    }
-
-    /// A member's topics, as the local member knows them.
-    pub fn topics_of(&self, member: &str) -> Vec<String> {
-        self.topics_value(member).map(subscriptions::decode).unwrap_or_default()
-    }
-
-    /// The stored topics of `member`, if written by the member itself.
-    fn topics_value(&self, member: &str) -> Option<&[u8]> {
-        let u = self.store().get(&subscriptions::topics_key(member))?;
-        if &*u.origin != member {
             return None;
         }
-        u.value.as_deref()
-    }
-
-    fn subscribes(&self, member: &str, topic: &str) -> bool {
-        self.topics_value(member)
-            .is_some_and(|v| subscriptions::lists(v, topic))
+        Some((subscriptions::topics_key(&self.name), subscriptions::encode(&topics)))
     }
 
     /// The live members subscribed to `topic`, the local one included,
     /// with their addresses.
-    pub fn subscribers(&self, topic: &str) -> Vec<(Arc<str>, SocketAddr)> {
+    pub(crate) fn subscribers(&self, store: &Store, members: &Members, topic: &str) -> Vec<(Arc<str>, SocketAddr)> {
         let mut out = Vec::new();
-        if self.subscribes(&self.me.name, topic) {
-            out.push((self.me.name.clone(), self.me.addr));
+        if subscribes(store, &self.name, topic) {
+            out.push((self.name.clone(), self.addr));
         }
-        for u in self.store().prefixed(&subscriptions::topics_key("")) {
+        for u in store.prefixed(&subscriptions::topics_key("")) {
             let Some(name) = subscriptions::topics_owner(&u.key) else {
                 continue;
             };
             // Written by the member itself, listing the topic, and not us.
             let lists = u.value.as_deref().is_some_and(|v| subscriptions::lists(v, topic));
-            if name == &*self.me.name || &*u.origin != name || !lists {
+            if name == &*self.name || &*u.origin != name || !lists {
                 continue;
             }
-            if let Some(i) = self.members.position(name) {
-                let m = self.members.at(i);
+            if let Some(i) = members.position(name) {
+                let m = members.at(i);
                 if m.state.is_live() {
                     out.push((m.name.clone(), m.addr()));
                 }
@@ -356,49 +394,46 @@ impl Overlay {
         out
     }
 
-    /// Publishes `payload` on `topic` to its subscribers (see [`crate::events`]).
-    pub fn publish(
+    /// Publishes `payload` on `topic` (see [`crate::Overlay::publish`]).
+    pub(crate) fn publish(
         &mut self,
         now: Instant,
         topic: &str,
         payload: Vec<u8>,
         delivery: Delivery,
+        env: &mut Env<'_>,
     ) -> Result<EventId, CoreError> {
-        if self.is_leaving() {
-            return Err(CoreError::Left);
-        }
         subscriptions::check_topic(topic).map_err(CoreError::Invalid)?;
-        if payload.len() > self.config.max_event_payload {
+        if payload.len() > self.max_payload {
             return Err(CoreError::Invalid(format!(
                 "payload of {} bytes: at most {}",
                 payload.len(),
-                self.config.max_event_payload
+                self.max_payload
             )));
         }
         if let Delivery::AtLeastOnce { retry_every, .. } = delivery {
             if retry_every.is_zero() {
                 return Err(CoreError::Invalid("retry_every must be above zero".into()));
             }
-            if self.pubsub.pending.len() >= MAX_PENDING || self.pubsub.pending_bytes + payload.len() > MAX_PENDING_BYTES
-            {
+            if self.pending.len() >= MAX_PENDING || self.pending_bytes + payload.len() > MAX_PENDING_BYTES {
                 return Err(CoreError::Invalid(format!(
                     "{MAX_PENDING} at-least-once events are still awaiting acknowledgements"
                 )));
             }
         }
-        self.pubsub.next_seq += 1;
+        self.next_seq += 1;
         let id = EventId {
-            origin: self.me.name.clone(),
-            epoch: self.me.epoch,
-            seq: self.pubsub.next_seq,
+            origin: self.name.clone(),
+            epoch: self.epoch,
+            seq: self.next_seq,
         };
         let remote: Vec<(Arc<str>, SocketAddr)> = self
-            .subscribers(topic)
+            .subscribers(env.store, env.members, topic)
             .into_iter()
-            .filter(|(n, _)| *n != self.me.name)
+            .filter(|(n, _)| *n != self.name)
             .collect();
         let ack = matches!(delivery, Delivery::AtLeastOnce { .. });
-        let recent = &mut self.pubsub.recent;
+        let recent = &mut self.recent;
         while recent
             .front()
             .is_some_and(|(_, at)| now.saturating_duration_since(*at) > BEST_EFFORT_SETTLE)
@@ -410,21 +445,24 @@ impl Overlay {
             recent.push_back((id.seq, now));
         }
         let mut targets = BTreeMap::new();
-        if self.subscribes(&self.me.name, topic) {
-            self.pubsub.seen.insert(&id.origin, id.epoch, id.seq);
-            self.deliver(EventMessage {
-                id: id.clone(),
-                topic: topic.to_owned(),
-                payload: payload.clone(),
-                at_least_once: ack,
-            });
-            if ack && self.pubsub.manual_acks {
+        if subscribes(env.store, &self.name, topic) {
+            self.seen.insert(&id.origin, id.epoch, id.seq);
+            self.deliver(
+                EventMessage {
+                    id: id.clone(),
+                    topic: topic.to_owned(),
+                    payload: payload.clone(),
+                    at_least_once: ack,
+                },
+                env,
+            );
+            if ack && self.manual_acks {
                 // The local application is a subscriber like the others: its
                 // copy counts once it is stored (`acknowledge` sends the ack
                 // to ourselves), and a crash before that resends it.
-                self.pubsub.unacked.insert(id.clone(), self.me.addr);
+                self.unacked.insert(id.clone(), self.addr);
                 targets.insert(
-                    self.me.name.clone(),
+                    self.name.clone(),
                     Target {
                         attempts: 1,
                         resends: 0,
@@ -433,16 +471,16 @@ impl Overlay {
             }
         }
         let floor = self.pending_floor(id.epoch).min(id.seq);
-        let message = event_message(&id, topic, &payload, ack, self.me.addr, floor);
-        let direct = self.relay(now, &id, &message, tree::Span::WHOLE, &[]);
+        let message = event_message(&id, topic, &payload, ack, self.addr, floor);
+        let direct = self.relay(now, &id, &message, tree::Span::WHOLE, &[], env);
         for (name, _) in remote {
             let attempts = u32::from(direct.contains(&name));
             targets.insert(name, Target { attempts, resends: 0 });
         }
         if let Delivery::AtLeastOnce { retry_every, retry_max } = delivery {
             if !targets.is_empty() {
-                self.pubsub.pending_bytes += payload.len();
-                self.pubsub.pending.insert(
+                self.pending_bytes += payload.len();
+                self.pending.insert(
                     id.clone(),
                     Pending {
                         topic: topic.to_owned(),
@@ -469,17 +507,18 @@ impl Overlay {
         message: &proto::Event,
         span: tree::Span,
         unresponsive: &[Arc<str>],
+        env: &mut Env<'_>,
     ) -> Vec<Arc<str>> {
-        let me = tree::ring_position(&self.me.name);
+        let me = tree::ring_position(&self.name);
         let members: Vec<(Arc<str>, SocketAddr)> = self
-            .subscribers(&message.topic)
+            .subscribers(env.store, env.members, &message.topic)
             .into_iter()
-            .filter(|(n, _)| *n != self.me.name && *n != id.origin && !unresponsive.contains(n))
+            .filter(|(n, _)| *n != self.name && *n != id.origin && !unresponsive.contains(n))
             .collect();
-        let hops = tree::split(span, me, members, self.config.event_relay_fanout, &mut self.rng);
+        let hops = tree::split(span, me, members, self.relay_fanout, env.rng);
         let mut sent = Vec::with_capacity(hops.len());
         for hop in hops {
-            self.send_hop(now, id, message, &hop, unresponsive);
+            self.send_hop(now, id, message, &hop, unresponsive, env);
             sent.push(hop.name);
         }
         sent
@@ -494,6 +533,7 @@ impl Overlay {
         message: &proto::Event,
         hop: &tree::Hop,
         unresponsive: &[Arc<str>],
+        env: &mut Env<'_>,
     ) {
         let mut copy = message.clone();
         copy.relay = Some(proto::Span {
@@ -502,74 +542,73 @@ impl Overlay {
             acknowledge: true,
         });
         // Envelope and packet framing: a few bytes.
-        let fits = prost::Message::encoded_len(&copy) + 16 <= self.datagram_budget();
+        let fits = prost::Message::encoded_len(&copy) + 16 <= env.out.datagram_budget();
         let key = (id.clone(), hop.name.clone());
-        let track = fits && (self.pubsub.hops.len() < tree::MAX_HOPS || self.pubsub.hops.contains_key(&key));
+        let track = fits && (self.hops.len() < tree::MAX_HOPS || self.hops.contains_key(&key));
         if let Some(span) = copy.relay.as_mut() {
             span.acknowledge = track;
         }
-        self.stats.events_relayed += 1;
+        env.out.stats().events_relayed += 1;
         if track {
-            self.pubsub.hops.insert(
+            self.hops.insert(
                 key,
                 HopSent {
                     addr: hop.addr,
                     span: hop.span,
                     attempts: 1,
-                    next: now + self.config.event_hop_timeout,
+                    next: now + self.hop_timeout,
                     event: Box::new(copy.clone()),
                     unresponsive: unresponsive.to_vec(),
                 },
             );
         }
-        self.send(hop.addr, vec![envelope(copy)]);
+        env.out.send(hop.addr, vec![envelope(copy)]);
     }
 
     /// Resends relay copies not acknowledged in time; after
     /// [`tree::HOP_ATTEMPTS`] copies, relays the receiver's span without it.
-    fn hops_tick(&mut self, now: Instant) {
+    fn hops_tick(&mut self, now: Instant, env: &mut Env<'_>) {
         let due: Vec<(EventId, Arc<str>)> = self
-            .pubsub
             .hops
             .iter()
             .filter(|(_, h)| h.next <= now)
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
-            let Some(h) = self.pubsub.hops.remove(&key) else {
+            let Some(h) = self.hops.remove(&key) else {
                 continue;
             };
             let (id, name) = key;
             if h.attempts < tree::HOP_ATTEMPTS {
-                self.stats.event_hop_resends += 1;
+                env.out.stats().event_hop_resends += 1;
                 let copy = (*h.event).clone();
-                self.pubsub.hops.insert(
+                self.hops.insert(
                     (id, name),
                     HopSent {
                         attempts: h.attempts + 1,
-                        next: now + self.config.event_hop_timeout,
+                        next: now + self.hop_timeout,
                         ..h
                     },
                 );
-                self.send(h.addr, vec![envelope(copy)]);
+                env.out.send(h.addr, vec![envelope(copy)]);
             } else {
-                self.stats.event_hop_takeovers += 1;
+                env.out.stats().event_hop_takeovers += 1;
                 let mut message = *h.event;
                 message.relay = None;
                 let mut unresponsive = h.unresponsive;
                 unresponsive.push(name);
-                self.relay(now, &id, &message, h.span, &unresponsive);
+                self.relay(now, &id, &message, h.span, &unresponsive, env);
             }
         }
     }
 
-    fn deliver(&mut self, m: EventMessage) {
-        self.stats.events_delivered += 1;
-        self.events.push_back(crate::Event::Message(m));
+    fn deliver(&mut self, m: EventMessage, env: &mut Env<'_>) {
+        env.out.stats().events_delivered += 1;
+        self.output.push_back(Event::Message(m));
     }
 
     fn report(&mut self, id: &EventId, subscriber: Arc<str>, outcome: Outcome, attempts: u32) {
-        self.events.push_back(crate::Event::Report(DeliveryReport {
+        self.output.push_back(Event::Report(DeliveryReport {
             id: id.clone(),
             subscriber,
             outcome,
@@ -585,49 +624,44 @@ impl Overlay {
     /// receiver that got a later event first (another branch of the relay
     /// tree) would take it for one it had forgotten.
     fn pending_floor(&self, epoch: u64) -> u64 {
-        let recent = self
-            .pubsub
-            .recent
-            .front()
-            .filter(|_| epoch == self.me.epoch)
-            .map(|(seq, _)| *seq);
-        self.pubsub
-            .pending
+        let recent = self.recent.front().filter(|_| epoch == self.epoch).map(|(seq, _)| *seq);
+        self.pending
             .keys()
-            .filter(|id| id.epoch == epoch && *id.origin == *self.me.name)
+            .filter(|id| id.epoch == epoch && *id.origin == *self.name)
             .map(|id| id.seq)
             .chain(recent)
             .min()
-            .unwrap_or(self.pubsub.next_seq + 1)
+            .unwrap_or(self.next_seq + 1)
     }
 
-    pub(crate) fn on_event(&mut self, now: Instant, from: SocketAddr, e: proto::Event) {
-        self.stats.events_received += 1;
-        self.stats.event_payload_bytes_received += e.payload.len() as u64;
+    pub(crate) fn on_event(&mut self, now: Instant, from: SocketAddr, e: proto::Event, env: &mut Env<'_>) {
+        let stats = env.out.stats();
+        stats.events_received += 1;
+        stats.event_payload_bytes_received += e.payload.len() as u64;
         let (Some(id), Ok(reply_to)) = (
             EventId::from_proto(e.id.as_ref()),
             rumormill_wire::socket_addr(e.reply_to.as_ref()),
         ) else {
-            self.stats.malformed += 1;
+            stats.malformed += 1;
             return;
         };
-        if subscriptions::check_topic(&e.topic).is_err() || e.payload.len() > self.config.max_event_payload {
-            self.stats.malformed += 1;
+        if subscriptions::check_topic(&e.topic).is_err() || e.payload.len() > self.max_payload {
+            stats.malformed += 1;
             return;
         }
-        let subscribed = self.subscribes(&self.me.name, &e.topic);
+        let subscribed = subscribes(env.store, &self.name, &e.topic);
         // What the publisher has settled need not be remembered any more.
         let settled = e.pending_floor.saturating_sub(1).min(id.seq.saturating_sub(1));
-        self.pubsub.seen.advance(&id.origin, id.epoch, settled);
-        self.pubsub.acked.advance(&id.origin, id.epoch, settled);
+        self.seen.advance(&id.origin, id.epoch, settled);
+        self.acked.advance(&id.origin, id.epoch, settled);
         let insert = if subscribed {
-            self.pubsub.seen.insert(&id.origin, id.epoch, id.seq)
+            self.seen.insert(&id.origin, id.epoch, id.seq)
         } else {
             dedup::Insert::Seen
         };
         if insert == dedup::Insert::Full {
             // Not delivered, not acknowledged: resent once the window has room.
-            self.stats.events_refused += 1;
+            env.out.stats().events_refused += 1;
             return;
         }
         let first = insert == dedup::Insert::New;
@@ -636,70 +670,74 @@ impl Overlay {
             // first one may have been lost). A member that does not
             // subscribe relays what it is given all the same.
             if span.acknowledge {
-                self.send(from, vec![ack_envelope(&id, &self.me.name, false, true)]);
+                env.out.send(from, vec![ack_envelope(&id, &self.name, false, true)]);
             }
             if (first || !subscribed) && span.first <= span.last {
                 let span = tree::Span {
                     first: span.first,
                     last: span.last,
                 };
-                self.relay(now, &id, &e, span, &[]);
+                self.relay(now, &id, &e, span, &[], env);
             }
         }
         if first {
-            self.deliver(EventMessage {
-                id: id.clone(),
-                topic: e.topic,
-                payload: e.payload,
-                at_least_once: e.ack,
-            });
+            self.deliver(
+                EventMessage {
+                    id: id.clone(),
+                    topic: e.topic,
+                    payload: e.payload,
+                    at_least_once: e.ack,
+                },
+                env,
+            );
         } else if subscribed {
-            self.stats.events_duplicate += 1;
+            env.out.stats().events_duplicate += 1;
         }
         if e.ack {
-            if subscribed && self.pubsub.manual_acks {
+            if subscribed && self.manual_acks {
                 // Acknowledged when the application says it has it (a
                 // duplicate before then changes nothing).
-                if first || self.pubsub.unacked.contains_key(&id) {
-                    self.pubsub.unacked.insert(id, reply_to);
+                if first || self.unacked.contains_key(&id) {
+                    self.unacked.insert(id, reply_to);
                     return;
                 }
             }
-            self.send(reply_to, vec![ack_envelope(&id, &self.me.name, !subscribed, false)]);
+            env.out
+                .send(reply_to, vec![ack_envelope(&id, &self.name, !subscribed, false)]);
         }
     }
 
-    pub(crate) fn on_event_ack(&mut self, from: SocketAddr, a: proto::EventAck) {
+    pub(crate) fn on_event_ack(&mut self, from: SocketAddr, a: proto::EventAck, env: &mut Env<'_>) {
         let Some(id) = EventId::from_proto(a.id.as_ref()) else {
-            self.stats.malformed += 1;
+            env.out.stats().malformed += 1;
             return;
         };
         // Only the subscriber itself may acknowledge: the datagram must come
         // from its host.
-        let sender_ok = if a.from == *self.me.name {
-            from.ip() == self.me.addr.ip()
+        let sender_ok = if a.from == *self.name {
+            from.ip() == self.addr.ip()
         } else {
-            self.members
+            env.members
                 .position(&a.from)
-                .is_some_and(|i| self.members.at(i).addr().ip() == from.ip())
+                .is_some_and(|i| env.members.at(i).addr().ip() == from.ip())
         };
         if !sender_ok {
-            self.stats.malformed += 1;
+            env.out.stats().malformed += 1;
             return;
         }
         if a.relay {
-            self.pubsub.hops.remove(&(id, Arc::from(a.from.as_str())));
+            self.hops.remove(&(id, Arc::from(a.from.as_str())));
             return;
         }
-        let Some(p) = self.pubsub.pending.get_mut(&id) else {
+        let Some(p) = self.pending.get_mut(&id) else {
             return;
         };
         let Some((name, t)) = p.targets.remove_entry(a.from.as_str()) else {
             return;
         };
         if p.targets.is_empty() {
-            if let Some(done) = self.pubsub.pending.remove(&id) {
-                self.pubsub.pending_bytes = self.pubsub.pending_bytes.saturating_sub(done.payload.len());
+            if let Some(done) = self.pending.remove(&id) {
+                self.pending_bytes = self.pending_bytes.saturating_sub(done.payload.len());
             }
         }
         let outcome = if a.unsubscribed {
@@ -712,27 +750,26 @@ impl Overlay {
 
     /// Resends relay copies and unacknowledged at-least-once events;
     /// reports subscribers that are gone.
-    pub(crate) fn events_tick(&mut self, now: Instant) {
-        self.hops_tick(now);
+    pub(crate) fn handle_timeout(&mut self, now: Instant, env: &mut Env<'_>) {
+        self.hops_tick(now, env);
         let due: Vec<EventId> = self
-            .pubsub
             .pending
             .iter()
             .filter(|(_, p)| p.next <= now)
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {
-            let Some(mut p) = self.pubsub.pending.remove(&id) else {
+            let Some(mut p) = self.pending.remove(&id) else {
                 continue;
             };
             let mut keep = BTreeMap::new();
             let floor = self.pending_floor(id.epoch).min(id.seq);
-            let msg = envelope(event_message(&id, &p.topic, &p.payload, true, self.me.addr, floor));
+            let msg = envelope(event_message(&id, &p.topic, &p.payload, true, self.addr, floor));
             for (name, mut t) in std::mem::take(&mut p.targets) {
-                let member = self.members.position(&name).map(|i| self.members.at(i));
+                let member = env.members.position(&name).map(|i| env.members.at(i));
                 // Unknown members and topics (a publisher that just
                 // restarted has not synced yet) are waited for, not judged.
-                let unsubscribed = self.topics_value(&name).is_some() && !self.subscribes(&name, &p.topic);
+                let unsubscribed = topics_value(env.store, &name).is_some() && !subscribes(env.store, &name, &p.topic);
                 let gone = match member.map(|m| m.state) {
                     Some(MemberState::Failed) => Some(Outcome::SubscriberFailed),
                     Some(MemberState::Left) => Some(Outcome::SubscriberLeft),
@@ -744,7 +781,7 @@ impl Overlay {
                     Some(outcome) => self.report(&id, name, outcome, t.attempts),
                     None => {
                         if let Some(addr) = member.map(|m| m.addr()) {
-                            self.send(addr, vec![msg.clone()]);
+                            env.out.send(addr, vec![msg.clone()]);
                             t.attempts += 1;
                         }
                         t.resends += 1;
@@ -753,31 +790,24 @@ impl Overlay {
                 }
             }
             if keep.is_empty() {
-                self.pubsub.pending_bytes = self.pubsub.pending_bytes.saturating_sub(p.payload.len());
+                self.pending_bytes = self.pending_bytes.saturating_sub(p.payload.len());
             } else {
                 p.targets = keep;
                 p.next = crate::overlay::next_tick(p.next, p.retry_every, now);
-                self.pubsub.pending.insert(id, p);
+                self.pending.insert(id, p);
             }
         }
     }
 
-    /// At-least-once events still awaiting acknowledgements: what a
-    /// driver saves to resume them after a restart ([`Overlay::resume`]).
-    pub fn pending_events(&self) -> Vec<PendingEvent> {
-        self.pubsub
-            .pending
-            .keys()
-            .filter_map(|id| self.pending_event(id))
-            .collect()
+    /// At-least-once events still awaiting acknowledgements.
+    pub(crate) fn pending_events(&self) -> Vec<PendingEvent> {
+        self.pending.keys().filter_map(|id| self.pending_event(id)).collect()
     }
 
-    /// Takes over an at-least-once event published before a restart: it
-    /// keeps its id (so subscribers that have it do not deliver it again)
-    /// and is resent to the subscribers still waiting one `retry_every`
-    /// later (time to rejoin and sync).
-    pub fn resume(&mut self, now: Instant, e: PendingEvent) -> Result<(), CoreError> {
-        if *e.id.origin != *self.me.name {
+    /// Takes over an at-least-once event published before a restart (see
+    /// [`crate::Overlay::resume`]).
+    pub(crate) fn resume(&mut self, now: Instant, e: PendingEvent) -> Result<(), CoreError> {
+        if *e.id.origin != *self.name {
             return Err(CoreError::Invalid(format!(
                 "event {} was not published by this member",
                 e.id
@@ -791,8 +821,8 @@ impl Overlay {
             .into_iter()
             .map(|(n, attempts, resends)| (n, Target { attempts, resends }))
             .collect();
-        self.pubsub.pending_bytes += e.payload.len();
-        if let Some(old) = self.pubsub.pending.insert(
+        self.pending_bytes += e.payload.len();
+        if let Some(old) = self.pending.insert(
             e.id,
             Pending {
                 topic: e.topic,
@@ -804,56 +834,41 @@ impl Overlay {
                 targets,
             },
         ) {
-            self.pubsub.pending_bytes = self.pubsub.pending_bytes.saturating_sub(old.payload.len());
+            self.pending_bytes = self.pending_bytes.saturating_sub(old.payload.len());
         }
         Ok(())
     }
 
-    /// With manual acknowledgements on, a delivered event is acknowledged
-    /// to its publisher only once the application calls
-    /// [`Overlay::acknowledge`] — after storing it durably, say — so that a
-    /// crash in between makes the publisher resend it instead of losing it.
-    pub fn set_manual_acks(&mut self, on: bool) {
-        self.pubsub.manual_acks = on;
+    pub(crate) fn set_manual_acks(&mut self, on: bool) {
+        self.manual_acks = on;
     }
 
-    /// Records that the application has stored these delivered events
-    /// (manual mode): they join the window [`Overlay::delivered_window`]
-    /// returns. Save that window with them, then [`Overlay::acknowledge`].
-    pub fn mark_stored(&mut self, ids: &[EventId]) {
+    pub(crate) fn mark_stored(&mut self, ids: &[EventId]) {
         for id in ids {
-            self.pubsub.acked.insert(&id.origin, id.epoch, id.seq);
+            self.acked.insert(&id.origin, id.epoch, id.seq);
         }
     }
 
-    /// Refuses a delivered at-least-once event the application could not
-    /// store (manual mode; a full inbox, say): it is not acknowledged, and
-    /// the publisher's next resend delivers it again. Returns `false`, and
-    /// refuses nothing, if the event cannot be forgotten — its sequence
-    /// number is more than [`dedup::WINDOW`] below what this member has
-    /// taken as final from its publisher, so a resend would be taken for a
-    /// duplicate: the application must then store it anyway (and
-    /// acknowledge it), or it is lost.
-    #[must_use = "an event that cannot be refused must be stored, or it is lost"]
-    pub fn refuse(&mut self, id: &EventId) -> bool {
-        if !self.pubsub.seen.forget(&id.origin, id.epoch, id.seq) {
+    /// Refuses a delivered event (see [`crate::Overlay::refuse`]); false if
+    /// it can no longer be forgotten.
+    pub(crate) fn refuse(&mut self, id: &EventId) -> bool {
+        if !self.seen.forget(&id.origin, id.epoch, id.seq) {
             return false;
         }
-        self.pubsub.unacked.remove(id);
+        self.unacked.remove(id);
         true
     }
 
     /// Acknowledges a delivered event to its publisher (manual mode).
-    pub fn acknowledge(&mut self, id: &EventId) {
-        self.pubsub.acked.insert(&id.origin, id.epoch, id.seq);
-        if let Some(to) = self.pubsub.unacked.remove(id) {
-            self.send(to, vec![ack_envelope(id, &self.me.name, false, false)]);
+    pub(crate) fn acknowledge(&mut self, id: &EventId, out: &mut Sender<'_>) {
+        self.acked.insert(&id.origin, id.epoch, id.seq);
+        if let Some(to) = self.unacked.remove(id) {
+            out.send(to, vec![ack_envelope(id, &self.name, false, false)]);
         }
     }
 
-    /// One pending at-least-once event (see [`Overlay::pending_events`]).
-    pub fn pending_event(&self, id: &EventId) -> Option<PendingEvent> {
-        let p = self.pubsub.pending.get(id)?;
+    pub(crate) fn pending_event(&self, id: &EventId) -> Option<PendingEvent> {
+        let p = self.pending.get(id)?;
         Some(PendingEvent {
             id: id.clone(),
             topic: p.topic.clone(),
@@ -868,23 +883,39 @@ impl Overlay {
         })
     }
 
-    /// The de-duplication window to save across a restart: with manual
-    /// acknowledgements, the events the application has stored (never one
-    /// it has not: that one must be delivered again); otherwise every event
-    /// delivered.
-    pub fn delivered_window(&self) -> Vec<dedup::DedupEntry> {
-        if self.pubsub.manual_acks {
-            self.pubsub.acked.entries()
+    /// The de-duplication window to save (see
+    /// [`crate::Overlay::delivered_window`]).
+    pub(crate) fn delivered_window(&self) -> Vec<dedup::DedupEntry> {
+        if self.manual_acks {
+            self.acked.entries()
         } else {
-            self.pubsub.seen.entries()
+            self.seen.entries()
         }
     }
 
-    /// Restores a saved de-duplication window: those events are not
-    /// delivered again.
-    pub fn restore_delivered(&mut self, entries: impl IntoIterator<Item = dedup::DedupEntry>) {
+    pub(crate) fn restore_delivered(&mut self, entries: impl IntoIterator<Item = dedup::DedupEntry>) {
         let entries: Vec<_> = entries.into_iter().collect();
-        self.pubsub.acked.restore(entries.clone());
-        self.pubsub.seen.restore(entries);
+        self.acked.restore(entries.clone());
+        self.seen.restore(entries);
     }
+}
+
+/// A member's topics, as the local member knows them.
+pub(crate) fn topics_of(store: &Store, member: &str) -> Vec<String> {
+    topics_value(store, member)
+        .map(subscriptions::decode)
+        .unwrap_or_default()
+}
+
+/// The stored topics of `member`, if written by the member itself.
+fn topics_value<'s>(store: &'s Store, member: &str) -> Option<&'s [u8]> {
+    let u = store.get(&subscriptions::topics_key(member))?;
+    if &*u.origin != member {
+        return None;
+    }
+    u.value.as_deref()
+}
+
+fn subscribes(store: &Store, member: &str, topic: &str) -> bool {
+    topics_value(store, member).is_some_and(|v| subscriptions::lists(v, topic))
 }

@@ -26,9 +26,8 @@ use std::time::Instant;
 use rumormill_wire::proto::{Alive, Dead, Envelope, Suspect, envelope::Body};
 
 use super::suspicion::Suspicion;
-use super::{Member, MemberState};
+use super::{Env, Member, MemberState, Membership, Tick};
 use crate::event::{Event, MemberChange};
-use crate::overlay::Overlay;
 
 pub(crate) fn alive_envelope(name: &str, incarnation: u32, epoch: u64, addr: SocketAddr) -> Envelope {
     Envelope {
@@ -63,16 +62,40 @@ pub(crate) fn dead_envelope(name: &str, incarnation: u32, epoch: u64, from: &str
     }
 }
 
-impl Overlay {
-    pub(crate) fn apply_alive(&mut self, now: Instant, name: &str, incarnation: u32, epoch: u64, addr: SocketAddr) {
+impl Membership {
+    /// An alive message: the address is checked here, as the rules need one.
+    pub(crate) fn on_alive(&mut self, now: Instant, a: Alive, env: &mut Env<'_>) {
+        match rumormill_wire::socket_addr(a.addr.as_ref()) {
+            Ok(addr) if !a.name.is_empty() => self.apply_alive(now, &a.name, a.incarnation, a.epoch, addr, env),
+            _ => env.wire.stats.malformed += 1,
+        }
+    }
+
+    pub(crate) fn on_suspect(&mut self, now: Instant, s: Suspect, env: &mut Env<'_>) {
+        self.apply_suspect(now, &s.name, s.incarnation, s.epoch, &s.from, env);
+    }
+
+    pub(crate) fn on_dead(&mut self, now: Instant, d: Dead, env: &mut Env<'_>) {
+        self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from, env);
+    }
+
+    pub(super) fn apply_alive(
+        &mut self,
+        now: Instant,
+        name: &str,
+        incarnation: u32,
+        epoch: u64,
+        addr: SocketAddr,
+        env: &mut Env<'_>,
+    ) {
         if name == &*self.me.name {
-            if epoch == self.me.epoch && incarnation > self.me.incarnation && !self.is_leaving() {
-                self.refute(incarnation);
+            if epoch == self.me.epoch && incarnation > self.me.incarnation && !self.leaving {
+                self.refute(incarnation, env);
             }
             return;
         }
         let Some(i) = self.members.position(name) else {
-            if !self.has_room() {
+            if !self.has_room(env) {
                 return;
             }
             let name: Arc<str> = name.into();
@@ -85,7 +108,7 @@ impl Overlay {
                 state: MemberState::Alive,
                 since,
             };
-            let i = self.members.insert_randomly(member, &mut self.rng);
+            let i = self.members.insert_randomly(member, env.rng);
             self.emit(MemberChange::Joined, i);
             self.piggyback
                 .push(name, alive_envelope(&self.members.at(i).name, incarnation, epoch, addr));
@@ -100,7 +123,7 @@ impl Overlay {
             // A live member cannot move within one life. A tombstone can:
             // its epoch may have come from a `Dead`, which has no address.
             if addr != m.addr() && m.state.is_live() {
-                self.stats.name_conflicts += 1;
+                env.wire.stats.name_conflicts += 1;
                 return;
             }
             if incarnation <= m.incarnation {
@@ -133,9 +156,17 @@ impl Overlay {
             .push(name.clone(), alive_envelope(&name, incarnation, epoch, addr));
     }
 
-    pub(crate) fn apply_suspect(&mut self, now: Instant, name: &str, incarnation: u32, epoch: u64, from: &str) {
+    pub(super) fn apply_suspect(
+        &mut self,
+        now: Instant,
+        name: &str,
+        incarnation: u32,
+        epoch: u64,
+        from: &str,
+        env: &mut Env<'_>,
+    ) {
         if name == &*self.me.name {
-            self.about_me(epoch, incarnation);
+            self.about_me(epoch, incarnation, env);
             return;
         }
         let Some(i) = self.members.position(name) else { return };
@@ -167,10 +198,11 @@ impl Overlay {
                     m.since = since;
                 });
                 let n = self.cluster_size();
-                let timeouts = self.config.suspicion_timeouts(n);
-                let k = self.config.suspicion_mult.saturating_sub(2);
+                let config = env.config;
+                let timeouts = config.suspicion_timeouts(n);
+                let k = config.suspicion_mult.saturating_sub(2);
                 let k = if n.saturating_sub(2) < k as usize { 0 } else { k };
-                let check = self.config.probe_interval * 2;
+                let check = config.probe_interval * 2;
                 let s = Suspicion::new(now, (epoch, incarnation), from.into(), k, timeouts, check);
                 self.suspicions.insert(name.clone(), s);
                 self.emit(MemberChange::Suspect, i);
@@ -180,11 +212,19 @@ impl Overlay {
         }
     }
 
-    pub(crate) fn apply_dead(&mut self, now: Instant, name: &str, incarnation: u32, epoch: u64, from: &str) {
+    pub(super) fn apply_dead(
+        &mut self,
+        now: Instant,
+        name: &str,
+        incarnation: u32,
+        epoch: u64,
+        from: &str,
+        env: &mut Env<'_>,
+    ) {
         let left = name == from;
         if name == &*self.me.name {
             if !left {
-                self.about_me(epoch, incarnation);
+                self.about_me(epoch, incarnation, env);
             }
             return;
         }
@@ -218,14 +258,14 @@ impl Overlay {
 
     /// Pings suspects whose check is due, with the suspicion in the same
     /// packet (first, so the ack already carries any refutation).
-    pub(crate) fn check_suspects(&mut self, now: Instant) {
+    pub(super) fn check_suspects(&mut self, now: Instant, env: &mut Env<'_>) {
         let due: Vec<Arc<str>> = self
             .suspicions
             .iter()
             .filter(|(_, s)| s.next_check <= now)
             .map(|(n, _)| n.clone())
             .collect();
-        let base = self.config.probe_interval;
+        let base = env.config.probe_interval;
         for name in due {
             if let Some(s) = self.suspicions.get_mut(&name) {
                 s.checked(now, base);
@@ -234,12 +274,12 @@ impl Overlay {
             let (addr, inc, epoch) = (m.addr(), m.incarnation, m.epoch);
             let buddy = suspect_envelope(&name, inc, epoch, &self.me.name);
             let seq = self.next_seq();
-            self.send(addr, vec![buddy, super::swim::ping(seq, &name)]);
+            self.send(env, addr, vec![buddy, super::swim::ping(seq, &name)]);
         }
     }
 
     /// Suspicion timed out: the local member declares the suspect failed.
-    pub(crate) fn expire_suspicions(&mut self, now: Instant) {
+    pub(super) fn expire_suspicions(&mut self, now: Instant, env: &mut Env<'_>) {
         let expired: Vec<(Arc<str>, Suspicion)> = self
             .suspicions
             .iter()
@@ -254,40 +294,50 @@ impl Overlay {
                 Some(m) if m.state == MemberState::Suspect && m.epoch == s.epoch => (m.incarnation, m.epoch),
                 _ => (s.incarnation, s.epoch),
             };
-            self.apply_dead(now, &name, inc, epoch, &me);
+            self.apply_dead(now, &name, inc, epoch, &me, env);
         }
     }
 
     /// Someone suspects the local member, or declares it failed. At the
     /// current version: refute. At an older version the sender missed the
     /// refutation: spread the current alive again (no new incarnation).
-    pub(crate) fn about_me(&mut self, epoch: u64, incarnation: u32) {
-        if self.is_leaving() || epoch != self.me.epoch {
+    pub(super) fn about_me(&mut self, epoch: u64, incarnation: u32, env: &mut Env<'_>) {
+        if self.leaving || epoch != self.me.epoch {
             return;
         }
         if incarnation >= self.me.incarnation {
-            self.refute(incarnation);
+            self.refute(incarnation, env);
         } else {
-            let env = self.local_alive();
-            self.piggyback.push(self.me.name.clone(), env);
+            let alive = self.local_alive();
+            self.piggyback.push(self.me.name.clone(), alive);
         }
     }
 
     /// Someone says the local member is suspect or failed (or is alive at a
     /// version it never had): raise the incarnation and spread the news.
-    pub(crate) fn refute(&mut self, seen: u32) {
+    pub(super) fn refute(&mut self, seen: u32, env: &mut Env<'_>) {
         self.me.incarnation = seen.max(self.me.incarnation).saturating_add(1);
         self.awareness.apply(1);
-        self.stats.refutations += 1;
-        let env = self.local_alive();
-        self.piggyback.push(self.me.name.clone(), env);
+        env.wire.stats.refutations += 1;
+        let alive = self.local_alive();
+        self.piggyback.push(self.me.name.clone(), alive);
     }
 
-    pub(crate) fn local_alive(&self) -> Envelope {
+    /// Leaves gracefully: the departure is piggybacked, and gossiped at once.
+    pub(crate) fn leave(&mut self, now: Instant) {
+        self.leaving = true;
+        self.probe = None;
+        let (name, inc, epoch) = (self.me.name.clone(), self.me.incarnation, self.me.epoch);
+        let dead = dead_envelope(&name, inc, epoch, &name);
+        self.piggyback.push(name, dead);
+        self.ticks[Tick::Gossip] = now;
+    }
+
+    pub(super) fn local_alive(&self) -> Envelope {
         alive_envelope(&self.me.name, self.me.incarnation, self.me.epoch, self.me.addr)
     }
 
-    pub(crate) fn emit(&mut self, change: MemberChange, i: usize) {
+    pub(super) fn emit(&mut self, change: MemberChange, i: usize) {
         self.events.push_back(Event::Member {
             change,
             member: self.members.at(i).info(),
@@ -295,17 +345,12 @@ impl Overlay {
     }
 
     /// Whether the member table may grow; counts a refusal.
-    pub(crate) fn has_room(&mut self) -> bool {
-        let room = self.members.len() < self.config.max_members;
+    pub(super) fn has_room(&mut self, env: &mut Env<'_>) -> bool {
+        let room = self.members.len() < env.config.max_members;
         if !room {
-            self.stats.table_full += 1;
+            env.wire.stats.table_full += 1;
         }
         room
-    }
-
-    /// Live members including the local one.
-    pub(crate) fn cluster_size(&self) -> usize {
-        self.members.live() + 1
     }
 }
 

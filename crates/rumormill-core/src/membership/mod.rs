@@ -1,12 +1,19 @@
 //! Membership: who is in the overlay and in what state.
 //!
+//! [`Membership`] is a sub-machine of the overlay, shaped like
+//! [`crate::broadcast::Dissemination`]: it owns the member table, the
+//! failure detector's state and the piggyback queue, takes messages and
+//! timer expiries, and queues membership changes for the application. What
+//! it needs of the rest of the overlay comes in an [`Env`] for each call.
+//!
 //! - [`lifecycle`]: the rules by which a member becomes alive, suspect,
 //!   failed or left, and refutes suspicion about itself;
 //! - [`swim`]: the failure detector's probes (ping, ack, ping-req, nack);
 //! - [`suspicion`]: Lifeguard's suspicion timeout that shrinks with
 //!   independent confirmations;
 //! - [`awareness`]: Lifeguard's local health multiplier;
-//! - [`piggyback`]: membership changes retransmitted on every packet;
+//! - [`piggyback`]: membership changes retransmitted on every packet, and
+//!   the gossip rounds that carry them;
 //! - [`state_sync`]: joins, push-pull full-state exchange, reconnection.
 
 pub(crate) mod awareness;
@@ -18,11 +25,24 @@ pub(crate) mod state_sync;
 pub(crate) mod suspicion;
 pub(crate) mod swim;
 
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::ops::{Index, IndexMut};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rumormill_wire::proto::Envelope;
+
+use crate::config::Config;
+use crate::event::Event;
+use crate::overlay::{Deadline, Identity, Sender, Wire};
+use awareness::Awareness;
+use piggyback::Piggyback;
+use suspicion::Suspicion;
+use swim::{IndirectProbe, Probe};
 
 /// A member's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -324,6 +344,288 @@ impl Members {
             out.push(rest.swap_remove(j));
         }
         out
+    }
+}
+
+/// What membership borrows from the overlay for one input: the
+/// configuration, the overlay's RNG (membership's draws and the others'
+/// share one stream, in a fixed order) and the wire that seals and counts.
+pub(crate) struct Env<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) rng: &'a mut ChaCha8Rng,
+    pub(crate) wire: &'a mut Wire,
+}
+
+/// Who the local member is; its incarnation rises when it refutes.
+#[derive(Debug, Clone)]
+struct Local {
+    name: Arc<str>,
+    addr: SocketAddr,
+    epoch: u64,
+    incarnation: u32,
+}
+
+/// Membership's periodic ticks, the entries of [`Ticks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tick {
+    Probe,
+    Gossip,
+    PushPull,
+    Reconnect,
+    Reap,
+}
+
+/// When each periodic tick runs next, indexed by [`Tick`].
+#[derive(Debug, Clone)]
+struct Ticks([Instant; 5]);
+
+impl Index<Tick> for Ticks {
+    type Output = Instant;
+    fn index(&self, t: Tick) -> &Instant {
+        &self.0[t as usize]
+    }
+}
+
+impl IndexMut<Tick> for Ticks {
+    fn index_mut(&mut self, t: Tick) -> &mut Instant {
+        &mut self.0[t as usize]
+    }
+}
+
+/// The timers membership answers for, as the overlay's timer table lists
+/// them: the periodic ticks and the deadlines of what is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Timer {
+    /// The direct ping of the probe in flight times out: indirect probes start.
+    ProbeDeadline,
+    /// Indirect probes served for others whose target stayed silent.
+    IndirectProbes,
+    /// Reconnection pings that went unanswered.
+    Reconnects,
+    /// Suspicions that expire, and suspects due for a check.
+    Suspicions,
+    Probe,
+    PushPull,
+    Reconnect,
+    Reap,
+    Gossip,
+}
+
+/// The membership sub-machine of one member: the member table, the failure
+/// detector, the piggyback queue and the local member's own life.
+#[derive(Debug)]
+pub(crate) struct Membership {
+    me: Local,
+    /// Zero of the member table's millisecond clock.
+    origin: Instant,
+    members: Members,
+    piggyback: Piggyback,
+    awareness: Awareness,
+    suspicions: BTreeMap<Arc<str>, Suspicion>,
+    probe: Option<Probe>,
+    probe_index: usize,
+    /// Ping-reqs this member serves for others, by the seq of its own ping.
+    indirect_probes: BTreeMap<u32, IndirectProbe>,
+    /// Reconnection pings in flight: the address and when to give up.
+    reconnects: BTreeMap<u32, (SocketAddr, Instant)>,
+    next_seq: u32,
+    seeds: Vec<SocketAddr>,
+    ticks: Ticks,
+    /// The local member has announced its departure.
+    leaving: bool,
+    events: VecDeque<Event>,
+}
+
+impl Membership {
+    /// The local member `identity`, alone. The ticks start at random
+    /// phases, so that members started together do not act in lockstep.
+    pub(crate) fn new(config: &Config, identity: &Identity, now: Instant, rng: &mut ChaCha8Rng) -> Membership {
+        let mut phase = |d: Duration| now + d.mul_f64(rng.random::<f64>());
+        // One draw each, in this order.
+        let probe = phase(config.probe_interval);
+        let gossip = phase(config.gossip_interval);
+        let push_pull = phase(config.push_pull_interval);
+        let reconnect = phase(config.reconnect_interval);
+        let reap = now + config.tombstone_ttl.min(Duration::from_secs(60));
+        Membership {
+            me: Local {
+                name: identity.name.clone(),
+                addr: identity.addr,
+                epoch: identity.epoch,
+                incarnation: 0,
+            },
+            origin: now,
+            members: Members::default(),
+            piggyback: Piggyback::default(),
+            awareness: Awareness::new(config.awareness_max),
+            suspicions: BTreeMap::new(),
+            probe: None,
+            probe_index: 0,
+            indirect_probes: BTreeMap::new(),
+            reconnects: BTreeMap::new(),
+            next_seq: 0,
+            seeds: Vec::new(),
+            ticks: Ticks([probe, gossip, push_pull, reconnect, reap]),
+            leaving: false,
+            events: VecDeque::new(),
+        }
+    }
+
+    // ----- views for the other sub-machines -----------------------------
+
+    /// The member table, read-only.
+    pub(crate) fn table(&self) -> &Members {
+        &self.members
+    }
+
+    /// A sender whose datagrams carry this member's piggybacked changes.
+    pub(crate) fn sender<'a>(&'a mut self, wire: &'a mut Wire, config: &Config) -> Sender<'a> {
+        self.lend(wire, config).1
+    }
+
+    /// The member table to read and a sender, together: what a sub-machine
+    /// that sends to members it looks up (events) is given.
+    pub(crate) fn lend<'a>(&'a mut self, wire: &'a mut Wire, config: &Config) -> (&'a Members, Sender<'a>) {
+        let limit = config.retransmit_limit(self.cluster_size());
+        (&self.members, Sender::new(wire, &mut self.piggyback, limit))
+    }
+
+    // ----- timers -------------------------------------------------------
+
+    /// When `timer` is due, or `None` when nothing waits on it.
+    pub(crate) fn deadline(&self, timer: Timer) -> Option<Deadline> {
+        if self.leaving {
+            // A departing member only gossips its departure.
+            return (timer == Timer::Gossip).then(|| Deadline::wake(self.ticks[Tick::Gossip]));
+        }
+        match timer {
+            Timer::ProbeDeadline => self.probe.as_ref().and_then(|p| p.direct_deadline).map(Deadline::wake),
+            Timer::IndirectProbes => self
+                .indirect_probes
+                .values()
+                .map(|r| r.deadline)
+                .min()
+                .map(Deadline::wake),
+            Timer::Reconnects => self.reconnects.values().map(|r| r.1).min().map(Deadline::wake),
+            Timer::Suspicions => self
+                .suspicions
+                .values()
+                .map(|s| s.deadline.min(s.next_check))
+                .min()
+                .map(Deadline::wake),
+            Timer::Probe => Some(Deadline::wake(self.ticks[Tick::Probe])),
+            Timer::PushPull => Some(Deadline::wake(self.ticks[Tick::PushPull])),
+            Timer::Reconnect => Some(Deadline::wake(self.ticks[Tick::Reconnect])),
+            Timer::Reap => Some(Deadline::wake(self.ticks[Tick::Reap])),
+            // With nothing to gossip the tick still moves on when due (so
+            // the next round keeps its phase) but is no reason to wake.
+            Timer::Gossip => Some(Deadline {
+                at: self.ticks[Tick::Gossip],
+                wakes: !self.piggyback.is_empty(),
+            }),
+        }
+    }
+
+    /// Runs `timer`, due at `now`.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, timer: Timer, env: &mut Env<'_>) {
+        match timer {
+            Timer::ProbeDeadline => self.start_indirect_probe(env),
+            Timer::IndirectProbes => self.expire_indirect_probes(now, env),
+            Timer::Reconnects => self.reconnects.retain(|_, (_, deadline)| *deadline > now),
+            Timer::Suspicions => {
+                self.expire_suspicions(now, env);
+                self.check_suspects(now, env);
+            }
+            Timer::Probe => self.probe_tick(now, env),
+            Timer::PushPull => self.push_pull_tick(now, env),
+            Timer::Reconnect => self.reconnect_tick(now, env),
+            Timer::Reap => self.reap_tick(now, env),
+            Timer::Gossip => self.gossip_tick(now, env),
+        }
+    }
+
+    // ----- outputs and queries ------------------------------------------
+
+    /// The next membership change for the application.
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Whether the local member has announced its departure.
+    pub(crate) fn is_leaving(&self) -> bool {
+        self.leaving
+    }
+
+    /// Whether every change (a departure included) has been sent enough.
+    pub(crate) fn nothing_to_tell(&self) -> bool {
+        self.piggyback.is_empty()
+    }
+
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.me.name
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.me.addr
+    }
+
+    /// The local member as others should see it.
+    pub(crate) fn local(&self) -> MemberInfo {
+        MemberInfo {
+            name: self.me.name.clone(),
+            addr: self.me.addr,
+            incarnation: self.me.incarnation,
+            epoch: self.me.epoch,
+            state: if self.leaving {
+                MemberState::Left
+            } else {
+                MemberState::Alive
+            },
+        }
+    }
+
+    /// A fingerprint of the live view (see [`crate::Overlay::view_digest`]).
+    pub(crate) fn view_digest(&self) -> u64 {
+        let me = name_hash(&self.me.name) ^ self.me.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.members.digest().wrapping_add(me)
+    }
+
+    /// Lifeguard's local health score.
+    pub(crate) fn health_score(&self) -> u32 {
+        self.awareness.score()
+    }
+
+    /// Live members including the local one.
+    pub(crate) fn cluster_size(&self) -> usize {
+        self.members.live() + 1
+    }
+
+    #[cfg(test)]
+    pub(crate) fn seeds(&self) -> &[SocketAddr] {
+        &self.seeds
+    }
+
+    /// Replaces the seed addresses re-contacted when not seen alive.
+    pub(crate) fn set_seeds(&mut self, seeds: Vec<SocketAddr>) {
+        self.seeds = seeds;
+    }
+
+    pub(super) fn stamp(&self, now: Instant) -> Stamp {
+        now.saturating_duration_since(self.origin).as_millis() as u64
+    }
+
+    // ----- sending ------------------------------------------------------
+
+    /// Sends messages in one datagram with piggybacked changes; each
+    /// change goes out as often as the cluster's size calls for.
+    pub(super) fn send(&mut self, env: &mut Env<'_>, to: SocketAddr, msgs: Vec<Envelope>) {
+        let limit = env.config.retransmit_limit(self.cluster_size());
+        env.wire.send(to, msgs, &mut self.piggyback, limit);
+    }
+
+    pub(super) fn next_seq(&mut self) -> u32 {
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.next_seq
     }
 }
 

@@ -1,4 +1,5 @@
-//! Membership changes piggybacked on every packet.
+//! Membership changes piggybacked on every packet, and the gossip rounds
+//! that carry them when there is nothing else to send.
 //!
 //! Each change (alive, suspect, dead) waits here and is added to outgoing
 //! packets — probes, acks and gossip rounds — whenever there is room, the
@@ -10,9 +11,13 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use rumormill_wire::proto::Envelope;
 use rumormill_wire::{PacketBuilder, envelope_len};
+
+use super::{Env, MemberState, Membership, Tick};
+use crate::overlay::next_tick;
 
 type Priority = (u32, Reverse<u64>);
 
@@ -90,6 +95,33 @@ impl Piggyback {
                 let next = (sent, prio.1);
                 self.by_member.insert(e.member.clone(), next);
                 self.queue.insert(next, e);
+            }
+        }
+    }
+}
+
+impl Membership {
+    /// A gossip round: piggybacked changes to a few random members (live
+    /// ones, and recently failed ones so they can refute).
+    pub(super) fn gossip_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+        self.ticks[Tick::Gossip] = next_tick(self.ticks[Tick::Gossip], env.config.gossip_interval, now);
+        if self.piggyback.is_empty() {
+            return;
+        }
+        let dead_window = env.config.gossip_to_the_dead.as_millis() as u64;
+        let t = self.stamp(now);
+        let targets = self.members.random(env.config.gossip_nodes, env.rng, |m| {
+            m.state.is_live() || (m.state == MemberState::Failed && t.saturating_sub(m.since) < dead_window)
+        });
+        if targets.is_empty() && self.leaving {
+            // Nobody left to tell: the leave is complete.
+            self.piggyback.clear();
+        }
+        for i in targets {
+            let addr = self.members.at(i).addr();
+            self.send(env, addr, Vec::new());
+            if self.piggyback.is_empty() {
+                break;
             }
         }
     }

@@ -19,8 +19,8 @@ use std::time::Instant;
 use rand::Rng;
 use rumormill_wire::proto::{Envelope, MemberState as WireState, MemberStatus, PushPull, envelope::Body};
 
-use super::{Member, MemberState};
-use crate::overlay::Overlay;
+use super::{Env, Member, MemberInfo, MemberState, Members, Membership, Tick};
+use crate::overlay::Sender;
 
 fn to_wire(s: MemberState) -> MemberStatus {
     match s {
@@ -31,7 +31,12 @@ fn to_wire(s: MemberState) -> MemberStatus {
     }
 }
 
-impl Overlay {
+/// What a push-pull asks of the replicated store: an anti-entropy exchange
+/// with the member whose join reply just arrived, sent through the sender
+/// it is given (so its datagrams carry piggybacked changes too).
+pub(crate) type StoreSync<'s> = dyn FnMut(SocketAddr, &mut Sender<'_>) + 's;
+
+impl Membership {
     fn push_pull_message(&self, join: bool, reply: bool) -> Envelope {
         let mut members = Vec::with_capacity(self.members.len() + 1);
         members.push(WireState {
@@ -59,77 +64,84 @@ impl Overlay {
         }
     }
 
-    pub(crate) fn push_pull_with(&mut self, addr: SocketAddr, join: bool) {
+    pub(super) fn push_pull_with(&mut self, addr: SocketAddr, join: bool, env: &mut Env<'_>) {
         let msg = self.push_pull_message(join, false);
-        self.send_stream(addr, msg);
+        env.wire.send_stream(addr, msg);
     }
 
-    pub(crate) fn push_pull_tick(&mut self, now: Instant) {
-        self.timers.push_pull = now + self.config.push_pull_interval_for(self.cluster_size());
-        let peer = self.members.random(1, &mut self.rng, |m| m.state == MemberState::Alive);
+    pub(super) fn push_pull_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+        self.ticks[Tick::PushPull] = now + env.config.push_pull_interval_for(self.cluster_size());
+        let peer = self.members.random(1, env.rng, |m| m.state == MemberState::Alive);
         if let Some(&i) = peer.first() {
             let addr = self.members.at(i).addr();
-            self.push_pull_with(addr, false);
+            self.push_pull_with(addr, false, env);
         }
     }
 
-    pub(crate) fn on_push_pull(&mut self, now: Instant, from: SocketAddr, pp: PushPull) {
+    pub(crate) fn on_push_pull(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        pp: PushPull,
+        env: &mut Env<'_>,
+        store: &mut StoreSync<'_>,
+    ) {
         let peer = rumormill_wire::socket_addr(pp.from_addr.as_ref()).unwrap_or(from);
         let incarnation = self.me.incarnation;
-        self.merge(now, &pp.from, pp.members);
+        self.merge(now, &pp.from, pp.members, env);
         if pp.reply && pp.join {
             // Our join was answered: fetch the replicated store (topics,
             // luggage, values) at once rather than at the next interval.
-            self.sync_store_with(peer);
+            store(peer, &mut self.sender(env.wire, env.config));
             // Members joining at the same moment reach us only by gossip,
             // whose retransmissions can miss one of a burst of joins: one
             // more full-state exchange once the burst is over (1–2 s on a
             // LAN), not a whole push-pull interval later.
-            let settle = self.config.gossip_interval * 5;
-            let at = now + settle + settle.mul_f64(rand::Rng::random::<f64>(&mut self.rng));
-            self.timers.push_pull = self.timers.push_pull.min(at);
+            let settle = env.config.gossip_interval * 5;
+            let at = now + settle + settle.mul_f64(env.rng.random::<f64>());
+            self.ticks[Tick::PushPull] = self.ticks[Tick::PushPull].min(at);
         }
         if !pp.reply {
             let msg = self.push_pull_message(pp.join, true);
-            self.send_stream(peer, msg);
+            env.wire.send_stream(peer, msg);
         } else if self.me.incarnation != incarnation {
             // The peer's view had us suspect or failed: tell it directly
             // rather than wait for it to hear our refutation by gossip.
             let alive = self.local_alive();
-            self.send(peer, vec![alive]);
+            self.send(env, peer, vec![alive]);
         }
     }
 
-    fn merge(&mut self, now: Instant, from: &str, states: Vec<WireState>) {
+    fn merge(&mut self, now: Instant, from: &str, states: Vec<WireState>, env: &mut Env<'_>) {
         for s in states {
             let Ok(addr) = rumormill_wire::socket_addr(s.addr.as_ref()) else {
-                self.stats.malformed += 1;
+                env.wire.stats.malformed += 1;
                 continue;
             };
             let (name, inc, epoch) = (s.name.as_str(), s.incarnation, s.epoch);
             let Ok(status) = MemberStatus::try_from(s.status) else {
-                self.stats.malformed += 1;
+                env.wire.stats.malformed += 1;
                 continue;
             };
             if name.is_empty() {
-                self.stats.malformed += 1;
+                env.wire.stats.malformed += 1;
                 continue;
             }
             if name == &*self.me.name {
                 // Rule 4: refute what this peer believes about us.
                 if matches!(status, MemberStatus::Suspect | MemberStatus::Failed) {
-                    self.about_me(epoch, inc);
+                    self.about_me(epoch, inc, env);
                 }
                 continue;
             }
             match status {
-                MemberStatus::Alive => self.apply_alive(now, name, inc, epoch, addr),
+                MemberStatus::Alive => self.apply_alive(now, name, inc, epoch, addr, env),
                 MemberStatus::Suspect => {
                     // Unknown here: learn the member, then the suspicion.
                     if self.members.position(name).is_none() {
-                        self.apply_alive(now, name, inc, epoch, addr);
+                        self.apply_alive(now, name, inc, epoch, addr, env);
                     }
-                    self.merge_suspicion(now, name, inc, epoch, from);
+                    self.merge_suspicion(now, name, inc, epoch, from, env);
                 }
                 MemberStatus::Failed | MemberStatus::Left => {
                     let state = if status == MemberStatus::Left {
@@ -141,7 +153,7 @@ impl Overlay {
                     match known {
                         // Unknown here: keep the tombstone, quietly, so that
                         // nobody's stale view can resurrect the member.
-                        None if self.has_room() => {
+                        None if self.has_room(env) => {
                             let since = self.stamp(now);
                             self.members.insert(Member {
                                 name: name.into(),
@@ -152,13 +164,16 @@ impl Overlay {
                                 since,
                             });
                         }
-                        Some(true) if state == MemberState::Failed => self.merge_suspicion(now, name, inc, epoch, from),
+                        Some(true) if state == MemberState::Failed => {
+                            self.merge_suspicion(now, name, inc, epoch, from, env)
+                        }
                         _ => self.apply_dead(
                             now,
                             name,
                             inc,
                             epoch,
                             if state == MemberState::Left { name } else { from },
+                            env,
                         ),
                     }
                 }
@@ -169,16 +184,16 @@ impl Overlay {
     /// A suspicion found in someone's full state starts one here if the
     /// member is alive, but never counts as a confirmation: the peer only
     /// relays what it heard, it is no independent evidence.
-    fn merge_suspicion(&mut self, now: Instant, name: &str, inc: u32, epoch: u64, from: &str) {
+    fn merge_suspicion(&mut self, now: Instant, name: &str, inc: u32, epoch: u64, from: &str, env: &mut Env<'_>) {
         if self.members.get(name).is_some_and(|m| m.state == MemberState::Alive) {
-            self.apply_suspect(now, name, inc, epoch, from);
+            self.apply_suspect(now, name, inc, epoch, from, env);
         }
     }
 
     /// Joins through the given addresses and remembers them as seeds.
-    pub(crate) fn join_via(&mut self, now: Instant, addrs: &[SocketAddr]) {
+    pub(crate) fn join_via(&mut self, now: Instant, addrs: &[SocketAddr], env: &mut Env<'_>) {
         // The seeds were just contacted: no need to re-contact them at once.
-        self.timers.reconnect = now + self.config.reconnect_interval;
+        self.ticks[Tick::Reconnect] = now + env.config.reconnect_interval;
         for &addr in addrs {
             if addr == self.me.addr {
                 continue;
@@ -186,41 +201,80 @@ impl Overlay {
             if !self.seeds.contains(&addr) {
                 self.seeds.push(addr);
             }
-            self.push_pull_with(addr, true);
+            self.push_pull_with(addr, true, env);
         }
     }
 
-    pub(crate) fn reconnect_tick(&mut self, now: Instant) {
-        self.timers.reconnect = now + self.config.reconnect_interval;
-        let live_addrs = |o: &Overlay, a: SocketAddr| o.members.iter().any(|m| m.state.is_live() && m.addr() == a);
+    /// A full-state exchange with `addr`, which is not kept as a seed.
+    pub(crate) fn contact(&mut self, addr: SocketAddr, env: &mut Env<'_>) {
+        if addr != self.me.addr {
+            self.push_pull_with(addr, true, env);
+        }
+    }
+
+    /// Adds members known from elsewhere, without events (see
+    /// [`crate::Overlay::restore`]).
+    pub(crate) fn restore(&mut self, now: Instant, members: impl IntoIterator<Item = MemberInfo>, env: &mut Env<'_>) {
+        let since = self.stamp(now);
+        let mut fresh: Vec<Member> = members
+            .into_iter()
+            .filter(|m| m.name != self.me.name && self.members.position(&m.name).is_none())
+            .map(|m| Member {
+                name: m.name,
+                addr: m.addr.into(),
+                incarnation: m.incarnation,
+                epoch: m.epoch,
+                state: if m.state == MemberState::Suspect {
+                    MemberState::Alive
+                } else {
+                    m.state
+                },
+                since,
+            })
+            .collect();
+        // A random place in the probe order for each, as if they had joined one by one.
+        rand::seq::SliceRandom::shuffle(&mut fresh[..], env.rng);
+        self.members.reserve(fresh.len());
+        for m in fresh {
+            self.members.insert(m);
+        }
+        // Spread the first full-state exchanges over the interval this
+        // cluster size calls for, not the base one.
+        let interval = env.config.push_pull_interval_for(self.cluster_size());
+        self.ticks[Tick::PushPull] = now + interval.mul_f64(env.rng.random::<f64>());
+    }
+
+    pub(super) fn reconnect_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+        self.ticks[Tick::Reconnect] = now + env.config.reconnect_interval;
+        let live_addrs = |m: &Members, a: SocketAddr| m.iter().any(|m| m.state.is_live() && m.addr() == a);
         let seeds: Vec<SocketAddr> = self
             .seeds
             .iter()
             .copied()
-            .filter(|&a| a != self.me.addr && !live_addrs(self, a))
+            .filter(|&a| a != self.me.addr && !live_addrs(&self.members, a))
             .collect();
-        let horizon = self.config.reconnect_timeout.as_millis() as u64;
+        let horizon = env.config.reconnect_timeout.as_millis() as u64;
         let t = self.stamp(now);
-        let failed = self.members.random(1, &mut self.rng, |m| {
+        let failed = self.members.random(1, env.rng, |m| {
             m.state == MemberState::Failed && t.saturating_sub(m.since) < horizon
         });
         let choices = seeds.len() + failed.len();
         if choices == 0 {
             return;
         }
-        let pick = self.rng.random_range(0..choices);
+        let pick = env.rng.random_range(0..choices);
         if pick < seeds.len() {
-            self.reconnect_ping(now, seeds[pick], "");
+            self.reconnect_ping(now, seeds[pick], "", env);
         } else {
             let m = self.members.at(failed[0]);
             let (addr, name) = (m.addr(), m.name.clone());
-            self.reconnect_ping(now, addr, &name);
+            self.reconnect_ping(now, addr, &name, env);
         }
     }
 
-    pub(crate) fn reap_tick(&mut self, now: Instant) {
-        self.timers.reap = now + self.config.tombstone_ttl.min(std::time::Duration::from_secs(60));
-        let ttl = self.config.tombstone_ttl.as_millis() as u64;
+    pub(super) fn reap_tick(&mut self, now: Instant, env: &mut Env<'_>) {
+        self.ticks[Tick::Reap] = now + env.config.tombstone_ttl.min(std::time::Duration::from_secs(60));
+        let ttl = env.config.tombstone_ttl.as_millis() as u64;
         let t = self.stamp(now);
         let mut i = 0;
         while i < self.members.len() {
@@ -300,9 +354,9 @@ mod tests {
             sent.push(t.to);
         }
         assert_eq!(sent, heard, "one exchange per contacted address, none to itself");
-        assert!(o.seeds.is_empty(), "contacted addresses are not seeds");
+        assert!(o.seeds().is_empty(), "contacted addresses are not seeds");
         o.join(now, &heard[..1]).unwrap();
-        assert_eq!(o.seeds, heard[..1], "joined ones are");
+        assert_eq!(o.seeds(), &heard[..1], "joined ones are");
     }
 
     #[test]

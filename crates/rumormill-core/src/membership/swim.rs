@@ -16,9 +16,8 @@ use std::time::Instant;
 
 use rumormill_wire::proto::{Ack, Envelope, Nack, Ping, PingReq, envelope::Body};
 
-use super::MemberState;
 use super::lifecycle::suspect_envelope;
-use crate::overlay::Overlay;
+use super::{Env, MemberState, Membership, Tick};
 
 /// The probe in flight.
 #[derive(Debug, Clone)]
@@ -32,9 +31,10 @@ pub(crate) struct Probe {
     pub(crate) nacks: u32,
 }
 
-/// A ping-req this member is serving for another.
+/// An indirect probe this member runs for another (the other's ping-req):
+/// it pinged the target and forwards the answer, or a nack.
 #[derive(Debug, Clone)]
-pub(crate) struct Relay {
+pub(crate) struct IndirectProbe {
     pub(crate) origin: SocketAddr,
     pub(crate) origin_seq: u32,
     pub(crate) deadline: Instant,
@@ -61,20 +61,15 @@ fn nack(seq: u32) -> Envelope {
     }
 }
 
-impl Overlay {
-    pub(crate) fn next_seq(&mut self) -> u32 {
-        self.next_seq = self.next_seq.wrapping_add(1);
-        self.next_seq
-    }
-
+impl Membership {
     /// Start of a probe period: conclude the previous probe, then ping the
     /// next member in the round-robin order.
-    pub(crate) fn probe_tick(&mut self, now: Instant) {
+    pub(super) fn probe_tick(&mut self, now: Instant, env: &mut Env<'_>) {
         if let Some(p) = self.probe.take() {
-            self.probe_failed(now, p);
+            self.probe_failed(now, p, env);
         }
-        self.timers.probe = now + self.awareness.scale(self.config.probe_interval);
-        let Some(i) = self.next_probe_target() else { return };
+        self.ticks[Tick::Probe] = now + self.awareness.scale(env.config.probe_interval);
+        let Some(i) = self.next_probe_target(env) else { return };
         let m = self.members.at(i);
         let (target, addr) = (m.name.clone(), m.addr());
         let buddy =
@@ -84,20 +79,20 @@ impl Overlay {
         // the ack already carries the refutation.
         let mut msgs: Vec<Envelope> = buddy.into_iter().collect();
         msgs.push(ping(seq, &target));
-        self.send(addr, msgs);
+        self.send(env, addr, msgs);
         self.probe = Some(Probe {
             seq,
             target,
-            direct_deadline: Some(now + self.awareness.scale(self.config.probe_timeout)),
+            direct_deadline: Some(now + self.awareness.scale(env.config.probe_timeout)),
             expected_nacks: 0,
             nacks: 0,
         });
     }
 
-    fn next_probe_target(&mut self) -> Option<usize> {
+    fn next_probe_target(&mut self, env: &mut Env<'_>) -> Option<usize> {
         for _ in 0..=self.members.len() {
             if self.probe_index >= self.members.len() {
-                self.members.shuffle(&mut self.rng);
+                self.members.shuffle(env.rng);
                 self.probe_index = 0;
                 if self.members.len() == 0 {
                     return None;
@@ -113,13 +108,13 @@ impl Overlay {
     }
 
     /// The direct ping went unanswered: ask others to try.
-    pub(crate) fn start_indirect_probe(&mut self) {
+    pub(super) fn start_indirect_probe(&mut self, env: &mut Env<'_>) {
         let Some(p) = self.probe.as_mut() else { return };
         p.direct_deadline = None;
         let (seq, target) = (p.seq, p.target.clone());
         let Some(t) = self.members.get(&target) else { return };
         let target_addr = t.addr();
-        let helpers = self.members.random(self.config.indirect_checks, &mut self.rng, |m| {
+        let helpers = self.members.random(env.config.indirect_checks, env.rng, |m| {
             m.state == MemberState::Alive && m.name != target
         });
         if let Some(p) = self.probe.as_mut() {
@@ -133,6 +128,7 @@ impl Overlay {
                 target_addr: Some(target_addr.into()),
             };
             self.send(
+                env,
                 addr,
                 vec![Envelope {
                     body: Some(Body::PingReq(req)),
@@ -142,7 +138,7 @@ impl Overlay {
     }
 
     /// The probe period ended with no ack.
-    fn probe_failed(&mut self, now: Instant, p: Probe) {
+    fn probe_failed(&mut self, now: Instant, p: Probe, env: &mut Env<'_>) {
         let delta = if p.expected_nacks > 0 {
             p.expected_nacks - p.nacks.min(p.expected_nacks)
         } else {
@@ -152,37 +148,37 @@ impl Overlay {
         let Some(m) = self.members.get(&p.target) else { return };
         if m.state.is_live() {
             let (inc, epoch, me) = (m.incarnation, m.epoch, self.me.name.clone());
-            self.apply_suspect(now, &p.target, inc, epoch, &me);
+            self.apply_suspect(now, &p.target, inc, epoch, &me, env);
         }
     }
 
-    pub(crate) fn on_ping(&mut self, from: SocketAddr, p: Ping) {
+    pub(crate) fn on_ping(&mut self, from: SocketAddr, p: Ping, env: &mut Env<'_>) {
         // An empty target is a reconnect probe of an address whose member is unknown.
         if !p.target.is_empty() && p.target != *self.me.name {
-            self.stats.misdirected += 1;
+            env.wire.stats.misdirected += 1;
             return;
         }
-        self.send(from, vec![ack(p.seq)]);
+        self.send(env, from, vec![ack(p.seq)]);
     }
 
-    pub(crate) fn on_ping_req(&mut self, now: Instant, from: SocketAddr, r: PingReq) {
+    pub(crate) fn on_ping_req(&mut self, now: Instant, from: SocketAddr, r: PingReq, env: &mut Env<'_>) {
         let Ok(target_addr) = rumormill_wire::socket_addr(r.target_addr.as_ref()) else {
-            self.stats.malformed += 1;
+            env.wire.stats.malformed += 1;
             return;
         };
         let seq = self.next_seq();
-        self.relays.insert(
+        self.indirect_probes.insert(
             seq,
-            Relay {
+            IndirectProbe {
                 origin: from,
                 origin_seq: r.seq,
-                deadline: now + self.config.probe_timeout,
+                deadline: now + env.config.probe_timeout,
             },
         );
-        self.send(target_addr, vec![ping(seq, &r.target)]);
+        self.send(env, target_addr, vec![ping(seq, &r.target)]);
     }
 
-    pub(crate) fn on_ack(&mut self, a: Ack) {
+    pub(crate) fn on_ack(&mut self, a: Ack, env: &mut Env<'_>) {
         if let Some(p) = &self.probe {
             if p.seq == a.seq {
                 // Answered directly: our links are fine. Through others: no change.
@@ -193,12 +189,12 @@ impl Overlay {
                 return;
             }
         }
-        if let Some(r) = self.relays.remove(&a.seq) {
-            self.send(r.origin, vec![ack(r.origin_seq)]);
+        if let Some(r) = self.indirect_probes.remove(&a.seq) {
+            self.send(env, r.origin, vec![ack(r.origin_seq)]);
             return;
         }
         if let Some(addr) = self.reconnects.remove(&a.seq) {
-            self.push_pull_with(addr.0, false);
+            self.push_pull_with(addr.0, false, env);
         }
     }
 
@@ -210,27 +206,27 @@ impl Overlay {
         }
     }
 
-    /// Relays whose target stayed silent answer the origin with a nack.
-    pub(crate) fn expire_relays(&mut self, now: Instant) {
+    /// Indirect probes whose target stayed silent answer the origin with a
+    /// nack.
+    pub(super) fn expire_indirect_probes(&mut self, now: Instant, env: &mut Env<'_>) {
         let expired: Vec<u32> = self
-            .relays
+            .indirect_probes
             .iter()
             .filter(|(_, r)| r.deadline <= now)
             .map(|(s, _)| *s)
             .collect();
         for seq in expired {
-            if let Some(r) = self.relays.remove(&seq) {
-                self.send(r.origin, vec![nack(r.origin_seq)]);
+            if let Some(r) = self.indirect_probes.remove(&seq) {
+                self.send(env, r.origin, vec![nack(r.origin_seq)]);
             }
         }
-        self.reconnects.retain(|_, (_, deadline)| *deadline > now);
     }
 
     /// Pings an address to see whether a push-pull is worth sending there.
-    pub(crate) fn reconnect_ping(&mut self, now: Instant, addr: SocketAddr, target: &str) {
+    pub(super) fn reconnect_ping(&mut self, now: Instant, addr: SocketAddr, target: &str, env: &mut Env<'_>) {
         let seq = self.next_seq();
-        self.reconnects.insert(seq, (addr, now + self.config.probe_interval));
-        self.send(addr, vec![ping(seq, target)]);
+        self.reconnects.insert(seq, (addr, now + env.config.probe_interval));
+        self.send(env, addr, vec![ping(seq, target)]);
     }
 }
 
