@@ -25,7 +25,7 @@ use std::time::Duration;
 use base64::Engine;
 use rumormill_core::{CoreError, Identity, MemberInfo, MemberState, Overlay, Security};
 use rumormill_wire::Keyring;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, AgentConfig, ConfigError, OverlaySpec, Seed};
@@ -231,12 +231,97 @@ impl Drop for Running {
     }
 }
 
+/// One overlay's slot: its state behind a lock of its own. What takes
+/// long on an overlay — starting it (binding, then up to 5 s for a first
+/// sync of its store), leaving (up to 5 s), deleting it, saving its record
+/// — holds this lock, so it holds up requests on this overlay only.
+pub(crate) type Slot = Arc<Mutex<SlotState>>;
+
+/// What a [`Slot`] holds.
+pub(crate) enum SlotState {
+    /// Reserved by a start that has not finished; the starter holds the
+    /// lock. Anyone else who gets the lock and still finds this was left
+    /// by an abandoned start: the overlay does not exist.
+    Starting,
+    /// Started: running, or left (stopped but still configured).
+    Up(Running),
+    /// Deleted, or its start failed: on its way out of the table. Whoever
+    /// waited for the lock finds no overlay.
+    Gone,
+}
+
+/// A locked slot that holds an overlay (see [`Agent::lock`]).
+pub(crate) struct Held(OwnedMutexGuard<SlotState>);
+
+impl std::ops::Deref for Held {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        match &*self.0 {
+            SlotState::Up(r) => r,
+            SlotState::Starting | SlotState::Gone => unreachable!("a slot is held only once found up"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Running {
+        match &mut *self.0 {
+            SlotState::Up(r) => r,
+            SlotState::Starting | SlotState::Gone => unreachable!("a slot is held only once found up"),
+        }
+    }
+}
+
+/// A name reserved in the table for a start (see [`Agent::reserve`]):
+/// filled with the started overlay, or — when the start fails or its
+/// request is cancelled — marked gone and taken out of the table again.
+struct Reservation<'a, N: Net> {
+    agent: &'a Agent<N>,
+    name: String,
+    slot: Slot,
+    guard: Option<OwnedMutexGuard<SlotState>>,
+}
+
+impl<N: Net> Reservation<'_, N> {
+    fn fill(mut self, running: Running) {
+        if let Some(mut guard) = self.guard.take() {
+            *guard = SlotState::Up(running);
+        }
+    }
+}
+
+impl<N: Net> Drop for Reservation<'_, N> {
+    fn drop(&mut self) {
+        if let Some(mut guard) = self.guard.take() {
+            *guard = SlotState::Gone;
+            // Out of the table before the lock is released, so that a
+            // waiter that finds it gone finds the name free.
+            self.agent.unlist(&self.name, &self.slot);
+        }
+    }
+}
+
+/// Takes a slot out of the table when dropped (a delete, however it ends).
+struct Unlist<'a, N: Net> {
+    agent: &'a Agent<N>,
+    name: &'a str,
+    slot: &'a Slot,
+}
+
+impl<N: Net> Drop for Unlist<'_, N> {
+    fn drop(&mut self) {
+        self.agent.unlist(self.name, self.slot);
+    }
+}
+
 /// The agent.
 pub struct Agent<N: Net> {
     net: N,
     pub(crate) db: Db,
     host: String,
-    pub(crate) overlays: Mutex<BTreeMap<String, Running>>,
+    /// The overlays' slots by name. This lock is taken only to look up,
+    /// insert or remove a slot, never across a wait.
+    slots: std::sync::Mutex<BTreeMap<String, Slot>>,
     /// Serializes the stores of published events and their reports.
     pub(crate) events_lock: Mutex<()>,
     me: Weak<Agent<N>>,
@@ -291,16 +376,91 @@ impl<N: Net> Agent<N> {
             net,
             db,
             host,
-            overlays: Mutex::new(BTreeMap::new()),
+            slots: std::sync::Mutex::new(BTreeMap::new()),
             events_lock: Mutex::new(()),
             me: me.clone(),
         });
-        for (_, rec) in records {
-            let mut overlays = agent.overlays.lock().await;
+        for (name, rec) in records {
+            // In the table while it starts: its tasks (the keyring
+            // watcher) look it up and wait for the start to finish.
+            let reservation = agent.reserve(&name).await?;
             let running = agent.launch(rec).await?;
-            overlays.insert(running.record.spec.name.clone(), running);
+            reservation.fill(running);
         }
         Ok(agent)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
+        // Nothing panics while holding it (lookups and inserts only).
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn slot(&self, name: &str) -> Result<Slot, AgentError> {
+        self.table()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))
+    }
+
+    /// Takes `slot` out of the table if it is still the one under `name`.
+    fn unlist(&self, name: &str, slot: &Slot) {
+        let mut table = self.table();
+        if table.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            table.remove(name);
+        }
+    }
+
+    /// An overlay's slot, locked, when it holds one (left or not). Waits
+    /// only for what is under way on this overlay (a start, a leave, a
+    /// delete, a record being saved).
+    pub(crate) async fn lock(&self, name: &str) -> Result<Held, AgentError> {
+        let guard = self.slot(name)?.lock_owned().await;
+        match &*guard {
+            SlotState::Up(_) => Ok(Held(guard)),
+            SlotState::Starting | SlotState::Gone => Err(AgentError::UnknownOverlay(name.to_owned())),
+        }
+    }
+
+    /// Like [`Agent::lock`], for an overlay that has not left.
+    pub(crate) async fn lock_running(&self, name: &str) -> Result<Held, AgentError> {
+        let held = self.lock(name).await?;
+        if held.left {
+            return Err(has_left(name));
+        }
+        Ok(held)
+    }
+
+    /// Reserves `name` for a start: a new slot, locked, in the table. An
+    /// overlay of that name is refused; a delete of it under way is waited
+    /// for, and then the name is free.
+    async fn reserve(&self, name: &str) -> Result<Reservation<'_, N>, AgentError> {
+        loop {
+            let existing = {
+                let mut table = self.table();
+                match table.get(name) {
+                    Some(slot) => slot.clone(),
+                    None => {
+                        let slot: Slot = Arc::new(Mutex::new(SlotState::Starting));
+                        let Ok(guard) = slot.clone().try_lock_owned() else {
+                            unreachable!("nobody else knows the new slot")
+                        };
+                        table.insert(name.to_owned(), slot.clone());
+                        return Ok(Reservation {
+                            agent: self,
+                            name: name.to_owned(),
+                            slot,
+                            guard: Some(guard),
+                        });
+                    }
+                }
+            };
+            let state = existing.clone().lock_owned().await;
+            match &*state {
+                SlotState::Up(_) => return Err(AgentError::OverlayExists(name.to_owned())),
+                // Deleted, or an abandoned start: make room and try again.
+                SlotState::Starting | SlotState::Gone => self.unlist(name, &existing),
+            }
+        }
     }
 
     /// Starts an overlay from its record: next boot epoch (saved first),
@@ -441,8 +601,7 @@ impl<N: Net> Agent<N> {
     }
 
     async fn save_peers(&self, name: &str, peers: Vec<SocketAddr>) {
-        let mut overlays = self.overlays.lock().await;
-        if let Some(r) = overlays.get_mut(name) {
+        if let Ok(mut r) = self.lock(name).await {
             r.record.peers = peers;
             if let Err(e) = self.db.put_overlay(&r.record) {
                 tracing::warn!(overlay = %name, error = %e, "peers not saved");
@@ -450,21 +609,14 @@ impl<N: Net> Agent<N> {
         }
     }
 
-    /// Names of the overlays.
+    /// Names of the overlays (those starting included).
     pub async fn overlay_names(&self) -> Vec<String> {
-        self.overlays.lock().await.keys().cloned().collect()
+        self.table().keys().cloned().collect()
     }
 
     /// A running overlay's handle.
     pub async fn handle(&self, name: &str) -> Result<OverlayHandle, AgentError> {
-        let overlays = self.overlays.lock().await;
-        let r = overlays
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-        if r.left {
-            return Err(has_left(name));
-        }
-        Ok(r.handle.clone())
+        Ok(self.lock_running(name).await?.handle.clone())
     }
 
     async fn call<T: Send + 'static>(
@@ -478,83 +630,22 @@ impl<N: Net> Agent<N> {
 
     /// Summary of one overlay.
     pub async fn overlay(&self, name: &str) -> Result<OverlaySummary, AgentError> {
-        let (rec, handle, left, inbox) = {
-            let overlays = self.overlays.lock().await;
-            let r = overlays
-                .get(name)
-                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-            (r.record.clone(), r.handle.clone(), r.left, r.inbox.clone())
-        };
-        let t = handle.transport_stats();
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let mut stats = OverlayStats {
-            send_errors: load(&t.send_errors),
-            stream_errors: load(&t.stream_errors),
-            streams_dropped: load(&t.streams_dropped),
-            connections_refused: load(&t.connections_refused),
-            connections_evicted: load(&t.connections_evicted),
-            frames_refused: load(&t.frames_refused),
-            inbox_evicted: load(&inbox.evicted),
-            inbox_refused: load(&inbox.refused),
-            inbox_over_cap: load(&inbox.over_cap),
-            ..OverlayStats::default()
-        };
-        let live = if left {
-            0
-        } else {
-            let (live, s, values, d) = handle
-                .call(|o, _| {
-                    (
-                        o.live_count(),
-                        o.stats().clone(),
-                        o.store().len(),
-                        o.dissemination_stats(),
-                    )
-                })
-                .await
-                .unwrap_or_default();
-            stats.quota_refused = d.quota_refused;
-            stats.luggage_refused = d.luggage_refused;
-            stats.datagrams_sent = s.datagrams_sent;
-            stats.datagrams_received = s.datagrams_received;
-            stats.frames_sent = s.frames_sent;
-            stats.frames_received = s.frames_received;
-            stats.rejected = s.rejected;
-            stats.last_rejection = s.last_rejection.map(|e| e.to_string());
-            stats.malformed = s.malformed;
-            stats.refutations = s.refutations;
-            stats.values = values;
-            live
-        };
-        let mut spec = rec.spec.clone();
-        spec.keys = rec.keys.iter().map(|_| String::new()).collect(); // masked below
-        Ok(OverlaySummary {
-            name: name.to_owned(),
-            member: rec.member.clone(),
-            addr: handle.addr(),
-            epoch: rec.epoch,
-            encrypted: !rec.keys.is_empty(),
-            status: if left { "left" } else { "running" }.into(),
-            live_members: live,
-            spec: spec.masked(),
-            stats,
-        })
+        let r = self.lock(name).await?;
+        Ok(summary(&r).await)
     }
 
     /// Creates and starts an overlay.
     pub async fn create_overlay(&self, spec: OverlaySpec) -> Result<OverlaySummary, AgentError> {
         spec.validate()?;
         let name = spec.name.clone();
-        {
-            let mut overlays = self.overlays.lock().await;
-            if overlays.contains_key(&name) {
-                return Err(AgentError::OverlayExists(name));
-            }
-            let member = spec.member.clone().unwrap_or_else(|| self.host.clone());
-            let running = self.launch(OverlayRecord::new(spec, member)).await?;
-            overlays.insert(name.clone(), running);
-        }
-        self.overlay(&name).await
+        let reservation = self.reserve(&name).await?;
+        let member = spec.member.clone().unwrap_or_else(|| self.host.clone());
+        // A failed start drops the reservation: the name is free again.
+        let running = self.launch(OverlayRecord::new(spec, member)).await?;
+        // Summed up before anyone waiting (a delete) can get at it.
+        let summary = summary(&running).await;
+        reservation.fill(running);
+        Ok(summary)
     }
 
     /// Replaces an overlay's settings and restarts it (a new boot epoch; the
@@ -572,10 +663,7 @@ impl<N: Net> Agent<N> {
             ));
         }
         {
-            let mut overlays = self.overlays.lock().await;
-            let r = overlays
-                .get_mut(name)
-                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+            let mut r = self.lock(name).await?;
             if spec.member.as_ref().is_some_and(|m| *m != r.record.member) {
                 return Err(AgentError::BadRequest(format!(
                     "the member name ({:?}) is the member's identity and cannot change: delete and create the overlay",
@@ -615,21 +703,32 @@ impl<N: Net> Agent<N> {
                     return Err(e);
                 }
             }
+            Ok(summary(&r).await)
         }
-        self.overlay(name).await
     }
 
     /// Leaves gracefully, stops and forgets an overlay.
     pub async fn delete_overlay(&self, name: &str) -> Result<(), AgentError> {
-        // Out of the table first: the graceful leave (up to 5 s) runs
-        // without holding up requests about other overlays.
-        let mut r = self
-            .overlays
-            .lock()
-            .await
-            .remove(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-        self.db.delete_overlay(name)?;
+        // The slot stays in the table, locked, until the overlay is gone
+        // from the database and stopped: a create of the same name waits
+        // for that, then starts afresh. Other overlays are not held up.
+        let slot = self.slot(name)?;
+        let mut state = slot.clone().lock_owned().await;
+        let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) else {
+            self.unlist(name, &slot);
+            return Err(AgentError::UnknownOverlay(name.to_owned()));
+        };
+        if let Err(e) = self.db.delete_overlay(name) {
+            *state = SlotState::Up(r);
+            return Err(e.into());
+        }
+        // Dropped before the lock (declared after it): out of the table
+        // however this ends, a cancelled request included.
+        let _unlist = Unlist {
+            agent: self,
+            name,
+            slot: &slot,
+        };
         r.stop_tasks();
         r.handle.shutdown(!r.left).await;
         tracing::info!(overlay = %name, "overlay deleted");
@@ -672,10 +771,7 @@ impl<N: Net> Agent<N> {
             return Err(AgentError::BadRequest("give at least one address to join".into()));
         }
         {
-            let mut overlays = self.overlays.lock().await;
-            let r = overlays
-                .get_mut(name)
-                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+            let mut r = self.lock(name).await?;
             if r.left {
                 let running = self.launch(r.record.clone()).await?;
                 *r = running;
@@ -689,16 +785,15 @@ impl<N: Net> Agent<N> {
     /// Leaves an overlay gracefully; it stays configured and rejoins on
     /// `join` or at the next start.
     pub async fn leave(&self, name: &str) -> Result<(), AgentError> {
-        let mut overlays = self.overlays.lock().await;
-        let r = overlays
-            .get_mut(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        let mut r = self.lock(name).await?;
         if r.left {
             return Err(AgentError::Conflict(format!("already left overlay {name:?}")));
         }
         r.stop_tasks();
-        r.handle.shutdown(true).await;
+        // Left once asked to: a cancelled request must not leave a slot
+        // that claims to run a stopping driver.
         r.left = true;
+        r.handle.shutdown(true).await;
         tracing::info!(overlay = %name, "left");
         Ok(())
     }
@@ -821,41 +916,80 @@ impl<N: Net> Agent<N> {
     /// Stops every overlay (with `leave`, leaving gracefully first, all at
     /// once).
     pub async fn shutdown(&self, leave: bool) {
-        let mut overlays = self.overlays.lock().await;
-        let mut stops = Vec::new();
-        for r in overlays.values_mut() {
-            r.stop_tasks();
-            let handle = r.handle.clone();
-            let leave = leave && !r.left;
-            stops.push(tokio::spawn(async move { handle.shutdown(leave).await }));
-        }
-        for s in stops {
-            let _ = s.await;
-        }
-        overlays.clear();
+        let slots: Vec<Slot> = std::mem::take(&mut *self.table()).into_values().collect();
+        let stops = slots.into_iter().map(|slot| async move {
+            let mut state = slot.lock_owned().await;
+            if let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) {
+                r.stop_tasks();
+                r.handle.shutdown(leave && !r.left).await;
+            }
+        });
+        futures_util::future::join_all(stops).await;
     }
 }
 
-pub(crate) fn running_mut<'a>(
-    overlays: &'a mut BTreeMap<String, Running>,
-    name: &str,
-) -> Result<&'a mut Running, AgentError> {
-    let r = overlays
-        .get_mut(name)
-        .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-    if r.left {
-        return Err(has_left(name));
+/// Summary of a started overlay.
+async fn summary(r: &Running) -> OverlaySummary {
+    let (rec, handle, left, inbox) = (&r.record, &r.handle, r.left, &r.inbox);
+    let t = handle.transport_stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let mut stats = OverlayStats {
+        send_errors: load(&t.send_errors),
+        stream_errors: load(&t.stream_errors),
+        streams_dropped: load(&t.streams_dropped),
+        connections_refused: load(&t.connections_refused),
+        connections_evicted: load(&t.connections_evicted),
+        frames_refused: load(&t.frames_refused),
+        inbox_evicted: load(&inbox.evicted),
+        inbox_refused: load(&inbox.refused),
+        inbox_over_cap: load(&inbox.over_cap),
+        ..OverlayStats::default()
+    };
+    let live = if left {
+        0
+    } else {
+        let (live, s, values, d) = handle
+            .call(|o, _| {
+                (
+                    o.live_count(),
+                    o.stats().clone(),
+                    o.store().len(),
+                    o.dissemination_stats(),
+                )
+            })
+            .await
+            .unwrap_or_default();
+        stats.quota_refused = d.quota_refused;
+        stats.luggage_refused = d.luggage_refused;
+        stats.datagrams_sent = s.datagrams_sent;
+        stats.datagrams_received = s.datagrams_received;
+        stats.frames_sent = s.frames_sent;
+        stats.frames_received = s.frames_received;
+        stats.rejected = s.rejected;
+        stats.last_rejection = s.last_rejection.map(|e| e.to_string());
+        stats.malformed = s.malformed;
+        stats.refutations = s.refutations;
+        stats.values = values;
+        live
+    };
+    let mut spec = rec.spec.clone();
+    spec.keys = rec.keys.iter().map(|_| String::new()).collect(); // masked below
+    OverlaySummary {
+        name: rec.spec.name.clone(),
+        member: rec.member.clone(),
+        addr: handle.addr(),
+        epoch: rec.epoch,
+        encrypted: !rec.keys.is_empty(),
+        status: if left { "left" } else { "running" }.into(),
+        live_members: live,
+        spec: spec.masked(),
+        stats,
     }
-    Ok(r)
 }
 
 /// Ok if the overlay exists (left or not).
 pub(crate) async fn has_left_or_unknown<N: Net>(agent: &Agent<N>, name: &str) -> Result<(), AgentError> {
-    if agent.overlays.lock().await.contains_key(name) {
-        Ok(())
-    } else {
-        Err(AgentError::UnknownOverlay(name.to_owned()))
-    }
+    agent.lock(name).await.map(drop)
 }
 
 fn has_left(name: &str) -> AgentError {
@@ -1032,4 +1166,186 @@ pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Client;
+    use crate::transport::TokioNet;
+    use std::time::Instant;
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("rm-slots-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn spec(name: &str, member: &str, seeds: &[SocketAddr]) -> OverlaySpec {
+        let mut spec = OverlaySpec::named(name);
+        spec.bind = "127.0.0.1:0".into();
+        spec.member = Some(member.into());
+        spec.plaintext = true;
+        spec.profile = config::Profile::Local;
+        spec.seeds = seeds.iter().map(ToString::to_string).collect();
+        spec
+    }
+
+    async fn start(dir: &std::path::Path, overlays: Vec<OverlaySpec>) -> Arc<Agent<TokioNet>> {
+        let config = AgentConfig {
+            data_dir: dir.to_owned(),
+            overlays,
+            ..AgentConfig::default()
+        };
+        Agent::start(TokioNet, config).await.expect("agent starts")
+    }
+
+    /// Polls `check` every 20 ms until it holds, at most `secs`.
+    async fn wait_until(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Result<(), String>) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            match check().await {
+                Ok(()) => return,
+                Err(last) if Instant::now() >= deadline => panic!("{what}: not within {secs} s; last: {last}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// A peer address nobody answers at (a member that is gone).
+    fn gone_peer() -> SocketAddr {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket.local_addr().expect("address")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_on_one_overlay_answer_while_another_leaves_and_restarts() {
+        let (dir_x, dir_y) = (scratch("x"), scratch("y"));
+        let y = start(&dir_y, vec![spec("a", "y", &[])]).await;
+        let y_addr = y.overlay("a").await.expect("a on y").addr;
+        let x = start(&dir_x, vec![spec("a", "x", &[y_addr]), spec("b", "x", &[])]).await;
+        wait_until("x to see y alive in overlay a", 10, async || {
+            let rows = x.members("a").await.map_err(|e| e.to_string())?;
+            match rows.iter().find(|m| m.name == "y") {
+                Some(m) if m.state == "alive" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let (api, server) = crate::api::serve(x.clone(), "127.0.0.1:0".parse().expect("addr"), "t".into())
+            .await
+            .expect("api");
+        let client = Client::new(api, Some("t".into()));
+        // The rest of overlay a is gone, without a word.
+        y.shutdown(false).await;
+        drop(y);
+
+        // Overlay a leaves, then joins again: its restart waits up to 5 s
+        // for a first store sync from a peer that no longer answers.
+        let slow = {
+            let x = x.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                x.leave("a").await.expect("leave");
+                let left = t.elapsed();
+                let t = Instant::now();
+                x.join("a", vec![y_addr]).await.expect("join");
+                (left, t.elapsed())
+            })
+        };
+        let mut worst = Duration::ZERO;
+        let mut requests = 0;
+        let began = Instant::now();
+        while !slow.is_finished() {
+            for path in ["/v1/overlays/b/members", "/v1/overlays/b", "/v1/health"] {
+                let t = Instant::now();
+                let answer = client.get(path).await;
+                let took = t.elapsed();
+                assert!(answer.is_ok(), "GET {path} failed while overlay a was busy: {answer:?}");
+                assert!(
+                    took < Duration::from_millis(100),
+                    "GET {path} took {took:?}, {:?} into overlay a's leave and restart (bound: 100 ms)",
+                    began.elapsed()
+                );
+                worst = worst.max(took);
+                requests += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (left, restarted) = slow.await.expect("leave and join");
+        eprintln!(
+            "overlay a: leave {left:?}, restart {restarted:?}; {requests} requests on overlay b meanwhile, slowest {worst:?}"
+        );
+        assert!(
+            left + restarted >= STORE_SYNC_WAIT - Duration::from_millis(500),
+            "overlay a's restart must have waited for its gone peer (leave {left:?}, restart {restarted:?})"
+        );
+        assert!(requests >= 50, "only {requests} requests were made");
+        server.abort();
+        x.shutdown(false).await;
+        for d in [dir_x, dir_y] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creating_and_deleting_one_name_at_once_stays_consistent() {
+        let dir = scratch("create-delete");
+        let agent = start(&dir, vec![spec("b", "x", &[])]).await;
+        let peer = gone_peer();
+        // The first create waits up to 5 s for its gone seed; a second
+        // create and a delete of the same name come meanwhile.
+        let first = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.create_overlay(spec("c", "x", &[peer])).await.map(|s| s.status) }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!first.is_finished(), "the first create must still be starting");
+        assert!(
+            agent.overlay_names().await.contains(&"c".to_owned()),
+            "a starting overlay is in the table"
+        );
+        let second = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.create_overlay(spec("c", "x", &[])).await.map(|s| s.status) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let delete = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.delete_overlay("c").await }
+        });
+        let t = Instant::now();
+        agent.members("b").await.expect("b answers");
+        assert!(t.elapsed() < Duration::from_millis(100), "b waited {:?}", t.elapsed());
+        assert_eq!(first.await.expect("task").expect("first create"), "running");
+        let second = second.await.expect("task");
+        assert!(
+            matches!(second, Err(AgentError::OverlayExists(ref n)) if n == "c"),
+            "the second create finds the first one's overlay: {second:?}"
+        );
+        delete
+            .await
+            .expect("task")
+            .expect("the delete waits for the start, then deletes");
+        assert!(!agent.overlay_names().await.contains(&"c".to_owned()));
+        let stored = |agent: &Agent<TokioNet>| {
+            agent
+                .db
+                .overlays()
+                .expect("records")
+                .into_iter()
+                .map(|r| r.spec.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            stored(&agent),
+            vec!["b".to_owned()],
+            "the deleted overlay is gone from disk"
+        );
+        // The name is free again, on disk too.
+        agent.create_overlay(spec("c", "x", &[])).await.expect("create again");
+        assert_eq!(stored(&agent), vec!["b".to_owned(), "c".to_owned()]);
+        agent.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

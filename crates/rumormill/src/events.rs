@@ -468,11 +468,7 @@ impl<N: Net> Agent<N> {
 
     /// The agent's topics in an overlay.
     pub async fn subscriptions(&self, name: &str) -> Result<Vec<String>, AgentError> {
-        let overlays = self.overlays.lock().await;
-        let r = overlays
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-        Ok(r.record.topics.clone())
+        Ok(self.lock(name).await?.record.topics.clone())
     }
 
     /// Subscribes the agent to topics (kept across restarts).
@@ -480,8 +476,7 @@ impl<N: Net> Agent<N> {
         for t in topics {
             rumormill_core::events::subscriptions::check_topic(t).map_err(AgentError::BadRequest)?;
         }
-        let mut overlays = self.overlays.lock().await;
-        let r = crate::agent::running_mut(&mut overlays, name)?;
+        let mut r = self.lock_running(name).await?;
         let gossiped: Vec<String> = topics.iter().filter(|t| !is_local(t)).cloned().collect();
         r.handle
             .call(move |o, now| {
@@ -501,8 +496,7 @@ impl<N: Net> Agent<N> {
 
     /// Unsubscribes the agent from a topic.
     pub async fn unsubscribe(&self, name: &str, topic: &str) -> Result<Vec<String>, AgentError> {
-        let mut overlays = self.overlays.lock().await;
-        let r = crate::agent::running_mut(&mut overlays, name)?;
+        let mut r = self.lock_running(name).await?;
         if !r.record.topics.iter().any(|t| t == topic) {
             return Err(AgentError::NotFound(format!(
                 "the agent does not subscribe to {topic:?}"
@@ -540,11 +534,7 @@ impl<N: Net> Agent<N> {
         &self,
         name: &str,
     ) -> Result<(u64, broadcast::Receiver<Arc<InboxItem>>), AgentError> {
-        let overlays = self.overlays.lock().await;
-        let r = overlays
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-        let rx = r.feed.subscribe();
+        let rx = self.lock(name).await?.feed.subscribe();
         Ok((self.db.inbox_last(name)?, rx))
     }
 

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::agent::{Agent, AgentError, RESERVED_PREFIX, Running, core_error, plaintext, running_mut, stopped, wall_ms};
+use crate::agent::{Agent, AgentError, RESERVED_PREFIX, Running, core_error, plaintext, stopped, wall_ms};
 use crate::config;
 use crate::driver::OverlayHandle;
 use crate::persist::OverlayRecord;
@@ -383,10 +383,7 @@ impl<N: Net> Agent<N> {
     /// The keyring: ids and suites, and how many live members hold each key.
     pub async fn keys(&self, name: &str) -> Result<Vec<KeyRow>, AgentError> {
         let handle = self.handle(name).await?;
-        let local = match self.overlays.lock().await.get(name) {
-            Some(r) => r.record.local_keys.clone(),
-            None => return Err(AgentError::UnknownOverlay(name.to_owned())),
-        };
+        let local = self.lock(name).await?.record.local_keys.clone();
         let (keys, reports) = handle
             .call(|o, _| (o.keys(), reports(o)))
             .await
@@ -412,10 +409,7 @@ impl<N: Net> Agent<N> {
 
     /// The keyring's secrets, primary first (for other agents to join).
     pub async fn export_keys(&self, name: &str) -> Result<Vec<String>, AgentError> {
-        let overlays = self.overlays.lock().await;
-        let r = overlays
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        let r = self.lock(name).await?;
         if r.record.keys.is_empty() {
             return Err(plaintext(name));
         }
@@ -455,8 +449,7 @@ impl<N: Net> Agent<N> {
         let id = secret_id(key).ok_or_else(|| bad_key(key))?;
         let hex = key_hex(id);
         {
-            let mut overlays = self.overlays.lock().await;
-            let r = running_mut(&mut overlays, name)?;
+            let mut r = self.lock_running(name).await?;
             if r.record.keys.is_empty() {
                 return Err(plaintext(name));
             }
@@ -465,7 +458,7 @@ impl<N: Net> Agent<N> {
                 rec.keys.push(key.trim().to_owned());
                 rec.local_keys.push(hex.clone());
                 rec.pending_keys.push(hex.clone());
-                self.hold_locally(name, r, rec).await?;
+                self.hold_locally(name, &mut r, rec).await?;
                 tracing::info!(overlay = %name, key = %hex, "key installed on this agent only");
             }
         }
@@ -493,8 +486,7 @@ impl<N: Net> Agent<N> {
         let id = parse_key_id(id)?;
         let hex = key_hex(id);
         {
-            let mut overlays = self.overlays.lock().await;
-            let r = running_mut(&mut overlays, name)?;
+            let mut r = self.lock_running(name).await?;
             let pos = find_key(&r.record.keys, id).ok_or_else(|| unknown_key(id))?;
             if !r.record.pending_keys.contains(&hex) {
                 return Err(AgentError::Conflict(format!(
@@ -506,7 +498,7 @@ impl<N: Net> Agent<N> {
             secret.zeroize();
             rec.local_keys.retain(|h| *h != hex);
             rec.pending_keys.retain(|h| *h != hex);
-            self.hold_locally(name, r, rec).await?;
+            self.hold_locally(name, &mut r, rec).await?;
             tracing::info!(overlay = %name, key = %hex, "key removed from this agent");
         }
         Ok(self
@@ -606,8 +598,7 @@ impl<N: Net> Agent<N> {
         name: &str,
         edit: impl FnOnce(&mut Plan, &OverlayRecord) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
-        let mut overlays = self.overlays.lock().await;
-        let r = running_mut(&mut overlays, name)?;
+        let mut r = self.lock_running(name).await?;
         if r.record.keys.is_empty() {
             return Err(plaintext(name));
         }
@@ -653,8 +644,7 @@ impl<N: Net> Agent<N> {
     /// Follows the newest desired keyring in the store, read under the
     /// agent's lock so that a change made meanwhile is never undone.
     async fn follow(&self, name: &str) -> Result<(), AgentError> {
-        let mut overlays = self.overlays.lock().await;
-        let r = running_mut(&mut overlays, name)?;
+        let mut r = self.lock_running(name).await?;
         let seen = r.record.keyring_version;
         let (newest, refused) = r
             .handle
