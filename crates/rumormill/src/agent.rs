@@ -30,7 +30,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::{self, AgentConfig, ConfigError, OverlaySpec, Seed};
 use crate::driver::{Driver, DriverOptions, OverlayHandle, Stopped};
-use crate::persist::{Db, OverlayRecord, PersistError};
+/// What the data directory can fail with.
+pub use crate::persist::PersistError;
+use crate::persist::{Db, OverlayRecord};
 use crate::transport::Net;
 
 /// Keys under this prefix are the agent's own per-member data (racks);
@@ -342,7 +344,14 @@ impl<N: Net> Agent<N> {
     /// With none at all, starts one named `default` with a new key.
     pub async fn start(net: N, config: AgentConfig) -> Result<Arc<Agent<N>>, AgentError> {
         config.validate()?;
-        let db = Db::open(&config.data_dir)?;
+        // Opening commits (a new file gets its format mark): off the runtime.
+        let dir = config.data_dir.clone();
+        let db = tokio::task::spawn_blocking(move || Db::open(&dir))
+            .await
+            .map_err(|e| PersistError::Io {
+                path: config.data_dir.join(crate::persist::DB_FILE),
+                reason: format!("the opening thread failed: {e}"),
+            })??;
         let mut records: BTreeMap<String, OverlayRecord> =
             db.overlays()?.into_iter().map(|r| (r.spec.name.clone(), r)).collect();
         let host = host_name();
@@ -473,7 +482,7 @@ impl<N: Net> Agent<N> {
         let bind = spec.bind_addr()?;
         let advertise = spec.advertise_addr()?;
         rec.epoch += 1;
-        self.db.put_overlay(&rec)?;
+        self.db.put_overlay(&rec).await?;
         let identity_name = rec.member.clone();
         let epoch = rec.epoch;
         let overlay_id = rumormill_wire::overlay_id(&name);
@@ -603,7 +612,7 @@ impl<N: Net> Agent<N> {
     async fn save_peers(&self, name: &str, peers: Vec<SocketAddr>) {
         if let Ok(mut r) = self.lock(name).await {
             r.record.peers = peers;
-            if let Err(e) = self.db.put_overlay(&r.record) {
+            if let Err(e) = self.db.put_overlay(&r.record).await {
                 tracing::warn!(overlay = %name, error = %e, "peers not saved");
             }
         }
@@ -718,7 +727,7 @@ impl<N: Net> Agent<N> {
             self.unlist(name, &slot);
             return Err(AgentError::UnknownOverlay(name.to_owned()));
         };
-        if let Err(e) = self.db.delete_overlay(name) {
+        if let Err(e) = self.db.delete_overlay(name).await {
             *state = SlotState::Up(r);
             return Err(e.into());
         }
@@ -1173,6 +1182,7 @@ mod tests {
     use super::*;
     use crate::client::Client;
     use crate::transport::TokioNet;
+    use rumormill_core::{Event, MemberChange};
     use std::time::Instant;
 
     fn scratch(tag: &str) -> std::path::PathBuf {
@@ -1347,5 +1357,97 @@ mod tests {
         assert_eq!(stored(&agent), vec!["b".to_owned(), "c".to_owned()]);
         agent.shutdown(false).await;
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// While every commit of x's database takes 300 ms, x keeps answering
+    /// y's probes and its own calls: commits run on blocking threads, not
+    /// on the one thread of x's runtime that also drives x's overlay.
+    #[test]
+    fn probes_are_answered_on_time_while_commits_are_slow() {
+        let (dir_x, dir_y) = (scratch("slow-x"), scratch("slow-y"));
+        // y on a runtime of its own, so that nothing x's thread does can
+        // delay y's probes.
+        let rt_y = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let y = rt_y.block_on(start(&dir_y, vec![spec("a", "y", &[])]));
+        let y_addr = rt_y.block_on(y.overlay("a")).expect("a on y").addr;
+        let mut seen_by_y = rt_y.block_on(y.handle("a")).expect("a on y").subscribe();
+        let rt_x = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let delay = Duration::from_millis(300);
+        let (stored, slowest_call, commit) = rt_x.block_on(async {
+            let x = start(&dir_x, vec![spec("a", "x", &[y_addr])]).await;
+            x.subscribe("a", &["t".to_owned()]).await.expect("subscribe");
+            let alo = crate::events::DeliverySpec::AtLeastOnce {
+                retry_every: "1s".into(),
+                retry_max: 0,
+            };
+            wait_until("y to know that x subscribes to t", 10, async || {
+                let record = y
+                    .publish("a", "t", b"hello".to_vec(), &alo)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match record.subscribers.iter().any(|s| s.member == "x") {
+                    true => Ok(()),
+                    false => Err(format!("{:?}", record.subscribers)),
+                }
+            })
+            .await;
+            x.db.slow_commits(delay);
+            let t = Instant::now();
+            x.db.write("a", Vec::new()).await.expect("a slow commit");
+            let commit = t.elapsed();
+            // Four probe intervals of y's (1 s each) while x's event pump
+            // commits one batch after the other.
+            let mut slowest = Duration::ZERO;
+            let began = Instant::now();
+            while began.elapsed() < Duration::from_secs(4) {
+                y.publish("a", "t", b"payload".to_vec(), &alo).await.expect("publish");
+                let t = Instant::now();
+                x.members("a").await.expect("x answers");
+                slowest = slowest.max(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let rows = x.members("a").await.expect("x answers");
+            assert!(
+                rows.iter().any(|m| m.name == "y" && m.state == "alive"),
+                "x must still see y alive: {rows:?}"
+            );
+            let stored = x.inbox("a", 0, 100_000).await.expect("inbox").len();
+            x.shutdown(false).await;
+            (stored, slowest, commit)
+        });
+        let mut doubts = Vec::new();
+        loop {
+            match seen_by_y.try_recv() {
+                Ok(Event::Member { change, member }) if member.name.as_ref() == "x" => doubts.push(change),
+                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        eprintln!(
+            "commits held {commit:?} each; x stored {stored} inbox entries, its slowest call took {slowest_call:?}; y saw x: {doubts:?}"
+        );
+        assert!(commit >= delay, "the test hook must slow commits ({commit:?})");
+        assert!(stored > 0, "x's inbox must fill, slowly");
+        assert!(
+            !doubts
+                .iter()
+                .any(|c| matches!(c, MemberChange::Suspect | MemberChange::Failed)),
+            "y must never doubt x while x's commits are slow: {doubts:?}"
+        );
+        assert!(
+            slowest_call < Duration::from_millis(100),
+            "x's driver must answer within 100 ms while commits take {delay:?}: {slowest_call:?}"
+        );
+        rt_y.block_on(y.shutdown(false));
+        for d in [dir_x, dir_y] {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }

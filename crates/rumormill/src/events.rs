@@ -437,9 +437,9 @@ impl<N: Net> Agent<N> {
             if let Some(p) = &pending {
                 ops.push(Op::PutPending(record.id.clone(), json(&StoredPending::from_core(p))));
             }
-            self.db.write(name, &ops)?;
+            self.db.write(name, ops).await?;
             if id.seq % 1000 == 0 {
-                self.prune_reports(name);
+                self.prune_reports(name).await;
             }
         }
         Ok(record)
@@ -447,11 +447,12 @@ impl<N: Net> Agent<N> {
 
     /// Forgets the reports of events whose every report is final and that
     /// are older than [`REPORTS_KEEP`].
-    fn prune_reports(&self, name: &str) {
+    async fn prune_reports(&self, name: &str) {
         let cutoff = wall_ms().saturating_sub(u64::try_from(REPORTS_KEEP.as_millis()).unwrap_or(u64::MAX));
-        let keep =
-            |v: &[u8]| serde_json::from_slice::<EventRecord>(v).is_ok_and(|r| !r.complete || r.published_ms >= cutoff);
-        if let Err(e) = self.db.retain_reports(name, keep) {
+        let keep = move |v: &[u8]| {
+            serde_json::from_slice::<EventRecord>(v).is_ok_and(|r| !r.complete || r.published_ms >= cutoff)
+        };
+        if let Err(e) = self.db.retain_reports(name, keep).await {
             tracing::warn!(overlay = %name, error = %e, "old reports not pruned");
         }
     }
@@ -489,7 +490,7 @@ impl<N: Net> Agent<N> {
         let mut all: BTreeSet<String> = r.record.topics.iter().cloned().collect();
         all.extend(topics.iter().cloned());
         r.record.topics = all.into_iter().collect();
-        self.db.put_overlay(&r.record)?;
+        self.db.put_overlay(&r.record).await?;
         r.share_topics();
         Ok(r.record.topics.clone())
     }
@@ -512,7 +513,7 @@ impl<N: Net> Agent<N> {
             .map_err(|_| stopped(name))?
             .map_err(crate::agent::core_error)?;
         r.record.topics.retain(|x| x != topic);
-        self.db.put_overlay(&r.record)?;
+        self.db.put_overlay(&r.record).await?;
         r.share_topics();
         Ok(r.record.topics.clone())
     }
@@ -639,7 +640,7 @@ pub(crate) async fn pump<N: Net>(
                 flush_by = None;
                 if let Some(agent) = agent.upgrade() {
                     let _guard = agent.events_lock.lock().await;
-                    if let Err(e) = agent.db.write(&name, &[]) {
+                    if let Err(e) = agent.db.write(&name, Vec::new()).await {
                         tracing::warn!(overlay = %name, error = %e, "inbox not flushed");
                     }
                 }
@@ -649,7 +650,7 @@ pub(crate) async fn pump<N: Net>(
         let Some(first) = first else {
             if flush_by.is_some()
                 && let Some(agent) = agent.upgrade()
-                && let Err(e) = agent.db.write(&name, &[])
+                && let Err(e) = agent.db.write(&name, Vec::new()).await
             {
                 tracing::warn!(overlay = %name, error = %e, "inbox not flushed");
             }
@@ -850,15 +851,16 @@ pub(crate) async fn pump<N: Net>(
             // holds these events as delivered, so a resend would not bring
             // them back).
             durable |= !reports.is_empty();
-            let write = |ops: &[Op]| {
+            let ops: Arc<[Op]> = ops.into();
+            let write = async |ops: &Arc<[Op]>| {
                 if durable {
-                    agent.db.write(&name, ops)
+                    agent.db.write(&name, ops.clone()).await
                 } else {
-                    agent.db.write_volatile(&name, ops)
+                    agent.db.write_volatile(&name, ops.clone()).await
                 }
             };
             let mut backoff = Duration::from_millis(50);
-            while let Err(e) = write(&ops) {
+            while let Err(e) = write(&ops).await {
                 tracing::error!(overlay = %name, error = %e, "events not stored yet; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -475,7 +475,7 @@ impl<N: Net> Agent<N> {
             .call(move |o, now| apply(o, now, &bytes, None))
             .await
             .map_err(|_| stopped(name))??;
-        self.db.put_overlay(&rec)?;
+        self.db.put_overlay(&rec).await?;
         r.record = rec;
         Ok(())
     }
@@ -636,7 +636,7 @@ impl<N: Net> Agent<N> {
         if changed {
             rec.keyring_version = version;
         }
-        self.db.put_overlay(&rec)?;
+        self.db.put_overlay(&rec).await?;
         r.record = rec;
         Ok(())
     }
@@ -683,7 +683,7 @@ impl<N: Net> Agent<N> {
                 .await
                 .map_err(|_| stopped(name))??;
         }
-        self.db.put_overlay(&rec)?;
+        self.db.put_overlay(&rec).await?;
         r.record = rec;
         if changed_keys {
             let primary = plan.ids.first().map(|&id| key_hex(id)).unwrap_or_default();

@@ -11,5 +11,5 @@ pub mod discovery;
 pub mod driver;
 pub mod events;
 pub mod keyring;
-pub mod persist;
+pub(crate) mod persist;
 pub mod transport;

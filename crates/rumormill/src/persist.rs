@@ -1,21 +1,12 @@
 //! What survives a restart, in an embedded database (`redb`) under the data
 //! directory: the overlays (spec, keyring, member name, boot epoch and the
 //! peers last seen). Every change is a durable transaction, so a `kill -9`
-//! loses nothing that was acknowledged.
-//!
-//! ```
-//! let dir = std::env::temp_dir().join(format!("rm-doc-{}", std::process::id()));
-//! let db = rumormill::persist::Db::open(&dir).unwrap();
-//! let mut rec = rumormill::persist::OverlayRecord::new(
-//!     rumormill::config::OverlaySpec::named("web"), "host-1".into());
-//! rec.epoch = 3;
-//! db.put_overlay(&rec).unwrap();
-//! assert_eq!(db.overlays().unwrap()[0].epoch, 3);
-//! # drop(db); std::fs::remove_dir_all(&dir).unwrap();
-//! ```
+//! loses nothing that was acknowledged. Internal to the agent: the rest of
+//! the crate reads and writes through [`Db`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -153,10 +144,34 @@ impl OverlayRecord {
 }
 
 /// The agent's database.
-#[derive(Debug)]
+///
+/// Every transaction that commits runs on a blocking thread
+/// (`spawn_blocking`), never on a worker of the runtime: a commit waits for
+/// the disk (an fsync, unless volatile), and redb makes a writer wait for
+/// the one before it, so on a worker it would stall the overlays' drivers
+/// — and their answers to probes — with it. The caller awaits the commit;
+/// a cancelled caller does not cancel it. Reads run where they are called:
+/// they do not wait for writers.
+#[derive(Debug, Clone)]
 pub struct Db {
+    inner: Arc<Tables>,
+}
+
+/// The database itself, shared with the blocking threads that commit.
+#[derive(Debug)]
+pub struct Tables {
     db: redb::Database,
     path: PathBuf,
+    /// Test hook: how long each commit is held before it is made.
+    #[cfg(test)]
+    commit_delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Tables;
+    fn deref(&self) -> &Tables {
+        &self.inner
+    }
 }
 
 impl Db {
@@ -180,9 +195,92 @@ impl Db {
                 });
             }
         };
-        let db = Db { db, path };
-        db.check_format()?;
-        Ok(db)
+        let store = Tables {
+            db,
+            path,
+            #[cfg(test)]
+            commit_delay_ms: Default::default(),
+        };
+        store.check_format()?;
+        Ok(Db { inner: Arc::new(store) })
+    }
+
+    /// Makes every later commit wait `delay` first: a slow disk, for tests.
+    #[cfg(test)]
+    pub(crate) fn slow_commits(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.commit_delay_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `f` — a transaction that commits — on a blocking thread.
+    async fn commit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Tables) -> Result<T, PersistError> + Send + 'static,
+    ) -> Result<T, PersistError> {
+        let store = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| self.io(format!("the commit's thread failed: {e}")))?
+    }
+
+    /// Writes (creates or replaces) an overlay's record, durably.
+    pub async fn put_overlay(&self, rec: &OverlayRecord) -> Result<(), PersistError> {
+        // It holds the keyring: wiped once written.
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|e| self.io(e))?);
+        let name = rec.spec.name.clone();
+        self.commit(move |s| s.put_overlay(&name, &bytes)).await
+    }
+
+    /// Forgets an overlay and its events.
+    pub async fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
+        let name = name.to_owned();
+        self.commit(move |s| s.delete_overlay(&name)).await
+    }
+
+    /// Applies writes in one durable transaction.
+    pub async fn write(&self, overlay: &str, ops: impl Into<Arc<[Op]>>) -> Result<(), PersistError> {
+        self.write_with(overlay, ops.into(), redb::Durability::Immediate).await
+    }
+
+    /// Like [`Db::write`], but not flushed to disk: a crash before the next
+    /// [`Db::write`] loses it (the database stays consistent). For what
+    /// may be lost: best-effort events in the inbox.
+    pub async fn write_volatile(&self, overlay: &str, ops: impl Into<Arc<[Op]>>) -> Result<(), PersistError> {
+        self.write_with(overlay, ops.into(), redb::Durability::None).await
+    }
+
+    async fn write_with(
+        &self,
+        overlay: &str,
+        ops: Arc<[Op]>,
+        durability: redb::Durability,
+    ) -> Result<(), PersistError> {
+        let overlay = overlay.to_owned();
+        self.commit(move |s| s.write_with(&overlay, &ops, durability)).await
+    }
+
+    /// Keeps only the report records `keep` says to keep.
+    pub async fn retain_reports(
+        &self,
+        overlay: &str,
+        keep: impl Fn(&[u8]) -> bool + Send + 'static,
+    ) -> Result<(), PersistError> {
+        let overlay = overlay.to_owned();
+        self.commit(move |s| s.retain_reports(&overlay, keep)).await
+    }
+}
+
+impl Tables {
+    /// Commits `tx` (after the test hook's delay, if any).
+    fn commit_now(&self, tx: redb::WriteTransaction) -> Result<(), PersistError> {
+        #[cfg(test)]
+        {
+            let ms = self.commit_delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+            if ms > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+        tx.commit().map_err(|e| self.io(e))
     }
 
     fn io(&self, e: impl std::fmt::Display) -> PersistError {
@@ -226,7 +324,7 @@ impl Db {
             tx.open_table(DEDUP).map_err(|e| self.corrupt(e.to_string()))?;
             tx.open_table(INBOX_RESERVED).map_err(|e| self.corrupt(e.to_string()))?;
         }
-        tx.commit().map_err(|e| self.io(e))
+        self.commit_now(tx)
     }
 
     /// Every overlay kept, by name.
@@ -243,22 +341,16 @@ impl Db {
         Ok(out)
     }
 
-    /// Writes (creates or replaces) an overlay's record, durably.
-    pub fn put_overlay(&self, rec: &OverlayRecord) -> Result<(), PersistError> {
-        // It holds the keyring: wiped once written.
-        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|e| self.io(e))?);
+    fn put_overlay(&self, name: &str, bytes: &[u8]) -> Result<(), PersistError> {
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
-            table
-                .insert(rec.spec.name.as_str(), bytes.as_slice())
-                .map_err(|e| self.io(e))?;
+            table.insert(name, bytes).map_err(|e| self.io(e))?;
         }
-        tx.commit().map_err(|e| self.io(e))
+        self.commit_now(tx)
     }
 
-    /// Forgets an overlay and its events.
-    pub fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
+    fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
@@ -277,19 +369,7 @@ impl Db {
             let mut t = tx.open_table(INBOX_RESERVED).map_err(|e| self.io(e))?;
             t.remove(name).map_err(|e| self.io(e))?;
         }
-        tx.commit().map_err(|e| self.io(e))
-    }
-
-    /// Applies writes in one durable transaction.
-    pub fn write(&self, overlay: &str, ops: &[Op]) -> Result<(), PersistError> {
-        self.write_with(overlay, ops, redb::Durability::Immediate)
-    }
-
-    /// Like [`Db::write`], but not flushed to disk: a crash before the next
-    /// [`Db::write`] loses it (the database stays consistent). For what
-    /// may be lost: best-effort events in the inbox.
-    pub fn write_volatile(&self, overlay: &str, ops: &[Op]) -> Result<(), PersistError> {
-        self.write_with(overlay, ops, redb::Durability::None)
+        self.commit_now(tx)
     }
 
     fn write_with(&self, overlay: &str, ops: &[Op], durability: redb::Durability) -> Result<(), PersistError> {
@@ -315,7 +395,7 @@ impl Db {
                 r.map_err(|e| self.io(e))?;
             }
         }
-        tx.commit().map_err(|e| self.io(e))
+        self.commit_now(tx)
     }
 
     /// The pending events of an overlay.
@@ -339,15 +419,14 @@ impl Db {
             .map(|v| v.value().to_vec()))
     }
 
-    /// Keeps only the report records `keep` says to keep.
-    pub fn retain_reports(&self, overlay: &str, keep: impl Fn(&[u8]) -> bool) -> Result<(), PersistError> {
+    fn retain_reports(&self, overlay: &str, keep: impl Fn(&[u8]) -> bool) -> Result<(), PersistError> {
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut t = tx.open_table(REPORTS).map_err(|e| self.io(e))?;
             t.retain_in((overlay, "")..=(overlay, "\u{10FFFF}"), |_, v| keep(v))
                 .map_err(|e| self.io(e))?;
         }
-        tx.commit().map_err(|e| self.io(e))
+        self.commit_now(tx)
     }
 
     /// One event's reports.
@@ -509,48 +588,49 @@ mod tests {
         dir
     }
 
-    #[test]
-    fn records_survive_reopening() {
+    #[tokio::test]
+    async fn records_survive_reopening() {
         let dir = temp("reopen");
         let mut rec = OverlayRecord::new(OverlaySpec::named("a"), "m".into());
         rec.keys = vec![crate::config::generate_key()];
         rec.peers = vec!["127.0.0.1:9".parse().unwrap()];
         {
             let db = Db::open(&dir).unwrap();
-            db.put_overlay(&rec).unwrap();
+            db.put_overlay(&rec).await.unwrap();
             assert!(matches!(Db::open(&dir), Err(PersistError::InUse { .. })));
         }
         let db = Db::open(&dir).unwrap();
         assert_eq!(db.overlays().unwrap(), vec![rec]);
-        db.delete_overlay("a").unwrap();
+        db.delete_overlay("a").await.unwrap();
         assert!(db.overlays().unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn inbox_numbers_are_never_handed_out_twice() {
+    #[tokio::test]
+    async fn inbox_numbers_are_never_handed_out_twice() {
         let dir = temp("inbox");
         {
             let db = Db::open(&dir).unwrap();
             assert_eq!(db.inbox_next("o").unwrap(), 1);
-            db.write("o", &[Op::Inbox(1, b"a".to_vec()), Op::ReserveInbox(100)])
+            db.write("o", vec![Op::Inbox(1, b"a".to_vec()), Op::ReserveInbox(100)])
+                .await
                 .unwrap();
             // Entries written without a flush, then flushed by the next
             // durable write.
-            db.write_volatile("o", &[Op::Inbox(2, b"b".to_vec())]).unwrap();
-            db.write("o", &[]).unwrap();
+            db.write_volatile("o", vec![Op::Inbox(2, b"b".to_vec())]).await.unwrap();
+            db.write("o", vec![]).await.unwrap();
             assert_eq!(db.inbox_after("o", 0, 10, usize::MAX).unwrap().len(), 2);
             // Numbers up to the reservation may have been seen by an
             // application before a crash lost their entries: not reused.
             assert_eq!(db.inbox_next("o").unwrap(), 100);
-            db.write("o", &[Op::TrimInbox(3)]).unwrap();
+            db.write("o", vec![Op::TrimInbox(3)]).await.unwrap();
             assert_eq!(db.inbox_next("o").unwrap(), 100);
         }
         let db = Db::open(&dir).unwrap();
         assert_eq!(db.inbox_next("o").unwrap(), 100);
-        db.write("o", &[Op::Inbox(150, b"c".to_vec())]).unwrap();
+        db.write("o", vec![Op::Inbox(150, b"c".to_vec())]).await.unwrap();
         assert_eq!(db.inbox_next("o").unwrap(), 151);
-        db.delete_overlay("o").unwrap();
+        db.delete_overlay("o").await.unwrap();
         assert_eq!(db.inbox_next("o").unwrap(), 1, "a recreated overlay starts anew");
         std::fs::remove_dir_all(&dir).unwrap();
     }
