@@ -204,11 +204,11 @@ pub(crate) struct Running {
     pub(crate) left: bool,
     tasks: Vec<JoinHandle<()>>,
     /// Live inbox entries for connected applications.
-    pub(crate) feed: crate::events::InboxFeed,
+    pub(crate) feed: crate::inbox::InboxFeed,
     /// The agent's topics, as the event pump sees them.
     topics: Arc<std::sync::Mutex<Vec<String>>>,
     /// What the inbox's byte cap evicted and refused.
-    inbox: Arc<crate::events::InboxCounters>,
+    inbox: Arc<crate::inbox::InboxCounters>,
 }
 
 impl Running {
@@ -568,7 +568,7 @@ impl<N: Net> Agent<N> {
             let watcher = crate::keyring::watch(self.me.clone(), spec.name.clone(), handle.clone());
             running.tasks.push(tokio::spawn(watcher));
         }
-        let pump = crate::events::pump(
+        let pump = crate::inbox::pump(
             self.me.clone(),
             spec.name.clone(),
             handle.clone(),
@@ -1178,20 +1178,20 @@ pub(crate) fn wall_ms() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::client::Client;
     use crate::transport::TokioNet;
     use rumormill_core::{Event, MemberChange};
     use std::time::Instant;
 
-    fn scratch(tag: &str) -> std::path::PathBuf {
+    pub(crate) fn scratch(tag: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("rm-slots-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }
 
-    fn spec(name: &str, member: &str, seeds: &[SocketAddr]) -> OverlaySpec {
+    pub(crate) fn spec(name: &str, member: &str, seeds: &[SocketAddr]) -> OverlaySpec {
         let mut spec = OverlaySpec::named(name);
         spec.bind = "127.0.0.1:0".into();
         spec.member = Some(member.into());
@@ -1201,7 +1201,7 @@ mod tests {
         spec
     }
 
-    async fn start(dir: &std::path::Path, overlays: Vec<OverlaySpec>) -> Arc<Agent<TokioNet>> {
+    pub(crate) async fn start(dir: &std::path::Path, overlays: Vec<OverlaySpec>) -> Arc<Agent<TokioNet>> {
         let config = AgentConfig {
             data_dir: dir.to_owned(),
             overlays,
@@ -1211,7 +1211,7 @@ mod tests {
     }
 
     /// Polls `check` every 20 ms until it holds, at most `secs`.
-    async fn wait_until(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    pub(crate) async fn wait_until(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Result<(), String>) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             match check().await {

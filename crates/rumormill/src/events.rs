@@ -13,7 +13,8 @@
 //!   it from being delivered twice.
 //! - **The inbox** is an ordered log (sequence numbers from 1) of events,
 //!   membership changes (`member.joined`, `member.suspect`,
-//!   `member.failed`, `member.left`, `member.alive`), luggage changes
+//!   `member.failed`, `member.left`, `member.alive`, and `member.updated`
+//!   for a member that restarted or moved to a new address), luggage changes
 //!   (`luggage.changed`) and delivery reports (`delivery.report`) for the
 //!   topics the agent subscribes to. Applications read it from a sequence
 //!   number on (`?from=`), so one that reconnects misses nothing and sees
@@ -31,17 +32,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine;
-use rumormill_core::events::{Delivery, DeliveryReport, EventId, EventMessage, PendingEvent, dedup::DedupEntry};
-use rumormill_core::{Event, MemberChange};
+use rumormill_core::events::{Delivery, DeliveryReport, EventId, PendingEvent, dedup::DedupEntry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::agent::{Agent, AgentError, has_left_or_unknown, stopped, wall_ms};
-use crate::driver::OverlayHandle;
 use crate::persist::Op;
 use crate::transport::Net;
 
@@ -54,12 +52,13 @@ pub const INBOX_READ_BYTES: usize = 16 << 20;
 /// thousand at-least-once publications).
 pub const REPORTS_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// Topics handled by the agent itself, never gossiped.
-pub const LOCAL_TOPICS: [&str; 7] = [
+pub const LOCAL_TOPICS: [&str; 8] = [
     "member.joined",
     "member.suspect",
     "member.failed",
     "member.left",
     "member.alive",
+    "member.updated",
     "luggage.changed",
     "delivery.report",
 ];
@@ -69,7 +68,10 @@ pub const LOCAL_TOPICS: [&str; 7] = [
 pub struct InboxItem {
     /// Position in the inbox (from 1): reconnect with `from` = the last one seen.
     pub seq: u64,
-    /// The topic (an application topic, or one of the local ones).
+    /// The topic: an application topic, or one of the local ones —
+    /// `member.joined`, `member.suspect`, `member.failed`, `member.left`,
+    /// `member.alive`, `member.updated` (a member restarted or moved to a
+    /// new address), `luggage.changed`, `delivery.report`.
     pub topic: String,
     /// Event id (`publisher/epoch/seq`) for events and reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,28 +116,8 @@ struct StoredHeader {
 /// Marks the stored form (a JSON entry of earlier versions starts with `{`).
 const STORED_MAGIC: &[u8; 4] = b"\0RI1";
 
-/// Counters of an overlay's inbox.
-#[derive(Debug, Default)]
-pub(crate) struct InboxCounters {
-    /// Best-effort and local-topic entries evicted or not stored for the byte cap.
-    pub(crate) evicted: std::sync::atomic::AtomicU64,
-    /// At-least-once events refused (not acknowledged) for the byte cap.
-    pub(crate) refused: std::sync::atomic::AtomicU64,
-    /// At-least-once events stored over the byte cap because they could
-    /// not be refused (too old for the de-duplication window to take back).
-    pub(crate) over_cap: std::sync::atomic::AtomicU64,
-}
-
-/// Payloads up to this size travel in the live feed; larger ones are read
-/// from the store by the followers, so that the feed's buffer (its last
-/// 4,096 entries) holds at most a few megabytes.
-const FEED_INLINE: usize = 1024;
-
-/// At-least-once entries younger than this are not evicted for the byte cap.
-const ALO_KEEP_MS: u64 = 24 * 3600 * 1000;
-
 /// Encodes an entry: header, then the payload bytes.
-fn encode_stored(item: &InboxItem, payload: Option<&[u8]>, alo: bool) -> Vec<u8> {
+pub(crate) fn encode_stored(item: &InboxItem, payload: Option<&[u8]>, alo: bool) -> Vec<u8> {
     let header = StoredHeader {
         item: InboxItem {
             payload: None,
@@ -158,7 +140,7 @@ fn encode_stored(item: &InboxItem, payload: Option<&[u8]>, alo: bool) -> Vec<u8>
 /// Decodes a stored entry, with its payload rendered, and whether it is an
 /// at-least-once event. Entries of earlier versions (JSON) count as
 /// at-least-once when they carry an event id on an application topic.
-fn decode_stored(bytes: &[u8]) -> Option<(InboxItem, bool)> {
+pub(crate) fn decode_stored(bytes: &[u8]) -> Option<(InboxItem, bool)> {
     let Some(rest) = bytes.strip_prefix(STORED_MAGIC) else {
         let item: InboxItem = serde_json::from_slice(bytes).ok()?;
         let alo = item.id.is_some() && !is_local(&item.topic);
@@ -173,74 +155,6 @@ fn decode_stored(bytes: &[u8]) -> Option<(InboxItem, bool)> {
         item.payload_base64 = b64;
     }
     Some((item, header.alo))
-}
-
-/// What the pump knows of the stored inbox, to keep it within its byte cap.
-#[derive(Debug, Default)]
-struct InboxIndex {
-    /// Best-effort events and local topics: seq → stored bytes.
-    evictable: BTreeMap<u64, u64>,
-    /// At-least-once events: seq → (stored bytes, time stored).
-    durable: BTreeMap<u64, (u64, u64)>,
-    evictable_bytes: u64,
-    bytes: u64,
-}
-
-impl InboxIndex {
-    fn add(&mut self, seq: u64, len: u64, alo: bool, time_ms: u64) {
-        if alo {
-            self.durable.insert(seq, (len, time_ms));
-        } else {
-            self.evictable.insert(seq, len);
-            self.evictable_bytes += len;
-        }
-        self.bytes += len;
-    }
-
-    /// Forgets entries below `below` (the count retention).
-    fn trim(&mut self, below: u64) {
-        let keep = self.evictable.split_off(&below);
-        for (_, l) in std::mem::replace(&mut self.evictable, keep) {
-            self.evictable_bytes -= l;
-            self.bytes -= l;
-        }
-        let keep = self.durable.split_off(&below);
-        for (_, (l, _)) in std::mem::replace(&mut self.durable, keep) {
-            self.bytes -= l;
-        }
-    }
-
-    /// Makes room for `len` more bytes within `cap`: the entries to delete,
-    /// or `None` (nothing evicted) when even evicting all it may would
-    /// not make room.
-    fn make_room(&mut self, len: u64, cap: u64, now_ms: u64) -> Option<Vec<u64>> {
-        if self.bytes + len <= cap {
-            return Some(Vec::new());
-        }
-        let old: u64 = self
-            .durable
-            .values()
-            .take_while(|(_, t)| now_ms.saturating_sub(*t) >= ALO_KEEP_MS)
-            .map(|(l, _)| *l)
-            .sum();
-        if self.bytes - self.evictable_bytes - old + len > cap {
-            return None;
-        }
-        let mut gone = Vec::new();
-        while self.bytes + len > cap {
-            if let Some((s, l)) = self.evictable.pop_first() {
-                self.evictable_bytes -= l;
-                self.bytes -= l;
-                gone.push(s);
-            } else if let Some((s, (l, _))) = self.durable.pop_first() {
-                self.bytes -= l;
-                gone.push(s);
-            } else {
-                break;
-            }
-        }
-        Some(gone)
-    }
 }
 
 /// How an event is delivered, in API terms.
@@ -359,24 +273,41 @@ impl StoredPending {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredDedup {
+pub(crate) struct StoredDedup {
     origin: String,
     epoch: u64,
     floor: u64,
     above: Vec<u64>,
 }
 
-/// Live inbox entries of one overlay, for connected applications.
-pub(crate) type InboxFeed = broadcast::Sender<Arc<InboxItem>>;
+impl StoredDedup {
+    pub(crate) fn from_core(w: DedupEntry) -> StoredDedup {
+        StoredDedup {
+            origin: w.origin.to_string(),
+            epoch: w.epoch,
+            floor: w.floor,
+            above: w.above,
+        }
+    }
 
-fn payload_fields(p: &[u8]) -> (Option<String>, Option<String>) {
+    fn to_core(self) -> DedupEntry {
+        DedupEntry {
+            origin: self.origin.into(),
+            epoch: self.epoch,
+            floor: self.floor,
+            above: self.above,
+        }
+    }
+}
+
+pub(crate) fn payload_fields(p: &[u8]) -> (Option<String>, Option<String>) {
     (
         std::str::from_utf8(p).ok().map(str::to_owned),
         Some(base64::engine::general_purpose::STANDARD.encode(p)),
     )
 }
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
@@ -574,12 +505,7 @@ impl Restore {
     /// first must find it subscribed and remembering.
     pub(crate) fn apply(self, o: &mut rumormill_core::Overlay, now: std::time::Instant) {
         o.set_manual_acks(true);
-        o.restore_delivered(self.window.into_iter().map(|w| DedupEntry {
-            origin: w.origin.into(),
-            epoch: w.epoch,
-            floor: w.floor,
-            above: w.above,
-        }));
+        o.restore_delivered(self.window.into_iter().map(StoredDedup::to_core));
         o.advance_clock(wall_ms());
         for t in &self.topics {
             let _ = o.subscribe(now, t);
@@ -594,309 +520,8 @@ impl Restore {
     }
 }
 
-/// Moves the overlay's events into the inbox and the report records,
-/// durably, then acknowledges the delivered ones. Runs while the overlay does.
-/// Inbox sequence numbers reserved at a time.
-const INBOX_RESERVE: u64 = 100_000;
-/// How long inbox entries of best-effort events may stay unflushed.
-const VOLATILE_FOR: Duration = Duration::from_secs(1);
-
-pub(crate) async fn pump<N: Net>(
-    agent: std::sync::Weak<Agent<N>>,
-    name: String,
-    handle: OverlayHandle,
-    topics: Arc<std::sync::Mutex<Vec<String>>>,
-    feed: InboxFeed,
-    counters: Arc<InboxCounters>,
-    cap: u64,
-) {
-    let Some(mut stream) = handle.take_event_stream() else {
-        return;
-    };
-    let mut index = InboxIndex::default();
-    let mut next_seq = match agent.upgrade() {
-        Some(a) => {
-            let scanned = a.db.inbox_scan(&name, |seq, v| {
-                let (alo, time) = decode_stored(v).map_or((true, 0), |(it, alo)| (alo, it.time_ms));
-                index.add(seq, v.len() as u64, alo, time);
-            });
-            if let Err(e) = scanned {
-                tracing::warn!(overlay = %name, error = %e, "inbox not measured");
-            }
-            a.db.inbox_next(&name).unwrap_or(1)
-        }
-        None => return,
-    };
-    // Sequence numbers below `reserved` may be handed out; the reservation
-    // is written durably before any of them is, so that entries a crash
-    // loses (best-effort ones) leave a gap, never a number used twice.
-    let mut reserved = next_seq;
-    // When the last volatile write must be flushed by.
-    let mut flush_by: Option<std::time::Instant> = None;
-    loop {
-        let first = tokio::select! {
-            e = stream.recv() => e,
-            () = crate::driver::sleep_until(flush_by) => {
-                flush_by = None;
-                if let Some(agent) = agent.upgrade() {
-                    let _guard = agent.events_lock.lock().await;
-                    if let Err(e) = agent.db.write(&name, Vec::new()).await {
-                        tracing::warn!(overlay = %name, error = %e, "inbox not flushed");
-                    }
-                }
-                continue;
-            }
-        };
-        let Some(first) = first else {
-            if flush_by.is_some()
-                && let Some(agent) = agent.upgrade()
-                && let Err(e) = agent.db.write(&name, Vec::new()).await
-            {
-                tracing::warn!(overlay = %name, error = %e, "inbox not flushed");
-            }
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < 256 {
-            match stream.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
-        let Some(agent) = agent.upgrade() else { return };
-        let wanted: Vec<String> = topics.lock().map(|t| t.clone()).unwrap_or_default();
-        let subscribed = |t: &str| wanted.iter().any(|w| w == t);
-        let mut items: Vec<Incoming> = Vec::new();
-        let mut reports: Vec<DeliveryReport> = Vec::new();
-        // Best-effort events and local topics need no flush to disk: a
-        // crash may lose the last second of them.
-        let mut durable = false;
-        for e in batch {
-            let item = |topic: &str| InboxItem {
-                seq: 0,
-                topic: topic.to_owned(),
-                id: None,
-                payload: None,
-                payload_base64: None,
-                member: None,
-                key: None,
-                outcome: None,
-                time_ms: wall_ms(),
-                elided: false,
-            };
-            let plain = |item: InboxItem| Incoming {
-                item,
-                payload: None,
-                alo: false,
-                ack: None,
-            };
-            match e {
-                Event::Message(EventMessage {
-                    id,
-                    topic,
-                    payload,
-                    at_least_once,
-                }) => {
-                    items.push(Incoming {
-                        item: InboxItem {
-                            id: Some(id.to_string()),
-                            member: Some(id.origin.to_string()),
-                            ..item(&topic)
-                        },
-                        payload: Some(payload),
-                        alo: at_least_once,
-                        ack: Some(id),
-                    });
-                }
-                Event::Report(r) => {
-                    if subscribed("delivery.report") {
-                        items.push(plain(InboxItem {
-                            id: Some(r.id.to_string()),
-                            member: Some(r.subscriber.to_string()),
-                            outcome: Some(r.outcome.as_str().into()),
-                            ..item("delivery.report")
-                        }));
-                    }
-                    reports.push(r);
-                }
-                Event::Member { change, member } => {
-                    let topic = match change {
-                        MemberChange::Joined => "member.joined",
-                        MemberChange::Suspect => "member.suspect",
-                        MemberChange::Failed => "member.failed",
-                        MemberChange::Left => "member.left",
-                        MemberChange::Alive => "member.alive",
-                        _ => continue,
-                    };
-                    if subscribed(topic) {
-                        items.push(plain(InboxItem {
-                            member: Some(member.name.to_string()),
-                            ..item(topic)
-                        }));
-                    }
-                }
-                Event::Update(u) => {
-                    if let Some((member, key)) = rumormill_core::luggage::changed(&u.update) {
-                        if subscribed("luggage.changed") {
-                            items.push(Incoming {
-                                payload: u.update.value.clone(),
-                                ..plain(InboxItem {
-                                    member: Some(member),
-                                    key: Some(key.to_owned()),
-                                    ..item("luggage.changed")
-                                })
-                            });
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        let mut ops: Vec<Op> = Vec::new();
-        let mut acks: Vec<EventId> = Vec::new();
-        let mut stored: Vec<InboxItem> = Vec::with_capacity(items.len());
-        let now_ms = wall_ms();
-        for mut inc in items {
-            inc.item.seq = next_seq;
-            let bytes = encode_stored(&inc.item, inc.payload.as_deref(), inc.alo);
-            match index.make_room(bytes.len() as u64, cap, now_ms) {
-                Some(gone) => {
-                    let evicted = gone.len() as u64;
-                    counters.evicted.fetch_add(evicted, Ordering::Relaxed);
-                    ops.extend(gone.into_iter().map(Op::DeleteInbox));
-                }
-                None => {
-                    // No room without evicting recent at-least-once events.
-                    match inc.ack.clone() {
-                        Some(id) if inc.alo => {
-                            // Refused, to be resent, unless the core cannot
-                            // take it back (far below its de-duplication
-                            // floor: the resend would be a duplicate). Then
-                            // it is stored over the cap rather than lost.
-                            let back = id.clone();
-                            let taken_back = handle.call(move |o, _| o.refuse(&back)).await.unwrap_or(false);
-                            if taken_back {
-                                counters.refused.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            counters.over_cap.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // Best effort: not stored; nothing to resend.
-                        Some(id) => {
-                            counters.evicted.fetch_add(1, Ordering::Relaxed);
-                            acks.push(id);
-                            continue;
-                        }
-                        None => {
-                            counters.evicted.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                    }
-                }
-            }
-            next_seq += 1;
-            durable |= inc.alo;
-            index.add(inc.item.seq, bytes.len() as u64, inc.alo, inc.item.time_ms);
-            ops.push(Op::Inbox(inc.item.seq, bytes));
-            if let Some(id) = inc.ack {
-                acks.push(id);
-            }
-            let mut item = inc.item;
-            match inc.payload {
-                Some(p) if p.len() <= FEED_INLINE => {
-                    let (text, b64) = payload_fields(&p);
-                    item.payload = text;
-                    item.payload_base64 = b64;
-                }
-                Some(_) => item.elided = true,
-                None => {}
-            }
-            stored.push(item);
-        }
-        if next_seq > reserved {
-            reserved = next_seq + INBOX_RESERVE;
-            ops.push(Op::ReserveInbox(reserved));
-            durable = true;
-        }
-        if next_seq > INBOX_KEEP && stored.iter().any(|it| it.seq % 1000 == 0) {
-            ops.push(Op::TrimInbox(next_seq - INBOX_KEEP));
-            index.trim(next_seq - INBOX_KEEP);
-        }
-        if !acks.is_empty() {
-            // The window saved with these events includes exactly them and
-            // what was stored before: never one that is not in the inbox.
-            let ids = acks.clone();
-            let window = handle
-                .call(move |o, _| {
-                    o.mark_stored(&ids);
-                    o.delivered_window()
-                })
-                .await
-                .unwrap_or_default();
-            let stored: Vec<StoredDedup> = window
-                .into_iter()
-                .map(|w| StoredDedup {
-                    origin: w.origin.to_string(),
-                    epoch: w.epoch,
-                    floor: w.floor,
-                    above: w.above,
-                })
-                .collect();
-            ops.push(Op::Dedup(json(&stored)));
-        }
-        if !ops.is_empty() || !reports.is_empty() {
-            let _guard = agent.events_lock.lock().await;
-            ops.extend(report_ops(&agent, &name, &reports));
-            // Until stored, nothing is acknowledged: keep trying (the core
-            // holds these events as delivered, so a resend would not bring
-            // them back).
-            durable |= !reports.is_empty();
-            let ops: Arc<[Op]> = ops.into();
-            let write = async |ops: &Arc<[Op]>| {
-                if durable {
-                    agent.db.write(&name, ops.clone()).await
-                } else {
-                    agent.db.write_volatile(&name, ops.clone()).await
-                }
-            };
-            let mut backoff = Duration::from_millis(50);
-            while let Err(e) = write(&ops).await {
-                tracing::error!(overlay = %name, error = %e, "events not stored yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            if durable {
-                flush_by = None;
-            } else if flush_by.is_none() {
-                flush_by = Some(std::time::Instant::now() + VOLATILE_FOR);
-            }
-        }
-        if !acks.is_empty() {
-            let _ = handle
-                .call(move |o, _| {
-                    for id in &acks {
-                        o.acknowledge(id);
-                    }
-                })
-                .await;
-        }
-        for it in stored {
-            let _ = feed.send(Arc::new(it));
-        }
-    }
-}
-
-/// An entry on its way into the inbox.
-struct Incoming {
-    item: InboxItem,
-    payload: Option<Vec<u8>>,
-    alo: bool,
-    /// The event to acknowledge once stored.
-    ack: Option<EventId>,
-}
-
 /// Updates the stored records of the reported events.
-fn report_ops<N: Net>(agent: &Agent<N>, name: &str, reports: &[DeliveryReport]) -> Vec<Op> {
+pub(crate) fn report_ops<N: Net>(agent: &Agent<N>, name: &str, reports: &[DeliveryReport]) -> Vec<Op> {
     let mut by_event: BTreeMap<String, Vec<&DeliveryReport>> = BTreeMap::new();
     for r in reports {
         by_event.entry(r.id.to_string()).or_default().push(r);

@@ -231,7 +231,7 @@ pub enum ClientCommand {
         id: String,
     },
     /// Subscribes to topics and prints one JSON line per event (also
-    /// member.joined/suspect/failed/left/alive, luggage.changed,
+    /// member.joined/suspect/failed/left/alive/updated, luggage.changed,
     /// delivery.report). Subscribing needs the admin token; with only the
     /// read token, the agent must already subscribe to the topics.
     Subscribe {
