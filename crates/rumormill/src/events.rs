@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use rumormill_core::events::{Delivery, DeliveryReport, EventId, PendingEvent, dedup::DedupEntry};
+use rumormill_core::events::{Delivery, DeliveryReport, PendingEvent, dedup::DedupEntry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -97,64 +97,6 @@ pub struct InboxItem {
     /// the feed's buffer); read the entry from the store.
     #[serde(skip)]
     pub(crate) elided: bool,
-}
-
-/// An inbox entry as stored: the item without its payload fields, and
-/// the payload bytes once.
-#[derive(Debug, Serialize, Deserialize)]
-struct StoredHeader {
-    #[serde(flatten)]
-    item: InboxItem,
-    /// An at-least-once event (never evicted for the byte cap before a day).
-    #[serde(default)]
-    alo: bool,
-    /// Whether a payload follows the header.
-    #[serde(default)]
-    has_payload: bool,
-}
-
-/// Marks the stored form (a JSON entry of earlier versions starts with `{`).
-const STORED_MAGIC: &[u8; 4] = b"\0RI1";
-
-/// Encodes an entry: header, then the payload bytes.
-pub(crate) fn encode_stored(item: &InboxItem, payload: Option<&[u8]>, alo: bool) -> Vec<u8> {
-    let header = StoredHeader {
-        item: InboxItem {
-            payload: None,
-            payload_base64: None,
-            ..item.clone()
-        },
-        alo,
-        has_payload: payload.is_some(),
-    };
-    let h = serde_json::to_vec(&header).unwrap_or_default();
-    let p = payload.unwrap_or_default();
-    let mut out = Vec::with_capacity(8 + h.len() + p.len());
-    out.extend_from_slice(STORED_MAGIC);
-    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(p);
-    out
-}
-
-/// Decodes a stored entry, with its payload rendered, and whether it is an
-/// at-least-once event. Entries of earlier versions (JSON) count as
-/// at-least-once when they carry an event id on an application topic.
-pub(crate) fn decode_stored(bytes: &[u8]) -> Option<(InboxItem, bool)> {
-    let Some(rest) = bytes.strip_prefix(STORED_MAGIC) else {
-        let item: InboxItem = serde_json::from_slice(bytes).ok()?;
-        let alo = item.id.is_some() && !is_local(&item.topic);
-        return Some((item, alo));
-    };
-    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    let header: StoredHeader = serde_json::from_slice(rest.get(4..4usize.checked_add(len)?)?).ok()?;
-    let mut item = header.item;
-    if header.has_payload {
-        let (text, b64) = payload_fields(rest.get(4 + len..)?);
-        item.payload = text;
-        item.payload_base64 = b64;
-    }
-    Some((item, header.alo))
 }
 
 /// How an event is delivered, in API terms.
@@ -225,90 +167,11 @@ pub struct EventRecord {
     pub complete: bool,
 }
 
-/// A pending event as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredPending {
-    origin: String,
-    epoch: u64,
-    seq: u64,
-    topic: String,
-    payload: String,
-    retry_every_ms: u64,
-    retry_max: u32,
-    waiting: Vec<(String, u32, u32)>,
-}
-
-impl StoredPending {
-    fn from_core(p: &PendingEvent) -> StoredPending {
-        StoredPending {
-            origin: p.id.origin.to_string(),
-            epoch: p.id.epoch,
-            seq: p.id.seq,
-            topic: p.topic.clone(),
-            payload: base64::engine::general_purpose::STANDARD.encode(&p.payload),
-            retry_every_ms: u64::try_from(p.retry_every.as_millis()).unwrap_or(u64::MAX),
-            retry_max: p.retry_max,
-            waiting: p.waiting.iter().map(|(n, a, r)| (n.to_string(), *a, *r)).collect(),
-        }
-    }
-
-    fn to_core(&self) -> Option<PendingEvent> {
-        Some(PendingEvent {
-            id: EventId {
-                origin: self.origin.as_str().into(),
-                epoch: self.epoch,
-                seq: self.seq,
-            },
-            topic: self.topic.clone(),
-            payload: base64::engine::general_purpose::STANDARD.decode(&self.payload).ok()?,
-            retry_every: Duration::from_millis(self.retry_every_ms),
-            retry_max: self.retry_max,
-            waiting: self
-                .waiting
-                .iter()
-                .map(|(n, a, r)| (n.as_str().into(), *a, *r))
-                .collect(),
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct StoredDedup {
-    origin: String,
-    epoch: u64,
-    floor: u64,
-    above: Vec<u64>,
-}
-
-impl StoredDedup {
-    pub(crate) fn from_core(w: DedupEntry) -> StoredDedup {
-        StoredDedup {
-            origin: w.origin.to_string(),
-            epoch: w.epoch,
-            floor: w.floor,
-            above: w.above,
-        }
-    }
-
-    fn to_core(self) -> DedupEntry {
-        DedupEntry {
-            origin: self.origin.into(),
-            epoch: self.epoch,
-            floor: self.floor,
-            above: self.above,
-        }
-    }
-}
-
 pub(crate) fn payload_fields(p: &[u8]) -> (Option<String>, Option<String>) {
     (
         std::str::from_utf8(p).ok().map(str::to_owned),
         Some(base64::engine::general_purpose::STANDARD.encode(p)),
     )
-}
-
-pub(crate) fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
 }
 
 /// Whether a topic is one of the agent's local ones.
@@ -364,9 +227,9 @@ impl<N: Net> Agent<N> {
             complete: pending.is_none(),
         };
         if let Delivery::AtLeastOnce { .. } = d {
-            let mut ops = vec![Op::PutReport(record.id.clone(), json(&record))];
-            if let Some(p) = &pending {
-                ops.push(Op::PutPending(record.id.clone(), json(&StoredPending::from_core(p))));
+            let mut ops = vec![Op::PutReport(record.clone())];
+            if let Some(p) = pending {
+                ops.push(Op::PutPending(p));
             }
             self.db.write(name, ops).await?;
             if id.seq % 1000 == 0 {
@@ -380,9 +243,7 @@ impl<N: Net> Agent<N> {
     /// are older than [`REPORTS_KEEP`].
     async fn prune_reports(&self, name: &str) {
         let cutoff = wall_ms().saturating_sub(u64::try_from(REPORTS_KEEP.as_millis()).unwrap_or(u64::MAX));
-        let keep = move |v: &[u8]| {
-            serde_json::from_slice::<EventRecord>(v).is_ok_and(|r| !r.complete || r.published_ms >= cutoff)
-        };
+        let keep = move |r: &EventRecord| !r.complete || r.published_ms >= cutoff;
         if let Err(e) = self.db.retain_reports(name, keep).await {
             tracing::warn!(overlay = %name, error = %e, "old reports not pruned");
         }
@@ -391,11 +252,9 @@ impl<N: Net> Agent<N> {
     /// A published event and its reports (at-least-once events only).
     pub async fn event(&self, name: &str, id: &str) -> Result<EventRecord, AgentError> {
         has_left_or_unknown(self, name).await?;
-        let bytes = self
-            .db
+        self.db
             .report(name, id)?
-            .ok_or_else(|| AgentError::NotFound(format!("no at-least-once event {id:?} published by this agent")))?;
-        serde_json::from_slice(&bytes).map_err(|e| AgentError::BadRequest(format!("stored report unreadable: {e}")))
+            .ok_or_else(|| AgentError::NotFound(format!("no at-least-once event {id:?} published by this agent")))
     }
 
     /// The agent's topics in an overlay.
@@ -453,12 +312,7 @@ impl<N: Net> Agent<N> {
     /// — at most 16 MiB of them.
     pub async fn inbox(&self, name: &str, after: u64, limit: usize) -> Result<Vec<InboxItem>, AgentError> {
         has_left_or_unknown(self, name).await?;
-        Ok(self
-            .db
-            .inbox_after(name, after, limit, INBOX_READ_BYTES)?
-            .into_iter()
-            .filter_map(|(_, v)| decode_stored(&v).map(|(item, _)| item))
-            .collect())
+        Ok(self.db.inbox_after(name, after, limit, INBOX_READ_BYTES)?)
     }
 
     /// The last inbox sequence number, and the live feed from there on.
@@ -474,19 +328,9 @@ impl<N: Net> Agent<N> {
     /// the saved de-duplication window, the agent's topics, the pending
     /// events to resume (see [`Restore::apply`]).
     pub(crate) fn prepare_restore(&self, name: &str, topics: &[String]) -> Result<Restore, AgentError> {
-        let window: Vec<StoredDedup> = match self.db.dedup(name)? {
-            Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let pending: Vec<PendingEvent> = self
-            .db
-            .pending(name)?
-            .iter()
-            .filter_map(|b| serde_json::from_slice::<StoredPending>(b).ok()?.to_core())
-            .collect();
         Ok(Restore {
-            window,
-            pending,
+            window: self.db.dedup(name)?,
+            pending: self.db.pending(name)?,
             topics: topics.iter().filter(|t| !is_local(t)).cloned().collect(),
         })
     }
@@ -494,7 +338,7 @@ impl<N: Net> Agent<N> {
 
 /// See [`Agent::prepare_restore`].
 pub(crate) struct Restore {
-    window: Vec<StoredDedup>,
+    window: Vec<DedupEntry>,
     pending: Vec<PendingEvent>,
     topics: Vec<String>,
 }
@@ -505,7 +349,7 @@ impl Restore {
     /// first must find it subscribed and remembering.
     pub(crate) fn apply(self, o: &mut rumormill_core::Overlay, now: std::time::Instant) {
         o.set_manual_acks(true);
-        o.restore_delivered(self.window.into_iter().map(StoredDedup::to_core));
+        o.restore_delivered(self.window);
         o.advance_clock(wall_ms());
         for t in &self.topics {
             let _ = o.subscribe(now, t);
@@ -528,10 +372,9 @@ pub(crate) fn report_ops<N: Net>(agent: &Agent<N>, name: &str, reports: &[Delive
     }
     let mut ops = Vec::new();
     for (id, rs) in by_event {
-        let Ok(Some(bytes)) = agent.db.report(name, &id) else {
-            continue;
-        };
-        let Ok(mut record) = serde_json::from_slice::<EventRecord>(&bytes) else {
+        // A record that does not decode was reported by the database;
+        // these reports then have nowhere to go.
+        let Ok(Some(mut record)) = agent.db.report(name, &id) else {
             continue;
         };
         for r in rs {
@@ -550,23 +393,17 @@ pub(crate) fn report_ops<N: Net>(agent: &Agent<N>, name: &str, reports: &[Delive
         record.complete = record.subscribers.iter().all(|s| s.outcome != "pending");
         if record.complete {
             ops.push(Op::DeletePending(id.clone()));
-        } else if let Some(mut p) = agent
-            .db
-            .pending_one(name, &id)
-            .ok()
-            .flatten()
-            .and_then(|b| serde_json::from_slice::<StoredPending>(&b).ok())
-        {
+        } else if let Ok(Some(mut p)) = agent.db.pending_one(name, &id) {
             let waiting: BTreeSet<&str> = record
                 .subscribers
                 .iter()
                 .filter(|s| s.outcome == "pending")
                 .map(|s| s.member.as_str())
                 .collect();
-            p.waiting.retain(|(n, _, _)| waiting.contains(n.as_str()));
-            ops.push(Op::PutPending(id.clone(), json(&p)));
+            p.waiting.retain(|(n, _, _)| waiting.contains(n.as_ref()));
+            ops.push(Op::PutPending(p));
         }
-        ops.push(Op::PutReport(id, json(&record)));
+        ops.push(Op::PutReport(record));
     }
     ops
 }

@@ -32,10 +32,8 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::agent::{Agent, wall_ms};
 use crate::driver::OverlayHandle;
-use crate::events::{
-    INBOX_KEEP, InboxItem, StoredDedup, decode_stored, encode_stored, json, payload_fields, report_ops,
-};
-use crate::persist::{Db, Op};
+use crate::events::{INBOX_KEEP, InboxItem, payload_fields, report_ops};
+use crate::persist::{Db, EncodedEntry, Op};
 use crate::transport::Net;
 
 /// Live inbox entries of one overlay, for connected applications.
@@ -266,10 +264,7 @@ impl InboxWriter {
     /// A writer that continues the stored inbox of `name`.
     pub(crate) fn open(db: &Db, name: String, cap: u64, counters: Arc<InboxCounters>) -> InboxWriter {
         let mut index = InboxIndex::default();
-        let scanned = db.inbox_scan(&name, |seq, v| {
-            let (alo, time) = decode_stored(v).map_or((true, 0), |(it, alo)| (alo, it.time_ms));
-            index.add(seq, v.len() as u64, alo, time);
-        });
+        let scanned = db.inbox_scan(&name, |e| index.add(e.seq, e.len, e.alo, e.time_ms));
         if let Err(e) = scanned {
             tracing::warn!(overlay = %name, error = %e, "inbox not measured");
         }
@@ -337,8 +332,8 @@ impl InboxWriter {
         let now_ms = wall_ms();
         for mut inc in entries {
             inc.item.seq = self.next_seq;
-            let bytes = encode_stored(&inc.item, inc.payload.as_deref(), inc.alo);
-            match self.index.make_room(bytes.len() as u64, self.cap, now_ms) {
+            let bytes = EncodedEntry::new(&inc.item, inc.payload.as_deref(), inc.alo);
+            match self.index.make_room(bytes.size() as u64, self.cap, now_ms) {
                 Some(gone) => {
                     self.counters.evicted.fetch_add(gone.len() as u64, Ordering::Relaxed);
                     out.ops.extend(gone.into_iter().map(Op::DeleteInbox));
@@ -373,7 +368,7 @@ impl InboxWriter {
             self.next_seq += 1;
             out.durable |= inc.alo;
             self.index
-                .add(inc.item.seq, bytes.len() as u64, inc.alo, inc.item.time_ms);
+                .add(inc.item.seq, bytes.size() as u64, inc.alo, inc.item.time_ms);
             out.ops.push(Op::Inbox(inc.item.seq, bytes));
             if let Some(id) = inc.ack {
                 out.acks.push(id);
@@ -446,8 +441,7 @@ async fn window_op(handle: &OverlayHandle, acks: &[EventId]) -> Op {
         })
         .await
         .unwrap_or_default();
-    let stored: Vec<StoredDedup> = window.into_iter().map(StoredDedup::from_core).collect();
-    Op::Dedup(json(&stored))
+    Op::Dedup(window)
 }
 
 /// Part 3: acknowledges the stored events to their publishers.
