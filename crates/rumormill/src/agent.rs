@@ -41,7 +41,9 @@ pub use rumormill_core::broadcast::RESERVED_PREFIX;
 /// How often the peers seen alive are saved for the next start.
 const PEERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// What an agent operation can fail with; the HTTP API maps each to a status.
+/// What an agent operation can fail with, in the agent's own terms; the
+/// HTTP API alone maps each to a status (`api.rs`). None of them changed
+/// anything, unless its variant says so.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// No overlay of that name.
@@ -53,18 +55,59 @@ pub enum AgentError {
     /// No value under that key.
     #[error("no value under key {0:?}")]
     UnknownKey(String),
-    /// Something else asked for does not exist (the message says what).
-    #[error("{0}")]
-    NotFound(String),
+    /// The local member has no luggage under that key.
+    #[error("this member has no luggage under {0:?}")]
+    UnknownLuggage(String),
+    /// This agent published no at-least-once event with that id.
+    #[error("no at-least-once event {0:?} published by this agent")]
+    UnknownEvent(String),
+    /// The agent does not subscribe to that topic.
+    #[error("the agent does not subscribe to {0:?}")]
+    NotSubscribed(String),
     /// A setting is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A request is malformed.
+    /// A join names no address.
+    #[error("give at least one address to join")]
+    NoAddresses,
+    /// An update asks for what only a delete and a create can do.
+    #[error(transparent)]
+    Update(#[from] UpdateRefused),
+    /// A value's key that clients may not use.
+    #[error(transparent)]
+    ValueKey(#[from] ValueKeyRefused),
+    /// The topic is one of the agent's local ones.
+    #[error("topic {0:?} is the agent's own: it cannot be published")]
+    LocalTopic(String),
+    /// The topic's name is invalid (the message says why).
     #[error("{0}")]
-    BadRequest(String),
-    /// The request conflicts with the overlay's state.
+    InvalidTopic(String),
+    /// The delivery settings are invalid (the message says why).
     #[error("{0}")]
-    Conflict(String),
+    InvalidDelivery(String),
+    /// The member has left the overlay; `join` brings it back.
+    #[error("the member has left overlay {0:?}; join again to come back")]
+    Left(String),
+    /// A leave of an overlay that had left already.
+    #[error("already left overlay {0:?}")]
+    AlreadyLeft(String),
+    /// The overlay stopped while the request ran (it was deleted
+    /// meanwhile); what the request did before is not undone.
+    #[error("overlay {0:?} stopped while the request ran")]
+    Stopped(String),
+    /// A key operation on a plaintext overlay.
+    #[error("overlay {0:?} is plaintext: it has no keyring")]
+    Plaintext(String),
+    /// The core refused the operation: the member has left, a quota, an
+    /// invalid argument.
+    #[error("{}", core_message(.0))]
+    Core(CoreError),
+    /// A write the core took but that stored no value.
+    #[error("the write stored no value")]
+    NothingStored,
+    /// A key operation was refused (see [`crate::keyring::KeyError`]).
+    #[error(transparent)]
+    Key(#[from] crate::keyring::KeyError),
     /// The overlay's sockets could not be bound.
     #[error("overlay {overlay:?}: cannot listen on {addr}: {source}")]
     Bind {
@@ -78,10 +121,47 @@ pub enum AgentError {
     /// The data directory failed.
     #[error(transparent)]
     Persist(#[from] PersistError),
-    /// The write would take this member beyond its quota in the
-    /// overlay's store (or its luggage limits).
-    #[error("{0}")]
-    Quota(String),
+}
+
+/// What an update of an overlay's settings cannot change.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateRefused {
+    /// The body names another overlay than the path.
+    #[error("the body names overlay {body:?}, the path {path:?}; overlays cannot be renamed")]
+    Rename {
+        /// The name in the body.
+        body: String,
+        /// The name in the path.
+        path: String,
+    },
+    /// The spec carries keys.
+    #[error("keys cannot be changed by an update: use the keys endpoints")]
+    Keys,
+    /// The member name differs (it is the member's identity).
+    #[error("the member name ({0:?}) is the member's identity and cannot change: delete and create the overlay")]
+    Member(String),
+    /// Plaintext would be switched on or off.
+    #[error("plaintext cannot be changed on a running overlay: delete and create it")]
+    Plaintext,
+}
+
+/// Why a client may not use a value's key.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueKeyRefused {
+    /// Empty, or longer than 1024 bytes.
+    #[error("a key must have 1 to 1024 bytes")]
+    Length,
+    /// Under the reserved prefix.
+    #[error("keys starting with {RESERVED_PREFIX:?} are reserved")]
+    Reserved,
+}
+
+/// The message of a core error, as the agent says it.
+fn core_message(e: &CoreError) -> String {
+    match e {
+        CoreError::Left => "the member has left the overlay".into(),
+        other => other.to_string(),
+    }
 }
 
 /// One row of a member list.
@@ -661,23 +741,19 @@ impl<N: Net> Agent<N> {
     /// keyring is kept, the spec's `keys` must be empty).
     pub async fn update_overlay(&self, name: &str, spec: OverlaySpec) -> Result<OverlaySummary, AgentError> {
         if spec.name != name {
-            return Err(AgentError::BadRequest(format!(
-                "the body names overlay {:?}, the path {name:?}; overlays cannot be renamed",
-                spec.name
-            )));
+            return Err(UpdateRefused::Rename {
+                body: spec.name,
+                path: name.to_owned(),
+            }
+            .into());
         }
         if !spec.keys.is_empty() {
-            return Err(AgentError::BadRequest(
-                "keys cannot be changed by an update: use the keys endpoints".into(),
-            ));
+            return Err(UpdateRefused::Keys.into());
         }
         {
             let mut r = self.lock(name).await?;
             if spec.member.as_ref().is_some_and(|m| *m != r.record.member) {
-                return Err(AgentError::BadRequest(format!(
-                    "the member name ({:?}) is the member's identity and cannot change: delete and create the overlay",
-                    r.record.member
-                )));
+                return Err(UpdateRefused::Member(r.record.member.clone()).into());
             }
             if r.left {
                 return Err(has_left(name));
@@ -686,9 +762,7 @@ impl<N: Net> Agent<N> {
             check.keys = r.record.keys.clone();
             check.plaintext = r.record.keys.is_empty();
             if spec.plaintext != check.plaintext {
-                return Err(AgentError::BadRequest(
-                    "plaintext cannot be changed on a running overlay: delete and create it".into(),
-                ));
+                return Err(UpdateRefused::Plaintext.into());
             }
             check.validate()?;
             r.stop_tasks();
@@ -777,7 +851,7 @@ impl<N: Net> Agent<N> {
     /// Joins members at `addrs`. After a leave, restarts the overlay first.
     pub async fn join(&self, name: &str, addrs: Vec<SocketAddr>) -> Result<(), AgentError> {
         if addrs.is_empty() {
-            return Err(AgentError::BadRequest("give at least one address to join".into()));
+            return Err(AgentError::NoAddresses);
         }
         {
             let mut r = self.lock(name).await?;
@@ -796,7 +870,7 @@ impl<N: Net> Agent<N> {
     pub async fn leave(&self, name: &str) -> Result<(), AgentError> {
         let mut r = self.lock(name).await?;
         if r.left {
-            return Err(AgentError::Conflict(format!("already left overlay {name:?}")));
+            return Err(AgentError::AlreadyLeft(name.to_owned()));
         }
         r.stop_tasks();
         // Left once asked to: a cancelled request must not leave a slot
@@ -817,7 +891,7 @@ impl<N: Net> Agent<N> {
         })
         .await?
         .map_err(core_error)?
-        .ok_or_else(|| AgentError::BadRequest("the write stored no value".into()))
+        .ok_or(AgentError::NothingStored)
     }
 
     /// Reads a value.
@@ -900,9 +974,7 @@ impl<N: Net> Agent<N> {
         if existed {
             Ok(())
         } else {
-            Err(AgentError::NotFound(format!(
-                "this member has no luggage under {key:?}"
-            )))
+            Err(AgentError::UnknownLuggage(key.to_owned()))
         }
     }
 
@@ -1002,24 +1074,20 @@ pub(crate) async fn has_left_or_unknown<N: Net>(agent: &Agent<N>, name: &str) ->
 }
 
 fn has_left(name: &str) -> AgentError {
-    AgentError::Conflict(format!("the member has left overlay {name:?}; join again to come back"))
+    AgentError::Left(name.to_owned())
 }
 
 /// The overlay's task ended under a request (it was deleted meanwhile).
 pub(crate) fn stopped(name: &str) -> AgentError {
-    AgentError::Conflict(format!("overlay {name:?} stopped while the request ran"))
+    AgentError::Stopped(name.to_owned())
 }
 
 pub(crate) fn plaintext(name: &str) -> AgentError {
-    AgentError::Conflict(format!("overlay {name:?} is plaintext: it has no keyring"))
+    AgentError::Plaintext(name.to_owned())
 }
 
 pub(crate) fn core_error(e: CoreError) -> AgentError {
-    match e {
-        CoreError::Left => AgentError::Conflict("the member has left the overlay".into()),
-        CoreError::Quota(q) => AgentError::Quota(q.to_string()),
-        other => AgentError::BadRequest(other.to_string()),
-    }
+    AgentError::Core(e)
 }
 
 fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {
@@ -1051,12 +1119,10 @@ fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {
 
 fn check_user_key(key: &str) -> Result<(), AgentError> {
     if key.is_empty() || key.len() > 1024 {
-        return Err(AgentError::BadRequest("a key must have 1 to 1024 bytes".into()));
+        return Err(ValueKeyRefused::Length.into());
     }
     if key.starts_with(RESERVED_PREFIX) {
-        return Err(AgentError::BadRequest(format!(
-            "keys starting with {RESERVED_PREFIX:?} are reserved"
-        )));
+        return Err(ValueKeyRefused::Reserved.into());
     }
     Ok(())
 }

@@ -126,9 +126,9 @@ impl DeliverySpec {
         Ok(match self {
             DeliverySpec::BestEffort => Delivery::BestEffort,
             DeliverySpec::AtLeastOnce { retry_every, retry_max } => {
-                let every = crate::config::parse_duration(retry_every).map_err(AgentError::BadRequest)?;
+                let every = crate::config::parse_duration(retry_every).map_err(AgentError::InvalidDelivery)?;
                 if every < Duration::from_millis(10) {
-                    return Err(AgentError::BadRequest("retry_every must be at least 10ms".into()));
+                    return Err(AgentError::InvalidDelivery("retry_every must be at least 10ms".into()));
                 }
                 Delivery::AtLeastOnce {
                     retry_every: every,
@@ -189,9 +189,7 @@ impl<N: Net> Agent<N> {
         delivery: &DeliverySpec,
     ) -> Result<EventRecord, AgentError> {
         if is_local(topic) {
-            return Err(AgentError::BadRequest(format!(
-                "topic {topic:?} is the agent's own: it cannot be published"
-            )));
+            return Err(AgentError::LocalTopic(topic.to_owned()));
         }
         let d = delivery.to_core()?;
         let handle = self.handle(name).await?;
@@ -254,7 +252,7 @@ impl<N: Net> Agent<N> {
         has_left_or_unknown(self, name).await?;
         self.db
             .report(name, id)?
-            .ok_or_else(|| AgentError::NotFound(format!("no at-least-once event {id:?} published by this agent")))
+            .ok_or_else(|| AgentError::UnknownEvent(id.to_owned()))
     }
 
     /// The agent's topics in an overlay.
@@ -265,7 +263,7 @@ impl<N: Net> Agent<N> {
     /// Subscribes the agent to topics (kept across restarts).
     pub async fn subscribe(&self, name: &str, topics: &[String]) -> Result<Vec<String>, AgentError> {
         for t in topics {
-            rumormill_core::events::subscriptions::check_topic(t).map_err(AgentError::BadRequest)?;
+            rumormill_core::events::subscriptions::check_topic(t).map_err(AgentError::InvalidTopic)?;
         }
         let mut r = self.lock_running(name).await?;
         let gossiped: Vec<String> = topics.iter().filter(|t| !is_local(t)).cloned().collect();
@@ -289,9 +287,7 @@ impl<N: Net> Agent<N> {
     pub async fn unsubscribe(&self, name: &str, topic: &str) -> Result<Vec<String>, AgentError> {
         let mut r = self.lock_running(name).await?;
         if !r.record.topics.iter().any(|t| t == topic) {
-            return Err(AgentError::NotFound(format!(
-                "the agent does not subscribe to {topic:?}"
-            )));
+            return Err(AgentError::NotSubscribed(topic.to_owned()));
         }
         let t = topic.to_owned();
         r.handle
