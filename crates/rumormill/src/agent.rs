@@ -165,7 +165,7 @@ fn core_message(e: &CoreError) -> String {
 }
 
 /// One row of a member list.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct MemberRow {
     /// Name.
     pub name: String,
@@ -186,7 +186,7 @@ pub struct MemberRow {
 }
 
 /// A stored value.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct UpdateRow {
     /// Key.
     pub key: String,
@@ -202,7 +202,7 @@ pub struct UpdateRow {
 }
 
 /// Summary of one overlay.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct OverlaySummary {
     /// Name.
     pub name: String,
@@ -226,7 +226,7 @@ pub struct OverlaySummary {
 }
 
 /// Counters of one overlay.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct OverlayStats {
     /// Datagrams sent.
     pub datagrams_sent: u64,

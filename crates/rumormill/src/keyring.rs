@@ -245,7 +245,7 @@ struct Report {
 
 /// A key of an overlay's keyring (never the secret), with how many live
 /// members hold it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyRow {
     /// Key id (hex), as in packet headers.
     pub id: String,
@@ -265,7 +265,7 @@ pub struct KeyRow {
 }
 
 /// The outcome of a key operation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyChange {
     /// The key's id.
     pub id: String,

@@ -63,7 +63,7 @@ pub struct AgentArgs {
     profile: Option<Profile>,
 }
 
-fn parse_profile(s: &str) -> Result<Profile, String> {
+pub(super) fn parse_profile(s: &str) -> Result<Profile, String> {
     match s {
         "lan" => Ok(Profile::Lan),
         "wan" => Ok(Profile::Wan),
