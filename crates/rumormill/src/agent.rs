@@ -326,7 +326,7 @@ pub(crate) enum SlotState {
     /// by an abandoned start: the overlay does not exist.
     Starting,
     /// Started: running, or left (stopped but still configured).
-    Up(Running),
+    Up(Box<Running>),
     /// Deleted, or its start failed: on its way out of the table. Whoever
     /// waited for the lock finds no overlay.
     Gone,
@@ -367,7 +367,7 @@ struct Reservation<'a, N: Net> {
 impl<N: Net> Reservation<'_, N> {
     fn fill(mut self, running: Running) {
         if let Some(mut guard) = self.guard.take() {
-            *guard = SlotState::Up(running);
+            *guard = SlotState::Up(Box::new(running));
         }
     }
 }

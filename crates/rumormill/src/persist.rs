@@ -591,7 +591,7 @@ impl Tables {
             return Ok(Vec::new());
         };
         serde_json::from_slice::<Vec<StoredDedup>>(v.value())
-            .map(|w| w.into_iter().map(StoredDedup::to_core).collect())
+            .map(|w| w.into_iter().map(StoredDedup::into_core).collect())
             .map_err(|e| self.undecodable("events_dedup", overlay.to_owned(), e.to_string()))
     }
 
@@ -808,7 +808,7 @@ impl StoredDedup {
         }
     }
 
-    fn to_core(self) -> DedupEntry {
+    fn into_core(self) -> DedupEntry {
         DedupEntry {
             origin: self.origin.into(),
             epoch: self.epoch,
