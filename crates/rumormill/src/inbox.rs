@@ -78,9 +78,11 @@ pub(crate) async fn pump<N: Net>(
     let Some(mut stream) = handle.take_event_stream() else {
         return;
     };
-    let Some(mut writer) = agent.upgrade().map(|a| InboxWriter::open(&a.db, name, cap, counters)) else {
+    let Some(db) = agent.upgrade().map(|a| a.db.clone()) else {
         return;
     };
+    let mut writer = InboxWriter::open(&db, name, cap, counters).await;
+    drop(db);
     loop {
         let first = tokio::select! {
             e = stream.recv() => e,
@@ -262,13 +264,24 @@ struct Admitted {
 
 impl InboxWriter {
     /// A writer that continues the stored inbox of `name`.
-    pub(crate) fn open(db: &Db, name: String, cap: u64, counters: Arc<InboxCounters>) -> InboxWriter {
+    pub(crate) async fn open(db: &Db, name: String, cap: u64, counters: Arc<InboxCounters>) -> InboxWriter {
         let mut index = InboxIndex::default();
         let scanned = db.inbox_scan(&name, |e| index.add(e.seq, e.len, e.alo, e.time_ms));
         if let Err(e) = scanned {
             tracing::warn!(overlay = %name, error = %e, "inbox not measured");
         }
-        let next_seq = db.inbox_next(&name).unwrap_or(1);
+        // Without it, numbers could be handed out twice: wait for it.
+        let mut backoff = Duration::from_millis(50);
+        let next_seq = loop {
+            match db.inbox_next(&name) {
+                Ok(n) => break n,
+                Err(e) => {
+                    tracing::error!(overlay = %name, error = %e, "inbox position not read yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
         InboxWriter {
             name,
             index,
@@ -306,7 +319,16 @@ impl InboxWriter {
     ) -> Stored {
         let mut admitted = self.admit(handle, entries).await;
         if !admitted.acks.is_empty() {
-            admitted.ops.push(window_op(handle, &admitted.acks).await);
+            let Some(window) = window_op(handle, &admitted.acks).await else {
+                // The overlay stopped: store nothing, acknowledge nothing.
+                // The publishers resend, and the window saved last, which
+                // holds none of these, lets them in once at the next start.
+                return Stored {
+                    acks: Vec::new(),
+                    entries: Vec::new(),
+                };
+            };
+            admitted.ops.push(window);
         }
         if !admitted.ops.is_empty() || !reports.is_empty() {
             self.commit(agent, admitted.ops, &reports, admitted.durable).await;
@@ -431,8 +453,9 @@ impl InboxWriter {
 
 /// Marks `acks` stored in the core and returns the de-duplication window
 /// to save with them: it includes exactly these events and those stored
-/// before, never one that is not in the inbox.
-async fn window_op(handle: &OverlayHandle, acks: &[EventId]) -> Op {
+/// before, never one that is not in the inbox. `None` once the overlay
+/// has stopped (an empty window saved then would wipe the one on disk).
+async fn window_op(handle: &OverlayHandle, acks: &[EventId]) -> Option<Op> {
     let ids = acks.to_vec();
     let window = handle
         .call(move |o, _| {
@@ -440,8 +463,8 @@ async fn window_op(handle: &OverlayHandle, acks: &[EventId]) -> Op {
             o.delivered_window()
         })
         .await
-        .unwrap_or_default();
-    Op::Dedup(window)
+        .ok()?;
+    Some(Op::Dedup(window))
 }
 
 /// Part 3: acknowledges the stored events to their publishers.
