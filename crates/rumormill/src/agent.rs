@@ -25,12 +25,14 @@ use std::time::Duration;
 use base64::Engine;
 use rumormill_core::{CoreError, Identity, MemberInfo, MemberState, Overlay, Security};
 use rumormill_wire::Keyring;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, AgentConfig, ConfigError, OverlaySpec, Seed};
 use crate::driver::{Driver, DriverOptions, OverlayHandle, Stopped};
-use crate::persist::{Db, OverlayRecord, PersistError};
+/// What the data directory can fail with.
+pub use crate::persist::PersistError;
+use crate::persist::{Db, OverlayRecord};
 use crate::transport::Net;
 
 /// Keys under this prefix are the agent's own per-member data (racks);
@@ -39,7 +41,9 @@ pub use rumormill_core::broadcast::RESERVED_PREFIX;
 /// How often the peers seen alive are saved for the next start.
 const PEERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// What an agent operation can fail with; the HTTP API maps each to a status.
+/// What an agent operation can fail with, in the agent's own terms; the
+/// HTTP API alone maps each to a status (`api.rs`). None of them changed
+/// anything, unless its variant says so.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// No overlay of that name.
@@ -51,18 +55,59 @@ pub enum AgentError {
     /// No value under that key.
     #[error("no value under key {0:?}")]
     UnknownKey(String),
-    /// Something else asked for does not exist (the message says what).
-    #[error("{0}")]
-    NotFound(String),
+    /// The local member has no luggage under that key.
+    #[error("this member has no luggage under {0:?}")]
+    UnknownLuggage(String),
+    /// This agent published no at-least-once event with that id.
+    #[error("no at-least-once event {0:?} published by this agent")]
+    UnknownEvent(String),
+    /// The agent does not subscribe to that topic.
+    #[error("the agent does not subscribe to {0:?}")]
+    NotSubscribed(String),
     /// A setting is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A request is malformed.
+    /// A join names no address.
+    #[error("give at least one address to join")]
+    NoAddresses,
+    /// An update asks for what only a delete and a create can do.
+    #[error(transparent)]
+    Update(#[from] UpdateRefused),
+    /// A value's key that clients may not use.
+    #[error(transparent)]
+    ValueKey(#[from] ValueKeyRefused),
+    /// The topic is one of the agent's local ones.
+    #[error("topic {0:?} is the agent's own: it cannot be published")]
+    LocalTopic(String),
+    /// The topic's name is invalid (the message says why).
     #[error("{0}")]
-    BadRequest(String),
-    /// The request conflicts with the overlay's state.
+    InvalidTopic(String),
+    /// The delivery settings are invalid (the message says why).
     #[error("{0}")]
-    Conflict(String),
+    InvalidDelivery(String),
+    /// The member has left the overlay; `join` brings it back.
+    #[error("the member has left overlay {0:?}; join again to come back")]
+    Left(String),
+    /// A leave of an overlay that had left already.
+    #[error("already left overlay {0:?}")]
+    AlreadyLeft(String),
+    /// The overlay stopped while the request ran (it was deleted
+    /// meanwhile); what the request did before is not undone.
+    #[error("overlay {0:?} stopped while the request ran")]
+    Stopped(String),
+    /// A key operation on a plaintext overlay.
+    #[error("overlay {0:?} is plaintext: it has no keyring")]
+    Plaintext(String),
+    /// The core refused the operation: the member has left, a quota, an
+    /// invalid argument.
+    #[error("{}", core_message(.0))]
+    Core(CoreError),
+    /// A write the core took but that stored no value.
+    #[error("the write stored no value")]
+    NothingStored,
+    /// A key operation was refused (see [`crate::keyring::KeyError`]).
+    #[error(transparent)]
+    Key(#[from] crate::keyring::KeyError),
     /// The overlay's sockets could not be bound.
     #[error("overlay {overlay:?}: cannot listen on {addr}: {source}")]
     Bind {
@@ -76,14 +121,51 @@ pub enum AgentError {
     /// The data directory failed.
     #[error(transparent)]
     Persist(#[from] PersistError),
-    /// The write would take this member beyond its quota in the
-    /// overlay's store (or its luggage limits).
-    #[error("{0}")]
-    Quota(String),
+}
+
+/// What an update of an overlay's settings cannot change.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateRefused {
+    /// The body names another overlay than the path.
+    #[error("the body names overlay {body:?}, the path {path:?}; overlays cannot be renamed")]
+    Rename {
+        /// The name in the body.
+        body: String,
+        /// The name in the path.
+        path: String,
+    },
+    /// The spec carries keys.
+    #[error("keys cannot be changed by an update: use the keys endpoints")]
+    Keys,
+    /// The member name differs (it is the member's identity).
+    #[error("the member name ({0:?}) is the member's identity and cannot change: delete and create the overlay")]
+    Member(String),
+    /// Plaintext would be switched on or off.
+    #[error("plaintext cannot be changed on a running overlay: delete and create it")]
+    Plaintext,
+}
+
+/// Why a client may not use a value's key.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueKeyRefused {
+    /// Empty, or longer than 1024 bytes.
+    #[error("a key must have 1 to 1024 bytes")]
+    Length,
+    /// Under the reserved prefix.
+    #[error("keys starting with {RESERVED_PREFIX:?} are reserved")]
+    Reserved,
+}
+
+/// The message of a core error, as the agent says it.
+fn core_message(e: &CoreError) -> String {
+    match e {
+        CoreError::Left => "the member has left the overlay".into(),
+        other => other.to_string(),
+    }
 }
 
 /// One row of a member list.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct MemberRow {
     /// Name.
     pub name: String,
@@ -104,7 +186,7 @@ pub struct MemberRow {
 }
 
 /// A stored value.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct UpdateRow {
     /// Key.
     pub key: String,
@@ -120,7 +202,7 @@ pub struct UpdateRow {
 }
 
 /// Summary of one overlay.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct OverlaySummary {
     /// Name.
     pub name: String,
@@ -144,7 +226,7 @@ pub struct OverlaySummary {
 }
 
 /// Counters of one overlay.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct OverlayStats {
     /// Datagrams sent.
     pub datagrams_sent: u64,
@@ -202,11 +284,11 @@ pub(crate) struct Running {
     pub(crate) left: bool,
     tasks: Vec<JoinHandle<()>>,
     /// Live inbox entries for connected applications.
-    pub(crate) feed: crate::events::InboxFeed,
+    pub(crate) feed: crate::inbox::InboxFeed,
     /// The agent's topics, as the event pump sees them.
     topics: Arc<std::sync::Mutex<Vec<String>>>,
     /// What the inbox's byte cap evicted and refused.
-    inbox: Arc<crate::events::InboxCounters>,
+    inbox: Arc<crate::inbox::InboxCounters>,
 }
 
 impl Running {
@@ -231,12 +313,97 @@ impl Drop for Running {
     }
 }
 
+/// One overlay's slot: its state behind a lock of its own. What takes
+/// long on an overlay — starting it (binding, then up to 5 s for a first
+/// sync of its store), leaving (up to 5 s), deleting it, saving its record
+/// — holds this lock, so it holds up requests on this overlay only.
+pub(crate) type Slot = Arc<Mutex<SlotState>>;
+
+/// What a [`Slot`] holds.
+pub(crate) enum SlotState {
+    /// Reserved by a start that has not finished; the starter holds the
+    /// lock. Anyone else who gets the lock and still finds this was left
+    /// by an abandoned start: the overlay does not exist.
+    Starting,
+    /// Started: running, or left (stopped but still configured).
+    Up(Box<Running>),
+    /// Deleted, or its start failed: on its way out of the table. Whoever
+    /// waited for the lock finds no overlay.
+    Gone,
+}
+
+/// A locked slot that holds an overlay (see [`Agent::lock`]).
+pub(crate) struct Held(OwnedMutexGuard<SlotState>);
+
+impl std::ops::Deref for Held {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        match &*self.0 {
+            SlotState::Up(r) => r,
+            SlotState::Starting | SlotState::Gone => unreachable!("a slot is held only once found up"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Running {
+        match &mut *self.0 {
+            SlotState::Up(r) => r,
+            SlotState::Starting | SlotState::Gone => unreachable!("a slot is held only once found up"),
+        }
+    }
+}
+
+/// A name reserved in the table for a start (see [`Agent::reserve`]):
+/// filled with the started overlay, or — when the start fails or its
+/// request is cancelled — marked gone and taken out of the table again.
+struct Reservation<'a, N: Net> {
+    agent: &'a Agent<N>,
+    name: String,
+    slot: Slot,
+    guard: Option<OwnedMutexGuard<SlotState>>,
+}
+
+impl<N: Net> Reservation<'_, N> {
+    fn fill(mut self, running: Running) {
+        if let Some(mut guard) = self.guard.take() {
+            *guard = SlotState::Up(Box::new(running));
+        }
+    }
+}
+
+impl<N: Net> Drop for Reservation<'_, N> {
+    fn drop(&mut self) {
+        if let Some(mut guard) = self.guard.take() {
+            *guard = SlotState::Gone;
+            // Out of the table before the lock is released, so that a
+            // waiter that finds it gone finds the name free.
+            self.agent.unlist(&self.name, &self.slot);
+        }
+    }
+}
+
+/// Takes a slot out of the table when dropped (a delete, however it ends).
+struct Unlist<'a, N: Net> {
+    agent: &'a Agent<N>,
+    name: &'a str,
+    slot: &'a Slot,
+}
+
+impl<N: Net> Drop for Unlist<'_, N> {
+    fn drop(&mut self) {
+        self.agent.unlist(self.name, self.slot);
+    }
+}
+
 /// The agent.
 pub struct Agent<N: Net> {
     net: N,
     pub(crate) db: Db,
     host: String,
-    pub(crate) overlays: Mutex<BTreeMap<String, Running>>,
+    /// The overlays' slots by name. This lock is taken only to look up,
+    /// insert or remove a slot, never across a wait.
+    slots: std::sync::Mutex<BTreeMap<String, Slot>>,
     /// Serializes the stores of published events and their reports.
     pub(crate) events_lock: Mutex<()>,
     me: Weak<Agent<N>>,
@@ -257,7 +424,14 @@ impl<N: Net> Agent<N> {
     /// With none at all, starts one named `default` with a new key.
     pub async fn start(net: N, config: AgentConfig) -> Result<Arc<Agent<N>>, AgentError> {
         config.validate()?;
-        let db = Db::open(&config.data_dir)?;
+        // Opening commits (a new file gets its format mark): off the runtime.
+        let dir = config.data_dir.clone();
+        let db = tokio::task::spawn_blocking(move || Db::open(&dir))
+            .await
+            .map_err(|e| PersistError::Io {
+                path: config.data_dir.join(crate::persist::DB_FILE),
+                reason: format!("the opening thread failed: {e}"),
+            })??;
         let mut records: BTreeMap<String, OverlayRecord> =
             db.overlays()?.into_iter().map(|r| (r.spec.name.clone(), r)).collect();
         let host = host_name();
@@ -291,16 +465,91 @@ impl<N: Net> Agent<N> {
             net,
             db,
             host,
-            overlays: Mutex::new(BTreeMap::new()),
+            slots: std::sync::Mutex::new(BTreeMap::new()),
             events_lock: Mutex::new(()),
             me: me.clone(),
         });
-        for (_, rec) in records {
-            let mut overlays = agent.overlays.lock().await;
+        for (name, rec) in records {
+            // In the table while it starts: its tasks (the keyring
+            // watcher) look it up and wait for the start to finish.
+            let reservation = agent.reserve(&name).await?;
             let running = agent.launch(rec).await?;
-            overlays.insert(running.record.spec.name.clone(), running);
+            reservation.fill(running);
         }
         Ok(agent)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
+        // Nothing panics while holding it (lookups and inserts only).
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn slot(&self, name: &str) -> Result<Slot, AgentError> {
+        self.table()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))
+    }
+
+    /// Takes `slot` out of the table if it is still the one under `name`.
+    fn unlist(&self, name: &str, slot: &Slot) {
+        let mut table = self.table();
+        if table.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            table.remove(name);
+        }
+    }
+
+    /// An overlay's slot, locked, when it holds one (left or not). Waits
+    /// only for what is under way on this overlay (a start, a leave, a
+    /// delete, a record being saved).
+    pub(crate) async fn lock(&self, name: &str) -> Result<Held, AgentError> {
+        let guard = self.slot(name)?.lock_owned().await;
+        match &*guard {
+            SlotState::Up(_) => Ok(Held(guard)),
+            SlotState::Starting | SlotState::Gone => Err(AgentError::UnknownOverlay(name.to_owned())),
+        }
+    }
+
+    /// Like [`Agent::lock`], for an overlay that has not left.
+    pub(crate) async fn lock_running(&self, name: &str) -> Result<Held, AgentError> {
+        let held = self.lock(name).await?;
+        if held.left {
+            return Err(has_left(name));
+        }
+        Ok(held)
+    }
+
+    /// Reserves `name` for a start: a new slot, locked, in the table. An
+    /// overlay of that name is refused; a delete of it under way is waited
+    /// for, and then the name is free.
+    async fn reserve(&self, name: &str) -> Result<Reservation<'_, N>, AgentError> {
+        loop {
+            let existing = {
+                let mut table = self.table();
+                match table.get(name) {
+                    Some(slot) => slot.clone(),
+                    None => {
+                        let slot: Slot = Arc::new(Mutex::new(SlotState::Starting));
+                        let Ok(guard) = slot.clone().try_lock_owned() else {
+                            unreachable!("nobody else knows the new slot")
+                        };
+                        table.insert(name.to_owned(), slot.clone());
+                        return Ok(Reservation {
+                            agent: self,
+                            name: name.to_owned(),
+                            slot,
+                            guard: Some(guard),
+                        });
+                    }
+                }
+            };
+            let state = existing.clone().lock_owned().await;
+            match &*state {
+                SlotState::Up(_) => return Err(AgentError::OverlayExists(name.to_owned())),
+                // Deleted, or an abandoned start: make room and try again.
+                SlotState::Starting | SlotState::Gone => self.unlist(name, &existing),
+            }
+        }
     }
 
     /// Starts an overlay from its record: next boot epoch (saved first),
@@ -313,7 +562,7 @@ impl<N: Net> Agent<N> {
         let bind = spec.bind_addr()?;
         let advertise = spec.advertise_addr()?;
         rec.epoch += 1;
-        self.db.put_overlay(&rec)?;
+        self.db.put_overlay(&rec).await?;
         let identity_name = rec.member.clone();
         let epoch = rec.epoch;
         let overlay_id = rumormill_wire::overlay_id(&name);
@@ -399,7 +648,7 @@ impl<N: Net> Agent<N> {
             let watcher = crate::keyring::watch(self.me.clone(), spec.name.clone(), handle.clone());
             running.tasks.push(tokio::spawn(watcher));
         }
-        let pump = crate::events::pump(
+        let pump = crate::inbox::pump(
             self.me.clone(),
             spec.name.clone(),
             handle.clone(),
@@ -441,30 +690,22 @@ impl<N: Net> Agent<N> {
     }
 
     async fn save_peers(&self, name: &str, peers: Vec<SocketAddr>) {
-        let mut overlays = self.overlays.lock().await;
-        if let Some(r) = overlays.get_mut(name) {
+        if let Ok(mut r) = self.lock(name).await {
             r.record.peers = peers;
-            if let Err(e) = self.db.put_overlay(&r.record) {
+            if let Err(e) = self.db.put_overlay(&r.record).await {
                 tracing::warn!(overlay = %name, error = %e, "peers not saved");
             }
         }
     }
 
-    /// Names of the overlays.
+    /// Names of the overlays (those starting included).
     pub async fn overlay_names(&self) -> Vec<String> {
-        self.overlays.lock().await.keys().cloned().collect()
+        self.table().keys().cloned().collect()
     }
 
     /// A running overlay's handle.
     pub async fn handle(&self, name: &str) -> Result<OverlayHandle, AgentError> {
-        let overlays = self.overlays.lock().await;
-        let r = overlays
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-        if r.left {
-            return Err(has_left(name));
-        }
-        Ok(r.handle.clone())
+        Ok(self.lock_running(name).await?.handle.clone())
     }
 
     async fn call<T: Send + 'static>(
@@ -478,109 +719,41 @@ impl<N: Net> Agent<N> {
 
     /// Summary of one overlay.
     pub async fn overlay(&self, name: &str) -> Result<OverlaySummary, AgentError> {
-        let (rec, handle, left, inbox) = {
-            let overlays = self.overlays.lock().await;
-            let r = overlays
-                .get(name)
-                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-            (r.record.clone(), r.handle.clone(), r.left, r.inbox.clone())
-        };
-        let t = handle.transport_stats();
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let mut stats = OverlayStats {
-            send_errors: load(&t.send_errors),
-            stream_errors: load(&t.stream_errors),
-            streams_dropped: load(&t.streams_dropped),
-            connections_refused: load(&t.connections_refused),
-            connections_evicted: load(&t.connections_evicted),
-            frames_refused: load(&t.frames_refused),
-            inbox_evicted: load(&inbox.evicted),
-            inbox_refused: load(&inbox.refused),
-            inbox_over_cap: load(&inbox.over_cap),
-            ..OverlayStats::default()
-        };
-        let live = if left {
-            0
-        } else {
-            let (live, s, values, d) = handle
-                .call(|o, _| {
-                    (
-                        o.live_count(),
-                        o.stats().clone(),
-                        o.store().len(),
-                        o.dissemination_stats(),
-                    )
-                })
-                .await
-                .unwrap_or_default();
-            stats.quota_refused = d.quota_refused;
-            stats.luggage_refused = d.luggage_refused;
-            stats.datagrams_sent = s.datagrams_sent;
-            stats.datagrams_received = s.datagrams_received;
-            stats.frames_sent = s.frames_sent;
-            stats.frames_received = s.frames_received;
-            stats.rejected = s.rejected;
-            stats.last_rejection = s.last_rejection.map(|e| e.to_string());
-            stats.malformed = s.malformed;
-            stats.refutations = s.refutations;
-            stats.values = values;
-            live
-        };
-        let mut spec = rec.spec.clone();
-        spec.keys = rec.keys.iter().map(|_| String::new()).collect(); // masked below
-        Ok(OverlaySummary {
-            name: name.to_owned(),
-            member: rec.member.clone(),
-            addr: handle.addr(),
-            epoch: rec.epoch,
-            encrypted: !rec.keys.is_empty(),
-            status: if left { "left" } else { "running" }.into(),
-            live_members: live,
-            spec: spec.masked(),
-            stats,
-        })
+        let r = self.lock(name).await?;
+        Ok(summary(&r).await)
     }
 
     /// Creates and starts an overlay.
     pub async fn create_overlay(&self, spec: OverlaySpec) -> Result<OverlaySummary, AgentError> {
         spec.validate()?;
         let name = spec.name.clone();
-        {
-            let mut overlays = self.overlays.lock().await;
-            if overlays.contains_key(&name) {
-                return Err(AgentError::OverlayExists(name));
-            }
-            let member = spec.member.clone().unwrap_or_else(|| self.host.clone());
-            let running = self.launch(OverlayRecord::new(spec, member)).await?;
-            overlays.insert(name.clone(), running);
-        }
-        self.overlay(&name).await
+        let reservation = self.reserve(&name).await?;
+        let member = spec.member.clone().unwrap_or_else(|| self.host.clone());
+        // A failed start drops the reservation: the name is free again.
+        let running = self.launch(OverlayRecord::new(spec, member)).await?;
+        // Summed up before anyone waiting (a delete) can get at it.
+        let summary = summary(&running).await;
+        reservation.fill(running);
+        Ok(summary)
     }
 
     /// Replaces an overlay's settings and restarts it (a new boot epoch; the
     /// keyring is kept, the spec's `keys` must be empty).
     pub async fn update_overlay(&self, name: &str, spec: OverlaySpec) -> Result<OverlaySummary, AgentError> {
         if spec.name != name {
-            return Err(AgentError::BadRequest(format!(
-                "the body names overlay {:?}, the path {name:?}; overlays cannot be renamed",
-                spec.name
-            )));
+            return Err(UpdateRefused::Rename {
+                body: spec.name,
+                path: name.to_owned(),
+            }
+            .into());
         }
         if !spec.keys.is_empty() {
-            return Err(AgentError::BadRequest(
-                "keys cannot be changed by an update: use the keys endpoints".into(),
-            ));
+            return Err(UpdateRefused::Keys.into());
         }
         {
-            let mut overlays = self.overlays.lock().await;
-            let r = overlays
-                .get_mut(name)
-                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+            let mut r = self.lock(name).await?;
             if spec.member.as_ref().is_some_and(|m| *m != r.record.member) {
-                return Err(AgentError::BadRequest(format!(
-                    "the member name ({:?}) is the member's identity and cannot change: delete and create the overlay",
-                    r.record.member
-                )));
+                return Err(UpdateRefused::Member(r.record.member.clone()).into());
             }
             if r.left {
                 return Err(has_left(name));
@@ -589,9 +762,7 @@ impl<N: Net> Agent<N> {
             check.keys = r.record.keys.clone();
             check.plaintext = r.record.keys.is_empty();
             if spec.plaintext != check.plaintext {
-                return Err(AgentError::BadRequest(
-                    "plaintext cannot be changed on a running overlay: delete and create it".into(),
-                ));
+                return Err(UpdateRefused::Plaintext.into());
             }
             check.validate()?;
             r.stop_tasks();
@@ -615,21 +786,32 @@ impl<N: Net> Agent<N> {
                     return Err(e);
                 }
             }
+            Ok(summary(&r).await)
         }
-        self.overlay(name).await
     }
 
     /// Leaves gracefully, stops and forgets an overlay.
     pub async fn delete_overlay(&self, name: &str) -> Result<(), AgentError> {
-        // Out of the table first: the graceful leave (up to 5 s) runs
-        // without holding up requests about other overlays.
-        let mut r = self
-            .overlays
-            .lock()
-            .await
-            .remove(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-        self.db.delete_overlay(name)?;
+        // The slot stays in the table, locked, until the overlay is gone
+        // from the database and stopped: a create of the same name waits
+        // for that, then starts afresh. Other overlays are not held up.
+        let slot = self.slot(name)?;
+        let mut state = slot.clone().lock_owned().await;
+        let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) else {
+            self.unlist(name, &slot);
+            return Err(AgentError::UnknownOverlay(name.to_owned()));
+        };
+        if let Err(e) = self.db.delete_overlay(name).await {
+            *state = SlotState::Up(r);
+            return Err(e.into());
+        }
+        // Dropped before the lock (declared after it): out of the table
+        // however this ends, a cancelled request included.
+        let _unlist = Unlist {
+            agent: self,
+            name,
+            slot: &slot,
+        };
         r.stop_tasks();
         r.handle.shutdown(!r.left).await;
         tracing::info!(overlay = %name, "overlay deleted");
@@ -669,13 +851,10 @@ impl<N: Net> Agent<N> {
     /// Joins members at `addrs`. After a leave, restarts the overlay first.
     pub async fn join(&self, name: &str, addrs: Vec<SocketAddr>) -> Result<(), AgentError> {
         if addrs.is_empty() {
-            return Err(AgentError::BadRequest("give at least one address to join".into()));
+            return Err(AgentError::NoAddresses);
         }
         {
-            let mut overlays = self.overlays.lock().await;
-            let r = overlays
-                .get_mut(name)
-                .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+            let mut r = self.lock(name).await?;
             if r.left {
                 let running = self.launch(r.record.clone()).await?;
                 *r = running;
@@ -689,16 +868,15 @@ impl<N: Net> Agent<N> {
     /// Leaves an overlay gracefully; it stays configured and rejoins on
     /// `join` or at the next start.
     pub async fn leave(&self, name: &str) -> Result<(), AgentError> {
-        let mut overlays = self.overlays.lock().await;
-        let r = overlays
-            .get_mut(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        let mut r = self.lock(name).await?;
         if r.left {
-            return Err(AgentError::Conflict(format!("already left overlay {name:?}")));
+            return Err(AgentError::AlreadyLeft(name.to_owned()));
         }
         r.stop_tasks();
-        r.handle.shutdown(true).await;
+        // Left once asked to: a cancelled request must not leave a slot
+        // that claims to run a stopping driver.
         r.left = true;
+        r.handle.shutdown(true).await;
         tracing::info!(overlay = %name, "left");
         Ok(())
     }
@@ -713,7 +891,7 @@ impl<N: Net> Agent<N> {
         })
         .await?
         .map_err(core_error)?
-        .ok_or_else(|| AgentError::BadRequest("the write stored no value".into()))
+        .ok_or(AgentError::NothingStored)
     }
 
     /// Reads a value.
@@ -796,9 +974,7 @@ impl<N: Net> Agent<N> {
         if existed {
             Ok(())
         } else {
-            Err(AgentError::NotFound(format!(
-                "this member has no luggage under {key:?}"
-            )))
+            Err(AgentError::UnknownLuggage(key.to_owned()))
         }
     }
 
@@ -821,62 +997,97 @@ impl<N: Net> Agent<N> {
     /// Stops every overlay (with `leave`, leaving gracefully first, all at
     /// once).
     pub async fn shutdown(&self, leave: bool) {
-        let mut overlays = self.overlays.lock().await;
-        let mut stops = Vec::new();
-        for r in overlays.values_mut() {
-            r.stop_tasks();
-            let handle = r.handle.clone();
-            let leave = leave && !r.left;
-            stops.push(tokio::spawn(async move { handle.shutdown(leave).await }));
-        }
-        for s in stops {
-            let _ = s.await;
-        }
-        overlays.clear();
+        let slots: Vec<Slot> = std::mem::take(&mut *self.table()).into_values().collect();
+        let stops = slots.into_iter().map(|slot| async move {
+            let mut state = slot.lock_owned().await;
+            if let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) {
+                r.stop_tasks();
+                r.handle.shutdown(leave && !r.left).await;
+            }
+        });
+        futures_util::future::join_all(stops).await;
     }
 }
 
-pub(crate) fn running_mut<'a>(
-    overlays: &'a mut BTreeMap<String, Running>,
-    name: &str,
-) -> Result<&'a mut Running, AgentError> {
-    let r = overlays
-        .get_mut(name)
-        .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
-    if r.left {
-        return Err(has_left(name));
+/// Summary of a started overlay.
+async fn summary(r: &Running) -> OverlaySummary {
+    let (rec, handle, left, inbox) = (&r.record, &r.handle, r.left, &r.inbox);
+    let t = handle.transport_stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let mut stats = OverlayStats {
+        send_errors: load(&t.send_errors),
+        stream_errors: load(&t.stream_errors),
+        streams_dropped: load(&t.streams_dropped),
+        connections_refused: load(&t.connections_refused),
+        connections_evicted: load(&t.connections_evicted),
+        frames_refused: load(&t.frames_refused),
+        inbox_evicted: load(&inbox.evicted),
+        inbox_refused: load(&inbox.refused),
+        inbox_over_cap: load(&inbox.over_cap),
+        ..OverlayStats::default()
+    };
+    let live = if left {
+        0
+    } else {
+        let (live, s, values, d) = handle
+            .call(|o, _| {
+                (
+                    o.live_count(),
+                    o.stats().clone(),
+                    o.store().len(),
+                    o.dissemination_stats(),
+                )
+            })
+            .await
+            .unwrap_or_default();
+        stats.quota_refused = d.quota_refused;
+        stats.luggage_refused = d.luggage_refused;
+        stats.datagrams_sent = s.datagrams_sent;
+        stats.datagrams_received = s.datagrams_received;
+        stats.frames_sent = s.frames_sent;
+        stats.frames_received = s.frames_received;
+        stats.rejected = s.rejected;
+        stats.last_rejection = s.last_rejection.map(|e| e.to_string());
+        stats.malformed = s.malformed;
+        stats.refutations = s.refutations;
+        stats.values = values;
+        live
+    };
+    let mut spec = rec.spec.clone();
+    spec.keys = rec.keys.iter().map(|_| String::new()).collect(); // masked below
+    OverlaySummary {
+        name: rec.spec.name.clone(),
+        member: rec.member.clone(),
+        addr: handle.addr(),
+        epoch: rec.epoch,
+        encrypted: !rec.keys.is_empty(),
+        status: if left { "left" } else { "running" }.into(),
+        live_members: live,
+        spec: spec.masked(),
+        stats,
     }
-    Ok(r)
 }
 
 /// Ok if the overlay exists (left or not).
 pub(crate) async fn has_left_or_unknown<N: Net>(agent: &Agent<N>, name: &str) -> Result<(), AgentError> {
-    if agent.overlays.lock().await.contains_key(name) {
-        Ok(())
-    } else {
-        Err(AgentError::UnknownOverlay(name.to_owned()))
-    }
+    agent.lock(name).await.map(drop)
 }
 
 fn has_left(name: &str) -> AgentError {
-    AgentError::Conflict(format!("the member has left overlay {name:?}; join again to come back"))
+    AgentError::Left(name.to_owned())
 }
 
 /// The overlay's task ended under a request (it was deleted meanwhile).
 pub(crate) fn stopped(name: &str) -> AgentError {
-    AgentError::Conflict(format!("overlay {name:?} stopped while the request ran"))
+    AgentError::Stopped(name.to_owned())
 }
 
 pub(crate) fn plaintext(name: &str) -> AgentError {
-    AgentError::Conflict(format!("overlay {name:?} is plaintext: it has no keyring"))
+    AgentError::Plaintext(name.to_owned())
 }
 
 pub(crate) fn core_error(e: CoreError) -> AgentError {
-    match e {
-        CoreError::Left => AgentError::Conflict("the member has left the overlay".into()),
-        CoreError::Quota(q) => AgentError::Quota(q.to_string()),
-        other => AgentError::BadRequest(other.to_string()),
-    }
+    AgentError::Core(e)
 }
 
 fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {
@@ -908,12 +1119,10 @@ fn security(rec: &OverlayRecord) -> Result<Security, AgentError> {
 
 fn check_user_key(key: &str) -> Result<(), AgentError> {
     if key.is_empty() || key.len() > 1024 {
-        return Err(AgentError::BadRequest("a key must have 1 to 1024 bytes".into()));
+        return Err(ValueKeyRefused::Length.into());
     }
     if key.starts_with(RESERVED_PREFIX) {
-        return Err(AgentError::BadRequest(format!(
-            "keys starting with {RESERVED_PREFIX:?} are reserved"
-        )));
+        return Err(ValueKeyRefused::Reserved.into());
     }
     Ok(())
 }
@@ -1032,4 +1241,279 @@ pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::client::Client;
+    use crate::transport::TokioNet;
+    use rumormill_core::{Event, MemberChange};
+    use std::time::Instant;
+
+    pub(crate) fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("rm-slots-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    pub(crate) fn spec(name: &str, member: &str, seeds: &[SocketAddr]) -> OverlaySpec {
+        let mut spec = OverlaySpec::named(name);
+        spec.bind = "127.0.0.1:0".into();
+        spec.member = Some(member.into());
+        spec.plaintext = true;
+        spec.profile = config::Profile::Local;
+        spec.seeds = seeds.iter().map(ToString::to_string).collect();
+        spec
+    }
+
+    pub(crate) async fn start(dir: &std::path::Path, overlays: Vec<OverlaySpec>) -> Arc<Agent<TokioNet>> {
+        let config = AgentConfig {
+            data_dir: dir.to_owned(),
+            overlays,
+            ..AgentConfig::default()
+        };
+        Agent::start(TokioNet, config).await.expect("agent starts")
+    }
+
+    /// Polls `check` every 20 ms until it holds, at most `secs`.
+    pub(crate) async fn wait_until(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Result<(), String>) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            match check().await {
+                Ok(()) => return,
+                Err(last) if Instant::now() >= deadline => panic!("{what}: not within {secs} s; last: {last}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// A peer address nobody answers at (a member that is gone).
+    fn gone_peer() -> SocketAddr {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket.local_addr().expect("address")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_on_one_overlay_answer_while_another_leaves_and_restarts() {
+        let (dir_x, dir_y) = (scratch("x"), scratch("y"));
+        let y = start(&dir_y, vec![spec("a", "y", &[])]).await;
+        let y_addr = y.overlay("a").await.expect("a on y").addr;
+        let x = start(&dir_x, vec![spec("a", "x", &[y_addr]), spec("b", "x", &[])]).await;
+        wait_until("x to see y alive in overlay a", 10, async || {
+            let rows = x.members("a").await.map_err(|e| e.to_string())?;
+            match rows.iter().find(|m| m.name == "y") {
+                Some(m) if m.state == "alive" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let (api, server) = crate::api::serve(x.clone(), "127.0.0.1:0".parse().expect("addr"), "t".into())
+            .await
+            .expect("api");
+        let client = Client::new(api, Some("t".into()));
+        // The rest of overlay a is gone, without a word.
+        y.shutdown(false).await;
+        drop(y);
+
+        // Overlay a leaves, then joins again: its restart waits up to 5 s
+        // for a first store sync from a peer that no longer answers.
+        let slow = {
+            let x = x.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                x.leave("a").await.expect("leave");
+                let left = t.elapsed();
+                let t = Instant::now();
+                x.join("a", vec![y_addr]).await.expect("join");
+                (left, t.elapsed())
+            })
+        };
+        let mut worst = Duration::ZERO;
+        let mut requests = 0;
+        let began = Instant::now();
+        while !slow.is_finished() {
+            for path in ["/v1/overlays/b/members", "/v1/overlays/b", "/v1/health"] {
+                let t = Instant::now();
+                let answer = client.get(path).await;
+                let took = t.elapsed();
+                assert!(answer.is_ok(), "GET {path} failed while overlay a was busy: {answer:?}");
+                assert!(
+                    took < Duration::from_millis(100),
+                    "GET {path} took {took:?}, {:?} into overlay a's leave and restart (bound: 100 ms)",
+                    began.elapsed()
+                );
+                worst = worst.max(took);
+                requests += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (left, restarted) = slow.await.expect("leave and join");
+        eprintln!(
+            "overlay a: leave {left:?}, restart {restarted:?}; {requests} requests on overlay b meanwhile, slowest {worst:?}"
+        );
+        assert!(
+            left + restarted >= STORE_SYNC_WAIT - Duration::from_millis(500),
+            "overlay a's restart must have waited for its gone peer (leave {left:?}, restart {restarted:?})"
+        );
+        assert!(requests >= 50, "only {requests} requests were made");
+        server.abort();
+        x.shutdown(false).await;
+        for d in [dir_x, dir_y] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creating_and_deleting_one_name_at_once_stays_consistent() {
+        let dir = scratch("create-delete");
+        let agent = start(&dir, vec![spec("b", "x", &[])]).await;
+        let peer = gone_peer();
+        // The first create waits up to 5 s for its gone seed; a second
+        // create and a delete of the same name come meanwhile.
+        let first = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.create_overlay(spec("c", "x", &[peer])).await.map(|s| s.status) }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!first.is_finished(), "the first create must still be starting");
+        assert!(
+            agent.overlay_names().await.contains(&"c".to_owned()),
+            "a starting overlay is in the table"
+        );
+        let second = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.create_overlay(spec("c", "x", &[])).await.map(|s| s.status) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let delete = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.delete_overlay("c").await }
+        });
+        let t = Instant::now();
+        agent.members("b").await.expect("b answers");
+        assert!(t.elapsed() < Duration::from_millis(100), "b waited {:?}", t.elapsed());
+        assert_eq!(first.await.expect("task").expect("first create"), "running");
+        let second = second.await.expect("task");
+        assert!(
+            matches!(second, Err(AgentError::OverlayExists(ref n)) if n == "c"),
+            "the second create finds the first one's overlay: {second:?}"
+        );
+        delete
+            .await
+            .expect("task")
+            .expect("the delete waits for the start, then deletes");
+        assert!(!agent.overlay_names().await.contains(&"c".to_owned()));
+        let stored = |agent: &Agent<TokioNet>| {
+            agent
+                .db
+                .overlays()
+                .expect("records")
+                .into_iter()
+                .map(|r| r.spec.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            stored(&agent),
+            vec!["b".to_owned()],
+            "the deleted overlay is gone from disk"
+        );
+        // The name is free again, on disk too.
+        agent.create_overlay(spec("c", "x", &[])).await.expect("create again");
+        assert_eq!(stored(&agent), vec!["b".to_owned(), "c".to_owned()]);
+        agent.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// While every commit of x's database takes 300 ms, x keeps answering
+    /// y's probes and its own calls: commits run on blocking threads, not
+    /// on the one thread of x's runtime that also drives x's overlay.
+    #[test]
+    fn probes_are_answered_on_time_while_commits_are_slow() {
+        let (dir_x, dir_y) = (scratch("slow-x"), scratch("slow-y"));
+        // y on a runtime of its own, so that nothing x's thread does can
+        // delay y's probes.
+        let rt_y = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let y = rt_y.block_on(start(&dir_y, vec![spec("a", "y", &[])]));
+        let y_addr = rt_y.block_on(y.overlay("a")).expect("a on y").addr;
+        let mut seen_by_y = rt_y.block_on(y.handle("a")).expect("a on y").subscribe();
+        let rt_x = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let delay = Duration::from_millis(300);
+        let (stored, slowest_call, commit) = rt_x.block_on(async {
+            let x = start(&dir_x, vec![spec("a", "x", &[y_addr])]).await;
+            x.subscribe("a", &["t".to_owned()]).await.expect("subscribe");
+            let alo = crate::events::DeliverySpec::AtLeastOnce {
+                retry_every: "1s".into(),
+                retry_max: 0,
+            };
+            wait_until("y to know that x subscribes to t", 10, async || {
+                let record = y
+                    .publish("a", "t", b"hello".to_vec(), &alo)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match record.subscribers.iter().any(|s| s.member == "x") {
+                    true => Ok(()),
+                    false => Err(format!("{:?}", record.subscribers)),
+                }
+            })
+            .await;
+            x.db.slow_commits(delay);
+            let t = Instant::now();
+            x.db.write("a", Vec::new()).await.expect("a slow commit");
+            let commit = t.elapsed();
+            // Four probe intervals of y's (1 s each) while x's event pump
+            // commits one batch after the other.
+            let mut slowest = Duration::ZERO;
+            let began = Instant::now();
+            while began.elapsed() < Duration::from_secs(4) {
+                y.publish("a", "t", b"payload".to_vec(), &alo).await.expect("publish");
+                let t = Instant::now();
+                x.members("a").await.expect("x answers");
+                slowest = slowest.max(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let rows = x.members("a").await.expect("x answers");
+            assert!(
+                rows.iter().any(|m| m.name == "y" && m.state == "alive"),
+                "x must still see y alive: {rows:?}"
+            );
+            let stored = x.inbox("a", 0, 100_000).await.expect("inbox").len();
+            x.shutdown(false).await;
+            (stored, slowest, commit)
+        });
+        let mut doubts = Vec::new();
+        loop {
+            match seen_by_y.try_recv() {
+                Ok(Event::Member { change, member }) if member.name.as_ref() == "x" => doubts.push(change),
+                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        eprintln!(
+            "commits held {commit:?} each; x stored {stored} inbox entries, its slowest call took {slowest_call:?}; y saw x: {doubts:?}"
+        );
+        assert!(commit >= delay, "the test hook must slow commits ({commit:?})");
+        assert!(stored > 0, "x's inbox must fill, slowly");
+        assert!(
+            !doubts
+                .iter()
+                .any(|c| matches!(c, MemberChange::Suspect | MemberChange::Failed)),
+            "y must never doubt x while x's commits are slow: {doubts:?}"
+        );
+        assert!(
+            slowest_call < Duration::from_millis(100),
+            "x's driver must answer within 100 ms while commits take {delay:?}: {slowest_call:?}"
+        );
+        rt_y.block_on(y.shutdown(false));
+        for d in [dir_x, dir_y] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }

@@ -184,20 +184,55 @@ impl IntoResponse for ApiError {
 
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> ApiError {
-        let status = match &e {
-            AgentError::UnknownOverlay(_) | AgentError::UnknownKey(_) | AgentError::NotFound(_) => {
-                StatusCode::NOT_FOUND
+        ApiError(status_of(&e), e.to_string())
+    }
+}
+
+/// The HTTP status of each agent error: the one place where the agent's
+/// errors meet HTTP. No default arm, so that a new error gets a status on
+/// purpose.
+fn status_of(e: &AgentError) -> StatusCode {
+    use crate::keyring::KeyError;
+    match e {
+        AgentError::UnknownOverlay(_)
+        | AgentError::UnknownKey(_)
+        | AgentError::UnknownLuggage(_)
+        | AgentError::UnknownEvent(_)
+        | AgentError::NotSubscribed(_) => StatusCode::NOT_FOUND,
+        AgentError::OverlayExists(_)
+        | AgentError::Bind { .. }
+        | AgentError::Left(_)
+        | AgentError::AlreadyLeft(_)
+        | AgentError::Stopped(_)
+        | AgentError::Plaintext(_)
+        | AgentError::Core(rumormill_core::CoreError::Left) => StatusCode::CONFLICT,
+        AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        AgentError::NoAddresses
+        | AgentError::Update(_)
+        | AgentError::ValueKey(_)
+        | AgentError::LocalTopic(_)
+        | AgentError::InvalidTopic(_)
+        | AgentError::InvalidDelivery(_)
+        | AgentError::NothingStored => StatusCode::BAD_REQUEST,
+        // The writer's data would be larger than the overlay stores for
+        // one writer: a client error (retrying unchanged cannot help),
+        // not a 5xx that clients and proxies would retry.
+        AgentError::Core(rumormill_core::CoreError::Quota(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+        AgentError::Core(_) => StatusCode::BAD_REQUEST,
+        AgentError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        AgentError::Key(k) => match k {
+            KeyError::InvalidId(_) | KeyError::Unknown(_) | KeyError::InvalidSecret(_) | KeyError::Encoding(_) => {
+                StatusCode::BAD_REQUEST
             }
-            AgentError::OverlayExists(_) | AgentError::Conflict(_) | AgentError::Bind { .. } => StatusCode::CONFLICT,
-            AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AgentError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            // The writer's data would be larger than the overlay stores for
-            // one writer: a client error (retrying unchanged cannot help),
-            // not a 5xx that clients and proxies would retry.
-            AgentError::Quota(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        };
-        ApiError(status, e.to_string())
+            // Refused for the state of the overlay or of its members.
+            KeyError::ClockBehind { .. }
+            | KeyError::NotLocal(_)
+            | KeyError::NotInstalled { .. }
+            | KeyError::Primary(_)
+            | KeyError::PrimaryOf { .. }
+            | KeyError::PrimaryInKeyring(_)
+            | KeyError::NoKeyLeft => StatusCode::CONFLICT,
+        },
     }
 }
 

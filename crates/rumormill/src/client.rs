@@ -1,10 +1,14 @@
 //! A client of the agent's HTTP API, used by the command line.
 //!
+//! Every endpoint has a typed method, taking and returning the API's own
+//! request and response types; [`Client::request`] sends anything else.
+//!
 //! ```no_run
 //! # async fn f() -> Result<(), rumormill::client::ClientError> {
 //! let client = rumormill::client::Client::new("127.0.0.1:7980".parse().unwrap(), None);
-//! let members = client.get("/v1/overlays/default/members").await?;
-//! println!("{members}");
+//! for member in client.on("default").members().await? {
+//!     println!("{} {}", member.name, member.state);
+//! }
 //! # Ok(()) }
 //! ```
 
@@ -16,7 +20,15 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::agent::{MemberRow, OverlaySummary, UpdateRow};
+use crate::api::{JoinRequest, KeyExport, KeyRequest, LuggageRow, PublishRequest, PutRequest, Topics};
+use crate::config::OverlaySpec;
+use crate::events::EventRecord;
+use crate::keyring::{KeyChange, KeyRow};
 
 /// How long a request may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -173,6 +185,218 @@ impl Client {
                 message,
             })
         }
+    }
+}
+
+impl Client {
+    /// Sends `body` and decodes the answer as `T` (`()` for no content).
+    pub async fn send<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| ClientError::Other(format!("bad request body: {e}")))?;
+        let answer = self.request(method, path, body).await?;
+        serde_json::from_value(answer).map_err(|e| {
+            ClientError::Other(format!(
+                "the answer from {} is not what the API describes ({e}); is the agent of another version?",
+                self.base
+            ))
+        })
+    }
+
+    async fn read<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send("GET", path, None::<&()>).await
+    }
+
+    /// The endpoints of one overlay.
+    pub fn on(&self, overlay: &str) -> OverlayApi<'_> {
+        OverlayApi {
+            client: self,
+            path: format!("/v1/overlays/{}", encode_path(overlay)),
+        }
+    }
+
+    /// Every overlay of the agent.
+    pub async fn overlays(&self) -> Result<Vec<OverlaySummary>, ClientError> {
+        self.read("/v1/overlays").await
+    }
+
+    /// One overlay's summary.
+    pub async fn overlay(&self, name: &str) -> Result<OverlaySummary, ClientError> {
+        self.read(&self.on(name).path).await
+    }
+
+    /// Creates and starts an overlay.
+    pub async fn create_overlay(&self, spec: &OverlaySpec) -> Result<OverlaySummary, ClientError> {
+        self.send("POST", "/v1/overlays", Some(spec)).await
+    }
+
+    /// Leaves gracefully and deletes an overlay.
+    pub async fn delete_overlay(&self, name: &str) -> Result<(), ClientError> {
+        self.send("DELETE", &self.on(name).path, None::<&()>).await
+    }
+}
+
+/// The endpoints of one overlay (see [`Client::on`]).
+#[derive(Debug, Clone)]
+pub struct OverlayApi<'a> {
+    client: &'a Client,
+    /// `/v1/overlays/{overlay}`.
+    path: String,
+}
+
+impl OverlayApi<'_> {
+    async fn read<T: DeserializeOwned>(&self, tail: &str) -> Result<T, ClientError> {
+        self.client.read(&format!("{}{tail}", self.path)).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        tail: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        self.client.send(method, &format!("{}{tail}", self.path), body).await
+    }
+
+    /// The path of the event stream's WebSocket.
+    pub fn events_ws_path(&self) -> String {
+        format!("{}/events/ws", self.path)
+    }
+
+    /// The members, the local one first.
+    pub async fn members(&self) -> Result<Vec<MemberRow>, ClientError> {
+        self.read("/members").await
+    }
+
+    /// Joins members at these gossip addresses.
+    pub async fn join(&self, request: &JoinRequest) -> Result<(), ClientError> {
+        self.send("POST", "/join", Some(request)).await
+    }
+
+    /// Leaves the overlay gracefully.
+    pub async fn leave(&self) -> Result<(), ClientError> {
+        self.send("POST", "/leave", None::<&()>).await
+    }
+
+    /// Writes a value.
+    pub async fn put(&self, key: &str, request: &PutRequest) -> Result<UpdateRow, ClientError> {
+        self.send("PUT", &format!("/updates/{}", encode_path(key)), Some(request))
+            .await
+    }
+
+    /// Reads a value.
+    pub async fn get(&self, key: &str) -> Result<UpdateRow, ClientError> {
+        self.read(&format!("/updates/{}", encode_path(key))).await
+    }
+
+    /// Deletes a value.
+    pub async fn delete(&self, key: &str) -> Result<(), ClientError> {
+        self.send("DELETE", &format!("/updates/{}", encode_path(key)), None::<&()>)
+            .await
+    }
+
+    /// The values, by key (those starting with `prefix`).
+    pub async fn list(&self, prefix: Option<&str>) -> Result<Vec<UpdateRow>, ClientError> {
+        let q = prefix
+            .map(|p| format!("?prefix={}", encode_path(p)))
+            .unwrap_or_default();
+        self.read(&format!("/updates{q}")).await
+    }
+
+    /// Publishes an event.
+    pub async fn publish(&self, request: &PublishRequest) -> Result<EventRecord, ClientError> {
+        self.send("POST", "/events", Some(request)).await
+    }
+
+    /// An at-least-once event this agent published, with its reports.
+    pub async fn event(&self, id: &str) -> Result<EventRecord, ClientError> {
+        self.read(&format!("/events/{}", encode_path(id))).await
+    }
+
+    /// The agent's topics.
+    pub async fn subscriptions(&self) -> Result<Topics, ClientError> {
+        self.read("/subscriptions").await
+    }
+
+    /// Unsubscribes the agent from a topic.
+    pub async fn unsubscribe(&self, topic: &str) -> Result<Topics, ClientError> {
+        self.send("DELETE", &format!("/subscriptions/{}", encode_path(topic)), None::<&()>)
+            .await
+    }
+
+    /// The luggage of every member (or of one).
+    pub async fn luggage(&self, member: Option<&str>) -> Result<Vec<LuggageRow>, ClientError> {
+        let q = member
+            .map(|m| format!("?member={}", encode_path(m)))
+            .unwrap_or_default();
+        self.read(&format!("/luggage{q}")).await
+    }
+
+    /// Sets one of this member's luggage entries.
+    pub async fn set_luggage(&self, key: &str, request: &PutRequest) -> Result<(), ClientError> {
+        self.send("PUT", &format!("/luggage/{}", encode_path(key)), Some(request))
+            .await
+    }
+
+    /// Deletes one of this member's luggage entries.
+    pub async fn delete_luggage(&self, key: &str) -> Result<(), ClientError> {
+        self.send("DELETE", &format!("/luggage/{}", encode_path(key)), None::<&()>)
+            .await
+    }
+
+    /// The keyring (ids, never secrets).
+    pub async fn keys(&self) -> Result<Vec<KeyRow>, ClientError> {
+        self.read("/keys").await
+    }
+
+    /// Installs a key on every member (or, `local`, on this agent alone),
+    /// waiting up to `wait` seconds for the members.
+    pub async fn install_key(&self, request: &KeyRequest, wait: u64, local: bool) -> Result<KeyChange, ClientError> {
+        let scope = if local { "local" } else { "overlay" };
+        self.send("POST", &format!("/keys?wait={wait}&scope={scope}"), Some(request))
+            .await
+    }
+
+    /// Makes a key primary on every member but those in `exclude`.
+    pub async fn use_key(&self, id: &str, wait: u64, exclude: &[String]) -> Result<KeyChange, ClientError> {
+        let path = format!("/keys/{}/use?wait={wait}{}", encode_path(id), exclude_query(exclude));
+        self.send("POST", &path, None::<&()>).await
+    }
+
+    /// Removes a key from every member (or, `local`, from this agent alone).
+    pub async fn remove_key(
+        &self,
+        id: &str,
+        wait: u64,
+        exclude: &[String],
+        local: bool,
+    ) -> Result<KeyChange, ClientError> {
+        let path = if local {
+            format!("/keys/{}?scope=local", encode_path(id))
+        } else {
+            format!("/keys/{}?wait={wait}{}", encode_path(id), exclude_query(exclude))
+        };
+        self.send("DELETE", &path, None::<&()>).await
+    }
+
+    /// The keyring's secrets.
+    pub async fn export_keys(&self) -> Result<KeyExport, ClientError> {
+        self.read("/keys/export").await
+    }
+}
+
+/// `&exclude=a,b`, or nothing.
+fn exclude_query(members: &[String]) -> String {
+    if members.is_empty() {
+        String::new()
+    } else {
+        format!("&exclude={}", encode_path(&members.join(",")))
     }
 }
 

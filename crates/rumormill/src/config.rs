@@ -24,6 +24,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
+/// Creates the data directory private (0700), or checks that an existing
+/// one is.
+pub use crate::persist::create_private_dir;
+
 /// Gossip port of the default overlay (Serf uses 7946 and 7373; we stay clear).
 pub const DEFAULT_GOSSIP_PORT: u16 = 7950;
 /// Port of the HTTP control API.

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::agent::{Agent, AgentError, RESERVED_PREFIX, Running, core_error, plaintext, running_mut, stopped, wall_ms};
+use crate::agent::{Agent, AgentError, RESERVED_PREFIX, Running, core_error, plaintext, stopped, wall_ms};
 use crate::config;
 use crate::driver::OverlayHandle;
 use crate::persist::OverlayRecord;
@@ -233,12 +233,7 @@ fn next_version(seen: u64, now: u64) -> Result<u64, AgentError> {
     seen.checked_add(1)
         .map(|v| v.max(now))
         .filter(|&v| plausible(v, now))
-        .ok_or_else(|| {
-            AgentError::Conflict(format!(
-                "the newest keyring version ({seen}) is more than a day ahead of this agent's clock ({now} ms): \
-                 check the clocks; a key change can be made once the clock has passed it"
-            ))
-        })
+        .ok_or_else(|| KeyError::ClockBehind { seen, now }.into())
 }
 
 /// What a member reports of its keyring (ids only).
@@ -250,7 +245,7 @@ struct Report {
 
 /// A key of an overlay's keyring (never the secret), with how many live
 /// members hold it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyRow {
     /// Key id (hex), as in packet headers.
     pub id: String,
@@ -270,7 +265,7 @@ pub struct KeyRow {
 }
 
 /// The outcome of a key operation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyChange {
     /// The key's id.
     pub id: String,
@@ -287,13 +282,77 @@ pub struct KeyChange {
     pub excluded: Vec<String>,
 }
 
+/// Why a key operation was refused. None changed the keyring.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Not a key id.
+    #[error("{0:?} is not a key id (8 hex digits, see `keys list`)")]
+    InvalidId(String),
+    /// No installed key has that id.
+    #[error("no key with id {} is installed", key_hex(*.0))]
+    Unknown(KeyId),
+    /// Not a key (the message says why).
+    #[error("{0}")]
+    InvalidSecret(String),
+    /// The desired keyring could not be encoded.
+    #[error("{0}")]
+    Encoding(String),
+    /// The newest version seen is more than a day ahead of this agent's
+    /// clock: a version above it would be refused by the others.
+    #[error(
+        "the newest keyring version ({seen}) is more than a day ahead of this agent's clock ({now} ms): check the clocks; a key change can be made once the clock has passed it"
+    )]
+    ClockBehind {
+        /// The newest version seen.
+        seen: u64,
+        /// This agent's clock (milliseconds).
+        now: u64,
+    },
+    /// A local removal of a key the overlay's keyring names.
+    #[error(
+        "key {0} is part of the overlay's keyring, not only of this agent's: remove it from every member (`keys remove` without `--local`)"
+    )]
+    NotLocal(String),
+    /// A `use` of a key that live members lack.
+    #[error(
+        "key {hex} is not installed on {}: install it there first (`keys install`, or `keys install --local` on each agent to keep), or leave them out with `--exclude` (they are cut off once the old key is removed); otherwise the packets they cannot open would be lost",
+        .lacking.join(", ")
+    )]
+    NotInstalled {
+        /// The key id.
+        hex: String,
+        /// The live members without it.
+        lacking: Vec<String>,
+    },
+    /// A removal of this agent's primary key.
+    #[error("key {0} is the primary key: make another one primary first (`keys use`)")]
+    Primary(String),
+    /// A removal of a key live members seal with.
+    #[error(
+        "key {hex} is the primary key of {}: make another key primary first (`keys use`), or leave them out with `--exclude`",
+        .members.join(", ")
+    )]
+    PrimaryOf {
+        /// The key id.
+        hex: String,
+        /// The members sealing with it.
+        members: Vec<String>,
+    },
+    /// A removal of the overlay's keyring's primary key.
+    #[error("key {0} is the primary key: make another one primary first")]
+    PrimaryInKeyring(String),
+    /// The change would leave this member without a key.
+    #[error("the change would leave this member without a key")]
+    NoKeyLeft,
+}
+
 /// Key ids are shown as 8 hex digits.
 pub fn key_hex(id: KeyId) -> String {
     format!("{id:08x}")
 }
 
 fn parse_key_id(s: &str) -> Result<KeyId, AgentError> {
-    parse_hex(s).ok_or_else(|| AgentError::BadRequest(format!("{s:?} is not a key id (8 hex digits, see `keys list`)")))
+    parse_hex(s).ok_or_else(|| KeyError::InvalidId(s.to_owned()).into())
 }
 
 fn find_key(keys: &[String], id: KeyId) -> Option<usize> {
@@ -371,7 +430,7 @@ fn apply(
     publish(o, now);
     if let Some(d) = desired {
         // The store keeps its own copy (it has to send it); this one is wiped.
-        let json = Zeroizing::new(serde_json::to_vec(&d).map_err(|e| AgentError::BadRequest(e.to_string()))?);
+        let json = Zeroizing::new(serde_json::to_vec(&d).map_err(|e| KeyError::Encoding(e.to_string()))?);
         let key = format!("{DESIRED_PREFIX}{}", o.name());
         o.advance_clock(wall_ms());
         o.put(now, &key, json.to_vec()).map_err(core_error)?;
@@ -383,10 +442,7 @@ impl<N: Net> Agent<N> {
     /// The keyring: ids and suites, and how many live members hold each key.
     pub async fn keys(&self, name: &str) -> Result<Vec<KeyRow>, AgentError> {
         let handle = self.handle(name).await?;
-        let local = match self.overlays.lock().await.get(name) {
-            Some(r) => r.record.local_keys.clone(),
-            None => return Err(AgentError::UnknownOverlay(name.to_owned())),
-        };
+        let local = self.lock(name).await?.record.local_keys.clone();
         let (keys, reports) = handle
             .call(|o, _| (o.keys(), reports(o)))
             .await
@@ -412,10 +468,7 @@ impl<N: Net> Agent<N> {
 
     /// The keyring's secrets, primary first (for other agents to join).
     pub async fn export_keys(&self, name: &str) -> Result<Vec<String>, AgentError> {
-        let overlays = self.overlays.lock().await;
-        let r = overlays
-            .get(name)
-            .ok_or_else(|| AgentError::UnknownOverlay(name.to_owned()))?;
+        let r = self.lock(name).await?;
         if r.record.keys.is_empty() {
             return Err(plaintext(name));
         }
@@ -455,8 +508,7 @@ impl<N: Net> Agent<N> {
         let id = secret_id(key).ok_or_else(|| bad_key(key))?;
         let hex = key_hex(id);
         {
-            let mut overlays = self.overlays.lock().await;
-            let r = running_mut(&mut overlays, name)?;
+            let mut r = self.lock_running(name).await?;
             if r.record.keys.is_empty() {
                 return Err(plaintext(name));
             }
@@ -465,7 +517,7 @@ impl<N: Net> Agent<N> {
                 rec.keys.push(key.trim().to_owned());
                 rec.local_keys.push(hex.clone());
                 rec.pending_keys.push(hex.clone());
-                self.hold_locally(name, r, rec).await?;
+                self.hold_locally(name, &mut r, rec).await?;
                 tracing::info!(overlay = %name, key = %hex, "key installed on this agent only");
             }
         }
@@ -482,7 +534,7 @@ impl<N: Net> Agent<N> {
             .call(move |o, now| apply(o, now, &bytes, None))
             .await
             .map_err(|_| stopped(name))??;
-        self.db.put_overlay(&rec)?;
+        self.db.put_overlay(&rec).await?;
         r.record = rec;
         Ok(())
     }
@@ -493,20 +545,17 @@ impl<N: Net> Agent<N> {
         let id = parse_key_id(id)?;
         let hex = key_hex(id);
         {
-            let mut overlays = self.overlays.lock().await;
-            let r = running_mut(&mut overlays, name)?;
+            let mut r = self.lock_running(name).await?;
             let pos = find_key(&r.record.keys, id).ok_or_else(|| unknown_key(id))?;
             if !r.record.pending_keys.contains(&hex) {
-                return Err(AgentError::Conflict(format!(
-                    "key {hex} is part of the overlay's keyring, not only of this agent's: remove it from every member (`keys remove` without `--local`)"
-                )));
+                return Err(KeyError::NotLocal(hex).into());
             }
             let mut rec = r.record.clone();
             let mut secret = rec.keys.remove(pos);
             secret.zeroize();
             rec.local_keys.retain(|h| *h != hex);
             rec.pending_keys.retain(|h| *h != hex);
-            self.hold_locally(name, r, rec).await?;
+            self.hold_locally(name, &mut r, rec).await?;
             tracing::info!(overlay = %name, key = %hex, "key removed from this agent");
         }
         Ok(self
@@ -533,10 +582,7 @@ impl<N: Net> Agent<N> {
             .members_where(name, wait, exclude, |r| !r.is_some_and(|r| r.installed.contains(&hex)))
             .await?;
         if !lacking.is_empty() {
-            return Err(AgentError::Conflict(format!(
-                "key {hex} is not installed on {}: install it there first (`keys install`, or `keys install --local` on each agent to keep), or leave them out with `--exclude` (they are cut off once the old key is removed); otherwise the packets they cannot open would be lost",
-                lacking.join(", ")
-            )));
+            return Err(KeyError::NotInstalled { hex, lacking }.into());
         }
         self.change_keyring(name, |plan, rec| {
             if find_key(&rec.keys, id).is_none() && !plan.shares(id) {
@@ -564,9 +610,7 @@ impl<N: Net> Agent<N> {
         let hex = key_hex(id);
         match self.export_keys(name).await?.first() {
             Some(k) if secret_id(k) == Some(id) => {
-                return Err(AgentError::Conflict(format!(
-                    "key {hex} is the primary key: make another one primary first (`keys use`)"
-                )));
+                return Err(KeyError::Primary(hex).into());
             }
             _ => {}
         }
@@ -574,18 +618,12 @@ impl<N: Net> Agent<N> {
             .members_where(name, wait, exclude, |r| r.is_some_and(|r| r.primary == hex))
             .await?;
         if !sealing.is_empty() {
-            return Err(AgentError::Conflict(format!(
-                "key {hex} is the primary key of {}: make another key primary first (`keys use`), or leave them out with `--exclude`",
-                sealing.join(", ")
-            )));
+            return Err(KeyError::PrimaryOf { hex, members: sealing }.into());
         }
         self.change_keyring(name, |plan, _| {
             let pos = plan.ids.iter().position(|&k| k == id).ok_or_else(|| unknown_key(id))?;
             if pos == 0 {
-                return Err(AgentError::Conflict(format!(
-                    "key {} is the primary key: make another one primary first",
-                    key_hex(id)
-                )));
+                return Err(KeyError::PrimaryInKeyring(key_hex(id)).into());
             }
             plan.ids.remove(pos);
             plan.shared.retain(|k| secret_id(k) != Some(id));
@@ -606,8 +644,7 @@ impl<N: Net> Agent<N> {
         name: &str,
         edit: impl FnOnce(&mut Plan, &OverlayRecord) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
-        let mut overlays = self.overlays.lock().await;
-        let r = running_mut(&mut overlays, name)?;
+        let mut r = self.lock_running(name).await?;
         if r.record.keys.is_empty() {
             return Err(plaintext(name));
         }
@@ -630,9 +667,7 @@ impl<N: Net> Agent<N> {
             return Ok(()); // nothing to change, nothing to publish
         }
         if keys.is_empty() {
-            return Err(AgentError::Conflict(
-                "the change would leave this member without a key".into(),
-            ));
+            return Err(KeyError::NoKeyLeft.into());
         }
         let desired = changed.then(|| plan.to_desired(version));
         let bytes = decode_all(&keys)?;
@@ -645,7 +680,7 @@ impl<N: Net> Agent<N> {
         if changed {
             rec.keyring_version = version;
         }
-        self.db.put_overlay(&rec)?;
+        self.db.put_overlay(&rec).await?;
         r.record = rec;
         Ok(())
     }
@@ -653,8 +688,7 @@ impl<N: Net> Agent<N> {
     /// Follows the newest desired keyring in the store, read under the
     /// agent's lock so that a change made meanwhile is never undone.
     async fn follow(&self, name: &str) -> Result<(), AgentError> {
-        let mut overlays = self.overlays.lock().await;
-        let r = running_mut(&mut overlays, name)?;
+        let mut r = self.lock_running(name).await?;
         let seen = r.record.keyring_version;
         let (newest, refused) = r
             .handle
@@ -693,7 +727,7 @@ impl<N: Net> Agent<N> {
                 .await
                 .map_err(|_| stopped(name))??;
         }
-        self.db.put_overlay(&rec)?;
+        self.db.put_overlay(&rec).await?;
         r.record = rec;
         if changed_keys {
             let primary = plan.ids.first().map(|&id| key_hex(id)).unwrap_or_default();
@@ -763,19 +797,19 @@ impl<N: Net> Agent<N> {
 }
 
 fn unknown_key(id: KeyId) -> AgentError {
-    AgentError::BadRequest(format!("no key with id {} is installed", key_hex(id)))
+    KeyError::Unknown(id).into()
 }
 
 fn bad_key(key: &str) -> AgentError {
     match config::decode_key(key) {
-        Err(m) => AgentError::BadRequest(m),
-        Ok(_) => AgentError::BadRequest("not a key".into()),
+        Err(m) => KeyError::InvalidSecret(m).into(),
+        Ok(_) => KeyError::InvalidSecret("not a key".into()).into(),
     }
 }
 
 fn decode_all(keys: &[String]) -> Result<Vec<Zeroizing<Vec<u8>>>, AgentError> {
     keys.iter()
-        .map(|k| config::decode_key(k).map_err(AgentError::BadRequest))
+        .map(|k| config::decode_key(k).map_err(|m| KeyError::InvalidSecret(m).into()))
         .collect()
 }
 

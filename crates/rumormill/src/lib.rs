@@ -10,6 +10,7 @@ pub mod config;
 pub mod discovery;
 pub mod driver;
 pub mod events;
+pub(crate) mod inbox;
 pub mod keyring;
-pub mod persist;
+pub(crate) mod persist;
 pub mod transport;

@@ -1,26 +1,29 @@
 //! What survives a restart, in an embedded database (`redb`) under the data
 //! directory: the overlays (spec, keyring, member name, boot epoch and the
 //! peers last seen). Every change is a durable transaction, so a `kill -9`
-//! loses nothing that was acknowledged.
-//!
-//! ```
-//! let dir = std::env::temp_dir().join(format!("rm-doc-{}", std::process::id()));
-//! let db = rumormill::persist::Db::open(&dir).unwrap();
-//! let mut rec = rumormill::persist::OverlayRecord::new(
-//!     rumormill::config::OverlaySpec::named("web"), "host-1".into());
-//! rec.epoch = 3;
-//! db.put_overlay(&rec).unwrap();
-//! assert_eq!(db.overlays().unwrap()[0].epoch, 3);
-//! # drop(db); std::fs::remove_dir_all(&dir).unwrap();
-//! ```
+//! loses nothing that was acknowledged. Internal to the agent: the rest of
+//! the crate reads and writes through [`Db`], in typed records — overlay
+//! records, pending events ([`PendingEvent`]), report records
+//! ([`EventRecord`]), inbox entries ([`InboxItem`], written as
+//! [`EncodedEntry`]), the de-duplication window ([`DedupEntry`]) — whose
+//! stored forms live here alone. A record that does not decode is an
+//! error naming its table and key ([`PersistError::Record`]), logged the
+//! first time it is found; lists leave it out, single reads return it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use base64::Engine;
+use rumormill_core::events::dedup::DedupEntry;
+use rumormill_core::events::{EventId, PendingEvent};
+
 use crate::config::OverlaySpec;
+use crate::events::{EventRecord, InboxItem, is_local, payload_fields};
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const OVERLAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("overlays");
@@ -71,6 +74,18 @@ pub enum PersistError {
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+    },
+    /// A stored record does not decode.
+    #[error("database {path}: the record {table}/{key} does not decode ({reason}); move the file away to start afresh")]
+    Record {
+        /// The database file.
+        path: PathBuf,
+        /// Its table.
+        table: &'static str,
+        /// Its key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A read or write failed.
     #[error("database {path}: {reason}")]
@@ -153,10 +168,36 @@ impl OverlayRecord {
 }
 
 /// The agent's database.
-#[derive(Debug)]
+///
+/// Every transaction that commits runs on a blocking thread
+/// (`spawn_blocking`), never on a worker of the runtime: a commit waits for
+/// the disk (an fsync, unless volatile), and redb makes a writer wait for
+/// the one before it, so on a worker it would stall the overlays' drivers
+/// — and their answers to probes — with it. The caller awaits the commit;
+/// a cancelled caller does not cancel it. Reads run where they are called:
+/// they do not wait for writers.
+#[derive(Debug, Clone)]
 pub struct Db {
+    inner: Arc<Tables>,
+}
+
+/// The database itself, shared with the blocking threads that commit.
+#[derive(Debug)]
+pub struct Tables {
     db: redb::Database,
     path: PathBuf,
+    /// Keys of records found undecodable, so that each is logged once.
+    reported: std::sync::Mutex<std::collections::BTreeSet<(&'static str, String)>>,
+    /// Test hook: how long each commit is held before it is made.
+    #[cfg(test)]
+    commit_delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Tables;
+    fn deref(&self) -> &Tables {
+        &self.inner
+    }
 }
 
 impl Db {
@@ -180,9 +221,93 @@ impl Db {
                 });
             }
         };
-        let db = Db { db, path };
-        db.check_format()?;
-        Ok(db)
+        let store = Tables {
+            db,
+            path,
+            reported: Default::default(),
+            #[cfg(test)]
+            commit_delay_ms: Default::default(),
+        };
+        store.check_format()?;
+        Ok(Db { inner: Arc::new(store) })
+    }
+
+    /// Makes every later commit wait `delay` first: a slow disk, for tests.
+    #[cfg(test)]
+    pub(crate) fn slow_commits(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.commit_delay_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `f` — a transaction that commits — on a blocking thread.
+    async fn commit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Tables) -> Result<T, PersistError> + Send + 'static,
+    ) -> Result<T, PersistError> {
+        let store = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| self.io(format!("the commit's thread failed: {e}")))?
+    }
+
+    /// Writes (creates or replaces) an overlay's record, durably.
+    pub async fn put_overlay(&self, rec: &OverlayRecord) -> Result<(), PersistError> {
+        // It holds the keyring: wiped once written.
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|e| self.io(e))?);
+        let name = rec.spec.name.clone();
+        self.commit(move |s| s.put_overlay(&name, &bytes)).await
+    }
+
+    /// Forgets an overlay and its events.
+    pub async fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
+        let name = name.to_owned();
+        self.commit(move |s| s.delete_overlay(&name)).await
+    }
+
+    /// Applies writes in one durable transaction.
+    pub async fn write(&self, overlay: &str, ops: impl Into<Arc<[Op]>>) -> Result<(), PersistError> {
+        self.write_with(overlay, ops.into(), redb::Durability::Immediate).await
+    }
+
+    /// Like [`Db::write`], but not flushed to disk: a crash before the next
+    /// [`Db::write`] loses it (the database stays consistent). For what
+    /// may be lost: best-effort events in the inbox.
+    pub async fn write_volatile(&self, overlay: &str, ops: impl Into<Arc<[Op]>>) -> Result<(), PersistError> {
+        self.write_with(overlay, ops.into(), redb::Durability::None).await
+    }
+
+    async fn write_with(
+        &self,
+        overlay: &str,
+        ops: Arc<[Op]>,
+        durability: redb::Durability,
+    ) -> Result<(), PersistError> {
+        let overlay = overlay.to_owned();
+        self.commit(move |s| s.write_with(&overlay, &ops, durability)).await
+    }
+
+    /// Keeps only the report records `keep` says to keep.
+    pub async fn retain_reports(
+        &self,
+        overlay: &str,
+        keep: impl Fn(&EventRecord) -> bool + Send + 'static,
+    ) -> Result<(), PersistError> {
+        let overlay = overlay.to_owned();
+        self.commit(move |s| s.retain_reports(&overlay, keep)).await
+    }
+}
+
+impl Tables {
+    /// Commits `tx` (after the test hook's delay, if any).
+    fn commit_now(&self, tx: redb::WriteTransaction) -> Result<(), PersistError> {
+        #[cfg(test)]
+        {
+            let ms = self.commit_delay_ms.load(std::sync::atomic::Ordering::Relaxed);
+            if ms > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+        tx.commit().map_err(|e| self.io(e))
     }
 
     fn io(&self, e: impl std::fmt::Display) -> PersistError {
@@ -226,7 +351,7 @@ impl Db {
             tx.open_table(DEDUP).map_err(|e| self.corrupt(e.to_string()))?;
             tx.open_table(INBOX_RESERVED).map_err(|e| self.corrupt(e.to_string()))?;
         }
-        tx.commit().map_err(|e| self.io(e))
+        self.commit_now(tx)
     }
 
     /// Every overlay kept, by name.
@@ -243,22 +368,16 @@ impl Db {
         Ok(out)
     }
 
-    /// Writes (creates or replaces) an overlay's record, durably.
-    pub fn put_overlay(&self, rec: &OverlayRecord) -> Result<(), PersistError> {
-        // It holds the keyring: wiped once written.
-        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|e| self.io(e))?);
+    fn put_overlay(&self, name: &str, bytes: &[u8]) -> Result<(), PersistError> {
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
-            table
-                .insert(rec.spec.name.as_str(), bytes.as_slice())
-                .map_err(|e| self.io(e))?;
+            table.insert(name, bytes).map_err(|e| self.io(e))?;
         }
-        tx.commit().map_err(|e| self.io(e))
+        self.commit_now(tx)
     }
 
-    /// Forgets an overlay and its events.
-    pub fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
+    fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut table = tx.open_table(OVERLAYS).map_err(|e| self.io(e))?;
@@ -277,19 +396,7 @@ impl Db {
             let mut t = tx.open_table(INBOX_RESERVED).map_err(|e| self.io(e))?;
             t.remove(name).map_err(|e| self.io(e))?;
         }
-        tx.commit().map_err(|e| self.io(e))
-    }
-
-    /// Applies writes in one durable transaction.
-    pub fn write(&self, overlay: &str, ops: &[Op]) -> Result<(), PersistError> {
-        self.write_with(overlay, ops, redb::Durability::Immediate)
-    }
-
-    /// Like [`Db::write`], but not flushed to disk: a crash before the next
-    /// [`Db::write`] loses it (the database stays consistent). For what
-    /// may be lost: best-effort events in the inbox.
-    pub fn write_volatile(&self, overlay: &str, ops: &[Op]) -> Result<(), PersistError> {
-        self.write_with(overlay, ops, redb::Durability::None)
+        self.commit_now(tx)
     }
 
     fn write_with(&self, overlay: &str, ops: &[Op], durability: redb::Durability) -> Result<(), PersistError> {
@@ -302,72 +409,107 @@ impl Db {
             let mut dedup = tx.open_table(DEDUP).map_err(|e| self.io(e))?;
             let mut reserved = tx.open_table(INBOX_RESERVED).map_err(|e| self.io(e))?;
             for op in ops {
+                // Records are encoded here, on the committing thread.
                 let r = match op {
-                    Op::PutPending(id, v) => pending.insert((overlay, id.as_str()), v.as_slice()).map(|_| ()),
+                    Op::PutPending(p) => {
+                        let id = p.id.to_string();
+                        let v = json(&StoredPending::from_core(p));
+                        pending.insert((overlay, id.as_str()), v.as_slice()).map(|_| ())
+                    }
                     Op::DeletePending(id) => pending.remove((overlay, id.as_str())).map(|_| ()),
-                    Op::PutReport(id, v) => reports.insert((overlay, id.as_str()), v.as_slice()).map(|_| ()),
-                    Op::Inbox(seq, v) => inbox.insert((overlay, *seq), v.as_slice()).map(|_| ()),
+                    Op::PutReport(record) => {
+                        let v = json(record);
+                        reports.insert((overlay, record.id.as_str()), v.as_slice()).map(|_| ())
+                    }
+                    Op::Inbox(seq, entry) => inbox.insert((overlay, *seq), entry.0.as_slice()).map(|_| ()),
                     Op::TrimInbox(below) => inbox.retain_in((overlay, 0)..(overlay, *below), |_, _| false),
                     Op::DeleteInbox(seq) => inbox.remove((overlay, *seq)).map(|_| ()),
-                    Op::Dedup(v) => dedup.insert(overlay, v.as_slice()).map(|_| ()),
+                    Op::Dedup(window) => {
+                        let v = json(&window.iter().map(StoredDedup::from_core).collect::<Vec<_>>());
+                        dedup.insert(overlay, v.as_slice()).map(|_| ())
+                    }
                     Op::ReserveInbox(below) => reserved.insert(overlay, *below).map(|_| ()),
                 };
                 r.map_err(|e| self.io(e))?;
             }
         }
-        tx.commit().map_err(|e| self.io(e))
+        self.commit_now(tx)
     }
 
-    /// The pending events of an overlay.
-    pub fn pending(&self, overlay: &str) -> Result<Vec<Vec<u8>>, PersistError> {
+    /// The pending events of an overlay (one that does not decode is left
+    /// out and reported).
+    pub fn pending(&self, overlay: &str) -> Result<Vec<PendingEvent>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(PENDING).map_err(|e| self.io(e))?;
         let range = t
             .range((overlay, "")..=(overlay, "\u{10FFFF}"))
             .map_err(|e| self.io(e))?;
-        range
-            .map(|r| r.map(|(_, v)| v.value().to_vec()).map_err(|e| self.io(e)))
-            .collect()
+        let mut out = Vec::new();
+        for r in range {
+            let (k, v) = r.map_err(|e| self.io(e))?;
+            let (_, id) = k.value();
+            match decode_pending(v.value()) {
+                Ok(p) => out.push(p),
+                Err(reason) => drop(self.undecodable("events_pending", format!("{overlay}/{id}"), reason)),
+            }
+        }
+        Ok(out)
     }
 
     /// One pending event.
-    pub fn pending_one(&self, overlay: &str, id: &str) -> Result<Option<Vec<u8>>, PersistError> {
+    pub fn pending_one(&self, overlay: &str, id: &str) -> Result<Option<PendingEvent>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(PENDING).map_err(|e| self.io(e))?;
-        Ok(t.get((overlay, id))
-            .map_err(|e| self.io(e))?
-            .map(|v| v.value().to_vec()))
+        let Some(v) = t.get((overlay, id)).map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        decode_pending(v.value())
+            .map(Some)
+            .map_err(|reason| self.undecodable("events_pending", format!("{overlay}/{id}"), reason))
     }
 
-    /// Keeps only the report records `keep` says to keep.
-    pub fn retain_reports(&self, overlay: &str, keep: impl Fn(&[u8]) -> bool) -> Result<(), PersistError> {
+    /// Report records that do not decode go too (reported).
+    fn retain_reports(&self, overlay: &str, keep: impl Fn(&EventRecord) -> bool) -> Result<(), PersistError> {
         let tx = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut t = tx.open_table(REPORTS).map_err(|e| self.io(e))?;
-            t.retain_in((overlay, "")..=(overlay, "\u{10FFFF}"), |_, v| keep(v))
-                .map_err(|e| self.io(e))?;
+            t.retain_in(
+                (overlay, "")..=(overlay, "\u{10FFFF}"),
+                |(_, id), v| match serde_json::from_slice::<EventRecord>(v) {
+                    Ok(record) => keep(&record),
+                    Err(e) => {
+                        drop(self.undecodable("events_reports", format!("{overlay}/{id}"), e.to_string()));
+                        false
+                    }
+                },
+            )
+            .map_err(|e| self.io(e))?;
         }
-        tx.commit().map_err(|e| self.io(e))
+        self.commit_now(tx)
     }
 
     /// One event's reports.
-    pub fn report(&self, overlay: &str, id: &str) -> Result<Option<Vec<u8>>, PersistError> {
+    pub fn report(&self, overlay: &str, id: &str) -> Result<Option<EventRecord>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(REPORTS).map_err(|e| self.io(e))?;
-        Ok(t.get((overlay, id))
-            .map_err(|e| self.io(e))?
-            .map(|v| v.value().to_vec()))
+        let Some(v) = t.get((overlay, id)).map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| self.undecodable("events_reports", format!("{overlay}/{id}"), e.to_string()))
     }
 
-    /// Inbox entries after `after`, at most `limit` of them and — beyond
-    /// the first — at most `max_bytes` in all.
+    /// Inbox entries after `after`, payloads rendered, at most `limit` of
+    /// them and — beyond the first — at most `max_bytes` stored bytes in
+    /// all. An entry that does not decode is left out (and reported).
     pub fn inbox_after(
         &self,
         overlay: &str,
         after: u64,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, PersistError> {
+    ) -> Result<Vec<InboxItem>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
         let from = after.saturating_add(1);
@@ -381,20 +523,38 @@ impl Db {
                 break;
             }
             bytes += v.len();
-            out.push((k.value().1, v.to_vec()));
+            let seq = k.value().1;
+            match decode_stored(v) {
+                Ok((item, _)) => out.push(item),
+                Err(reason) => drop(self.undecodable("inbox", format!("{overlay}/{seq}"), reason)),
+            }
         }
         Ok(out)
     }
 
-    /// Calls `f` with every inbox entry of an overlay, in order, without
-    /// collecting them.
-    pub fn inbox_scan(&self, overlay: &str, mut f: impl FnMut(u64, &[u8])) -> Result<(), PersistError> {
+    /// Calls `f` with what the inbox's byte cap needs of every stored entry
+    /// of an overlay, in order. An entry that does not decode counts as an
+    /// old at-least-once event (evicted after the others; reported).
+    pub fn inbox_scan(&self, overlay: &str, mut f: impl FnMut(EntryMeta)) -> Result<(), PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(INBOX).map_err(|e| self.io(e))?;
         let range = t.range((overlay, 0)..=(overlay, u64::MAX)).map_err(|e| self.io(e))?;
         for r in range {
             let (k, v) = r.map_err(|e| self.io(e))?;
-            f(k.value().1, v.value());
+            let seq = k.value().1;
+            let (alo, time_ms) = match decode_stored(v.value()) {
+                Ok((item, alo)) => (alo, item.time_ms),
+                Err(reason) => {
+                    drop(self.undecodable("inbox", format!("{overlay}/{seq}"), reason));
+                    (true, 0)
+                }
+            };
+            f(EntryMeta {
+                seq,
+                len: v.value().len() as u64,
+                alo,
+                time_ms,
+            });
         }
         Ok(())
     }
@@ -421,33 +581,241 @@ impl Db {
         Ok(reserved.max(self.inbox_last(overlay)? + 1))
     }
 
-    /// The saved de-duplication window of an overlay.
-    pub fn dedup(&self, overlay: &str) -> Result<Option<Vec<u8>>, PersistError> {
+    /// The saved de-duplication window of an overlay (empty if none).
+    /// One that does not decode is an error: starting without it would
+    /// deliver duplicates, and then save the empty window over it.
+    pub fn dedup(&self, overlay: &str) -> Result<Vec<DedupEntry>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(DEDUP).map_err(|e| self.io(e))?;
-        Ok(t.get(overlay).map_err(|e| self.io(e))?.map(|v| v.value().to_vec()))
+        let Some(v) = t.get(overlay).map_err(|e| self.io(e))? else {
+            return Ok(Vec::new());
+        };
+        serde_json::from_slice::<Vec<StoredDedup>>(v.value())
+            .map(|w| w.into_iter().map(StoredDedup::into_core).collect())
+            .map_err(|e| self.undecodable("events_dedup", overlay.to_owned(), e.to_string()))
+    }
+
+    /// The error for a record that does not decode, logged the first time
+    /// this key is found so (reads that skip it come back to it).
+    fn undecodable(&self, table: &'static str, key: String, reason: String) -> PersistError {
+        let first = self
+            .reported
+            .lock()
+            .map(|mut seen| seen.insert((table, key.clone())))
+            .unwrap_or(true);
+        if first {
+            tracing::error!(database = %self.path.display(), table, %key, %reason, "a stored record does not decode");
+        }
+        PersistError::Record {
+            path: self.path.clone(),
+            table,
+            key,
+            reason,
+        }
     }
 }
 
 /// One write of [`Db::write`], all for one overlay.
 #[derive(Debug, Clone)]
 pub enum Op {
-    /// Saves a pending event (by id).
-    PutPending(String, Vec<u8>),
+    /// Saves a pending event (under its id).
+    PutPending(PendingEvent),
     /// Forgets a pending event.
     DeletePending(String),
-    /// Saves an event's reports.
-    PutReport(String, Vec<u8>),
+    /// Saves an event's reports (under its id).
+    PutReport(EventRecord),
     /// Appends to the inbox.
-    Inbox(u64, Vec<u8>),
+    Inbox(u64, EncodedEntry),
     /// Drops inbox entries below a sequence number.
     TrimInbox(u64),
     /// Drops one inbox entry (evicted for the byte cap).
     DeleteInbox(u64),
     /// Saves the de-duplication window.
-    Dedup(Vec<u8>),
+    Dedup(Vec<DedupEntry>),
     /// Inbox sequence numbers up to this one (excluded) may be handed out.
     ReserveInbox(u64),
+}
+
+// ----- the stored forms of the records
+
+/// What the inbox's byte cap needs of a stored entry (see [`Db::inbox_scan`]).
+#[derive(Debug, Clone, Copy)]
+pub struct EntryMeta {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its stored size.
+    pub len: u64,
+    /// Whether it is an at-least-once event.
+    pub alo: bool,
+    /// When it was stored (wall-clock milliseconds).
+    pub time_ms: u64,
+}
+
+/// An inbox entry ready to be stored: its size counts against the inbox's
+/// byte cap before it is written.
+#[derive(Debug, Clone)]
+pub struct EncodedEntry(Vec<u8>);
+
+impl EncodedEntry {
+    /// `item` (its payload fields are ignored), with `payload` stored once,
+    /// as bytes; `alo` for an at-least-once event.
+    pub fn new(item: &InboxItem, payload: Option<&[u8]>, alo: bool) -> EncodedEntry {
+        EncodedEntry(encode_stored(item, payload, alo))
+    }
+
+    /// Its size in the database.
+    pub fn size(&self) -> usize {
+        self.0.len()
+    }
+}
+
+fn decode_pending(bytes: &[u8]) -> Result<PendingEvent, String> {
+    serde_json::from_slice::<StoredPending>(bytes)
+        .map_err(|e| e.to_string())?
+        .to_core()
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// An inbox entry as stored: the item without its payload fields, and
+/// the payload bytes once.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredHeader {
+    #[serde(flatten)]
+    item: InboxItem,
+    /// An at-least-once event (never evicted for the byte cap before a day).
+    #[serde(default)]
+    alo: bool,
+    /// Whether a payload follows the header.
+    #[serde(default)]
+    has_payload: bool,
+}
+
+/// Marks the stored form (a JSON entry of earlier versions starts with `{`).
+const STORED_MAGIC: &[u8; 4] = b"\0RI1";
+
+/// Encodes an entry: header, then the payload bytes.
+fn encode_stored(item: &InboxItem, payload: Option<&[u8]>, alo: bool) -> Vec<u8> {
+    let header = StoredHeader {
+        item: InboxItem {
+            payload: None,
+            payload_base64: None,
+            ..item.clone()
+        },
+        alo,
+        has_payload: payload.is_some(),
+    };
+    let h = serde_json::to_vec(&header).unwrap_or_default();
+    let p = payload.unwrap_or_default();
+    let mut out = Vec::with_capacity(8 + h.len() + p.len());
+    out.extend_from_slice(STORED_MAGIC);
+    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(p);
+    out
+}
+
+/// Decodes a stored entry, with its payload rendered, and whether it is an
+/// at-least-once event. Entries of earlier versions (JSON) count as
+/// at-least-once when they carry an event id on an application topic.
+fn decode_stored(bytes: &[u8]) -> Result<(InboxItem, bool), String> {
+    let Some(rest) = bytes.strip_prefix(STORED_MAGIC) else {
+        let item: InboxItem = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let alo = item.id.is_some() && !is_local(&item.topic);
+        return Ok((item, alo));
+    };
+    let truncated = || "truncated".to_owned();
+    let len: [u8; 4] = rest.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(truncated)?;
+    let len = u32::from_le_bytes(len) as usize;
+    let header = rest.get(4..4usize.saturating_add(len)).ok_or_else(truncated)?;
+    let header: StoredHeader = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let mut item = header.item;
+    if header.has_payload {
+        let (text, b64) = payload_fields(rest.get(4 + len..).ok_or_else(truncated)?);
+        item.payload = text;
+        item.payload_base64 = b64;
+    }
+    Ok((item, header.alo))
+}
+
+/// A pending event as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredPending {
+    origin: String,
+    epoch: u64,
+    seq: u64,
+    topic: String,
+    payload: String,
+    retry_every_ms: u64,
+    retry_max: u32,
+    waiting: Vec<(String, u32, u32)>,
+}
+
+impl StoredPending {
+    fn from_core(p: &PendingEvent) -> StoredPending {
+        StoredPending {
+            origin: p.id.origin.to_string(),
+            epoch: p.id.epoch,
+            seq: p.id.seq,
+            topic: p.topic.clone(),
+            payload: base64::engine::general_purpose::STANDARD.encode(&p.payload),
+            retry_every_ms: u64::try_from(p.retry_every.as_millis()).unwrap_or(u64::MAX),
+            retry_max: p.retry_max,
+            waiting: p.waiting.iter().map(|(n, a, r)| (n.to_string(), *a, *r)).collect(),
+        }
+    }
+
+    fn to_core(&self) -> Result<PendingEvent, String> {
+        Ok(PendingEvent {
+            id: EventId {
+                origin: self.origin.as_str().into(),
+                epoch: self.epoch,
+                seq: self.seq,
+            },
+            topic: self.topic.clone(),
+            payload: base64::engine::general_purpose::STANDARD
+                .decode(&self.payload)
+                .map_err(|e| format!("payload: {e}"))?,
+            retry_every: Duration::from_millis(self.retry_every_ms),
+            retry_max: self.retry_max,
+            waiting: self
+                .waiting
+                .iter()
+                .map(|(n, a, r)| (n.as_str().into(), *a, *r))
+                .collect(),
+        })
+    }
+}
+
+/// One publisher life's part of the de-duplication window, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredDedup {
+    origin: String,
+    epoch: u64,
+    floor: u64,
+    above: Vec<u64>,
+}
+
+impl StoredDedup {
+    fn from_core(w: &DedupEntry) -> StoredDedup {
+        StoredDedup {
+            origin: w.origin.to_string(),
+            epoch: w.epoch,
+            floor: w.floor,
+            above: w.above.clone(),
+        }
+    }
+
+    fn into_core(self) -> DedupEntry {
+        DedupEntry {
+            origin: self.origin.into(),
+            epoch: self.epoch,
+            floor: self.floor,
+            above: self.above,
+        }
+    }
 }
 
 /// Creates the database file with mode 0600 if it does not exist (redb
@@ -503,55 +871,126 @@ mod tests {
     use super::*;
     use std::os::unix::fs::DirBuilderExt;
 
+    /// An inbox entry of topic `t`.
+    fn entry(t: &str) -> EncodedEntry {
+        let item = InboxItem {
+            seq: 0,
+            topic: t.into(),
+            id: None,
+            payload: None,
+            payload_base64: None,
+            member: None,
+            key: None,
+            outcome: None,
+            time_ms: 0,
+            elided: false,
+        };
+        EncodedEntry::new(&item, None, false)
+    }
+
     fn temp(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("rm-persist-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }
 
-    #[test]
-    fn records_survive_reopening() {
+    #[tokio::test]
+    async fn records_survive_reopening() {
         let dir = temp("reopen");
         let mut rec = OverlayRecord::new(OverlaySpec::named("a"), "m".into());
         rec.keys = vec![crate::config::generate_key()];
         rec.peers = vec!["127.0.0.1:9".parse().unwrap()];
         {
             let db = Db::open(&dir).unwrap();
-            db.put_overlay(&rec).unwrap();
+            db.put_overlay(&rec).await.unwrap();
             assert!(matches!(Db::open(&dir), Err(PersistError::InUse { .. })));
         }
         let db = Db::open(&dir).unwrap();
         assert_eq!(db.overlays().unwrap(), vec![rec]);
-        db.delete_overlay("a").unwrap();
+        db.delete_overlay("a").await.unwrap();
         assert!(db.overlays().unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn inbox_numbers_are_never_handed_out_twice() {
+    #[tokio::test]
+    async fn inbox_numbers_are_never_handed_out_twice() {
         let dir = temp("inbox");
         {
             let db = Db::open(&dir).unwrap();
             assert_eq!(db.inbox_next("o").unwrap(), 1);
-            db.write("o", &[Op::Inbox(1, b"a".to_vec()), Op::ReserveInbox(100)])
+            db.write("o", vec![Op::Inbox(1, entry("a")), Op::ReserveInbox(100)])
+                .await
                 .unwrap();
             // Entries written without a flush, then flushed by the next
             // durable write.
-            db.write_volatile("o", &[Op::Inbox(2, b"b".to_vec())]).unwrap();
-            db.write("o", &[]).unwrap();
+            db.write_volatile("o", vec![Op::Inbox(2, entry("b"))]).await.unwrap();
+            db.write("o", vec![]).await.unwrap();
             assert_eq!(db.inbox_after("o", 0, 10, usize::MAX).unwrap().len(), 2);
             // Numbers up to the reservation may have been seen by an
             // application before a crash lost their entries: not reused.
             assert_eq!(db.inbox_next("o").unwrap(), 100);
-            db.write("o", &[Op::TrimInbox(3)]).unwrap();
+            db.write("o", vec![Op::TrimInbox(3)]).await.unwrap();
             assert_eq!(db.inbox_next("o").unwrap(), 100);
         }
         let db = Db::open(&dir).unwrap();
         assert_eq!(db.inbox_next("o").unwrap(), 100);
-        db.write("o", &[Op::Inbox(150, b"c".to_vec())]).unwrap();
+        db.write("o", vec![Op::Inbox(150, entry("c"))]).await.unwrap();
         assert_eq!(db.inbox_next("o").unwrap(), 151);
-        db.delete_overlay("o").unwrap();
+        db.delete_overlay("o").await.unwrap();
         assert_eq!(db.inbox_next("o").unwrap(), 1, "a recreated overlay starts anew");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_that_do_not_decode_are_errors_naming_their_key() {
+        let dir = temp("undecodable");
+        let db = Db::open(&dir).unwrap();
+        let window = vec![DedupEntry {
+            origin: "p".into(),
+            epoch: 2,
+            floor: 7,
+            above: vec![9],
+        }];
+        db.write("a", vec![Op::Dedup(window.clone())]).await.unwrap();
+        assert_eq!(db.dedup("a").unwrap(), window, "a window comes back as it went");
+        assert!(db.dedup("none").unwrap().is_empty());
+        {
+            let tx = db.db.begin_write().unwrap();
+            tx.open_table(DEDUP)
+                .unwrap()
+                .insert("o", b"not json".as_slice())
+                .unwrap();
+            tx.open_table(PENDING)
+                .unwrap()
+                .insert(("o", "p/1/1"), b"{".as_slice())
+                .unwrap();
+            tx.open_table(INBOX)
+                .unwrap()
+                .insert(("o", 1), b"\0RI1garbage".as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        // A window that does not decode is an error, not an empty window.
+        let err = db.dedup("o").unwrap_err();
+        assert!(
+            matches!(&err, PersistError::Record { table: "events_dedup", key, .. } if key == "o"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("the record events_dedup/o does not decode"),
+            "{err}"
+        );
+        // Lists leave such records out; single reads are errors.
+        assert!(db.pending("o").unwrap().is_empty());
+        assert!(matches!(db.pending_one("o", "p/1/1"), Err(PersistError::Record { .. })));
+        assert!(db.inbox_after("o", 0, 10, usize::MAX).unwrap().is_empty());
+        let mut scanned = Vec::new();
+        db.inbox_scan("o", |e| scanned.push((e.seq, e.alo))).unwrap();
+        assert_eq!(scanned, vec![(1, true)], "counted as an old at-least-once entry");
+        // Each key is reported once, however often it is read.
+        let _ = db.dedup("o");
+        let _ = db.pending("o");
+        assert_eq!(db.reported.lock().unwrap().len(), 3);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -63,7 +63,7 @@ pub struct AgentArgs {
     profile: Option<Profile>,
 }
 
-fn parse_profile(s: &str) -> Result<Profile, String> {
+pub(super) fn parse_profile(s: &str) -> Result<Profile, String> {
     match s {
         "lan" => Ok(Profile::Lan),
         "wan" => Ok(Profile::Wan),
@@ -206,7 +206,7 @@ pub fn run(args: AgentArgs, data_dir: Option<PathBuf>) -> Result<(), String> {
     runtime.block_on(async move {
         // The data directory and the token first: nothing has joined yet if
         // they fail.
-        rumormill::persist::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
+        rumormill::config::create_private_dir(&config.data_dir).map_err(|e| e.to_string())?;
         let mut options = rumormill::api::ApiOptions::new(config.api.bind, admin_token(&config.data_dir)?);
         options.read_token = Some(read_token(&config.data_dir)?);
         options.allowed_hosts = config.api.allowed_hosts.clone();

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use rumormill::api::{JoinRequest, KeyRequest, PublishRequest, PutRequest};
 use rumormill::client::{Client, encode_path};
+use rumormill::config::{OverlaySpec, Profile};
+use rumormill::events::DeliverySpec;
+use rumormill::keyring::KeyChange;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
@@ -163,8 +167,8 @@ pub enum OverlaysCommand {
         #[arg(long, requires = "plaintext")]
         allow_plaintext_network: bool,
         /// Timing preset: lan, wan or local.
-        #[arg(long, default_value = "lan")]
-        profile: String,
+        #[arg(long, default_value = "lan", value_parser = super::agent::parse_profile)]
+        profile: Profile,
     },
     /// Leaves gracefully and deletes an overlay.
     Delete {
@@ -231,7 +235,7 @@ pub enum ClientCommand {
         id: String,
     },
     /// Subscribes to topics and prints one JSON line per event (also
-    /// member.joined/suspect/failed/left/alive, luggage.changed,
+    /// member.joined/suspect/failed/left/alive/updated, luggage.changed,
     /// delivery.report). Subscribing needs the admin token; with only the
     /// read token, the agent must already subscribe to the topics.
     Subscribe {
@@ -334,58 +338,45 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
     runtime.block_on(async move {
         let mut stdin = Stdin(None);
         let c = client(&target, &data_dir, &mut stdin)?;
-        let o = format!("/v1/overlays/{}", encode_path(&target.overlay));
+        let o = c.on(&target.overlay);
         let e = |e: rumormill::client::ClientError| match e {
             rumormill::client::ClientError::Api { status: 401, message } => {
                 format!("{message} (HTTP 401; give --token, or --data-dir of that agent)")
             }
             other => other.to_string(),
         };
+        let text = |value: String| PutRequest {
+            value: Some(value),
+            value_base64: None,
+        };
         let out = match cmd {
-            ClientCommand::Members => {
-                let v = c.get(&format!("{o}/members")).await.map_err(e)?;
-                Output::Table(v, &["name", "addr", "state", "incarnation", "epoch", "rack"])
-            }
+            ClientCommand::Members => Output::Table(
+                value(&o.members().await.map_err(e)?),
+                &["name", "addr", "state", "incarnation", "epoch", "rack"],
+            ),
             ClientCommand::Join { addrs } => {
-                c.request("POST", &format!("{o}/join"), Some(json!({ "addrs": addrs })))
-                    .await
-                    .map_err(e)?;
-                Output::Done(format!("joining {} address(es)", addrs.len()))
+                let n = addrs.len();
+                o.join(&JoinRequest { addrs }).await.map_err(e)?;
+                Output::Done(format!("joining {n} address(es)"))
             }
             ClientCommand::Leave => {
-                c.request("POST", &format!("{o}/leave"), None).await.map_err(e)?;
+                o.leave().await.map_err(e)?;
                 Output::Done(format!("left overlay {}", target.overlay))
             }
-            ClientCommand::Put { key, value } => {
-                let value = if value == "-" {
-                    stdin.take("the value `-`")?
-                } else {
-                    value
-                };
-                let path = format!("{o}/updates/{}", encode_path(&key));
-                let v = c
-                    .request("PUT", &path, Some(json!({ "value": value })))
-                    .await
-                    .map_err(e)?;
-                Output::Row(v, &["key", "value", "origin", "lamport"])
+            ClientCommand::Put { key, value: v } => {
+                let v = if v == "-" { stdin.take("the value `-`")? } else { v };
+                let row = o.put(&key, &text(v)).await.map_err(e)?;
+                Output::Row(value(&row), &["key", "value", "origin", "lamport"])
             }
-            ClientCommand::Get { key } => {
-                let v = c.get(&format!("{o}/updates/{}", encode_path(&key))).await.map_err(e)?;
-                Output::Value(v)
-            }
+            ClientCommand::Get { key } => Output::Value(value(&o.get(&key).await.map_err(e)?)),
             ClientCommand::Delete { key } => {
-                c.request("DELETE", &format!("{o}/updates/{}", encode_path(&key)), None)
-                    .await
-                    .map_err(e)?;
+                o.delete(&key).await.map_err(e)?;
                 Output::Done(format!("deleted {key}"))
             }
-            ClientCommand::List { prefix } => {
-                let q = prefix
-                    .map(|p| format!("?prefix={}", encode_path(&p)))
-                    .unwrap_or_default();
-                let v = c.get(&format!("{o}/updates{q}")).await.map_err(e)?;
-                Output::Table(v, &["key", "value", "origin", "lamport"])
-            }
+            ClientCommand::List { prefix } => Output::Table(
+                value(&o.list(prefix.as_deref()).await.map_err(e)?),
+                &["key", "value", "origin", "lamport"],
+            ),
             ClientCommand::Publish {
                 topic,
                 payload,
@@ -399,79 +390,65 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     payload
                 };
                 let delivery = if at_least_once {
-                    json!({ "mode": "at_least_once", "retry_every": retry_every, "retry_max": retry_max })
+                    DeliverySpec::AtLeastOnce { retry_every, retry_max }
                 } else {
-                    json!({ "mode": "best_effort" })
+                    DeliverySpec::BestEffort
                 };
-                let body = json!({ "topic": topic, "payload": payload, "delivery": delivery });
-                let v = c.request("POST", &format!("{o}/events"), Some(body)).await.map_err(e)?;
-                Output::Row(v, &["id", "topic", "delivery"])
+                let request = PublishRequest {
+                    topic,
+                    payload: Some(payload),
+                    payload_base64: None,
+                    delivery,
+                };
+                let record = o.publish(&request).await.map_err(e)?;
+                Output::Row(value(&record), &["id", "topic", "delivery"])
             }
             ClientCommand::Event { id } => {
-                let v = c.get(&format!("{o}/events/{}", encode_path(&id))).await.map_err(e)?;
+                let record = o.event(&id).await.map_err(e)?;
                 if target.json {
-                    Output::Value(v)
+                    Output::Value(value(&record))
                 } else {
                     println!(
                         "event {} on {} ({}): {}",
-                        cell_text(v["id"].as_str().unwrap_or_default()),
-                        cell_text(v["topic"].as_str().unwrap_or_default()),
-                        v["delivery"].as_str().unwrap_or_default(),
-                        if v["complete"] == json!(true) {
+                        cell_text(&record.id),
+                        cell_text(&record.topic),
+                        record.delivery,
+                        if record.complete {
                             "every report final"
                         } else {
                             "reports pending"
                         }
                     );
-                    Output::Table(v["subscribers"].clone(), &["member", "outcome", "attempts"])
+                    Output::Table(value(&record.subscribers), &["member", "outcome", "attempts"])
                 }
             }
             ClientCommand::Subscribe { topics, from, count } => {
                 subscribe(&c, &target.overlay, &topics, from, count).await?;
                 return Ok(());
             }
-            ClientCommand::Subscriptions => {
-                let v = c.get(&format!("{o}/subscriptions")).await.map_err(e)?;
-                Output::Lines(v["topics"].clone())
-            }
+            ClientCommand::Subscriptions => Output::Lines(o.subscriptions().await.map_err(e)?.topics),
             ClientCommand::Unsubscribe { topic } => {
-                c.request("DELETE", &format!("{o}/subscriptions/{}", encode_path(&topic)), None)
-                    .await
-                    .map_err(e)?;
+                o.unsubscribe(&topic).await.map_err(e)?;
                 Output::Done(format!("unsubscribed from {topic}"))
             }
             ClientCommand::Luggage(l) => match l {
-                LuggageCommand::List { member } => {
-                    let q = member
-                        .map(|m| format!("?member={}", encode_path(&m)))
-                        .unwrap_or_default();
-                    Output::Table(
-                        c.get(&format!("{o}/luggage{q}")).await.map_err(e)?,
-                        &["member", "key", "value"],
-                    )
-                }
-                LuggageCommand::Set { key, value } => {
-                    let value = if value == "-" {
-                        stdin.take("the value `-`")?
-                    } else {
-                        value
-                    };
-                    let path = format!("{o}/luggage/{}", encode_path(&key));
-                    c.request("PUT", &path, Some(json!({ "value": value })))
-                        .await
-                        .map_err(e)?;
+                LuggageCommand::List { member } => Output::Table(
+                    value(&o.luggage(member.as_deref()).await.map_err(e)?),
+                    &["member", "key", "value"],
+                ),
+                LuggageCommand::Set { key, value: v } => {
+                    let v = if v == "-" { stdin.take("the value `-`")? } else { v };
+                    o.set_luggage(&key, &text(v)).await.map_err(e)?;
                     Output::Done(format!("luggage {key} set"))
                 }
                 LuggageCommand::Delete { key } => {
-                    c.request("DELETE", &format!("{o}/luggage/{}", encode_path(&key)), None)
-                        .await
-                        .map_err(e)?;
+                    o.delete_luggage(&key).await.map_err(e)?;
                     Output::Done(format!("luggage {key} deleted"))
                 }
             },
             ClientCommand::Keys(k) => match k {
                 KeysCommand::List => Output::Table(
-                    c.get(&format!("{o}/keys")).await.map_err(e)?,
+                    value(&o.keys().await.map_err(e)?),
                     &[
                         "id",
                         "suite",
@@ -500,23 +477,21 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                         (None, None) => return Err("give the key, `-` or --key-file".into()),
                     };
                     let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
-                    let scope = if local { "local" } else { "overlay" };
-                    let path = format!("{o}/keys?wait={wait}&scope={scope}");
-                    let v = c
-                        .request("POST", &path, Some(json!({ "key": key.as_str() })))
+                    let change = c
+                        .on(&target.overlay)
+                        .install_key(&KeyRequest { key }, wait, local)
                         .await
                         .map_err(e)?;
                     if local {
-                        local_change(v, target.json)
+                        local_change(&change, target.json)
                     } else {
-                        key_change(v, "installed on", target.json)?
+                        key_change(&change, "installed on", target.json)?
                     }
                 }
                 KeysCommand::Use { id, exclude, wait } => {
                     let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
-                    let path = format!("{o}/keys/{}/use?wait={wait}{}", encode_path(&id), exclude_arg(&exclude));
-                    let v = c.request("POST", &path, None).await.map_err(e)?;
-                    key_change(v, "primary on", target.json)?
+                    let change = c.on(&target.overlay).use_key(&id, wait, &exclude).await.map_err(e)?;
+                    key_change(&change, "primary on", target.json)?
                 }
                 KeysCommand::Remove {
                     id,
@@ -525,33 +500,25 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     wait,
                 } => {
                     let c = c.clone().with_timeout(Duration::from_secs(wait + 30));
-                    let path = if local {
-                        format!("{o}/keys/{}?scope=local", encode_path(&id))
-                    } else {
-                        format!("{o}/keys/{}?wait={wait}{}", encode_path(&id), exclude_arg(&exclude))
-                    };
-                    let v = c.request("DELETE", &path, None).await.map_err(e)?;
+                    let change = c
+                        .on(&target.overlay)
+                        .remove_key(&id, wait, &exclude, local)
+                        .await
+                        .map_err(e)?;
                     if local {
-                        local_change(v, target.json)
+                        local_change(&change, target.json)
                     } else {
-                        key_change(v, "removed from", target.json)?
+                        key_change(&change, "removed from", target.json)?
                     }
                 }
-                KeysCommand::Export => {
-                    let v = c.get(&format!("{o}/keys/export")).await.map_err(e)?;
-                    Output::Lines(v["keys"].clone())
-                }
+                KeysCommand::Export => Output::Lines(o.export_keys().await.map_err(e)?.keys),
             },
             ClientCommand::Overlays(cmd) => match cmd {
                 OverlaysCommand::List => Output::Table(
-                    c.get("/v1/overlays").await.map_err(e)?,
+                    value(&c.overlays().await.map_err(e)?),
                     &["name", "member", "addr", "status", "live_members", "encrypted"],
                 ),
-                OverlaysCommand::Show { name } => Output::Value(
-                    c.get(&format!("/v1/overlays/{}", encode_path(&name)))
-                        .await
-                        .map_err(e)?,
-                ),
+                OverlaysCommand::Show { name } => Output::Value(value(&c.overlay(&name).await.map_err(e)?)),
                 OverlaysCommand::Create {
                     name,
                     bind,
@@ -564,31 +531,24 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     allow_plaintext_network,
                     profile,
                 } => {
-                    let keys = match (plaintext, key_file, key) {
+                    let mut spec = OverlaySpec::named(&name);
+                    spec.keys = match (plaintext, key_file, key) {
                         (true, _, _) => vec![],
                         (false, Some(path), _) => vec![rumormill::config::read_key_file(&path)?.to_string()],
                         (false, None, key) => vec![key.unwrap_or_else(rumormill::config::generate_key)],
                     };
-                    let mut spec = json!({
-                        "name": name, "bind": bind, "seeds": seeds, "keys": keys,
-                        "plaintext": plaintext, "profile": profile,
-                    });
-                    if allow_plaintext_network {
-                        spec["allow_plaintext_network"] = json!(true);
-                    }
-                    if let Some(m) = member {
-                        spec["member"] = json!(m);
-                    }
-                    if let Some(r) = rack {
-                        spec["rack"] = json!(r);
-                    }
-                    let v = c.request("POST", "/v1/overlays", Some(spec)).await.map_err(e)?;
-                    Output::Row(v, &["name", "member", "addr", "status"])
+                    spec.bind = bind;
+                    spec.seeds = seeds;
+                    spec.plaintext = plaintext;
+                    spec.allow_plaintext_network = allow_plaintext_network;
+                    spec.profile = profile;
+                    spec.member = member;
+                    spec.rack = rack;
+                    let summary = c.create_overlay(&spec).await.map_err(e)?;
+                    Output::Row(value(&summary), &["name", "member", "addr", "status"])
                 }
                 OverlaysCommand::Delete { name } => {
-                    c.request("DELETE", &format!("/v1/overlays/{}", encode_path(&name)), None)
-                        .await
-                        .map_err(e)?;
+                    c.delete_overlay(&name).await.map_err(e)?;
                     Output::Done(format!("overlay {name} deleted"))
                 }
             },
@@ -610,10 +570,10 @@ async fn subscribe(
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let path = c.on(overlay).events_ws_path();
     let mut url = format!(
-        "ws://{}/v1/overlays/{}/events/ws?topics={}",
+        "ws://{}{path}?topics={}",
         c.addr(),
-        encode_path(overlay),
         topics.iter().map(|t| encode_path(t)).collect::<Vec<_>>().join(",")
     );
     if let Some(f) = from {
@@ -622,7 +582,7 @@ async fn subscribe(
     let mut req = url.into_client_request().map_err(|e| format!("bad address: {e}"))?;
     // Subscribing needs the admin token; with only the read token the
     // agent must already subscribe to the topics.
-    let read = c.token_for("GET", &format!("/v1/overlays/{}/events/ws", encode_path(overlay)));
+    let read = c.token_for("GET", &path);
     if let Some(t) = c.token().or(read) {
         let value = format!("Bearer {t}")
             .parse()
@@ -673,68 +633,50 @@ fn read_stdin() -> Result<String, String> {
     Ok(s)
 }
 
-/// `&exclude=a,b`, or nothing.
-fn exclude_arg(members: &[String]) -> String {
-    if members.is_empty() {
-        String::new()
-    } else {
-        format!("&exclude={}", encode_path(&members.join(",")))
-    }
-}
-
-/// The members a key change answer names as not having followed.
-fn missing_members(v: &Value) -> Vec<&str> {
-    v["missing"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect()
-}
-
 /// "key 1a2b3c4d on this agent only (2/3 members hold it; not on c)".
-fn local_change(v: Value, json: bool) -> Output {
+fn local_change(change: &KeyChange, json: bool) -> Output {
     if json {
-        return Output::Value(v);
+        return Output::Value(value(change));
     }
-    let done = v["done"].as_array().map_or(0, Vec::len);
-    let members = v["members"].as_u64().unwrap_or(0);
-    let id = v["id"].as_str().unwrap_or_default();
-    let missing = missing_members(&v);
-    let lacking = if missing.is_empty() {
+    let lacking = if change.missing.is_empty() {
         String::new()
     } else {
-        format!("; not on {}", missing.join(", "))
+        format!("; not on {}", change.missing.join(", "))
     };
     Output::Done(format!(
-        "key {id} on this agent only ({done}/{members} members hold it{lacking})"
+        "key {} on this agent only ({}/{} members hold it{lacking})",
+        change.id,
+        change.done.len(),
+        change.members
     ))
 }
 
 /// "key 1a2b3c4d installed on 5/5 members"; an error when some did not follow.
-fn key_change(v: Value, what: &str, json: bool) -> Result<Output, String> {
-    let done = v["done"].as_array().map_or(0, Vec::len);
-    let members = v["members"].as_u64().unwrap_or(0);
-    let id = v["id"].as_str().unwrap_or_default().to_owned();
-    let missing = missing_members(&v);
-    if !missing.is_empty() {
+fn key_change(change: &KeyChange, what: &str, json: bool) -> Result<Output, String> {
+    let (id, done, members) = (&change.id, change.done.len(), change.members);
+    if !change.missing.is_empty() {
         return Err(format!(
             "key {id} {what} {done}/{members} members; not yet on {} (it goes on spreading; check with `keys list`)",
-            missing.join(", ")
+            change.missing.join(", ")
         ));
     }
     Ok(if json {
-        Output::Value(v)
+        Output::Value(value(change))
     } else {
         Output::Done(format!("key {id} {what} {done}/{members} members"))
     })
+}
+
+/// An answer as JSON, for printing.
+fn value<T: serde::Serialize>(answer: &T) -> Value {
+    serde_json::to_value(answer).unwrap_or(Value::Null)
 }
 
 enum Output {
     Table(Value, &'static [&'static str]),
     Row(Value, &'static [&'static str]),
     Value(Value),
-    Lines(Value),
+    Lines(Vec<String>),
     Done(String),
 }
 
@@ -743,7 +685,8 @@ impl Output {
         match self {
             Output::Done(m) if json => println!("{}", json!({ "ok": true, "message": m })),
             Output::Done(m) => println!("{m}"),
-            Output::Table(v, _) | Output::Row(v, _) | Output::Lines(v) | Output::Value(v) if json => println!("{v}"),
+            Output::Table(v, _) | Output::Row(v, _) | Output::Value(v) if json => println!("{v}"),
+            Output::Lines(lines) if json => println!("{}", value(&lines)),
             Output::Table(v, cols) => print!("{}", table(v.as_array().map(Vec::as_slice).unwrap_or_default(), cols)),
             Output::Row(v, cols) => print!("{}", table(std::slice::from_ref(&v), cols)),
             // `get` prints the bare value, as a shell script wants it.
@@ -751,9 +694,9 @@ impl Output {
                 Some(s) => println!("{}", for_terminal(s)),
                 None => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
             },
-            Output::Lines(v) => {
-                for line in v.as_array().into_iter().flatten() {
-                    println!("{}", for_terminal(line.as_str().unwrap_or_default()));
+            Output::Lines(lines) => {
+                for line in lines {
+                    println!("{}", for_terminal(&line));
                 }
             }
         }
