@@ -42,6 +42,7 @@ pub mod events;
 pub mod luggage;
 mod membership;
 mod overlay;
+pub mod reserved;
 
 pub use config::Config;
 pub use event::{Event, MemberChange};

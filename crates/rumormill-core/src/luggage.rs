@@ -26,8 +26,9 @@
 
 use std::time::Instant;
 
-use crate::broadcast::{RESERVED_PREFIX, Update};
+use crate::broadcast::Update;
 use crate::overlay::{CoreError, Overlay};
+use crate::reserved::{self, ReservedKey};
 
 /// Default largest value (64 KiB).
 pub const DEFAULT_MAX_VALUE: usize = 64 << 10;
@@ -36,32 +37,21 @@ pub const DEFAULT_MAX_TOTAL: usize = 1 << 20;
 /// Longest luggage key, in bytes.
 pub const MAX_KEY: usize = 256;
 
-/// `/` and `%` in member names are escaped, so the member part of a store
-/// key ends at the first `/`.
-fn escape(member: &str) -> String {
-    member.replace('%', "%25").replace('/', "%2F")
-}
-
-pub(crate) fn unescape(member: &str) -> String {
-    member.replace("%2F", "/").replace("%25", "%")
-}
-
-fn prefix(member: &str) -> String {
-    format!("{RESERVED_PREFIX}luggage/{}/", escape(member))
-}
-
-/// The member and luggage key a store key holds, if it is luggage.
-pub fn parse(store_key: &str) -> Option<(String, &str)> {
-    let rest = store_key.strip_prefix(RESERVED_PREFIX)?.strip_prefix("luggage/")?;
-    let (member, key) = rest.split_once('/')?;
-    Some((unescape(member), key))
+fn store_key(member: &str, key: &str) -> String {
+    ReservedKey::Luggage {
+        member: member.to_owned(),
+        key: key.to_owned(),
+    }
+    .key()
 }
 
 /// For an update event: whose luggage changed and which key, when the
 /// update is luggage written by its owner.
-pub fn changed(u: &Update) -> Option<(String, &str)> {
-    let (member, key) = parse(&u.key)?;
-    (*u.origin == member).then_some((member, key))
+pub fn changed(u: &Update) -> Option<(String, String)> {
+    match reserved::owned(u)? {
+        ReservedKey::Luggage { member, key } => Some((member, key)),
+        _ => None,
+    }
 }
 
 /// Whether a luggage key is acceptable: 1 to [`MAX_KEY`] bytes, no
@@ -104,13 +94,12 @@ impl Overlay {
                 others + value.len()
             )));
         }
-        let store_key = format!("{}{key}", prefix(&me));
-        self.put(now, &store_key, value).map(|_| ())
+        self.put(now, &store_key(&me, key), value).map(|_| ())
     }
 
     /// Deletes one of the local member's luggage entries; false if it had none.
     pub fn delete_luggage(&mut self, now: Instant, key: &str) -> Result<bool, CoreError> {
-        let store_key = format!("{}{key}", prefix(&self.me.name));
+        let store_key = store_key(&self.me.name, key);
         if self.store().value(&store_key).is_none() {
             return Ok(false);
         }
@@ -119,10 +108,10 @@ impl Overlay {
 
     /// A member's luggage as the local member holds it, by key.
     pub fn luggage(&self, member: &str) -> Vec<(String, Vec<u8>)> {
-        let p = prefix(member);
+        let p = store_key(member, "");
         self.store()
             .prefixed(&p)
-            .filter(|u| &*u.origin == member)
+            .filter(|u| reserved::from_owner(u))
             .filter_map(|u| Some((u.key[p.len()..].to_owned(), u.value.clone()?)))
             .collect()
     }
@@ -155,8 +144,8 @@ mod tests {
         assert!(o.set_luggage(now, "", vec![]).is_err());
         let all = o.luggage("a/b%c");
         assert_eq!(all.len(), 16);
-        let u = o.store().get(&format!("{}k", prefix("a/b%c"))).unwrap().clone();
-        assert_eq!(changed(&u), Some(("a/b%c".to_owned(), "k")));
+        let u = o.store().get(&store_key("a/b%c", "k")).unwrap().clone();
+        assert_eq!(changed(&u), Some(("a/b%c".to_owned(), "k".to_owned())));
         assert!(o.delete_luggage(now, "k").unwrap());
         assert!(!o.delete_luggage(now, "k").unwrap());
         assert_eq!(o.luggage("a/b%c").len(), 15);

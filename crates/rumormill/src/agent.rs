@@ -33,9 +33,9 @@ use crate::driver::{Driver, DriverOptions, OverlayHandle, Stopped};
 use crate::persist::{Db, OverlayRecord, PersistError};
 use crate::transport::Net;
 
-/// Keys under this prefix are the agent's own per-member data (racks);
-/// clients cannot write them.
-pub use rumormill_core::broadcast::RESERVED_PREFIX;
+/// Keys under this prefix are the members' own data (racks, subscriptions,
+/// luggage, keyrings); clients cannot write them.
+pub use rumormill_core::reserved::PREFIX as RESERVED_PREFIX;
 /// How often the peers seen alive are saved for the next start.
 const PEERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -345,7 +345,7 @@ impl<N: Net> Agent<N> {
             let _ = handle
                 .call(move |o, now| {
                     o.advance_clock(wall_ms());
-                    o.put(now, &key, rack.into_bytes())
+                    o.put(now, &key, rumormill_core::reserved::Rack(rack).encode())
                 })
                 .await;
         }
@@ -648,8 +648,10 @@ impl<N: Net> Agent<N> {
                     .map(|m| {
                         let rack = o
                             .store()
-                            .value(&rack_key(&m.name))
-                            .map(|v| String::from_utf8_lossy(v).into_owned());
+                            .get(&rack_key(&m.name))
+                            .filter(|u| rumormill_core::reserved::from_owner(u))
+                            .and_then(|u| rumormill_core::reserved::Rack::decode(u.value.as_deref()?).ok())
+                            .map(|r| r.0);
                         MemberRow {
                             local: m.name == local.name,
                             name: m.name.to_string(),
@@ -919,7 +921,10 @@ fn check_user_key(key: &str) -> Result<(), AgentError> {
 }
 
 fn rack_key(member: &str) -> String {
-    format!("{RESERVED_PREFIX}rack/{member}")
+    rumormill_core::reserved::ReservedKey::Rack {
+        member: member.to_owned(),
+    }
+    .key()
 }
 
 fn update_row(u: &rumormill_core::broadcast::Update) -> Option<UpdateRow> {

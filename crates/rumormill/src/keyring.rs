@@ -38,19 +38,19 @@ use std::collections::BTreeSet;
 use std::sync::Weak;
 use std::time::Duration;
 
+use base64::Engine;
+use rumormill_core::reserved::{self, DesiredKeyring, KeyReport as Report, ReservedKey};
 use rumormill_core::{Event, KeyId, MemberInfo, Overlay};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::agent::{Agent, AgentError, RESERVED_PREFIX, Running, core_error, plaintext, running_mut, stopped, wall_ms};
+use crate::agent::{Agent, AgentError, Running, core_error, plaintext, running_mut, stopped, wall_ms};
 use crate::config;
 use crate::driver::OverlayHandle;
 use crate::persist::OverlayRecord;
 use crate::transport::Net;
 
-/// Store keys of desired keyrings: this prefix and the writer's name.
-pub const DESIRED_PREFIX: &str = "_rumormill/keyring/";
 /// A desired keyring whose version (milliseconds) is more than this ahead
 /// of the member's clock is refused (and logged): one day. Honest writers
 /// use their clock, or one above the highest version seen, so only a key
@@ -66,25 +66,10 @@ pub const MAX_AHEAD_MS: u64 = 24 * 3600 * 1000;
 const POLL: Duration = Duration::from_millis(20);
 
 fn report_key(member: &str) -> String {
-    format!("{RESERVED_PREFIX}keys/{member}")
-}
-
-/// A desired keyring as stored: the key ids, primary first, and the
-/// base64 secrets of the keys installed cluster-wide (keys installed on
-/// each agent alone are named by id only). The highest version wins.
-/// The secrets are wiped from memory when it is dropped.
-#[derive(Serialize, Deserialize)]
-struct Desired {
-    version: u64,
-    #[serde(default)]
-    ids: Vec<String>,
-    keys: Vec<String>,
-}
-
-impl Drop for Desired {
-    fn drop(&mut self) {
-        self.keys.zeroize();
+    ReservedKey::KeyReport {
+        member: member.to_owned(),
     }
+    .key()
 }
 
 /// A keyring to hold: ids, primary first, and the secrets that may travel
@@ -102,18 +87,16 @@ impl Drop for Plan {
 }
 
 impl Plan {
-    /// From a stored desired keyring; `None` when it does not parse.
-    fn from_desired(d: &Desired) -> Option<Plan> {
-        let ids = if d.ids.is_empty() {
-            // Written before ids were carried: every key is shared.
-            d.keys.iter().map(|k| secret_id(k)).collect::<Option<Vec<_>>>()?
-        } else {
-            d.ids.iter().map(|h| parse_hex(h)).collect::<Option<Vec<_>>>()?
-        };
-        (!ids.is_empty()).then(|| Plan {
-            ids,
-            shared: d.keys.clone(),
-        })
+    /// From a stored desired keyring.
+    fn from_desired(d: &DesiredKeyring) -> Plan {
+        Plan {
+            ids: d.ids.clone(),
+            shared: d
+                .shared
+                .iter()
+                .map(|k| base64::engine::general_purpose::STANDARD.encode(&k[..]))
+                .collect(),
+        }
     }
 
     /// From this member's record: every key but those installed locally
@@ -133,12 +116,12 @@ impl Plan {
         plan
     }
 
-    fn to_desired(&self, version: u64) -> Desired {
-        Desired {
+    fn to_desired(&self, version: u64) -> Result<DesiredKeyring, AgentError> {
+        Ok(DesiredKeyring {
             version,
-            ids: self.ids.iter().map(|&id| key_hex(id)).collect(),
-            keys: self.shared.clone(),
-        }
+            ids: self.ids.clone(),
+            shared: decode_all(&self.shared)?,
+        })
     }
 
     fn shares(&self, id: KeyId) -> bool {
@@ -204,17 +187,20 @@ type Newest = Option<(u64, String, Plan)>;
 fn desired_keyrings(o: &Overlay) -> (Newest, Vec<(String, u64)>) {
     let now = wall_ms();
     let mut refused = Vec::new();
+    let every = ReservedKey::DesiredKeyring { member: String::new() }.key();
     let newest = o
         .store()
-        .iter()
+        .prefixed(&every)
         .filter_map(|u| {
-            let writer = u.key.strip_prefix(DESIRED_PREFIX)?;
-            let d: Desired = serde_json::from_slice(u.value.as_deref()?).ok()?;
+            let ReservedKey::DesiredKeyring { member: writer } = reserved::owned(u)? else {
+                return None;
+            };
+            let d = DesiredKeyring::decode(u.value.as_deref()?).ok()?;
             if !plausible(d.version, now) {
-                refused.push((writer.to_owned(), d.version));
+                refused.push((writer, d.version));
                 return None;
             }
-            Some((d.version, writer.to_owned(), Plan::from_desired(&d)?))
+            Some((d.version, writer, Plan::from_desired(&d)))
         })
         .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     (newest, refused)
@@ -239,13 +225,6 @@ fn next_version(seen: u64, now: u64) -> Result<u64, AgentError> {
                  check the clocks; a key change can be made once the clock has passed it"
             ))
         })
-}
-
-/// What a member reports of its keyring (ids only).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Report {
-    primary: String,
-    installed: Vec<String>,
 }
 
 /// A key of an overlay's keyring (never the secret), with how many live
@@ -303,12 +282,8 @@ fn find_key(keys: &[String], id: KeyId) -> Option<usize> {
 fn own_report(o: &Overlay) -> Option<Report> {
     let keys = o.keys()?;
     Some(Report {
-        primary: keys
-            .iter()
-            .find(|k| k.primary)
-            .map(|k| key_hex(k.id))
-            .unwrap_or_default(),
-        installed: keys.iter().map(|k| key_hex(k.id)).collect(),
+        primary: keys.iter().find(|k| k.primary).map(|k| k.id).unwrap_or_default(),
+        installed: keys.iter().map(|k| k.id).collect(),
     })
 }
 
@@ -316,10 +291,10 @@ fn own_report(o: &Overlay) -> Option<Report> {
 fn publish(o: &mut Overlay, now: std::time::Instant) {
     let Some(report) = own_report(o) else { return };
     let key = report_key(o.name());
-    let Ok(json) = serde_json::to_vec(&report) else { return };
-    if o.store().value(&key) != Some(json.as_slice()) {
+    let value = report.encode();
+    if o.store().value(&key) != Some(value.as_slice()) {
         o.advance_clock(wall_ms());
-        let _ = o.put(now, &key, json);
+        let _ = o.put(now, &key, value);
     }
 }
 
@@ -340,7 +315,7 @@ fn reports(o: &Overlay) -> Vec<(String, Option<Report>)> {
             let report = o
                 .store()
                 .value(&report_key(&m.name))
-                .and_then(|v| serde_json::from_slice::<Report>(v).ok());
+                .and_then(|v| Report::decode(v).ok());
             (m.name.to_string(), report)
         })
         .collect();
@@ -354,7 +329,7 @@ fn apply(
     o: &mut Overlay,
     now: std::time::Instant,
     keys: &[Zeroizing<Vec<u8>>],
-    desired: Option<Desired>,
+    desired: Option<DesiredKeyring>,
 ) -> Result<(), AgentError> {
     let wanted: BTreeSet<KeyId> = keys.iter().map(|k| rumormill_wire::key_id(k)).collect();
     for k in keys {
@@ -370,11 +345,11 @@ fn apply(
     }
     publish(o, now);
     if let Some(d) = desired {
-        // The store keeps its own copy (it has to send it); this one is wiped.
-        let json = Zeroizing::new(serde_json::to_vec(&d).map_err(|e| AgentError::BadRequest(e.to_string()))?);
-        let key = format!("{DESIRED_PREFIX}{}", o.name());
+        let key = ReservedKey::DesiredKeyring {
+            member: o.name().to_owned(),
+        };
         o.advance_clock(wall_ms());
-        o.put(now, &key, json.to_vec()).map_err(core_error)?;
+        o.put(now, &key.key(), d.encode()).map_err(core_error)?;
     }
     Ok(())
 }
@@ -398,8 +373,8 @@ impl<N: Net> Agent<N> {
                 let id = key_hex(k.id);
                 let known = || reports.iter().filter_map(|(_, r)| r.as_ref());
                 KeyRow {
-                    installed_on: known().filter(|r| r.installed.contains(&id)).count(),
-                    primary_on: known().filter(|r| r.primary == id).count(),
+                    installed_on: known().filter(|r| r.installed.contains(&k.id)).count(),
+                    primary_on: known().filter(|r| r.primary == k.id).count(),
                     members: reports.len(),
                     local: local.contains(&id),
                     id,
@@ -439,9 +414,8 @@ impl<N: Net> Agent<N> {
         })
         .await?;
         tracing::info!(overlay = %name, key = %key_hex(id), "key installed");
-        let hex = key_hex(id);
         Ok(self
-            .wait_for(name, id, wait, &[], move |r| r.installed.contains(&hex))
+            .wait_for(name, id, wait, &[], move |r| r.installed.contains(&id))
             .await)
     }
 
@@ -470,7 +444,7 @@ impl<N: Net> Agent<N> {
             }
         }
         Ok(self
-            .wait_for(name, id, Duration::ZERO, &[], move |r| r.installed.contains(&hex))
+            .wait_for(name, id, Duration::ZERO, &[], move |r| r.installed.contains(&id))
             .await)
     }
 
@@ -510,7 +484,7 @@ impl<N: Net> Agent<N> {
             tracing::info!(overlay = %name, key = %hex, "key removed from this agent");
         }
         Ok(self
-            .wait_for(name, id, Duration::ZERO, &[], move |r| !r.installed.contains(&hex))
+            .wait_for(name, id, Duration::ZERO, &[], move |r| !r.installed.contains(&id))
             .await)
     }
 
@@ -530,7 +504,7 @@ impl<N: Net> Agent<N> {
             return Err(unknown_key(id));
         }
         let lacking = self
-            .members_where(name, wait, exclude, |r| !r.is_some_and(|r| r.installed.contains(&hex)))
+            .members_where(name, wait, exclude, |r| !r.is_some_and(|r| r.installed.contains(&id)))
             .await?;
         if !lacking.is_empty() {
             return Err(AgentError::Conflict(format!(
@@ -548,7 +522,7 @@ impl<N: Net> Agent<N> {
         })
         .await?;
         tracing::info!(overlay = %name, key = %hex, excluded = ?exclude, "primary key changed");
-        Ok(self.wait_for(name, id, wait, exclude, move |r| r.primary == hex).await)
+        Ok(self.wait_for(name, id, wait, exclude, move |r| r.primary == id).await)
     }
 
     /// Removes a key from every member. Refused while a live member not in
@@ -571,7 +545,7 @@ impl<N: Net> Agent<N> {
             _ => {}
         }
         let sealing = self
-            .members_where(name, wait, exclude, |r| r.is_some_and(|r| r.primary == hex))
+            .members_where(name, wait, exclude, |r| r.is_some_and(|r| r.primary == id))
             .await?;
         if !sealing.is_empty() {
             return Err(AgentError::Conflict(format!(
@@ -594,7 +568,7 @@ impl<N: Net> Agent<N> {
         .await?;
         tracing::info!(overlay = %name, key = %hex, excluded = ?exclude, "key removed");
         Ok(self
-            .wait_for(name, id, wait, exclude, move |r| !r.installed.contains(&hex))
+            .wait_for(name, id, wait, exclude, move |r| !r.installed.contains(&id))
             .await)
     }
 
@@ -634,7 +608,7 @@ impl<N: Net> Agent<N> {
                 "the change would leave this member without a key".into(),
             ));
         }
-        let desired = changed.then(|| plan.to_desired(version));
+        let desired = if changed { Some(plan.to_desired(version)?) } else { None };
         let bytes = decode_all(&keys)?;
         r.handle
             .call(move |o, now| apply(o, now, &bytes, desired))
@@ -784,7 +758,11 @@ pub(crate) async fn watch<N: Net>(agent: Weak<Agent<N>>, name: String, handle: O
     let mut events = handle.subscribe();
     loop {
         match events.recv().await {
-            Ok(Event::Update(u)) if u.update.key.starts_with(DESIRED_PREFIX) => {}
+            Ok(Event::Update(u))
+                if matches!(
+                    ReservedKey::parse(&u.update.key),
+                    Some(ReservedKey::DesiredKeyring { .. })
+                ) => {}
             Ok(_) => continue,
             Err(RecvError::Lagged(_)) => {} // look at the store itself
             Err(RecvError::Closed) => return,
@@ -856,10 +834,11 @@ mod tests {
         // `use NEW`: the local secret still does not travel.
         let mut used = plan.clone();
         used.ids.insert(0, new_id);
-        let desired = serde_json::to_string(&used.to_desired(2)).unwrap();
+        let desired = used.to_desired(2).unwrap();
+        let new_bytes = config::decode_key(&new).unwrap();
         assert!(
-            !desired.contains(&new) && desired.contains(&key_hex(new_id)),
-            "{desired}"
+            !desired.shared.iter().any(|s| s[..] == new_bytes[..]) && desired.ids.contains(&new_id),
+            "{desired:?}"
         );
         let (keys, _) = resolve(&used, &rec);
         settle(&mut rec, keys, &used);

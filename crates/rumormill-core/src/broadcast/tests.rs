@@ -504,9 +504,9 @@ fn a_members_reserved_data_written_by_another_is_refused() {
     assert_eq!(p.b.store().get("_rumormill/luggage/b/version"), None);
     assert_eq!(p.b.stats().forged, 2);
     assert_eq!(
-        super::reserved_owner("_rumormill/luggage/a%2Fb/k").as_deref(),
+        crate::reserved::owner("_rumormill/luggage/a%2Fb/k").as_deref(),
         Some("a/b")
     );
-    assert_eq!(super::reserved_owner("_rumormill/odd").as_deref(), Some(""));
-    assert_eq!(super::reserved_owner("user/key"), None);
+    assert_eq!(crate::reserved::owner("_rumormill/odd").as_deref(), Some(""));
+    assert_eq!(crate::reserved::owner("user/key"), None);
 }

@@ -34,6 +34,7 @@ use rumormill_wire::proto::{self, Envelope, envelope::Body};
 
 use crate::membership::MemberState;
 use crate::overlay::{CoreError, Overlay};
+use crate::reserved::{self, ReservedKey, Topics};
 
 /// Largest event payload by default (1 MiB); bigger ones are refused.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
@@ -290,8 +291,7 @@ impl Overlay {
         }
         topics.push(topic.to_owned());
         topics.sort();
-        let key = subscriptions::topics_key(&self.me.name.clone());
-        self.put(now, &key, subscriptions::encode(&topics)).map(|_| ())
+        self.write_topics(now, topics)
     }
 
     /// Unsubscribes the local member from `topic`.
@@ -302,8 +302,14 @@ impl Overlay {
         if topics.len() == before {
             return Ok(());
         }
-        let key = subscriptions::topics_key(&self.me.name.clone());
-        self.put(now, &key, subscriptions::encode(&topics)).map(|_| ())
+        self.write_topics(now, topics)
+    }
+
+    fn write_topics(&mut self, now: Instant, topics: Vec<String>) -> Result<(), CoreError> {
+        let key = ReservedKey::Topics {
+            member: self.me.name.to_string(),
+        };
+        self.put(now, &key.key(), Topics(topics).encode()).map(|_| ())
     }
 
     /// The local member's topics.
@@ -313,21 +319,23 @@ impl Overlay {
 
     /// A member's topics, as the local member knows them.
     pub fn topics_of(&self, member: &str) -> Vec<String> {
-        self.topics_value(member).map(subscriptions::decode).unwrap_or_default()
+        self.topics_value(member).map(|t| t.0).unwrap_or_default()
     }
 
     /// The stored topics of `member`, if written by the member itself.
-    fn topics_value(&self, member: &str) -> Option<&[u8]> {
-        let u = self.store().get(&subscriptions::topics_key(member))?;
-        if &*u.origin != member {
+    fn topics_value(&self, member: &str) -> Option<Topics> {
+        let key = ReservedKey::Topics {
+            member: member.to_owned(),
+        };
+        let u = self.store().get(&key.key())?;
+        if !reserved::from_owner(u) {
             return None;
         }
-        u.value.as_deref()
+        Topics::decode(u.value.as_deref()?).ok()
     }
 
     fn subscribes(&self, member: &str, topic: &str) -> bool {
-        self.topics_value(member)
-            .is_some_and(|v| subscriptions::lists(v, topic))
+        self.topics_value(member).is_some_and(|t| t.lists(topic))
     }
 
     /// The live members subscribed to `topic`, the local one included,
@@ -337,16 +345,21 @@ impl Overlay {
         if self.subscribes(&self.me.name, topic) {
             out.push((self.me.name.clone(), self.me.addr));
         }
-        for u in self.store().prefixed(&subscriptions::topics_key("")) {
-            let Some(name) = subscriptions::topics_owner(&u.key) else {
+        let every = ReservedKey::Topics { member: String::new() }.key();
+        for u in self.store().prefixed(&every) {
+            let Some(ReservedKey::Topics { member: name }) = reserved::owned(u) else {
                 continue;
             };
             // Written by the member itself, listing the topic, and not us.
-            let lists = u.value.as_deref().is_some_and(|v| subscriptions::lists(v, topic));
-            if name == &*self.me.name || &*u.origin != name || !lists {
+            let lists = u
+                .value
+                .as_deref()
+                .and_then(|v| Topics::decode(v).ok())
+                .is_some_and(|t| t.lists(topic));
+            if name == *self.me.name || !lists {
                 continue;
             }
-            if let Some(i) = self.members.position(name) {
+            if let Some(i) = self.members.position(&name) {
                 let m = self.members.at(i);
                 if m.state.is_live() {
                     out.push((m.name.clone(), m.addr()));
