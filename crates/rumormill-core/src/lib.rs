@@ -43,12 +43,14 @@ pub mod luggage;
 mod membership;
 mod overlay;
 pub mod reserved;
+mod wall;
 
 pub use config::Config;
 pub use event::{Event, MemberChange};
 pub use membership::{MemberInfo, MemberState};
 pub use overlay::{CoreError, Identity, Overlay, Stats, Transmit};
 pub use rumormill_wire::{FrameKind, KeyId, KeyInfo, Keyring, Security, WireError};
+pub use wall::WallTime;
 
 #[cfg(test)]
 mod testkit;

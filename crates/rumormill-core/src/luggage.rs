@@ -13,11 +13,12 @@
 //! checks cannot make the others store more.
 //!
 //! ```
-//! use rumormill_core::{Config, Identity, Overlay, Security};
+//! use rumormill_core::{Config, Identity, Overlay, Security, WallTime};
 //! let now = std::time::Instant::now();
+//! let wall = WallTime::from(std::time::SystemTime::now());
 //! let id = Identity::new("web-1", "127.0.0.1:7950".parse().unwrap(), 1);
 //! let mut o = Overlay::new(Config::new_lan(), id, Security::Plaintext, 1, now);
-//! o.set_luggage(now, "version", b"1.4.2".to_vec()).unwrap();
+//! o.set_luggage(now, wall, "version", b"1.4.2".to_vec()).unwrap();
 //! assert_eq!(o.luggage("web-1"), vec![("version".to_string(), b"1.4.2".to_vec())]);
 //! ```
 //!
@@ -29,6 +30,7 @@ use std::time::Instant;
 use crate::broadcast::Update;
 use crate::overlay::{CoreError, Overlay};
 use crate::reserved::{self, ReservedKey};
+use crate::wall::WallTime;
 
 /// Default largest value (64 KiB).
 pub const DEFAULT_MAX_VALUE: usize = 64 << 10;
@@ -71,7 +73,7 @@ fn check_key(key: &str) -> Result<(), CoreError> {
 
 impl Overlay {
     /// Sets one of the local member's luggage entries.
-    pub fn set_luggage(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<(), CoreError> {
+    pub fn set_luggage(&mut self, now: Instant, wall: WallTime, key: &str, value: Vec<u8>) -> Result<(), CoreError> {
         check_key(key)?;
         let max = self.config.max_luggage_value;
         if value.len() > max {
@@ -94,16 +96,16 @@ impl Overlay {
                 others + value.len()
             )));
         }
-        self.put(now, &store_key(&me, key), value).map(|_| ())
+        self.put(now, wall, &store_key(&me, key), value).map(|_| ())
     }
 
     /// Deletes one of the local member's luggage entries; false if it had none.
-    pub fn delete_luggage(&mut self, now: Instant, key: &str) -> Result<bool, CoreError> {
+    pub fn delete_luggage(&mut self, now: Instant, wall: WallTime, key: &str) -> Result<bool, CoreError> {
         let store_key = store_key(&self.me.name, key);
         if self.store().value(&store_key).is_none() {
             return Ok(false);
         }
-        self.delete(now, &store_key).map(|_| true)
+        self.delete(now, wall, &store_key).map(|_| true)
     }
 
     /// A member's luggage as the local member holds it, by key.
@@ -120,7 +122,7 @@ impl Overlay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Config, Identity, Security};
+    use crate::{Config, Identity, Security, WallTime};
 
     fn overlay(name: &str) -> (Overlay, Instant) {
         let now = Instant::now();
@@ -131,23 +133,29 @@ mod tests {
     #[test]
     fn limits_are_enforced_and_keys_parse_back() {
         let (mut o, now) = overlay("a/b%c");
-        o.set_luggage(now, "k", vec![1; DEFAULT_MAX_VALUE]).unwrap();
-        assert!(o.set_luggage(now, "big", vec![1; DEFAULT_MAX_VALUE + 1]).is_err());
+        o.set_luggage(now, WallTime::default(), "k", vec![1; DEFAULT_MAX_VALUE])
+            .unwrap();
+        assert!(
+            o.set_luggage(now, WallTime::default(), "big", vec![1; DEFAULT_MAX_VALUE + 1])
+                .is_err()
+        );
         for i in 1..16 {
-            o.set_luggage(now, &format!("k{i}"), vec![1; DEFAULT_MAX_VALUE])
+            o.set_luggage(now, WallTime::default(), &format!("k{i}"), vec![1; DEFAULT_MAX_VALUE])
                 .unwrap();
         }
-        let err = o.set_luggage(now, "one-more", vec![1; 1]).unwrap_err();
+        let err = o
+            .set_luggage(now, WallTime::default(), "one-more", vec![1; 1])
+            .unwrap_err();
         assert!(err.to_string().contains("at most 1048576 per member"), "{err}");
         // Replacing an entry counts its new size only.
-        o.set_luggage(now, "k", vec![2; 10]).unwrap();
-        assert!(o.set_luggage(now, "", vec![]).is_err());
+        o.set_luggage(now, WallTime::default(), "k", vec![2; 10]).unwrap();
+        assert!(o.set_luggage(now, WallTime::default(), "", vec![]).is_err());
         let all = o.luggage("a/b%c");
         assert_eq!(all.len(), 16);
         let u = o.store().get(&store_key("a/b%c", "k")).unwrap().clone();
         assert_eq!(changed(&u), Some(("a/b%c".to_owned(), "k".to_owned())));
-        assert!(o.delete_luggage(now, "k").unwrap());
-        assert!(!o.delete_luggage(now, "k").unwrap());
+        assert!(o.delete_luggage(now, WallTime::default(), "k").unwrap());
+        assert!(!o.delete_luggage(now, WallTime::default(), "k").unwrap());
         assert_eq!(o.luggage("a/b%c").len(), 15);
     }
 }

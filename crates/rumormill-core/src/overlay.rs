@@ -16,6 +16,7 @@ use crate::membership::piggyback::Piggyback;
 use crate::membership::suspicion::Suspicion;
 use crate::membership::swim::{Probe, Relay};
 use crate::membership::{Member, MemberInfo, MemberState, Members};
+use crate::wall::{WallClock, WallTime};
 
 /// Who the local member is.
 ///
@@ -210,6 +211,8 @@ pub struct Overlay {
     pub(crate) events: VecDeque<Event>,
     pub(crate) pubsub: crate::events::Events,
     pub(crate) stats: Stats,
+    /// The latest wall-clock reading given with a write.
+    pub(crate) wall: WallClock,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -301,6 +304,7 @@ impl Overlay {
             events: VecDeque::new(),
             pubsub: crate::events::Events::default(),
             stats: Stats::default(),
+            wall: WallClock::default(),
         }
     }
 
@@ -499,29 +503,34 @@ impl Overlay {
         Ok(())
     }
 
-    /// Raises the clock that orders writes to at least `floor`; drivers pass
-    /// wall-clock milliseconds before writing (see
-    /// [`Dissemination::advance_clock`]). The core itself never reads a clock.
-    pub fn advance_clock(&mut self, floor: u64) {
-        self.dissemination.advance_clock(floor);
-    }
-
     /// Writes a value under `key`; it spreads to every member (see
-    /// [`crate::broadcast`]). Refused with [`CoreError::Quota`] if it would
-    /// take this member beyond its quota ([`crate::broadcast::Limits`]).
-    pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
+    /// [`crate::broadcast`]). `wall` is the caller's wall clock: the write
+    /// clock is at least that (see [`crate::WallTime`]). Refused with
+    /// [`CoreError::Quota`] if it would take this member beyond its quota
+    /// ([`crate::broadcast::Limits`]).
+    pub fn put(&mut self, now: Instant, wall: WallTime, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
         if self.status != Status::Active {
             return Err(CoreError::Left);
         }
+        self.floor_write_clock(now, wall);
         Ok(self.dissemination.try_put(now, key, value)?)
     }
 
     /// Deletes `key` everywhere.
-    pub fn delete(&mut self, now: Instant, key: &str) -> Result<Update, CoreError> {
+    pub fn delete(&mut self, now: Instant, wall: WallTime, key: &str) -> Result<Update, CoreError> {
         if self.status != Status::Active {
             return Err(CoreError::Left);
         }
+        self.floor_write_clock(now, wall);
         Ok(self.dissemination.try_delete(now, key)?)
+    }
+
+    /// Raises the write clock to the wall clock in milliseconds (a hybrid
+    /// logical clock), so that a restarted member's writes order after
+    /// those of its previous life, and remembers the reading.
+    fn floor_write_clock(&mut self, now: Instant, wall: WallTime) {
+        self.wall.observe(now, wall);
+        self.dissemination.advance_clock(wall.as_unix_ms());
     }
 
     /// The replicated updates.

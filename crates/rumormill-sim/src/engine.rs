@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rumormill_core::{Config, Event, FrameKind, Identity, MemberInfo, Overlay, Security, Transmit};
+use rumormill_core::{Config, Event, FrameKind, Identity, MemberInfo, Overlay, Security, Transmit, WallTime};
 
 use crate::network::NetworkModel;
 
@@ -281,6 +281,13 @@ impl<N: SimNode> Simulation<N> {
     /// Simulated time now.
     pub fn now(&self) -> Nanos {
         self.now
+    }
+
+    /// The members' wall clock now, for their writes: a virtual one that
+    /// reads the UNIX epoch at simulated time zero and runs with it, the
+    /// same on every member (a run never depends on the host's clock).
+    pub fn wall(&self) -> WallTime {
+        WallTime::from_unix_ms(self.now / 1_000_000)
     }
 
     /// Number of member slots (running or not).

@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use base64::Engine;
-use rumormill_core::{CoreError, Identity, MemberInfo, MemberState, Overlay, Security};
+use rumormill_core::{CoreError, Identity, MemberInfo, MemberState, Overlay, Security, WallTime};
 use rumormill_wire::Keyring;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -343,10 +343,7 @@ impl<N: Net> Agent<N> {
         if let Some(rack) = spec.rack.clone() {
             let key = rack_key(&rec.member);
             let _ = handle
-                .call(move |o, now| {
-                    o.advance_clock(wall_ms());
-                    o.put(now, &key, rumormill_core::reserved::Rack(rack).encode())
-                })
+                .call(move |o, now| o.put(now, wall(), &key, rumormill_core::reserved::Rack(rack).encode()))
                 .await;
         }
         if !rec.keys.is_empty() {
@@ -710,8 +707,7 @@ impl<N: Net> Agent<N> {
         check_user_key(key)?;
         let key = key.to_owned();
         self.call(name, move |o, now| {
-            o.advance_clock(wall_ms());
-            o.put(now, &key, value).map(|u| update_row(&u))
+            o.put(now, wall(), &key, value).map(|u| update_row(&u))
         })
         .await?
         .map_err(core_error)?
@@ -736,8 +732,7 @@ impl<N: Net> Agent<N> {
                 if o.store().value(&k).is_none() {
                     return Ok(false);
                 }
-                o.advance_clock(wall_ms());
-                o.delete(now, &k).map(|_| true)
+                o.delete(now, wall(), &k).map(|_| true)
             })
             .await?
             .map_err(core_error)?;
@@ -777,22 +772,16 @@ impl<N: Net> Agent<N> {
     /// Sets one of the local member's luggage entries.
     pub async fn set_luggage(&self, name: &str, key: &str, value: Vec<u8>) -> Result<(), AgentError> {
         let key = key.to_owned();
-        self.call(name, move |o, now| {
-            o.advance_clock(wall_ms());
-            o.set_luggage(now, &key, value)
-        })
-        .await?
-        .map_err(core_error)
+        self.call(name, move |o, now| o.set_luggage(now, wall(), &key, value))
+            .await?
+            .map_err(core_error)
     }
 
     /// Deletes one of the local member's luggage entries.
     pub async fn delete_luggage(&self, name: &str, key: &str) -> Result<(), AgentError> {
         let k = key.to_owned();
         let existed = self
-            .call(name, move |o, now| {
-                o.advance_clock(wall_ms());
-                o.delete_luggage(now, &k)
-            })
+            .call(name, move |o, now| o.delete_luggage(now, wall(), &k))
             .await?
             .map_err(core_error)?;
         if existed {
@@ -1031,8 +1020,13 @@ async fn wait_for_store(name: &str, handle: &OverlayHandle) {
     }
 }
 
-/// Wall-clock milliseconds: the floor of the write clock before each write
-/// (see [`Overlay::advance_clock`]).
+/// The wall clock, which the core takes with every write (see
+/// [`rumormill_core::WallTime`]).
+pub(crate) fn wall() -> WallTime {
+    WallTime::from(std::time::SystemTime::now())
+}
+
+/// Wall-clock milliseconds, for the timestamps the agent keeps itself.
 pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -40,7 +40,7 @@ use rumormill_core::{Event, MemberChange};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::agent::{Agent, AgentError, has_left_or_unknown, stopped, wall_ms};
+use crate::agent::{Agent, AgentError, has_left_or_unknown, stopped, wall, wall_ms};
 use crate::driver::OverlayHandle;
 use crate::persist::Op;
 use crate::transport::Net;
@@ -485,8 +485,8 @@ impl<N: Net> Agent<N> {
         let gossiped: Vec<String> = topics.iter().filter(|t| !is_local(t)).cloned().collect();
         r.handle
             .call(move |o, now| {
-                o.advance_clock(wall_ms());
-                gossiped.iter().try_for_each(|t| o.subscribe(now, t))
+                let wall = wall();
+                gossiped.iter().try_for_each(|t| o.subscribe(now, wall, t))
             })
             .await
             .map_err(|_| stopped(name))?
@@ -510,10 +510,7 @@ impl<N: Net> Agent<N> {
         }
         let t = topic.to_owned();
         r.handle
-            .call(move |o, now| {
-                o.advance_clock(wall_ms());
-                o.unsubscribe(now, &t)
-            })
+            .call(move |o, now| o.unsubscribe(now, wall(), &t))
             .await
             .map_err(|_| stopped(name))?
             .map_err(crate::agent::core_error)?;
@@ -589,9 +586,9 @@ impl Restore {
             floor: w.floor,
             above: w.above,
         }));
-        o.advance_clock(wall_ms());
+        let wall = wall();
         for t in &self.topics {
-            let _ = o.subscribe(now, t);
+            let _ = o.subscribe(now, wall, t);
         }
         let resumed = self.pending.len();
         for p in self.pending {

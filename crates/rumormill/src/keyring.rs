@@ -45,7 +45,7 @@ use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::agent::{Agent, AgentError, Running, core_error, plaintext, running_mut, stopped, wall_ms};
+use crate::agent::{Agent, AgentError, Running, core_error, plaintext, running_mut, stopped, wall, wall_ms};
 use crate::config;
 use crate::driver::OverlayHandle;
 use crate::persist::OverlayRecord;
@@ -293,8 +293,7 @@ fn publish(o: &mut Overlay, now: std::time::Instant) {
     let key = report_key(o.name());
     let value = report.encode();
     if o.store().value(&key) != Some(value.as_slice()) {
-        o.advance_clock(wall_ms());
-        let _ = o.put(now, &key, value);
+        let _ = o.put(now, wall(), &key, value);
     }
 }
 
@@ -348,8 +347,7 @@ fn apply(
         let key = ReservedKey::DesiredKeyring {
             member: o.name().to_owned(),
         };
-        o.advance_clock(wall_ms());
-        o.put(now, &key.key(), d.encode()).map_err(core_error)?;
+        o.put(now, wall(), &key.key(), d.encode()).map_err(core_error)?;
     }
     Ok(())
 }

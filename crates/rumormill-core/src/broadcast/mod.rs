@@ -364,11 +364,11 @@ impl Dissemination {
         self.handler = Box::new(handler);
     }
 
-    /// Raises the Lamport clock to at least `floor`. With wall-clock
-    /// milliseconds as the floor before each write (a hybrid logical clock),
-    /// a restarted member's writes order after those of its previous life,
-    /// which its fresh clock alone would not.
-    pub fn advance_clock(&mut self, floor: u64) {
+    /// Raises the Lamport clock to at least `floor`. The [`crate::Overlay`]
+    /// floors it with the caller's wall clock before each write (a hybrid
+    /// logical clock); a standalone `Dissemination` (the simulator's
+    /// broadcast experiment) keeps a plain Lamport clock.
+    pub(crate) fn advance_clock(&mut self, floor: u64) {
         self.clock = self.clock.max(floor);
     }
 

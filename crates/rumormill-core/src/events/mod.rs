@@ -35,6 +35,7 @@ use rumormill_wire::proto::{self, Envelope, envelope::Body};
 use crate::membership::MemberState;
 use crate::overlay::{CoreError, Overlay};
 use crate::reserved::{self, ReservedKey, Topics};
+use crate::wall::WallTime;
 
 /// Largest event payload by default (1 MiB); bigger ones are refused.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
@@ -276,7 +277,7 @@ fn ack_envelope(id: &EventId, me: &str, unsubscribed: bool, relay: bool) -> Enve
 
 impl Overlay {
     /// Subscribes the local member to `topic`; every member learns it.
-    pub fn subscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+    pub fn subscribe(&mut self, now: Instant, wall: WallTime, topic: &str) -> Result<(), CoreError> {
         subscriptions::check_topic(topic).map_err(CoreError::Invalid)?;
         let mut topics = self.subscriptions();
         if topics.iter().any(|t| t == topic) {
@@ -291,25 +292,25 @@ impl Overlay {
         }
         topics.push(topic.to_owned());
         topics.sort();
-        self.write_topics(now, topics)
+        self.write_topics(now, wall, topics)
     }
 
     /// Unsubscribes the local member from `topic`.
-    pub fn unsubscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+    pub fn unsubscribe(&mut self, now: Instant, wall: WallTime, topic: &str) -> Result<(), CoreError> {
         let mut topics = self.subscriptions();
         let before = topics.len();
         topics.retain(|t| t != topic);
         if topics.len() == before {
             return Ok(());
         }
-        self.write_topics(now, topics)
+        self.write_topics(now, wall, topics)
     }
 
-    fn write_topics(&mut self, now: Instant, topics: Vec<String>) -> Result<(), CoreError> {
+    fn write_topics(&mut self, now: Instant, wall: WallTime, topics: Vec<String>) -> Result<(), CoreError> {
         let key = ReservedKey::Topics {
             member: self.me.name.to_string(),
         };
-        self.put(now, &key.key(), Topics(topics).encode()).map(|_| ())
+        self.put(now, wall, &key.key(), Topics(topics).encode()).map(|_| ())
     }
 
     /// The local member's topics.
