@@ -213,6 +213,9 @@ pub struct Overlay {
     pub(crate) stats: Stats,
     /// The latest wall-clock reading given with a write.
     pub(crate) wall: WallClock,
+    /// After a join, the store's exchanges completed before it: the next
+    /// one is reported as [`Event::StoreSynced`].
+    first_sync: Option<u64>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -305,6 +308,7 @@ impl Overlay {
             pubsub: crate::events::Events::default(),
             stats: Stats::default(),
             wall: WallClock::default(),
+            first_sync: None,
         }
     }
 
@@ -425,6 +429,12 @@ impl Overlay {
         while let Some(e) = self.dissemination.poll_event() {
             self.events.push_back(Event::Update(e));
         }
+        if let Some(before) = self.first_sync
+            && self.dissemination.stats().syncs > before
+        {
+            self.first_sync = None;
+            self.events.push_back(Event::StoreSynced);
+        }
     }
 
     /// Advances timers: probes, gossip, push-pull, reconnection, suspicion
@@ -485,6 +495,8 @@ impl Overlay {
         if self.status != Status::Active {
             return Err(CoreError::Left);
         }
+        let syncs = self.dissemination.stats().syncs;
+        self.first_sync.get_or_insert(syncs);
         self.join_via(now, seeds);
         Ok(())
     }

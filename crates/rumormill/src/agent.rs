@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use base64::Engine;
-use rumormill_core::{CoreError, Identity, MemberInfo, MemberState, Overlay, Security, WallTime};
+use rumormill_core::{CoreError, Event, Identity, MemberInfo, MemberState, Overlay, Security, WallTime};
 use rumormill_wire::Keyring;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -359,8 +359,11 @@ impl<N: Net> Agent<N> {
             topics,
             inbox: Arc::default(),
         };
+        // Subscribed before the join starts, so that its first sync cannot
+        // slip by unseen.
+        let events = running.handle.subscribe();
         if self.start_tasks(&mut running).await {
-            wait_for_store(&name, &running.handle).await;
+            wait_for_store(&name, &running.handle, events).await;
         }
         Ok(running)
     }
@@ -1001,22 +1004,35 @@ async fn seed_loop<N: Net>(
 /// Longest wait at start for a first sync of the replicated store.
 const STORE_SYNC_WAIT: Duration = Duration::from_secs(5);
 
-/// Waits (at most [`STORE_SYNC_WAIT`]) until the overlay has synced its
-/// replicated store with a peer, so that what depends on it — who
-/// subscribes to what, above all — is known before the API opens: a
-/// restarted publisher would otherwise find no subscribers for a while.
-async fn wait_for_store(name: &str, handle: &OverlayHandle) {
-    let deadline = tokio::time::Instant::now() + STORE_SYNC_WAIT;
-    loop {
-        match handle.call(|o, _| o.dissemination_stats().syncs).await {
-            Ok(n) if n > 0 => return,
-            Ok(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
-            Ok(_) => {
-                tracing::warn!(overlay = %name, "no peer answered within 5 s: starting with what this member knows");
-                return;
+/// Waits (at most [`STORE_SYNC_WAIT`]) until the core reports the first
+/// sync of the replicated store after the join ([`Event::StoreSynced`]), so
+/// that what depends on it — who subscribes to what, above all — is known
+/// before the API opens: a restarted publisher would otherwise find no
+/// subscribers for a while.
+async fn wait_for_store(name: &str, handle: &OverlayHandle, mut events: tokio::sync::broadcast::Receiver<Event>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let synced = async {
+        loop {
+            match events.recv().await {
+                Ok(Event::StoreSynced) => return,
+                Ok(_) => {}
+                // Too many events at once: the notice may be among those
+                // dropped, so ask the store itself.
+                Err(RecvError::Lagged(_)) => {
+                    if handle
+                        .call(|o, _| o.dissemination_stats().syncs > 0)
+                        .await
+                        .unwrap_or(true)
+                    {
+                        return;
+                    }
+                }
+                Err(RecvError::Closed) => return,
             }
-            Err(_) => return,
         }
+    };
+    if tokio::time::timeout(STORE_SYNC_WAIT, synced).await.is_err() {
+        tracing::warn!(overlay = %name, "no peer answered within 5 s: starting with what this member knows");
     }
 }
 

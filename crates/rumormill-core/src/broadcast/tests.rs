@@ -524,3 +524,26 @@ fn a_members_reserved_data_written_by_another_is_refused() {
     assert_eq!(crate::reserved::owner("_rumormill/odd").as_deref(), Some(""));
     assert_eq!(crate::reserved::owner("user/key"), None);
 }
+
+#[test]
+fn the_first_sync_after_a_join_is_reported_once() {
+    let mut net = Net::new(3, Config::new_lan());
+    net.run_for(Duration::from_secs(30));
+    let synced = |i: usize, net: &Net| {
+        net.log
+            .iter()
+            .filter(|(_, n, e)| *n == i && *e == Event::StoreSynced)
+            .count()
+    };
+    assert_eq!(synced(0, &net), 0, "n0 joined nobody");
+    assert_eq!((synced(1, &net), synced(2, &net)), (1, 1));
+    assert!(
+        net.node(1).dissemination_stats().syncs > 1,
+        "later exchanges are not reported"
+    );
+    // A join again (say, after the seeds were lost) is reported again.
+    let now = net.now;
+    net.node(2).join(now, &[addr(1)]).expect("active");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(synced(2, &net), 2);
+}
