@@ -41,4 +41,7 @@ pub enum Event {
     /// above all). Reported once per join, and never when anti-entropy is
     /// off.
     StoreSynced,
+    /// Key rotation: the keyring changed (save it), or a desired keyring
+    /// was refused or could not be followed in full.
+    Keys(crate::keys::KeysEvent),
 }

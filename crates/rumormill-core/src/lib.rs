@@ -39,6 +39,7 @@ pub mod broadcast;
 mod config;
 mod event;
 pub mod events;
+pub mod keys;
 pub mod luggage;
 mod membership;
 mod overlay;

@@ -192,7 +192,7 @@ pub struct Overlay {
     /// Zero of the member table's millisecond clock.
     origin: Instant,
     pub(crate) me: Local,
-    codec: Codec,
+    pub(crate) codec: Codec,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) members: Members,
     pub(crate) dissemination: Dissemination,
@@ -216,6 +216,8 @@ pub struct Overlay {
     /// After a join, the store's exchanges completed before it: the next
     /// one is reported as [`Event::StoreSynced`].
     first_sync: Option<u64>,
+    /// Cluster-wide key rotation ([`crate::keys`]).
+    pub(crate) rotation: crate::keys::Rotation,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -309,6 +311,7 @@ impl Overlay {
             stats: Stats::default(),
             wall: WallClock::default(),
             first_sync: None,
+            rotation: crate::keys::Rotation::default(),
         }
     }
 
@@ -407,6 +410,7 @@ impl Overlay {
             other => {
                 self.dissemination.handle(now, from, other);
                 self.drain_dissemination();
+                self.follow_keyring(now);
             }
         }
     }
@@ -427,6 +431,7 @@ impl Overlay {
             }
         }
         while let Some(e) = self.dissemination.poll_event() {
+            self.rotation.on_update(&e.update);
             self.events.push_back(Event::Update(e));
         }
         if let Some(before) = self.first_sync

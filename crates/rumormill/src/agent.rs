@@ -326,11 +326,17 @@ impl<N: Net> Agent<N> {
         // life salt that keeps nonces unique if the stored epoch is lost.
         let seed = rand::random::<u64>();
         let restore = self.prepare_restore(&name, &rec.topics)?;
+        let keyring = crate::keyring::keyring_of(&rec);
         let handle = Driver::start(self.net.clone(), options, move |addr| {
             let now = tokio::time::Instant::now().into_std();
             let identity = Identity::new(identity_name, addr, epoch);
             let mut overlay = Overlay::with_overlay_id(config, identity, security, seed, now, overlay_id);
             restore.apply(&mut overlay, now);
+            if let Some(k) = &keyring {
+                // The report goes out; a refusal (a key of another length
+                // than its suite's, say) leaves the keys given to `new`.
+                let _ = overlay.restore_keyring(now, wall(), k);
+            }
             overlay
         })
         .await
@@ -345,9 +351,6 @@ impl<N: Net> Agent<N> {
             let _ = handle
                 .call(move |o, now| o.put(now, wall(), &key, rumormill_core::reserved::Rack(rack).encode()))
                 .await;
-        }
-        if !rec.keys.is_empty() {
-            crate::keyring::publish_report(&handle).await;
         }
         let topics = Arc::new(std::sync::Mutex::new(rec.topics.clone()));
         let mut running = Running {
@@ -594,6 +597,7 @@ impl<N: Net> Agent<N> {
                 ));
             }
             check.validate()?;
+            crate::keyring::refresh(self, r).await?;
             r.stop_tasks();
             r.handle.shutdown(false).await;
             let old = r.record.clone();
@@ -698,6 +702,7 @@ impl<N: Net> Agent<N> {
         if r.left {
             return Err(AgentError::Conflict(format!("already left overlay {name:?}")));
         }
+        crate::keyring::refresh(self, r).await?;
         r.stop_tasks();
         r.handle.shutdown(true).await;
         r.left = true;
@@ -818,6 +823,9 @@ impl<N: Net> Agent<N> {
         let mut overlays = self.overlays.lock().await;
         let mut stops = Vec::new();
         for r in overlays.values_mut() {
+            if let Err(e) = crate::keyring::refresh(self, r).await {
+                tracing::warn!(overlay = %r.record.spec.name, error = %e, "keyring not saved");
+            }
             r.stop_tasks();
             let handle = r.handle.clone();
             let leave = leave && !r.left;
