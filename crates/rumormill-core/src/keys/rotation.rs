@@ -453,9 +453,11 @@ mod tests {
         let (old_id, new_id) = (key_id(&old), key_id(&new));
         let mut ring = Keyring::new(&old).unwrap();
         ring.install(&new).unwrap();
-        let mut r = Rotation::default();
-        r.local = vec![new_id];
-        r.pending = vec![new_id];
+        let mut r = Rotation {
+            local: vec![new_id],
+            pending: vec![new_id],
+            ..Rotation::default()
+        };
         let plan = r.plan_of(&ring);
         assert_eq!(plan.ids, vec![old_id]);
         assert!(plan.shares(old_id) && !plan.shares(new_id));
@@ -480,7 +482,10 @@ mod tests {
         let outsider_ring = Keyring::new(&old).unwrap();
         let outsider = Rotation::default();
         let (keys, lacking) = outsider.resolve(&used, &outsider_ring);
-        assert_eq!((shape(&keys), lacking), (shape(&[old.clone()]), vec![new_id]));
+        assert_eq!(
+            (shape(&keys), lacking),
+            (shape(std::slice::from_ref(&old)), vec![new_id])
+        );
         // `remove OLD`: nothing left for it.
         let mut removed = used.clone();
         removed.ids.retain(|&k| k != old_id);
