@@ -314,12 +314,12 @@ impl<N: Net> Agent<N> {
         op: impl Fn(&mut Overlay, std::time::Instant) -> Result<(), KeyError> + Clone + Send + 'static,
     ) -> Result<(), AgentError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut overlays = self.overlays.lock().await;
-        let r = running_mut(&mut overlays, name)?;
+        // The agent's lock is not held while waiting: the core runs one
+        // operation at a time, and the record is read from it afterwards.
         loop {
             let attempt = op.clone();
-            match r
-                .handle
+            let handle = self.handle(name).await?;
+            match handle
                 .call(move |o, now| attempt(o, now))
                 .await
                 .map_err(|_| stopped(name))?
@@ -333,7 +333,7 @@ impl<N: Net> Agent<N> {
                 Err(e) => return Err(key_error(name, e)),
             }
         }
-        refresh(self, r).await
+        self.save_keyring(name).await
     }
 
     /// Waits up to `wait` for every live member's report (but those in

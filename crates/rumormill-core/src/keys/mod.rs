@@ -225,7 +225,10 @@ impl Overlay {
             self.hold(&record.keys)?;
         }
         self.rotation.restore(record);
+        self.wall.observe(now, wall);
         self.publish_key_report(now, wall);
+        // A desired keyring that arrived before is followed now.
+        self.follow_keyring(now);
         self.drain_keys();
         Ok(())
     }
