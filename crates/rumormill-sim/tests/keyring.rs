@@ -260,6 +260,14 @@ fn an_install_during_a_partition_reaches_the_other_side_once_healed() {
     });
     let v = version(&sim, 0);
     assert!((0..n).all(|i| version(&sim, i) == v), "one version everywhere");
+    // A cluster-wide install carries the secret in the store, by design
+    // (what the rotation-out test shows a local install never does).
+    let o = sim.node(n - 1).expect("running");
+    assert!(o.store().iter().any(|u| {
+        u.value
+            .as_deref()
+            .is_some_and(|v| v.windows(NEW_A.len()).any(|w| w == NEW_A))
+    }));
 }
 
 #[test]
@@ -333,4 +341,70 @@ fn a_desired_keyring_of_version_max_is_refused_and_later_rotations_still_win() {
     }
     let all: Vec<usize> = (0..n).collect();
     rotate(&mut sim, 1, &all, &NEW_A);
+}
+
+#[test]
+fn a_holder_is_rotated_out_and_the_new_secret_never_enters_the_store() {
+    let n = 4;
+    let mut sim = cluster(n, 6);
+    let out = vec!["m3".to_owned()];
+    for i in 0..3 {
+        let wall = sim.wall();
+        sim.with_node(i, |o, now| o.install_local_key(now, wall, &NEW_A))
+            .expect("running")
+            .expect("local install");
+    }
+    let new = id(&NEW_A);
+    let via_progress = |step: KeyStep, out: Vec<String>| {
+        move |sim: &Simulation| {
+            sim.node(0)
+                .is_some_and(|o: &Overlay| o.key_progress(step, &out).missing.is_empty())
+        }
+    };
+    run_until(
+        &mut sim,
+        30.0,
+        "the kept members report NEW",
+        via_progress(KeyStep::Installed(new), out.clone()),
+    );
+    // Without leaving m3 out, `use` is refused and names it.
+    let wall = sim.wall();
+    let refused = sim
+        .with_node(0, |o, now| o.use_key_everywhere(now, wall, new, &[]))
+        .expect("running");
+    assert!(
+        matches!(&refused, Err(rumormill_core::keys::KeyError::NotInstalledOn { members, .. }) if *members == out),
+        "{refused:?}"
+    );
+    sim.with_node(0, |o, now| o.use_key_everywhere(now, wall, new, &out))
+        .expect("running")
+        .expect("use, leaving m3 out");
+    run_until(
+        &mut sim,
+        30.0,
+        "the kept members seal with NEW",
+        via_progress(KeyStep::Primary(new), out.clone()),
+    );
+    let wall = sim.wall();
+    sim.with_node(1, |o, now| o.remove_key_everywhere(now, wall, id(&OLD), &out))
+        .expect("running")
+        .expect("remove, leaving m3 out");
+    run_until(&mut sim, 30.0, "OLD is gone from the kept members", |sim| {
+        (0..3).all(|i| held(sim, i) == (new, vec![new]))
+    });
+    assert_eq!(held(&sim, 3), (id(&OLD), vec![id(&OLD)]));
+    for i in 0..n {
+        let o = sim.node(i).expect("running");
+        for u in o.store().iter() {
+            let v = u.value.as_deref().unwrap_or_default();
+            assert!(
+                !v.windows(NEW_A.len()).any(|w| w == NEW_A),
+                "NEW's secret is in m{i}'s store under {}",
+                u.key
+            );
+        }
+    }
+    run_until(&mut sim, 60.0, "the kept members drop m3", |sim| {
+        (0..3).all(|i| live_view(sim, i) == 3)
+    });
 }
