@@ -8,6 +8,7 @@ fn main() {
         "rumormill/v1/membership.proto",
         "rumormill/v1/dissemination.proto",
         "rumormill/v1/events.proto",
+        "rumormill/v1/reserved.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

@@ -36,4 +36,12 @@ pub enum Event {
     Message(crate::events::EventMessage),
     /// The final outcome of a published at-least-once event for one subscriber.
     Report(crate::events::DeliveryReport),
+    /// The store's first anti-entropy exchange after a join has completed:
+    /// it holds at least what the partner held (who subscribes to what,
+    /// above all). Reported once per join, and never when anti-entropy is
+    /// off.
+    StoreSynced,
+    /// Key rotation: the keyring changed (save it), or a desired keyring
+    /// was refused or could not be followed in full.
+    Keys(crate::keys::KeysEvent),
 }

@@ -39,15 +39,19 @@ pub mod broadcast;
 mod config;
 mod event;
 pub mod events;
+pub mod keys;
 pub mod luggage;
 mod membership;
 mod overlay;
+pub mod reserved;
+mod wall;
 
 pub use config::Config;
 pub use event::{Event, MemberChange};
 pub use membership::{MemberInfo, MemberState};
 pub use overlay::{CoreError, Identity, Overlay, Stats, Transmit};
 pub use rumormill_wire::{FrameKind, KeyId, KeyInfo, Keyring, Security, WireError};
+pub use wall::WallTime;
 
 #[cfg(test)]
 mod testkit;

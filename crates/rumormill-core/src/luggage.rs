@@ -13,20 +13,22 @@
 //! checks cannot make the others store more.
 //!
 //! ```
-//! use rumormill_core::{Config, Identity, Overlay, Security};
+//! use rumormill_core::{Config, Identity, Overlay, Security, WallTime};
 //! let now = std::time::Instant::now();
+//! let wall = WallTime::from(std::time::SystemTime::now());
 //! let id = Identity::new("web-1", "127.0.0.1:7950".parse().unwrap(), 1);
 //! let mut o = Overlay::new(Config::new_lan(), id, Security::Plaintext, 1, now);
-//! o.set_luggage(now, "version", b"1.4.2".to_vec()).unwrap();
+//! o.set_luggage(now, wall, "version", b"1.4.2".to_vec()).unwrap();
 //! assert_eq!(o.luggage("web-1"), vec![("version".to_string(), b"1.4.2".to_vec())]);
 //! ```
 //!
 //! [`Config::max_luggage_value`]: crate::Config::max_luggage_value
 //! [`Config::max_luggage_total`]: crate::Config::max_luggage_total
 
-use crate::broadcast::{RESERVED_PREFIX, Store, Update};
+use crate::broadcast::{Store, Update};
 use crate::config::Config;
 use crate::overlay::CoreError;
+use crate::reserved::{self, ReservedKey};
 
 /// Default largest value (64 KiB).
 pub const DEFAULT_MAX_VALUE: usize = 64 << 10;
@@ -35,32 +37,22 @@ pub const DEFAULT_MAX_TOTAL: usize = 1 << 20;
 /// Longest luggage key, in bytes.
 pub const MAX_KEY: usize = 256;
 
-/// `/` and `%` in member names are escaped, so the member part of a store
-/// key ends at the first `/`.
-fn escape(member: &str) -> String {
-    member.replace('%', "%25").replace('/', "%2F")
-}
-
-pub(crate) fn unescape(member: &str) -> String {
-    member.replace("%2F", "/").replace("%25", "%")
-}
-
-fn prefix(member: &str) -> String {
-    format!("{RESERVED_PREFIX}luggage/{}/", escape(member))
-}
-
-/// The member and luggage key a store key holds, if it is luggage.
-pub fn parse(store_key: &str) -> Option<(String, &str)> {
-    let rest = store_key.strip_prefix(RESERVED_PREFIX)?.strip_prefix("luggage/")?;
-    let (member, key) = rest.split_once('/')?;
-    Some((unescape(member), key))
+/// The store key of `member`'s luggage entry `key`.
+pub(crate) fn store_key(member: &str, key: &str) -> String {
+    ReservedKey::Luggage {
+        member: member.to_owned(),
+        key: key.to_owned(),
+    }
+    .key()
 }
 
 /// For an update event: whose luggage changed and which key, when the
 /// update is luggage written by its owner.
-pub fn changed(u: &Update) -> Option<(String, &str)> {
-    let (member, key) = parse(&u.key)?;
-    (*u.origin == member).then_some((member, key))
+pub fn changed(u: &Update) -> Option<(String, String)> {
+    match reserved::owned(u)? {
+        ReservedKey::Luggage { member, key } => Some((member, key)),
+        _ => None,
+    }
 }
 
 /// Whether a luggage key is acceptable: 1 to [`MAX_KEY`] bytes, no
@@ -76,11 +68,6 @@ fn check_key(key: &str) -> Result<(), CoreError> {
         )));
     }
     Ok(())
-}
-
-/// The store key of `member`'s luggage entry `key`.
-pub(crate) fn store_key(member: &str, key: &str) -> String {
-    format!("{}{key}", prefix(member))
 }
 
 /// Checks a write of the local member's luggage entry `key` against the
@@ -117,10 +104,10 @@ pub(crate) fn check_write(
 
 /// A member's luggage in `store`, by key.
 pub(crate) fn entries(store: &Store, member: &str) -> Vec<(String, Vec<u8>)> {
-    let p = prefix(member);
+    let p = store_key(member, "");
     store
         .prefixed(&p)
-        .filter(|u| &*u.origin == member)
+        .filter(|u| reserved::from_owner(u))
         .filter_map(|u| Some((u.key[p.len()..].to_owned(), u.value.clone()?)))
         .collect()
 }
@@ -130,7 +117,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::{Config, Identity, Overlay, Security};
+    use crate::{Config, Identity, Overlay, Security, WallTime};
 
     fn overlay(name: &str) -> (Overlay, Instant) {
         let now = Instant::now();
@@ -141,23 +128,29 @@ mod tests {
     #[test]
     fn limits_are_enforced_and_keys_parse_back() {
         let (mut o, now) = overlay("a/b%c");
-        o.set_luggage(now, "k", vec![1; DEFAULT_MAX_VALUE]).unwrap();
-        assert!(o.set_luggage(now, "big", vec![1; DEFAULT_MAX_VALUE + 1]).is_err());
+        o.set_luggage(now, WallTime::default(), "k", vec![1; DEFAULT_MAX_VALUE])
+            .unwrap();
+        assert!(
+            o.set_luggage(now, WallTime::default(), "big", vec![1; DEFAULT_MAX_VALUE + 1])
+                .is_err()
+        );
         for i in 1..16 {
-            o.set_luggage(now, &format!("k{i}"), vec![1; DEFAULT_MAX_VALUE])
+            o.set_luggage(now, WallTime::default(), &format!("k{i}"), vec![1; DEFAULT_MAX_VALUE])
                 .unwrap();
         }
-        let err = o.set_luggage(now, "one-more", vec![1; 1]).unwrap_err();
+        let err = o
+            .set_luggage(now, WallTime::default(), "one-more", vec![1; 1])
+            .unwrap_err();
         assert!(err.to_string().contains("at most 1048576 per member"), "{err}");
         // Replacing an entry counts its new size only.
-        o.set_luggage(now, "k", vec![2; 10]).unwrap();
-        assert!(o.set_luggage(now, "", vec![]).is_err());
+        o.set_luggage(now, WallTime::default(), "k", vec![2; 10]).unwrap();
+        assert!(o.set_luggage(now, WallTime::default(), "", vec![]).is_err());
         let all = o.luggage("a/b%c");
         assert_eq!(all.len(), 16);
-        let u = o.store().get(&format!("{}k", prefix("a/b%c"))).unwrap().clone();
-        assert_eq!(changed(&u), Some(("a/b%c".to_owned(), "k")));
-        assert!(o.delete_luggage(now, "k").unwrap());
-        assert!(!o.delete_luggage(now, "k").unwrap());
+        let u = o.store().get(&store_key("a/b%c", "k")).unwrap().clone();
+        assert_eq!(changed(&u), Some(("a/b%c".to_owned(), "k".to_owned())));
+        assert!(o.delete_luggage(now, WallTime::default(), "k").unwrap());
+        assert!(!o.delete_luggage(now, WallTime::default(), "k").unwrap());
         assert_eq!(o.luggage("a/b%c").len(), 15);
     }
 }

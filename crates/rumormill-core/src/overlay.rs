@@ -12,9 +12,12 @@ use crate::broadcast::{Dissemination, DisseminationStats, Store, Update, UpdateH
 use crate::config::Config;
 use crate::event::Event;
 use crate::events::{self, Delivery, EventId, Events, PendingEvent, dedup};
+use crate::keys::{self, KeyError, KeyProgress, KeyStep, KeyringRecord, Rotation};
 use crate::luggage;
 use crate::membership::piggyback::Piggyback;
 use crate::membership::{self, Member, MemberInfo, MemberState, Membership};
+use crate::reserved::KeyReport;
+use crate::wall::{WallClock, WallTime};
 
 /// Who the local member is.
 ///
@@ -265,6 +268,19 @@ impl Wire {
         }
     }
 
+    /// The keyring, or `None` on a plain-text overlay.
+    pub(crate) fn keyring(&self) -> Option<&Keyring> {
+        self.codec.keyring()
+    }
+
+    /// Changes the keyring (see [`Codec::with_keyring`]).
+    pub(crate) fn with_keyring<T>(
+        &mut self,
+        f: impl FnOnce(&mut Keyring) -> Result<T, WireError>,
+    ) -> Result<T, WireError> {
+        self.codec.with_keyring(f)
+    }
+
     fn reject(&mut self, e: WireError) {
         self.stats.rejected += 1;
         self.stats.last_rejection = Some(e);
@@ -332,7 +348,9 @@ fn forward(dissemination: &mut Dissemination, out: &mut Sender<'_>) {
 /// call: membership the configuration, the RNG, the wire and a way to sync
 /// the store after a join; dissemination a sampler of alive members; events
 /// the member table and the store (read-only), the RNG and a sender that
-/// piggybacks membership changes.
+/// piggybacks membership changes; key rotation ([`crate::keys`]) the
+/// wire's keyring, the store (read-only) and the live members' names, and
+/// it hands back the store writes for the overlay to make.
 pub struct Overlay {
     config: Config,
     rng: ChaCha8Rng,
@@ -340,10 +358,17 @@ pub struct Overlay {
     membership: Membership,
     dissemination: Dissemination,
     events: Events,
+    /// Cluster-wide key rotation ([`crate::keys`]).
+    rotation: Rotation,
     /// What the sub-machines told, in the order they told it.
     output: VecDeque<Event>,
     /// The departure has been gossiped: nothing more is sent or received.
     closed: bool,
+    /// The latest wall-clock reading given with a write.
+    wall: WallClock,
+    /// After a join, the store's exchanges completed before it: the next
+    /// one is reported as [`Event::StoreSynced`].
+    first_sync: Option<u64>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -411,8 +436,11 @@ impl Overlay {
             },
             config,
             rng,
+            rotation: Rotation::default(),
             output: VecDeque::new(),
             closed: false,
+            wall: WallClock::default(),
+            first_sync: None,
         }
     }
 
@@ -456,7 +484,21 @@ impl Overlay {
             &mut self.membership.sender(&mut self.wire, &self.config),
         );
         while let Some(e) = self.dissemination.poll_event() {
+            self.rotation.on_update(&e.update);
             self.output.push_back(Event::Update(e));
+        }
+        if let Some(before) = self.first_sync
+            && self.dissemination.stats().syncs > before
+        {
+            self.first_sync = None;
+            self.output.push_back(Event::StoreSynced);
+        }
+    }
+
+    /// Moves what the rotation has to tell into the output.
+    fn drain_keys(&mut self) {
+        while let Some(e) = self.rotation.poll_event() {
+            self.output.push_back(Event::Keys(e));
         }
     }
 
@@ -593,6 +635,8 @@ impl Overlay {
             body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
                 self.dissemination.handle(now, from, body);
                 self.drain_dissemination();
+                // The store may hold a newer desired keyring now.
+                self.follow_keyring(now);
             }
         }
         self.collect();
@@ -663,6 +707,8 @@ impl Overlay {
     /// seen alive.
     pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), CoreError> {
         self.check_active()?;
+        let syncs = self.dissemination.stats().syncs;
+        self.first_sync.get_or_insert(syncs);
         let (m, mut env) = self.membership();
         m.join_via(now, seeds, &mut env);
         Ok(())
@@ -679,25 +725,30 @@ impl Overlay {
         Ok(())
     }
 
-    /// Raises the clock that orders writes to at least `floor`; drivers pass
-    /// wall-clock milliseconds before writing (see
-    /// [`Dissemination::advance_clock`]). The core itself never reads a clock.
-    pub fn advance_clock(&mut self, floor: u64) {
-        self.dissemination.advance_clock(floor);
-    }
-
     /// Writes a value under `key`; it spreads to every member (see
-    /// [`crate::broadcast`]). Refused with [`CoreError::Quota`] if it would
-    /// take this member beyond its quota ([`crate::broadcast::Limits`]).
-    pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
+    /// [`crate::broadcast`]). `wall` is the caller's wall clock: the write
+    /// clock is at least that (see [`crate::WallTime`]). Refused with
+    /// [`CoreError::Quota`] if it would take this member beyond its quota
+    /// ([`crate::broadcast::Limits`]).
+    pub fn put(&mut self, now: Instant, wall: WallTime, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
         self.check_active()?;
+        self.floor_write_clock(now, wall);
         Ok(self.dissemination.try_put(now, key, value)?)
     }
 
     /// Deletes `key` everywhere.
-    pub fn delete(&mut self, now: Instant, key: &str) -> Result<Update, CoreError> {
+    pub fn delete(&mut self, now: Instant, wall: WallTime, key: &str) -> Result<Update, CoreError> {
         self.check_active()?;
+        self.floor_write_clock(now, wall);
         Ok(self.dissemination.try_delete(now, key)?)
+    }
+
+    /// Raises the write clock to the wall clock in milliseconds (a hybrid
+    /// logical clock), so that a restarted member's writes order after
+    /// those of its previous life, and remembers the reading.
+    fn floor_write_clock(&mut self, now: Instant, wall: WallTime) {
+        self.wall.observe(now, wall);
+        self.dissemination.advance_clock(wall.as_unix_ms());
     }
 
     /// The replicated updates.
@@ -791,20 +842,189 @@ impl Overlay {
         self.wire.codec.keys()
     }
 
+    // ----- cluster-wide key rotation (see crate::keys) ------------------
+
+    /// Takes back what [`Overlay::keyring_record`] gave in an earlier life
+    /// (the keys are installed, the first made primary) and publishes this
+    /// member's key report. A driver calls it once after [`Overlay::new`],
+    /// before joining, with a default record on a first start (the keys
+    /// given to `new` stay); until then desired keyrings are not followed.
+    pub fn restore_keyring(&mut self, now: Instant, wall: WallTime, record: &KeyringRecord) -> Result<(), KeyError> {
+        let (rotation, view) = self.rotation();
+        let report = keys::restore(rotation, view, record)?;
+        self.wall.observe(now, wall);
+        self.publish_key_report(now, wall, report);
+        // A desired keyring that arrived before is followed now.
+        self.follow_keyring(now);
+        self.drain_keys();
+        Ok(())
+    }
+
+    /// What to save of the keyring, or `None` on a plain-text overlay.
+    pub fn keyring_record(&self) -> Option<KeyringRecord> {
+        Some(self.rotation.record(self.wire.keyring()?))
+    }
+
+    /// Ids of the keys installed on this member alone.
+    pub fn local_keys(&self) -> Vec<KeyId> {
+        self.rotation.local().to_vec()
+    }
+
+    /// Installs a key on every member: the secret travels in the overlay's
+    /// store, sealed under the current keys, so every current holder
+    /// learns it.
+    pub fn install_key_everywhere(&mut self, now: Instant, wall: WallTime, secret: &[u8]) -> Result<KeyId, KeyError> {
+        let (rotation, view) = self.rotation();
+        let result = keys::install_everywhere(rotation, view, wall, secret)
+            .and_then(|(id, writes)| self.make_key_writes(now, wall, writes).map(|()| id));
+        self.drain_keys();
+        result
+    }
+
+    /// Installs a key on this member alone: packets sealed with it are
+    /// accepted here from now on. The secret never enters the store (only
+    /// its id, in this member's report), so a member can be rotated out:
+    /// install the new key this way on every member to keep, then use it
+    /// and remove the old one, excluding the others.
+    pub fn install_local_key(&mut self, now: Instant, wall: WallTime, secret: &[u8]) -> Result<KeyId, KeyError> {
+        let (rotation, view) = self.rotation();
+        let report = keys::install_local(rotation, view, secret)?;
+        self.publish_key_report(now, wall, report);
+        self.drain_keys();
+        Ok(rumormill_wire::key_id(secret))
+    }
+
+    /// Takes a key installed with [`Overlay::install_local_key`] that no
+    /// rotation has used yet back off this member.
+    pub fn remove_local_key(&mut self, now: Instant, wall: WallTime, id: KeyId) -> Result<(), KeyError> {
+        let (rotation, view) = self.rotation();
+        let report = keys::remove_local(rotation, view, id)?;
+        self.publish_key_report(now, wall, report);
+        self.drain_keys();
+        Ok(())
+    }
+
+    /// Makes a key primary on every member. Refused unless every live
+    /// member not in `exclude` reports it installed (retry while reports
+    /// are on their way); those in `exclude` are not waited for.
+    pub fn use_key_everywhere(
+        &mut self,
+        now: Instant,
+        wall: WallTime,
+        id: KeyId,
+        exclude: &[String],
+    ) -> Result<(), KeyError> {
+        let live = self.live_names();
+        let (rotation, view) = self.rotation();
+        let result = keys::use_everywhere(rotation, view, wall, id, &live, exclude)
+            .and_then(|writes| self.make_key_writes(now, wall, writes));
+        self.drain_keys();
+        result
+    }
+
+    /// Removes a key from every member. Refused while it is this member's
+    /// primary, or while a live member not in `exclude` still seals with it
+    /// (retry once it has followed the change of primary).
+    pub fn remove_key_everywhere(
+        &mut self,
+        now: Instant,
+        wall: WallTime,
+        id: KeyId,
+        exclude: &[String],
+    ) -> Result<(), KeyError> {
+        let live = self.live_names();
+        let (rotation, view) = self.rotation();
+        let result = keys::remove_everywhere(rotation, view, wall, id, &live, exclude)
+            .and_then(|writes| self.make_key_writes(now, wall, writes));
+        self.drain_keys();
+        result
+    }
+
+    /// The live members (this one included), by name, with the key report
+    /// each published (`None`: none heard yet).
+    pub fn key_reports(&self) -> Vec<(String, Option<KeyReport>)> {
+        keys::reports(self.store(), &self.live_names())
+    }
+
+    /// Which live members (this one included) have taken `step` — who has
+    /// followed a change — leaving those in `exclude` apart.
+    pub fn key_progress(&self, step: KeyStep, exclude: &[String]) -> KeyProgress {
+        keys::progress(self.store(), &self.live_names(), step, exclude)
+    }
+
+    /// The rotation, with what it borrows of the overlay for one call.
+    fn rotation(&mut self) -> (&mut Rotation, keys::View<'_>) {
+        let view = keys::View {
+            wire: &mut self.wire,
+            store: self.dissemination.store(),
+            me: self.membership.name(),
+        };
+        (&mut self.rotation, view)
+    }
+
+    /// Follows the newest desired keyring if one arrived: called after the
+    /// store took updates. Before any wall-clock reading nothing is
+    /// followed (a version cannot be judged without one).
+    fn follow_keyring(&mut self, now: Instant) {
+        if !self.rotation.due() {
+            return;
+        }
+        let Some(wall) = self.wall.read(now) else {
+            return;
+        };
+        if self.wire.keyring().is_none() {
+            return;
+        }
+        let (rotation, view) = self.rotation();
+        let report = keys::follow(rotation, view, wall);
+        self.publish_key_report(now, wall, report);
+        self.drain_keys();
+    }
+
+    /// Makes the writes of a keyring change: the key report, then the
+    /// desired keyring.
+    fn make_key_writes(&mut self, now: Instant, wall: WallTime, writes: keys::Writes) -> Result<(), KeyError> {
+        self.publish_key_report(now, wall, writes.report);
+        if let Some((key, value)) = writes.desired {
+            self.put(now, wall, &key, value)?;
+        }
+        Ok(())
+    }
+
+    /// Writes this member's key report, if it changed. A refused write (the
+    /// member left, a quota) is made again with the next change.
+    fn publish_key_report(&mut self, now: Instant, wall: WallTime, report: Option<keys::Write>) {
+        if let Some((key, value)) = report {
+            let _ = self.put(now, wall, &key, value);
+        }
+    }
+
+    /// Live members' names, this one included.
+    fn live_names(&self) -> Vec<String> {
+        let me: &str = self.membership.name();
+        std::iter::once(me.to_owned())
+            .chain(
+                self.members()
+                    .filter(|m| m.state.is_live() && &*m.name != me)
+                    .map(|m| m.name.to_string()),
+            )
+            .collect()
+    }
+
     // ----- events on topics ---------------------------------------------
 
     /// Subscribes the local member to `topic`; every member learns it.
-    pub fn subscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+    pub fn subscribe(&mut self, now: Instant, wall: WallTime, topic: &str) -> Result<(), CoreError> {
         match self.events.subscribe(self.dissemination.store(), topic)? {
-            Some((key, value)) => self.put(now, &key, value).map(|_| ()),
+            Some((key, value)) => self.put(now, wall, &key, value).map(|_| ()),
             None => Ok(()),
         }
     }
 
     /// Unsubscribes the local member from `topic`.
-    pub fn unsubscribe(&mut self, now: Instant, topic: &str) -> Result<(), CoreError> {
+    pub fn unsubscribe(&mut self, now: Instant, wall: WallTime, topic: &str) -> Result<(), CoreError> {
         match self.events.unsubscribe(self.dissemination.store(), topic) {
-            Some((key, value)) => self.put(now, &key, value).map(|_| ()),
+            Some((key, value)) => self.put(now, wall, &key, value).map(|_| ()),
             None => Ok(()),
         }
     }
@@ -913,18 +1133,18 @@ impl Overlay {
     // ----- luggage ------------------------------------------------------
 
     /// Sets one of the local member's luggage entries (see [`crate::luggage`]).
-    pub fn set_luggage(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<(), CoreError> {
+    pub fn set_luggage(&mut self, now: Instant, wall: WallTime, key: &str, value: Vec<u8>) -> Result<(), CoreError> {
         let store_key = luggage::check_write(self.store(), &self.config, self.membership.name(), key, &value)?;
-        self.put(now, &store_key, value).map(|_| ())
+        self.put(now, wall, &store_key, value).map(|_| ())
     }
 
     /// Deletes one of the local member's luggage entries; false if it had none.
-    pub fn delete_luggage(&mut self, now: Instant, key: &str) -> Result<bool, CoreError> {
+    pub fn delete_luggage(&mut self, now: Instant, wall: WallTime, key: &str) -> Result<bool, CoreError> {
         let store_key = luggage::store_key(self.membership.name(), key);
         if self.store().value(&store_key).is_none() {
             return Ok(false);
         }
-        self.delete(now, &store_key).map(|_| true)
+        self.delete(now, wall, &store_key).map(|_| true)
     }
 
     /// A member's luggage as the local member holds it, by key.

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rumormill_core::{Config, Event, FrameKind, Identity, MemberInfo, Overlay, Security, Transmit};
+use rumormill_core::keys::KeyringRecord;
+use rumormill_core::{Config, Event, FrameKind, Identity, Keyring, MemberInfo, Overlay, Security, Transmit, WallTime};
 
 use crate::network::NetworkModel;
 
@@ -94,6 +95,8 @@ struct Slot<N> {
     node: Option<N>,
     addr: SocketAddr,
     epoch: u64,
+    /// The keys the member starts with, primary first (none: plain text).
+    keys: Vec<Vec<u8>>,
     /// The wake-up currently scheduled for this node, if any.
     timer: Option<Nanos>,
 }
@@ -152,6 +155,28 @@ pub fn member_addr(i: usize, epoch: u64) -> SocketAddr {
 impl Simulation<Overlay> {
     /// `n` members with the given configuration, not yet in contact.
     pub fn new(n: usize, config: Config, network: NetworkModel, seed: u64) -> Simulation<Overlay> {
+        Simulation::with_keys(n, config, network, seed, Vec::new())
+    }
+
+    /// Like [`Simulation::new`], every member's packets sealed under `key`
+    /// (16, 24 or 32 bytes), for key rotation.
+    pub fn new_encrypted(
+        n: usize,
+        config: Config,
+        network: NetworkModel,
+        seed: u64,
+        key: &[u8],
+    ) -> Simulation<Overlay> {
+        Simulation::with_keys(n, config, network, seed, vec![key.to_vec()])
+    }
+
+    fn with_keys(
+        n: usize,
+        config: Config,
+        network: NetworkModel,
+        seed: u64,
+        keys: Vec<Vec<u8>>,
+    ) -> Simulation<Overlay> {
         let mut sim = Simulation::empty(Instant::now(), n, network, seed);
         sim.config = Some(config);
         for i in 0..n {
@@ -161,6 +186,7 @@ impl Simulation<Overlay> {
                 node: None,
                 addr,
                 epoch: 1,
+                keys: keys.clone(),
                 timer: None,
             });
             sim.start(i);
@@ -168,12 +194,39 @@ impl Simulation<Overlay> {
         sim
     }
 
+    /// The keys member `i` starts with from its next restart on, primary
+    /// first: as if given a key file and a fresh data directory.
+    pub fn set_keys(&mut self, i: usize, keys: Vec<Vec<u8>>) {
+        self.slots[i].keys = keys;
+    }
+
     fn start(&mut self, i: usize) {
         let Some(config) = self.config.clone() else { return };
         let slot = &self.slots[i];
         let id = Identity::new(member_name(i), slot.addr, slot.epoch);
         let seed = self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ slot.epoch.rotate_left(32);
-        let o = Overlay::new(config, id, Security::Plaintext, seed, self.instant());
+        let security = match slot.keys.split_first() {
+            None => Security::Plaintext,
+            Some((primary, rest)) => {
+                let ring = Keyring::new(primary).and_then(|mut ring| {
+                    for k in rest {
+                        ring.install(k)?;
+                    }
+                    Ok(ring)
+                });
+                match ring {
+                    Ok(ring) => Security::Encrypted(ring),
+                    Err(e) => panic!("member {i}: the simulation's keys are not keys: {e}"),
+                }
+            }
+        };
+        let encrypted = !slot.keys.is_empty();
+        let now = self.instant();
+        let mut o = Overlay::new(config, id, security, seed, now);
+        if encrypted {
+            // A fresh start: the keys given, and the key report out.
+            let _ = o.restore_keyring(now, self.wall(), &KeyringRecord::default());
+        }
         self.slots[i].node = Some(o);
         self.slots[i].timer = None;
         self.reschedule(i);
@@ -267,6 +320,7 @@ impl<N: SimNode> Simulation<N> {
                 node: Some(node),
                 addr,
                 epoch: 1,
+                keys: Vec::new(),
                 timer: None,
             });
             sim.reschedule(i);
@@ -281,6 +335,13 @@ impl<N: SimNode> Simulation<N> {
     /// Simulated time now.
     pub fn now(&self) -> Nanos {
         self.now
+    }
+
+    /// The members' wall clock now, for their writes: a virtual one that
+    /// reads the UNIX epoch at simulated time zero and runs with it, the
+    /// same on every member (a run never depends on the host's clock).
+    pub fn wall(&self) -> WallTime {
+        WallTime::from_unix_ms(self.now / 1_000_000)
     }
 
     /// Number of member slots (running or not).

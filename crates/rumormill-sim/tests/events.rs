@@ -20,7 +20,8 @@ fn cluster(loss: f64, seed: u64) -> Simulation {
     sim.bootstrap();
     sim.run_until(secs(2.0));
     for i in subscribers() {
-        sim.with_node(i, |o, now| o.subscribe(now, TOPIC))
+        let wall = sim.wall();
+        sim.with_node(i, |o, now| o.subscribe(now, wall, TOPIC))
             .expect("running")
             .expect("subscribe");
     }
@@ -205,7 +206,8 @@ fn a_crashed_subscriber_is_reported_failed_or_delivered_if_back_in_time() {
     // declared failed) and subscribes again.
     advance(&mut sim, 3.0);
     sim.restart(back, false, 0);
-    sim.with_node(back, |o, now| o.subscribe(now, TOPIC))
+    let wall = sim.wall();
+    sim.with_node(back, |o, now| o.subscribe(now, wall, TOPIC))
         .expect("running")
         .expect("subscribe");
     advance(&mut sim, 60.0);
@@ -235,7 +237,8 @@ fn exhausted_retries_and_unsubscribing_are_reported() {
     sim.kill(silent);
     // Unsubscribes at the same moment the event is published: the
     // publisher still counts it, the subscriber answers "unsubscribed".
-    sim.with_node(leaving_topic, |o, now| o.unsubscribe(now, TOPIC))
+    let wall = sim.wall();
+    sim.with_node(leaving_topic, |o, now| o.unsubscribe(now, wall, TOPIC))
         .expect("running")
         .expect("unsubscribe");
     let limited = Delivery::AtLeastOnce {

@@ -37,7 +37,8 @@ fn a_late_joiner_gets_every_members_luggage() {
             } else {
                 value(m, key + 100)
             };
-            sim.with_node(m, |o, now| o.set_luggage(now, &key.to_string(), v))
+            let wall = sim.wall();
+            sim.with_node(m, |o, now| o.set_luggage(now, wall, &key.to_string(), v))
                 .expect("running")
                 .expect("luggage");
         }

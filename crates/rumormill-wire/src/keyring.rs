@@ -122,6 +122,13 @@ impl Keyring {
         }
     }
 
+    /// The secret of an installed key: for cluster-wide rotation, which
+    /// carries shared secrets in the overlay's store, and for the driver to
+    /// save the keyring. Never log it.
+    pub fn secret(&self, id: KeyId) -> Option<&[u8]> {
+        self.keys.get(&id).map(|e| &e.secret[..])
+    }
+
     /// The primary key's id.
     pub fn primary(&self) -> KeyId {
         self.primary

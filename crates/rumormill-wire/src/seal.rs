@@ -107,6 +107,14 @@ impl Codec {
         }
     }
 
+    /// The keyring, or `None` on a plain-text overlay.
+    pub fn keyring(&self) -> Option<&Keyring> {
+        match &self.security {
+            Security::Plaintext => None,
+            Security::Encrypted(ring) => Some(ring),
+        }
+    }
+
     /// Changes the keyring (install, use, remove). Fails on a plain-text
     /// overlay.
     pub fn with_keyring<T>(&mut self, f: impl FnOnce(&mut Keyring) -> Result<T, WireError>) -> Result<T, WireError> {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use base64::Engine;
-use rumormill_core::{CoreError, Identity, MemberInfo, MemberState, Overlay, Security};
+use rumormill_core::{CoreError, Event, Identity, MemberInfo, MemberState, Overlay, Security, WallTime};
 use rumormill_wire::Keyring;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
@@ -35,9 +35,9 @@ pub use crate::persist::PersistError;
 use crate::persist::{Db, OverlayRecord};
 use crate::transport::Net;
 
-/// Keys under this prefix are the agent's own per-member data (racks);
-/// clients cannot write them.
-pub use rumormill_core::broadcast::RESERVED_PREFIX;
+/// Keys under this prefix are the members' own data (racks, subscriptions,
+/// luggage, keyrings); clients cannot write them.
+pub use rumormill_core::reserved::PREFIX as RESERVED_PREFIX;
 /// How often the peers seen alive are saved for the next start.
 const PEERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -575,11 +575,17 @@ impl<N: Net> Agent<N> {
         // life salt that keeps nonces unique if the stored epoch is lost.
         let seed = rand::random::<u64>();
         let restore = self.prepare_restore(&name, &rec.topics)?;
+        let keyring = crate::keyring::keyring_of(&rec);
         let handle = Driver::start(self.net.clone(), options, move |addr| {
             let now = tokio::time::Instant::now().into_std();
             let identity = Identity::new(identity_name, addr, epoch);
             let mut overlay = Overlay::with_overlay_id(config, identity, security, seed, now, overlay_id);
             restore.apply(&mut overlay, now);
+            if let Some(k) = &keyring {
+                // The report goes out; a refusal (a key of another length
+                // than its suite's, say) leaves the keys given to `new`.
+                let _ = overlay.restore_keyring(now, wall(), k);
+            }
             overlay
         })
         .await
@@ -592,14 +598,8 @@ impl<N: Net> Agent<N> {
         if let Some(rack) = spec.rack.clone() {
             let key = rack_key(&rec.member);
             let _ = handle
-                .call(move |o, now| {
-                    o.advance_clock(wall_ms());
-                    o.put(now, &key, rack.into_bytes())
-                })
+                .call(move |o, now| o.put(now, wall(), &key, rumormill_core::reserved::Rack(rack).encode()))
                 .await;
-        }
-        if !rec.keys.is_empty() {
-            crate::keyring::publish_report(&handle).await;
         }
         let topics = Arc::new(std::sync::Mutex::new(rec.topics.clone()));
         let mut running = Running {
@@ -611,8 +611,11 @@ impl<N: Net> Agent<N> {
             topics,
             inbox: Arc::default(),
         };
+        // Subscribed before the join starts, so that its first sync cannot
+        // slip by unseen.
+        let events = running.handle.subscribe();
         if self.start_tasks(&mut running).await {
-            wait_for_store(&name, &running.handle).await;
+            wait_for_store(&name, &running.handle, events).await;
         }
         Ok(running)
     }
@@ -765,6 +768,7 @@ impl<N: Net> Agent<N> {
                 return Err(UpdateRefused::Plaintext.into());
             }
             check.validate()?;
+            crate::keyring::refresh(self, &mut r).await?;
             r.stop_tasks();
             r.handle.shutdown(false).await;
             let old = r.record.clone();
@@ -830,8 +834,10 @@ impl<N: Net> Agent<N> {
                     .map(|m| {
                         let rack = o
                             .store()
-                            .value(&rack_key(&m.name))
-                            .map(|v| String::from_utf8_lossy(v).into_owned());
+                            .get(&rack_key(&m.name))
+                            .filter(|u| rumormill_core::reserved::from_owner(u))
+                            .and_then(|u| rumormill_core::reserved::Rack::decode(u.value.as_deref()?).ok())
+                            .map(|r| r.0);
                         MemberRow {
                             local: m.name == local.name,
                             name: m.name.to_string(),
@@ -872,6 +878,7 @@ impl<N: Net> Agent<N> {
         if r.left {
             return Err(AgentError::AlreadyLeft(name.to_owned()));
         }
+        crate::keyring::refresh(self, &mut r).await?;
         r.stop_tasks();
         // Left once asked to: a cancelled request must not leave a slot
         // that claims to run a stopping driver.
@@ -886,8 +893,7 @@ impl<N: Net> Agent<N> {
         check_user_key(key)?;
         let key = key.to_owned();
         self.call(name, move |o, now| {
-            o.advance_clock(wall_ms());
-            o.put(now, &key, value).map(|u| update_row(&u))
+            o.put(now, wall(), &key, value).map(|u| update_row(&u))
         })
         .await?
         .map_err(core_error)?
@@ -912,8 +918,7 @@ impl<N: Net> Agent<N> {
                 if o.store().value(&k).is_none() {
                     return Ok(false);
                 }
-                o.advance_clock(wall_ms());
-                o.delete(now, &k).map(|_| true)
+                o.delete(now, wall(), &k).map(|_| true)
             })
             .await?
             .map_err(core_error)?;
@@ -953,22 +958,16 @@ impl<N: Net> Agent<N> {
     /// Sets one of the local member's luggage entries.
     pub async fn set_luggage(&self, name: &str, key: &str, value: Vec<u8>) -> Result<(), AgentError> {
         let key = key.to_owned();
-        self.call(name, move |o, now| {
-            o.advance_clock(wall_ms());
-            o.set_luggage(now, &key, value)
-        })
-        .await?
-        .map_err(core_error)
+        self.call(name, move |o, now| o.set_luggage(now, wall(), &key, value))
+            .await?
+            .map_err(core_error)
     }
 
     /// Deletes one of the local member's luggage entries.
     pub async fn delete_luggage(&self, name: &str, key: &str) -> Result<(), AgentError> {
         let k = key.to_owned();
         let existed = self
-            .call(name, move |o, now| {
-                o.advance_clock(wall_ms());
-                o.delete_luggage(now, &k)
-            })
+            .call(name, move |o, now| o.delete_luggage(now, wall(), &k))
             .await?
             .map_err(core_error)?;
         if existed {
@@ -1001,6 +1000,9 @@ impl<N: Net> Agent<N> {
         let stops = slots.into_iter().map(|slot| async move {
             let mut state = slot.lock_owned().await;
             if let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) {
+                if let Err(e) = crate::keyring::refresh(self, &mut r).await {
+                    tracing::warn!(overlay = %r.record.spec.name, error = %e, "keyring not saved");
+                }
                 r.stop_tasks();
                 r.handle.shutdown(leave && !r.left).await;
             }
@@ -1128,7 +1130,10 @@ fn check_user_key(key: &str) -> Result<(), AgentError> {
 }
 
 fn rack_key(member: &str) -> String {
-    format!("{RESERVED_PREFIX}rack/{member}")
+    rumormill_core::reserved::ReservedKey::Rack {
+        member: member.to_owned(),
+    }
+    .key()
 }
 
 fn update_row(u: &rumormill_core::broadcast::Update) -> Option<UpdateRow> {
@@ -1216,27 +1221,45 @@ async fn seed_loop<N: Net>(
 /// Longest wait at start for a first sync of the replicated store.
 const STORE_SYNC_WAIT: Duration = Duration::from_secs(5);
 
-/// Waits (at most [`STORE_SYNC_WAIT`]) until the overlay has synced its
-/// replicated store with a peer, so that what depends on it — who
-/// subscribes to what, above all — is known before the API opens: a
-/// restarted publisher would otherwise find no subscribers for a while.
-async fn wait_for_store(name: &str, handle: &OverlayHandle) {
-    let deadline = tokio::time::Instant::now() + STORE_SYNC_WAIT;
-    loop {
-        match handle.call(|o, _| o.dissemination_stats().syncs).await {
-            Ok(n) if n > 0 => return,
-            Ok(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
-            Ok(_) => {
-                tracing::warn!(overlay = %name, "no peer answered within 5 s: starting with what this member knows");
-                return;
+/// Waits (at most [`STORE_SYNC_WAIT`]) until the core reports the first
+/// sync of the replicated store after the join ([`Event::StoreSynced`]), so
+/// that what depends on it — who subscribes to what, above all — is known
+/// before the API opens: a restarted publisher would otherwise find no
+/// subscribers for a while.
+async fn wait_for_store(name: &str, handle: &OverlayHandle, mut events: tokio::sync::broadcast::Receiver<Event>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let synced = async {
+        loop {
+            match events.recv().await {
+                Ok(Event::StoreSynced) => return,
+                Ok(_) => {}
+                // Too many events at once: the notice may be among those
+                // dropped, so ask the store itself.
+                Err(RecvError::Lagged(_)) => {
+                    if handle
+                        .call(|o, _| o.dissemination_stats().syncs > 0)
+                        .await
+                        .unwrap_or(true)
+                    {
+                        return;
+                    }
+                }
+                Err(RecvError::Closed) => return,
             }
-            Err(_) => return,
         }
+    };
+    if tokio::time::timeout(STORE_SYNC_WAIT, synced).await.is_err() {
+        tracing::warn!(overlay = %name, "no peer answered within 5 s: starting with what this member knows");
     }
 }
 
-/// Wall-clock milliseconds: the floor of the write clock before each write
-/// (see [`Overlay::advance_clock`]).
+/// The wall clock, which the core takes with every write (see
+/// [`rumormill_core::WallTime`]).
+pub(crate) fn wall() -> WallTime {
+    WallTime::from(std::time::SystemTime::now())
+}
+
+/// Wall-clock milliseconds, for the timestamps the agent keeps itself.
 pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -221,16 +221,13 @@ fn status_of(e: &AgentError) -> StatusCode {
         AgentError::Core(_) => StatusCode::BAD_REQUEST,
         AgentError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
         AgentError::Key(k) => match k {
-            KeyError::InvalidId(_) | KeyError::Unknown(_) | KeyError::InvalidSecret(_) | KeyError::Encoding(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            KeyError::InvalidId(_) | KeyError::Unknown(_) | KeyError::InvalidSecret(_) => StatusCode::BAD_REQUEST,
             // Refused for the state of the overlay or of its members.
             KeyError::ClockBehind { .. }
             | KeyError::NotLocal(_)
             | KeyError::NotInstalled { .. }
             | KeyError::Primary(_)
             | KeyError::PrimaryOf { .. }
-            | KeyError::PrimaryInKeyring(_)
             | KeyError::NoKeyLeft => StatusCode::CONFLICT,
         },
     }

@@ -396,8 +396,11 @@ impl<N: Net> Task<N> {
             let (pump, observers) = match &event {
                 Event::Update(u) => (
                     rumormill_core::luggage::changed(&u.update).is_some(),
-                    u.update.key.starts_with(rumormill_core::broadcast::RESERVED_PREFIX)
-                        && rumormill_core::luggage::parse(&u.update.key).is_none(),
+                    u.update.key.starts_with(rumormill_core::reserved::PREFIX)
+                        && !matches!(
+                            rumormill_core::reserved::ReservedKey::parse(&u.update.key),
+                            Some(rumormill_core::reserved::ReservedKey::Luggage { .. })
+                        ),
                 ),
                 Event::Message(_) => (true, false),
                 _ => (true, true),

@@ -39,7 +39,7 @@ use rumormill_core::events::{Delivery, DeliveryReport, PendingEvent, dedup::Dedu
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::agent::{Agent, AgentError, has_left_or_unknown, stopped, wall_ms};
+use crate::agent::{Agent, AgentError, has_left_or_unknown, stopped, wall, wall_ms};
 use crate::persist::Op;
 use crate::transport::Net;
 
@@ -269,8 +269,8 @@ impl<N: Net> Agent<N> {
         let gossiped: Vec<String> = topics.iter().filter(|t| !is_local(t)).cloned().collect();
         r.handle
             .call(move |o, now| {
-                o.advance_clock(wall_ms());
-                gossiped.iter().try_for_each(|t| o.subscribe(now, t))
+                let wall = wall();
+                gossiped.iter().try_for_each(|t| o.subscribe(now, wall, t))
             })
             .await
             .map_err(|_| stopped(name))?
@@ -291,10 +291,7 @@ impl<N: Net> Agent<N> {
         }
         let t = topic.to_owned();
         r.handle
-            .call(move |o, now| {
-                o.advance_clock(wall_ms());
-                o.unsubscribe(now, &t)
-            })
+            .call(move |o, now| o.unsubscribe(now, wall(), &t))
             .await
             .map_err(|_| stopped(name))?
             .map_err(crate::agent::core_error)?;
@@ -346,9 +343,9 @@ impl Restore {
     pub(crate) fn apply(self, o: &mut rumormill_core::Overlay, now: std::time::Instant) {
         o.set_manual_acks(true);
         o.restore_delivered(self.window);
-        o.advance_clock(wall_ms());
+        let wall = wall();
         for t in &self.topics {
-            let _ = o.subscribe(now, t);
+            let _ = o.subscribe(now, wall, t);
         }
         let resumed = self.pending.len();
         for p in self.pending {

@@ -1,247 +1,33 @@
-//! Cluster-wide key rotation.
+//! Cluster-wide key rotation, as the agent serves it.
 //!
-//! Every key operation on one agent changes the keyring of every member of
-//! the overlay, as with Serf's `keys` commands. The agent that takes the
-//! request applies it, then writes a desired keyring (the key ids, primary
-//! first, the secrets of the keys installed cluster-wide, and a version
-//! above the highest it has seen) to the replicated store under
-//! `_rumormill/keyring/<member>`; every member follows the desired keyring of
-//! highest version (ties broken by member name), whatever order the writes
-//! arrive in. An operation that changes nothing writes nothing, so a late
-//! no-op can never undo a newer change. Versions are wall-clock milliseconds,
-//! at least one above the highest seen; a version more than [`MAX_AHEAD_MS`]
-//! ahead of this member's clock is refused, so a key holder cannot push the
-//! version to `u64::MAX`, or step by step far into the future, and lock
-//! later rotations or later joiners out. Each member also publishes which keys it holds, and which
-//! is its primary, under `_rumormill/keys/<member>`, so the requesting agent
-//! can tell when every live member has followed, and can refuse a step that
-//! would lose packets:
-//!
-//! 1. `install NEW` — every member accepts NEW from now on;
-//! 2. `use NEW` — refused until every live member reports NEW installed;
-//!    then every member seals with NEW;
-//! 3. `remove OLD` — refused while a live member still seals with OLD.
-//!
-//! Packets already in flight under OLD when it is removed are the only ones
-//! rejected; none is rejected once the rotation has completed.
-//!
-//! A cluster-wide install carries the new secret in the desired keyring,
-//! sealed under the current keys: every holder of the current keys learns
-//! it. To rotate a holder *out*, the new key is installed on each trusted
-//! agent alone (`install` with the local scope: the secret never enters the
-//! store, only its id appears in the reports); `use` and `remove` name key
-//! ids only, and take the members to leave out (`exclude`), which are not
-//! waited for. Once the old key is removed, an excluded member can neither
-//! open the others' packets nor have its own accepted.
+//! The rules live in the core ([`rumormill_core::keys`]): versioned
+//! desired keyrings, the tie-break by writer, the refusal of versions a day
+//! ahead, local and shared keys, the reports and the refusal of a `use` or a
+//! `remove` that would lose packets. The agent takes the operations from the
+//! API, retries one refused only because reports are still on their way
+//! (for up to the request's wait), waits until every live member has
+//! followed, and keeps the keyring in its data directory: after each
+//! operation, and whenever the core reports that it followed the overlay's
+//! keyring ([`rumormill_core::Event::Keys`]).
 
-use std::collections::BTreeSet;
 use std::sync::Weak;
 use std::time::Duration;
 
-use rumormill_core::{Event, KeyId, MemberInfo, Overlay};
+use base64::Engine;
+use rumormill_core::keys::{KeyError as CoreKeyError, KeyStep, KeyringRecord, KeysEvent};
+use rumormill_core::{Event, KeyId, Overlay};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
-use zeroize::{Zeroize, Zeroizing};
 
-use crate::agent::{Agent, AgentError, RESERVED_PREFIX, Running, core_error, plaintext, stopped, wall_ms};
+use crate::agent::{Agent, AgentError, Running, core_error, plaintext, stopped, wall};
 use crate::config;
 use crate::driver::OverlayHandle;
 use crate::persist::OverlayRecord;
 use crate::transport::Net;
 
-/// Store keys of desired keyrings: this prefix and the writer's name.
-pub const DESIRED_PREFIX: &str = "_rumormill/keyring/";
-/// A desired keyring whose version (milliseconds) is more than this ahead
-/// of the member's clock is refused (and logged): one day. Honest writers
-/// use their clock, or one above the highest version seen, so only a key
-/// holder trying to lock later rotations out (`u64::MAX` would leave no
-/// room above it) jumps that far. The bound is the clock alone, not the
-/// highest version seen: otherwise a holder could ratchet the version up a
-/// day per write, and a member joining later (which has seen nothing)
-/// would refuse every honest version above the ratchet. A member whose
-/// clock is more than a day behind its peers' refuses their rotations
-/// until its clock is set right (logged).
-pub const MAX_AHEAD_MS: u64 = 24 * 3600 * 1000;
-/// How often the requesting agent looks at the members' reports.
+/// How often a refused step is tried again, and the members' reports
+/// looked at, while waiting.
 const POLL: Duration = Duration::from_millis(20);
-
-fn report_key(member: &str) -> String {
-    format!("{RESERVED_PREFIX}keys/{member}")
-}
-
-/// A desired keyring as stored: the key ids, primary first, and the
-/// base64 secrets of the keys installed cluster-wide (keys installed on
-/// each agent alone are named by id only). The highest version wins.
-/// The secrets are wiped from memory when it is dropped.
-#[derive(Serialize, Deserialize)]
-struct Desired {
-    version: u64,
-    #[serde(default)]
-    ids: Vec<String>,
-    keys: Vec<String>,
-}
-
-impl Drop for Desired {
-    fn drop(&mut self) {
-        self.keys.zeroize();
-    }
-}
-
-/// A keyring to hold: ids, primary first, and the secrets that may travel
-/// in the store. Its secrets are wiped when it is dropped.
-#[derive(Clone, PartialEq, Eq, Default)]
-struct Plan {
-    ids: Vec<KeyId>,
-    shared: Vec<String>,
-}
-
-impl Drop for Plan {
-    fn drop(&mut self) {
-        self.shared.zeroize();
-    }
-}
-
-impl Plan {
-    /// From a stored desired keyring; `None` when it does not parse.
-    fn from_desired(d: &Desired) -> Option<Plan> {
-        let ids = if d.ids.is_empty() {
-            // Written before ids were carried: every key is shared.
-            d.keys.iter().map(|k| secret_id(k)).collect::<Option<Vec<_>>>()?
-        } else {
-            d.ids.iter().map(|h| parse_hex(h)).collect::<Option<Vec<_>>>()?
-        };
-        (!ids.is_empty()).then(|| Plan {
-            ids,
-            shared: d.keys.clone(),
-        })
-    }
-
-    /// From this member's record: every key but those installed locally
-    /// that no desired keyring names yet; only non-local secrets shared.
-    fn from_record(rec: &OverlayRecord) -> Plan {
-        let mut plan = Plan::default();
-        for k in &rec.keys {
-            let Some(id) = secret_id(k) else { continue };
-            let hex = key_hex(id);
-            if !rec.pending_keys.contains(&hex) {
-                plan.ids.push(id);
-            }
-            if !rec.local_keys.contains(&hex) {
-                plan.shared.push(k.clone());
-            }
-        }
-        plan
-    }
-
-    fn to_desired(&self, version: u64) -> Desired {
-        Desired {
-            version,
-            ids: self.ids.iter().map(|&id| key_hex(id)).collect(),
-            keys: self.shared.clone(),
-        }
-    }
-
-    fn shares(&self, id: KeyId) -> bool {
-        self.shared.iter().any(|k| secret_id(k) == Some(id))
-    }
-}
-
-/// The id of a base64 secret (`None` if it is not a key).
-fn secret_id(secret: &str) -> Option<KeyId> {
-    let bytes = config::decode_key(secret).ok()?;
-    Some(rumormill_wire::key_id(&bytes))
-}
-
-fn parse_hex(s: &str) -> Option<KeyId> {
-    KeyId::from_str_radix(s.trim_start_matches("0x"), 16).ok()
-}
-
-/// The keyring a member holds under `plan`: the planned keys whose secret
-/// it knows (from its own keyring or the plan), primary first, then its
-/// local keys no plan names yet. Also the planned ids it lacks.
-fn resolve(plan: &Plan, rec: &OverlayRecord) -> (Vec<String>, Vec<KeyId>) {
-    let known: Vec<(KeyId, &String)> = rec
-        .keys
-        .iter()
-        .chain(plan.shared.iter())
-        .filter_map(|k| Some((secret_id(k)?, k)))
-        .collect();
-    let mut keys = Vec::new();
-    let mut lacking = Vec::new();
-    for id in &plan.ids {
-        match known.iter().find(|(k, _)| k == id) {
-            Some((_, secret)) => keys.push((*secret).clone()),
-            None => lacking.push(*id),
-        }
-    }
-    for k in &rec.keys {
-        let Some(id) = secret_id(k) else { continue };
-        if rec.pending_keys.contains(&key_hex(id)) && !plan.ids.contains(&id) {
-            keys.push(k.clone());
-        }
-    }
-    (keys, lacking)
-}
-
-/// After holding `keys` under `plan`: local keys the plan names are no
-/// longer pending, shared ones no longer local, removed ones forgotten.
-fn settle(rec: &mut OverlayRecord, keys: Vec<String>, plan: &Plan) {
-    let mut old = std::mem::replace(&mut rec.keys, keys);
-    old.zeroize();
-    let held: Vec<String> = rec.keys.iter().filter_map(|k| secret_id(k)).map(key_hex).collect();
-    let named: Vec<String> = plan.ids.iter().map(|&id| key_hex(id)).collect();
-    rec.pending_keys.retain(|h| held.contains(h) && !named.contains(h));
-    rec.local_keys
-        .retain(|h| held.contains(h) && parse_hex(h).is_some_and(|id| !plan.shares(id)));
-}
-
-/// A desired keyring to follow: its version, its writer and its plan.
-type Newest = Option<(u64, String, Plan)>;
-
-/// The desired keyrings in the store: the one to follow, highest
-/// `(version, writer)` among the plausible ones (see [`MAX_AHEAD_MS`]), and
-/// the `(writer, version)` of those refused for their version.
-fn desired_keyrings(o: &Overlay) -> (Newest, Vec<(String, u64)>) {
-    let now = wall_ms();
-    let mut refused = Vec::new();
-    let newest = o
-        .store()
-        .iter()
-        .filter_map(|u| {
-            let writer = u.key.strip_prefix(DESIRED_PREFIX)?;
-            let d: Desired = serde_json::from_slice(u.value.as_deref()?).ok()?;
-            if !plausible(d.version, now) {
-                refused.push((writer.to_owned(), d.version));
-                return None;
-            }
-            Some((d.version, writer.to_owned(), Plan::from_desired(&d)?))
-        })
-        .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    (newest, refused)
-}
-
-/// Whether a desired keyring's version may be followed at wall-clock time
-/// `now` (milliseconds).
-fn plausible(version: u64, now: u64) -> bool {
-    version != u64::MAX && version <= now.saturating_add(MAX_AHEAD_MS)
-}
-
-/// The version of the next desired keyring written after `seen` at
-/// wall-clock time `now`: the clock, or one above `seen` if that is higher;
-/// refused when the others would refuse it (see [`plausible`]).
-fn next_version(seen: u64, now: u64) -> Result<u64, AgentError> {
-    seen.checked_add(1)
-        .map(|v| v.max(now))
-        .filter(|&v| plausible(v, now))
-        .ok_or_else(|| KeyError::ClockBehind { seen, now }.into())
-}
-
-/// What a member reports of its keyring (ids only).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Report {
-    primary: String,
-    installed: Vec<String>,
-}
 
 /// A key of an overlay's keyring (never the secret), with how many live
 /// members hold it.
@@ -282,6 +68,15 @@ pub struct KeyChange {
     pub excluded: Vec<String>,
 }
 
+/// Key ids are shown as 8 hex digits.
+pub fn key_hex(id: KeyId) -> String {
+    format!("{id:08x}")
+}
+
+fn parse_hex(s: &str) -> Option<KeyId> {
+    KeyId::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+}
+
 /// Why a key operation was refused. None changed the keyring.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -294,9 +89,6 @@ pub enum KeyError {
     /// Not a key (the message says why).
     #[error("{0}")]
     InvalidSecret(String),
-    /// The desired keyring could not be encoded.
-    #[error("{0}")]
-    Encoding(String),
     /// The newest version seen is more than a day ahead of this agent's
     /// clock: a version above it would be refused by the others.
     #[error(
@@ -324,7 +116,7 @@ pub enum KeyError {
         /// The live members without it.
         lacking: Vec<String>,
     },
-    /// A removal of this agent's primary key.
+    /// A removal of the primary key (this agent's or the keyring's).
     #[error("key {0} is the primary key: make another one primary first (`keys use`)")]
     Primary(String),
     /// A removal of a key live members seal with.
@@ -338,102 +130,87 @@ pub enum KeyError {
         /// The members sealing with it.
         members: Vec<String>,
     },
-    /// A removal of the overlay's keyring's primary key.
-    #[error("key {0} is the primary key: make another one primary first")]
-    PrimaryInKeyring(String),
     /// The change would leave this member without a key.
     #[error("the change would leave this member without a key")]
     NoKeyLeft,
-}
-
-/// Key ids are shown as 8 hex digits.
-pub fn key_hex(id: KeyId) -> String {
-    format!("{id:08x}")
 }
 
 fn parse_key_id(s: &str) -> Result<KeyId, AgentError> {
     parse_hex(s).ok_or_else(|| KeyError::InvalidId(s.to_owned()).into())
 }
 
-fn find_key(keys: &[String], id: KeyId) -> Option<usize> {
-    keys.iter().position(|k| secret_id(k) == Some(id))
+/// A key operation the core refused, as the agent's domain error.
+fn key_error(name: &str, e: CoreKeyError) -> AgentError {
+    use CoreKeyError as Core;
+    match e {
+        Core::Plaintext => plaintext(name),
+        Core::Unknown(id) => KeyError::Unknown(id).into(),
+        Core::Primary(id) => KeyError::Primary(key_hex(id)).into(),
+        Core::NotInstalledOn { key, members } => KeyError::NotInstalled {
+            hex: key_hex(key),
+            lacking: members,
+        }
+        .into(),
+        Core::PrimaryOf { key, members } => KeyError::PrimaryOf {
+            hex: key_hex(key),
+            members,
+        }
+        .into(),
+        Core::NotLocal(id) => KeyError::NotLocal(key_hex(id)).into(),
+        Core::NoKeyLeft => KeyError::NoKeyLeft.into(),
+        Core::VersionAhead { seen, now } => KeyError::ClockBehind { seen, now }.into(),
+        Core::Core(e) => core_error(e),
+        // The keyring refused the secret (its length, say), or a refusal
+        // the core added since.
+        other => KeyError::InvalidSecret(other.to_string()).into(),
+    }
 }
 
-fn own_report(o: &Overlay) -> Option<Report> {
-    let keys = o.keys()?;
-    Some(Report {
-        primary: keys
-            .iter()
-            .find(|k| k.primary)
-            .map(|k| key_hex(k.id))
-            .unwrap_or_default(),
-        installed: keys.iter().map(|k| key_hex(k.id)).collect(),
+fn decode_secret(key: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, AgentError> {
+    config::decode_key(key).map_err(|m| KeyError::InvalidSecret(m).into())
+}
+
+/// The core's form of what a record keeps of the keyring; `None` for a
+/// plain-text overlay. Entries that do not decode are left out.
+pub(crate) fn keyring_of(rec: &OverlayRecord) -> Option<KeyringRecord> {
+    if rec.keys.is_empty() {
+        return None;
+    }
+    Some(KeyringRecord {
+        keys: rec.keys.iter().filter_map(|k| config::decode_key(k).ok()).collect(),
+        local: rec.local_keys.iter().filter_map(|h| parse_hex(h)).collect(),
+        pending: rec.pending_keys.iter().filter_map(|h| parse_hex(h)).collect(),
+        version: rec.keyring_version,
     })
 }
 
-/// Publishes the local member's report when it changed.
-fn publish(o: &mut Overlay, now: std::time::Instant) {
-    let Some(report) = own_report(o) else { return };
-    let key = report_key(o.name());
-    let Ok(json) = serde_json::to_vec(&report) else { return };
-    if o.store().value(&key) != Some(json.as_slice()) {
-        o.advance_clock(wall_ms());
-        let _ = o.put(now, &key, json);
-    }
+/// `rec` holding the core's keyring.
+fn with_keyring(rec: &OverlayRecord, k: &KeyringRecord) -> OverlayRecord {
+    let mut rec = rec.clone();
+    let mut old = std::mem::replace(
+        &mut rec.keys,
+        k.keys
+            .iter()
+            .map(|s| base64::engine::general_purpose::STANDARD.encode(&s[..]))
+            .collect(),
+    );
+    zeroize::Zeroize::zeroize(&mut old);
+    rec.local_keys = k.local.iter().map(|&id| key_hex(id)).collect();
+    rec.pending_keys = k.pending.iter().map(|&id| key_hex(id)).collect();
+    rec.keyring_version = k.version;
+    rec
 }
 
-/// Publishes the local member's report (at start).
-pub(crate) async fn publish_report(handle: &OverlayHandle) {
-    let _ = handle.call(publish).await;
-}
-
-/// Live members, by name, and their reports (`None`: nothing heard yet).
-fn reports(o: &Overlay) -> Vec<(String, Option<Report>)> {
-    let local = o.local();
-    let mut rows: Vec<(String, Option<Report>)> = std::iter::once(local.clone())
-        .chain(
-            o.members()
-                .filter(|m: &MemberInfo| m.state.is_live() && m.name != local.name),
-        )
-        .map(|m| {
-            let report = o
-                .store()
-                .value(&report_key(&m.name))
-                .and_then(|v| serde_json::from_slice::<Report>(v).ok());
-            (m.name.to_string(), report)
-        })
-        .collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    rows
-}
-
-/// Installs the keys, makes the first primary, removes the others; then
-/// publishes the report, and the desired keyring when given.
-fn apply(
-    o: &mut Overlay,
-    now: std::time::Instant,
-    keys: &[Zeroizing<Vec<u8>>],
-    desired: Option<Desired>,
-) -> Result<(), AgentError> {
-    let wanted: BTreeSet<KeyId> = keys.iter().map(|k| rumormill_wire::key_id(k)).collect();
-    for k in keys {
-        o.install_key(k).map_err(core_error)?;
-    }
-    if let Some(primary) = keys.first() {
-        o.use_key(rumormill_wire::key_id(primary)).map_err(core_error)?;
-    }
-    for k in o.keys().unwrap_or_default() {
-        if !wanted.contains(&k.id) {
-            o.remove_key(k.id).map_err(core_error)?;
-        }
-    }
-    publish(o, now);
-    if let Some(d) = desired {
-        // The store keeps its own copy (it has to send it); this one is wiped.
-        let json = Zeroizing::new(serde_json::to_vec(&d).map_err(|e| KeyError::Encoding(e.to_string()))?);
-        let key = format!("{DESIRED_PREFIX}{}", o.name());
-        o.advance_clock(wall_ms());
-        o.put(now, &key, json.to_vec()).map_err(core_error)?;
+/// Brings an overlay's record up to the keyring its core holds, and saves
+/// it if that changed anything.
+pub(crate) async fn refresh<N: Net>(agent: &Agent<N>, r: &mut Running) -> Result<(), AgentError> {
+    let Ok(Some(k)) = r.handle.call(|o, _| o.keyring_record()).await else {
+        return Ok(());
+    };
+    let rec = with_keyring(&r.record, &k);
+    if rec != r.record {
+        agent.db.put_overlay(&rec).await?;
+        r.record = rec;
     }
     Ok(())
 }
@@ -442,23 +219,21 @@ impl<N: Net> Agent<N> {
     /// The keyring: ids and suites, and how many live members hold each key.
     pub async fn keys(&self, name: &str) -> Result<Vec<KeyRow>, AgentError> {
         let handle = self.handle(name).await?;
-        let local = self.lock(name).await?.record.local_keys.clone();
-        let (keys, reports) = handle
-            .call(|o, _| (o.keys(), reports(o)))
+        let (keys, reports, local) = handle
+            .call(|o, _| (o.keys(), o.key_reports(), o.local_keys()))
             .await
             .map_err(|_| stopped(name))?;
         let keys = keys.ok_or_else(|| plaintext(name))?;
         Ok(keys
             .into_iter()
             .map(|k| {
-                let id = key_hex(k.id);
                 let known = || reports.iter().filter_map(|(_, r)| r.as_ref());
                 KeyRow {
-                    installed_on: known().filter(|r| r.installed.contains(&id)).count(),
-                    primary_on: known().filter(|r| r.primary == id).count(),
+                    installed_on: known().filter(|r| KeyStep::Installed(k.id).reached_by(r)).count(),
+                    primary_on: known().filter(|r| KeyStep::Primary(k.id).reached_by(r)).count(),
                     members: reports.len(),
-                    local: local.contains(&id),
-                    id,
+                    local: local.contains(&k.id),
+                    id: key_hex(k.id),
                     suite: k.suite.to_owned(),
                     primary: k.primary,
                 }
@@ -468,34 +243,41 @@ impl<N: Net> Agent<N> {
 
     /// The keyring's secrets, primary first (for other agents to join).
     pub async fn export_keys(&self, name: &str) -> Result<Vec<String>, AgentError> {
-        let r = self.lock(name).await?;
-        if r.record.keys.is_empty() {
-            return Err(plaintext(name));
-        }
-        Ok(r.record.keys.clone())
+        let handle = {
+            let r = self.lock(name).await?;
+            if r.record.keys.is_empty() {
+                return Err(plaintext(name));
+            }
+            if r.left {
+                return Ok(r.record.keys.clone());
+            }
+            r.handle.clone()
+        };
+        // The core's keyring is the current one: the record follows it a
+        // moment later.
+        let k = handle
+            .call(|o, _| o.keyring_record())
+            .await
+            .map_err(|_| stopped(name))?
+            .ok_or_else(|| plaintext(name))?;
+        Ok(k.keys
+            .iter()
+            .map(|s| base64::engine::general_purpose::STANDARD.encode(&s[..]))
+            .collect())
     }
 
     /// Installs a key on every member; waits up to `wait` for all live
     /// members to report it. The secret travels in the overlay's store,
     /// sealed under the current keys: every current holder learns it.
     pub async fn install_key(&self, name: &str, key: &str, wait: Duration) -> Result<KeyChange, AgentError> {
-        let id = secret_id(key).ok_or_else(|| bad_key(key))?;
-        let key = Zeroizing::new(key.trim().to_owned());
-        self.change_keyring(name, |plan, _| {
-            if !plan.shares(id) {
-                plan.shared.push(key.to_string());
-            }
-            if !plan.ids.contains(&id) {
-                plan.ids.push(id);
-            }
-            Ok(())
+        let secret = decode_secret(key)?;
+        let id = rumormill_wire::key_id(&secret);
+        self.key_operation(name, Duration::ZERO, move |o, now| {
+            o.install_key_everywhere(now, wall(), &secret).map(|_| ())
         })
         .await?;
         tracing::info!(overlay = %name, key = %key_hex(id), "key installed");
-        let hex = key_hex(id);
-        Ok(self
-            .wait_for(name, id, wait, &[], move |r| r.installed.contains(&hex))
-            .await)
+        Ok(self.wait_for(name, id, wait, &[], KeyStep::Installed(id)).await)
     }
 
     /// Installs a key on this agent alone: packets sealed with it are
@@ -505,67 +287,31 @@ impl<N: Net> Agent<N> {
     /// then `use` it and `remove` the old one, excluding the others.
     /// Answers at once with the members that report the key so far.
     pub async fn install_local_key(&self, name: &str, key: &str) -> Result<KeyChange, AgentError> {
-        let id = secret_id(key).ok_or_else(|| bad_key(key))?;
-        let hex = key_hex(id);
-        {
-            let mut r = self.lock_running(name).await?;
-            if r.record.keys.is_empty() {
-                return Err(plaintext(name));
-            }
-            if find_key(&r.record.keys, id).is_none() {
-                let mut rec = r.record.clone();
-                rec.keys.push(key.trim().to_owned());
-                rec.local_keys.push(hex.clone());
-                rec.pending_keys.push(hex.clone());
-                self.hold_locally(name, &mut r, rec).await?;
-                tracing::info!(overlay = %name, key = %hex, "key installed on this agent only");
-            }
-        }
+        let secret = decode_secret(key)?;
+        let id = rumormill_wire::key_id(&secret);
+        self.key_operation(name, Duration::ZERO, move |o, now| {
+            o.install_local_key(now, wall(), &secret).map(|_| ())
+        })
+        .await?;
+        tracing::info!(overlay = %name, key = %key_hex(id), "key installed on this agent only");
         Ok(self
-            .wait_for(name, id, Duration::ZERO, &[], move |r| r.installed.contains(&hex))
+            .wait_for(name, id, Duration::ZERO, &[], KeyStep::Installed(id))
             .await)
-    }
-
-    /// Makes the overlay hold `rec`'s keyring on this agent alone (no
-    /// desired keyring is written), then saves `rec`.
-    async fn hold_locally(&self, name: &str, r: &mut Running, rec: OverlayRecord) -> Result<(), AgentError> {
-        let bytes = decode_all(&rec.keys)?;
-        r.handle
-            .call(move |o, now| apply(o, now, &bytes, None))
-            .await
-            .map_err(|_| stopped(name))??;
-        self.db.put_overlay(&rec).await?;
-        r.record = rec;
-        Ok(())
     }
 
     /// Removes from this agent alone a key installed with
     /// [`Agent::install_local_key`] that no rotation has used yet.
     pub async fn remove_local_key(&self, name: &str, id: &str) -> Result<KeyChange, AgentError> {
         let id = parse_key_id(id)?;
-        let hex = key_hex(id);
-        {
-            let mut r = self.lock_running(name).await?;
-            let pos = find_key(&r.record.keys, id).ok_or_else(|| unknown_key(id))?;
-            if !r.record.pending_keys.contains(&hex) {
-                return Err(KeyError::NotLocal(hex).into());
-            }
-            let mut rec = r.record.clone();
-            let mut secret = rec.keys.remove(pos);
-            secret.zeroize();
-            rec.local_keys.retain(|h| *h != hex);
-            rec.pending_keys.retain(|h| *h != hex);
-            self.hold_locally(name, &mut r, rec).await?;
-            tracing::info!(overlay = %name, key = %hex, "key removed from this agent");
-        }
-        Ok(self
-            .wait_for(name, id, Duration::ZERO, &[], move |r| !r.installed.contains(&hex))
-            .await)
+        self.key_operation(name, Duration::ZERO, move |o, now| o.remove_local_key(now, wall(), id))
+            .await?;
+        tracing::info!(overlay = %name, key = %key_hex(id), "key removed from this agent");
+        Ok(self.wait_for(name, id, Duration::ZERO, &[], KeyStep::Removed(id)).await)
     }
 
     /// Makes a key primary on every member. Refused unless every live
-    /// member not in `exclude` reports it installed; those in `exclude` are
-    /// not waited for.
+    /// member not in `exclude` reports it installed (within `wait`); those
+    /// in `exclude` are not waited for.
     pub async fn use_key(
         &self,
         name: &str,
@@ -574,31 +320,17 @@ impl<N: Net> Agent<N> {
         exclude: &[String],
     ) -> Result<KeyChange, AgentError> {
         let id = parse_key_id(id)?;
-        let hex = key_hex(id);
-        if find_key(&self.export_keys(name).await?, id).is_none() {
-            return Err(unknown_key(id));
-        }
-        let lacking = self
-            .members_where(name, wait, exclude, |r| !r.is_some_and(|r| r.installed.contains(&hex)))
-            .await?;
-        if !lacking.is_empty() {
-            return Err(KeyError::NotInstalled { hex, lacking }.into());
-        }
-        self.change_keyring(name, |plan, rec| {
-            if find_key(&rec.keys, id).is_none() && !plan.shares(id) {
-                return Err(unknown_key(id));
-            }
-            plan.ids.retain(|&k| k != id);
-            plan.ids.insert(0, id);
-            Ok(())
+        let leave_out = exclude.to_vec();
+        self.key_operation(name, wait, move |o, now| {
+            o.use_key_everywhere(now, wall(), id, &leave_out)
         })
         .await?;
-        tracing::info!(overlay = %name, key = %hex, excluded = ?exclude, "primary key changed");
-        Ok(self.wait_for(name, id, wait, exclude, move |r| r.primary == hex).await)
+        tracing::info!(overlay = %name, key = %key_hex(id), excluded = ?exclude, "primary key changed");
+        Ok(self.wait_for(name, id, wait, exclude, KeyStep::Primary(id)).await)
     }
 
     /// Removes a key from every member. Refused while a live member not in
-    /// `exclude` still seals with it.
+    /// `exclude` still seals with it (after `wait`).
     pub async fn remove_key(
         &self,
         name: &str,
@@ -607,185 +339,66 @@ impl<N: Net> Agent<N> {
         exclude: &[String],
     ) -> Result<KeyChange, AgentError> {
         let id = parse_key_id(id)?;
-        let hex = key_hex(id);
-        match self.export_keys(name).await?.first() {
-            Some(k) if secret_id(k) == Some(id) => {
-                return Err(KeyError::Primary(hex).into());
-            }
-            _ => {}
-        }
-        let sealing = self
-            .members_where(name, wait, exclude, |r| r.is_some_and(|r| r.primary == hex))
-            .await?;
-        if !sealing.is_empty() {
-            return Err(KeyError::PrimaryOf { hex, members: sealing }.into());
-        }
-        self.change_keyring(name, |plan, _| {
-            let pos = plan.ids.iter().position(|&k| k == id).ok_or_else(|| unknown_key(id))?;
-            if pos == 0 {
-                return Err(KeyError::PrimaryInKeyring(key_hex(id)).into());
-            }
-            plan.ids.remove(pos);
-            plan.shared.retain(|k| secret_id(k) != Some(id));
-            Ok(())
+        let leave_out = exclude.to_vec();
+        self.key_operation(name, wait, move |o, now| {
+            o.remove_key_everywhere(now, wall(), id, &leave_out)
         })
         .await?;
-        tracing::info!(overlay = %name, key = %hex, excluded = ?exclude, "key removed");
-        Ok(self
-            .wait_for(name, id, wait, exclude, move |r| !r.installed.contains(&hex))
-            .await)
+        tracing::info!(overlay = %name, key = %key_hex(id), excluded = ?exclude, "key removed");
+        Ok(self.wait_for(name, id, wait, exclude, KeyStep::Removed(id)).await)
     }
 
-    /// Edits the overlay's keyring (the newest desired one, or this
-    /// member's own if it is newer), applies and saves it, and publishes it
-    /// with a version above every one seen.
-    async fn change_keyring(
-        &self,
-        name: &str,
-        edit: impl FnOnce(&mut Plan, &OverlayRecord) -> Result<(), AgentError>,
-    ) -> Result<(), AgentError> {
-        let mut r = self.lock_running(name).await?;
-        if r.record.keys.is_empty() {
-            return Err(plaintext(name));
-        }
-        let local_seen = r.record.keyring_version;
-        let (newest, _) = r
-            .handle
-            .call(move |o, _| desired_keyrings(o))
-            .await
-            .map_err(|_| stopped(name))?;
-        let (base, seen) = match newest {
-            Some((v, _, plan)) if v >= local_seen => (plan, v),
-            other => (Plan::from_record(&r.record), other.map_or(0, |(v, _, _)| v)),
-        };
-        let mut plan = base.clone();
-        edit(&mut plan, &r.record)?;
-        let version = next_version(seen.max(local_seen), wall_ms())?;
-        let changed = plan != base;
-        let (keys, _) = resolve(&plan, &r.record);
-        if !changed && keys == r.record.keys {
-            return Ok(()); // nothing to change, nothing to publish
-        }
-        if keys.is_empty() {
-            return Err(KeyError::NoKeyLeft.into());
-        }
-        let desired = changed.then(|| plan.to_desired(version));
-        let bytes = decode_all(&keys)?;
-        r.handle
-            .call(move |o, now| apply(o, now, &bytes, desired))
-            .await
-            .map_err(|_| stopped(name))??;
-        let mut rec = r.record.clone();
-        settle(&mut rec, keys, &plan);
-        if changed {
-            rec.keyring_version = version;
-        }
-        self.db.put_overlay(&rec).await?;
-        r.record = rec;
-        Ok(())
-    }
-
-    /// Follows the newest desired keyring in the store, read under the
-    /// agent's lock so that a change made meanwhile is never undone.
-    async fn follow(&self, name: &str) -> Result<(), AgentError> {
-        let mut r = self.lock_running(name).await?;
-        let seen = r.record.keyring_version;
-        let (newest, refused) = r
-            .handle
-            .call(move |o, _| desired_keyrings(o))
-            .await
-            .map_err(|_| stopped(name))?;
-        for (writer, version) in refused {
-            tracing::warn!(overlay = %name, %writer, version, seen, "desired keyring refused: its version is more than a day ahead of this agent's clock");
-        }
-        let Some((version, writer, plan)) = newest else {
-            return Ok(());
-        };
-        if version < seen {
-            return Ok(());
-        }
-        let (keys, lacking) = resolve(&plan, &r.record);
-        if !lacking.is_empty() {
-            let ids: Vec<String> = lacking.iter().map(|&id| key_hex(id)).collect();
-            tracing::warn!(overlay = %name, keys = %ids.join(","), version, %writer,
-                "the overlay's keyring names keys this member does not hold: it was left out of a rotation (install them with `keys install --local`)");
-        }
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut rec = r.record.clone();
-        let changed_keys = keys != rec.keys;
-        settle(&mut rec, keys.clone(), &plan);
-        rec.keyring_version = version;
-        if rec == r.record {
-            return Ok(());
-        }
-        if changed_keys {
-            let bytes = decode_all(&keys)?;
-            r.handle
-                .call(move |o, now| apply(o, now, &bytes, None))
-                .await
-                .map_err(|_| stopped(name))??;
-        }
-        self.db.put_overlay(&rec).await?;
-        r.record = rec;
-        if changed_keys {
-            let primary = plan.ids.first().map(|&id| key_hex(id)).unwrap_or_default();
-            tracing::info!(overlay = %name, %primary, version, %writer, "keyring changed by the overlay");
-        }
-        Ok(())
-    }
-
-    /// Names of live members not in `exclude` whose report matches `pred`,
-    /// once none does or `wait` has passed.
-    async fn members_where(
+    /// Runs a key operation on the overlay and saves the keyring. One
+    /// refused only for members whose reports do not show the step yet is
+    /// tried again until `wait` has passed: reports spread like any value,
+    /// and one just published elsewhere may not be here yet.
+    async fn key_operation(
         &self,
         name: &str,
         wait: Duration,
-        exclude: &[String],
-        pred: impl Fn(Option<&Report>) -> bool,
-    ) -> Result<Vec<String>, AgentError> {
-        // Reports spread like any value: one just published elsewhere may
-        // not be here yet, so give them up to `wait` to arrive.
+        op: impl Fn(&mut Overlay, std::time::Instant) -> Result<(), CoreKeyError> + Clone + Send + 'static,
+    ) -> Result<(), AgentError> {
         let deadline = tokio::time::Instant::now() + wait;
+        // No slot is held while waiting: the core runs one operation at a
+        // time, and the record is read from it afterwards.
         loop {
+            let attempt = op.clone();
             let handle = self.handle(name).await?;
-            let rows = handle.call(|o, _| reports(o)).await.map_err(|_| stopped(name))?;
-            let matching: Vec<String> = rows
-                .into_iter()
-                .filter(|(n, r)| !exclude.contains(n) && pred(r.as_ref()))
-                .map(|(n, _)| n)
-                .collect();
-            if matching.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(matching);
+            match handle
+                .call(move |o, now| attempt(o, now))
+                .await
+                .map_err(|_| stopped(name))?
+            {
+                Ok(()) => break,
+                Err(CoreKeyError::NotInstalledOn { .. } | CoreKeyError::PrimaryOf { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(e) => return Err(key_error(name, e)),
             }
-            tokio::time::sleep(POLL).await;
         }
+        self.save_keyring(name).await
     }
 
     /// Waits up to `wait` for every live member's report (but those in
-    /// `exclude`) to satisfy `done`.
-    async fn wait_for(
-        &self,
-        name: &str,
-        id: KeyId,
-        wait: Duration,
-        exclude: &[String],
-        done: impl Fn(&Report) -> bool,
-    ) -> KeyChange {
+    /// `exclude`) to show `step`.
+    async fn wait_for(&self, name: &str, id: KeyId, wait: Duration, exclude: &[String], step: KeyStep) -> KeyChange {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let rows = match self.handle(name).await {
-                Ok(h) => h.call(|o, _| reports(o)).await.unwrap_or_default(),
-                Err(_) => Vec::new(),
+            let leave_out = exclude.to_vec();
+            let p = match self.handle(name).await {
+                Ok(h) => h
+                    .call(move |o, _| o.key_progress(step, &leave_out))
+                    .await
+                    .unwrap_or_default(),
+                Err(_) => Default::default(),
             };
-            let (excluded, rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(n, _)| exclude.contains(n));
-            let (ok, missing): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, r)| r.as_ref().is_some_and(&done));
             let change = KeyChange {
                 id: key_hex(id),
-                members: ok.len() + missing.len() + excluded.len(),
-                done: ok.into_iter().map(|(n, _)| n).collect(),
-                missing: missing.into_iter().map(|(n, _)| n).collect(),
+                members: p.done.len() + p.missing.len() + p.excluded.len(),
+                done: p.done,
+                missing: p.missing,
                 excluded: exclude.to_vec(),
             };
             if change.missing.is_empty() || tokio::time::Instant::now() >= deadline {
@@ -794,39 +407,55 @@ impl<N: Net> Agent<N> {
             tokio::time::sleep(POLL).await;
         }
     }
-}
 
-fn unknown_key(id: KeyId) -> AgentError {
-    KeyError::Unknown(id).into()
-}
-
-fn bad_key(key: &str) -> AgentError {
-    match config::decode_key(key) {
-        Err(m) => KeyError::InvalidSecret(m).into(),
-        Ok(_) => KeyError::InvalidSecret("not a key".into()).into(),
+    /// Saves the keyring the core now holds.
+    async fn save_keyring(&self, name: &str) -> Result<(), AgentError> {
+        let mut r = self.lock_running(name).await?;
+        refresh(self, &mut r).await
     }
 }
 
-fn decode_all(keys: &[String]) -> Result<Vec<Zeroizing<Vec<u8>>>, AgentError> {
-    keys.iter()
-        .map(|k| config::decode_key(k).map_err(|m| KeyError::InvalidSecret(m).into()))
-        .collect()
-}
-
-/// Follows the overlay's desired keyring: runs while the overlay does.
+/// Follows what the core reports of the overlay's keyring: logs it and
+/// saves the keyring when it changed. Runs while the overlay does.
 pub(crate) async fn watch<N: Net>(agent: Weak<Agent<N>>, name: String, handle: OverlayHandle) {
     let mut events = handle.subscribe();
     loop {
         match events.recv().await {
-            Ok(Event::Update(u)) if u.update.key.starts_with(DESIRED_PREFIX) => {}
+            Ok(Event::Keys(e)) => log(&name, &e),
             Ok(_) => continue,
-            Err(RecvError::Lagged(_)) => {} // look at the store itself
+            Err(RecvError::Lagged(_)) => {} // look at the keyring itself
             Err(RecvError::Closed) => return,
         }
         let Some(agent) = agent.upgrade() else { return };
-        if let Err(e) = agent.follow(&name).await {
-            tracing::warn!(overlay = %name, error = %e, "desired keyring not applied");
+        if let Err(e) = agent.save_keyring(&name).await {
+            tracing::warn!(overlay = %name, error = %e, "keyring not saved");
         }
+    }
+}
+
+fn log(name: &str, e: &KeysEvent) {
+    match e {
+        KeysEvent::Changed {
+            version,
+            writer: Some(writer),
+            primary,
+            keys_changed: true,
+        } => {
+            tracing::info!(overlay = %name, primary = %key_hex(*primary), version, %writer, "keyring changed by the overlay");
+        }
+        KeysEvent::Refused { writer, version } => {
+            tracing::warn!(overlay = %name, %writer, version, "desired keyring refused: its version is more than a day ahead of this agent's clock");
+        }
+        KeysEvent::LeftOut {
+            writer,
+            version,
+            lacking,
+        } => {
+            let ids: Vec<String> = lacking.iter().map(|&id| key_hex(id)).collect();
+            tracing::warn!(overlay = %name, keys = %ids.join(","), version, %writer,
+                "the overlay's keyring names keys this member does not hold: it was left out of a rotation (install them with `keys install --local`)");
+        }
+        _ => {}
     }
 }
 
@@ -835,83 +464,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn versions_never_wrap_and_implausible_jumps_are_refused() {
-        let now = 1_800_000_000_000; // ms
-        assert!(plausible(1, now));
-        assert!(plausible(now + MAX_AHEAD_MS, now));
-        assert!(!plausible(now + MAX_AHEAD_MS + 1, now), "a day ahead of the clock");
-        assert!(!plausible(u64::MAX, now));
-        assert!(plausible(u64::MAX - 1, u64::MAX - 2), "no overflow near the end");
-        assert_eq!(next_version(7, now).unwrap(), now);
-        assert_eq!(next_version(now + 9, now).unwrap(), now + 10);
-        assert!(
-            next_version(now + MAX_AHEAD_MS, now).is_err(),
-            "the others would refuse it"
-        );
-        assert!(next_version(u64::MAX - 1, now).is_err());
-        assert!(next_version(u64::MAX, now).is_err());
-    }
-
-    #[test]
-    fn the_version_cannot_be_ratcheted_a_day_per_write() {
-        // A holder writes a day ahead, then a day ahead of that: the first
-        // is followed, the second is refused by every member, the ones that
-        // saw the first included, so a member joining later (which saw
-        // nothing) follows exactly what the others follow.
-        let now = 1_800_000_000_000;
-        let first = now + MAX_AHEAD_MS;
-        assert!(plausible(first, now));
-        assert!(!plausible(first + MAX_AHEAD_MS, now));
-        // An honest writer never writes what the others would refuse: right
-        // after the forged write it is told to wait, a moment later its
-        // version is followed by every member, a new one included.
-        assert!(next_version(first, now).is_err());
-        let later = now + 1;
-        assert_eq!(next_version(first, later).ok(), Some(first + 1));
-        assert!(plausible(first + 1, later));
-    }
-
-    #[test]
-    fn local_keys_are_never_shared_and_kept_until_named() {
+    fn the_record_keeps_what_the_core_holds() {
         let old = config::generate_key();
         let new = config::generate_key();
-        let old_id = secret_id(&old).unwrap();
-        let new_id = secret_id(&new).unwrap();
+        let new_id = rumormill_wire::key_id(&config::decode_key(&new).unwrap());
         let mut rec = OverlayRecord::new(config::OverlaySpec::named("o"), "m".into());
         rec.keys = vec![old.clone(), new.clone()];
         rec.local_keys = vec![key_hex(new_id)];
         rec.pending_keys = vec![key_hex(new_id)];
-        let plan = Plan::from_record(&rec);
-        assert_eq!(plan.ids, vec![old_id]);
-        assert!(plan.shares(old_id) && !plan.shares(new_id));
-        // A desired keyring that does not name the local key keeps it.
-        let (keys, lacking) = resolve(&plan, &rec);
-        assert_eq!((keys, lacking), (vec![old.clone(), new.clone()], vec![]));
-        // `use NEW`: the local secret still does not travel.
-        let mut used = plan.clone();
-        used.ids.insert(0, new_id);
-        let desired = serde_json::to_string(&used.to_desired(2)).unwrap();
-        assert!(
-            !desired.contains(&new) && desired.contains(&key_hex(new_id)),
-            "{desired}"
+        rec.keyring_version = 7;
+        let k = keyring_of(&rec).expect("encrypted");
+        assert_eq!(
+            (k.local.clone(), k.pending.clone(), k.version),
+            (vec![new_id], vec![new_id], 7)
         );
-        let (keys, _) = resolve(&used, &rec);
-        settle(&mut rec, keys, &used);
-        assert_eq!(rec.keys, vec![new.clone(), old.clone()]);
-        assert!(rec.pending_keys.is_empty());
-        assert_eq!(rec.local_keys, vec![key_hex(new_id)]);
-        // A member without the local key follows what it can, and says
-        // what it lacks.
-        let mut outsider = OverlayRecord::new(config::OverlaySpec::named("o"), "x".into());
-        outsider.keys = vec![old.clone()];
-        let (keys, lacking) = resolve(&used, &outsider);
-        assert_eq!((keys, lacking), (vec![old.clone()], vec![new_id]));
-        // `remove OLD`: nothing left for it.
-        let mut removed = used.clone();
-        removed.ids.retain(|&k| k != old_id);
-        removed.shared.retain(|k| secret_id(k) != Some(old_id));
-        let (keys, lacking) = resolve(&removed, &outsider);
-        assert_eq!((keys, lacking), (vec![], vec![new_id]));
-        assert_eq!(Plan::from_record(&rec).shared, vec![old]);
+        assert_eq!(with_keyring(&rec, &k), rec);
+        let plain = OverlayRecord::new(config::OverlaySpec::named("p"), "m".into());
+        assert!(keyring_of(&plain).is_none());
     }
 }

@@ -281,7 +281,10 @@ async fn a_keyring_of_version_max_does_not_lock_rotations_out() {
     m.handle("default")
         .await
         .expect("handle")
-        .call(move |o, now| o.put(now, "_rumormill/keyring/v-m", forged.into_bytes()))
+        .call(move |o, now| {
+            let wall = rumormill_core::WallTime::from(std::time::SystemTime::now());
+            o.put(now, wall, "_rumormill/keyring/v-m", forged.into_bytes())
+        })
         .await
         .expect("call")
         .expect("forged write");

@@ -40,28 +40,6 @@ pub use handler::{AcceptAll, Decision, UpdateHandler};
 pub use rumor::RumorState;
 pub use store::{Limits, QuotaExceeded, Store, Update, Usage};
 
-/// Keys under this prefix hold the members' own data (topics, racks…);
-/// applications should leave them alone.
-pub const RESERVED_PREFIX: &str = "_rumormill/";
-
-/// The member a reserved key belongs to — `_rumormill/<kind>/<member>`, or
-/// `_rumormill/luggage/<escaped member>/<key>` — `None` for other keys. Only
-/// that member may write it: copies written by anyone else are refused on
-/// receipt. A reserved key of no known shape belongs to nobody.
-pub fn reserved_owner(key: &str) -> Option<String> {
-    let rest = key.strip_prefix(RESERVED_PREFIX)?;
-    let Some((kind, rest)) = rest.split_once('/') else {
-        return Some(String::new());
-    };
-    Some(match kind {
-        "luggage" => rest
-            .split_once('/')
-            .map(|(m, _)| crate::luggage::unescape(m))
-            .unwrap_or_default(),
-        _ => rest.to_owned(),
-    })
-}
-
 use crate::membership::Stamp;
 
 macro_rules! choice {
@@ -386,11 +364,11 @@ impl Dissemination {
         self.handler = Box::new(handler);
     }
 
-    /// Raises the Lamport clock to at least `floor`. With wall-clock
-    /// milliseconds as the floor before each write (a hybrid logical clock),
-    /// a restarted member's writes order after those of its previous life,
-    /// which its fresh clock alone would not.
-    pub fn advance_clock(&mut self, floor: u64) {
+    /// Raises the Lamport clock to at least `floor`. The [`crate::Overlay`]
+    /// floors it with the caller's wall clock before each write (a hybrid
+    /// logical clock); a standalone `Dissemination` (the simulator's
+    /// broadcast experiment) keeps a plain Lamport clock.
+    pub(crate) fn advance_clock(&mut self, floor: u64) {
         self.clock = self.clock.max(floor);
     }
 
@@ -551,9 +529,7 @@ impl Dissemination {
         }
         let stamp = self.stamp(now);
         // A member's own data, written by someone else: seen, never stored.
-        let (batch, forged): (Vec<Update>, Vec<Update>) = batch
-            .into_iter()
-            .partition(|u| reserved_owner(&u.key).is_none_or(|owner| owner == *u.origin));
+        let (batch, forged): (Vec<Update>, Vec<Update>) = batch.into_iter().partition(crate::reserved::from_owner);
         for u in &forged {
             self.store.mark_seen(&u.origin, u.epoch, u.seq);
             self.stats.forged += 1;

@@ -7,6 +7,7 @@ use rumormill_wire::proto::envelope::Body;
 
 use super::*;
 use crate::Config;
+use crate::WallTime;
 use crate::testkit::{Net, name};
 
 const A: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 1));
@@ -248,7 +249,10 @@ fn a_writer_over_quota_cannot_grow_another_members_store() {
     assert!(held.iter().all(|h| *h == held[0]), "the members agree: {held:?}");
     // The honest writer's own API refuses the same write.
     let now = net.now;
-    let err = net.node(2).put(now, "big", vec![0; 70_000]).expect_err("over quota");
+    let err = net
+        .node(2)
+        .put(now, WallTime::default(), "big", vec![0; 70_000])
+        .expect_err("over quota");
     assert!(
         matches!(err, crate::CoreError::Quota(QuotaExceeded::Bytes { .. })),
         "{err}"

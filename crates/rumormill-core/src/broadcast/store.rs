@@ -19,6 +19,7 @@ use std::sync::Arc;
 use rumormill_wire::proto;
 
 use crate::membership::Stamp;
+use crate::reserved::ReservedKey;
 
 /// An update as the store holds it. A `value` of `None` is a delete (a
 /// tombstone that spreads like a value).
@@ -389,8 +390,8 @@ pub enum QuotaExceeded {
 
 /// What an update costs its writer.
 fn cost(u: &Update) -> Usage {
-    let luggage = match (&u.value, crate::luggage::parse(&u.key)) {
-        (Some(v), Some((member, _))) if *member == *u.origin => v.len() as u64,
+    let luggage = match (&u.value, crate::reserved::owned(u)) {
+        (Some(v), Some(ReservedKey::Luggage { .. })) => v.len() as u64,
         _ => 0,
     };
     Usage {
@@ -451,10 +452,9 @@ impl Store {
         if cur.is_some_and(|c| c.version() >= u.version()) {
             return Ok(());
         }
-        if let Some((member, key)) = crate::luggage::parse(&u.key)
-            && member == *u.origin
+        if let Some(ReservedKey::Luggage { key, .. }) = crate::reserved::owned(u)
             && u.value.is_some()
-            && !crate::luggage::key_ok(key)
+            && !crate::luggage::key_ok(&key)
         {
             return Err(QuotaExceeded::LuggageKey {
                 len: key.len() as u64,

@@ -8,7 +8,7 @@ use rumormill_wire::proto::envelope::Body;
 
 use super::*;
 use crate::testkit::{Net, addr};
-use crate::{Config, Event};
+use crate::{Config, Event, WallTime};
 
 fn config(removal: Removal, loss: Loss, rounds: u32) -> DisseminationConfig {
     DisseminationConfig {
@@ -394,8 +394,12 @@ fn concurrent_writes_settle_on_the_same_value_everywhere() {
     let mut net = Net::new(6, c);
     net.run_for(Duration::from_secs(3));
     let now = net.now;
-    net.node(1).put(now, "leader", b"n1".to_vec()).expect("active");
-    net.node(4).put(now, "leader", b"n4".to_vec()).expect("active");
+    net.node(1)
+        .put(now, WallTime::default(), "leader", b"n1".to_vec())
+        .expect("active");
+    net.node(4)
+        .put(now, WallTime::default(), "leader", b"n4".to_vec())
+        .expect("active");
     net.run_for(Duration::from_secs(30));
     let values: Vec<Option<Vec<u8>>> = (0..6)
         .map(|i| net.node(i).store().value("leader").map(<[u8]>::to_vec))
@@ -412,7 +416,9 @@ fn updates_and_deletes_reach_every_member_with_each_mode() {
         let mut net = Net::new(10, c);
         net.run_for(Duration::from_secs(3));
         let now = net.now;
-        net.node(3).put(now, "k", b"v".to_vec()).expect("active");
+        net.node(3)
+            .put(now, WallTime::default(), "k", b"v".to_vec())
+            .expect("active");
         net.run_for(Duration::from_secs(20));
         for i in 0..10 {
             assert_eq!(net.node(i).store().value("k"), Some(&b"v"[..]), "{mode}: n{i}");
@@ -420,7 +426,7 @@ fn updates_and_deletes_reach_every_member_with_each_mode() {
         let updates = net.log.iter().filter(|(_, _, e)| matches!(e, Event::Update(_))).count();
         assert_eq!(updates, 9, "{mode}: one event per other member");
         let now = net.now;
-        net.node(7).delete(now, "k").expect("active");
+        net.node(7).delete(now, WallTime::default(), "k").expect("active");
         net.run_for(Duration::from_secs(20));
         for i in 0..10 {
             assert!(
@@ -437,8 +443,12 @@ fn a_restarted_member_writes_anew_and_everyone_takes_its_writes() {
     let mut net = Net::new(4, Config::new_lan());
     net.run_for(Duration::from_secs(3));
     let now = net.now;
-    net.node(1).put(now, "k1", b"one".to_vec()).expect("active");
-    net.node(1).put(now, "k2", b"old".to_vec()).expect("active");
+    net.node(1)
+        .put(now, WallTime::default(), "k1", b"one".to_vec())
+        .expect("active");
+    net.node(1)
+        .put(now, WallTime::default(), "k2", b"old".to_vec())
+        .expect("active");
     net.run_for(Duration::from_secs(15));
     assert_eq!(net.node(3).store().value("k2"), Some(&b"old"[..]));
     // n1 restarts (epoch 2): its write counter starts at 1 again.
@@ -446,8 +456,12 @@ fn a_restarted_member_writes_anew_and_everyone_takes_its_writes() {
     net.restart(1, 2, addr(1));
     net.run_for(Duration::from_secs(15));
     let now = net.now;
-    net.node(1).put(now, "k3", b"three".to_vec()).expect("active");
-    net.node(1).put(now, "k2", b"new".to_vec()).expect("active");
+    net.node(1)
+        .put(now, WallTime::default(), "k3", b"three".to_vec())
+        .expect("active");
+    net.node(1)
+        .put(now, WallTime::default(), "k2", b"new".to_vec())
+        .expect("active");
     net.run_for(Duration::from_secs(30));
     for i in [0, 2, 3] {
         assert_eq!(net.node(i).store().value("k3"), Some(&b"three"[..]), "n{i}");
@@ -504,9 +518,32 @@ fn a_members_reserved_data_written_by_another_is_refused() {
     assert_eq!(p.b.store().get("_rumormill/luggage/b/version"), None);
     assert_eq!(p.b.stats().forged, 2);
     assert_eq!(
-        super::reserved_owner("_rumormill/luggage/a%2Fb/k").as_deref(),
+        crate::reserved::owner("_rumormill/luggage/a%2Fb/k").as_deref(),
         Some("a/b")
     );
-    assert_eq!(super::reserved_owner("_rumormill/odd").as_deref(), Some(""));
-    assert_eq!(super::reserved_owner("user/key"), None);
+    assert_eq!(crate::reserved::owner("_rumormill/odd").as_deref(), Some(""));
+    assert_eq!(crate::reserved::owner("user/key"), None);
+}
+
+#[test]
+fn the_first_sync_after_a_join_is_reported_once() {
+    let mut net = Net::new(3, Config::new_lan());
+    net.run_for(Duration::from_secs(30));
+    let synced = |i: usize, net: &Net| {
+        net.log
+            .iter()
+            .filter(|(_, n, e)| *n == i && *e == Event::StoreSynced)
+            .count()
+    };
+    assert_eq!(synced(0, &net), 0, "n0 joined nobody");
+    assert_eq!((synced(1, &net), synced(2, &net)), (1, 1));
+    assert!(
+        net.node(1).dissemination_stats().syncs > 1,
+        "later exchanges are not reported"
+    );
+    // A join again (say, after the seeds were lost) is reported again.
+    let now = net.now;
+    net.node(2).join(now, &[addr(1)]).expect("active");
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(synced(2, &net), 2);
 }

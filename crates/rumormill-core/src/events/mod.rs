@@ -42,6 +42,7 @@ use crate::config::Config;
 use crate::event::Event;
 use crate::membership::{MemberState, Members};
 use crate::overlay::{CoreError, Identity, Sender};
+use crate::reserved::{self, ReservedKey, Topics};
 
 /// Largest event payload by default (1 MiB); bigger ones are refused.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
@@ -350,10 +351,7 @@ impl Events {
         }
         topics.push(topic.to_owned());
         topics.sort();
-        Ok(Some((
-            subscriptions::topics_key(&self.name),
-            subscriptions::encode(&topics),
-        )))
+        Ok(Some(topics_write(&self.name, topics)))
     }
 
     /// The write that unsubscribes the local member from `topic`, or
@@ -365,7 +363,7 @@ impl Events {
         if topics.len() == before {
             return None;
         }
-        Some((subscriptions::topics_key(&self.name), subscriptions::encode(&topics)))
+        Some(topics_write(&self.name, topics))
     }
 
     /// The live members subscribed to `topic`, the local one included,
@@ -375,16 +373,21 @@ impl Events {
         if subscribes(store, &self.name, topic) {
             out.push((self.name.clone(), self.addr));
         }
-        for u in store.prefixed(&subscriptions::topics_key("")) {
-            let Some(name) = subscriptions::topics_owner(&u.key) else {
+        let every = ReservedKey::Topics { member: String::new() }.key();
+        for u in store.prefixed(&every) {
+            let Some(ReservedKey::Topics { member: name }) = reserved::owned(u) else {
                 continue;
             };
             // Written by the member itself, listing the topic, and not us.
-            let lists = u.value.as_deref().is_some_and(|v| subscriptions::lists(v, topic));
-            if name == &*self.name || &*u.origin != name || !lists {
+            let lists = u
+                .value
+                .as_deref()
+                .and_then(|v| Topics::decode(v).ok())
+                .is_some_and(|t| t.lists(topic));
+            if name == *self.name || !lists {
                 continue;
             }
-            if let Some(i) = members.position(name) {
+            if let Some(i) = members.position(&name) {
                 let m = members.at(i);
                 if m.state.is_live() {
                     out.push((m.name.clone(), m.addr()));
@@ -902,20 +905,27 @@ impl Events {
 
 /// A member's topics, as the local member knows them.
 pub(crate) fn topics_of(store: &Store, member: &str) -> Vec<String> {
-    topics_value(store, member)
-        .map(subscriptions::decode)
-        .unwrap_or_default()
+    topics_value(store, member).map(|t| t.0).unwrap_or_default()
 }
 
 /// The stored topics of `member`, if written by the member itself.
-fn topics_value<'s>(store: &'s Store, member: &str) -> Option<&'s [u8]> {
-    let u = store.get(&subscriptions::topics_key(member))?;
-    if &*u.origin != member {
+fn topics_value(store: &Store, member: &str) -> Option<Topics> {
+    let key = ReservedKey::Topics {
+        member: member.to_owned(),
+    };
+    let u = store.get(&key.key())?;
+    if !reserved::from_owner(u) {
         return None;
     }
-    u.value.as_deref()
+    Topics::decode(u.value.as_deref()?).ok()
+}
+
+/// The store write that makes `topics` the local member's.
+fn topics_write(me: &str, topics: Vec<String>) -> (String, Vec<u8>) {
+    let key = ReservedKey::Topics { member: me.to_owned() };
+    (key.key(), Topics(topics).encode())
 }
 
 fn subscribes(store: &Store, member: &str, topic: &str) -> bool {
-    topics_value(store, member).is_some_and(|v| subscriptions::lists(v, topic))
+    topics_value(store, member).is_some_and(|t| t.lists(topic))
 }

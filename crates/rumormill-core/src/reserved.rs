@@ -1,0 +1,387 @@
+//! The reserved namespace: the members' own data, kept as values of the
+//! replicated store under keys that start with [`PREFIX`].
+//!
+//! Every member's subscriptions, luggage, rack, key report and desired
+//! keyring travel as ordinary updates, so they reach every member — one that
+//! joins later included — by the same rumor mongering and anti-entropy as
+//! application data. This module is their one owner:
+//!
+//! - [`ReservedKey`] is the one list of kinds, with the one way to build a
+//!   key ([`ReservedKey::key`]) and to read one ([`ReservedKey::parse`]);
+//! - [`Topics`], [`Rack`], [`KeyReport`] and [`DesiredKeyring`] are their
+//!   values, encoded as the protobuf messages of
+//!   `proto/rumormill/v1/reserved.proto` and decoded with a typed
+//!   [`ValueError`], never a panic. Luggage values are the application's
+//!   bytes, stored as given (the luggage limits count those bytes);
+//! - [`from_owner`] is the rule that a reserved value is accepted only from
+//!   the member its key names. Every member applies it on receipt (a copy
+//!   written by anyone else is seen but never stored) and again when it
+//!   reads, so a value written locally under another member's name counts
+//!   for nothing either.
+//!
+//! All members hold the overlay key, so the rule keeps honest members from
+//! confusing each other, not a key holder from lying.
+//!
+//! ```
+//! use rumormill_core::reserved::{ReservedKey, Topics};
+//! let key = ReservedKey::Topics { member: "web-1".into() };
+//! assert_eq!(key.key(), "_rumormill/topics/web-1");
+//! assert_eq!(ReservedKey::parse("_rumormill/topics/web-1"), Some(key));
+//! let value = Topics(vec!["orders".into()]).encode();
+//! assert_eq!(Topics::decode(&value).unwrap().0, vec!["orders".to_owned()]);
+//! ```
+
+use prost::Message;
+use rumormill_wire::KeyId;
+use rumormill_wire::proto;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::broadcast::Update;
+
+/// Keys under this prefix hold the members' own data; applications should
+/// leave them alone (the agent refuses them from its clients).
+pub const PREFIX: &str = "_rumormill/";
+
+/// A key of the reserved namespace: what it holds and whose it is.
+///
+/// With an empty last part, [`ReservedKey::key`] gives the prefix that
+/// every key of that kind (and, for luggage, of that member) starts with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReservedKey {
+    /// `_rumormill/topics/<member>`: the member's subscriptions ([`Topics`]).
+    Topics {
+        /// The member.
+        member: String,
+    },
+    /// `_rumormill/luggage/<member>/<key>`: one entry of the member's
+    /// luggage (the application's bytes). `/` and `%` in the member's name
+    /// are escaped (`%2F`, `%25`) so that its part ends at the first `/`.
+    Luggage {
+        /// The member.
+        member: String,
+        /// The luggage key.
+        key: String,
+    },
+    /// `_rumormill/rack/<member>`: the member's rack ([`Rack`]).
+    Rack {
+        /// The member.
+        member: String,
+    },
+    /// `_rumormill/keys/<member>`: the keys the member holds ([`KeyReport`]).
+    KeyReport {
+        /// The member.
+        member: String,
+    },
+    /// `_rumormill/keyring/<member>`: the keyring the member asks every
+    /// member to hold ([`DesiredKeyring`]).
+    DesiredKeyring {
+        /// The member.
+        member: String,
+    },
+}
+
+const TOPICS: &str = "topics";
+const LUGGAGE: &str = "luggage";
+const RACK: &str = "rack";
+const KEY_REPORT: &str = "keys";
+const DESIRED_KEYRING: &str = "keyring";
+
+impl ReservedKey {
+    /// The store key.
+    pub fn key(&self) -> String {
+        match self {
+            ReservedKey::Topics { member } => format!("{PREFIX}{TOPICS}/{member}"),
+            ReservedKey::Luggage { member, key } => format!("{PREFIX}{LUGGAGE}/{}/{key}", escape(member)),
+            ReservedKey::Rack { member } => format!("{PREFIX}{RACK}/{member}"),
+            ReservedKey::KeyReport { member } => format!("{PREFIX}{KEY_REPORT}/{member}"),
+            ReservedKey::DesiredKeyring { member } => format!("{PREFIX}{DESIRED_KEYRING}/{member}"),
+        }
+    }
+
+    /// What a store key holds, if it is a reserved key of a known kind.
+    pub fn parse(key: &str) -> Option<ReservedKey> {
+        let (kind, rest) = key.strip_prefix(PREFIX)?.split_once('/')?;
+        let member = rest.to_owned();
+        Some(match kind {
+            TOPICS => ReservedKey::Topics { member },
+            LUGGAGE => {
+                let (member, key) = rest.split_once('/')?;
+                ReservedKey::Luggage {
+                    member: unescape(member),
+                    key: key.to_owned(),
+                }
+            }
+            RACK => ReservedKey::Rack { member },
+            KEY_REPORT => ReservedKey::KeyReport { member },
+            DESIRED_KEYRING => ReservedKey::DesiredKeyring { member },
+            _ => return None,
+        })
+    }
+
+    /// The member the value belongs to.
+    pub fn member(&self) -> &str {
+        match self {
+            ReservedKey::Topics { member }
+            | ReservedKey::Luggage { member, .. }
+            | ReservedKey::Rack { member }
+            | ReservedKey::KeyReport { member }
+            | ReservedKey::DesiredKeyring { member } => member,
+        }
+    }
+}
+
+/// The member a reserved key belongs to, `None` for other keys. Keys of a
+/// kind this version does not know are read as `_rumormill/<kind>/<member>`,
+/// so that the rule holds for kinds added later; a reserved key of no
+/// known shape belongs to nobody (`Some("")`).
+pub fn owner(key: &str) -> Option<String> {
+    let rest = key.strip_prefix(PREFIX)?;
+    if let Some(k) = ReservedKey::parse(key) {
+        return Some(k.member().to_owned());
+    }
+    Some(match rest.split_once('/') {
+        Some((LUGGAGE, _)) | None => String::new(),
+        Some((_, member)) => member.to_owned(),
+    })
+}
+
+/// Whether an update may be taken for what it claims: any update outside
+/// the reserved namespace, and a reserved one written by the member its
+/// key names.
+pub fn from_owner(u: &Update) -> bool {
+    owner(&u.key).is_none_or(|owner| owner == *u.origin)
+}
+
+/// The reserved key `u` is written under, when it is of a known kind and
+/// `u` was written by its owner.
+pub fn owned(u: &Update) -> Option<ReservedKey> {
+    ReservedKey::parse(&u.key).filter(|k| k.member() == &*u.origin)
+}
+
+fn escape(member: &str) -> String {
+    member.replace('%', "%25").replace('/', "%2F")
+}
+
+fn unescape(member: &str) -> String {
+    member.replace("%2F", "/").replace("%25", "%")
+}
+
+/// A reserved value that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValueError {
+    /// The bytes are not the message the key calls for.
+    #[error("not a {what} message: {source}")]
+    Malformed {
+        /// The message expected.
+        what: &'static str,
+        /// What the decoder found.
+        source: prost::DecodeError,
+    },
+    /// A desired keyring that names no key (following it would leave a
+    /// member without one).
+    #[error("a desired keyring must name at least one key")]
+    NoKeys,
+}
+
+fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, ValueError> {
+    M::decode(bytes).map_err(|source| ValueError::Malformed { what, source })
+}
+
+/// A member's topics, sorted (`_rumormill/topics/<member>`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Topics(pub Vec<String>);
+
+impl Topics {
+    /// The stored value.
+    pub fn encode(&self) -> Vec<u8> {
+        proto::Topics { topics: self.0.clone() }.encode_to_vec()
+    }
+
+    /// From a stored value; topic names that the writer's own API would
+    /// refuse are left out.
+    pub fn decode(bytes: &[u8]) -> Result<Topics, ValueError> {
+        let m: proto::Topics = decode("Topics", bytes)?;
+        Ok(Topics(
+            m.topics
+                .into_iter()
+                .filter(|t| crate::events::subscriptions::check_topic(t).is_ok())
+                .collect(),
+        ))
+    }
+
+    /// Whether `topic` is listed.
+    pub fn lists(&self, topic: &str) -> bool {
+        self.0.iter().any(|t| t == topic)
+    }
+}
+
+/// A member's rack (`_rumormill/rack/<member>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rack(pub String);
+
+impl Rack {
+    /// The stored value.
+    pub fn encode(&self) -> Vec<u8> {
+        proto::Rack { name: self.0.clone() }.encode_to_vec()
+    }
+
+    /// From a stored value.
+    pub fn decode(bytes: &[u8]) -> Result<Rack, ValueError> {
+        decode::<proto::Rack>("Rack", bytes).map(|m| Rack(m.name))
+    }
+}
+
+/// Which keys a member holds, by id, and which one it seals with
+/// (`_rumormill/keys/<member>`). Never a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyReport {
+    /// The key outgoing packets are sealed with.
+    pub primary: KeyId,
+    /// Every installed key, the primary included, in id order.
+    pub installed: Vec<KeyId>,
+}
+
+impl KeyReport {
+    /// The stored value.
+    pub fn encode(&self) -> Vec<u8> {
+        proto::KeyReport {
+            primary: self.primary,
+            installed: self.installed.clone(),
+        }
+        .encode_to_vec()
+    }
+
+    /// From a stored value.
+    pub fn decode(bytes: &[u8]) -> Result<KeyReport, ValueError> {
+        let m: proto::KeyReport = decode("KeyReport", bytes)?;
+        Ok(KeyReport {
+            primary: m.primary,
+            installed: m.installed,
+        })
+    }
+}
+
+/// A key's secret; wiped from memory when dropped.
+pub type Secret = Zeroizing<Vec<u8>>;
+
+/// The keyring a member asks every member to hold
+/// (`_rumormill/keyring/<member>`). Its secrets are wiped when it is
+/// dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DesiredKeyring {
+    /// Wall-clock milliseconds of the writer, at least one above the
+    /// highest version it had seen: the highest `(version, writer)` wins.
+    pub version: u64,
+    /// The key ids, primary first.
+    pub ids: Vec<KeyId>,
+    /// The secrets of the keys installed cluster-wide (keys installed on
+    /// each member alone are named in `ids` only).
+    pub shared: Vec<Secret>,
+}
+
+impl std::fmt::Debug for DesiredKeyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DesiredKeyring")
+            .field("version", &self.version)
+            .field("ids", &self.ids)
+            .field("shared", &format_args!("[{} redacted]", self.shared.len()))
+            .finish()
+    }
+}
+
+impl DesiredKeyring {
+    /// The stored value. The store keeps its own copy (it has to send
+    /// it); the one made here on the way is wiped.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut m = proto::DesiredKeyring {
+            version: self.version,
+            ids: self.ids.clone(),
+            shared: self.shared.iter().map(|s| s.to_vec()).collect(),
+        };
+        let bytes = m.encode_to_vec();
+        m.shared.zeroize();
+        bytes
+    }
+
+    /// From a stored value; one naming no key is refused.
+    pub fn decode(bytes: &[u8]) -> Result<DesiredKeyring, ValueError> {
+        let mut m: proto::DesiredKeyring = decode("DesiredKeyring", bytes)?;
+        // Moved, not copied, so no unwiped copy of a secret stays behind.
+        let shared = m.shared.iter_mut().map(|s| Zeroizing::new(std::mem::take(s))).collect();
+        if m.ids.is_empty() {
+            return Err(ValueError::NoKeys);
+        }
+        Ok(DesiredKeyring {
+            version: m.version,
+            ids: m.ids,
+            shared,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_names_are_escaped_where_they_must_be() {
+        let all = [
+            ReservedKey::Topics { member: "a/b".into() },
+            ReservedKey::Luggage {
+                member: "a/b%c".into(),
+                key: "k/1".into(),
+            },
+            ReservedKey::Rack { member: "r".into() },
+            ReservedKey::KeyReport { member: "m".into() },
+            ReservedKey::DesiredKeyring { member: "m".into() },
+        ];
+        for k in all {
+            assert_eq!(ReservedKey::parse(&k.key()).as_ref(), Some(&k), "{}", k.key());
+            assert_eq!(owner(&k.key()).as_deref(), Some(k.member()));
+        }
+        assert_eq!(
+            ReservedKey::Luggage {
+                member: "a/b".into(),
+                key: String::new()
+            }
+            .key(),
+            "_rumormill/luggage/a%2Fb/"
+        );
+        assert_eq!(owner("_rumormill/future/x").as_deref(), Some("x"));
+        assert_eq!(owner("_rumormill/luggage").as_deref(), Some(""));
+        assert_eq!(owner("user/key"), None);
+        assert_eq!(ReservedKey::parse("_rumormill/future/x"), None);
+    }
+
+    #[test]
+    fn values_round_trip_and_garbage_is_a_typed_error() {
+        let t = Topics(vec!["a".into(), "orders.eu".into()]);
+        assert_eq!(Topics::decode(&t.encode()), Ok(t.clone()));
+        assert!(t.lists("orders.eu") && !t.lists("orders"));
+        let bad = Topics(vec!["ok".into(), "a\nb".into(), String::new()]).encode();
+        assert_eq!(Topics::decode(&bad), Ok(Topics(vec!["ok".into()])));
+        assert_eq!(Rack::decode(&Rack("eu-1".into()).encode()), Ok(Rack("eu-1".into())));
+        let r = KeyReport {
+            primary: 7,
+            installed: vec![7, 9],
+        };
+        assert_eq!(KeyReport::decode(&r.encode()), Ok(r));
+        let d = DesiredKeyring {
+            version: 3,
+            ids: vec![1, 2],
+            shared: vec![Zeroizing::new(vec![5; 16])],
+        };
+        assert_eq!(DesiredKeyring::decode(&d.encode()), Ok(d.clone()));
+        assert!(!format!("{d:?}").contains("5, 5"));
+        let none = DesiredKeyring { ids: Vec::new(), ..d };
+        assert_eq!(DesiredKeyring::decode(&none.encode()), Err(ValueError::NoKeys));
+        for garbage in [&b"\xff\xff\xff"[..], b"{\"version\": 1}", b"\x0a\x05ab"] {
+            assert!(matches!(
+                DesiredKeyring::decode(garbage),
+                Err(ValueError::Malformed { .. })
+            ));
+            assert!(KeyReport::decode(garbage).is_err());
+        }
+    }
+}
