@@ -633,7 +633,8 @@ impl Overlay {
                 events.on_event_ack(from, a, &mut env);
             }
             body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
-                self.dissemination.handle(now, from, body);
+                let handled = self.dissemination.handle(now, from, body);
+                debug_assert!(handled, "only dissemination's messages are handed to it");
                 self.drain_dissemination();
                 // The store may hold a newer desired keyring now.
                 self.follow_keyring(now);

@@ -440,16 +440,27 @@ impl Dissemination {
         &self.config
     }
 
-    /// Handles a dissemination message from `from`; other messages are
-    /// ignored.
-    pub fn handle(&mut self, now: Instant, from: SocketAddr, body: Body) {
+    /// Handles a dissemination message from `from`. Returns `false`, and
+    /// does nothing, for a message of another protocol: the caller counts
+    /// it as malformed, since it should not have been handed here.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, body: Body) -> bool {
         match body {
             Body::Rumor(r) => self.on_rumor(now, from, r),
             Body::RumorFeedback(f) => self.on_feedback(now, f),
             Body::Digest(d) => self.on_digest(from, d),
             Body::Delta(d) => self.on_delta(now, d),
-            _ => {}
+            Body::Ping(_)
+            | Body::Ack(_)
+            | Body::PingReq(_)
+            | Body::Nack(_)
+            | Body::Alive(_)
+            | Body::Suspect(_)
+            | Body::Dead(_)
+            | Body::PushPull(_)
+            | Body::Event(_)
+            | Body::EventAck(_) => return false,
         }
+        true
     }
 
     /// Runs due rounds. `peers(k)` returns up to `k` random live members
