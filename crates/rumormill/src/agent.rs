@@ -278,11 +278,84 @@ pub struct OverlayStats {
     pub inbox_over_cap: u64,
 }
 
+/// The gate of one overlay life's writes to the data directory: its event
+/// commits (the pump's), its publications' records and its record saves
+/// pass it one at a time, each holding it until its commit has finished on
+/// its blocking thread — a cancelled or aborted writer included. Closing
+/// it waits for the write in flight and keeps every later one out: only
+/// then are the overlay's rows deleted, or read again for a restart, so
+/// that nothing of the old life lands after that.
+#[derive(Debug, Clone)]
+pub(crate) struct WriteGate {
+    /// True while open.
+    open: Arc<Mutex<bool>>,
+    /// The version of the record last saved through the gate.
+    saved: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Passage through a [`WriteGate`]: the gate is held while this lives.
+pub(crate) type Passage = OwnedMutexGuard<bool>;
+
+impl WriteGate {
+    fn new() -> WriteGate {
+        WriteGate {
+            open: Arc::new(Mutex::new(true)),
+            saved: Arc::default(),
+        }
+    }
+
+    /// Waits for the write in flight; `None` once closed.
+    pub(crate) async fn enter(&self) -> Option<Passage> {
+        let passage = self.open.clone().lock_owned().await;
+        (*passage).then_some(passage)
+    }
+
+    /// Waits for the write in flight and lets no other through.
+    pub(crate) async fn close(&self) {
+        *self.open.lock().await = false;
+    }
+}
+
+/// A save of an overlay's record, taken under its slot's lock and written
+/// after it is released (see [`Running::record_save`]).
+pub(crate) struct RecordSave {
+    record: OverlayRecord,
+    version: u64,
+    writes: WriteGate,
+}
+
+impl RecordSave {
+    /// Writes the record through its life's gate, unless a newer one was
+    /// saved meanwhile. It runs on a task of its own, so that a cancelled
+    /// request still saves what it changed in memory. A closed gate saves
+    /// nothing: the overlay was deleted, or restarted (and its start saved
+    /// the record it holds in memory).
+    pub(crate) async fn write(self, db: &Db) -> Result<(), PersistError> {
+        let db = db.clone();
+        let spawned = db.clone();
+        let save = tokio::spawn(async move {
+            let Some(passage) = self.writes.enter().await else {
+                return Ok(());
+            };
+            spawned
+                .put_overlay_newer(&self.record, passage, self.writes.saved.clone(), self.version)
+                .await
+        });
+        save.await
+            .map_err(|e| db.io_error(format!("the save's task failed: {e}")))?
+    }
+}
+
 pub(crate) struct Running {
     pub(crate) record: OverlayRecord,
     pub(crate) handle: OverlayHandle,
     pub(crate) left: bool,
     tasks: Vec<JoinHandle<()>>,
+    /// This life's writes (see [`WriteGate`]).
+    pub(crate) writes: WriteGate,
+    /// Counts the changes of `record`, so that a save that comes late
+    /// never writes an older record over a newer one.
+    version: u64,
     /// Live inbox entries for connected applications.
     pub(crate) feed: crate::inbox::InboxFeed,
     /// The agent's topics, as the event pump sees them.
@@ -302,6 +375,37 @@ impl Running {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+    }
+
+    /// A save of the record as it is now (see [`RecordSave`]); the record
+    /// in memory is the truth, whatever becomes of the save.
+    pub(crate) fn record_save(&mut self) -> RecordSave {
+        self.version += 1;
+        RecordSave {
+            record: self.record.clone(),
+            version: self.version,
+            writes: self.writes.clone(),
+        }
+    }
+
+    /// Ends this life of the overlay: marked left first (a cancelled
+    /// request must not leave a slot that claims to run a stopping
+    /// driver), its tasks and driver stopped (leaving gracefully with
+    /// `leave`), then its writes in flight waited for and no more let
+    /// through (see [`WriteGate`]).
+    async fn end(&mut self, leave: bool) {
+        self.left = true;
+        self.stop_tasks();
+        self.handle.shutdown(leave).await;
+        self.writes.close().await;
+    }
+
+    /// The record of the overlay's next life: the next boot epoch, counted
+    /// in this record first, so that a start that is cancelled or fails
+    /// never lets the following one reuse its epoch.
+    fn next_life(&mut self) -> OverlayRecord {
+        self.record.epoch += 1;
+        self.record.clone()
     }
 }
 
@@ -362,6 +466,10 @@ struct Reservation<'a, N: Net> {
     name: String,
     slot: Slot,
     guard: Option<OwnedMutexGuard<SlotState>>,
+    /// For a new overlay (a create): the record its start saves goes from
+    /// disk with it, before the name is free again — else the next start
+    /// of the agent would bring back an overlay that never started.
+    new_record: bool,
 }
 
 impl<N: Net> Reservation<'_, N> {
@@ -374,12 +482,30 @@ impl<N: Net> Reservation<'_, N> {
 
 impl<N: Net> Drop for Reservation<'_, N> {
     fn drop(&mut self) {
-        if let Some(mut guard) = self.guard.take() {
-            *guard = SlotState::Gone;
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        *guard = SlotState::Gone;
+        let (name, slot) = (std::mem::take(&mut self.name), self.slot.clone());
+        let cleanup = match (self.new_record, self.agent.me.upgrade()) {
+            (true, Some(agent)) => tokio::runtime::Handle::try_current().ok().map(|rt| (rt, agent)),
+            _ => None,
+        };
+        let Some((rt, agent)) = cleanup else {
             // Out of the table before the lock is released, so that a
             // waiter that finds it gone finds the name free.
-            self.agent.unlist(&self.name, &self.slot);
-        }
+            self.agent.unlist(&name, &slot);
+            return;
+        };
+        // The slot stays locked in the table until the record is gone: a
+        // create of the same name waits for that.
+        rt.spawn(async move {
+            if let Err(e) = agent.db.delete_overlay(&name).await {
+                tracing::warn!(overlay = %name, error = %e, "the record of a failed start not deleted");
+            }
+            agent.unlist(&name, &slot);
+            drop(guard);
+        });
     }
 }
 
@@ -388,11 +514,15 @@ struct Unlist<'a, N: Net> {
     agent: &'a Agent<N>,
     name: &'a str,
     slot: &'a Slot,
+    /// Whether to take it out.
+    armed: bool,
 }
 
 impl<N: Net> Drop for Unlist<'_, N> {
     fn drop(&mut self) {
-        self.agent.unlist(self.name, self.slot);
+        if self.armed {
+            self.agent.unlist(self.name, self.slot);
+        }
     }
 }
 
@@ -404,8 +534,6 @@ pub struct Agent<N: Net> {
     /// The overlays' slots by name. This lock is taken only to look up,
     /// insert or remove a slot, never across a wait.
     slots: std::sync::Mutex<BTreeMap<String, Slot>>,
-    /// Serializes the stores of published events and their reports.
-    pub(crate) events_lock: Mutex<()>,
     me: Weak<Agent<N>>,
 }
 
@@ -466,13 +594,13 @@ impl<N: Net> Agent<N> {
             db,
             host,
             slots: std::sync::Mutex::new(BTreeMap::new()),
-            events_lock: Mutex::new(()),
             me: me.clone(),
         });
-        for (name, rec) in records {
+        for (name, mut rec) in records {
             // In the table while it starts: its tasks (the keyring
             // watcher) look it up and wait for the start to finish.
-            let reservation = agent.reserve(&name).await?;
+            let reservation = agent.reserve(&name, false).await?;
+            rec.epoch += 1;
             let running = agent.launch(rec).await?;
             reservation.fill(running);
         }
@@ -521,8 +649,9 @@ impl<N: Net> Agent<N> {
 
     /// Reserves `name` for a start: a new slot, locked, in the table. An
     /// overlay of that name is refused; a delete of it under way is waited
-    /// for, and then the name is free.
-    async fn reserve(&self, name: &str) -> Result<Reservation<'_, N>, AgentError> {
+    /// for, and then the name is free. `new_record`: the start is a
+    /// create (see [`Reservation`]).
+    async fn reserve(&self, name: &str, new_record: bool) -> Result<Reservation<'_, N>, AgentError> {
         loop {
             let existing = {
                 let mut table = self.table();
@@ -539,6 +668,7 @@ impl<N: Net> Agent<N> {
                             name: name.to_owned(),
                             slot,
                             guard: Some(guard),
+                            new_record,
                         });
                     }
                 }
@@ -552,16 +682,15 @@ impl<N: Net> Agent<N> {
         }
     }
 
-    /// Starts an overlay from its record: next boot epoch (saved first),
-    /// sockets, seeds, discovery, rack.
-    async fn launch(&self, mut rec: OverlayRecord) -> Result<Running, AgentError> {
+    /// Starts an overlay from its record, which holds the boot epoch of
+    /// this start (saved first): sockets, seeds, discovery, rack.
+    async fn launch(&self, rec: OverlayRecord) -> Result<Running, AgentError> {
         let spec = rec.spec.clone();
         let name = spec.name.clone();
         let config = spec.core_config()?;
         let security = security(&rec)?;
         let bind = spec.bind_addr()?;
         let advertise = spec.advertise_addr()?;
-        rec.epoch += 1;
         self.db.put_overlay(&rec).await?;
         let identity_name = rec.member.clone();
         let epoch = rec.epoch;
@@ -607,6 +736,8 @@ impl<N: Net> Agent<N> {
             handle,
             left: false,
             tasks: Vec::new(),
+            writes: WriteGate::new(),
+            version: 0,
             feed: tokio::sync::broadcast::channel(4096).0,
             topics,
             inbox: Arc::default(),
@@ -656,6 +787,7 @@ impl<N: Net> Agent<N> {
             spec.name.clone(),
             handle.clone(),
             running.topics.clone(),
+            running.writes.clone(),
             running.feed.clone(),
             running.inbox.clone(),
             spec.limits.inbox_bytes(),
@@ -693,11 +825,15 @@ impl<N: Net> Agent<N> {
     }
 
     async fn save_peers(&self, name: &str, peers: Vec<SocketAddr>) {
-        if let Ok(mut r) = self.lock(name).await {
-            r.record.peers = peers;
-            if let Err(e) = self.db.put_overlay(&r.record).await {
-                tracing::warn!(overlay = %name, error = %e, "peers not saved");
+        let save = match self.lock(name).await {
+            Ok(mut r) => {
+                r.record.peers = peers;
+                r.record_save()
             }
+            Err(_) => return,
+        };
+        if let Err(e) = save.write(&self.db).await {
+            tracing::warn!(overlay = %name, error = %e, "peers not saved");
         }
     }
 
@@ -730,10 +866,13 @@ impl<N: Net> Agent<N> {
     pub async fn create_overlay(&self, spec: OverlaySpec) -> Result<OverlaySummary, AgentError> {
         spec.validate()?;
         let name = spec.name.clone();
-        let reservation = self.reserve(&name).await?;
+        let reservation = self.reserve(&name, true).await?;
         let member = spec.member.clone().unwrap_or_else(|| self.host.clone());
-        // A failed start drops the reservation: the name is free again.
-        let running = self.launch(OverlayRecord::new(spec, member)).await?;
+        let mut rec = OverlayRecord::new(spec, member);
+        rec.epoch += 1;
+        // A failed or cancelled start drops the reservation: its record
+        // goes from disk, and then the name is free again.
+        let running = self.launch(rec).await?;
         // Summed up before anyone waiting (a delete) can get at it.
         let summary = summary(&running).await;
         reservation.fill(running);
@@ -768,22 +907,24 @@ impl<N: Net> Agent<N> {
                 return Err(UpdateRefused::Plaintext.into());
             }
             check.validate()?;
-            crate::keyring::refresh(self, &mut r).await?;
-            r.stop_tasks();
-            r.handle.shutdown(false).await;
-            let old = r.record.clone();
-            let mut rec = old.clone();
+            if let Some(save) = crate::keyring::refresh(&mut r).await {
+                save.write(&self.db).await?;
+            }
+            r.end(false).await;
+            let mut rec = r.next_life();
             rec.spec = spec;
             match self.launch(rec).await {
                 Ok(running) => *r = running,
                 Err(e) => {
                     // Back to the old settings, so that a bad update (a port
                     // in use, say) does not take the overlay down; should
-                    // that fail too, it counts as left and `join` retries.
-                    match self.launch(old).await {
+                    // that fail too, it stays left and `join` retries. The
+                    // epoch of the failed start is taken again: a launch
+                    // fails only before its driver starts, so nothing was
+                    // sent under it.
+                    match self.launch(r.record.clone()).await {
                         Ok(running) => *r = running,
                         Err(again) => {
-                            r.left = true;
                             tracing::error!(overlay = %name, error = %again, "overlay stopped: the old settings failed too");
                         }
                     }
@@ -796,28 +937,37 @@ impl<N: Net> Agent<N> {
 
     /// Leaves gracefully, stops and forgets an overlay.
     pub async fn delete_overlay(&self, name: &str) -> Result<(), AgentError> {
-        // The slot stays in the table, locked, until the overlay is gone
-        // from the database and stopped: a create of the same name waits
-        // for that, then starts afresh. Other overlays are not held up.
+        // The slot stays in the table, locked, until the overlay is stopped
+        // and gone from the database: a create of the same name waits for
+        // that, then starts afresh. Other overlays are not held up.
         let slot = self.slot(name)?;
         let mut state = slot.clone().lock_owned().await;
         let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) else {
             self.unlist(name, &slot);
             return Err(AgentError::UnknownOverlay(name.to_owned()));
         };
-        if let Err(e) = self.db.delete_overlay(name).await {
-            *state = SlotState::Up(r);
-            return Err(e.into());
-        }
         // Dropped before the lock (declared after it): out of the table
-        // however this ends, a cancelled request included.
-        let _unlist = Unlist {
+        // however this ends, a cancelled request included — unless the
+        // rows stay, and with them the overlay.
+        let mut unlist = Unlist {
             agent: self,
             name,
             slot: &slot,
+            armed: true,
         };
-        r.stop_tasks();
-        r.handle.shutdown(!r.left).await;
+        // Stopped, and its writes in flight finished, before its rows go:
+        // nothing of it may land afterwards, for a later overlay of the
+        // same name to inherit.
+        let graceful = !r.left;
+        r.end(graceful).await;
+        let deleted = self.db.delete_overlay(name).await;
+        if let Err(e) = deleted {
+            // It stays, stopped: a delete may be tried again, or a join
+            // restart it.
+            unlist.armed = false;
+            *state = SlotState::Up(r);
+            return Err(e.into());
+        }
         tracing::info!(overlay = %name, "overlay deleted");
         Ok(())
     }
@@ -862,7 +1012,7 @@ impl<N: Net> Agent<N> {
         {
             let mut r = self.lock(name).await?;
             if r.left {
-                let running = self.launch(r.record.clone()).await?;
+                let running = self.launch(r.next_life()).await?;
                 *r = running;
             }
         }
@@ -878,12 +1028,10 @@ impl<N: Net> Agent<N> {
         if r.left {
             return Err(AgentError::AlreadyLeft(name.to_owned()));
         }
-        crate::keyring::refresh(self, &mut r).await?;
-        r.stop_tasks();
-        // Left once asked to: a cancelled request must not leave a slot
-        // that claims to run a stopping driver.
-        r.left = true;
-        r.handle.shutdown(true).await;
+        if let Some(save) = crate::keyring::refresh(&mut r).await {
+            save.write(&self.db).await?;
+        }
+        r.end(true).await;
         tracing::info!(overlay = %name, "left");
         Ok(())
     }
@@ -1000,11 +1148,13 @@ impl<N: Net> Agent<N> {
         let stops = slots.into_iter().map(|slot| async move {
             let mut state = slot.lock_owned().await;
             if let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) {
-                if let Err(e) = crate::keyring::refresh(self, &mut r).await {
+                if let Some(save) = crate::keyring::refresh(&mut r).await
+                    && let Err(e) = save.write(&self.db).await
+                {
                     tracing::warn!(overlay = %r.record.spec.name, error = %e, "keyring not saved");
                 }
-                r.stop_tasks();
-                r.handle.shutdown(leave && !r.left).await;
+                let graceful = leave && !r.left;
+                r.end(graceful).await;
             }
         });
         futures_util::future::join_all(stops).await;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use base64::Engine;
 use rumormill_core::events::dedup::DedupEntry;
-use rumormill_core::events::{EventId, PendingEvent};
+use rumormill_core::events::{DeliveryReport, EventId, PendingEvent};
 
 use crate::config::OverlaySpec;
 use crate::events::{EventRecord, InboxItem, is_local, payload_fields};
@@ -244,10 +244,25 @@ impl Db {
         &self,
         f: impl FnOnce(&Tables) -> Result<T, PersistError> + Send + 'static,
     ) -> Result<T, PersistError> {
+        self.commit_holding((), f).await
+    }
+
+    /// Like [`Db::commit`], holding `hold` until the transaction has
+    /// finished on its thread, even when the awaiting future is dropped
+    /// first: whoever waits for `hold` waits for the commit.
+    async fn commit_holding<T: Send + 'static, H: Send + 'static>(
+        &self,
+        hold: H,
+        f: impl FnOnce(&Tables) -> Result<T, PersistError> + Send + 'static,
+    ) -> Result<T, PersistError> {
         let store = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| self.io(format!("the commit's thread failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let done = f(&store);
+            drop(hold);
+            done
+        })
+        .await
+        .map_err(|e| self.io(format!("the commit's thread failed: {e}")))?
     }
 
     /// Writes (creates or replaces) an overlay's record, durably.
@@ -258,32 +273,77 @@ impl Db {
         self.commit(move |s| s.put_overlay(&name, &bytes)).await
     }
 
+    /// Like [`Db::put_overlay`], holding `hold` until the commit has
+    /// finished (see [`Db::commit_holding`]), and only if `saved` — the
+    /// version of the record last written, which `hold` guards — is below
+    /// `version` (raised to it once written): a late save of an older
+    /// record writes nothing.
+    pub(crate) async fn put_overlay_newer<H: Send + 'static>(
+        &self,
+        rec: &OverlayRecord,
+        hold: H,
+        saved: Arc<std::sync::atomic::AtomicU64>,
+        version: u64,
+    ) -> Result<(), PersistError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|e| self.io(e))?);
+        let name = rec.spec.name.clone();
+        self.commit_holding(hold, move |s| {
+            if saved.load(Relaxed) >= version {
+                return Ok(());
+            }
+            s.put_overlay(&name, &bytes)?;
+            saved.store(version, Relaxed);
+            Ok(())
+        })
+        .await
+    }
+
+    /// An I/O error of this database (`reason` says what failed).
+    pub(crate) fn io_error(&self, reason: impl std::fmt::Display) -> PersistError {
+        self.io(reason)
+    }
+
     /// Forgets an overlay and its events.
     pub async fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
         let name = name.to_owned();
         self.commit(move |s| s.delete_overlay(&name)).await
     }
 
-    /// Applies writes in one durable transaction.
+    /// Applies writes in one durable transaction (the agent writes
+    /// through [`Db::write_holding`]).
+    #[cfg(test)]
     pub async fn write(&self, overlay: &str, ops: impl Into<Arc<[Op]>>) -> Result<(), PersistError> {
-        self.write_with(overlay, ops.into(), redb::Durability::Immediate).await
+        self.write_holding(overlay, ops, true, ()).await
     }
 
-    /// Like [`Db::write`], but not flushed to disk: a crash before the next
-    /// [`Db::write`] loses it (the database stays consistent). For what
-    /// may be lost: best-effort events in the inbox.
+    /// Like [`Db::write`], not flushed to disk.
+    #[cfg(test)]
     pub async fn write_volatile(&self, overlay: &str, ops: impl Into<Arc<[Op]>>) -> Result<(), PersistError> {
-        self.write_with(overlay, ops.into(), redb::Durability::None).await
+        self.write_holding(overlay, ops, false, ()).await
     }
 
-    async fn write_with(
+    /// Applies writes in one transaction — flushed to disk with `durable`,
+    /// else lost by a crash before the next durable one (the database
+    /// stays consistent): for what may be lost, best-effort events in the
+    /// inbox — holding `hold` until the commit has finished (see
+    /// [`Db::commit_holding`]).
+    pub(crate) async fn write_holding<H: Send + 'static>(
         &self,
         overlay: &str,
-        ops: Arc<[Op]>,
-        durability: redb::Durability,
+        ops: impl Into<Arc<[Op]>>,
+        durable: bool,
+        hold: H,
     ) -> Result<(), PersistError> {
         let overlay = overlay.to_owned();
-        self.commit(move |s| s.write_with(&overlay, &ops, durability)).await
+        let ops = ops.into();
+        let durability = if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        };
+        self.commit_holding(hold, move |s| s.write_with(&overlay, &ops, durability))
+            .await
     }
 
     /// Keeps only the report records `keep` says to keep.
@@ -416,7 +476,6 @@ impl Tables {
                         let v = json(&StoredPending::from_core(p));
                         pending.insert((overlay, id.as_str()), v.as_slice()).map(|_| ())
                     }
-                    Op::DeletePending(id) => pending.remove((overlay, id.as_str())).map(|_| ()),
                     Op::PutReport(record) => {
                         let v = json(record);
                         reports.insert((overlay, record.id.as_str()), v.as_slice()).map(|_| ())
@@ -429,6 +488,10 @@ impl Tables {
                         dedup.insert(overlay, v.as_slice()).map(|_| ())
                     }
                     Op::ReserveInbox(below) => reserved.insert(overlay, *below).map(|_| ()),
+                    Op::Reports(rs) => {
+                        self.merge_reports(overlay, rs, &mut reports, &mut pending)?;
+                        Ok(())
+                    }
                 };
                 r.map_err(|e| self.io(e))?;
             }
@@ -456,7 +519,9 @@ impl Tables {
         Ok(out)
     }
 
-    /// One pending event.
+    /// One pending event (the agent reads them inside its writes, see
+    /// [`Op::Reports`]).
+    #[cfg(test)]
     pub fn pending_one(&self, overlay: &str, id: &str) -> Result<Option<PendingEvent>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(PENDING).map_err(|e| self.io(e))?;
@@ -466,6 +531,54 @@ impl Tables {
         decode_pending(v.value())
             .map(Some)
             .map_err(|reason| self.undecodable("events_pending", format!("{overlay}/{id}"), reason))
+    }
+
+    /// [`Op::Reports`]: the reports into their events' records, inside the
+    /// transaction. A record that does not decode was reported; its
+    /// reports have nowhere to go. A read that fails fails the transaction.
+    fn merge_reports(
+        &self,
+        overlay: &str,
+        rs: &[DeliveryReport],
+        reports: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
+        pending: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
+    ) -> Result<(), PersistError> {
+        for (id, rs) in crate::events::by_event(rs) {
+            let key = (overlay, id.as_str());
+            let found = reports
+                .get(key)
+                .map_err(|e| self.io(e))?
+                .map(|v| serde_json::from_slice::<EventRecord>(v.value()));
+            let mut record = match found {
+                None => continue,
+                Some(Ok(record)) => record,
+                Some(Err(e)) => {
+                    drop(self.undecodable("events_reports", format!("{overlay}/{id}"), e.to_string()));
+                    continue;
+                }
+            };
+            crate::events::merge_reports(&mut record, &rs);
+            if record.complete {
+                pending.remove(key).map_err(|e| self.io(e))?;
+            } else {
+                let found = pending
+                    .get(key)
+                    .map_err(|e| self.io(e))?
+                    .map(|v| decode_pending(v.value()));
+                match found {
+                    Some(Ok(mut p)) => {
+                        crate::events::still_waiting(&record, &mut p);
+                        let v = json(&StoredPending::from_core(&p));
+                        pending.insert(key, v.as_slice()).map_err(|e| self.io(e))?;
+                    }
+                    Some(Err(reason)) => drop(self.undecodable("events_pending", format!("{overlay}/{id}"), reason)),
+                    None => {}
+                }
+            }
+            let v = json(&record);
+            reports.insert(key, v.as_slice()).map_err(|e| self.io(e))?;
+        }
+        Ok(())
     }
 
     /// Report records that do not decode go too (reported).
@@ -620,8 +733,6 @@ impl Tables {
 pub enum Op {
     /// Saves a pending event (under its id).
     PutPending(PendingEvent),
-    /// Forgets a pending event.
-    DeletePending(String),
     /// Saves an event's reports (under its id).
     PutReport(EventRecord),
     /// Appends to the inbox.
@@ -634,6 +745,9 @@ pub enum Op {
     Dedup(Vec<DedupEntry>),
     /// Inbox sequence numbers up to this one (excluded) may be handed out.
     ReserveInbox(u64),
+    /// Takes delivery reports into their events' stored records (and
+    /// pending events), read and written in the same transaction.
+    Reports(Vec<DeliveryReport>),
 }
 
 // ----- the stored forms of the records
