@@ -1598,6 +1598,160 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Publishes at-least-once events from y to x's overlay `a` (topic
+    /// `t`) until x's inbox holds some.
+    async fn events_flowing(x: &Agent<TokioNet>, y: &Agent<TokioNet>) {
+        x.subscribe("a", &["t".to_owned()]).await.expect("subscribe");
+        let alo = crate::events::DeliverySpec::AtLeastOnce {
+            retry_every: "1s".into(),
+            retry_max: 0,
+        };
+        wait_until("x's inbox to fill", 10, async || {
+            y.publish("a", "t", b"e".to_vec(), &alo)
+                .await
+                .map_err(|e| e.to_string())?;
+            match x.inbox("a", 0, 10).await.map_err(|e| e.to_string())?.len() {
+                0 => Err("empty".into()),
+                _ => Ok(()),
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_overlay_leaves_nothing_for_the_next_one_of_its_name() {
+        let (dir_x, dir_y) = (scratch("reuse-x"), scratch("reuse-y"));
+        let y = start(&dir_y, vec![spec("a", "y", &[])]).await;
+        let y_addr = y.overlay("a").await.expect("a on y").addr;
+        let x = start(&dir_x, vec![spec("a", "x", &[y_addr])]).await;
+        events_flowing(&x, &y).await;
+        // Commits in flight when the delete comes: the pump keeps storing
+        // what y sends until it is stopped.
+        x.db.slow_commits(Duration::from_millis(300));
+        let publisher = {
+            let y = y.clone();
+            tokio::spawn(async move {
+                let alo = crate::events::DeliverySpec::AtLeastOnce {
+                    retry_every: "1s".into(),
+                    retry_max: 0,
+                };
+                loop {
+                    let _ = y.publish("a", "t", b"more".to_vec(), &alo).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        x.delete_overlay("a").await.expect("delete");
+        x.db.slow_commits(Duration::ZERO);
+        // Whatever of the old overlay was still on its way has landed by now.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        x.create_overlay(spec("a", "x", &[])).await.expect("create again");
+        let inherited = x.inbox("a", 0, 100_000).await.expect("inbox").len();
+        let window = x.db.dedup("a").expect("window").len();
+        publisher.abort();
+        assert_eq!(
+            (inherited, window),
+            (0, 0),
+            "the new overlay must start with an empty inbox and window"
+        );
+        x.shutdown(false).await;
+        y.shutdown(false).await;
+        for d in [dir_x, dir_y] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_subscribe_is_kept_in_memory_and_saved() {
+        let dir = scratch("cancel-subscribe");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        x.db.slow_commits(Duration::from_millis(300));
+        let request = tokio::spawn({
+            let x = x.clone();
+            async move { x.subscribe("a", &["t".to_owned()]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        request.abort();
+        let _ = request.await;
+        let pumped = x
+            .lock("a")
+            .await
+            .expect("a")
+            .topics
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
+        assert_eq!(pumped, vec!["t".to_owned()], "the event pump must see the topic");
+        x.db.slow_commits(Duration::ZERO);
+        wait_until("the topic to be saved", 5, async || {
+            let records = x.db.overlays().map_err(|e| e.to_string())?;
+            match records.iter().find(|r| r.spec.name == "a") {
+                Some(r) if r.topics == ["t"] => Ok(()),
+                other => Err(format!("{:?}", other.map(|r| &r.topics))),
+            }
+        })
+        .await;
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_update_leaves_a_stopped_overlay_and_spends_its_epoch() {
+        let dir = scratch("cancel-update");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        assert_eq!(x.overlay("a").await.expect("a").epoch, 1);
+        x.db.slow_commits(Duration::from_millis(400));
+        let request = tokio::spawn({
+            let x = x.clone();
+            async move { x.update_overlay("a", spec("a", "x", &[])).await }
+        });
+        // The old driver is stopped; the new start is saving its epoch.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        request.abort();
+        let _ = request.await;
+        x.db.slow_commits(Duration::ZERO);
+        let shown = x.overlay("a").await.expect("a");
+        assert_eq!(shown.status, "left", "the stopped overlay must not claim to run");
+        x.join("a", vec![gone_peer()]).await.expect("join restarts it");
+        let shown = x.overlay("a").await.expect("a");
+        assert_eq!(
+            (shown.status.as_str(), shown.epoch),
+            ("running", 3),
+            "epoch 2 went to the cancelled start"
+        );
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_create_that_cannot_bind_leaves_no_record() {
+        let dir = scratch("create-bind");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        let taken = x.overlay("a").await.expect("a").addr;
+        let mut bad = spec("c", "x", &[]);
+        bad.bind = taken.to_string();
+        let refused = x.create_overlay(bad).await;
+        assert!(matches!(refused, Err(AgentError::Bind { .. })), "{refused:?}");
+        wait_until("the failed create's record to go", 5, async || {
+            let stored: Vec<String> =
+                x.db.overlays()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|r| r.spec.name.clone())
+                    .collect();
+            match stored == ["a"] {
+                true => Ok(()),
+                false => Err(format!("{stored:?}")),
+            }
+        })
+        .await;
+        // The name is free again.
+        x.create_overlay(spec("c", "x", &[])).await.expect("create");
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// While every commit of x's database takes 300 ms, x keeps answering
     /// y's probes and its own calls: commits run on blocking threads, not
     /// on the one thread of x's runtime that also drives x's overlay.

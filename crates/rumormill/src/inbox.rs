@@ -472,7 +472,13 @@ impl InboxWriter {
     /// Each attempt passes the overlay's [`WriteGate`] (not held while
     /// waiting to retry); once the gate is closed — the overlay deleted or
     /// restarted — nothing more is stored.
-    async fn commit<N: Net>(&mut self, agent: &Agent<N>, mut ops: Vec<Op>, reports: Vec<DeliveryReport>, durable: bool) {
+    async fn commit<N: Net>(
+        &mut self,
+        agent: &Agent<N>,
+        mut ops: Vec<Op>,
+        reports: Vec<DeliveryReport>,
+        durable: bool,
+    ) {
         let durable = durable || !reports.is_empty();
         if !reports.is_empty() {
             ops.push(Op::Reports(reports));
