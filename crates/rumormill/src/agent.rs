@@ -215,7 +215,8 @@ pub struct OverlaySummary {
     pub epoch: u64,
     /// Whether packets are encrypted.
     pub encrypted: bool,
-    /// `running` or `left`.
+    /// `running` or `left`; in a listing also `starting` or `busy` (a
+    /// start, or another change, under way: the rest is as last seen).
     pub status: String,
     /// Members alive or suspect, including the local one.
     pub live_members: usize,
@@ -534,6 +535,9 @@ pub struct Agent<N: Net> {
     /// The overlays' slots by name. This lock is taken only to look up,
     /// insert or remove a slot, never across a wait.
     slots: std::sync::Mutex<BTreeMap<String, Slot>>,
+    /// The last summary of each overlay in the table, for listings that
+    /// do not wait for a busy overlay (see [`Agent::overlays`]).
+    shown: std::sync::Mutex<BTreeMap<String, OverlaySummary>>,
     me: Weak<Agent<N>>,
 }
 
@@ -594,6 +598,7 @@ impl<N: Net> Agent<N> {
             db,
             host,
             slots: std::sync::Mutex::new(BTreeMap::new()),
+            shown: std::sync::Mutex::new(BTreeMap::new()),
             me: me.clone(),
         });
         for (name, mut rec) in records {
@@ -601,6 +606,7 @@ impl<N: Net> Agent<N> {
             // watcher) look it up and wait for the start to finish.
             let reservation = agent.reserve(&name, false).await?;
             rec.epoch += 1;
+            agent.show(starting(&rec));
             let running = agent.launch(rec).await?;
             reservation.fill(running);
         }
@@ -624,7 +630,18 @@ impl<N: Net> Agent<N> {
         let mut table = self.table();
         if table.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             table.remove(name);
+            self.shown().remove(name);
         }
+    }
+
+    fn shown(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OverlaySummary>> {
+        // Nothing panics while holding it (lookups and inserts only).
+        self.shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps `summary` as its overlay's last one.
+    fn show(&self, summary: OverlaySummary) {
+        self.shown().insert(summary.name.clone(), summary);
     }
 
     /// An overlay's slot, locked, when it holds one (left or not). Waits
@@ -859,7 +876,39 @@ impl<N: Net> Agent<N> {
     /// Summary of one overlay.
     pub async fn overlay(&self, name: &str) -> Result<OverlaySummary, AgentError> {
         let r = self.lock(name).await?;
-        Ok(summary(&r).await)
+        let summary = summary(&r).await;
+        self.show(summary.clone());
+        Ok(summary)
+    }
+
+    /// Summaries of every overlay, by name, without waiting for any: one
+    /// busy with a start (`starting`) or another change (`busy`) is shown
+    /// as last seen, with that status.
+    pub async fn overlays(&self) -> Vec<OverlaySummary> {
+        let slots: Vec<(String, Slot)> = self.table().iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        let mut out = Vec::with_capacity(slots.len());
+        for (name, slot) in slots {
+            match slot.try_lock_owned() {
+                Ok(guard) => match &*guard {
+                    SlotState::Up(r) => {
+                        let summary = summary(r).await;
+                        self.show(summary.clone());
+                        out.push(summary);
+                    }
+                    // An abandoned start, or deleted meanwhile.
+                    SlotState::Starting | SlotState::Gone => {}
+                },
+                Err(_) => {
+                    if let Some(mut last) = self.shown().get(&name).cloned() {
+                        if last.status != "starting" {
+                            last.status = "busy".into();
+                        }
+                        out.push(last);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Creates and starts an overlay.
@@ -870,11 +919,13 @@ impl<N: Net> Agent<N> {
         let member = spec.member.clone().unwrap_or_else(|| self.host.clone());
         let mut rec = OverlayRecord::new(spec, member);
         rec.epoch += 1;
+        self.show(starting(&rec));
         // A failed or cancelled start drops the reservation: its record
         // goes from disk, and then the name is free again.
         let running = self.launch(rec).await?;
         // Summed up before anyone waiting (a delete) can get at it.
         let summary = summary(&running).await;
+        self.show(summary.clone());
         reservation.fill(running);
         Ok(summary)
     }
@@ -1220,6 +1271,29 @@ async fn summary(r: &Running) -> OverlaySummary {
     }
 }
 
+/// What a listing shows of an overlay whose start is under way.
+fn starting(rec: &OverlayRecord) -> OverlaySummary {
+    let mut spec = rec.spec.clone();
+    spec.keys = rec.keys.iter().map(|_| String::new()).collect();
+    OverlaySummary {
+        name: rec.spec.name.clone(),
+        member: rec.member.clone(),
+        addr: rec
+            .spec
+            .advertise_addr()
+            .ok()
+            .flatten()
+            .or_else(|| rec.spec.bind_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        epoch: rec.epoch,
+        encrypted: !rec.keys.is_empty(),
+        status: "starting".into(),
+        live_members: 0,
+        spec: spec.masked(),
+        stats: OverlayStats::default(),
+    }
+}
+
 /// Ok if the overlay exists (left or not).
 pub(crate) async fn has_left_or_unknown<N: Net>(agent: &Agent<N>, name: &str) -> Result<(), AgentError> {
     agent.lock(name).await.map(drop)
@@ -1506,7 +1580,7 @@ pub(crate) mod tests {
         let mut requests = 0;
         let began = Instant::now();
         while !slow.is_finished() {
-            for path in ["/v1/overlays/b/members", "/v1/overlays/b", "/v1/health"] {
+            for path in ["/v1/overlays/b/members", "/v1/overlays/b", "/v1/health", "/v1/overlays"] {
                 let t = Instant::now();
                 let answer = client.get(path).await;
                 let took = t.elapsed();
@@ -1516,6 +1590,20 @@ pub(crate) mod tests {
                     "GET {path} took {took:?}, {:?} into overlay a's leave and restart (bound: 100 ms)",
                     began.elapsed()
                 );
+                if path == "/v1/overlays"
+                    && let Ok(listing) = &answer
+                {
+                    let names: Vec<&str> = listing
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|o| o["name"].as_str())
+                        .collect();
+                    assert!(
+                        names.contains(&"a") && names.contains(&"b"),
+                        "the listing must show the busy overlay too: {names:?}"
+                    );
+                }
                 worst = worst.max(took);
                 requests += 1;
             }

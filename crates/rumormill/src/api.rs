@@ -704,15 +704,7 @@ async fn health(State(s): State<AppState>) -> Json<Health> {
 /// Every overlay of the agent.
 #[utoipa::path(get, path = "/v1/overlays", responses((status = 200, body = [OverlaySummary])))]
 async fn list_overlays(State(s): State<AppState>) -> ApiResult<Json<Vec<OverlaySummary>>> {
-    let mut out = Vec::new();
-    for name in s.agent.overlay_names().await {
-        match s.agent.overlay(&name).await {
-            Ok(o) => out.push(o),
-            Err(AgentError::UnknownOverlay(_)) => {} // deleted meanwhile
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(Json(out))
+    Ok(Json(s.agent.overlays().await))
 }
 
 /// Creates and starts an overlay.
