@@ -42,8 +42,8 @@ pub use rumormill_core::reserved::PREFIX as RESERVED_PREFIX;
 const PEERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What an agent operation can fail with, in the agent's own terms; the
-/// HTTP API alone maps each to a status (`api.rs`). None of them changed
-/// anything, unless its variant says so.
+/// HTTP API alone maps each to a status (`api.rs`). An operation that
+/// fails changed nothing, unless its variant says otherwise.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// No overlay of that name.
@@ -118,7 +118,11 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
-    /// The data directory failed.
+    /// The data directory failed. What the operation did before its write
+    /// stays done: a publication's event is out (its record, and so its
+    /// resends after a restart, may be missing); a keyring change or a
+    /// subscription holds in the core and in memory, and is written with
+    /// the overlay's next save of its record.
     #[error(transparent)]
     Persist(#[from] PersistError),
 }
@@ -1295,7 +1299,7 @@ fn starting(rec: &OverlayRecord) -> OverlaySummary {
 }
 
 /// Ok if the overlay exists (left or not).
-pub(crate) async fn has_left_or_unknown<N: Net>(agent: &Agent<N>, name: &str) -> Result<(), AgentError> {
+pub(crate) async fn exists<N: Net>(agent: &Agent<N>, name: &str) -> Result<(), AgentError> {
     agent.lock(name).await.map(drop)
 }
 

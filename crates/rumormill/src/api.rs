@@ -1973,6 +1973,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_luggage_key_with_a_slash_goes_through_the_client() {
+        let f = Fixture::new("slash").await;
+        let on = f.admin.on("default");
+        let put = PutRequest {
+            value: Some("eu".into()),
+            value_base64: None,
+        };
+        on.set_luggage("zone/rack", &put).await.expect("set");
+        let rows = on.luggage(None).await.expect("luggage");
+        assert!(
+            rows.iter()
+                .any(|r| r.key == "zone/rack" && r.value.as_deref() == Some("eu")),
+            "{rows:?}"
+        );
+        on.delete_luggage("zone/rack").await.expect("delete");
+        f.finish().await;
+    }
+
+    #[tokio::test]
     async fn overlays_are_created_masked_and_deleted() {
         let f = Fixture::new("overlays").await;
         let key = crate::config::generate_key();

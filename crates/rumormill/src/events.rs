@@ -39,7 +39,7 @@ use rumormill_core::events::{Delivery, DeliveryReport, PendingEvent, dedup::Dedu
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::agent::{Agent, AgentError, has_left_or_unknown, stopped, wall, wall_ms};
+use crate::agent::{Agent, AgentError, exists, stopped, wall, wall_ms};
 use crate::persist::Op;
 use crate::transport::Net;
 
@@ -256,7 +256,7 @@ impl<N: Net> Agent<N> {
 
     /// A published event and its reports (at-least-once events only).
     pub async fn event(&self, name: &str, id: &str) -> Result<EventRecord, AgentError> {
-        has_left_or_unknown(self, name).await?;
+        exists(self, name).await?;
         self.db
             .report(name, id)?
             .ok_or_else(|| AgentError::UnknownEvent(id.to_owned()))
@@ -316,7 +316,7 @@ impl<N: Net> Agent<N> {
     /// Inbox entries after `after`, at most `limit` and — beyond the first
     /// — at most 16 MiB of them.
     pub async fn inbox(&self, name: &str, after: u64, limit: usize) -> Result<Vec<InboxItem>, AgentError> {
-        has_left_or_unknown(self, name).await?;
+        exists(self, name).await?;
         Ok(self.db.inbox_after(name, after, limit, INBOX_READ_BYTES)?)
     }
 

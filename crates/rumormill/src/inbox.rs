@@ -224,7 +224,11 @@ pub(crate) fn to_inbox(batch: Vec<Event>, subscribed: &[String]) -> (Vec<Incomin
                     entries.push(entry);
                 }
             }
-            // Everything else the core reports is not for the inbox.
+            // Not for the inbox: the first sync after a join (the start
+            // waits for it), key rotation (the keyring watcher's).
+            Event::StoreSynced | Event::Keys(_) => {}
+            // The core's enum is non-exhaustive: a kind it adds later is
+            // not for the inbox until given an arm above.
             _ => {}
         }
     }
