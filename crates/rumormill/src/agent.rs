@@ -91,6 +91,17 @@ pub enum AgentError {
     /// A leave of an overlay that had left already.
     #[error("already left overlay {0:?}")]
     AlreadyLeft(String),
+    /// The overlay did not start at the agent's start: a record it needs
+    /// does not decode (the message says which, and what to do).
+    #[error(
+        "overlay {overlay:?} did not start: {reason}; `join` starts it with an empty de-duplication window (events delivered before may be delivered again), `delete` forgets it"
+    )]
+    NotStarted {
+        /// The overlay.
+        overlay: String,
+        /// Why.
+        reason: String,
+    },
     /// The overlay stopped while the request ran (it was deleted
     /// meanwhile); what the request did before is not undone.
     #[error("overlay {0:?} stopped while the request ran")]
@@ -219,8 +230,9 @@ pub struct OverlaySummary {
     pub epoch: u64,
     /// Whether packets are encrypted.
     pub encrypted: bool,
-    /// `running` or `left`; in a listing also `starting` or `busy` (a
-    /// start, or another change, under way: the rest is as last seen).
+    /// `running`, `left` or `stopped` (it did not start: see `error`); in
+    /// a listing also `starting` or `busy` (a start, or another change,
+    /// under way: the rest is as last seen).
     pub status: String,
     /// Members alive or suspect, including the local one.
     pub live_members: usize,
@@ -228,6 +240,10 @@ pub struct OverlaySummary {
     pub spec: OverlaySpec,
     /// Protocol and transport counters.
     pub stats: OverlayStats,
+    /// Why the overlay is `stopped`: it did not start (see
+    /// [`AgentError::NotStarted`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Counters of one overlay.
@@ -436,9 +452,27 @@ pub(crate) enum SlotState {
     Starting,
     /// Started: running, or left (stopped but still configured).
     Up(Box<Running>),
+    /// Not started at the agent's start, for a record that does not decode
+    /// (see [`AgentError::NotStarted`]); the other overlays run.
+    Failed(Box<NotStarted>),
     /// Deleted, or its start failed: on its way out of the table. Whoever
     /// waited for the lock finds no overlay.
     Gone,
+}
+
+/// An overlay that did not start (see [`SlotState::Failed`]).
+pub(crate) struct NotStarted {
+    record: OverlayRecord,
+    reason: String,
+}
+
+impl NotStarted {
+    fn error(&self) -> AgentError {
+        AgentError::NotStarted {
+            overlay: self.record.spec.name.clone(),
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 /// A locked slot that holds an overlay (see [`Agent::lock`]).
@@ -449,7 +483,9 @@ impl std::ops::Deref for Held {
     fn deref(&self) -> &Running {
         match &*self.0 {
             SlotState::Up(r) => r,
-            SlotState::Starting | SlotState::Gone => unreachable!("a slot is held only once found up"),
+            SlotState::Starting | SlotState::Failed(_) | SlotState::Gone => {
+                unreachable!("a slot is held only once found up")
+            }
         }
     }
 }
@@ -458,7 +494,9 @@ impl std::ops::DerefMut for Held {
     fn deref_mut(&mut self) -> &mut Running {
         match &mut *self.0 {
             SlotState::Up(r) => r,
-            SlotState::Starting | SlotState::Gone => unreachable!("a slot is held only once found up"),
+            SlotState::Starting | SlotState::Failed(_) | SlotState::Gone => {
+                unreachable!("a slot is held only once found up")
+            }
         }
     }
 }
@@ -481,6 +519,12 @@ impl<N: Net> Reservation<'_, N> {
     fn fill(mut self, running: Running) {
         if let Some(mut guard) = self.guard.take() {
             *guard = SlotState::Up(Box::new(running));
+        }
+    }
+
+    fn fail(mut self, failed: NotStarted) {
+        if let Some(mut guard) = self.guard.take() {
+            *guard = SlotState::Failed(Box::new(failed));
         }
     }
 }
@@ -611,8 +655,27 @@ impl<N: Net> Agent<N> {
             let reservation = agent.reserve(&name, false).await?;
             rec.epoch += 1;
             agent.show(starting(&rec));
-            let running = agent.launch(rec).await?;
-            reservation.fill(running);
+            match agent.launch(rec.clone()).await {
+                Ok(running) => reservation.fill(running),
+                // This overlay alone stays stopped, its error shown.
+                Err(AgentError::Persist(PersistError::Record {
+                    path,
+                    table,
+                    key,
+                    reason,
+                })) => {
+                    let failed = NotStarted {
+                        record: rec,
+                        reason: format!(
+                            "its record {table}/{key} in {} does not decode ({reason})",
+                            path.display()
+                        ),
+                    };
+                    tracing::error!(overlay = %name, error = %failed.error(), "overlay not started");
+                    reservation.fail(failed);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(agent)
     }
@@ -655,6 +718,7 @@ impl<N: Net> Agent<N> {
         let guard = self.slot(name)?.lock_owned().await;
         match &*guard {
             SlotState::Up(_) => Ok(Held(guard)),
+            SlotState::Failed(f) => Err(f.error()),
             SlotState::Starting | SlotState::Gone => Err(AgentError::UnknownOverlay(name.to_owned())),
         }
     }
@@ -696,7 +760,7 @@ impl<N: Net> Agent<N> {
             };
             let state = existing.clone().lock_owned().await;
             match &*state {
-                SlotState::Up(_) => return Err(AgentError::OverlayExists(name.to_owned())),
+                SlotState::Up(_) | SlotState::Failed(_) => return Err(AgentError::OverlayExists(name.to_owned())),
                 // Deleted, or an abandoned start: make room and try again.
                 SlotState::Starting | SlotState::Gone => self.unlist(name, &existing),
             }
@@ -808,10 +872,12 @@ impl<N: Net> Agent<N> {
             spec.name.clone(),
             handle.clone(),
             running.topics.clone(),
-            running.writes.clone(),
             running.feed.clone(),
-            running.inbox.clone(),
-            spec.limits.inbox_bytes(),
+            crate::inbox::WriterSetup {
+                cap: spec.limits.inbox_bytes(),
+                counters: running.inbox.clone(),
+                writes: running.writes.clone(),
+            },
         );
         running.tasks.push(tokio::spawn(pump));
         let me = self.me.clone();
@@ -879,7 +945,16 @@ impl<N: Net> Agent<N> {
 
     /// Summary of one overlay.
     pub async fn overlay(&self, name: &str) -> Result<OverlaySummary, AgentError> {
-        let r = self.lock(name).await?;
+        let r = match self.lock(name).await {
+            Err(AgentError::NotStarted { .. }) => {
+                let state = self.slot(name)?.lock_owned().await;
+                return match &*state {
+                    SlotState::Failed(f) => Ok(not_started(f)),
+                    _ => Err(AgentError::UnknownOverlay(name.to_owned())),
+                };
+            }
+            other => other?,
+        };
         let summary = summary(&r).await;
         self.show(summary.clone());
         Ok(summary)
@@ -899,6 +974,7 @@ impl<N: Net> Agent<N> {
                         self.show(summary.clone());
                         out.push(summary);
                     }
+                    SlotState::Failed(f) => out.push(not_started(f)),
                     // An abandoned start, or deleted meanwhile.
                     SlotState::Starting | SlotState::Gone => {}
                 },
@@ -997,6 +1073,14 @@ impl<N: Net> Agent<N> {
         // that, then starts afresh. Other overlays are not held up.
         let slot = self.slot(name)?;
         let mut state = slot.clone().lock_owned().await;
+        if matches!(*state, SlotState::Failed(_)) {
+            // Never started: nothing runs, nothing writes.
+            self.db.delete_overlay(name).await?;
+            *state = SlotState::Gone;
+            self.unlist(name, &slot);
+            tracing::info!(overlay = %name, "overlay deleted");
+            return Ok(());
+        }
         let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) else {
             self.unlist(name, &slot);
             return Err(AgentError::UnknownOverlay(name.to_owned()));
@@ -1065,7 +1149,13 @@ impl<N: Net> Agent<N> {
             return Err(AgentError::NoAddresses);
         }
         {
-            let mut r = self.lock(name).await?;
+            let mut r = match self.lock(name).await {
+                Err(AgentError::NotStarted { .. }) => {
+                    self.start_again(name).await?;
+                    self.lock(name).await?
+                }
+                other => other?,
+            };
             if r.left {
                 let running = self.launch(r.next_life()).await?;
                 *r = running;
@@ -1074,6 +1164,30 @@ impl<N: Net> Agent<N> {
         self.call(name, move |o, now| o.join(now, &addrs))
             .await?
             .map_err(core_error)
+    }
+
+    /// Starts an overlay that did not start, with an empty de-duplication
+    /// window in place of the one that does not decode.
+    async fn start_again(&self, name: &str) -> Result<(), AgentError> {
+        let mut state = self.slot(name)?.lock_owned().await;
+        let SlotState::Failed(f) = &mut *state else {
+            return Ok(()); // started, or gone, meanwhile
+        };
+        self.db
+            .write_holding(name, vec![crate::persist::Op::Dedup(Vec::new())], true, ())
+            .await?;
+        f.record.epoch += 1;
+        match self.launch(f.record.clone()).await {
+            Ok(running) => {
+                tracing::warn!(overlay = %name, "started with an empty de-duplication window");
+                *state = SlotState::Up(Box::new(running));
+                Ok(())
+            }
+            Err(e) => {
+                f.reason = e.to_string();
+                Err(e)
+            }
+        }
     }
 
     /// Leaves an overlay gracefully; it stays configured and rejoins on
@@ -1272,7 +1386,16 @@ async fn summary(r: &Running) -> OverlaySummary {
         live_members: live,
         spec: spec.masked(),
         stats,
+        error: None,
     }
+}
+
+/// What is shown of an overlay that did not start.
+fn not_started(f: &NotStarted) -> OverlaySummary {
+    let mut summary = starting(&f.record);
+    summary.status = "stopped".into();
+    summary.error = Some(f.error().to_string());
+    summary
 }
 
 /// What a listing shows of an overlay whose start is under way.
@@ -1295,6 +1418,7 @@ fn starting(rec: &OverlayRecord) -> OverlaySummary {
         live_members: 0,
         spec: spec.masked(),
         stats: OverlayStats::default(),
+        error: None,
     }
 }
 
@@ -1840,6 +1964,32 @@ pub(crate) mod tests {
         .await;
         // The name is free again.
         x.create_overlay(spec("c", "x", &[])).await.expect("create");
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_that_does_not_decode_stops_its_overlay_alone() {
+        let dir = scratch("spoiled-window");
+        let x = start(&dir, vec![spec("a", "x", &[]), spec("b", "x", &[])]).await;
+        x.db.spoil_window("a");
+        x.shutdown(false).await;
+        drop(x);
+        let x = start(&dir, vec![spec("a", "x", &[]), spec("b", "x", &[])]).await;
+        let listing = x.overlays().await;
+        let status: Vec<(&str, &str)> = listing.iter().map(|o| (o.name.as_str(), o.status.as_str())).collect();
+        assert_eq!(status, vec![("a", "stopped"), ("b", "running")]);
+        let error = listing[0].error.clone().unwrap_or_default();
+        assert!(
+            error.contains("events_dedup/a") && error.contains("`join`") && !error.contains("move the file"),
+            "{error}"
+        );
+        let refused = x.put("a", "k", b"v".to_vec()).await;
+        assert!(matches!(refused, Err(AgentError::NotStarted { .. })), "{refused:?}");
+        x.put("b", "k", b"v".to_vec()).await.expect("b runs");
+        x.join("a", vec![gone_peer()]).await.expect("join starts it");
+        assert_eq!(x.overlay("a").await.expect("a").status, "running");
+        assert!(x.db.dedup("a").expect("a readable window").is_empty());
         x.shutdown(false).await;
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -204,6 +204,7 @@ fn status_of(e: &AgentError) -> StatusCode {
         | AgentError::Left(_)
         | AgentError::AlreadyLeft(_)
         | AgentError::Stopped(_)
+        | AgentError::NotStarted { .. }
         | AgentError::Plaintext(_)
         | AgentError::Core(rumormill_core::CoreError::Left) => StatusCode::CONFLICT,
         AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,

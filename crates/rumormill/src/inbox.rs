@@ -71,10 +71,8 @@ pub(crate) async fn pump<N: Net>(
     name: String,
     handle: OverlayHandle,
     topics: Arc<std::sync::Mutex<Vec<String>>>,
-    writes: WriteGate,
     feed: InboxFeed,
-    counters: Arc<InboxCounters>,
-    cap: u64,
+    setup: WriterSetup,
 ) {
     let Some(mut stream) = handle.take_event_stream() else {
         return;
@@ -82,7 +80,7 @@ pub(crate) async fn pump<N: Net>(
     let Some(db) = agent.upgrade().map(|a| a.db.clone()) else {
         return;
     };
-    let mut writer = InboxWriter::open(&db, name, cap, counters, writes).await;
+    let mut writer = InboxWriter::open(&db, name, setup).await;
     drop(db);
     loop {
         let first = tokio::select! {
@@ -242,6 +240,16 @@ pub(crate) struct Stored {
     entries: Vec<InboxItem>,
 }
 
+/// What an [`InboxWriter`] is opened with, besides its overlay.
+pub(crate) struct WriterSetup {
+    /// The inbox's byte cap.
+    pub(crate) cap: u64,
+    /// Where it counts what the cap evicted and refused.
+    pub(crate) counters: Arc<InboxCounters>,
+    /// The gate of the overlay life's writes.
+    pub(crate) writes: WriteGate,
+}
+
 /// Part 2: appends to one overlay's inbox (see the module's documentation).
 pub(crate) struct InboxWriter {
     name: String,
@@ -273,13 +281,8 @@ impl InboxWriter {
     /// A writer that continues the stored inbox of `name`. The scan of
     /// its entries (up to [`INBOX_KEEP`] headers) runs on a blocking
     /// thread.
-    pub(crate) async fn open(
-        db: &Db,
-        name: String,
-        cap: u64,
-        counters: Arc<InboxCounters>,
-        writes: WriteGate,
-    ) -> InboxWriter {
+    pub(crate) async fn open(db: &Db, name: String, setup: WriterSetup) -> InboxWriter {
+        let WriterSetup { cap, counters, writes } = setup;
         let scan = {
             let (db, name) = (db.clone(), name.clone());
             tokio::task::spawn_blocking(move || {

@@ -239,6 +239,17 @@ impl Db {
         self.commit_delay_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Stores a de-duplication window that does not decode, for tests.
+    #[cfg(test)]
+    pub(crate) fn spoil_window(&self, overlay: &str) {
+        let tx = self.db.begin_write().expect("a write transaction");
+        tx.open_table(DEDUP)
+            .expect("the window table")
+            .insert(overlay, b"not json".as_slice())
+            .expect("a spoiled window");
+        tx.commit().expect("committed");
+    }
+
     /// Runs `f` — a transaction that commits — on a blocking thread.
     async fn commit<T: Send + 'static>(
         &self,
