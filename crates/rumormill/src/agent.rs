@@ -347,23 +347,18 @@ pub(crate) struct RecordSave {
 
 impl RecordSave {
     /// Writes the record through its life's gate, unless a newer one was
-    /// saved meanwhile. It runs on a task of its own, so that a cancelled
-    /// request still saves what it changed in memory. A closed gate saves
-    /// nothing: the overlay was deleted, or restarted (and its start saved
-    /// the record it holds in memory).
+    /// saved meanwhile. Once through the gate the commit runs to its end,
+    /// even if this future is dropped; dropped before, nothing is written
+    /// — the record in memory holds the change, and the overlay's next
+    /// save writes it. A closed gate saves nothing: the overlay was
+    /// deleted, or restarted (and its start saved the record it holds in
+    /// memory).
     pub(crate) async fn write(self, db: &Db) -> Result<(), PersistError> {
-        let db = db.clone();
-        let spawned = db.clone();
-        let save = tokio::spawn(async move {
-            let Some(passage) = self.writes.enter().await else {
-                return Ok(());
-            };
-            spawned
-                .put_overlay_newer(&self.record, passage, self.writes.saved.clone(), self.version)
-                .await
-        });
-        save.await
-            .map_err(|e| db.io_error(format!("the save's task failed: {e}")))?
+        let Some(passage) = self.writes.enter().await else {
+            return Ok(());
+        };
+        db.put_overlay_newer(&self.record, passage, self.writes.saved.clone(), self.version)
+            .await
     }
 }
 
@@ -1066,8 +1061,20 @@ impl<N: Net> Agent<N> {
         }
     }
 
-    /// Leaves gracefully, stops and forgets an overlay.
+    /// Leaves gracefully, stops and forgets an overlay. It runs on a task
+    /// of its own: a cancelled request does not leave it half done (gone
+    /// from the table, still on disk).
     pub async fn delete_overlay(&self, name: &str) -> Result<(), AgentError> {
+        let Some(agent) = self.me.upgrade() else {
+            return self.delete_now(name).await;
+        };
+        let owned = name.to_owned();
+        tokio::spawn(async move { agent.delete_now(&owned).await })
+            .await
+            .unwrap_or_else(|_| Err(stopped(name)))
+    }
+
+    async fn delete_now(&self, name: &str) -> Result<(), AgentError> {
         // The slot stays in the table, locked, until the overlay is stopped
         // and gone from the database: a create of the same name waits for
         // that, then starts afresh. Other overlays are not held up.

@@ -269,6 +269,9 @@ impl Db {
         let store = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let done = f(&store);
+            // The database before the passage: whoever waits for `hold`
+            // (a shutdown, then a reopen) finds the file closed by then.
+            drop(store);
             drop(hold);
             done
         })
@@ -289,30 +292,42 @@ impl Db {
     /// version of the record last written, which `hold` guards — is below
     /// `version` (raised to it once written): a late save of an older
     /// record writes nothing.
-    pub(crate) async fn put_overlay_newer<H: Send + 'static>(
+    pub(crate) fn put_overlay_newer<H: Send + 'static>(
         &self,
         rec: &OverlayRecord,
         hold: H,
         saved: Arc<std::sync::atomic::AtomicU64>,
         version: u64,
-    ) -> Result<(), PersistError> {
+    ) -> impl std::future::Future<Output = Result<(), PersistError>> + Send + 'static {
         use std::sync::atomic::Ordering::Relaxed;
-        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|e| self.io(e))?);
+        // Started here, holding no `Db` afterwards: the future keeps the
+        // file open no longer than the commit does.
+        let encoded = serde_json::to_vec(rec).map(zeroize::Zeroizing::new);
         let name = rec.spec.name.clone();
-        self.commit_holding(hold, move |s| {
-            if saved.load(Relaxed) >= version {
-                return Ok(());
-            }
-            s.put_overlay(&name, &bytes)?;
-            saved.store(version, Relaxed);
-            Ok(())
-        })
-        .await
-    }
-
-    /// An I/O error of this database (`reason` says what failed).
-    pub(crate) fn io_error(&self, reason: impl std::fmt::Display) -> PersistError {
-        self.io(reason)
+        let path = self.path.clone();
+        let store = self.inner.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let done = match encoded {
+                Ok(bytes) if saved.load(Relaxed) < version => {
+                    let written = store.put_overlay(&name, &bytes);
+                    if written.is_ok() {
+                        saved.store(version, Relaxed);
+                    }
+                    written
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(store.io(e)),
+            };
+            drop(store);
+            drop(hold);
+            done
+        });
+        async move {
+            task.await.map_err(|e| PersistError::Io {
+                path,
+                reason: format!("the commit's thread failed: {e}"),
+            })?
+        }
     }
 
     /// Forgets an overlay and its events.
