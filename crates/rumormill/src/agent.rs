@@ -318,7 +318,8 @@ pub(crate) struct WriteGate {
 pub(crate) type Passage = OwnedMutexGuard<bool>;
 
 impl WriteGate {
-    fn new() -> WriteGate {
+    /// A gate of a new life, open.
+    pub(crate) fn new() -> WriteGate {
         WriteGate {
             open: Arc::new(Mutex::new(true)),
             saved: Arc::default(),

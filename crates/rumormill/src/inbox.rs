@@ -660,6 +660,41 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_the_stopped_overlay_cannot_take_keeps_its_reservation() {
+        let dir = scratch("stopped-batch");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        let handle = x.handle("a").await.expect("a");
+        // A writer of its own, under another name: the overlay's pump
+        // does not write there.
+        let setup = WriterSetup {
+            cap: u64::MAX,
+            counters: Arc::default(),
+            writes: WriteGate::new(),
+        };
+        let mut writer = InboxWriter::open(&x.db, "other".into(), setup).await;
+        handle.shutdown(false).await;
+        let mut entry = Incoming::local("t");
+        entry.alo = true;
+        entry.payload = Some(b"e".to_vec());
+        entry.ack = Some(EventId {
+            origin: "p".into(),
+            epoch: 1,
+            seq: 1,
+        });
+        let stored = writer.store(&x, &handle, vec![entry], Vec::new()).await;
+        assert!(stored.acks.is_empty() && stored.entries.is_empty(), "nothing stored");
+        assert_eq!(
+            x.db.inbox_next("other").expect("position"),
+            writer.reserved,
+            "the numbers the batch reserved must be reserved on disk too"
+        );
+        assert_eq!(writer.index.bytes, 0, "the entry not stored is not counted");
+        assert!(x.db.inbox_after("other", 0, 10, usize::MAX).expect("inbox").is_empty());
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restart_at_a_new_address_is_a_member_updated_entry() {
         let (dir_x, dir_y) = (scratch("updated-x"), scratch("updated-y"));
         let x = start(&dir_x, vec![spec("a", "x", &[])]).await;
