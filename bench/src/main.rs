@@ -13,7 +13,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use rumormill_core::Config;
-use rumormill_core::broadcast::Mode;
+use rumormill_core::replication::Mode;
 use rumormill_sim::membership::{self, MembershipParams, MembershipReport};
 use serde::{Deserialize, Serialize};
 
@@ -163,7 +163,7 @@ fn main() -> Result<()> {
             config.push_pull_interval = std::time::Duration::from_secs_f64(s);
         }
         if args.no_anti_entropy {
-            config.dissemination.mode = Mode::Rumor;
+            config.replication.mode = Mode::Rumor;
         }
         let cases = cases(args.quick, &args.only_nodes, &args.only_loss);
         if cases.is_empty() {
@@ -218,7 +218,7 @@ fn sweep(config: &Config, cases: &[Case], json_out: &Path) -> Result<Vec<Entry>>
             suspicion_min_s: min.as_secs_f64(),
             suspicion_max_s: max.as_secs_f64(),
             push_pull_interval_s: config.push_pull_interval_for(c.nodes).as_secs_f64(),
-            anti_entropy: config.dissemination.mode != Mode::Rumor,
+            anti_entropy: config.replication.mode != Mode::Rumor,
             wall_s,
         };
         let mut stdout = std::io::stdout().lock();

@@ -12,16 +12,16 @@ use std::path::Path;
 
 use clap::Parser;
 use plotters::prelude::*;
-use rumormill_core::broadcast::{DisseminationConfig, Mode};
-use rumormill_sim::broadcast::{self, BroadcastParams, BroadcastReport};
+use rumormill_core::replication::{Mode, ReplicationConfig};
 use rumormill_sim::epidemic::{self, AntiEntropyParams, DemersParams, Direction, Loss, Removal};
+use rumormill_sim::replication::{self, ReplicationParams, ReplicationReport};
 use serde_json::json;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
 const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs");
 
-/// Dissemination benchmarks: synchronous models and the real protocols.
+/// Replication benchmarks: synchronous models and the real protocols.
 #[derive(Debug, Parser)]
 #[command(name = "dissemination-sweep")]
 struct Args {
@@ -105,7 +105,7 @@ fn main() -> Result<()> {
         "\n| n | loss | mode | delivery | p50 | p99 | max | messages/member | bytes/member | copies/member |"
     )?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
-    let mut broadcasts: Vec<BroadcastReport> = Vec::new();
+    let mut broadcasts: Vec<ReplicationReport> = Vec::new();
     let sizes: &[usize] = if args.quick {
         &[1000, 10_000]
     } else {
@@ -114,13 +114,13 @@ fn main() -> Result<()> {
     for &nodes in sizes {
         for loss in [0.0, 0.05] {
             for &mode in Mode::ALL {
-                let config = DisseminationConfig {
+                let config = ReplicationConfig {
                     mode,
-                    ..DisseminationConfig::default()
+                    ..ReplicationConfig::default()
                 };
                 // Anti-entropy alone needs about log3(n) exchanges of 10 s.
                 let duration_s = if mode == Mode::AntiEntropy { 240.0 } else { 60.0 };
-                let p = BroadcastParams {
+                let p = ReplicationParams {
                     nodes,
                     loss,
                     config,
@@ -128,7 +128,7 @@ fn main() -> Result<()> {
                     seed: 1,
                     runs: 1,
                 };
-                let r = broadcast::run(&p);
+                let r = replication::run(&p);
                 let ms = |v: Option<f64>| {
                     v.map_or("–".into(), |s| {
                         if s < 1.0 {
@@ -157,7 +157,7 @@ fn main() -> Result<()> {
     }
 
     fs::write(
-        out.join("benchmarks-dissemination.json"),
+        out.join("benchmarks-replication.json"),
         serde_json::to_string_pretty(&json!({
             "demers": demers,
             "anti_entropy": anti_entropy,
@@ -171,7 +171,7 @@ fn main() -> Result<()> {
 
 /// Fraction of members informed against time (log scale), one line per mode,
 /// for the largest loss-free run of each mode.
-fn chart(reports: &[BroadcastReport], path: &Path) -> Result<()> {
+fn chart(reports: &[ReplicationReport], path: &Path) -> Result<()> {
     let largest = reports
         .iter()
         .filter(|r| r.loss == 0.0)

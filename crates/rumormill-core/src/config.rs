@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use crate::broadcast::DisseminationConfig;
+use crate::replication::ReplicationConfig;
 
 /// Timings and limits of one overlay.
 ///
@@ -83,7 +83,7 @@ pub struct Config {
     /// Largest luggage total per member.
     pub max_luggage_total: usize,
     /// How updates spread: rumor mongering, anti-entropy, or both.
-    pub dissemination: DisseminationConfig,
+    pub replication: ReplicationConfig,
 }
 
 impl Config {
@@ -120,7 +120,7 @@ impl Config {
             event_hop_timeout: Duration::from_millis(100),
             max_luggage_value: crate::luggage::DEFAULT_MAX_VALUE,
             max_luggage_total: crate::luggage::DEFAULT_MAX_TOTAL,
-            dissemination: DisseminationConfig::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 
@@ -139,10 +139,10 @@ impl Config {
             gossip_to_the_dead: Duration::from_secs(60),
             push_pull_interval: Duration::from_secs(60),
             reconnect_interval: Duration::from_secs(30),
-            dissemination: DisseminationConfig {
+            replication: ReplicationConfig {
                 interval: Duration::from_millis(500),
                 anti_entropy_interval: Duration::from_secs(30),
-                ..DisseminationConfig::default()
+                ..ReplicationConfig::default()
             },
             ..Config::new_lan()
         }
@@ -189,7 +189,7 @@ impl Config {
         if self.event_relay_fanout < 2 || self.event_hop_timeout.is_zero() {
             return Err("event_relay_fanout must be at least 2 and event_hop_timeout above zero".into());
         }
-        self.dissemination.validate()
+        self.replication.validate()
     }
 
     /// Times a membership change is retransmitted in a cluster of `n`.

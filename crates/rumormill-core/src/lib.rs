@@ -9,7 +9,7 @@
 //!   [`Overlay::handle_timeout`] and API calls ([`Overlay::join`],
 //!   [`Overlay::leave`], key rotation…);
 //! - outputs: [`Overlay::poll_transmit`] (a datagram or stream frame and its
-//!   destination), [`Overlay::poll_event`] (membership changes) and
+//!   destination), [`Overlay::poll_notification`] (membership changes) and
 //!   [`Overlay::poll_timeout`] (when to call `handle_timeout` next).
 //!
 //! The same code runs in the agent, in the simulator and in tests: given the
@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use rumormill_core::{Config, Event, Identity, MemberChange, Overlay, Security};
+//! use rumormill_core::{Config, Notification, Identity, MemberChange, Overlay, Security};
 //!
 //! let now = Instant::now();
 //! let id = |n: &str, port| Identity::new(n, format!("127.0.0.1:{port}").parse().unwrap(), 1);
@@ -29,26 +29,26 @@
 //!     while let Some(t) = b.poll_transmit() { a.handle(now, b.local_addr(), t.kind, &t.payload); }
 //!     while let Some(t) = a.poll_transmit() { b.handle(now, a.local_addr(), t.kind, &t.payload); }
 //! }
-//! assert!(matches!(a.poll_event(), Some(Event::Member { change: MemberChange::Joined, .. })));
+//! assert!(matches!(a.poll_notification(), Some(Notification::Member { change: MemberChange::Joined, .. })));
 //! assert_eq!(a.member("b").unwrap().incarnation, 0);
 //! # Ok::<(), rumormill_core::CoreError>(())
 //! ```
 #![warn(missing_docs)]
 
-pub mod broadcast;
 mod config;
-mod event;
 pub mod events;
 pub mod keys;
 pub mod luggage;
 mod membership;
+mod notification;
 mod overlay;
+pub mod replication;
 pub mod reserved;
 mod wall;
 
 pub use config::Config;
-pub use event::{Event, MemberChange};
 pub use membership::{MemberInfo, MemberState};
+pub use notification::{MemberChange, Notification};
 pub use overlay::{CoreError, Identity, Overlay, Stats, Transmit};
 pub use rumormill_wire::{FrameKind, KeyId, KeyInfo, Keyring, Security, WireError};
 pub use wall::WallTime;

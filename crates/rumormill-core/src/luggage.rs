@@ -25,9 +25,9 @@
 //! [`Config::max_luggage_value`]: crate::Config::max_luggage_value
 //! [`Config::max_luggage_total`]: crate::Config::max_luggage_total
 
-use crate::broadcast::{Store, Update};
 use crate::config::Config;
 use crate::overlay::CoreError;
+use crate::replication::{Store, Update};
 use crate::reserved::{self, ReservedKey};
 
 /// Default largest value (64 KiB).

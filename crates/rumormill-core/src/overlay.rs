@@ -8,14 +8,14 @@ use rand_chacha::ChaCha8Rng;
 use rumormill_wire::proto::{Envelope, envelope::Body};
 use rumormill_wire::{Codec, FrameKind, HeaderFilter, KeyId, KeyInfo, Keyring, PacketBuilder, Security, WireError};
 
-use crate::broadcast::{Dissemination, DisseminationStats, Store, Update, UpdateHandler};
 use crate::config::Config;
-use crate::event::Event;
 use crate::events::{self, Delivery, EventId, Events, PendingEvent, dedup};
 use crate::keys::{self, KeyError, KeyProgress, KeyStep, KeyringRecord, Rotation};
 use crate::luggage;
 use crate::membership::piggyback::Piggyback;
 use crate::membership::{self, Member, MemberInfo, MemberState, Membership};
+use crate::notification::Notification;
+use crate::replication::{Replication, ReplicationStats, Store, Update, UpdateHandler};
 use crate::reserved::KeyReport;
 use crate::wall::{WallClock, WallTime};
 
@@ -93,7 +93,7 @@ pub enum CoreError {
     Invalid(String),
     /// The write would take this member beyond its quota in the store.
     #[error(transparent)]
-    Quota(#[from] crate::broadcast::QuotaExceeded),
+    Quota(#[from] crate::replication::QuotaExceeded),
 }
 
 /// Something the driver must send.
@@ -287,7 +287,7 @@ impl Wire {
     }
 }
 
-/// A sender lent out by membership (to events, and for dissemination's
+/// A sender lent out by membership (to events, and for replication's
 /// messages): its datagrams carry membership's piggybacked changes like
 /// membership's own.
 pub(crate) struct Sender<'a> {
@@ -321,9 +321,9 @@ impl<'a> Sender<'a> {
     }
 }
 
-/// Sends what dissemination queued, through `out`.
-fn forward(dissemination: &mut Dissemination, out: &mut Sender<'_>) {
-    while let Some(o) = dissemination.poll_message() {
+/// Sends what replication queued, through `out`.
+fn forward(replication: &mut Replication, out: &mut Sender<'_>) {
+    while let Some(o) = replication.poll_message() {
         if o.stream {
             out.send_stream(o.to, o.envelope);
         } else {
@@ -336,17 +336,17 @@ fn forward(dissemination: &mut Dissemination, out: &mut Sender<'_>) {
 ///
 /// Inputs are [`Overlay::handle_datagram`], [`Overlay::handle_stream`],
 /// [`Overlay::handle_timeout`] and the API calls; after each, a driver
-/// drains [`Overlay::poll_transmit`] and [`Overlay::poll_event`], then
+/// drains [`Overlay::poll_transmit`] and [`Overlay::poll_notification`], then
 /// sleeps until [`Overlay::poll_timeout`]. See the [crate
 /// documentation](crate) for an example.
 ///
 /// Inside, the overlay is a router: it opens and decodes packets, hands
 /// each message to the sub-machine whose protocol it belongs to —
-/// membership (SWIM, state sync), [`Dissemination`] (the replicated store)
+/// membership (SWIM, state sync), [`Replication`] (the replicated store)
 /// or events on topics — seals what they send, and runs their timers from
 /// one table. Each sub-machine gets only narrow views of the others for the
 /// call: membership the configuration, the RNG, the wire and a way to sync
-/// the store after a join; dissemination a sampler of alive members; events
+/// the store after a join; replication a sampler of alive members; events
 /// the member table and the store (read-only), the RNG and a sender that
 /// piggybacks membership changes; key rotation ([`crate::keys`]) the
 /// wire's keyring, the store (read-only) and the live members' names, and
@@ -356,18 +356,18 @@ pub struct Overlay {
     rng: ChaCha8Rng,
     wire: Wire,
     membership: Membership,
-    dissemination: Dissemination,
+    replication: Replication,
     events: Events,
     /// Cluster-wide key rotation ([`crate::keys`]).
     rotation: Rotation,
     /// What the sub-machines told, in the order they told it.
-    output: VecDeque<Event>,
+    output: VecDeque<Notification>,
     /// The departure has been gossiped: nothing more is sent or received.
     closed: bool,
     /// The latest wall-clock reading given with a write.
     wall: WallClock,
     /// After a join, the store's exchanges completed before it: the next
-    /// one is reported as [`Event::StoreSynced`].
+    /// one is reported as [`Notification::StoreSynced`].
     first_sync: Option<u64>,
 }
 
@@ -412,11 +412,11 @@ impl Overlay {
             security,
         );
         let budget = config.mtu.saturating_sub(codec.overhead());
-        let mut dconfig = config.dissemination.clone();
-        dconfig.limits.luggage_value = config.max_luggage_value as u64;
-        dconfig.limits.luggage_total = config.max_luggage_total as u64;
-        let dissemination = Dissemination::new(
-            dconfig,
+        let mut rconfig = config.replication.clone();
+        rconfig.limits.luggage_value = config.max_luggage_value as u64;
+        rconfig.limits.luggage_total = config.max_luggage_total as u64;
+        let replication = Replication::new(
+            rconfig,
             &identity.name,
             identity.epoch,
             identity.addr,
@@ -425,7 +425,7 @@ impl Overlay {
             now,
         );
         Overlay {
-            dissemination,
+            replication,
             events: Events::new(&identity, &config),
             membership,
             wire: Wire {
@@ -459,7 +459,7 @@ impl Overlay {
         let (members, out) = self.membership.lend(&mut self.wire, &self.config);
         let env = events::Env {
             members,
-            store: self.dissemination.store(),
+            store: self.replication.store(),
             rng: &mut self.rng,
             out,
         };
@@ -469,36 +469,36 @@ impl Overlay {
     /// Moves what membership and events have to tell into the output. Each
     /// input reaches one of them at a time, so the order is kept.
     fn collect(&mut self) {
-        while let Some(e) = self.membership.poll_event() {
+        while let Some(e) = self.membership.poll_notification() {
             self.output.push_back(e);
         }
-        while let Some(e) = self.events.poll_event() {
+        while let Some(e) = self.events.poll_notification() {
             self.output.push_back(e);
         }
     }
 
-    /// Sends what dissemination queued and forwards its events.
-    fn drain_dissemination(&mut self) {
+    /// Sends what replication queued and forwards its events.
+    fn drain_replication(&mut self) {
         forward(
-            &mut self.dissemination,
+            &mut self.replication,
             &mut self.membership.sender(&mut self.wire, &self.config),
         );
-        while let Some(e) = self.dissemination.poll_event() {
+        while let Some(e) = self.replication.poll_notification() {
             self.rotation.on_update(&e.update);
-            self.output.push_back(Event::Update(e));
+            self.output.push_back(Notification::Update(e));
         }
         if let Some(before) = self.first_sync
-            && self.dissemination.stats().syncs > before
+            && self.replication.stats().syncs > before
         {
             self.first_sync = None;
-            self.output.push_back(Event::StoreSynced);
+            self.output.push_back(Notification::StoreSynced);
         }
     }
 
     /// Moves what the rotation has to tell into the output.
     fn drain_keys(&mut self) {
-        while let Some(e) = self.rotation.poll_event() {
-            self.output.push_back(Event::Keys(e));
+        while let Some(e) = self.rotation.poll_notification() {
+            self.output.push_back(Notification::Keys(e));
         }
     }
 
@@ -607,7 +607,7 @@ impl Overlay {
                 m.on_dead(now, d, &mut env);
             }
             Body::PushPull(pp) => {
-                let store = &mut self.dissemination;
+                let store = &mut self.replication;
                 let mut env = membership::Env {
                     config: &self.config,
                     rng: &mut self.rng,
@@ -622,7 +622,7 @@ impl Overlay {
                 self.membership.on_push_pull(now, from, pp, &mut env, &mut sync);
                 // Membership's changes came first, then the store's.
                 self.collect();
-                self.drain_dissemination();
+                self.drain_replication();
             }
             Body::Event(ev) => {
                 let (events, mut env) = self.events();
@@ -633,8 +633,8 @@ impl Overlay {
                 events.on_event_ack(from, a, &mut env);
             }
             body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
-                self.dissemination.handle(now, from, body);
-                self.drain_dissemination();
+                self.replication.handle(now, from, body);
+                self.drain_replication();
                 // The store may hold a newer desired keyring now.
                 self.follow_keyring(now);
             }
@@ -652,7 +652,7 @@ impl Overlay {
         match timer {
             Timer::Membership(t) => self.membership.deadline(t),
             Timer::Events if active => self.events.poll_timeout().map(Deadline::wake),
-            Timer::Store if active => Some(Deadline::wake(self.dissemination.poll_timeout())),
+            Timer::Store if active => Some(Deadline::wake(self.replication.poll_timeout())),
             Timer::Events | Timer::Store => None,
         }
     }
@@ -669,22 +669,22 @@ impl Overlay {
                 events.handle_timeout(now, &mut env);
             }
             Timer::Store => {
-                // The sampler of alive members dissemination is lent.
+                // The sampler of alive members replication is lent.
                 let (members, rng) = (self.membership.table(), &mut self.rng);
                 let mut peers = |k: usize| {
                     let k = if k == 0 { members.len() } else { k };
                     let picked = members.random(k, rng, |m| m.state == MemberState::Alive);
                     picked.into_iter().map(|i| members.at(i).addr()).collect()
                 };
-                self.dissemination.handle_timeout(now, &mut peers);
-                self.drain_dissemination();
+                self.replication.handle_timeout(now, &mut peers);
+                self.drain_replication();
             }
         }
         self.collect();
     }
 
     /// Runs every due timer: probes, gossip, push-pull, reconnection,
-    /// suspicion timeouts, event resends, dissemination rounds. Call it at
+    /// suspicion timeouts, event resends, replication rounds. Call it at
     /// (or after) [`Overlay::poll_timeout`].
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.closed {
@@ -707,7 +707,7 @@ impl Overlay {
     /// seen alive.
     pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), CoreError> {
         self.check_active()?;
-        let syncs = self.dissemination.stats().syncs;
+        let syncs = self.replication.stats().syncs;
         self.first_sync.get_or_insert(syncs);
         let (m, mut env) = self.membership();
         m.join_via(now, seeds, &mut env);
@@ -726,21 +726,21 @@ impl Overlay {
     }
 
     /// Writes a value under `key`; it spreads to every member (see
-    /// [`crate::broadcast`]). `wall` is the caller's wall clock: the write
+    /// [`crate::replication`]). `wall` is the caller's wall clock: the write
     /// clock is at least that (see [`crate::WallTime`]). Refused with
     /// [`CoreError::Quota`] if it would take this member beyond its quota
-    /// ([`crate::broadcast::Limits`]).
+    /// ([`crate::replication::Limits`]).
     pub fn put(&mut self, now: Instant, wall: WallTime, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
         self.check_active()?;
         self.floor_write_clock(now, wall);
-        Ok(self.dissemination.try_put(now, key, value)?)
+        Ok(self.replication.try_put(now, key, value)?)
     }
 
     /// Deletes `key` everywhere.
     pub fn delete(&mut self, now: Instant, wall: WallTime, key: &str) -> Result<Update, CoreError> {
         self.check_active()?;
         self.floor_write_clock(now, wall);
-        Ok(self.dissemination.try_delete(now, key)?)
+        Ok(self.replication.try_delete(now, key)?)
     }
 
     /// Raises the write clock to the wall clock in milliseconds (a hybrid
@@ -748,33 +748,33 @@ impl Overlay {
     /// those of its previous life, and remembers the reading.
     fn floor_write_clock(&mut self, now: Instant, wall: WallTime) {
         self.wall.observe(now, wall);
-        self.dissemination.advance_clock(wall.as_unix_ms());
+        self.replication.advance_clock(wall.as_unix_ms());
     }
 
     /// The replicated updates.
     pub fn store(&self) -> &Store {
-        self.dissemination.store()
+        self.replication.store()
     }
 
     /// Replaces the handler that decides which incoming updates to keep.
     pub fn set_update_handler(&mut self, handler: impl UpdateHandler + 'static) {
-        self.dissemination.set_handler(handler);
+        self.replication.set_handler(handler);
     }
 
-    /// The dissemination state machine (rumor states, counters).
-    pub fn dissemination(&self) -> &Dissemination {
-        &self.dissemination
+    /// The replication state machine (rumor states, counters).
+    pub fn replication(&self) -> &Replication {
+        &self.replication
     }
 
-    /// Dissemination itself, for tests that write past the API's checks.
+    /// Replication itself, for tests that write past the API's checks.
     #[cfg(test)]
-    pub(crate) fn dissemination_mut(&mut self) -> &mut Dissemination {
-        &mut self.dissemination
+    pub(crate) fn dissemination_mut(&mut self) -> &mut Replication {
+        &mut self.replication
     }
 
-    /// Counters of the dissemination protocols.
-    pub fn dissemination_stats(&self) -> DisseminationStats {
-        self.dissemination.stats()
+    /// Counters of the replication protocols.
+    pub fn replication_stats(&self) -> ReplicationStats {
+        self.replication.stats()
     }
 
     /// Replaces the seed addresses re-contacted when not seen alive.
@@ -956,7 +956,7 @@ impl Overlay {
     fn rotation(&mut self) -> (&mut Rotation, keys::View<'_>) {
         let view = keys::View {
             wire: &mut self.wire,
-            store: self.dissemination.store(),
+            store: self.replication.store(),
             me: self.membership.name(),
         };
         (&mut self.rotation, view)
@@ -1015,7 +1015,7 @@ impl Overlay {
 
     /// Subscribes the local member to `topic`; every member learns it.
     pub fn subscribe(&mut self, now: Instant, wall: WallTime, topic: &str) -> Result<(), CoreError> {
-        match self.events.subscribe(self.dissemination.store(), topic)? {
+        match self.events.subscribe(self.replication.store(), topic)? {
             Some((key, value)) => self.put(now, wall, &key, value).map(|_| ()),
             None => Ok(()),
         }
@@ -1023,7 +1023,7 @@ impl Overlay {
 
     /// Unsubscribes the local member from `topic`.
     pub fn unsubscribe(&mut self, now: Instant, wall: WallTime, topic: &str) -> Result<(), CoreError> {
-        match self.events.unsubscribe(self.dissemination.store(), topic) {
+        match self.events.unsubscribe(self.replication.store(), topic) {
             Some((key, value)) => self.put(now, wall, &key, value).map(|_| ()),
             None => Ok(()),
         }
@@ -1036,14 +1036,14 @@ impl Overlay {
 
     /// A member's topics, as the local member knows them.
     pub fn topics_of(&self, member: &str) -> Vec<String> {
-        events::topics_of(self.dissemination.store(), member)
+        events::topics_of(self.replication.store(), member)
     }
 
     /// The live members subscribed to `topic`, the local one included,
     /// with their addresses.
     pub fn subscribers(&self, topic: &str) -> Vec<(Arc<str>, SocketAddr)> {
         self.events
-            .subscribers(self.dissemination.store(), self.membership.table(), topic)
+            .subscribers(self.replication.store(), self.membership.table(), topic)
     }
 
     /// Publishes `payload` on `topic` to its subscribers (see [`crate::events`]).
@@ -1160,7 +1160,7 @@ impl Overlay {
     }
 
     /// The next event.
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub fn poll_notification(&mut self) -> Option<Notification> {
         self.output.pop_front()
     }
 

@@ -36,7 +36,7 @@ use rumormill_wire::KeyId;
 use rumormill_wire::proto;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::broadcast::Update;
+use crate::replication::Update;
 
 /// Keys under this prefix hold the members' own data; applications should
 /// leave them alone (the agent refuses them from its clients).

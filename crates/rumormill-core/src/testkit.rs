@@ -9,7 +9,7 @@ use prost::Message;
 use rumormill_wire::Codec;
 use rumormill_wire::proto::Envelope;
 
-use crate::{Config, Event, FrameKind, Identity, MemberChange, MemberState, Overlay, Security};
+use crate::{Config, FrameKind, Identity, MemberChange, MemberState, Notification, Overlay, Security};
 
 pub(crate) struct Net {
     pub(crate) nodes: Vec<Option<Overlay>>,
@@ -18,7 +18,7 @@ pub(crate) struct Net {
     /// Directed links that drop everything.
     pub(crate) cut: BTreeSet<(usize, usize)>,
     /// Every event, with the node that saw it and when.
-    pub(crate) log: Vec<(Duration, usize, Event)>,
+    pub(crate) log: Vec<(Duration, usize, Notification)>,
     config: Config,
     security: fn() -> Security,
 }
@@ -132,7 +132,7 @@ impl Net {
         let at = self.now - self.start;
         for (i, n) in self.nodes.iter_mut().enumerate() {
             if let Some(o) = n.as_mut() {
-                while let Some(e) = o.poll_event() {
+                while let Some(e) = o.poll_notification() {
                     self.log.push((at, i, e));
                 }
             }
@@ -163,7 +163,9 @@ impl Net {
         self.log
             .iter()
             .filter_map(|(t, i, e)| match e {
-                Event::Member { change: c, member } if *c == change && *member.name == name(subject) => Some((*t, *i)),
+                Notification::Member { change: c, member } if *c == change && *member.name == name(subject) => {
+                    Some((*t, *i))
+                }
                 _ => None,
             })
             .collect()

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rumormill_core::keys::KeyringRecord;
-use rumormill_core::{Config, Event, FrameKind, Identity, Keyring, MemberInfo, Overlay, Security, Transmit, WallTime};
+use rumormill_core::{
+    Config, FrameKind, Identity, Keyring, MemberInfo, Notification, Overlay, Security, Transmit, WallTime,
+};
 
 use crate::network::NetworkModel;
 
@@ -68,7 +70,7 @@ pub trait SimNode {
     /// The next packet to send.
     fn poll_transmit(&mut self) -> Option<Transmit>;
     /// The next event.
-    fn poll_event(&mut self) -> Option<Event>;
+    fn poll_notification(&mut self) -> Option<Notification>;
     /// The next wake-up.
     fn poll_timeout(&self) -> Option<Instant>;
 }
@@ -83,8 +85,8 @@ impl SimNode for Overlay {
     fn poll_transmit(&mut self) -> Option<Transmit> {
         Overlay::poll_transmit(self)
     }
-    fn poll_event(&mut self) -> Option<Event> {
-        Overlay::poll_event(self)
+    fn poll_notification(&mut self) -> Option<Notification> {
+        Overlay::poll_notification(self)
     }
     fn poll_timeout(&self) -> Option<Instant> {
         Overlay::poll_timeout(self)
@@ -135,7 +137,7 @@ pub struct Simulation<N = Overlay> {
     config: Option<Config>,
     /// The network model; change it between runs to partition or heal.
     pub network: NetworkModel,
-    events: Vec<(Nanos, usize, Event)>,
+    events: Vec<(Nanos, usize, Notification)>,
     traffic: Traffic,
     processed: u64,
 }
@@ -377,7 +379,7 @@ impl<N: SimNode> Simulation<N> {
     }
 
     /// Events seen so far, with time and observer, in order.
-    pub fn events(&self) -> &[(Nanos, usize, Event)] {
+    pub fn events(&self) -> &[(Nanos, usize, Notification)] {
         &self.events
     }
 
@@ -435,7 +437,7 @@ impl<N: SimNode> Simulation<N> {
         while let Some(t) = o.poll_transmit() {
             out.push(t);
         }
-        while let Some(e) = o.poll_event() {
+        while let Some(e) = o.poll_notification() {
             self.events.push((self.now, i, e));
         }
         for t in out {

@@ -12,14 +12,14 @@
 //! - [`broadcast`]: how fast and how completely an update reaches
 //!   everyone, and at what cost, with rumor mongering, anti-entropy or both;
 //! - [`epidemic`]: the synchronous models of Demers et al. (1987), the theory
-//!   the dissemination protocols are compared against.
+//!   the replication protocols are compared against.
 #![warn(missing_docs)]
 
-pub mod broadcast;
 mod engine;
 pub mod epidemic;
 pub mod membership;
 mod network;
+pub mod replication;
 
 pub use engine::{Nanos, SimNode, Simulation, Traffic, member_addr, member_name, secs};
 pub use network::NetworkModel;

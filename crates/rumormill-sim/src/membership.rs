@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rumormill_core::{Config, Event, MemberChange};
+use rumormill_core::{Config, MemberChange, Notification};
 use serde::Serialize;
 
 use crate::engine::{Nanos, Simulation, member_name, secs};
@@ -178,7 +178,9 @@ fn one_run(p: &MembershipParams, seed: u64) -> RunOutcome {
     let mut failed: BTreeMap<&str, BTreeMap<usize, Nanos>> = BTreeMap::new();
     let mut suspected: BTreeSet<(&str, u64, u32)> = BTreeSet::new();
     for (t, observer, e) in sim.events() {
-        let Event::Member { change, member } = e else { continue };
+        let Notification::Member { change, member } = e else {
+            continue;
+        };
         match change {
             MemberChange::Failed => {
                 failed.entry(&member.name).or_default().entry(*observer).or_insert(*t);

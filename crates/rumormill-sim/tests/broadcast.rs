@@ -1,12 +1,12 @@
-//! Properties of the dissemination protocols, checked in the simulator.
+//! Properties of the replication protocols, checked in the simulator.
 
 use std::time::Duration;
 
-use rumormill_core::broadcast::{Direction, DisseminationConfig, Loss, Mode, Removal};
-use rumormill_sim::broadcast::{BroadcastParams, run};
+use rumormill_core::replication::{Direction, Loss, Mode, Removal, ReplicationConfig};
+use rumormill_sim::replication::{ReplicationParams, run};
 
-fn params(nodes: usize, loss: f64, config: DisseminationConfig, duration_s: f64) -> BroadcastParams {
-    BroadcastParams {
+fn params(nodes: usize, loss: f64, config: ReplicationConfig, duration_s: f64) -> ReplicationParams {
+    ReplicationParams {
         nodes,
         loss,
         config,
@@ -19,18 +19,18 @@ fn params(nodes: usize, loss: f64, config: DisseminationConfig, duration_s: f64)
 #[test]
 fn anti_entropy_as_a_backstop_brings_the_residue_to_zero() {
     // Blind coin with k = 1 dies out early and leaves a large residue …
-    let weak = DisseminationConfig {
+    let weak = ReplicationConfig {
         mode: Mode::Rumor,
         removal: Removal::Blind,
         loss: Loss::Coin,
         rounds: 1,
         fanout: 1,
-        ..DisseminationConfig::default()
+        ..ReplicationConfig::default()
     };
     let alone = run(&params(1000, 0.1, weak.clone(), 60.0));
     assert!(alone.delivery < 0.9, "rumor alone: {}", alone.delivery);
     // … which anti-entropy repairs.
-    let both = DisseminationConfig {
+    let both = ReplicationConfig {
         mode: Mode::Both,
         anti_entropy_interval: Duration::from_secs(5),
         ..weak
@@ -41,11 +41,11 @@ fn anti_entropy_as_a_backstop_brings_the_residue_to_zero() {
 
 #[test]
 fn anti_entropy_alone_reaches_everyone_in_about_log_n_exchanges() {
-    let c = DisseminationConfig {
+    let c = ReplicationConfig {
         mode: Mode::AntiEntropy,
         anti_entropy_interval: Duration::from_secs(1),
         anti_entropy_direction: Direction::PushPull,
-        ..DisseminationConfig::default()
+        ..ReplicationConfig::default()
     };
     let r = run(&params(1000, 0.0, c, 60.0));
     assert_eq!(r.delivery, 1.0);
@@ -59,9 +59,9 @@ fn rumor_mongering_reaches_all_but_a_small_residue_fast_under_loss() {
     let r = run(&params(
         2000,
         0.05,
-        DisseminationConfig {
+        ReplicationConfig {
             mode: Mode::Rumor,
-            ..DisseminationConfig::default()
+            ..ReplicationConfig::default()
         },
         30.0,
     ));
@@ -74,6 +74,6 @@ fn rumor_mongering_reaches_all_but_a_small_residue_fast_under_loss() {
 
 #[test]
 fn broadcast_runs_are_deterministic() {
-    let p = params(300, 0.05, DisseminationConfig::default(), 20.0);
+    let p = params(300, 0.05, ReplicationConfig::default(), 20.0);
     assert_eq!(run(&p), run(&p));
 }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use rumormill_core::events::{Delivery, Outcome};
-use rumormill_core::{Config, Event, Overlay};
+use rumormill_core::{Config, Notification, Overlay};
 use rumormill_sim::{NetworkModel, Simulation, secs};
 
 const N: usize = 1000;
@@ -41,7 +41,7 @@ fn cluster(loss: f64, seed: u64) -> Simulation {
 fn delivered(sim: &Simulation) -> BTreeMap<usize, Vec<u64>> {
     let mut out: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
     for (_, i, e) in sim.events() {
-        if let Event::Message(m) = e {
+        if let Notification::Event(m) = e {
             out.entry(*i).or_default().push(m.id.seq);
         }
     }
@@ -53,7 +53,7 @@ fn reports(sim: &Simulation, publisher: usize) -> Vec<(u64, String, Outcome)> {
         .iter()
         .filter(|(_, i, _)| *i == publisher)
         .filter_map(|(_, _, e)| match e {
-            Event::Report(r) => Some((r.id.seq, r.subscriber.to_string(), r.outcome)),
+            Notification::Report(r) => Some((r.id.seq, r.subscriber.to_string(), r.outcome)),
             _ => None,
         })
         .collect()
@@ -294,7 +294,7 @@ fn manual_acks_hold_the_acknowledgement_until_the_application_has_it() {
         .events()
         .iter()
         .find_map(|(_, i, e)| match e {
-            Event::Message(m) if *i == careful => Some(m.id.clone()),
+            Notification::Event(m) if *i == careful => Some(m.id.clone()),
             _ => None,
         })
         .expect("delivered");
@@ -318,7 +318,7 @@ fn a_refused_event_is_not_acknowledged_and_the_next_resend_delivers_it_again() {
     let deliveries = |sim: &Simulation| {
         sim.events()
             .iter()
-            .filter(|(_, i, e)| *i == full && matches!(e, Event::Message(_)))
+            .filter(|(_, i, e)| *i == full && matches!(e, Notification::Event(_)))
             .count()
     };
     assert_eq!(deliveries(&sim), 1);
@@ -326,7 +326,7 @@ fn a_refused_event_is_not_acknowledged_and_the_next_resend_delivers_it_again() {
         .events()
         .iter()
         .find_map(|(_, i, e)| match e {
-            Event::Message(m) if *i == full => Some(m.id.clone()),
+            Notification::Event(m) if *i == full => Some(m.id.clone()),
             _ => None,
         })
         .expect("delivered");
@@ -429,7 +429,7 @@ fn an_event_too_old_to_be_forgotten_is_not_refused_and_can_still_be_acknowledged
         .events()
         .iter()
         .find_map(|(_, i, e)| match e {
-            Event::Message(m) if *i == full => Some(m.id.clone()),
+            Notification::Event(m) if *i == full => Some(m.id.clone()),
             _ => None,
         })
         .expect("delivered");

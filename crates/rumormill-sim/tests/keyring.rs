@@ -316,8 +316,8 @@ fn a_full_rotation_during_a_partition_keeps_the_other_side_out_until_it_is_given
 
 #[test]
 fn a_desired_keyring_of_version_max_is_refused_and_later_rotations_still_win() {
-    use rumormill_core::Event;
-    use rumormill_core::keys::KeysEvent;
+    use rumormill_core::Notification;
+    use rumormill_core::keys::KeysNotification;
     use rumormill_core::reserved::{DesiredKeyring, ReservedKey, Secret};
     let n = 4;
     let mut sim = cluster(n, 5);
@@ -335,7 +335,7 @@ fn a_desired_keyring_of_version_max_is_refused_and_later_rotations_still_win() {
     advance(&mut sim, 5.0);
     for i in 0..n - 1 {
         let refused = sim.events().iter().any(|(_, at, e)| {
-            *at == i && matches!(e, Event::Keys(KeysEvent::Refused { writer, version }) if writer == "m3" && *version == u64::MAX)
+            *at == i && matches!(e, Notification::Keys(KeysNotification::Refused { writer, version }) if writer == "m3" && *version == u64::MAX)
         });
         assert!(refused, "m{i} refused it");
     }

@@ -1,6 +1,6 @@
 //! Properties of the membership protocol, checked in the simulator.
 
-use rumormill_core::{Config, Event, MemberChange, MemberState};
+use rumormill_core::{Config, MemberChange, MemberState, Notification};
 use rumormill_sim::membership::{MembershipParams, detection_bound_s, run};
 use rumormill_sim::{NetworkModel, Simulation, member_name, secs};
 
@@ -105,7 +105,7 @@ fn a_crashed_member_restarted_elsewhere_takes_over_its_name() {
     let seen = sim.node(3).and_then(|o| o.member(&member_name(7))).expect("known");
     assert_eq!((seen.state, seen.epoch), (MemberState::Alive, 2));
     let came_back = sim.events().iter().any(|(_, _, e)| {
-        matches!(e, Event::Member { change: MemberChange::Alive, member } if *member.name == *member_name(7))
+        matches!(e, Notification::Member { change: MemberChange::Alive, member } if *member.name == *member_name(7))
     });
     assert!(came_back);
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use base64::Engine;
-use rumormill_core::{CoreError, Event, Identity, MemberInfo, MemberState, Overlay, Security, WallTime};
+use rumormill_core::{CoreError, Identity, MemberInfo, MemberState, Notification, Overlay, Security, WallTime};
 use rumormill_wire::Keyring;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
@@ -1364,7 +1364,7 @@ async fn summary(r: &Running) -> OverlaySummary {
                     o.live_count(),
                     o.stats().clone(),
                     o.store().len(),
-                    o.dissemination_stats(),
+                    o.replication_stats(),
                 )
             })
             .await
@@ -1496,7 +1496,7 @@ fn rack_key(member: &str) -> String {
     .key()
 }
 
-fn update_row(u: &rumormill_core::broadcast::Update) -> Option<UpdateRow> {
+fn update_row(u: &rumormill_core::replication::Update) -> Option<UpdateRow> {
     let value = u.value.as_ref()?;
     Some(UpdateRow {
         key: u.key.clone(),
@@ -1582,22 +1582,26 @@ async fn seed_loop<N: Net>(
 const STORE_SYNC_WAIT: Duration = Duration::from_secs(5);
 
 /// Waits (at most [`STORE_SYNC_WAIT`]) until the core reports the first
-/// sync of the replicated store after the join ([`Event::StoreSynced`]), so
+/// sync of the replicated store after the join ([`Notification::StoreSynced`]), so
 /// that what depends on it — who subscribes to what, above all — is known
 /// before the API opens: a restarted publisher would otherwise find no
 /// subscribers for a while.
-async fn wait_for_store(name: &str, handle: &OverlayHandle, mut events: tokio::sync::broadcast::Receiver<Event>) {
+async fn wait_for_store(
+    name: &str,
+    handle: &OverlayHandle,
+    mut events: tokio::sync::broadcast::Receiver<Notification>,
+) {
     use tokio::sync::broadcast::error::RecvError;
     let synced = async {
         loop {
             match events.recv().await {
-                Ok(Event::StoreSynced) => return,
+                Ok(Notification::StoreSynced) => return,
                 Ok(_) => {}
                 // Too many events at once: the notice may be among those
                 // dropped, so ask the store itself.
                 Err(RecvError::Lagged(_)) => {
                     if handle
-                        .call(|o, _| o.dissemination_stats().syncs > 0)
+                        .call(|o, _| o.replication_stats().syncs > 0)
                         .await
                         .unwrap_or(true)
                     {
@@ -1631,7 +1635,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::client::Client;
     use crate::transport::TokioNet;
-    use rumormill_core::{Event, MemberChange};
+    use rumormill_core::{MemberChange, Notification};
     use std::time::Instant;
 
     pub(crate) fn scratch(tag: &str) -> std::path::PathBuf {
@@ -2068,7 +2072,7 @@ pub(crate) mod tests {
         let mut doubts = Vec::new();
         loop {
             match seen_by_y.try_recv() {
-                Ok(Event::Member { change, member }) if member.name.as_ref() == "x" => doubts.push(change),
+                Ok(Notification::Member { change, member }) if member.name.as_ref() == "x" => doubts.push(change),
                 Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
                 Err(_) => break,
             }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use rumormill_core::Config;
-use rumormill_core::broadcast::{Direction, Mode};
+use rumormill_core::replication::{Direction, Mode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zeroize::Zeroizing;
@@ -515,7 +515,7 @@ pub struct Timings {
     /// Largest datagram.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<usize>,
-    /// Dissemination: `rumor`, `anti-entropy` or `both`.
+    /// Replication: `rumor`, `anti-entropy` or `both`.
     #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "both")]
     pub mode: Option<Mode>,
@@ -656,12 +656,12 @@ impl OverlaySpec {
             gossip_interval => gossip_interval,
             push_pull_interval => push_pull_interval,
             mtu => mtu,
-            mode => dissemination.mode,
-            rumor_interval => dissemination.interval,
-            fanout => dissemination.fanout,
-            rounds => dissemination.rounds,
-            anti_entropy_interval => dissemination.anti_entropy_interval,
-            anti_entropy_direction => dissemination.anti_entropy_direction,
+            mode => replication.mode,
+            rumor_interval => replication.interval,
+            fanout => replication.fanout,
+            rounds => replication.rounds,
+            anti_entropy_interval => replication.anti_entropy_interval,
+            anti_entropy_direction => replication.anti_entropy_direction,
         );
         let l = &self.limits;
         if let Some(v) = l.event_payload {
@@ -674,16 +674,16 @@ impl OverlaySpec {
             c.max_luggage_total = v;
         }
         if let Some(v) = l.writer_bytes {
-            c.dissemination.limits.writer_bytes = v;
+            c.replication.limits.writer_bytes = v;
         }
         if let Some(v) = l.writer_entries {
-            c.dissemination.limits.writer_entries = v;
+            c.replication.limits.writer_entries = v;
         }
         if let Some(v) = l.store_bytes {
-            c.dissemination.limits.store_bytes = v;
+            c.replication.limits.store_bytes = v;
         }
         if let Some(v) = l.store_entries {
-            c.dissemination.limits.store_entries = v;
+            c.replication.limits.store_entries = v;
         }
         // Whatever goes over a stream must fit a frame, with room for the envelope.
         let frame = c.max_stream_frame.saturating_sub(64 << 10);
@@ -693,12 +693,12 @@ impl OverlaySpec {
                 format!("event payloads and luggage values are limited to {frame} bytes (one stream frame)"),
             ));
         }
-        if (c.max_luggage_total as u64) > c.dissemination.limits.writer_bytes {
+        if (c.max_luggage_total as u64) > c.replication.limits.writer_bytes {
             return Err(invalid(
                 &self.name,
                 format!(
                     "luggage_total ({}) must not exceed writer_bytes ({})",
-                    c.max_luggage_total, c.dissemination.limits.writer_bytes
+                    c.max_luggage_total, c.replication.limits.writer_bytes
                 ),
             ));
         }
@@ -974,7 +974,7 @@ mod tests {
         let core = c.overlays[0].core_config().unwrap();
         assert_eq!(core.probe_interval, Duration::from_secs(7));
         assert_eq!(core.probe_timeout, Config::new_wan().probe_timeout);
-        assert_eq!(core.dissemination.mode, Mode::Rumor);
+        assert_eq!(core.replication.mode, Mode::Rumor);
     }
 
     #[test]
@@ -996,7 +996,7 @@ mod tests {
         )
         .unwrap();
         let core = c.overlays[0].core_config().unwrap();
-        let q = core.dissemination.limits;
+        let q = core.replication.limits;
         assert_eq!((q.writer_bytes, q.writer_entries), (2_000_000, 50));
         assert_eq!((q.store_bytes, q.store_entries), (9_000_000, 500));
         assert_eq!(c.overlays[0].limits.inbox_bytes(), 3_000_000);

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rumormill_core::{Event, FrameKind, Overlay};
+use rumormill_core::{FrameKind, Notification, Overlay};
 use rumormill_wire::HeaderFilter;
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 
@@ -83,8 +83,8 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct OverlayHandle {
     commands: mpsc::Sender<Command>,
-    events: broadcast::Sender<Event>,
-    stream: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Event>>>>,
+    events: broadcast::Sender<Notification>,
+    stream: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<Notification>>>>,
     addr: SocketAddr,
     stats: Arc<TransportStats>,
 }
@@ -108,7 +108,7 @@ impl OverlayHandle {
     /// changes, delivery reports and updates of the members' own reserved
     /// data other than luggage; application values, luggage and event
     /// payloads go only to the event stream (read values from the store).
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Notification> {
         self.events.subscribe()
     }
 
@@ -116,7 +116,7 @@ impl OverlayHandle {
     /// one consumer that must see them all (the agent's event pump), when
     /// [`DriverOptions::event_stream`] was set. The first call takes the
     /// stream; later calls get `None`.
-    pub fn take_event_stream(&self) -> Option<mpsc::UnboundedReceiver<Event>> {
+    pub fn take_event_stream(&self) -> Option<mpsc::UnboundedReceiver<Notification>> {
         self.stream.lock().ok()?.take()
     }
 
@@ -292,9 +292,9 @@ struct Task<N: Net> {
     frames: mpsc::Receiver<Incoming>,
     /// What stream readers check headers against; follows the keyring.
     filter: watch::Sender<HeaderFilter>,
-    events: broadcast::Sender<Event>,
+    events: broadcast::Sender<Notification>,
     /// The lossless copy, while its receiver lives.
-    stream: Option<mpsc::UnboundedSender<Event>>,
+    stream: Option<mpsc::UnboundedSender<Notification>>,
     stats: Arc<TransportStats>,
     outgoing: Arc<Semaphore>,
 }
@@ -383,8 +383,8 @@ impl<N: Net> Task<N> {
                 }
             }
         }
-        while let Some(event) = self.overlay.poll_event() {
-            if let Event::Member { change, member } = &event {
+        while let Some(event) = self.overlay.poll_notification() {
+            if let Notification::Member { change, member } = &event {
                 tracing::info!(member = %member.name, addr = %member.addr, ?change, "member");
             }
             // Values of updates and payloads of events are handed on only
@@ -394,7 +394,7 @@ impl<N: Net> Task<N> {
             // keeps its last 4,096 entries) get membership changes,
             // reports and updates of the members' own data except luggage.
             let (pump, observers) = match &event {
-                Event::Update(u) => (
+                Notification::Update(u) => (
                     rumormill_core::luggage::changed(&u.update).is_some(),
                     u.update.key.starts_with(rumormill_core::reserved::PREFIX)
                         && !matches!(
@@ -402,7 +402,7 @@ impl<N: Net> Task<N> {
                             Some(rumormill_core::reserved::ReservedKey::Luggage { .. })
                         ),
                 ),
-                Event::Message(_) => (true, false),
+                Notification::Event(_) => (true, false),
                 _ => (true, true),
             };
             if pump

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rumormill_core::events::{DeliveryReport, EventId, EventMessage};
-use rumormill_core::{Event, MemberChange};
+use rumormill_core::events::{DeliveryReport, Event, EventId};
+use rumormill_core::{MemberChange, Notification};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::agent::{Agent, WriteGate, wall_ms};
@@ -111,7 +111,7 @@ pub(crate) async fn pump<N: Net>(
 }
 
 /// `first` and whatever else is already waiting, up to [`BATCH`] events.
-fn take_batch(first: Event, stream: &mut mpsc::UnboundedReceiver<Event>) -> Vec<Event> {
+fn take_batch(first: Notification, stream: &mut mpsc::UnboundedReceiver<Notification>) -> Vec<Notification> {
     let mut batch = vec![first];
     while batch.len() < BATCH {
         match stream.try_recv() {
@@ -173,13 +173,13 @@ impl Incoming {
 /// local topics are filtered here), and the delivery reports for the
 /// publisher's records (kept whether or not `delivery.report` is
 /// subscribed).
-pub(crate) fn to_inbox(batch: Vec<Event>, subscribed: &[String]) -> (Vec<Incoming>, Vec<DeliveryReport>) {
+pub(crate) fn to_inbox(batch: Vec<Notification>, subscribed: &[String]) -> (Vec<Incoming>, Vec<DeliveryReport>) {
     let wants = |t: &str| subscribed.iter().any(|w| w == t);
     let mut entries = Vec::new();
     let mut reports = Vec::new();
     for e in batch {
         match e {
-            Event::Message(EventMessage {
+            Notification::Event(Event {
                 id,
                 topic,
                 payload,
@@ -193,7 +193,7 @@ pub(crate) fn to_inbox(batch: Vec<Event>, subscribed: &[String]) -> (Vec<Incomin
                 entry.ack = Some(id);
                 entries.push(entry);
             }
-            Event::Report(r) => {
+            Notification::Report(r) => {
                 if wants("delivery.report") {
                     let mut entry = Incoming::local("delivery.report");
                     entry.item.id = Some(r.id.to_string());
@@ -203,7 +203,7 @@ pub(crate) fn to_inbox(batch: Vec<Event>, subscribed: &[String]) -> (Vec<Incomin
                 }
                 reports.push(r);
             }
-            Event::Member { change, member } => {
+            Notification::Member { change, member } => {
                 let topic = member_topic(change);
                 if wants(topic) {
                     let mut entry = Incoming::local(topic);
@@ -211,7 +211,7 @@ pub(crate) fn to_inbox(batch: Vec<Event>, subscribed: &[String]) -> (Vec<Incomin
                     entries.push(entry);
                 }
             }
-            Event::Update(u) => {
+            Notification::Update(u) => {
                 if let Some((member, key)) = rumormill_core::luggage::changed(&u.update)
                     && wants("luggage.changed")
                 {
@@ -224,7 +224,7 @@ pub(crate) fn to_inbox(batch: Vec<Event>, subscribed: &[String]) -> (Vec<Incomin
             }
             // Not for the inbox: the first sync after a join (the start
             // waits for it), key rotation (the keyring watcher's).
-            Event::StoreSynced | Event::Keys(_) => {}
+            Notification::StoreSynced | Notification::Keys(_) => {}
             // The core's enum is non-exhaustive: a kind it adds later is
             // not for the inbox until given an arm above.
             _ => {}
@@ -653,7 +653,7 @@ mod tests {
                 epoch: 1,
                 state: rumormill_core::MemberState::Alive,
             };
-            let (entries, _) = to_inbox(vec![Event::Member { change, member }], &[topic.to_owned()]);
+            let (entries, _) = to_inbox(vec![Notification::Member { change, member }], &[topic.to_owned()]);
             assert_eq!(entries.len(), 1, "{change:?}");
             assert_eq!(entries[0].item.topic, topic);
         }

@@ -8,14 +8,14 @@
 //! (for up to the request's wait), waits until every live member has
 //! followed, and keeps the keyring in its data directory: after each
 //! operation, and whenever the core reports that it followed the overlay's
-//! keyring ([`rumormill_core::Event::Keys`]).
+//! keyring ([`rumormill_core::Notification::Keys`]).
 
 use std::sync::Weak;
 use std::time::Duration;
 
 use base64::Engine;
-use rumormill_core::keys::{KeyError as CoreKeyError, KeyStep, KeyringRecord, KeysEvent};
-use rumormill_core::{Event, KeyId, Overlay};
+use rumormill_core::keys::{KeyError as CoreKeyError, KeyStep, KeyringRecord, KeysNotification};
+use rumormill_core::{KeyId, Notification, Overlay};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -426,7 +426,7 @@ pub(crate) async fn watch<N: Net>(agent: Weak<Agent<N>>, name: String, handle: O
     let mut events = handle.subscribe();
     loop {
         match events.recv().await {
-            Ok(Event::Keys(e)) => log(&name, &e),
+            Ok(Notification::Keys(e)) => log(&name, &e),
             Ok(_) => continue,
             Err(RecvError::Lagged(_)) => {} // look at the keyring itself
             Err(RecvError::Closed) => return,
@@ -438,9 +438,9 @@ pub(crate) async fn watch<N: Net>(agent: Weak<Agent<N>>, name: String, handle: O
     }
 }
 
-fn log(name: &str, e: &KeysEvent) {
+fn log(name: &str, e: &KeysNotification) {
     match e {
-        KeysEvent::Changed {
+        KeysNotification::Changed {
             version,
             writer: Some(writer),
             primary,
@@ -448,10 +448,10 @@ fn log(name: &str, e: &KeysEvent) {
         } => {
             tracing::info!(overlay = %name, primary = %key_hex(*primary), version, %writer, "keyring changed by the overlay");
         }
-        KeysEvent::Refused { writer, version } => {
+        KeysNotification::Refused { writer, version } => {
             tracing::warn!(overlay = %name, %writer, version, "desired keyring refused: its version is more than a day ahead of this agent's clock");
         }
-        KeysEvent::LeftOut {
+        KeysNotification::LeftOut {
             writer,
             version,
             lacking,

@@ -26,7 +26,7 @@ use std::time::Duration;
 use rumormill::agent::{Agent, MemberRow, UpdateRow};
 use rumormill::config::{AgentConfig, OverlaySpec, Profile};
 use rumormill::transport::{Datagrams, Listener, Net};
-use rumormill_core::Event;
+use rumormill_core::Notification;
 use tokio::time::Instant;
 
 /// Gossip port of every host.
@@ -457,7 +457,7 @@ fn run_cluster<F, Fut>(
                 // Record membership changes for failure messages.
                 tokio::spawn(async move {
                     while let Ok(event) = events.recv().await {
-                        if let Event::Member { change, member } = event {
+                        if let Notification::Member { change, member } = event {
                             let at = turmoil::sim_elapsed().unwrap_or_default();
                             let what = format!("{change:?} inc={} epoch={}", member.incarnation, member.epoch);
                             log.lock().unwrap().push(Change {

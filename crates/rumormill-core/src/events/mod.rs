@@ -37,11 +37,11 @@ use std::time::{Duration, Instant};
 use rand_chacha::ChaCha8Rng;
 use rumormill_wire::proto::{self, Envelope, envelope::Body};
 
-use crate::broadcast::Store;
 use crate::config::Config;
-use crate::event::Event;
 use crate::membership::{MemberState, Members};
+use crate::notification::Notification;
 use crate::overlay::{CoreError, Identity, Sender};
+use crate::replication::Store;
 use crate::reserved::{self, ReservedKey, Topics};
 
 /// Largest event payload by default (1 MiB); bigger ones are refused.
@@ -140,7 +140,7 @@ impl Outcome {
 
 /// An event for the local application.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventMessage {
+pub struct Event {
     /// Its identity.
     pub id: EventId,
     /// Its topic.
@@ -244,7 +244,7 @@ pub(crate) struct Events {
     /// Own best-effort events still on their way: seq and publication time.
     recent: VecDeque<(u64, Instant)>,
     /// Deliveries and reports for the application.
-    output: VecDeque<Event>,
+    output: VecDeque<Notification>,
 }
 
 /// A relay copy sent in a datagram, not acknowledged yet.
@@ -330,7 +330,7 @@ impl Events {
     }
 
     /// The next delivery or delivery report for the application.
-    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+    pub(crate) fn poll_notification(&mut self) -> Option<Notification> {
         self.output.pop_front()
     }
 
@@ -451,7 +451,7 @@ impl Events {
         if subscribes(env.store, &self.name, topic) {
             self.seen.insert(&id.origin, id.epoch, id.seq);
             self.deliver(
-                EventMessage {
+                Event {
                     id: id.clone(),
                     topic: topic.to_owned(),
                     payload: payload.clone(),
@@ -605,13 +605,13 @@ impl Events {
         }
     }
 
-    fn deliver(&mut self, m: EventMessage, env: &mut Env<'_>) {
+    fn deliver(&mut self, m: Event, env: &mut Env<'_>) {
         env.out.stats().events_delivered += 1;
-        self.output.push_back(Event::Message(m));
+        self.output.push_back(Notification::Event(m));
     }
 
     fn report(&mut self, id: &EventId, subscriber: Arc<str>, outcome: Outcome, attempts: u32) {
-        self.output.push_back(Event::Report(DeliveryReport {
+        self.output.push_back(Notification::Report(DeliveryReport {
             id: id.clone(),
             subscriber,
             outcome,
@@ -685,7 +685,7 @@ impl Events {
         }
         if first {
             self.deliver(
-                EventMessage {
+                Event {
                     id: id.clone(),
                     topic: e.topic,
                     payload: e.payload,

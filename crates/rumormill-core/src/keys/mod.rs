@@ -41,8 +41,8 @@
 //!
 //! The state of the rotation — which keys are local, which no rotation
 //! names yet, the version followed — lives in [`rotation`]'s sub-machine;
-//! the overlay reports through [`crate::Overlay::poll_event`]
-//! ([`crate::Event::Keys`]) whenever it changes, so that the driver saves
+//! the overlay reports through [`crate::Overlay::poll_notification`]
+//! ([`crate::Notification::Keys`]) whenever it changes, so that the driver saves
 //! it ([`Overlay::keyring_record`](crate::Overlay::keyring_record)) and gives it back at the next start
 //! ([`Overlay::restore_keyring`](crate::Overlay::restore_keyring)). Waiting for the members to follow is the
 //! driver's.
@@ -55,8 +55,8 @@ use rumormill_wire::{KeyId, WireError, key_id};
 
 pub use self::rotation::MAX_AHEAD_MS;
 pub(crate) use self::rotation::Rotation;
-use crate::broadcast::Store;
 use crate::overlay::{CoreError, Wire};
+use crate::replication::Store;
 use crate::reserved::{KeyReport, ReservedKey, Secret};
 use crate::wall::WallTime;
 
@@ -88,10 +88,10 @@ impl std::fmt::Debug for KeyringRecord {
     }
 }
 
-/// What key rotation tells the driver through [`crate::Overlay::poll_event`].
+/// What key rotation tells the driver through [`crate::Overlay::poll_notification`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum KeysEvent {
+pub enum KeysNotification {
     /// The keyring this member holds, or what it keeps of the rotation,
     /// changed: save [`Overlay::keyring_record`](crate::Overlay::keyring_record).
     Changed {

@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 
 use rumormill_wire::{KeyId, Keyring, key_id};
 
-use super::{KeyError, KeyProgress, KeyStep, KeyringRecord, KeysEvent};
-use crate::broadcast::{Store, Update};
+use super::{KeyError, KeyProgress, KeyStep, KeyringRecord, KeysNotification};
+use crate::replication::{Store, Update};
 use crate::reserved::{self, DesiredKeyring, KeyReport, ReservedKey, Secret};
 use crate::wall::WallTime;
 
@@ -114,7 +114,7 @@ pub(crate) struct Rotation {
     version: u64,
     /// A desired keyring arrived: follow the newest at the next chance.
     due: bool,
-    events: VecDeque<KeysEvent>,
+    events: VecDeque<KeysNotification>,
 }
 
 /// What a change asks the overlay to do.
@@ -164,7 +164,7 @@ impl Rotation {
         self.due
     }
 
-    pub(crate) fn poll_event(&mut self) -> Option<KeysEvent> {
+    pub(crate) fn poll_notification(&mut self) -> Option<KeysNotification> {
         self.events.pop_front()
     }
 
@@ -248,7 +248,7 @@ impl Rotation {
         self.due = false;
         let (newest, refused) = Rotation::newest(store, wall);
         for (writer, version) in refused {
-            self.events.push_back(KeysEvent::Refused { writer, version });
+            self.events.push_back(KeysNotification::Refused { writer, version });
         }
         let (version, writer, plan) = newest?;
         if version < self.version {
@@ -256,7 +256,7 @@ impl Rotation {
         }
         let (keys, lacking) = self.resolve(&plan, ring);
         if !lacking.is_empty() {
-            self.events.push_back(KeysEvent::LeftOut {
+            self.events.push_back(KeysNotification::LeftOut {
                 writer: writer.clone(),
                 version,
                 lacking,
@@ -272,7 +272,7 @@ impl Rotation {
         if before == (self.local.clone(), self.pending.clone(), self.version) && !keys_changed {
             return None;
         }
-        self.events.push_back(KeysEvent::Changed {
+        self.events.push_back(KeysNotification::Changed {
             version,
             writer: Some(writer),
             primary: plan.ids.first().copied().unwrap_or_default(),
@@ -315,7 +315,7 @@ impl Rotation {
         if changed {
             self.version = version;
         }
-        self.events.push_back(KeysEvent::Changed {
+        self.events.push_back(KeysNotification::Changed {
             version: self.version,
             writer: None,
             primary: key_id(&keys[0]),
@@ -358,7 +358,7 @@ impl Rotation {
     }
 
     fn changed_here(&mut self, keys: &[Secret]) {
-        self.events.push_back(KeysEvent::Changed {
+        self.events.push_back(KeysNotification::Changed {
             version: self.version,
             writer: None,
             primary: keys.first().map(|k| key_id(k)).unwrap_or_default(),

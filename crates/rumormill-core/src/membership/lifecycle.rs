@@ -27,7 +27,7 @@ use rumormill_wire::proto::{Alive, Dead, Envelope, Suspect, envelope::Body};
 
 use super::suspicion::Suspicion;
 use super::{Env, Member, MemberState, Membership, Tick};
-use crate::event::{Event, MemberChange};
+use crate::notification::{MemberChange, Notification};
 
 pub(crate) fn alive_envelope(name: &str, incarnation: u32, epoch: u64, addr: SocketAddr) -> Envelope {
     Envelope {
@@ -338,7 +338,7 @@ impl Membership {
     }
 
     pub(super) fn emit(&mut self, change: MemberChange, i: usize) {
-        self.events.push_back(Event::Member {
+        self.events.push_back(Notification::Member {
             change,
             member: self.members.at(i).info(),
         });

@@ -1,7 +1,7 @@
 //! Membership: who is in the overlay and in what state.
 //!
 //! [`Membership`] is a sub-machine of the overlay, shaped like
-//! [`crate::broadcast::Dissemination`]: it owns the member table, the
+//! [`crate::replication::Replication`]: it owns the member table, the
 //! failure detector's state and the piggyback queue, takes messages and
 //! timer expiries, and queues membership changes for the application. What
 //! it needs of the rest of the overlay comes in an [`Env`] for each call.
@@ -37,7 +37,7 @@ use rand_chacha::ChaCha8Rng;
 use rumormill_wire::proto::Envelope;
 
 use crate::config::Config;
-use crate::event::Event;
+use crate::notification::Notification;
 use crate::overlay::{Deadline, Identity, Sender, Wire};
 use awareness::Awareness;
 use piggyback::Piggyback;
@@ -433,7 +433,7 @@ pub(crate) struct Membership {
     ticks: Ticks,
     /// The local member has announced its departure.
     leaving: bool,
-    events: VecDeque<Event>,
+    events: VecDeque<Notification>,
 }
 
 impl Membership {
@@ -547,7 +547,7 @@ impl Membership {
     // ----- outputs and queries ------------------------------------------
 
     /// The next membership change for the application.
-    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+    pub(crate) fn poll_notification(&mut self) -> Option<Notification> {
         self.events.pop_front()
     }
 

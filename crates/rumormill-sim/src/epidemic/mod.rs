@@ -44,7 +44,7 @@ pub mod demers;
 
 pub use anti_entropy::{AntiEntropyParams, AntiEntropyReport, theory_rounds};
 pub use demers::{DemersParams, DemersReport};
-pub use rumormill_core::broadcast::{Direction, Loss, Removal};
+pub use rumormill_core::replication::{Direction, Loss, Removal};
 
 /// Serializes a protocol option such as [`Direction`] as its name (`"push-pull"`), for
 /// `#[serde(serialize_with)]`: the core's option types do not implement [`serde::Serialize`].

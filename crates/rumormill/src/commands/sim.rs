@@ -4,10 +4,10 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
 use rumormill_core::Config;
-use rumormill_core::broadcast::{self as diss, DisseminationConfig};
-use rumormill_sim::broadcast::{self, BroadcastParams};
+use rumormill_core::replication::{self as diss, ReplicationConfig};
 use rumormill_sim::epidemic::{self, Direction, Loss, Removal};
 use rumormill_sim::membership::{self, MembershipParams};
+use rumormill_sim::replication::{self, ReplicationParams};
 use serde::Serialize;
 
 /// Simulator experiments.
@@ -22,12 +22,13 @@ pub enum SimCommand {
     AntiEntropy(AntiEntropyArgs),
     /// The real dissemination protocols over the modelled network: one
     /// update, how fast and how completely it reaches everyone.
-    Broadcast(BroadcastArgs),
+    #[command(alias = "broadcast")]
+    Replication(ReplicationArgs),
 }
 
-/// `rumormill sim broadcast`.
+/// `rumormill sim replication`.
 #[derive(Debug, Args)]
-pub struct BroadcastArgs {
+pub struct ReplicationArgs {
     /// Members.
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
@@ -178,7 +179,7 @@ pub struct AntiEntropyArgs {
 pub fn run(cmd: SimCommand) -> Result<(), String> {
     match cmd {
         SimCommand::Membership(a) => membership_cmd(a),
-        SimCommand::Broadcast(a) => broadcast_cmd(a),
+        SimCommand::Replication(a) => replication_cmd(a),
         SimCommand::Demers(a) => {
             let params = epidemic::DemersParams {
                 nodes: a.nodes,
@@ -280,9 +281,9 @@ fn membership_cmd(a: MembershipArgs) -> Result<(), String> {
     })
 }
 
-fn broadcast_cmd(a: BroadcastArgs) -> Result<(), String> {
+fn replication_cmd(a: ReplicationArgs) -> Result<(), String> {
     check_run(a.nodes, a.loss, a.duration_s, a.runs)?;
-    let config = DisseminationConfig {
+    let config = ReplicationConfig {
         mode: a.mode,
         interval: std::time::Duration::from_millis(a.interval_ms),
         fanout: a.fanout,
@@ -292,10 +293,10 @@ fn broadcast_cmd(a: BroadcastArgs) -> Result<(), String> {
         anti_entropy_interval: std::time::Duration::from_millis(a.ae_interval_ms),
         anti_entropy_fanout: a.ae_fanout,
         anti_entropy_direction: a.ae_direction,
-        ..DisseminationConfig::default()
+        ..ReplicationConfig::default()
     };
     config.validate()?;
-    let params = BroadcastParams {
+    let params = ReplicationParams {
         nodes: a.nodes,
         loss: a.loss,
         config,
@@ -304,7 +305,7 @@ fn broadcast_cmd(a: BroadcastArgs) -> Result<(), String> {
         runs: a.runs,
     };
     let started = Instant::now();
-    let r = broadcast::run(&params);
+    let r = replication::run(&params);
     let wall = started.elapsed().as_secs_f64();
     let secs = |v: Option<f64>| {
         v.map_or("n/a".to_string(), |s| {

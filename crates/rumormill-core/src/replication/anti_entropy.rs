@@ -28,7 +28,7 @@ use rumormill_wire::proto::{Delta, Digest, ExchangeMode, OriginSummary, envelope
 
 use super::rumor::{batches, wire_len};
 use super::store::Update;
-use super::{Direction, Dissemination};
+use super::{Direction, Replication};
 
 /// Chunked deltas being received, by exchange id.
 #[derive(Debug, Default)]
@@ -38,7 +38,7 @@ pub(crate) struct Reassembly {
 
 const MAX_PENDING: usize = 64;
 
-impl Dissemination {
+impl Replication {
     /// Starts an exchange with `to` now, if anti-entropy is on (after a
     /// join: a new member should not wait an interval for the store).
     pub(crate) fn exchange_now(&mut self, to: SocketAddr) {
@@ -90,7 +90,7 @@ impl Dissemination {
     }
 
     pub(crate) fn on_digest(&mut self, from: SocketAddr, d: Digest) {
-        let from = Dissemination::reply_address(from, d.reply_to.as_ref());
+        let from = Replication::reply_address(from, d.reply_to.as_ref());
         if d.check && !d.reply {
             if d.fingerprint == fingerprint(&self.store.summaries()) {
                 self.send_synced(from);

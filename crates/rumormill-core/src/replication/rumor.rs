@@ -31,7 +31,7 @@ use rand::Rng;
 use rumormill_wire::proto::{self, Rumor, RumorFeedback, UpdateId, envelope::Body};
 
 use super::store::Update;
-use super::{Dissemination, Loss, Removal};
+use super::{Loss, Removal, Replication};
 
 /// Where one member stands with one update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +89,7 @@ pub(crate) fn batches(updates: Vec<proto::Update>, budget: usize) -> Vec<Vec<pro
     out
 }
 
-impl Dissemination {
+impl Replication {
     /// Where this member stands with an update.
     pub fn rumor_state(&self, u: &Update) -> RumorState {
         if self.infected.contains_key(&(u.origin.clone(), u.epoch, u.seq)) {
@@ -180,7 +180,7 @@ impl Dissemination {
     }
 
     pub(crate) fn on_rumor(&mut self, now: Instant, from: SocketAddr, r: Rumor) {
-        let from = Dissemination::reply_address(from, r.reply_to.as_ref());
+        let from = Replication::reply_address(from, r.reply_to.as_ref());
         let mut known = Vec::new();
         let mut news = Vec::new();
         for w in r.updates {

@@ -1,4 +1,4 @@
-//! Dissemination of updates: rumor mongering and anti-entropy (Demers et
+//! Replication of updates: rumor mongering and anti-entropy (Demers et
 //! al. 1987; Grapevine's protocols, with their flaws fixed).
 //!
 //! - [`store`]: the key/value data, last-writer-wins versions, per-origin
@@ -9,7 +9,7 @@
 //!   only the missing updates;
 //! - [`handler`]: the application's decision over incoming updates.
 //!
-//! [`Dissemination`] is sans-IO like the rest of the core: the [`Overlay`]
+//! [`Replication`] is sans-IO like the rest of the core: the [`Overlay`]
 //! embeds one and feeds it messages, time and live members; it can also be
 //! driven on its own over a fixed member list (the simulator does this for
 //! 100,000 members).
@@ -126,11 +126,11 @@ choice!(
     }
 );
 
-/// Dissemination settings of one overlay. Grapevine's names are given as
+/// Replication settings of one overlay. Grapevine's names are given as
 /// aliases in the configuration file: `delta` = `interval`, `level` =
 /// `fanout`, `rounds` = k.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DisseminationConfig {
+pub struct ReplicationConfig {
     /// Rumor mongering, anti-entropy or both.
     pub mode: Mode,
     /// Time between two rumor-mongering rounds (Grapevine's `delta`); the
@@ -170,14 +170,14 @@ pub struct DisseminationConfig {
     pub limits: Limits,
 }
 
-impl Default for DisseminationConfig {
+impl Default for ReplicationConfig {
     /// Rumor mongering every 200 ms to 3 members, feedback/counter with
     /// k = 3, plus a push-pull anti-entropy exchange with one member every
     /// 10 s as a backstop. On the simulated LAN this informs 99.2–99.5 % of
     /// 1,000 to 100,000 members by rumor within about 200 ms, and every
     /// member by the next exchanges (docs/benchmarks.md).
     fn default() -> Self {
-        DisseminationConfig {
+        ReplicationConfig {
             mode: Mode::Both,
             interval: Duration::from_millis(200),
             fanout: 3,
@@ -196,7 +196,7 @@ impl Default for DisseminationConfig {
     }
 }
 
-impl DisseminationConfig {
+impl ReplicationConfig {
     /// Checks that the values make sense.
     pub fn validate(&self) -> Result<(), String> {
         if self.rounds == 0 {
@@ -234,9 +234,9 @@ pub struct Outgoing {
     pub stream: bool,
 }
 
-/// Counters of the dissemination protocols.
+/// Counters of the replication protocols.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DisseminationStats {
+pub struct ReplicationStats {
     /// Update copies sent (in rumors and deltas).
     pub updates_sent: u64,
     /// Update copies received.
@@ -268,14 +268,14 @@ pub struct DisseminationStats {
 
 /// An accepted update, for the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpdateEvent {
+pub struct UpdateNotification {
     /// The update (a `None` value is a delete).
     pub update: Update,
 }
 
-/// The dissemination state machine of one member.
-pub struct Dissemination {
-    pub(crate) config: DisseminationConfig,
+/// The replication state machine of one member.
+pub struct Replication {
+    pub(crate) config: ReplicationConfig,
     pub(crate) me: Arc<str>,
     /// This life's boot epoch: writes are counted anew in each.
     epoch: u64,
@@ -296,13 +296,13 @@ pub struct Dissemination {
     next_gc: Instant,
     pub(crate) outbox: VecDeque<Outgoing>,
     pub(crate) reassembly: anti_entropy::Reassembly,
-    pub(crate) events: VecDeque<UpdateEvent>,
-    pub(crate) stats: DisseminationStats,
+    pub(crate) events: VecDeque<UpdateNotification>,
+    pub(crate) stats: ReplicationStats,
 }
 
-impl fmt::Debug for Dissemination {
+impl fmt::Debug for Replication {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Dissemination")
+        f.debug_struct("Replication")
             .field("me", &self.me)
             .field("keys", &self.store.len())
             .field("infected", &self.infected.len())
@@ -310,32 +310,32 @@ impl fmt::Debug for Dissemination {
     }
 }
 
-impl Dissemination {
+impl Replication {
     /// A member named `me` in its life `epoch` (see
     /// [`crate::Identity::epoch`]), reached at `addr`, whose datagrams carry
     /// at most `budget` bytes of messages.
     ///
     /// ```
     /// use std::time::Instant;
-    /// use rumormill_core::broadcast::{Dissemination, DisseminationConfig};
+    /// use rumormill_core::replication::{Replication, ReplicationConfig};
     /// let now = Instant::now();
     /// let addr = "127.0.0.1:7000".parse().unwrap();
-    /// let mut d = Dissemination::new(DisseminationConfig::default(), "a", 1, addr, 1300, 7, now);
+    /// let mut d = Replication::new(ReplicationConfig::default(), "a", 1, addr, 1300, 7, now);
     /// d.put(now, "colour", b"blue".to_vec());
     /// assert_eq!(d.store().value("colour"), Some(&b"blue"[..]));
     /// ```
     pub fn new(
-        config: DisseminationConfig,
+        config: ReplicationConfig,
         me: &str,
         epoch: u64,
         addr: SocketAddr,
         budget: usize,
         seed: u64,
         now: Instant,
-    ) -> Dissemination {
+    ) -> Replication {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let phase = |d: Duration, rng: &mut ChaCha8Rng| now + d.mul_f64(rand::Rng::random::<f64>(rng));
-        Dissemination {
+        Replication {
             next_rumor: phase(config.interval, &mut rng),
             next_exchange: phase(config.anti_entropy_interval, &mut rng),
             next_gc: now + config.gc_interval,
@@ -355,7 +355,7 @@ impl Dissemination {
             outbox: VecDeque::new(),
             reassembly: anti_entropy::Reassembly::default(),
             events: VecDeque::new(),
-            stats: DisseminationStats::default(),
+            stats: ReplicationStats::default(),
         }
     }
 
@@ -366,14 +366,14 @@ impl Dissemination {
 
     /// Raises the Lamport clock to at least `floor`. The [`crate::Overlay`]
     /// floors it with the caller's wall clock before each write (a hybrid
-    /// logical clock); a standalone `Dissemination` (the simulator's
+    /// logical clock); a standalone `Replication` (the simulator's
     /// broadcast experiment) keeps a plain Lamport clock.
     pub(crate) fn advance_clock(&mut self, floor: u64) {
         self.clock = self.clock.max(floor);
     }
 
     /// Writes a value; it spreads to every member. The writer's quota is
-    /// not checked (see [`Dissemination::try_put`]): members that check it
+    /// not checked (see [`Replication::try_put`]): members that check it
     /// on receipt may refuse the write.
     pub fn put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Update {
         self.write(now, key, Some(value), false)
@@ -381,14 +381,14 @@ impl Dissemination {
     }
 
     /// Deletes a key; the delete spreads like a value. Unchecked, as
-    /// [`Dissemination::put`].
+    /// [`Replication::put`].
     pub fn delete(&mut self, now: Instant, key: &str) -> Update {
         self.write(now, key, None, false)
             .unwrap_or_else(|_| unreachable!("unchecked writes are not refused"))
     }
 
     /// Writes a value if it keeps this member within its quota
-    /// ([`DisseminationConfig::limits`]); otherwise nothing is written.
+    /// ([`ReplicationConfig::limits`]); otherwise nothing is written.
     pub fn try_put(&mut self, now: Instant, key: &str, value: Vec<u8>) -> Result<Update, QuotaExceeded> {
         self.write(now, key, Some(value), true)
     }
@@ -431,16 +431,16 @@ impl Dissemination {
     }
 
     /// Counters.
-    pub fn stats(&self) -> DisseminationStats {
+    pub fn stats(&self) -> ReplicationStats {
         self.stats
     }
 
     /// The configuration.
-    pub fn config(&self) -> &DisseminationConfig {
+    pub fn config(&self) -> &ReplicationConfig {
         &self.config
     }
 
-    /// Handles a dissemination message from `from`; other messages are
+    /// Handles a replication message from `from`; other messages are
     /// ignored.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, body: Body) {
         match body {
@@ -477,7 +477,7 @@ impl Dissemination {
         }
     }
 
-    /// When [`Dissemination::handle_timeout`] is due. Idle timers (nothing
+    /// When [`Replication::handle_timeout`] is due. Idle timers (nothing
     /// to spread, nothing to collect) keep their phase but do not wake.
     pub fn poll_timeout(&self) -> Instant {
         let far = self.next_gc + Duration::from_secs(24 * 3600);
@@ -505,7 +505,7 @@ impl Dissemination {
     }
 
     /// The next accepted update.
-    pub fn poll_event(&mut self) -> Option<UpdateEvent> {
+    pub fn poll_notification(&mut self) -> Option<UpdateNotification> {
         self.events.pop_front()
     }
 
@@ -566,7 +566,7 @@ impl Dissemination {
             }
             self.clock = self.clock.max(u.lamport);
             if self.store.apply(u.clone(), stamp) {
-                self.events.push_back(UpdateEvent { update: u.clone() });
+                self.events.push_back(UpdateNotification { update: u.clone() });
             }
             stored.push(u);
         }

@@ -1,5 +1,5 @@
-use crate::broadcast::UpdateEvent;
 use crate::membership::MemberInfo;
+use crate::replication::UpdateNotification;
 
 /// How a member changed, as seen by the local member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,10 +19,10 @@ pub enum MemberChange {
     Updated,
 }
 
-/// What the core tells its driver through [`crate::Overlay::poll_event`].
+/// What the core tells its driver through [`crate::Overlay::poll_notification`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Event {
+pub enum Notification {
     /// A membership change.
     Member {
         /// What happened.
@@ -31,9 +31,9 @@ pub enum Event {
         member: MemberInfo,
     },
     /// An update from another member was accepted into the store.
-    Update(UpdateEvent),
+    Update(UpdateNotification),
     /// An event on a topic the local member subscribes to (once per event).
-    Message(crate::events::EventMessage),
+    Event(crate::events::Event),
     /// The final outcome of a published at-least-once event for one subscriber.
     Report(crate::events::DeliveryReport),
     /// The store's first anti-entropy exchange after a join has completed:
@@ -43,5 +43,5 @@ pub enum Event {
     StoreSynced,
     /// Key rotation: the keyring changed (save it), or a desired keyring
     /// was refused or could not be followed in full.
-    Keys(crate::keys::KeysEvent),
+    Keys(crate::keys::KeysNotification),
 }

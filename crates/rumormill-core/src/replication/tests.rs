@@ -1,4 +1,4 @@
-//! One test per dissemination rule, on pairs of state machines driven by
+//! One test per replication rule, on pairs of state machines driven by
 //! hand, and end-to-end over the test network.
 
 use std::net::SocketAddr;
@@ -8,21 +8,21 @@ use rumormill_wire::proto::envelope::Body;
 
 use super::*;
 use crate::testkit::{Net, addr};
-use crate::{Config, Event, WallTime};
+use crate::{Config, Notification, WallTime};
 
-fn config(removal: Removal, loss: Loss, rounds: u32) -> DisseminationConfig {
-    DisseminationConfig {
+fn config(removal: Removal, loss: Loss, rounds: u32) -> ReplicationConfig {
+    ReplicationConfig {
         mode: Mode::Rumor,
         removal,
         loss,
         rounds,
-        ..DisseminationConfig::default()
+        ..ReplicationConfig::default()
     }
 }
 
 struct Pair {
-    a: Dissemination,
-    b: Dissemination,
+    a: Replication,
+    b: Replication,
     now: Instant,
 }
 
@@ -30,11 +30,11 @@ const A: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4A
 const B: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 2));
 
 impl Pair {
-    fn new(ca: DisseminationConfig, cb: DisseminationConfig) -> Pair {
+    fn new(ca: ReplicationConfig, cb: ReplicationConfig) -> Pair {
         let now = Instant::now();
         Pair {
-            a: Dissemination::new(ca, "a", 1, A, 1300, 1, now),
-            b: Dissemination::new(cb, "b", 1, B, 1300, 2, now),
+            a: Replication::new(ca, "a", 1, A, 1300, 1, now),
+            b: Replication::new(cb, "b", 1, B, 1300, 2, now),
             now,
         }
     }
@@ -93,7 +93,7 @@ fn a_push_infects_the_receiver_which_answers_with_feedback() {
     assert_eq!(p.round(), ["rumor", "feedback"]);
     assert_eq!(p.b.rumor_state(&u), RumorState::Infected);
     assert_eq!(p.b.store().value("k"), Some(&b"v"[..]));
-    assert_eq!(p.b.poll_event().map(|e| e.update.key), Some("k".to_string()));
+    assert_eq!(p.b.poll_notification().map(|e| e.update.key), Some("k".to_string()));
     assert_eq!(
         p.a.rumor_state(&u),
         RumorState::Infected,
@@ -184,7 +184,7 @@ fn blind_coin_with_k_1_removes_after_one_push() {
 
 #[test]
 fn forgotten_removed_updates_never_come_back_as_news() {
-    let c = DisseminationConfig {
+    let c = ReplicationConfig {
         removed_ttl: Duration::from_secs(1),
         ..config(Removal::Feedback, Loss::Coin, 1)
     };
@@ -197,7 +197,7 @@ fn forgotten_removed_updates_never_come_back_as_news() {
     p.b.handle_timeout(now, &mut |_| Vec::new()); // GC at b
     p.b.infected.clear();
     p.b.removed.clear();
-    while p.b.poll_event().is_some() {}
+    while p.b.poll_notification().is_some() {}
     // A late copy of the same update reaches b.
     let late = rumormill_wire::proto::Rumor {
         updates: vec![u.to_wire()],
@@ -205,7 +205,7 @@ fn forgotten_removed_updates_never_come_back_as_news() {
         reply_to: None,
     };
     p.b.handle(now, A, Body::Rumor(late));
-    assert!(p.b.poll_event().is_none(), "not news");
+    assert!(p.b.poll_notification().is_none(), "not news");
     assert_eq!(p.b.rumor_state(&u), RumorState::Removed, "not re-infected");
     let answer = p.b.poll_message().expect("feedback");
     assert!(matches!(answer.envelope.body, Some(Body::RumorFeedback(f)) if f.known.len() == 1 && f.fresh.is_empty()));
@@ -255,10 +255,10 @@ fn a_handler_can_accept_a_subset_or_replace_the_store() {
 
 #[test]
 fn a_digest_exchange_sends_only_the_difference() {
-    let c = DisseminationConfig {
+    let c = ReplicationConfig {
         mode: Mode::AntiEntropy,
         anti_entropy_direction: Direction::Pull,
-        ..DisseminationConfig::default()
+        ..ReplicationConfig::default()
     };
     let mut p = Pair::new(c.clone(), c);
     // b writes 1,000 updates; a already has all but 3 of them.
@@ -298,10 +298,10 @@ fn a_digest_exchange_sends_only_the_difference() {
 #[test]
 fn push_and_push_pull_exchanges_converge_both_ways() {
     for direction in [Direction::Push, Direction::PushPull] {
-        let c = DisseminationConfig {
+        let c = ReplicationConfig {
             mode: Mode::AntiEntropy,
             anti_entropy_direction: direction,
-            ..DisseminationConfig::default()
+            ..ReplicationConfig::default()
         };
         let mut p = Pair::new(c.clone(), c);
         p.a.put(p.now, "from-a", b"1".to_vec());
@@ -316,10 +316,10 @@ fn push_and_push_pull_exchanges_converge_both_ways() {
 
 #[test]
 fn a_push_pull_round_checks_a_hash_first_and_exchanges_only_when_it_differs() {
-    let c = DisseminationConfig {
+    let c = ReplicationConfig {
         mode: Mode::AntiEntropy,
         anti_entropy_direction: Direction::PushPull,
-        ..DisseminationConfig::default()
+        ..ReplicationConfig::default()
     };
     let mut p = Pair::new(c.clone(), c);
     p.a.put(p.now, "from-a", b"1".to_vec());
@@ -344,10 +344,10 @@ fn a_push_pull_round_checks_a_hash_first_and_exchanges_only_when_it_differs() {
 
 #[test]
 fn large_differences_go_over_streams_in_chunks() {
-    let c = DisseminationConfig {
+    let c = ReplicationConfig {
         mode: Mode::AntiEntropy,
         anti_entropy_direction: Direction::Pull,
-        ..DisseminationConfig::default()
+        ..ReplicationConfig::default()
     };
     let mut p = Pair::new(c.clone(), c);
     for i in 0..40 {
@@ -390,7 +390,7 @@ fn a_rumor_too_big_for_a_datagram_goes_over_a_stream_and_says_where_to_answer() 
 #[test]
 fn concurrent_writes_settle_on_the_same_value_everywhere() {
     let mut c = Config::new_lan();
-    c.dissemination.mode = Mode::Both;
+    c.replication.mode = Mode::Both;
     let mut net = Net::new(6, c);
     net.run_for(Duration::from_secs(3));
     let now = net.now;
@@ -411,8 +411,8 @@ fn concurrent_writes_settle_on_the_same_value_everywhere() {
 fn updates_and_deletes_reach_every_member_with_each_mode() {
     for mode in [Mode::Rumor, Mode::AntiEntropy, Mode::Both] {
         let mut c = Config::new_lan();
-        c.dissemination.mode = mode;
-        c.dissemination.anti_entropy_interval = Duration::from_secs(2);
+        c.replication.mode = mode;
+        c.replication.anti_entropy_interval = Duration::from_secs(2);
         let mut net = Net::new(10, c);
         net.run_for(Duration::from_secs(3));
         let now = net.now;
@@ -423,7 +423,11 @@ fn updates_and_deletes_reach_every_member_with_each_mode() {
         for i in 0..10 {
             assert_eq!(net.node(i).store().value("k"), Some(&b"v"[..]), "{mode}: n{i}");
         }
-        let updates = net.log.iter().filter(|(_, _, e)| matches!(e, Event::Update(_))).count();
+        let updates = net
+            .log
+            .iter()
+            .filter(|(_, _, e)| matches!(e, Notification::Update(_)))
+            .count();
         assert_eq!(updates, 9, "{mode}: one event per other member");
         let now = net.now;
         net.node(7).delete(now, WallTime::default(), "k").expect("active");
@@ -474,7 +478,7 @@ fn a_restarted_writer_with_a_wall_clock_floor_beats_its_previous_life() {
     let now = Instant::now();
     let cfg = config(Removal::Feedback, Loss::Counter, 3);
     // First life: many writes push the clock up.
-    let mut life1 = Dissemination::new(cfg.clone(), "a", 1, A, 1300, 1, now);
+    let mut life1 = Replication::new(cfg.clone(), "a", 1, A, 1300, 1, now);
     life1.advance_clock(1_000);
     for _ in 0..50 {
         life1.put(now, "k", b"old".to_vec());
@@ -482,7 +486,7 @@ fn a_restarted_writer_with_a_wall_clock_floor_beats_its_previous_life() {
     let old = life1.store().get("k").cloned().expect("written");
     // Second life, a few seconds later by the wall clock: its fresh clock
     // alone (1) would lose; with the floor it wins.
-    let mut life2 = Dissemination::new(cfg, "a", 2, A, 1300, 1, now);
+    let mut life2 = Replication::new(cfg, "a", 2, A, 1300, 1, now);
     life2.advance_clock(4_000);
     let new = life2.put(now, "k", b"new".to_vec());
     assert!(
@@ -532,13 +536,13 @@ fn the_first_sync_after_a_join_is_reported_once() {
     let synced = |i: usize, net: &Net| {
         net.log
             .iter()
-            .filter(|(_, n, e)| *n == i && *e == Event::StoreSynced)
+            .filter(|(_, n, e)| *n == i && *e == Notification::StoreSynced)
             .count()
     };
     assert_eq!(synced(0, &net), 0, "n0 joined nobody");
     assert_eq!((synced(1, &net), synced(2, &net)), (1, 1));
     assert!(
-        net.node(1).dissemination_stats().syncs > 1,
+        net.node(1).replication_stats().syncs > 1,
         "later exchanges are not reported"
     );
     // A join again (say, after the seeds were lost) is reported again.

@@ -1,8 +1,8 @@
 //! The broadcast experiment: one update injected at one member, how fast,
 //! how completely and at what cost does it reach the others?
 //!
-//! Each member runs the real dissemination state machine
-//! ([`rumormill_core::broadcast::Dissemination`]) and the real wire format
+//! Each member runs the real replication state machine
+//! ([`rumormill_core::replication::Replication`]) and the real wire format
 //! (sealed packets, MTU packing, streams) over the modelled network. What is
 //! left out is failure detection: members choose partners uniformly from a
 //! fixed list of all members, which is what SWIM's view converges to in a
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rumormill_core::broadcast::{Dissemination, DisseminationConfig};
-use rumormill_core::{Event, FrameKind, Transmit};
+use rumormill_core::replication::{Replication, ReplicationConfig};
+use rumormill_core::{FrameKind, Notification, Transmit};
 use rumormill_wire::{Codec, PacketBuilder, Security};
 use serde::Serialize;
 
@@ -25,8 +25,8 @@ use crate::engine::{Nanos, SimNode, Simulation, member_addr, secs};
 use crate::network::NetworkModel;
 
 /// One member that only disseminates, over a fixed member list.
-pub struct BroadcastNode {
-    diss: Dissemination,
+pub struct ReplicationNode {
+    diss: Replication,
     codec: Codec,
     index: usize,
     peers: Arc<[SocketAddr]>,
@@ -35,14 +35,14 @@ pub struct BroadcastNode {
     transmits: VecDeque<Transmit>,
 }
 
-impl BroadcastNode {
+impl ReplicationNode {
     /// Member `index` of `peers`.
-    pub fn new(config: DisseminationConfig, index: usize, peers: Arc<[SocketAddr]>, seed: u64, now: Instant) -> Self {
+    pub fn new(config: ReplicationConfig, index: usize, peers: Arc<[SocketAddr]>, seed: u64, now: Instant) -> Self {
         let mtu = 1400;
         let codec = Codec::new(0, index as u64, 1, 0, Security::Plaintext);
         let budget = mtu - codec.overhead();
-        let diss = Dissemination::new(config, &crate::member_name(index), 1, peers[index], budget, seed, now);
-        BroadcastNode {
+        let diss = Replication::new(config, &crate::member_name(index), 1, peers[index], budget, seed, now);
+        ReplicationNode {
             diss,
             codec,
             index,
@@ -53,8 +53,8 @@ impl BroadcastNode {
         }
     }
 
-    /// The dissemination state machine.
-    pub fn dissemination(&mut self) -> &mut Dissemination {
+    /// The replication state machine.
+    pub fn replication(&mut self) -> &mut Replication {
         &mut self.diss
     }
 
@@ -64,7 +64,7 @@ impl BroadcastNode {
                 (FrameKind::Stream, rumormill_wire::encode_envelope(&out.envelope))
             } else {
                 let mut b = PacketBuilder::new(self.mtu - self.codec.overhead());
-                // Fits: dissemination sized it for this budget.
+                // Fits: replication sized it for this budget.
                 let _ = b.push(out.envelope);
                 (FrameKind::Datagram, b.finish())
             };
@@ -79,7 +79,7 @@ impl BroadcastNode {
     }
 }
 
-impl SimNode for BroadcastNode {
+impl SimNode for ReplicationNode {
     fn handle(&mut self, now: Instant, from: SocketAddr, kind: FrameKind, bytes: &[u8]) {
         let Ok(opened) = self.codec.open(kind, bytes) else {
             return;
@@ -120,8 +120,8 @@ impl SimNode for BroadcastNode {
         self.transmits.pop_front()
     }
 
-    fn poll_event(&mut self) -> Option<Event> {
-        self.diss.poll_event().map(Event::Update)
+    fn poll_notification(&mut self) -> Option<Notification> {
+        self.diss.poll_notification().map(Notification::Update)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -131,13 +131,13 @@ impl SimNode for BroadcastNode {
 
 /// Parameters of [`run`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct BroadcastParams {
+pub struct ReplicationParams {
     /// Members.
     pub nodes: usize,
     /// Datagram loss probability.
     pub loss: f64,
-    /// Dissemination settings (mode, rounds, fanout…).
-    pub config: DisseminationConfig,
+    /// Replication settings (mode, rounds, fanout…).
+    pub config: ReplicationConfig,
     /// Simulated seconds after the injection.
     pub duration_s: f64,
     /// Seed of the first run; run `r` uses `seed + r`.
@@ -146,12 +146,12 @@ pub struct BroadcastParams {
     pub runs: usize,
 }
 
-impl Default for BroadcastParams {
+impl Default for ReplicationParams {
     fn default() -> Self {
-        BroadcastParams {
+        ReplicationParams {
             nodes: 1000,
             loss: 0.0,
-            config: DisseminationConfig::default(),
+            config: ReplicationConfig::default(),
             duration_s: 60.0,
             seed: 1,
             runs: 1,
@@ -161,7 +161,7 @@ impl Default for BroadcastParams {
 
 /// What [`run`] measured (over all runs).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BroadcastReport {
+pub struct ReplicationReport {
     /// Members.
     pub nodes: usize,
     /// Datagram loss probability.
@@ -192,11 +192,11 @@ pub struct BroadcastReport {
 /// Runs the experiment.
 ///
 /// ```
-/// use rumormill_sim::broadcast::{run, BroadcastParams};
-/// let r = run(&BroadcastParams { nodes: 50, duration_s: 20.0, ..Default::default() });
+/// use rumormill_sim::replication::{run, ReplicationParams};
+/// let r = run(&ReplicationParams { nodes: 50, duration_s: 20.0, ..Default::default() });
 /// assert_eq!(r.delivery, 1.0);
 /// ```
-pub fn run(p: &BroadcastParams) -> BroadcastReport {
+pub fn run(p: &ReplicationParams) -> ReplicationReport {
     let mut latencies: Vec<f64> = Vec::new();
     let (mut packets, mut bytes, mut copies) = (0u64, 0u64, 0u64);
     let others = p.nodes.saturating_sub(1) * p.runs;
@@ -226,7 +226,7 @@ pub fn run(p: &BroadcastParams) -> BroadcastReport {
             .collect()
     };
     let member_runs = (p.nodes * p.runs) as f64;
-    BroadcastReport {
+    ReplicationReport {
         nodes: p.nodes,
         loss: p.loss,
         mode: p.config.mode.to_string(),
@@ -249,7 +249,7 @@ struct RunOutcome {
     copies: u64,
 }
 
-fn one_run(p: &BroadcastParams, seed: u64) -> RunOutcome {
+fn one_run(p: &ReplicationParams, seed: u64) -> RunOutcome {
     let base = Instant::now();
     let peers: Arc<[SocketAddr]> = (0..p.nodes).map(|i| member_addr(i, 1)).collect();
     let nodes = (0..p.nodes)
@@ -257,18 +257,18 @@ fn one_run(p: &BroadcastParams, seed: u64) -> RunOutcome {
             let node_seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             (
                 peers[i],
-                BroadcastNode::new(p.config.clone(), i, peers.clone(), node_seed, base),
+                ReplicationNode::new(p.config.clone(), i, peers.clone(), node_seed, base),
             )
         })
         .collect();
-    let mut sim: Simulation<BroadcastNode> = Simulation::from_nodes(base, nodes, NetworkModel::lan(p.loss), seed);
+    let mut sim: Simulation<ReplicationNode> = Simulation::from_nodes(base, nodes, NetworkModel::lan(p.loss), seed);
     // Let the random timer phases settle, then write at a random member.
     let start: Nanos = secs(1.0);
     sim.run_until(start);
     let writer = ChaCha8Rng::seed_from_u64(seed ^ 0x1417e).random_range(0..p.nodes);
     let now = base + Duration::from_nanos(start);
     if let Some(n) = sim.node_mut(writer) {
-        n.dissemination().put(now, "update", vec![0x5a; 100]);
+        n.replication().put(now, "update", vec![0x5a; 100]);
     }
     sim.flush(writer);
     let before = sim.traffic();
@@ -277,11 +277,11 @@ fn one_run(p: &BroadcastParams, seed: u64) -> RunOutcome {
     let latencies = sim
         .events()
         .iter()
-        .filter(|(_, _, e)| matches!(e, Event::Update(_)))
+        .filter(|(_, _, e)| matches!(e, Notification::Update(_)))
         .map(|(t, _, _)| (t - start) as f64 / 1e9)
         .collect();
     let copies = (0..p.nodes)
-        .filter_map(|i| sim.node_mut(i).map(|n| n.dissemination().stats().updates_sent))
+        .filter_map(|i| sim.node_mut(i).map(|n| n.replication().stats().updates_sent))
         .sum();
     RunOutcome {
         latencies,

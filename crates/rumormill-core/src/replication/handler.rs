@@ -24,7 +24,7 @@ pub enum Decision {
 /// Any `FnMut(&[Update], &Store) -> Decision + Send` is a handler:
 ///
 /// ```
-/// use rumormill_core::broadcast::{Decision, Store, Update, UpdateHandler};
+/// use rumormill_core::replication::{Decision, Store, Update, UpdateHandler};
 /// // Keep only keys under "public/".
 /// let mut h = |batch: &[Update], _: &Store| {
 ///     Decision::AcceptSubset((0..batch.len()).filter(|&i| batch[i].key.starts_with("public/")).collect())

@@ -21,19 +21,19 @@ fn limits(bytes: u64, entries: u64) -> Limits {
     }
 }
 
-fn config(mode: Mode, limits: Limits) -> DisseminationConfig {
-    DisseminationConfig {
+fn config(mode: Mode, limits: Limits) -> ReplicationConfig {
+    ReplicationConfig {
         mode,
         anti_entropy_direction: Direction::Pull,
         limits,
-        ..DisseminationConfig::default()
+        ..ReplicationConfig::default()
     }
 }
 
 /// `a` (no quota to speak of) writes with unchecked puts; `b` checks.
 struct Pair {
-    a: Dissemination,
-    b: Dissemination,
+    a: Replication,
+    b: Replication,
     now: Instant,
 }
 
@@ -41,8 +41,8 @@ impl Pair {
     fn new(mode: Mode, b_limits: Limits) -> Pair {
         let now = Instant::now();
         Pair {
-            a: Dissemination::new(config(mode, limits(u64::MAX, u64::MAX)), "a", 1, A, 1300, 1, now),
-            b: Dissemination::new(config(mode, b_limits), "b", 1, B, 1300, 2, now),
+            a: Replication::new(config(mode, limits(u64::MAX, u64::MAX)), "a", 1, A, 1300, 1, now),
+            b: Replication::new(config(mode, b_limits), "b", 1, B, 1300, 2, now),
             now,
         }
     }
@@ -132,7 +132,7 @@ fn a_refused_update_comes_again_by_anti_entropy_once_there_is_room() {
 #[test]
 fn a_local_write_over_quota_is_refused_with_a_typed_error_and_takes_no_sequence_number() {
     let now = Instant::now();
-    let mut d = Dissemination::new(config(Mode::Rumor, limits(1000, 3)), "a", 1, A, 1300, 1, now);
+    let mut d = Replication::new(config(Mode::Rumor, limits(1000, 3)), "a", 1, A, 1300, 1, now);
     d.try_put(now, "k1", vec![0; 500]).expect("fits");
     let err = d.try_put(now, "k2", vec![0; 500]).expect_err("1,004 bytes > 1,000");
     assert_eq!(
@@ -168,7 +168,7 @@ fn deletes_count_until_their_tombstones_expire() {
     let now = Instant::now();
     let mut c = config(Mode::Rumor, limits(1 << 20, 2));
     c.tombstone_ttl = Duration::from_secs(60);
-    let mut d = Dissemination::new(c, "a", 1, A, 1300, 1, now);
+    let mut d = Replication::new(c, "a", 1, A, 1300, 1, now);
     d.try_put(now, "x", vec![1]).expect("fits");
     d.try_delete(now, "x").expect("own key");
     d.try_put(now, "y", vec![1]).expect("fits");
@@ -218,9 +218,9 @@ fn a_writer_over_quota_cannot_grow_another_members_store() {
     // n1 runs with the quota lifted (unchecked writes, as a modified
     // member would); every other member keeps 64 KiB per writer.
     let mut c = Config::new_lan();
-    c.dissemination.mode = Mode::Both;
-    c.dissemination.anti_entropy_interval = Duration::from_secs(2);
-    c.dissemination.limits.writer_bytes = 64 << 10;
+    c.replication.mode = Mode::Both;
+    c.replication.anti_entropy_interval = Duration::from_secs(2);
+    c.replication.limits.writer_bytes = 64 << 10;
     let mut net = Net::new(6, c);
     net.run_for(Duration::from_secs(3));
     for i in 0..40 {
@@ -236,7 +236,7 @@ fn a_writer_over_quota_cannot_grow_another_members_store() {
     for i in [0, 2, 3, 4, 5] {
         let usage = net.node(i).store().usage(&writer);
         assert!(usage.bytes <= 64 << 10, "n{i} holds {} bytes of n1's", usage.bytes);
-        assert!(net.node(i).dissemination_stats().quota_refused > 0, "n{i}");
+        assert!(net.node(i).replication_stats().quota_refused > 0, "n{i}");
         held.push(
             net.node(i)
                 .store()
@@ -271,7 +271,7 @@ fn forged_update(origin: &str, key: &str, len: usize) -> Update {
     }
 }
 
-fn push(d: &mut Dissemination, now: Instant, updates: Vec<Update>) {
+fn push(d: &mut Replication, now: Instant, updates: Vec<Update>) {
     let r = rumormill_wire::proto::Rumor {
         updates: updates.iter().map(Update::to_wire).collect(),
         want_feedback: true,
@@ -288,7 +288,7 @@ fn a_writer_using_many_origin_names_cannot_raise_the_store_over_its_total_cap() 
         store_entries: 40,
         ..limits(10_000, 100)
     };
-    let mut b = Dissemination::new(config(Mode::Rumor, l), "b", 1, B, 1300, 2, now);
+    let mut b = Replication::new(config(Mode::Rumor, l), "b", 1, B, 1300, 2, now);
     // 100 invented writers, each within its own quota (one value of 5 kB).
     for i in 0..100 {
         push(
@@ -334,7 +334,7 @@ fn delta(updates: &[Update], seen: &Store, exchange: u64, chunk: u32, chunks: u3
 #[test]
 fn a_refused_update_stays_unseen_when_another_exchange_completes_between_chunks() {
     let now = Instant::now();
-    let mut a = Dissemination::new(
+    let mut a = Replication::new(
         config(Mode::AntiEntropy, limits(u64::MAX, u64::MAX)),
         "a",
         1,
@@ -343,7 +343,7 @@ fn a_refused_update_stays_unseen_when_another_exchange_completes_between_chunks(
         1,
         now,
     );
-    let mut b = Dissemination::new(config(Mode::AntiEntropy, limits(10_000, 100)), "b", 1, B, 1300, 2, now);
+    let mut b = Replication::new(config(Mode::AntiEntropy, limits(10_000, 100)), "b", 1, B, 1300, 2, now);
     let k1 = a.put(now, "k1", vec![1; 6000]);
     let k2 = a.put(now, "k2", vec![2; 6000]);
     // A chunked delta from a: k1 in the first chunk, k2 (refused) in the second.
@@ -368,7 +368,7 @@ fn a_refused_update_stays_unseen_when_another_exchange_completes_between_chunks(
 #[test]
 fn a_refused_update_superseded_by_a_newer_write_of_its_key_counts_as_seen() {
     let now = Instant::now();
-    let mut a = Dissemination::new(
+    let mut a = Replication::new(
         config(Mode::AntiEntropy, limits(u64::MAX, u64::MAX)),
         "a",
         1,
@@ -377,7 +377,7 @@ fn a_refused_update_superseded_by_a_newer_write_of_its_key_counts_as_seen() {
         1,
         now,
     );
-    let mut b = Dissemination::new(config(Mode::AntiEntropy, limits(10_000, 100)), "b", 1, B, 1300, 2, now);
+    let mut b = Replication::new(config(Mode::AntiEntropy, limits(10_000, 100)), "b", 1, B, 1300, 2, now);
     let k1 = a.put(now, "k1", vec![1; 6000]);
     let k2 = a.put(now, "k2", vec![2; 6000]);
     b.handle(now, A, delta(&[k1, k2], a.store(), 1, 0, 1));
@@ -400,7 +400,7 @@ fn a_replacing_handler_is_held_to_the_quotas() {
         store_entries: 5,
         ..limits(10_000, 100)
     };
-    let mut b = Dissemination::new(config(Mode::Rumor, l), "b", 1, B, 1300, 2, now);
+    let mut b = Replication::new(config(Mode::Rumor, l), "b", 1, B, 1300, 2, now);
     b.set_handler(|batch: &[Update], _: &Store| {
         let mut all: Vec<Update> = (0..3).map(|i| forged_update("w", &format!("w{i}"), 4000)).collect();
         all.extend((0..4).map(|i| forged_update(&format!("x{i}"), &format!("x{i}"), 10)));
