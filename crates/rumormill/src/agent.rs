@@ -42,8 +42,8 @@ pub use rumormill_core::reserved::PREFIX as RESERVED_PREFIX;
 const PEERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What an agent operation can fail with, in the agent's own terms; the
-/// HTTP API alone maps each to a status (`api.rs`). None of them changed
-/// anything, unless its variant says so.
+/// HTTP API alone maps each to a status (`api.rs`). An operation that
+/// fails changed nothing, unless its variant says otherwise.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// No overlay of that name.
@@ -91,6 +91,17 @@ pub enum AgentError {
     /// A leave of an overlay that had left already.
     #[error("already left overlay {0:?}")]
     AlreadyLeft(String),
+    /// The overlay did not start at the agent's start: a record it needs
+    /// does not decode (the message says which, and what to do).
+    #[error(
+        "overlay {overlay:?} did not start: {reason}; `join` starts it with an empty de-duplication window (events delivered before may be delivered again), `delete` forgets it"
+    )]
+    NotStarted {
+        /// The overlay.
+        overlay: String,
+        /// Why.
+        reason: String,
+    },
     /// The overlay stopped while the request ran (it was deleted
     /// meanwhile); what the request did before is not undone.
     #[error("overlay {0:?} stopped while the request ran")]
@@ -118,7 +129,11 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
-    /// The data directory failed.
+    /// The data directory failed. What the operation did before its write
+    /// stays done: a publication's event is out (its record, and so its
+    /// resends after a restart, may be missing); a keyring change or a
+    /// subscription holds in the core and in memory, and is written with
+    /// the overlay's next save of its record.
     #[error(transparent)]
     Persist(#[from] PersistError),
 }
@@ -215,7 +230,9 @@ pub struct OverlaySummary {
     pub epoch: u64,
     /// Whether packets are encrypted.
     pub encrypted: bool,
-    /// `running` or `left`.
+    /// `running`, `left` or `stopped` (it did not start: see `error`); in
+    /// a listing also `starting` or `busy` (a start, or another change,
+    /// under way: the rest is as last seen).
     pub status: String,
     /// Members alive or suspect, including the local one.
     pub live_members: usize,
@@ -223,6 +240,10 @@ pub struct OverlaySummary {
     pub spec: OverlaySpec,
     /// Protocol and transport counters.
     pub stats: OverlayStats,
+    /// Why the overlay is `stopped`: it did not start (see
+    /// [`AgentError::NotStarted`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Counters of one overlay.
@@ -278,11 +299,80 @@ pub struct OverlayStats {
     pub inbox_over_cap: u64,
 }
 
+/// The gate of one overlay life's writes to the data directory: its event
+/// commits (the pump's), its publications' records and its record saves
+/// pass it one at a time, each holding it until its commit has finished on
+/// its blocking thread — a cancelled or aborted writer included. Closing
+/// it waits for the write in flight and keeps every later one out: only
+/// then are the overlay's rows deleted, or read again for a restart, so
+/// that nothing of the old life lands after that.
+#[derive(Debug, Clone)]
+pub(crate) struct WriteGate {
+    /// True while open.
+    open: Arc<Mutex<bool>>,
+    /// The version of the record last saved through the gate.
+    saved: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Passage through a [`WriteGate`]: the gate is held while this lives.
+pub(crate) type Passage = OwnedMutexGuard<bool>;
+
+impl WriteGate {
+    /// A gate of a new life, open.
+    pub(crate) fn new() -> WriteGate {
+        WriteGate {
+            open: Arc::new(Mutex::new(true)),
+            saved: Arc::default(),
+        }
+    }
+
+    /// Waits for the write in flight; `None` once closed.
+    pub(crate) async fn enter(&self) -> Option<Passage> {
+        let passage = self.open.clone().lock_owned().await;
+        (*passage).then_some(passage)
+    }
+
+    /// Waits for the write in flight and lets no other through.
+    pub(crate) async fn close(&self) {
+        *self.open.lock().await = false;
+    }
+}
+
+/// A save of an overlay's record, taken under its slot's lock and written
+/// after it is released (see [`Running::record_save`]).
+pub(crate) struct RecordSave {
+    record: OverlayRecord,
+    version: u64,
+    writes: WriteGate,
+}
+
+impl RecordSave {
+    /// Writes the record through its life's gate, unless a newer one was
+    /// saved meanwhile. Once through the gate the commit runs to its end,
+    /// even if this future is dropped; dropped before, nothing is written
+    /// — the record in memory holds the change, and the overlay's next
+    /// save writes it. A closed gate saves nothing: the overlay was
+    /// deleted, or restarted (and its start saved the record it holds in
+    /// memory).
+    pub(crate) async fn write(self, db: &Db) -> Result<(), PersistError> {
+        let Some(passage) = self.writes.enter().await else {
+            return Ok(());
+        };
+        db.put_overlay_newer(&self.record, passage, self.writes.saved.clone(), self.version)
+            .await
+    }
+}
+
 pub(crate) struct Running {
     pub(crate) record: OverlayRecord,
     pub(crate) handle: OverlayHandle,
     pub(crate) left: bool,
     tasks: Vec<JoinHandle<()>>,
+    /// This life's writes (see [`WriteGate`]).
+    pub(crate) writes: WriteGate,
+    /// Counts the changes of `record`, so that a save that comes late
+    /// never writes an older record over a newer one.
+    version: u64,
     /// Live inbox entries for connected applications.
     pub(crate) feed: crate::inbox::InboxFeed,
     /// The agent's topics, as the event pump sees them.
@@ -302,6 +392,37 @@ impl Running {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+    }
+
+    /// A save of the record as it is now (see [`RecordSave`]); the record
+    /// in memory is the truth, whatever becomes of the save.
+    pub(crate) fn record_save(&mut self) -> RecordSave {
+        self.version += 1;
+        RecordSave {
+            record: self.record.clone(),
+            version: self.version,
+            writes: self.writes.clone(),
+        }
+    }
+
+    /// Ends this life of the overlay: marked left first (a cancelled
+    /// request must not leave a slot that claims to run a stopping
+    /// driver), its tasks and driver stopped (leaving gracefully with
+    /// `leave`), then its writes in flight waited for and no more let
+    /// through (see [`WriteGate`]).
+    async fn end(&mut self, leave: bool) {
+        self.left = true;
+        self.stop_tasks();
+        self.handle.shutdown(leave).await;
+        self.writes.close().await;
+    }
+
+    /// The record of the overlay's next life: the next boot epoch, counted
+    /// in this record first, so that a start that is cancelled or fails
+    /// never lets the following one reuse its epoch.
+    fn next_life(&mut self) -> OverlayRecord {
+        self.record.epoch += 1;
+        self.record.clone()
     }
 }
 
@@ -327,9 +448,27 @@ pub(crate) enum SlotState {
     Starting,
     /// Started: running, or left (stopped but still configured).
     Up(Box<Running>),
+    /// Not started at the agent's start, for a record that does not decode
+    /// (see [`AgentError::NotStarted`]); the other overlays run.
+    Failed(Box<NotStarted>),
     /// Deleted, or its start failed: on its way out of the table. Whoever
     /// waited for the lock finds no overlay.
     Gone,
+}
+
+/// An overlay that did not start (see [`SlotState::Failed`]).
+pub(crate) struct NotStarted {
+    record: OverlayRecord,
+    reason: String,
+}
+
+impl NotStarted {
+    fn error(&self) -> AgentError {
+        AgentError::NotStarted {
+            overlay: self.record.spec.name.clone(),
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 /// A locked slot that holds an overlay (see [`Agent::lock`]).
@@ -340,7 +479,9 @@ impl std::ops::Deref for Held {
     fn deref(&self) -> &Running {
         match &*self.0 {
             SlotState::Up(r) => r,
-            SlotState::Starting | SlotState::Gone => unreachable!("a slot is held only once found up"),
+            SlotState::Starting | SlotState::Failed(_) | SlotState::Gone => {
+                unreachable!("a slot is held only once found up")
+            }
         }
     }
 }
@@ -349,7 +490,9 @@ impl std::ops::DerefMut for Held {
     fn deref_mut(&mut self) -> &mut Running {
         match &mut *self.0 {
             SlotState::Up(r) => r,
-            SlotState::Starting | SlotState::Gone => unreachable!("a slot is held only once found up"),
+            SlotState::Starting | SlotState::Failed(_) | SlotState::Gone => {
+                unreachable!("a slot is held only once found up")
+            }
         }
     }
 }
@@ -362,6 +505,10 @@ struct Reservation<'a, N: Net> {
     name: String,
     slot: Slot,
     guard: Option<OwnedMutexGuard<SlotState>>,
+    /// For a new overlay (a create): the record its start saves goes from
+    /// disk with it, before the name is free again — else the next start
+    /// of the agent would bring back an overlay that never started.
+    new_record: bool,
 }
 
 impl<N: Net> Reservation<'_, N> {
@@ -370,16 +517,40 @@ impl<N: Net> Reservation<'_, N> {
             *guard = SlotState::Up(Box::new(running));
         }
     }
+
+    fn fail(mut self, failed: NotStarted) {
+        if let Some(mut guard) = self.guard.take() {
+            *guard = SlotState::Failed(Box::new(failed));
+        }
+    }
 }
 
 impl<N: Net> Drop for Reservation<'_, N> {
     fn drop(&mut self) {
-        if let Some(mut guard) = self.guard.take() {
-            *guard = SlotState::Gone;
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        *guard = SlotState::Gone;
+        let (name, slot) = (std::mem::take(&mut self.name), self.slot.clone());
+        let cleanup = match (self.new_record, self.agent.me.upgrade()) {
+            (true, Some(agent)) => tokio::runtime::Handle::try_current().ok().map(|rt| (rt, agent)),
+            _ => None,
+        };
+        let Some((rt, agent)) = cleanup else {
             // Out of the table before the lock is released, so that a
             // waiter that finds it gone finds the name free.
-            self.agent.unlist(&self.name, &self.slot);
-        }
+            self.agent.unlist(&name, &slot);
+            return;
+        };
+        // The slot stays locked in the table until the record is gone: a
+        // create of the same name waits for that.
+        rt.spawn(async move {
+            if let Err(e) = agent.db.delete_overlay(&name).await {
+                tracing::warn!(overlay = %name, error = %e, "the record of a failed start not deleted");
+            }
+            agent.unlist(&name, &slot);
+            drop(guard);
+        });
     }
 }
 
@@ -388,11 +559,15 @@ struct Unlist<'a, N: Net> {
     agent: &'a Agent<N>,
     name: &'a str,
     slot: &'a Slot,
+    /// Whether to take it out.
+    armed: bool,
 }
 
 impl<N: Net> Drop for Unlist<'_, N> {
     fn drop(&mut self) {
-        self.agent.unlist(self.name, self.slot);
+        if self.armed {
+            self.agent.unlist(self.name, self.slot);
+        }
     }
 }
 
@@ -404,8 +579,9 @@ pub struct Agent<N: Net> {
     /// The overlays' slots by name. This lock is taken only to look up,
     /// insert or remove a slot, never across a wait.
     slots: std::sync::Mutex<BTreeMap<String, Slot>>,
-    /// Serializes the stores of published events and their reports.
-    pub(crate) events_lock: Mutex<()>,
+    /// The last summary of each overlay in the table, for listings that
+    /// do not wait for a busy overlay (see [`Agent::overlays`]).
+    shown: std::sync::Mutex<BTreeMap<String, OverlaySummary>>,
     me: Weak<Agent<N>>,
 }
 
@@ -466,15 +642,36 @@ impl<N: Net> Agent<N> {
             db,
             host,
             slots: std::sync::Mutex::new(BTreeMap::new()),
-            events_lock: Mutex::new(()),
+            shown: std::sync::Mutex::new(BTreeMap::new()),
             me: me.clone(),
         });
-        for (name, rec) in records {
+        for (name, mut rec) in records {
             // In the table while it starts: its tasks (the keyring
             // watcher) look it up and wait for the start to finish.
-            let reservation = agent.reserve(&name).await?;
-            let running = agent.launch(rec).await?;
-            reservation.fill(running);
+            let reservation = agent.reserve(&name, false).await?;
+            rec.epoch += 1;
+            agent.show(starting(&rec));
+            match agent.launch(rec.clone()).await {
+                Ok(running) => reservation.fill(running),
+                // This overlay alone stays stopped, its error shown.
+                Err(AgentError::Persist(PersistError::Record {
+                    path,
+                    table,
+                    key,
+                    reason,
+                })) => {
+                    let failed = NotStarted {
+                        record: rec,
+                        reason: format!(
+                            "its record {table}/{key} in {} does not decode ({reason})",
+                            path.display()
+                        ),
+                    };
+                    tracing::error!(overlay = %name, error = %failed.error(), "overlay not started");
+                    reservation.fail(failed);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(agent)
     }
@@ -496,7 +693,18 @@ impl<N: Net> Agent<N> {
         let mut table = self.table();
         if table.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             table.remove(name);
+            self.shown().remove(name);
         }
+    }
+
+    fn shown(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OverlaySummary>> {
+        // Nothing panics while holding it (lookups and inserts only).
+        self.shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps `summary` as its overlay's last one.
+    fn show(&self, summary: OverlaySummary) {
+        self.shown().insert(summary.name.clone(), summary);
     }
 
     /// An overlay's slot, locked, when it holds one (left or not). Waits
@@ -506,6 +714,7 @@ impl<N: Net> Agent<N> {
         let guard = self.slot(name)?.lock_owned().await;
         match &*guard {
             SlotState::Up(_) => Ok(Held(guard)),
+            SlotState::Failed(f) => Err(f.error()),
             SlotState::Starting | SlotState::Gone => Err(AgentError::UnknownOverlay(name.to_owned())),
         }
     }
@@ -521,8 +730,9 @@ impl<N: Net> Agent<N> {
 
     /// Reserves `name` for a start: a new slot, locked, in the table. An
     /// overlay of that name is refused; a delete of it under way is waited
-    /// for, and then the name is free.
-    async fn reserve(&self, name: &str) -> Result<Reservation<'_, N>, AgentError> {
+    /// for, and then the name is free. `new_record`: the start is a
+    /// create (see [`Reservation`]).
+    async fn reserve(&self, name: &str, new_record: bool) -> Result<Reservation<'_, N>, AgentError> {
         loop {
             let existing = {
                 let mut table = self.table();
@@ -539,29 +749,29 @@ impl<N: Net> Agent<N> {
                             name: name.to_owned(),
                             slot,
                             guard: Some(guard),
+                            new_record,
                         });
                     }
                 }
             };
             let state = existing.clone().lock_owned().await;
             match &*state {
-                SlotState::Up(_) => return Err(AgentError::OverlayExists(name.to_owned())),
+                SlotState::Up(_) | SlotState::Failed(_) => return Err(AgentError::OverlayExists(name.to_owned())),
                 // Deleted, or an abandoned start: make room and try again.
                 SlotState::Starting | SlotState::Gone => self.unlist(name, &existing),
             }
         }
     }
 
-    /// Starts an overlay from its record: next boot epoch (saved first),
-    /// sockets, seeds, discovery, rack.
-    async fn launch(&self, mut rec: OverlayRecord) -> Result<Running, AgentError> {
+    /// Starts an overlay from its record, which holds the boot epoch of
+    /// this start (saved first): sockets, seeds, discovery, rack.
+    async fn launch(&self, rec: OverlayRecord) -> Result<Running, AgentError> {
         let spec = rec.spec.clone();
         let name = spec.name.clone();
         let config = spec.core_config()?;
         let security = security(&rec)?;
         let bind = spec.bind_addr()?;
         let advertise = spec.advertise_addr()?;
-        rec.epoch += 1;
         self.db.put_overlay(&rec).await?;
         let identity_name = rec.member.clone();
         let epoch = rec.epoch;
@@ -607,6 +817,8 @@ impl<N: Net> Agent<N> {
             handle,
             left: false,
             tasks: Vec::new(),
+            writes: WriteGate::new(),
+            version: 0,
             feed: tokio::sync::broadcast::channel(4096).0,
             topics,
             inbox: Arc::default(),
@@ -657,8 +869,11 @@ impl<N: Net> Agent<N> {
             handle.clone(),
             running.topics.clone(),
             running.feed.clone(),
-            running.inbox.clone(),
-            spec.limits.inbox_bytes(),
+            crate::inbox::WriterSetup {
+                cap: spec.limits.inbox_bytes(),
+                counters: running.inbox.clone(),
+                writes: running.writes.clone(),
+            },
         );
         running.tasks.push(tokio::spawn(pump));
         let me = self.me.clone();
@@ -693,11 +908,15 @@ impl<N: Net> Agent<N> {
     }
 
     async fn save_peers(&self, name: &str, peers: Vec<SocketAddr>) {
-        if let Ok(mut r) = self.lock(name).await {
-            r.record.peers = peers;
-            if let Err(e) = self.db.put_overlay(&r.record).await {
-                tracing::warn!(overlay = %name, error = %e, "peers not saved");
+        let save = match self.lock(name).await {
+            Ok(mut r) => {
+                r.record.peers = peers;
+                r.record_save()
             }
+            Err(_) => return,
+        };
+        if let Err(e) = save.write(&self.db).await {
+            tracing::warn!(overlay = %name, error = %e, "peers not saved");
         }
     }
 
@@ -722,20 +941,67 @@ impl<N: Net> Agent<N> {
 
     /// Summary of one overlay.
     pub async fn overlay(&self, name: &str) -> Result<OverlaySummary, AgentError> {
-        let r = self.lock(name).await?;
-        Ok(summary(&r).await)
+        let r = match self.lock(name).await {
+            Err(AgentError::NotStarted { .. }) => {
+                let state = self.slot(name)?.lock_owned().await;
+                return match &*state {
+                    SlotState::Failed(f) => Ok(not_started(f)),
+                    _ => Err(AgentError::UnknownOverlay(name.to_owned())),
+                };
+            }
+            other => other?,
+        };
+        let summary = summary(&r).await;
+        self.show(summary.clone());
+        Ok(summary)
+    }
+
+    /// Summaries of every overlay, by name, without waiting for any: one
+    /// busy with a start (`starting`) or another change (`busy`) is shown
+    /// as last seen, with that status.
+    pub async fn overlays(&self) -> Vec<OverlaySummary> {
+        let slots: Vec<(String, Slot)> = self.table().iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        let mut out = Vec::with_capacity(slots.len());
+        for (name, slot) in slots {
+            match slot.try_lock_owned() {
+                Ok(guard) => match &*guard {
+                    SlotState::Up(r) => {
+                        let summary = summary(r).await;
+                        self.show(summary.clone());
+                        out.push(summary);
+                    }
+                    SlotState::Failed(f) => out.push(not_started(f)),
+                    // An abandoned start, or deleted meanwhile.
+                    SlotState::Starting | SlotState::Gone => {}
+                },
+                Err(_) => {
+                    if let Some(mut last) = self.shown().get(&name).cloned() {
+                        if last.status != "starting" {
+                            last.status = "busy".into();
+                        }
+                        out.push(last);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Creates and starts an overlay.
     pub async fn create_overlay(&self, spec: OverlaySpec) -> Result<OverlaySummary, AgentError> {
         spec.validate()?;
         let name = spec.name.clone();
-        let reservation = self.reserve(&name).await?;
+        let reservation = self.reserve(&name, true).await?;
         let member = spec.member.clone().unwrap_or_else(|| self.host.clone());
-        // A failed start drops the reservation: the name is free again.
-        let running = self.launch(OverlayRecord::new(spec, member)).await?;
+        let mut rec = OverlayRecord::new(spec, member);
+        rec.epoch += 1;
+        self.show(starting(&rec));
+        // A failed or cancelled start drops the reservation: its record
+        // goes from disk, and then the name is free again.
+        let running = self.launch(rec).await?;
         // Summed up before anyone waiting (a delete) can get at it.
         let summary = summary(&running).await;
+        self.show(summary.clone());
         reservation.fill(running);
         Ok(summary)
     }
@@ -768,22 +1034,24 @@ impl<N: Net> Agent<N> {
                 return Err(UpdateRefused::Plaintext.into());
             }
             check.validate()?;
-            crate::keyring::refresh(self, &mut r).await?;
-            r.stop_tasks();
-            r.handle.shutdown(false).await;
-            let old = r.record.clone();
-            let mut rec = old.clone();
+            if let Some(save) = crate::keyring::refresh(&mut r).await {
+                save.write(&self.db).await?;
+            }
+            r.end(false).await;
+            let mut rec = r.next_life();
             rec.spec = spec;
             match self.launch(rec).await {
                 Ok(running) => *r = running,
                 Err(e) => {
                     // Back to the old settings, so that a bad update (a port
                     // in use, say) does not take the overlay down; should
-                    // that fail too, it counts as left and `join` retries.
-                    match self.launch(old).await {
+                    // that fail too, it stays left and `join` retries. The
+                    // epoch of the failed start is taken again: a launch
+                    // fails only before its driver starts, so nothing was
+                    // sent under it.
+                    match self.launch(r.record.clone()).await {
                         Ok(running) => *r = running,
                         Err(again) => {
-                            r.left = true;
                             tracing::error!(overlay = %name, error = %again, "overlay stopped: the old settings failed too");
                         }
                     }
@@ -794,30 +1062,59 @@ impl<N: Net> Agent<N> {
         }
     }
 
-    /// Leaves gracefully, stops and forgets an overlay.
+    /// Leaves gracefully, stops and forgets an overlay. It runs on a task
+    /// of its own: a cancelled request does not leave it half done (gone
+    /// from the table, still on disk).
     pub async fn delete_overlay(&self, name: &str) -> Result<(), AgentError> {
-        // The slot stays in the table, locked, until the overlay is gone
-        // from the database and stopped: a create of the same name waits
-        // for that, then starts afresh. Other overlays are not held up.
+        let Some(agent) = self.me.upgrade() else {
+            return self.delete_now(name).await;
+        };
+        let owned = name.to_owned();
+        tokio::spawn(async move { agent.delete_now(&owned).await })
+            .await
+            .unwrap_or_else(|_| Err(stopped(name)))
+    }
+
+    async fn delete_now(&self, name: &str) -> Result<(), AgentError> {
+        // The slot stays in the table, locked, until the overlay is stopped
+        // and gone from the database: a create of the same name waits for
+        // that, then starts afresh. Other overlays are not held up.
         let slot = self.slot(name)?;
         let mut state = slot.clone().lock_owned().await;
+        if matches!(*state, SlotState::Failed(_)) {
+            // Never started: nothing runs, nothing writes.
+            self.db.delete_overlay(name).await?;
+            *state = SlotState::Gone;
+            self.unlist(name, &slot);
+            tracing::info!(overlay = %name, "overlay deleted");
+            return Ok(());
+        }
         let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) else {
             self.unlist(name, &slot);
             return Err(AgentError::UnknownOverlay(name.to_owned()));
         };
-        if let Err(e) = self.db.delete_overlay(name).await {
-            *state = SlotState::Up(r);
-            return Err(e.into());
-        }
         // Dropped before the lock (declared after it): out of the table
-        // however this ends, a cancelled request included.
-        let _unlist = Unlist {
+        // however this ends, a cancelled request included — unless the
+        // rows stay, and with them the overlay.
+        let mut unlist = Unlist {
             agent: self,
             name,
             slot: &slot,
+            armed: true,
         };
-        r.stop_tasks();
-        r.handle.shutdown(!r.left).await;
+        // Stopped, and its writes in flight finished, before its rows go:
+        // nothing of it may land afterwards, for a later overlay of the
+        // same name to inherit.
+        let graceful = !r.left;
+        r.end(graceful).await;
+        let deleted = self.db.delete_overlay(name).await;
+        if let Err(e) = deleted {
+            // It stays, stopped: a delete may be tried again, or a join
+            // restart it.
+            unlist.armed = false;
+            *state = SlotState::Up(r);
+            return Err(e.into());
+        }
         tracing::info!(overlay = %name, "overlay deleted");
         Ok(())
     }
@@ -860,15 +1157,45 @@ impl<N: Net> Agent<N> {
             return Err(AgentError::NoAddresses);
         }
         {
-            let mut r = self.lock(name).await?;
+            let mut r = match self.lock(name).await {
+                Err(AgentError::NotStarted { .. }) => {
+                    self.start_again(name).await?;
+                    self.lock(name).await?
+                }
+                other => other?,
+            };
             if r.left {
-                let running = self.launch(r.record.clone()).await?;
+                let running = self.launch(r.next_life()).await?;
                 *r = running;
             }
         }
         self.call(name, move |o, now| o.join(now, &addrs))
             .await?
             .map_err(core_error)
+    }
+
+    /// Starts an overlay that did not start, with an empty de-duplication
+    /// window in place of the one that does not decode.
+    async fn start_again(&self, name: &str) -> Result<(), AgentError> {
+        let mut state = self.slot(name)?.lock_owned().await;
+        let SlotState::Failed(f) = &mut *state else {
+            return Ok(()); // started, or gone, meanwhile
+        };
+        self.db
+            .write_holding(name, vec![crate::persist::Op::Dedup(Vec::new())], true, ())
+            .await?;
+        f.record.epoch += 1;
+        match self.launch(f.record.clone()).await {
+            Ok(running) => {
+                tracing::warn!(overlay = %name, "started with an empty de-duplication window");
+                *state = SlotState::Up(Box::new(running));
+                Ok(())
+            }
+            Err(e) => {
+                f.reason = e.to_string();
+                Err(e)
+            }
+        }
     }
 
     /// Leaves an overlay gracefully; it stays configured and rejoins on
@@ -878,12 +1205,10 @@ impl<N: Net> Agent<N> {
         if r.left {
             return Err(AgentError::AlreadyLeft(name.to_owned()));
         }
-        crate::keyring::refresh(self, &mut r).await?;
-        r.stop_tasks();
-        // Left once asked to: a cancelled request must not leave a slot
-        // that claims to run a stopping driver.
-        r.left = true;
-        r.handle.shutdown(true).await;
+        if let Some(save) = crate::keyring::refresh(&mut r).await {
+            save.write(&self.db).await?;
+        }
+        r.end(true).await;
         tracing::info!(overlay = %name, "left");
         Ok(())
     }
@@ -1000,11 +1325,13 @@ impl<N: Net> Agent<N> {
         let stops = slots.into_iter().map(|slot| async move {
             let mut state = slot.lock_owned().await;
             if let SlotState::Up(mut r) = std::mem::replace(&mut *state, SlotState::Gone) {
-                if let Err(e) = crate::keyring::refresh(self, &mut r).await {
+                if let Some(save) = crate::keyring::refresh(&mut r).await
+                    && let Err(e) = save.write(&self.db).await
+                {
                     tracing::warn!(overlay = %r.record.spec.name, error = %e, "keyring not saved");
                 }
-                r.stop_tasks();
-                r.handle.shutdown(leave && !r.left).await;
+                let graceful = leave && !r.left;
+                r.end(graceful).await;
             }
         });
         futures_util::future::join_all(stops).await;
@@ -1067,11 +1394,44 @@ async fn summary(r: &Running) -> OverlaySummary {
         live_members: live,
         spec: spec.masked(),
         stats,
+        error: None,
+    }
+}
+
+/// What is shown of an overlay that did not start.
+fn not_started(f: &NotStarted) -> OverlaySummary {
+    let mut summary = starting(&f.record);
+    summary.status = "stopped".into();
+    summary.error = Some(f.error().to_string());
+    summary
+}
+
+/// What a listing shows of an overlay whose start is under way.
+fn starting(rec: &OverlayRecord) -> OverlaySummary {
+    let mut spec = rec.spec.clone();
+    spec.keys = rec.keys.iter().map(|_| String::new()).collect();
+    OverlaySummary {
+        name: rec.spec.name.clone(),
+        member: rec.member.clone(),
+        addr: rec
+            .spec
+            .advertise_addr()
+            .ok()
+            .flatten()
+            .or_else(|| rec.spec.bind_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        epoch: rec.epoch,
+        encrypted: !rec.keys.is_empty(),
+        status: "starting".into(),
+        live_members: 0,
+        spec: spec.masked(),
+        stats: OverlayStats::default(),
+        error: None,
     }
 }
 
 /// Ok if the overlay exists (left or not).
-pub(crate) async fn has_left_or_unknown<N: Net>(agent: &Agent<N>, name: &str) -> Result<(), AgentError> {
+pub(crate) async fn exists<N: Net>(agent: &Agent<N>, name: &str) -> Result<(), AgentError> {
     agent.lock(name).await.map(drop)
 }
 
@@ -1360,7 +1720,7 @@ pub(crate) mod tests {
         let mut requests = 0;
         let began = Instant::now();
         while !slow.is_finished() {
-            for path in ["/v1/overlays/b/members", "/v1/overlays/b", "/v1/health"] {
+            for path in ["/v1/overlays/b/members", "/v1/overlays/b", "/v1/health", "/v1/overlays"] {
                 let t = Instant::now();
                 let answer = client.get(path).await;
                 let took = t.elapsed();
@@ -1370,6 +1730,20 @@ pub(crate) mod tests {
                     "GET {path} took {took:?}, {:?} into overlay a's leave and restart (bound: 100 ms)",
                     began.elapsed()
                 );
+                if path == "/v1/overlays"
+                    && let Ok(listing) = &answer
+                {
+                    let names: Vec<&str> = listing
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|o| o["name"].as_str())
+                        .collect();
+                    assert!(
+                        names.contains(&"a") && names.contains(&"b"),
+                        "the listing must show the busy overlay too: {names:?}"
+                    );
+                }
                 worst = worst.max(took);
                 requests += 1;
             }
@@ -1449,6 +1823,186 @@ pub(crate) mod tests {
         agent.create_overlay(spec("c", "x", &[])).await.expect("create again");
         assert_eq!(stored(&agent), vec!["b".to_owned(), "c".to_owned()]);
         agent.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Publishes at-least-once events from y to x's overlay `a` (topic
+    /// `t`) until x's inbox holds some.
+    async fn events_flowing(x: &Agent<TokioNet>, y: &Agent<TokioNet>) {
+        x.subscribe("a", &["t".to_owned()]).await.expect("subscribe");
+        let alo = crate::events::DeliverySpec::AtLeastOnce {
+            retry_every: "1s".into(),
+            retry_max: 0,
+        };
+        wait_until("x's inbox to fill", 10, async || {
+            y.publish("a", "t", b"e".to_vec(), &alo)
+                .await
+                .map_err(|e| e.to_string())?;
+            match x.inbox("a", 0, 10).await.map_err(|e| e.to_string())?.len() {
+                0 => Err("empty".into()),
+                _ => Ok(()),
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_overlay_leaves_nothing_for_the_next_one_of_its_name() {
+        let (dir_x, dir_y) = (scratch("reuse-x"), scratch("reuse-y"));
+        let y = start(&dir_y, vec![spec("a", "y", &[])]).await;
+        let y_addr = y.overlay("a").await.expect("a on y").addr;
+        let x = start(&dir_x, vec![spec("a", "x", &[y_addr])]).await;
+        events_flowing(&x, &y).await;
+        // Commits in flight when the delete comes: the pump keeps storing
+        // what y sends until it is stopped.
+        x.db.slow_commits(Duration::from_millis(300));
+        let publisher = {
+            let y = y.clone();
+            tokio::spawn(async move {
+                let alo = crate::events::DeliverySpec::AtLeastOnce {
+                    retry_every: "1s".into(),
+                    retry_max: 0,
+                };
+                loop {
+                    let _ = y.publish("a", "t", b"more".to_vec(), &alo).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        x.delete_overlay("a").await.expect("delete");
+        x.db.slow_commits(Duration::ZERO);
+        // Whatever of the old overlay was still on its way has landed by now.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        x.create_overlay(spec("a", "x", &[])).await.expect("create again");
+        let inherited = x.inbox("a", 0, 100_000).await.expect("inbox").len();
+        let window = x.db.dedup("a").expect("window").len();
+        publisher.abort();
+        assert_eq!(
+            (inherited, window),
+            (0, 0),
+            "the new overlay must start with an empty inbox and window"
+        );
+        x.shutdown(false).await;
+        y.shutdown(false).await;
+        for d in [dir_x, dir_y] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_subscribe_is_kept_in_memory_and_saved() {
+        let dir = scratch("cancel-subscribe");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        x.db.slow_commits(Duration::from_millis(300));
+        let request = tokio::spawn({
+            let x = x.clone();
+            async move { x.subscribe("a", &["t".to_owned()]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        request.abort();
+        let _ = request.await;
+        let pumped = x
+            .lock("a")
+            .await
+            .expect("a")
+            .topics
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
+        assert_eq!(pumped, vec!["t".to_owned()], "the event pump must see the topic");
+        x.db.slow_commits(Duration::ZERO);
+        wait_until("the topic to be saved", 5, async || {
+            let records = x.db.overlays().map_err(|e| e.to_string())?;
+            match records.iter().find(|r| r.spec.name == "a") {
+                Some(r) if r.topics == ["t"] => Ok(()),
+                other => Err(format!("{:?}", other.map(|r| &r.topics))),
+            }
+        })
+        .await;
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_update_leaves_a_stopped_overlay_and_spends_its_epoch() {
+        let dir = scratch("cancel-update");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        assert_eq!(x.overlay("a").await.expect("a").epoch, 1);
+        x.db.slow_commits(Duration::from_millis(400));
+        let request = tokio::spawn({
+            let x = x.clone();
+            async move { x.update_overlay("a", spec("a", "x", &[])).await }
+        });
+        // The old driver is stopped; the new start is saving its epoch.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        request.abort();
+        let _ = request.await;
+        x.db.slow_commits(Duration::ZERO);
+        let shown = x.overlay("a").await.expect("a");
+        assert_eq!(shown.status, "left", "the stopped overlay must not claim to run");
+        x.join("a", vec![gone_peer()]).await.expect("join restarts it");
+        let shown = x.overlay("a").await.expect("a");
+        assert_eq!(
+            (shown.status.as_str(), shown.epoch),
+            ("running", 3),
+            "epoch 2 went to the cancelled start"
+        );
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_create_that_cannot_bind_leaves_no_record() {
+        let dir = scratch("create-bind");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        let taken = x.overlay("a").await.expect("a").addr;
+        let mut bad = spec("c", "x", &[]);
+        bad.bind = taken.to_string();
+        let refused = x.create_overlay(bad).await;
+        assert!(matches!(refused, Err(AgentError::Bind { .. })), "{refused:?}");
+        wait_until("the failed create's record to go", 5, async || {
+            let stored: Vec<String> =
+                x.db.overlays()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|r| r.spec.name.clone())
+                    .collect();
+            match stored == ["a"] {
+                true => Ok(()),
+                false => Err(format!("{stored:?}")),
+            }
+        })
+        .await;
+        // The name is free again.
+        x.create_overlay(spec("c", "x", &[])).await.expect("create");
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_that_does_not_decode_stops_its_overlay_alone() {
+        let dir = scratch("spoiled-window");
+        let x = start(&dir, vec![spec("a", "x", &[]), spec("b", "x", &[])]).await;
+        x.db.spoil_window("a");
+        x.shutdown(false).await;
+        drop(x);
+        let x = start(&dir, vec![spec("a", "x", &[]), spec("b", "x", &[])]).await;
+        let listing = x.overlays().await;
+        let status: Vec<(&str, &str)> = listing.iter().map(|o| (o.name.as_str(), o.status.as_str())).collect();
+        assert_eq!(status, vec![("a", "stopped"), ("b", "running")]);
+        let error = listing[0].error.clone().unwrap_or_default();
+        assert!(
+            error.contains("events_dedup/a") && error.contains("`join`") && !error.contains("move the file"),
+            "{error}"
+        );
+        let refused = x.put("a", "k", b"v".to_vec()).await;
+        assert!(matches!(refused, Err(AgentError::NotStarted { .. })), "{refused:?}");
+        x.put("b", "k", b"v".to_vec()).await.expect("b runs");
+        x.join("a", vec![gone_peer()]).await.expect("join starts it");
+        assert_eq!(x.overlay("a").await.expect("a").status, "running");
+        assert!(x.db.dedup("a").expect("a readable window").is_empty());
+        x.shutdown(false).await;
         let _ = std::fs::remove_dir_all(dir);
     }
 

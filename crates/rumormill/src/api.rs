@@ -204,6 +204,7 @@ fn status_of(e: &AgentError) -> StatusCode {
         | AgentError::Left(_)
         | AgentError::AlreadyLeft(_)
         | AgentError::Stopped(_)
+        | AgentError::NotStarted { .. }
         | AgentError::Plaintext(_)
         | AgentError::Core(rumormill_core::CoreError::Left) => StatusCode::CONFLICT,
         AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -704,15 +705,7 @@ async fn health(State(s): State<AppState>) -> Json<Health> {
 /// Every overlay of the agent.
 #[utoipa::path(get, path = "/v1/overlays", responses((status = 200, body = [OverlaySummary])))]
 async fn list_overlays(State(s): State<AppState>) -> ApiResult<Json<Vec<OverlaySummary>>> {
-    let mut out = Vec::new();
-    for name in s.agent.overlay_names().await {
-        match s.agent.overlay(&name).await {
-            Ok(o) => out.push(o),
-            Err(AgentError::UnknownOverlay(_)) => {} // deleted meanwhile
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(Json(out))
+    Ok(Json(s.agent.overlays().await))
 }
 
 /// Creates and starts an overlay.
@@ -1977,6 +1970,25 @@ mod tests {
         );
         assert_eq!(status, 422);
         assert!(msg.contains("addrs"), "{msg}");
+        f.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_luggage_key_with_a_slash_goes_through_the_client() {
+        let f = Fixture::new("slash").await;
+        let on = f.admin.on("default");
+        let put = PutRequest {
+            value: Some("eu".into()),
+            value_base64: None,
+        };
+        on.set_luggage("zone/rack", &put).await.expect("set");
+        let rows = on.luggage(None).await.expect("luggage");
+        assert!(
+            rows.iter()
+                .any(|r| r.key == "zone/rack" && r.value.as_deref() == Some("eu")),
+            "{rows:?}"
+        );
+        on.delete_luggage("zone/rack").await.expect("delete");
         f.finish().await;
     }
 

@@ -217,7 +217,7 @@ impl Client {
     pub fn on(&self, overlay: &str) -> OverlayApi<'_> {
         OverlayApi {
             client: self,
-            path: format!("/v1/overlays/{}", encode_path(overlay)),
+            path: format!("/v1/overlays/{}", encode_segment(overlay)),
         }
     }
 
@@ -326,8 +326,12 @@ impl OverlayApi<'_> {
 
     /// Unsubscribes the agent from a topic.
     pub async fn unsubscribe(&self, topic: &str) -> Result<Topics, ClientError> {
-        self.send("DELETE", &format!("/subscriptions/{}", encode_path(topic)), None::<&()>)
-            .await
+        self.send(
+            "DELETE",
+            &format!("/subscriptions/{}", encode_segment(topic)),
+            None::<&()>,
+        )
+        .await
     }
 
     /// The luggage of every member (or of one).
@@ -340,13 +344,13 @@ impl OverlayApi<'_> {
 
     /// Sets one of this member's luggage entries.
     pub async fn set_luggage(&self, key: &str, request: &PutRequest) -> Result<(), ClientError> {
-        self.send("PUT", &format!("/luggage/{}", encode_path(key)), Some(request))
+        self.send("PUT", &format!("/luggage/{}", encode_segment(key)), Some(request))
             .await
     }
 
     /// Deletes one of this member's luggage entries.
     pub async fn delete_luggage(&self, key: &str) -> Result<(), ClientError> {
-        self.send("DELETE", &format!("/luggage/{}", encode_path(key)), None::<&()>)
+        self.send("DELETE", &format!("/luggage/{}", encode_segment(key)), None::<&()>)
             .await
     }
 
@@ -365,7 +369,7 @@ impl OverlayApi<'_> {
 
     /// Makes a key primary on every member but those in `exclude`.
     pub async fn use_key(&self, id: &str, wait: u64, exclude: &[String]) -> Result<KeyChange, ClientError> {
-        let path = format!("/keys/{}/use?wait={wait}{}", encode_path(id), exclude_query(exclude));
+        let path = format!("/keys/{}/use?wait={wait}{}", encode_segment(id), exclude_query(exclude));
         self.send("POST", &path, None::<&()>).await
     }
 
@@ -378,9 +382,9 @@ impl OverlayApi<'_> {
         local: bool,
     ) -> Result<KeyChange, ClientError> {
         let path = if local {
-            format!("/keys/{}?scope=local", encode_path(id))
+            format!("/keys/{}?scope=local", encode_segment(id))
         } else {
-            format!("/keys/{}?wait={wait}{}", encode_path(id), exclude_query(exclude))
+            format!("/keys/{}?wait={wait}{}", encode_segment(id), exclude_query(exclude))
         };
         self.send("DELETE", &path, None::<&()>).await
     }
@@ -400,12 +404,23 @@ fn exclude_query(members: &[String]) -> String {
     }
 }
 
-/// Percent-encodes a path segment (keys may hold any character; `/` is
-/// kept, the API takes the rest of the path as the key).
+/// Percent-encodes the tail of a path that the API takes whole (a value's
+/// key, an event id: any character; `/` is kept, the API takes the rest of
+/// the path as the key).
 pub fn encode_path(s: &str) -> String {
+    encode(s, true)
+}
+
+/// Percent-encodes one path segment (an overlay's name, a topic, a luggage
+/// key, a key id), `/` included: the API takes only this segment.
+pub fn encode_segment(s: &str) -> String {
+    encode(s, false)
+}
+
+fn encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || (keep_slash && b == b'/') {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));

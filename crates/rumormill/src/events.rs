@@ -39,7 +39,7 @@ use rumormill_core::events::{Delivery, DeliveryReport, PendingEvent, dedup::Dedu
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::agent::{Agent, AgentError, has_left_or_unknown, stopped, wall, wall_ms};
+use crate::agent::{Agent, AgentError, exists, stopped, wall, wall_ms};
 use crate::persist::Op;
 use crate::transport::Net;
 
@@ -192,8 +192,15 @@ impl<N: Net> Agent<N> {
             return Err(AgentError::LocalTopic(topic.to_owned()));
         }
         let d = delivery.to_core()?;
-        let handle = self.handle(name).await?;
-        let _guard = self.events_lock.lock().await;
+        let (handle, writes) = {
+            let r = self.lock_running(name).await?;
+            (r.handle.clone(), r.writes.clone())
+        };
+        // Held from before the core publishes (the pump stores the event's
+        // reports after its record, never before) until the record is
+        // written, a cancelled request included: a delete or restart of
+        // the overlay waits for it.
+        let passage = writes.enter().await.ok_or_else(|| stopped(name))?;
         let topic_owned = topic.to_owned();
         let (id, pending) = handle
             .call(move |o, now| {
@@ -229,7 +236,7 @@ impl<N: Net> Agent<N> {
             if let Some(p) = pending {
                 ops.push(Op::PutPending(p));
             }
-            self.db.write(name, ops).await?;
+            self.db.write_holding(name, ops, true, passage).await?;
             if id.seq % 1000 == 0 {
                 self.prune_reports(name).await;
             }
@@ -249,7 +256,7 @@ impl<N: Net> Agent<N> {
 
     /// A published event and its reports (at-least-once events only).
     pub async fn event(&self, name: &str, id: &str) -> Result<EventRecord, AgentError> {
-        has_left_or_unknown(self, name).await?;
+        exists(self, name).await?;
         self.db
             .report(name, id)?
             .ok_or_else(|| AgentError::UnknownEvent(id.to_owned()))
@@ -278,9 +285,12 @@ impl<N: Net> Agent<N> {
         let mut all: BTreeSet<String> = r.record.topics.iter().cloned().collect();
         all.extend(topics.iter().cloned());
         r.record.topics = all.into_iter().collect();
-        self.db.put_overlay(&r.record).await?;
+        // In memory first (see `RecordSave`), saved without the slot.
         r.share_topics();
-        Ok(r.record.topics.clone())
+        let (save, now) = (r.record_save(), r.record.topics.clone());
+        drop(r);
+        save.write(&self.db).await?;
+        Ok(now)
     }
 
     /// Unsubscribes the agent from a topic.
@@ -296,15 +306,17 @@ impl<N: Net> Agent<N> {
             .map_err(|_| stopped(name))?
             .map_err(crate::agent::core_error)?;
         r.record.topics.retain(|x| x != topic);
-        self.db.put_overlay(&r.record).await?;
         r.share_topics();
-        Ok(r.record.topics.clone())
+        let (save, now) = (r.record_save(), r.record.topics.clone());
+        drop(r);
+        save.write(&self.db).await?;
+        Ok(now)
     }
 
     /// Inbox entries after `after`, at most `limit` and — beyond the first
     /// — at most 16 MiB of them.
     pub async fn inbox(&self, name: &str, after: u64, limit: usize) -> Result<Vec<InboxItem>, AgentError> {
-        has_left_or_unknown(self, name).await?;
+        exists(self, name).await?;
         Ok(self.db.inbox_after(name, after, limit, INBOX_READ_BYTES)?)
     }
 
@@ -357,46 +369,42 @@ impl Restore {
     }
 }
 
-/// Updates the stored records of the reported events.
-pub(crate) fn report_ops<N: Net>(agent: &Agent<N>, name: &str, reports: &[DeliveryReport]) -> Vec<Op> {
+/// Delivery reports by the id of their event.
+pub(crate) fn by_event(reports: &[DeliveryReport]) -> BTreeMap<String, Vec<&DeliveryReport>> {
     let mut by_event: BTreeMap<String, Vec<&DeliveryReport>> = BTreeMap::new();
     for r in reports {
         by_event.entry(r.id.to_string()).or_default().push(r);
     }
-    let mut ops = Vec::new();
-    for (id, rs) in by_event {
-        // A record that does not decode was reported by the database;
-        // these reports then have nowhere to go.
-        let Ok(Some(mut record)) = agent.db.report(name, &id) else {
-            continue;
-        };
-        for r in rs {
-            match record.subscribers.iter_mut().find(|s| s.member == *r.subscriber) {
-                Some(s) => {
-                    s.outcome = r.outcome.as_str().into();
-                    s.attempts = r.attempts;
-                }
-                None => record.subscribers.push(SubscriberReport {
-                    member: r.subscriber.to_string(),
-                    outcome: r.outcome.as_str().into(),
-                    attempts: r.attempts,
-                }),
+    by_event
+}
+
+/// Takes an event's reports into its record (see [`crate::persist::Op::Reports`],
+/// which does it inside the transaction that stores them).
+pub(crate) fn merge_reports(record: &mut EventRecord, reports: &[&DeliveryReport]) {
+    for r in reports {
+        match record.subscribers.iter_mut().find(|s| s.member == *r.subscriber) {
+            Some(s) => {
+                s.outcome = r.outcome.as_str().into();
+                s.attempts = r.attempts;
             }
+            None => record.subscribers.push(SubscriberReport {
+                member: r.subscriber.to_string(),
+                outcome: r.outcome.as_str().into(),
+                attempts: r.attempts,
+            }),
         }
-        record.complete = record.subscribers.iter().all(|s| s.outcome != "pending");
-        if record.complete {
-            ops.push(Op::DeletePending(id.clone()));
-        } else if let Ok(Some(mut p)) = agent.db.pending_one(name, &id) {
-            let waiting: BTreeSet<&str> = record
-                .subscribers
-                .iter()
-                .filter(|s| s.outcome == "pending")
-                .map(|s| s.member.as_str())
-                .collect();
-            p.waiting.retain(|(n, _, _)| waiting.contains(n.as_ref()));
-            ops.push(Op::PutPending(p));
-        }
-        ops.push(Op::PutReport(record));
     }
-    ops
+    record.complete = record.subscribers.iter().all(|s| s.outcome != "pending");
+}
+
+/// Keeps in a pending event only the subscribers its record still has
+/// pending (for an incomplete record; a complete one's event goes).
+pub(crate) fn still_waiting(record: &EventRecord, p: &mut PendingEvent) {
+    let waiting: BTreeSet<&str> = record
+        .subscribers
+        .iter()
+        .filter(|s| s.outcome == "pending")
+        .map(|s| s.member.as_str())
+        .collect();
+    p.waiting.retain(|(n, _, _)| waiting.contains(n.as_ref()));
 }

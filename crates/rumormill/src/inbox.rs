@@ -30,9 +30,9 @@ use rumormill_core::events::{DeliveryReport, Event, EventId};
 use rumormill_core::{MemberChange, Notification};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::agent::{Agent, wall_ms};
+use crate::agent::{Agent, WriteGate, wall_ms};
 use crate::driver::OverlayHandle;
-use crate::events::{INBOX_KEEP, InboxItem, payload_fields, report_ops};
+use crate::events::{INBOX_KEEP, InboxItem, payload_fields};
 use crate::persist::{Db, EncodedEntry, Op};
 use crate::transport::Net;
 
@@ -72,8 +72,7 @@ pub(crate) async fn pump<N: Net>(
     handle: OverlayHandle,
     topics: Arc<std::sync::Mutex<Vec<String>>>,
     feed: InboxFeed,
-    counters: Arc<InboxCounters>,
-    cap: u64,
+    setup: WriterSetup,
 ) {
     let Some(mut stream) = handle.take_event_stream() else {
         return;
@@ -81,7 +80,7 @@ pub(crate) async fn pump<N: Net>(
     let Some(db) = agent.upgrade().map(|a| a.db.clone()) else {
         return;
     };
-    let mut writer = InboxWriter::open(&db, name, cap, counters).await;
+    let mut writer = InboxWriter::open(&db, name, setup).await;
     drop(db);
     loop {
         let first = tokio::select! {
@@ -223,8 +222,9 @@ pub(crate) fn to_inbox(batch: Vec<Notification>, subscribed: &[String]) -> (Vec<
                     entries.push(entry);
                 }
             }
-            // Everything else the core reports is not for the inbox.
-            _ => {}
+            // Not for the inbox: the first sync after a join (the start
+            // waits for it), key rotation (the keyring watcher's).
+            Notification::StoreSynced | Notification::Keys(_) => {}
         }
     }
     (entries, reports)
@@ -237,12 +237,24 @@ pub(crate) struct Stored {
     entries: Vec<InboxItem>,
 }
 
+/// What an [`InboxWriter`] is opened with, besides its overlay.
+pub(crate) struct WriterSetup {
+    /// The inbox's byte cap.
+    pub(crate) cap: u64,
+    /// Where it counts what the cap evicted and refused.
+    pub(crate) counters: Arc<InboxCounters>,
+    /// The gate of the overlay life's writes.
+    pub(crate) writes: WriteGate,
+}
+
 /// Part 2: appends to one overlay's inbox (see the module's documentation).
 pub(crate) struct InboxWriter {
     name: String,
     index: InboxIndex,
     cap: u64,
     counters: Arc<InboxCounters>,
+    /// The gate of this overlay life's writes (see [`WriteGate`]).
+    writes: WriteGate,
     /// The next sequence number to hand out.
     next_seq: u64,
     /// Sequence numbers below this one may be handed out: the reservation
@@ -263,17 +275,40 @@ struct Admitted {
 }
 
 impl InboxWriter {
-    /// A writer that continues the stored inbox of `name`.
-    pub(crate) async fn open(db: &Db, name: String, cap: u64, counters: Arc<InboxCounters>) -> InboxWriter {
-        let mut index = InboxIndex::default();
-        let scanned = db.inbox_scan(&name, |e| index.add(e.seq, e.len, e.alo, e.time_ms));
-        if let Err(e) = scanned {
-            tracing::warn!(overlay = %name, error = %e, "inbox not measured");
-        }
+    /// A writer that continues the stored inbox of `name`. The scan of
+    /// its entries (up to [`INBOX_KEEP`] headers) runs on a blocking
+    /// thread.
+    pub(crate) async fn open(db: &Db, name: String, setup: WriterSetup) -> InboxWriter {
+        let WriterSetup { cap, counters, writes } = setup;
+        let scan = {
+            let (db, name) = (db.clone(), name.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut index = InboxIndex::default();
+                let scanned = db.inbox_scan(&name, |e| index.add(e.seq, e.len, e.alo, e.time_ms));
+                (index, scanned)
+            })
+        };
+        let index = match scan.await {
+            Ok((index, Ok(()))) => index,
+            Ok((index, Err(e))) => {
+                tracing::warn!(overlay = %name, error = %e, "inbox not measured");
+                index
+            }
+            Err(e) => {
+                tracing::warn!(overlay = %name, error = %e, "inbox not measured: its thread failed");
+                InboxIndex::default()
+            }
+        };
         // Without it, numbers could be handed out twice: wait for it.
         let mut backoff = Duration::from_millis(50);
         let next_seq = loop {
-            match db.inbox_next(&name) {
+            let read = {
+                let (db, name) = (db.clone(), name.clone());
+                tokio::task::spawn_blocking(move || db.inbox_next(&name))
+                    .await
+                    .unwrap_or_else(|e| Err(db_thread_failed(&e)))
+            };
+            match read {
                 Ok(n) => break n,
                 Err(e) => {
                     tracing::error!(overlay = %name, error = %e, "inbox position not read yet; retrying");
@@ -287,6 +322,7 @@ impl InboxWriter {
             index,
             cap,
             counters,
+            writes,
             next_seq,
             reserved: next_seq,
             flush_by: None,
@@ -296,8 +332,10 @@ impl InboxWriter {
     /// Flushes the volatile writes made so far to disk.
     async fn flush<N: Net>(&mut self, agent: &Agent<N>) {
         self.flush_by = None;
-        let _guard = agent.events_lock.lock().await;
-        if let Err(e) = agent.db.write(&self.name, Vec::new()).await {
+        let Some(passage) = self.writes.enter().await else {
+            return;
+        };
+        if let Err(e) = agent.db.write_holding(&self.name, Vec::new(), true, passage).await {
             tracing::warn!(overlay = %self.name, error = %e, "inbox not flushed");
         }
     }
@@ -320,9 +358,22 @@ impl InboxWriter {
         let mut admitted = self.admit(handle, entries).await;
         if !admitted.acks.is_empty() {
             let Some(window) = window_op(handle, &admitted.acks).await else {
-                // The overlay stopped: store nothing, acknowledge nothing.
+                // The overlay stopped: store no entry, acknowledge nothing.
                 // The publishers resend, and the window saved last, which
                 // holds none of these, lets them in once at the next start.
+                // Their numbers stay a gap; what the batch reserved and
+                // evicted, and the reports, are stored all the same.
+                let index = &mut self.index;
+                admitted.ops.retain(|op| match op {
+                    Op::Inbox(seq, _) => {
+                        index.forget(*seq);
+                        false
+                    }
+                    _ => true,
+                });
+                if !admitted.ops.is_empty() || !reports.is_empty() {
+                    self.commit(agent, admitted.ops, reports, true).await;
+                }
                 return Stored {
                     acks: Vec::new(),
                     entries: Vec::new(),
@@ -331,7 +382,7 @@ impl InboxWriter {
             admitted.ops.push(window);
         }
         if !admitted.ops.is_empty() || !reports.is_empty() {
-            self.commit(agent, admitted.ops, &reports, admitted.durable).await;
+            self.commit(agent, admitted.ops, reports, admitted.durable).await;
         }
         Stored {
             acks: admitted.acks,
@@ -422,19 +473,27 @@ impl InboxWriter {
     /// Stores `ops` and the report records in one transaction, retrying
     /// until it commits: nothing is acknowledged before, and the core holds
     /// these events as delivered, so a resend would not bring them back.
-    async fn commit<N: Net>(&mut self, agent: &Agent<N>, mut ops: Vec<Op>, reports: &[DeliveryReport], durable: bool) {
-        let _guard = agent.events_lock.lock().await;
-        ops.extend(report_ops(agent, &self.name, reports));
+    /// Each attempt passes the overlay's [`WriteGate`] (not held while
+    /// waiting to retry); once the gate is closed — the overlay deleted or
+    /// restarted — nothing more is stored.
+    async fn commit<N: Net>(
+        &mut self,
+        agent: &Agent<N>,
+        mut ops: Vec<Op>,
+        reports: Vec<DeliveryReport>,
+        durable: bool,
+    ) {
         let durable = durable || !reports.is_empty();
+        if !reports.is_empty() {
+            ops.push(Op::Reports(reports));
+        }
         let ops: Arc<[Op]> = ops.into();
         let mut backoff = Duration::from_millis(50);
         loop {
-            let written = if durable {
-                agent.db.write(&self.name, ops.clone()).await
-            } else {
-                agent.db.write_volatile(&self.name, ops.clone()).await
+            let Some(passage) = self.writes.enter().await else {
+                return;
             };
-            match written {
+            match agent.db.write_holding(&self.name, ops.clone(), durable, passage).await {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::error!(overlay = %self.name, error = %e, "events not stored yet; retrying");
@@ -448,6 +507,14 @@ impl InboxWriter {
         } else if self.flush_by.is_none() {
             self.flush_by = Some(std::time::Instant::now() + VOLATILE_FOR);
         }
+    }
+}
+
+/// The error of a database read whose blocking thread failed.
+fn db_thread_failed(e: &tokio::task::JoinError) -> crate::persist::PersistError {
+    crate::persist::PersistError::Io {
+        path: std::path::PathBuf::from(crate::persist::DB_FILE),
+        reason: format!("the read's thread failed: {e}"),
     }
 }
 
@@ -501,6 +568,16 @@ impl InboxIndex {
             self.evictable_bytes += len;
         }
         self.bytes += len;
+    }
+
+    /// Forgets one entry (added, then not stored).
+    fn forget(&mut self, seq: u64) {
+        if let Some(l) = self.evictable.remove(&seq) {
+            self.evictable_bytes -= l;
+            self.bytes -= l;
+        } else if let Some((l, _)) = self.durable.remove(&seq) {
+            self.bytes -= l;
+        }
     }
 
     /// Forgets entries below `below` (the count retention).
@@ -577,6 +654,41 @@ mod tests {
             assert_eq!(entries.len(), 1, "{change:?}");
             assert_eq!(entries[0].item.topic, topic);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_the_stopped_overlay_cannot_take_keeps_its_reservation() {
+        let dir = scratch("stopped-batch");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        let handle = x.handle("a").await.expect("a");
+        // A writer of its own, under another name: the overlay's pump
+        // does not write there.
+        let setup = WriterSetup {
+            cap: u64::MAX,
+            counters: Arc::default(),
+            writes: WriteGate::new(),
+        };
+        let mut writer = InboxWriter::open(&x.db, "other".into(), setup).await;
+        handle.shutdown(false).await;
+        let mut entry = Incoming::local("t");
+        entry.alo = true;
+        entry.payload = Some(b"e".to_vec());
+        entry.ack = Some(EventId {
+            origin: "p".into(),
+            epoch: 1,
+            seq: 1,
+        });
+        let stored = writer.store(&x, &handle, vec![entry], Vec::new()).await;
+        assert!(stored.acks.is_empty() && stored.entries.is_empty(), "nothing stored");
+        assert_eq!(
+            x.db.inbox_next("other").expect("position"),
+            writer.reserved,
+            "the numbers the batch reserved must be reserved on disk too"
+        );
+        assert_eq!(writer.index.bytes, 0, "the entry not stored is not counted");
+        assert!(x.db.inbox_after("other", 0, 10, usize::MAX).expect("inbox").is_empty());
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

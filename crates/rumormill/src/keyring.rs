@@ -19,7 +19,7 @@ use rumormill_core::{KeyId, Notification, Overlay};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::agent::{Agent, AgentError, Running, core_error, plaintext, stopped, wall};
+use crate::agent::{Agent, AgentError, RecordSave, Running, core_error, plaintext, stopped, wall};
 use crate::config;
 use crate::driver::OverlayHandle;
 use crate::persist::OverlayRecord;
@@ -201,18 +201,20 @@ fn with_keyring(rec: &OverlayRecord, k: &KeyringRecord) -> OverlayRecord {
     rec
 }
 
-/// Brings an overlay's record up to the keyring its core holds, and saves
-/// it if that changed anything.
-pub(crate) async fn refresh<N: Net>(agent: &Agent<N>, r: &mut Running) -> Result<(), AgentError> {
+/// Brings an overlay's record up to the keyring its core holds; the save
+/// to write if that changed anything. The record in memory changes first,
+/// so that a save that is cancelled or fails is never undone by a later
+/// save of the stale record.
+pub(crate) async fn refresh(r: &mut Running) -> Option<RecordSave> {
     let Ok(Some(k)) = r.handle.call(|o, _| o.keyring_record()).await else {
-        return Ok(());
+        return None;
     };
     let rec = with_keyring(&r.record, &k);
-    if rec != r.record {
-        agent.db.put_overlay(&rec).await?;
-        r.record = rec;
+    if rec == r.record {
+        return None;
     }
-    Ok(())
+    r.record = rec;
+    Some(r.record_save())
 }
 
 impl<N: Net> Agent<N> {
@@ -410,8 +412,11 @@ impl<N: Net> Agent<N> {
 
     /// Saves the keyring the core now holds.
     async fn save_keyring(&self, name: &str) -> Result<(), AgentError> {
-        let mut r = self.lock_running(name).await?;
-        refresh(self, &mut r).await
+        let save = refresh(&mut *self.lock_running(name).await?).await;
+        if let Some(save) = save {
+            save.write(&self.db).await?;
+        }
+        Ok(())
     }
 }
 

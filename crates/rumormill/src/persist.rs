@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use base64::Engine;
 use rumormill_core::events::dedup::DedupEntry;
-use rumormill_core::events::{EventId, PendingEvent};
+use rumormill_core::events::{DeliveryReport, EventId, PendingEvent};
 
 use crate::config::OverlaySpec;
 use crate::events::{EventRecord, InboxItem, is_local, payload_fields};
@@ -239,15 +239,44 @@ impl Db {
         self.commit_delay_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Stores a de-duplication window that does not decode, for tests.
+    #[cfg(test)]
+    pub(crate) fn spoil_window(&self, overlay: &str) {
+        let tx = self.db.begin_write().expect("a write transaction");
+        tx.open_table(DEDUP)
+            .expect("the window table")
+            .insert(overlay, b"not json".as_slice())
+            .expect("a spoiled window");
+        tx.commit().expect("committed");
+    }
+
     /// Runs `f` — a transaction that commits — on a blocking thread.
     async fn commit<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Tables) -> Result<T, PersistError> + Send + 'static,
     ) -> Result<T, PersistError> {
+        self.commit_holding((), f).await
+    }
+
+    /// Like [`Db::commit`], holding `hold` until the transaction has
+    /// finished on its thread, even when the awaiting future is dropped
+    /// first: whoever waits for `hold` waits for the commit.
+    async fn commit_holding<T: Send + 'static, H: Send + 'static>(
+        &self,
+        hold: H,
+        f: impl FnOnce(&Tables) -> Result<T, PersistError> + Send + 'static,
+    ) -> Result<T, PersistError> {
         let store = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| self.io(format!("the commit's thread failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let done = f(&store);
+            // The database before the passage: whoever waits for `hold`
+            // (a shutdown, then a reopen) finds the file closed by then.
+            drop(store);
+            drop(hold);
+            done
+        })
+        .await
+        .map_err(|e| self.io(format!("the commit's thread failed: {e}")))?
     }
 
     /// Writes (creates or replaces) an overlay's record, durably.
@@ -258,32 +287,89 @@ impl Db {
         self.commit(move |s| s.put_overlay(&name, &bytes)).await
     }
 
+    /// Like [`Db::put_overlay`], holding `hold` until the commit has
+    /// finished (see [`Db::commit_holding`]), and only if `saved` — the
+    /// version of the record last written, which `hold` guards — is below
+    /// `version` (raised to it once written): a late save of an older
+    /// record writes nothing.
+    pub(crate) fn put_overlay_newer<H: Send + 'static>(
+        &self,
+        rec: &OverlayRecord,
+        hold: H,
+        saved: Arc<std::sync::atomic::AtomicU64>,
+        version: u64,
+    ) -> impl std::future::Future<Output = Result<(), PersistError>> + Send + 'static {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Started here, holding no `Db` afterwards: the future keeps the
+        // file open no longer than the commit does.
+        let encoded = serde_json::to_vec(rec).map(zeroize::Zeroizing::new);
+        let name = rec.spec.name.clone();
+        let path = self.path.clone();
+        let store = self.inner.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let done = match encoded {
+                Ok(bytes) if saved.load(Relaxed) < version => {
+                    let written = store.put_overlay(&name, &bytes);
+                    if written.is_ok() {
+                        saved.store(version, Relaxed);
+                    }
+                    written
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(store.io(e)),
+            };
+            drop(store);
+            drop(hold);
+            done
+        });
+        async move {
+            task.await.map_err(|e| PersistError::Io {
+                path,
+                reason: format!("the commit's thread failed: {e}"),
+            })?
+        }
+    }
+
     /// Forgets an overlay and its events.
     pub async fn delete_overlay(&self, name: &str) -> Result<(), PersistError> {
         let name = name.to_owned();
         self.commit(move |s| s.delete_overlay(&name)).await
     }
 
-    /// Applies writes in one durable transaction.
+    /// Applies writes in one durable transaction (the agent writes
+    /// through [`Db::write_holding`]).
+    #[cfg(test)]
     pub async fn write(&self, overlay: &str, ops: impl Into<Arc<[Op]>>) -> Result<(), PersistError> {
-        self.write_with(overlay, ops.into(), redb::Durability::Immediate).await
+        self.write_holding(overlay, ops, true, ()).await
     }
 
-    /// Like [`Db::write`], but not flushed to disk: a crash before the next
-    /// [`Db::write`] loses it (the database stays consistent). For what
-    /// may be lost: best-effort events in the inbox.
+    /// Like [`Db::write`], not flushed to disk.
+    #[cfg(test)]
     pub async fn write_volatile(&self, overlay: &str, ops: impl Into<Arc<[Op]>>) -> Result<(), PersistError> {
-        self.write_with(overlay, ops.into(), redb::Durability::None).await
+        self.write_holding(overlay, ops, false, ()).await
     }
 
-    async fn write_with(
+    /// Applies writes in one transaction — flushed to disk with `durable`,
+    /// else lost by a crash before the next durable one (the database
+    /// stays consistent): for what may be lost, best-effort events in the
+    /// inbox — holding `hold` until the commit has finished (see
+    /// [`Db::commit_holding`]).
+    pub(crate) async fn write_holding<H: Send + 'static>(
         &self,
         overlay: &str,
-        ops: Arc<[Op]>,
-        durability: redb::Durability,
+        ops: impl Into<Arc<[Op]>>,
+        durable: bool,
+        hold: H,
     ) -> Result<(), PersistError> {
         let overlay = overlay.to_owned();
-        self.commit(move |s| s.write_with(&overlay, &ops, durability)).await
+        let ops = ops.into();
+        let durability = if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        };
+        self.commit_holding(hold, move |s| s.write_with(&overlay, &ops, durability))
+            .await
     }
 
     /// Keeps only the report records `keep` says to keep.
@@ -416,7 +502,6 @@ impl Tables {
                         let v = json(&StoredPending::from_core(p));
                         pending.insert((overlay, id.as_str()), v.as_slice()).map(|_| ())
                     }
-                    Op::DeletePending(id) => pending.remove((overlay, id.as_str())).map(|_| ()),
                     Op::PutReport(record) => {
                         let v = json(record);
                         reports.insert((overlay, record.id.as_str()), v.as_slice()).map(|_| ())
@@ -429,6 +514,10 @@ impl Tables {
                         dedup.insert(overlay, v.as_slice()).map(|_| ())
                     }
                     Op::ReserveInbox(below) => reserved.insert(overlay, *below).map(|_| ()),
+                    Op::Reports(rs) => {
+                        self.merge_reports(overlay, rs, &mut reports, &mut pending)?;
+                        Ok(())
+                    }
                 };
                 r.map_err(|e| self.io(e))?;
             }
@@ -456,7 +545,9 @@ impl Tables {
         Ok(out)
     }
 
-    /// One pending event.
+    /// One pending event (the agent reads them inside its writes, see
+    /// [`Op::Reports`]).
+    #[cfg(test)]
     pub fn pending_one(&self, overlay: &str, id: &str) -> Result<Option<PendingEvent>, PersistError> {
         let tx = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = tx.open_table(PENDING).map_err(|e| self.io(e))?;
@@ -466,6 +557,54 @@ impl Tables {
         decode_pending(v.value())
             .map(Some)
             .map_err(|reason| self.undecodable("events_pending", format!("{overlay}/{id}"), reason))
+    }
+
+    /// [`Op::Reports`]: the reports into their events' records, inside the
+    /// transaction. A record that does not decode was reported; its
+    /// reports have nowhere to go. A read that fails fails the transaction.
+    fn merge_reports(
+        &self,
+        overlay: &str,
+        rs: &[DeliveryReport],
+        reports: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
+        pending: &mut redb::Table<(&'static str, &'static str), &'static [u8]>,
+    ) -> Result<(), PersistError> {
+        for (id, rs) in crate::events::by_event(rs) {
+            let key = (overlay, id.as_str());
+            let found = reports
+                .get(key)
+                .map_err(|e| self.io(e))?
+                .map(|v| serde_json::from_slice::<EventRecord>(v.value()));
+            let mut record = match found {
+                None => continue,
+                Some(Ok(record)) => record,
+                Some(Err(e)) => {
+                    drop(self.undecodable("events_reports", format!("{overlay}/{id}"), e.to_string()));
+                    continue;
+                }
+            };
+            crate::events::merge_reports(&mut record, &rs);
+            if record.complete {
+                pending.remove(key).map_err(|e| self.io(e))?;
+            } else {
+                let found = pending
+                    .get(key)
+                    .map_err(|e| self.io(e))?
+                    .map(|v| decode_pending(v.value()));
+                match found {
+                    Some(Ok(mut p)) => {
+                        crate::events::still_waiting(&record, &mut p);
+                        let v = json(&StoredPending::from_core(&p));
+                        pending.insert(key, v.as_slice()).map_err(|e| self.io(e))?;
+                    }
+                    Some(Err(reason)) => drop(self.undecodable("events_pending", format!("{overlay}/{id}"), reason)),
+                    None => {}
+                }
+            }
+            let v = json(&record);
+            reports.insert(key, v.as_slice()).map_err(|e| self.io(e))?;
+        }
+        Ok(())
     }
 
     /// Report records that do not decode go too (reported).
@@ -620,8 +759,6 @@ impl Tables {
 pub enum Op {
     /// Saves a pending event (under its id).
     PutPending(PendingEvent),
-    /// Forgets a pending event.
-    DeletePending(String),
     /// Saves an event's reports (under its id).
     PutReport(EventRecord),
     /// Appends to the inbox.
@@ -634,6 +771,9 @@ pub enum Op {
     Dedup(Vec<DedupEntry>),
     /// Inbox sequence numbers up to this one (excluded) may be handed out.
     ReserveInbox(u64),
+    /// Takes delivery reports into their events' stored records (and
+    /// pending events), read and written in the same transaction.
+    Reports(Vec<DeliveryReport>),
 }
 
 // ----- the stored forms of the records
