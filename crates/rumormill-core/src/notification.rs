@@ -37,8 +37,8 @@ pub enum Notification {
     Report(crate::events::DeliveryReport),
     /// The store's first anti-entropy exchange after a join has completed:
     /// it holds at least what the partner held (who subscribes to what,
-    /// above all). Reported once per join, and never when anti-entropy is
-    /// off.
+    /// above all). Reported once per [`crate::Overlay::join`] (not for
+    /// [`crate::Overlay::contact`]), and never when anti-entropy is off.
     StoreSynced,
     /// Key rotation: the keyring changed (save it), or a desired keyring
     /// was refused or could not be followed in full.

@@ -175,7 +175,7 @@ enum Timer {
     /// Resends of events and of relay copies.
     Events,
     /// Rumor rounds, anti-entropy exchanges and garbage collection.
-    Store,
+    Replication,
 }
 
 impl Timer {
@@ -189,7 +189,7 @@ impl Timer {
         Timer::Membership(membership::Timer::Reconnect),
         Timer::Membership(membership::Timer::Reap),
         Timer::Events,
-        Timer::Store,
+        Timer::Replication,
         // Last: it also runs while leaving, and its round carries the
         // changes the entries above just made.
         Timer::Membership(membership::Timer::Gossip),
@@ -634,7 +634,7 @@ impl Overlay {
             }
             body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
                 let handled = self.replication.handle(now, from, body);
-                debug_assert!(handled, "only dissemination's messages are handed to it");
+                debug_assert!(handled, "only replication's messages are handed to it");
                 self.drain_replication();
                 // The store may hold a newer desired keyring now.
                 self.follow_keyring(now);
@@ -653,8 +653,8 @@ impl Overlay {
         match timer {
             Timer::Membership(t) => self.membership.deadline(t),
             Timer::Events if active => self.events.poll_timeout().map(Deadline::wake),
-            Timer::Store if active => Some(Deadline::wake(self.replication.poll_timeout())),
-            Timer::Events | Timer::Store => None,
+            Timer::Replication if active => Some(Deadline::wake(self.replication.poll_timeout())),
+            Timer::Events | Timer::Replication => None,
         }
     }
 
@@ -669,7 +669,7 @@ impl Overlay {
                 let (events, mut env) = self.events();
                 events.handle_timeout(now, &mut env);
             }
-            Timer::Store => {
+            Timer::Replication => {
                 // The sampler of alive members replication is lent.
                 let (members, rng) = (self.membership.table(), &mut self.rng);
                 let mut peers = |k: usize| {
@@ -713,6 +713,12 @@ impl Overlay {
         let (m, mut env) = self.membership();
         m.join_via(now, seeds, &mut env);
         Ok(())
+    }
+
+    /// Whether a [`Overlay::join`] still waits for the store's first
+    /// exchange ([`Notification::StoreSynced`] not reported yet).
+    pub fn awaits_first_sync(&self) -> bool {
+        self.first_sync.is_some()
     }
 
     /// Contacts `addr` with a full-state exchange, like [`Overlay::join`],
@@ -769,7 +775,7 @@ impl Overlay {
 
     /// Replication itself, for tests that write past the API's checks.
     #[cfg(test)]
-    pub(crate) fn dissemination_mut(&mut self) -> &mut Replication {
+    pub(crate) fn replication_mut(&mut self) -> &mut Replication {
         &mut self.replication
     }
 
@@ -818,24 +824,24 @@ impl Overlay {
         Ok(())
     }
 
-    /// Installs a key (the overlay must be encrypted).
-    pub fn install_key(&mut self, key: &[u8]) -> Result<KeyId, CoreError> {
+    /// Installs a key on this member alone, bypassing key rotation (no
+    /// report, no notification): for the core's tests of the wire. Drivers
+    /// use the key operations below.
+    #[cfg(test)]
+    pub(crate) fn install_key(&mut self, key: &[u8]) -> Result<KeyId, CoreError> {
         Ok(self.wire.codec.with_keyring(|r| r.install(key))?)
     }
 
-    /// Makes an installed key the one outgoing packets are sealed with.
-    pub fn use_key(&mut self, id: KeyId) -> Result<(), CoreError> {
+    /// Seals with an installed key, bypassing key rotation (tests).
+    #[cfg(test)]
+    pub(crate) fn use_key(&mut self, id: KeyId) -> Result<(), CoreError> {
         Ok(self.wire.codec.with_keyring(|r| r.use_key(id))?)
     }
 
-    /// Removes a key that is not the primary one.
-    pub fn remove_key(&mut self, id: KeyId) -> Result<(), CoreError> {
+    /// Removes a key, bypassing key rotation (tests).
+    #[cfg(test)]
+    pub(crate) fn remove_key(&mut self, id: KeyId) -> Result<(), CoreError> {
         Ok(self.wire.codec.with_keyring(|r| r.remove(id))?)
-    }
-
-    /// Runs any keyring operation.
-    pub fn with_keyring<T>(&mut self, f: impl FnOnce(&mut Keyring) -> Result<T, WireError>) -> Result<T, CoreError> {
-        Ok(self.wire.codec.with_keyring(f)?)
     }
 
     /// The installed keys, or `None` on a plain-text overlay.
@@ -963,6 +969,25 @@ impl Overlay {
         (&mut self.rotation, view)
     }
 
+    /// Gives the overlay a reading of the wall clock without a write. Between
+    /// readings the overlay runs the wall clock on with `now`, which misses
+    /// a step of the system clock (set right by NTP, a suspended host): a
+    /// driver calls this at every wake-up (the agent does, before each
+    /// [`Overlay::handle_timeout`]), so that what is judged on receipt —
+    /// how far ahead a desired keyring is — is judged against the current
+    /// clock. A reading more than a second off the estimate has the desired
+    /// keyrings judged again: one refused as too far ahead may be fine now.
+    pub fn handle_wall_clock(&mut self, now: Instant, wall: WallTime) {
+        let stepped = self
+            .wall
+            .read(now)
+            .is_none_or(|w| w.as_unix_ms().abs_diff(wall.as_unix_ms()) > 1_000);
+        self.wall.observe(now, wall);
+        if stepped {
+            self.judge_keyrings(now);
+        }
+    }
+
     /// Follows the newest desired keyring if one arrived: called after the
     /// store took updates. Before any wall-clock reading nothing is
     /// followed (a version cannot be judged without one).
@@ -970,6 +995,11 @@ impl Overlay {
         if !self.rotation.due() {
             return;
         }
+        self.judge_keyrings(now);
+    }
+
+    /// Follows the newest plausible desired keyring in the store.
+    fn judge_keyrings(&mut self, now: Instant) {
         let Some(wall) = self.wall.read(now) else {
             return;
         };
@@ -1235,10 +1265,40 @@ impl Overlay {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use rumormill_wire::proto::Envelope;
 
     use crate::testkit::{Net, addr};
     use crate::{Config, FrameKind};
+
+    #[test]
+    fn a_keyring_refused_by_a_stale_clock_is_followed_once_the_clock_is_set_right() {
+        use crate::{Keyring, Security, WallTime};
+        let encrypted = || Security::Encrypted(Keyring::new(&[1; 32]).expect("a 32-byte key"));
+        let mut net = Net::with_security(2, Config::new_lan(), encrypted);
+        net.run_for(Duration::from_secs(3));
+        let day = Duration::from_secs(24 * 3600);
+        let right = WallTime::from_unix_ms(1_800_000_000_000);
+        let (now, stale) = (
+            net.now,
+            WallTime::from_unix_ms(right.as_unix_ms() - 2 * day.as_millis() as u64),
+        );
+        // Member 0's clock is two days behind (its last reading); member 1's is right.
+        net.node(0).handle_wall_clock(now, stale);
+        let id = net
+            .node(1)
+            .install_key_everywhere(now, right, &[2; 32])
+            .expect("install");
+        net.run_for(Duration::from_secs(5));
+        let holds = |o: &crate::Overlay| o.keys().expect("encrypted").iter().any(|k| k.id == id);
+        assert!(!holds(net.node(0)), "a keyring two days ahead of the clock is refused");
+        // The clock is set right: the same keyring is plausible now.
+        let now = net.now;
+        net.node(0)
+            .handle_wall_clock(now, right.saturating_add(Duration::from_secs(8)));
+        assert!(holds(net.node(0)), "followed once the clock is right");
+    }
 
     #[test]
     fn a_message_without_a_body_is_counted_as_malformed() {
@@ -1251,8 +1311,28 @@ mod tests {
 
     #[test]
     fn the_timer_table_names_each_source_once() {
-        for (i, a) in super::Timer::ALL.iter().enumerate() {
-            assert!(!super::Timer::ALL[i + 1..].contains(a), "{a:?} twice");
-        }
+        use super::Timer;
+        use crate::membership::Timer as M;
+        // One number per timer. The match is exhaustive: a new timer does
+        // not compile until it has a number here, and fails below until
+        // it is in `Timer::ALL`.
+        let number = |t: Timer| match t {
+            Timer::Membership(m) => match m {
+                M::ProbeDeadline => 0,
+                M::IndirectProbes => 1,
+                M::Reconnects => 2,
+                M::Suspicions => 3,
+                M::Probe => 4,
+                M::PushPull => 5,
+                M::Reconnect => 6,
+                M::Reap => 7,
+                M::Gossip => 8,
+            },
+            Timer::Events => 9,
+            Timer::Replication => 10,
+        };
+        let mut listed: Vec<usize> = Timer::ALL.iter().map(|&t| number(t)).collect();
+        listed.sort_unstable();
+        assert_eq!(listed, (0..=10).collect::<Vec<_>>(), "each timer once in Timer::ALL");
     }
 }

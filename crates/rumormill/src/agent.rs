@@ -1600,11 +1600,7 @@ async fn wait_for_store(
                 // Too many events at once: the notice may be among those
                 // dropped, so ask the store itself.
                 Err(RecvError::Lagged(_)) => {
-                    if handle
-                        .call(|o, _| o.replication_stats().syncs > 0)
-                        .await
-                        .unwrap_or(true)
-                    {
+                    if handle.call(|o, _| !o.awaits_first_sync()).await.unwrap_or(true) {
                         return;
                     }
                 }

@@ -326,7 +326,11 @@ impl<N: Net> Task<N> {
                     Incoming::Frame(frame) => self.overlay.handle_stream(now(), frame.from, &frame.bytes),
                     Incoming::Refused { error, .. } => self.overlay.count_refused_frame(error),
                 },
-                () = sleep_until(timeout) => self.overlay.handle_timeout(now()),
+                () = sleep_until(timeout) => {
+                    let now = now();
+                    self.overlay.handle_wall_clock(now, crate::agent::wall());
+                    self.overlay.handle_timeout(now);
+                }
                 () = sleep_until(leave_deadline.map(|d| d.into_std())) => {}
                 command = self.commands.recv() => match command {
                     Some(Command::Call(f)) => {
@@ -396,10 +400,16 @@ impl<N: Net> Task<N> {
             let (pump, observers) = match &event {
                 Notification::Update(u) => (
                     rumormill_core::luggage::changed(&u.update).is_some(),
+                    // Desired keyrings carry secrets: the keyring watcher
+                    // hears of them as `Notification::Keys`, nobody else
+                    // needs their values.
                     u.update.key.starts_with(rumormill_core::reserved::PREFIX)
                         && !matches!(
                             rumormill_core::reserved::ReservedKey::parse(&u.update.key),
-                            Some(rumormill_core::reserved::ReservedKey::Luggage { .. })
+                            Some(
+                                rumormill_core::reserved::ReservedKey::Luggage { .. }
+                                    | rumormill_core::reserved::ReservedKey::DesiredKeyring { .. }
+                            )
                         ),
                 ),
                 Notification::Event(_) => (true, false),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use rumormill_core::keys::{KeyError as CoreKeyError, KeyStep, KeyringRecord, KeysNotification};
-use rumormill_core::{KeyId, Notification, Overlay};
+use rumormill_core::{KeyId, Notification, Overlay, WireError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -160,8 +160,10 @@ fn key_error(name: &str, e: CoreKeyError) -> AgentError {
         Core::NoKeyLeft => KeyError::NoKeyLeft.into(),
         Core::VersionAhead { seen, now } => KeyError::ClockBehind { seen, now }.into(),
         Core::Core(e) => core_error(e),
-        // The keyring refused the secret (its length, say), or a refusal
-        // the core added since.
+        // The keyring refused the secret: not a key of a suite's length.
+        Core::Wire(e @ WireError::KeyLength(_)) => KeyError::InvalidSecret(e.to_string()).into(),
+        Core::Wire(e) => core_error(rumormill_core::CoreError::Key(e)),
+        // A refusal the core added since (its error is non-exhaustive).
         other => KeyError::InvalidSecret(other.to_string()).into(),
     }
 }

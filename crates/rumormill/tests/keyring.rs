@@ -148,7 +148,6 @@ async fn full_view(agents: &[&A], n: usize) {
     }
 }
 
-/// Every value in an agent's replicated store, raw.
 /// A base64 key's bytes.
 fn decode_key(key: &str) -> Vec<u8> {
     use base64::Engine;
@@ -162,6 +161,7 @@ fn holds(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Every value in an agent's replicated store, raw.
 async fn store_values(a: &A) -> Vec<Vec<u8>> {
     a.handle("default")
         .await

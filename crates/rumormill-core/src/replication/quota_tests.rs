@@ -226,7 +226,7 @@ fn a_writer_over_quota_cannot_grow_another_members_store() {
     for i in 0..40 {
         let now = net.now;
         net.node(1)
-            .dissemination_mut()
+            .replication_mut()
             .put(now, &format!("big{i}"), vec![i as u8; 10_000]);
         net.run_for(Duration::from_millis(300));
     }
