@@ -329,7 +329,7 @@ fn a_desired_keyring_of_version_max_is_refused_and_later_rotations_still_win() {
     };
     let key = ReservedKey::DesiredKeyring { member: "m3".into() }.key();
     let wall = sim.wall();
-    sim.with_node(3, |o, now| o.put(now, wall, &key, forged.encode()))
+    sim.with_node(3, |o, now| o.put(now, wall, &key, forged.encode().to_vec()))
         .expect("running")
         .expect("forged write");
     advance(&mut sim, 5.0);
