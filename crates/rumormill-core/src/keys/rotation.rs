@@ -467,6 +467,18 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_followed_before_the_restore_and_the_restore_follows() {
+        let mut r = Rotation {
+            due: true,
+            ..Rotation::default()
+        };
+        assert!(!r.due(), "a follow now would be undone by the restore");
+        r.due = false;
+        r.restore(&KeyringRecord::default());
+        assert!(r.due(), "what arrived before the restore is followed after it");
+    }
+
+    #[test]
     fn local_keys_are_never_shared_and_kept_until_named() {
         let old = Secret::new(vec![1; 16]);
         let new = Secret::new(vec![2; 32]);
