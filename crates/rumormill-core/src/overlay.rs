@@ -1017,7 +1017,10 @@ impl Overlay {
     fn make_key_writes(&mut self, now: Instant, wall: WallTime, writes: keys::Writes) -> Result<(), KeyError> {
         self.publish_key_report(now, wall, writes.report);
         if let Some((key, value)) = writes.desired {
-            self.put(now, wall, &key, value)?;
+            self.put(now, wall, &key, value.to_vec())?;
+        }
+        if let Some(settled) = writes.settled {
+            self.rotation.commit(settled);
         }
         Ok(())
     }
@@ -1026,7 +1029,7 @@ impl Overlay {
     /// member left, a quota) is made again with the next change.
     fn publish_key_report(&mut self, now: Instant, wall: WallTime, report: Option<keys::Write>) {
         if let Some((key, value)) = report {
-            let _ = self.put(now, wall, &key, value);
+            let _ = self.put(now, wall, &key, value.to_vec());
         }
     }
 

@@ -106,8 +106,14 @@ impl ReservedKey {
             TOPICS => ReservedKey::Topics { member },
             LUGGAGE => {
                 let (member, key) = rest.split_once('/')?;
+                // Only the one spelling `escape` gives: otherwise two keys
+                // (`a%2Fb`, `a%2fb`) would name the same member's entry.
+                let unescaped = unescape(member);
+                if escape(&unescaped) != member {
+                    return None;
+                }
                 ReservedKey::Luggage {
-                    member: unescape(member),
+                    member: unescaped,
                     key: key.to_owned(),
                 }
             }
@@ -291,32 +297,57 @@ impl std::fmt::Debug for DesiredKeyring {
 }
 
 impl DesiredKeyring {
-    /// The stored value. The store keeps its own copy (it has to send
-    /// it); the one made here on the way is wiped.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut m = proto::DesiredKeyring {
+    /// The stored value, wiped when dropped (it carries the secrets). The
+    /// store keeps its own copy (it has to send it); the one made here on
+    /// the way is wiped.
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let m = WipedKeyring(proto::DesiredKeyring {
             version: self.version,
             ids: self.ids.clone(),
             shared: self.shared.iter().map(|s| s.to_vec()).collect(),
-        };
-        let bytes = m.encode_to_vec();
-        m.shared.zeroize();
-        bytes
+        });
+        Zeroizing::new(m.0.encode_to_vec())
     }
 
-    /// From a stored value; one naming no key is refused.
+    /// From a stored value; one naming no key is refused. An id named
+    /// twice counts once, where it first appears.
     pub fn decode(bytes: &[u8]) -> Result<DesiredKeyring, ValueError> {
-        let mut m: proto::DesiredKeyring = decode("DesiredKeyring", bytes)?;
+        // Decoded in place, so the secrets read before a decode error are
+        // wiped too.
+        let mut m = WipedKeyring(proto::DesiredKeyring::default());
+        m.0.merge(bytes).map_err(|source| ValueError::Malformed {
+            what: "DesiredKeyring",
+            source,
+        })?;
         // Moved, not copied, so no unwiped copy of a secret stays behind.
-        let shared = m.shared.iter_mut().map(|s| Zeroizing::new(std::mem::take(s))).collect();
-        if m.ids.is_empty() {
+        let shared =
+            m.0.shared
+                .iter_mut()
+                .map(|s| Zeroizing::new(std::mem::take(s)))
+                .collect();
+        if m.0.ids.is_empty() {
             return Err(ValueError::NoKeys);
         }
+        let mut ids: Vec<KeyId> = Vec::with_capacity(m.0.ids.len());
+        for id in std::mem::take(&mut m.0.ids) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
         Ok(DesiredKeyring {
-            version: m.version,
-            ids: m.ids,
+            version: m.0.version,
+            ids,
             shared,
         })
+    }
+}
+
+/// A desired keyring's message, its secrets wiped when it is dropped.
+struct WipedKeyring(proto::DesiredKeyring);
+
+impl Drop for WipedKeyring {
+    fn drop(&mut self) {
+        self.0.shared.zeroize();
     }
 }
 
@@ -352,6 +383,35 @@ mod tests {
         assert_eq!(owner("_rumormill/luggage").as_deref(), Some(""));
         assert_eq!(owner("user/key"), None);
         assert_eq!(ReservedKey::parse("_rumormill/future/x"), None);
+    }
+
+    #[test]
+    fn luggage_keys_are_read_only_as_escape_spells_them() {
+        // Spellings `escape` never gives would count as owned but never
+        // appear among the member's entries.
+        for odd in ["x%2f", "%41", "a%2Fb%2f", "50%", "a%2"] {
+            let key = format!("_rumormill/luggage/{odd}/k");
+            assert_eq!(ReservedKey::parse(&key), None, "{key}");
+            assert_eq!(owner(&key).as_deref(), Some(""), "{key}");
+        }
+        let key = "_rumormill/luggage/a%2Fb%25c/k";
+        assert_eq!(
+            ReservedKey::parse(key),
+            Some(ReservedKey::Luggage {
+                member: "a/b%c".into(),
+                key: "k".into()
+            })
+        );
+    }
+
+    #[test]
+    fn an_id_named_twice_in_a_desired_keyring_counts_once() {
+        let d = DesiredKeyring {
+            version: 3,
+            ids: vec![4, 1, 4, 2, 1],
+            shared: Vec::new(),
+        };
+        assert_eq!(DesiredKeyring::decode(&d.encode()).map(|d| d.ids), Ok(vec![4, 1, 2]));
     }
 
     #[test]

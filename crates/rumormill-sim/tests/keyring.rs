@@ -2,8 +2,8 @@
 //! two members at once, a member down during a rotation, a rotation during
 //! a partition. Time is simulated; nothing sleeps.
 
-use rumormill_core::keys::KeyStep;
-use rumormill_core::{Config, KeyId, Overlay};
+use rumormill_core::keys::{KeyError, KeyStep};
+use rumormill_core::{Config, CoreError, KeyId, Overlay};
 use rumormill_sim::{NetworkModel, Simulation, secs};
 
 const OLD: [u8; 16] = [1; 16];
@@ -329,7 +329,7 @@ fn a_desired_keyring_of_version_max_is_refused_and_later_rotations_still_win() {
     };
     let key = ReservedKey::DesiredKeyring { member: "m3".into() }.key();
     let wall = sim.wall();
-    sim.with_node(3, |o, now| o.put(now, wall, &key, forged.encode()))
+    sim.with_node(3, |o, now| o.put(now, wall, &key, forged.encode().to_vec()))
         .expect("running")
         .expect("forged write");
     advance(&mut sim, 5.0);
@@ -407,4 +407,25 @@ fn a_holder_is_rotated_out_and_the_new_secret_never_enters_the_store() {
     run_until(&mut sim, 60.0, "the kept members drop m3", |sim| {
         (0..3).all(|i| live_view(sim, i) == 3)
     });
+}
+
+#[test]
+fn a_refused_desired_keyring_write_leaves_the_version_where_it_was() {
+    let mut sim = cluster(2, 9);
+    let before = version(&sim, 0);
+    let record = sim.node(0).and_then(Overlay::keyring_record).expect("encrypted");
+    let wall = sim.wall();
+    let result = sim
+        .with_node(0, |o, now| {
+            o.leave(now);
+            o.install_key_everywhere(now, wall, &NEW_A)
+        })
+        .expect("running");
+    assert!(matches!(result, Err(KeyError::Core(CoreError::Left))), "{result:?}");
+    let after = sim.node(0).and_then(Overlay::keyring_record).expect("encrypted");
+    assert_eq!(
+        after.version, before,
+        "no desired keyring of a higher version was written"
+    );
+    assert_eq!((after.local, after.pending), (record.local, record.pending));
 }

@@ -297,7 +297,8 @@ async fn a_keyring_of_version_max_does_not_lock_rotations_out() {
         ids: vec![rumormill_wire::key_id(&secret)],
         shared: vec![zeroize::Zeroizing::new(secret)],
     }
-    .encode();
+    .encode()
+    .to_vec();
     m.handle("default")
         .await
         .expect("handle")

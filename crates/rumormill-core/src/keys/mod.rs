@@ -57,7 +57,7 @@ pub use self::rotation::MAX_AHEAD_MS;
 pub(crate) use self::rotation::Rotation;
 use crate::overlay::{CoreError, Wire};
 use crate::replication::Store;
-use crate::reserved::{KeyReport, ReservedKey, Secret};
+use crate::reserved::{self, KeyReport, ReservedKey, Secret};
 use crate::wall::WallTime;
 
 /// What a member keeps of its keyring across restarts: the keys, primary
@@ -212,8 +212,10 @@ pub enum KeyError {
     Core(#[from] CoreError),
 }
 
-/// A store write a key operation asks the overlay to make: key and value.
-pub(crate) type Write = (String, Vec<u8>);
+/// A store write a key operation asks the overlay to make: key and value,
+/// wiped when dropped (a desired keyring carries secrets; the store keeps
+/// its own copy).
+pub(crate) type Write = (String, Secret);
 
 /// What key rotation borrows of the overlay for one call: the wire's
 /// keyring, the store (read-only) and the local member's name.
@@ -224,11 +226,15 @@ pub(crate) struct View<'a> {
 }
 
 /// The store writes a keyring change asks for, in this order: this
-/// member's key report (when it changed), then its desired keyring.
+/// member's key report (when it changed), then its desired keyring; once
+/// they are made, the rotation's state to commit
+/// ([`Rotation::commit`]), so that a refused write leaves the version
+/// where it was.
 #[derive(Default)]
 pub(crate) struct Writes {
     pub(crate) report: Option<Write>,
     pub(crate) desired: Option<Write>,
+    pub(crate) settled: Option<rotation::Settled>,
 }
 
 /// Takes back what [`crate::Overlay::keyring_record`] gave in an earlier
@@ -246,8 +252,15 @@ pub(crate) fn restore(rotation: &mut Rotation, v: View<'_>, record: &KeyringReco
 /// Follows the newest desired keyring in the store at `wall`: the key
 /// report to publish, if the keyring changed.
 pub(crate) fn follow(rotation: &mut Rotation, v: View<'_>, wall: WallTime) -> Option<Write> {
-    let keys = rotation.follow(wall, v.store, v.wire.keyring()?)?;
+    let followed = rotation.follow(wall, v.store, v.wire.keyring()?)?;
+    let Some(keys) = followed.hold else {
+        rotation.commit(followed.settled);
+        return None;
+    };
+    // A keyring the wire refuses is not followed: the state stays as it
+    // was, so the next desired keyring is judged against it.
     hold(v.wire, &keys).ok()?;
+    rotation.commit(followed.settled);
     report(&v)
 }
 
@@ -309,7 +322,7 @@ pub(crate) fn use_everywhere(
     if !ring.list().iter().any(|k| k.id == id) {
         return Err(KeyError::Unknown(id));
     }
-    let lacking = rotation::progress(v.store, live, KeyStep::Installed(id), exclude).missing;
+    let lacking = progress(v.store, live, KeyStep::Installed(id), exclude).missing;
     if !lacking.is_empty() {
         return Err(KeyError::NotInstalledOn {
             key: id,
@@ -341,7 +354,7 @@ pub(crate) fn remove_everywhere(
     if ring.primary() == id {
         return Err(KeyError::Primary(id));
     }
-    let sealing = rotation::progress(v.store, live, KeyStep::Primary(id), exclude).done;
+    let sealing = progress(v.store, live, KeyStep::Primary(id), exclude).done;
     if !sealing.is_empty() {
         return Err(KeyError::PrimaryOf {
             key: id,
@@ -359,16 +372,38 @@ pub(crate) fn remove_everywhere(
     })
 }
 
-/// The live members (`live`, by name) with the key report each published
-/// (`None`: none heard yet).
+/// The live members' reports, by name: `live` are the live members' names,
+/// the local one included (`None`: nothing heard from it yet). A report is
+/// accepted only from the member it names.
 pub(crate) fn reports(store: &Store, live: &[String]) -> Vec<(String, Option<KeyReport>)> {
-    rotation::reports(store, live)
+    let mut rows: Vec<(String, Option<KeyReport>)> = live
+        .iter()
+        .map(|m| {
+            let key = ReservedKey::KeyReport { member: m.clone() }.key();
+            let report = store
+                .get(&key)
+                .filter(|u| reserved::from_owner(u))
+                .and_then(|u| KeyReport::decode(u.value.as_deref()?).ok());
+            (m.clone(), report)
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
 }
 
-/// Which of the `live` members have taken `step`, leaving those in
-/// `exclude` apart.
+/// Which live members (but those in `exclude`) have reached `step`.
 pub(crate) fn progress(store: &Store, live: &[String], step: KeyStep, exclude: &[String]) -> KeyProgress {
-    rotation::progress(store, live, step, exclude)
+    let mut p = KeyProgress::default();
+    for (name, report) in reports(store, live) {
+        if exclude.contains(&name) {
+            p.excluded.push(name);
+        } else if report.as_ref().is_some_and(|r| step.reached_by(r)) {
+            p.done.push(name);
+        } else {
+            p.missing.push(name);
+        }
+    }
+    p
 }
 
 /// Edits the overlay's keyring and holds the result: the writes that tell
@@ -393,6 +428,7 @@ fn change(
     Ok(Writes {
         report: report(&v),
         desired,
+        settled: Some(change.settled),
     })
 }
 
@@ -430,6 +466,6 @@ fn report(v: &View<'_>) -> Option<Write> {
         member: v.me.to_owned(),
     }
     .key();
-    let value = report.encode();
+    let value = Secret::new(report.encode());
     (v.store.value(&key) != Some(value.as_slice())).then_some((key, value))
 }

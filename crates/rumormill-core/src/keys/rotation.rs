@@ -11,9 +11,9 @@ use std::collections::VecDeque;
 
 use rumormill_wire::{KeyId, Keyring, key_id};
 
-use super::{KeyError, KeyProgress, KeyStep, KeyringRecord, KeysNotification};
+use super::{KeyError, KeyringRecord, KeysNotification};
 use crate::replication::{Store, Update};
-use crate::reserved::{self, DesiredKeyring, KeyReport, ReservedKey, Secret};
+use crate::reserved::{self, DesiredKeyring, ReservedKey, Secret};
 use crate::wall::WallTime;
 
 /// A desired keyring whose version (milliseconds) is more than this ahead
@@ -114,7 +114,21 @@ pub(crate) struct Rotation {
     version: u64,
     /// A desired keyring arrived: follow the newest at the next chance.
     due: bool,
+    /// The state of an earlier life was taken back: until then following
+    /// would be undone by the restore.
+    restored: bool,
     events: VecDeque<KeysNotification>,
+}
+
+/// The state a change or a follow leaves, kept apart until what it asks
+/// for is done ([`Rotation::commit`]), so that a refused step changes
+/// nothing.
+#[must_use]
+pub(crate) struct Settled {
+    local: Vec<KeyId>,
+    pending: Vec<KeyId>,
+    version: u64,
+    event: KeysNotification,
 }
 
 /// What a change asks the overlay to do.
@@ -123,6 +137,17 @@ pub(crate) struct Change {
     pub(crate) hold: Vec<Secret>,
     /// The desired keyring to write, when the overlay's keyring changed.
     pub(crate) desired: Option<DesiredKeyring>,
+    /// The state to commit once the keyring is held and the desired one
+    /// written.
+    pub(crate) settled: Settled,
+}
+
+/// What a follow asks the overlay to do.
+pub(crate) struct Followed {
+    /// The keyring to hold, when its keys change.
+    pub(crate) hold: Option<Vec<Secret>>,
+    /// The state to commit once it is held.
+    pub(crate) settled: Settled,
 }
 
 /// A desired keyring to follow: its version, its writer and its plan.
@@ -134,6 +159,18 @@ impl Rotation {
         self.local.clone_from(&record.local);
         self.pending.clone_from(&record.pending);
         self.version = record.version;
+        self.restored = true;
+        // A desired keyring followed before would be undone: follow again.
+        self.due = true;
+    }
+
+    /// Takes the state a change or a follow left, once what it asked for
+    /// is done.
+    pub(crate) fn commit(&mut self, settled: Settled) {
+        self.local = settled.local;
+        self.pending = settled.pending;
+        self.version = settled.version;
+        self.events.push_back(settled.event);
     }
 
     /// What a driver keeps across restarts, with `ring`'s secrets.
@@ -159,9 +196,10 @@ impl Rotation {
         }
     }
 
-    /// Whether a desired keyring arrived since the last follow.
+    /// Whether a desired keyring arrived since the last follow, and the
+    /// state of an earlier life is back (see [`Rotation::restore`]).
     pub(crate) fn due(&self) -> bool {
-        self.due
+        self.due && self.restored
     }
 
     pub(crate) fn poll_notification(&mut self) -> Option<KeysNotification> {
@@ -209,12 +247,16 @@ impl Rotation {
         (keys, lacking)
     }
 
-    /// After holding `keys` under `plan`: local keys the plan names are no
-    /// longer pending, shared ones no longer local, removed ones forgotten.
-    fn settle(&mut self, keys: &[Secret], plan: &Plan) {
+    /// The `(local, pending)` after holding `keys` under `plan`: local keys
+    /// the plan names are no longer pending, shared ones no longer local,
+    /// removed ones forgotten.
+    fn settle(&self, keys: &[Secret], plan: &Plan) -> (Vec<KeyId>, Vec<KeyId>) {
         let held: Vec<KeyId> = keys.iter().map(|k| key_id(k)).collect();
-        self.pending.retain(|id| held.contains(id) && !plan.ids.contains(id));
-        self.local.retain(|id| held.contains(id) && !plan.shares(*id));
+        let mut pending = self.pending.clone();
+        pending.retain(|id| held.contains(id) && !plan.ids.contains(id));
+        let mut local = self.local.clone();
+        local.retain(|id| held.contains(id) && !plan.shares(*id));
+        (local, pending)
     }
 
     /// The desired keyrings in the store, each accepted only from its
@@ -242,9 +284,10 @@ impl Rotation {
     }
 
     /// Follows the newest desired keyring: the keyring to hold when it
-    /// changes. Whatever order desired keyrings arrive in, every member
+    /// changes, and the state to commit once it is held (`None`: nothing
+    /// changes). Whatever order desired keyrings arrive in, every member
     /// ends up following the same one.
-    pub(crate) fn follow(&mut self, wall: WallTime, store: &Store, ring: &Keyring) -> Option<Vec<Secret>> {
+    pub(crate) fn follow(&mut self, wall: WallTime, store: &Store, ring: &Keyring) -> Option<Followed> {
         self.due = false;
         let (newest, refused) = Rotation::newest(store, wall);
         for (writer, version) in refused {
@@ -265,29 +308,36 @@ impl Rotation {
         if keys.is_empty() {
             return None;
         }
-        let before = (self.local.clone(), self.pending.clone(), self.version);
         let keys_changed = shape(&keys) != shape(&held(ring).into_iter().map(|(_, s)| s).collect::<Vec<_>>());
-        self.settle(&keys, &plan);
-        self.version = version;
-        if before == (self.local.clone(), self.pending.clone(), self.version) && !keys_changed {
+        let (local, pending) = self.settle(&keys, &plan);
+        if (&local, &pending, version) == (&self.local, &self.pending, self.version) && !keys_changed {
             return None;
         }
-        self.events.push_back(KeysNotification::Changed {
+        let event = KeysNotification::Changed {
             version,
             writer: Some(writer),
             primary: plan.ids.first().copied().unwrap_or_default(),
             keys_changed,
-        });
-        keys_changed.then_some(keys)
+        };
+        Some(Followed {
+            hold: keys_changed.then_some(keys),
+            settled: Settled {
+                local,
+                pending,
+                version,
+                event,
+            },
+        })
     }
 
     /// Edits the overlay's keyring — the newest desired one, or this
     /// member's own if it is newer — into the keyring to hold and the
     /// desired keyring to write, with a version above every one seen.
     /// `None`: nothing changes, nothing is written (so a late no-op can
-    /// never undo a newer change).
+    /// never undo a newer change). Nothing changes here either until the
+    /// overlay commits the change's state ([`Rotation::commit`]).
     pub(crate) fn change(
-        &mut self,
+        &self,
         wall: WallTime,
         store: &Store,
         ring: &Keyring,
@@ -311,19 +361,23 @@ impl Rotation {
         if keys.is_empty() {
             return Err(KeyError::NoKeyLeft);
         }
-        self.settle(&keys, &plan);
-        if changed {
-            self.version = version;
-        }
-        self.events.push_back(KeysNotification::Changed {
-            version: self.version,
+        let (local, pending) = self.settle(&keys, &plan);
+        let version_now = if changed { version } else { self.version };
+        let event = KeysNotification::Changed {
+            version: version_now,
             writer: None,
             primary: key_id(&keys[0]),
             keys_changed: shape(&keys) != shape(&current),
-        });
+        };
         Ok(Some(Change {
             hold: keys,
             desired: changed.then(|| plan.to_desired(version)),
+            settled: Settled {
+                local,
+                pending,
+                version: version_now,
+                event,
+            },
         }))
     }
 
@@ -365,40 +419,6 @@ impl Rotation {
             keys_changed: true,
         });
     }
-}
-
-/// The live members' reports, by name: `live` are the live members' names,
-/// the local one included (`None`: nothing heard from it yet). A report is
-/// accepted only from the member it names.
-pub(crate) fn reports(store: &Store, live: &[String]) -> Vec<(String, Option<KeyReport>)> {
-    let mut rows: Vec<(String, Option<KeyReport>)> = live
-        .iter()
-        .map(|m| {
-            let key = ReservedKey::KeyReport { member: m.clone() }.key();
-            let report = store
-                .get(&key)
-                .filter(|u| reserved::from_owner(u))
-                .and_then(|u| KeyReport::decode(u.value.as_deref()?).ok());
-            (m.clone(), report)
-        })
-        .collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    rows
-}
-
-/// Which live members (but those in `exclude`) have reached `step`.
-pub(crate) fn progress(store: &Store, live: &[String], step: KeyStep, exclude: &[String]) -> KeyProgress {
-    let mut p = KeyProgress::default();
-    for (name, report) in reports(store, live) {
-        if exclude.contains(&name) {
-            p.excluded.push(name);
-        } else if report.as_ref().is_some_and(|r| step.reached_by(r)) {
-            p.done.push(name);
-        } else {
-            p.missing.push(name);
-        }
-    }
-    p
 }
 
 #[cfg(test)]
@@ -447,6 +467,18 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_followed_before_the_restore_and_the_restore_follows() {
+        let mut r = Rotation {
+            due: true,
+            ..Rotation::default()
+        };
+        assert!(!r.due(), "a follow now would be undone by the restore");
+        r.due = false;
+        r.restore(&KeyringRecord::default());
+        assert!(r.due(), "what arrived before the restore is followed after it");
+    }
+
+    #[test]
     fn local_keys_are_never_shared_and_kept_until_named() {
         let old = Secret::new(vec![1; 16]);
         let new = Secret::new(vec![2; 32]);
@@ -463,7 +495,7 @@ mod tests {
         assert!(plan.shares(old_id) && !plan.shares(new_id));
         // A desired keyring that does not name the local key keeps it.
         let (keys, lacking) = r.resolve(&plan, &ring);
-        assert_eq!((shape(&keys), lacking), (shape(&[old.clone(), new.clone()]), vec![]));
+        assert_eq!((keys, lacking), (vec![old.clone(), new.clone()], vec![]));
         // `use NEW`: the local secret still does not travel.
         let mut used = plan.clone();
         used.ids.insert(0, new_id);
@@ -473,8 +505,8 @@ mod tests {
             "{desired:?}"
         );
         let (keys, _) = r.resolve(&used, &ring);
-        r.settle(&keys, &used);
-        assert_eq!(key_id(&keys[0]), new_id);
+        (r.local, r.pending) = r.settle(&keys, &used);
+        assert_eq!(keys, vec![new.clone(), old.clone()]);
         assert!(r.pending.is_empty());
         assert_eq!(r.local, vec![new_id]);
         // A member without the local key follows what it can, and says
@@ -482,15 +514,16 @@ mod tests {
         let outsider_ring = Keyring::new(&old).unwrap();
         let outsider = Rotation::default();
         let (keys, lacking) = outsider.resolve(&used, &outsider_ring);
-        assert_eq!(
-            (shape(&keys), lacking),
-            (shape(std::slice::from_ref(&old)), vec![new_id])
-        );
+        assert_eq!((keys, lacking), (vec![old.clone()], vec![new_id]));
         // `remove OLD`: nothing left for it.
         let mut removed = used.clone();
         removed.ids.retain(|&k| k != old_id);
         removed.shared.retain(|k| key_id(k) != old_id);
         let (keys, lacking) = outsider.resolve(&removed, &outsider_ring);
-        assert_eq!((keys.len(), lacking), (0, vec![new_id]));
+        assert_eq!((keys, lacking), (vec![], vec![new_id]));
+        // After `use NEW`, the local key is still not shared.
+        let mut after = Keyring::new(&new).unwrap();
+        after.install(&old).unwrap();
+        assert_eq!(r.plan_of(&after).shared, vec![old]);
     }
 }
