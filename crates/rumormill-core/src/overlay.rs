@@ -983,7 +983,7 @@ impl Overlay {
             .read(now)
             .is_none_or(|w| w.as_unix_ms().abs_diff(wall.as_unix_ms()) > 1_000);
         self.wall.observe(now, wall);
-        if stepped {
+        if stepped && self.rotation.restored() {
             self.judge_keyrings(now);
         }
     }
@@ -1288,7 +1288,9 @@ mod tests {
             WallTime::from_unix_ms(right.as_unix_ms() - 2 * day.as_millis() as u64),
         );
         // Member 0's clock is two days behind (its last reading); member 1's is right.
-        net.node(0).handle_wall_clock(now, stale);
+        let fresh = crate::keys::KeyringRecord::default();
+        net.node(0).restore_keyring(now, stale, &fresh).expect("restore");
+        net.node(1).restore_keyring(now, right, &fresh).expect("restore");
         let id = net
             .node(1)
             .install_key_everywhere(now, right, &[2; 32])

@@ -202,6 +202,12 @@ impl Rotation {
         self.due && self.restored
     }
 
+    /// Whether the member's own keyring state has been restored: nothing
+    /// is followed before (it would be overwritten).
+    pub(crate) fn restored(&self) -> bool {
+        self.restored
+    }
+
     pub(crate) fn poll_notification(&mut self) -> Option<KeysNotification> {
         self.events.pop_front()
     }
