@@ -356,6 +356,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn values_of_any_bytes_decode_or_are_refused_without_panicking() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let valid = [
+            Topics(vec!["a".into(), "b".into()]).encode(),
+            Rack("eu-1".into()).encode(),
+            DesiredKeyring {
+                version: 7,
+                ids: vec![1, 2],
+                shared: vec![Secret::new(vec![3; 16])],
+            }
+            .encode()
+            .to_vec(),
+        ];
+        let mut refused = 0;
+        for i in 0..20_000 {
+            // Random bytes, and valid values with a few bytes flipped or cut.
+            let bytes: Vec<u8> = if i % 2 == 0 {
+                let len = rng.random_range(0..64);
+                (0..len).map(|_| rng.random()).collect()
+            } else {
+                let mut v = valid[i % valid.len()].clone();
+                let at = rng.random_range(0..v.len());
+                v[at] = rng.random();
+                v.truncate(rng.random_range(0..=v.len()));
+                v
+            };
+            refused += [
+                Topics::decode(&bytes).is_err(),
+                Rack::decode(&bytes).is_err(),
+                KeyReport::decode(&bytes).is_err(),
+                DesiredKeyring::decode(&bytes).is_err(),
+            ]
+            .iter()
+            .filter(|&&e| e)
+            .count();
+        }
+        assert!(refused > 0, "garbage is refused, with an error");
+    }
+
+    #[test]
     fn keys_round_trip_and_names_are_escaped_where_they_must_be() {
         let all = [
             ReservedKey::Topics { member: "a/b".into() },
