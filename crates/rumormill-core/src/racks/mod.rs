@@ -1,0 +1,9 @@
+//! Racks: members talk across racks only through each rack's active
+//! gateway, which the rack's candidates elect with Raft ([`election`]).
+
+#[allow(dead_code)] // driven by the racks sub-machine
+mod election;
+
+#[allow(unused_imports)]
+pub(crate) use election::{Election, raft_id};
+pub use election::{ElectionTiming, RaftError, RaftRecord, RaftRole};
