@@ -650,6 +650,7 @@ impl Overlay {
                 let (events, mut env) = self.events();
                 events.on_event_ack(from, a, &mut env);
             }
+            Body::Raft(_) | Body::Crossing(_) => self.wire.stats.malformed += 1,
             body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
                 let handled = self.replication.handle(now, from, body);
                 debug_assert!(handled, "only replication's messages are handed to it");

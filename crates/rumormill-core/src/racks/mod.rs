@@ -14,6 +14,13 @@ use std::time::Duration;
 
 use crate::config::Config;
 
+#[allow(dead_code)] // driven by the racks sub-machine
+mod election;
+
+pub use election::{ElectionTiming, RaftError, RaftRecord, RaftRole};
+#[allow(unused_imports)]
+pub(crate) use election::{Election, raft_id};
+
 /// Where a member stands among racks (see [`crate::Identity::in_rack`]).
 ///
 /// ```
