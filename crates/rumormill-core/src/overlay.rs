@@ -15,6 +15,7 @@ use crate::luggage;
 use crate::membership::piggyback::Piggyback;
 use crate::membership::{self, Member, MemberInfo, MemberState, Membership};
 use crate::notification::Notification;
+use crate::racks::RackSpec;
 use crate::replication::{Replication, ReplicationStats, Store, Update, UpdateHandler};
 use crate::reserved::KeyReport;
 use crate::wall::{WallClock, WallTime};
@@ -37,6 +38,9 @@ pub struct Identity {
     /// into the subkey of its packets, but nonce uniqueness does not rest on
     /// it: each life adds a random salt, see [`Overlay::new`].)
     pub epoch: u64,
+    /// The member's rack, or `None` for an overlay without racks (one flat
+    /// pool, as if every member were in the same rack).
+    pub rack: Option<RackSpec>,
 }
 
 impl Identity {
@@ -46,7 +50,21 @@ impl Identity {
             name: name.into(),
             addr,
             epoch,
+            rack: None,
         }
+    }
+
+    /// The same identity in a rack.
+    ///
+    /// ```
+    /// use rumormill_core::{Identity, racks::RackSpec};
+    /// let id = Identity::new("web-1", "127.0.0.1:7950".parse().unwrap(), 3)
+    ///     .in_rack(RackSpec::new("eu-1").unwrap().candidate(3));
+    /// assert_eq!(id.rack.map(|r| r.name), Some("eu-1".into()));
+    /// ```
+    pub fn in_rack(mut self, rack: RackSpec) -> Identity {
+        self.rack = Some(rack);
+        self
     }
 
     /// The sender id in packet headers: derived from the name, so unique in
@@ -632,9 +650,7 @@ impl Overlay {
                 let (events, mut env) = self.events();
                 events.on_event_ack(from, a, &mut env);
             }
-            // Elections are not routed yet: a rack-less overlay has no
-            // candidates, so a Raft message makes no sense here.
-            Body::Raft(_) => self.wire.stats.malformed += 1,
+            Body::Raft(_) | Body::Crossing(_) => self.wire.stats.malformed += 1,
             body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
                 let handled = self.replication.handle(now, from, body);
                 debug_assert!(handled, "only replication's messages are handed to it");

@@ -459,7 +459,8 @@ impl Replication {
             | Body::PushPull(_)
             | Body::Event(_)
             | Body::EventAck(_)
-            | Body::Raft(_) => return false,
+            | Body::Raft(_)
+            | Body::Crossing(_) => return false,
         }
         true
     }
