@@ -33,11 +33,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use raft::eraftpb::{ConfState, Entry, HardState, Message, MessageType};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use rumormill_wire::proto;
 
 use crate::membership::name_hash;
@@ -291,7 +291,8 @@ impl Election {
         if !voters.contains_key(&self.id) {
             return Err(RaftError::State(format!("{} is not among the voters", self.me)));
         }
-        let storage = MemStorage::new_with_conf_state(ConfState::from((voters.keys().copied().collect::<Vec<_>>(), vec![])));
+        let storage =
+            MemStorage::new_with_conf_state(ConfState::from((voters.keys().copied().collect::<Vec<_>>(), vec![])));
         {
             let mut w = storage.wl();
             let entries: Vec<Entry> = state
@@ -615,4 +616,3 @@ fn to_proto(m: &Message, group: u64) -> proto::RaftMessage {
         group,
     }
 }
-
