@@ -808,7 +808,18 @@ impl<N: Net> Agent<N> {
         if let Some(rack) = spec.rack.clone() {
             let key = rack_key(&rec.member);
             let _ = handle
-                .call(move |o, now| o.put(now, wall(), &key, rumormill_core::reserved::Rack { name: rack, gateway: false }.encode()))
+                .call(move |o, now| {
+                    o.put(
+                        now,
+                        wall(),
+                        &key,
+                        rumormill_core::reserved::Rack {
+                            name: rack,
+                            gateway: false,
+                        }
+                        .encode(),
+                    )
+                })
                 .await;
         }
         let topics = Arc::new(std::sync::Mutex::new(rec.topics.clone()));

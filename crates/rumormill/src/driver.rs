@@ -413,7 +413,10 @@ impl<N: Net> Task<N> {
                         ),
                 ),
                 Notification::Event(_) => (true, false),
+                // Raft records are for the store of Raft state only.
+                Notification::Raft(_) => (false, false),
                 Notification::Member { .. }
+                | Notification::Rack(_)
                 | Notification::Report(_)
                 | Notification::StoreSynced
                 | Notification::Keys(_) => (true, true),

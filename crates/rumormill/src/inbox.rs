@@ -223,8 +223,9 @@ pub(crate) fn to_inbox(batch: Vec<Notification>, subscribed: &[String]) -> (Vec<
                 }
             }
             // Not for the inbox: the first sync after a join (the start
-            // waits for it), key rotation (the keyring watcher's).
-            Notification::StoreSynced | Notification::Keys(_) => {}
+            // waits for it), key rotation (the keyring watcher's), racks
+            // (not driven by the agent yet).
+            Notification::StoreSynced | Notification::Keys(_) | Notification::Raft(_) | Notification::Rack(_) => {}
         }
     }
     (entries, reports)

@@ -605,6 +605,20 @@ impl Replication {
             .forget_tombstones(t, self.config.tombstone_ttl.as_millis() as u64);
     }
 
+    /// Pushes one update to `to` at once, outside the rounds (a rack
+    /// member's own write to its gateway): the rounds spread it as usual.
+    pub(crate) fn push(&mut self, to: SocketAddr, u: &Update) {
+        self.stats.updates_sent += 1;
+        self.send(
+            to,
+            Body::Rumor(rumormill_wire::proto::Rumor {
+                updates: vec![u.to_wire()],
+                want_feedback: false,
+                reply_to: None,
+            }),
+        );
+    }
+
     /// Queues a message; one too big for a datagram goes over a stream and,
     /// if it expects an answer, says where to send it.
     pub(crate) fn send(&mut self, to: SocketAddr, body: Body) {
