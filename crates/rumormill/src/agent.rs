@@ -93,9 +93,7 @@ pub enum AgentError {
     AlreadyLeft(String),
     /// The overlay did not start at the agent's start: a record it needs
     /// does not decode (the message says which, and what to do).
-    #[error(
-        "overlay {overlay:?} did not start: {reason}; `join` starts it with an empty de-duplication window (events delivered before may be delivered again), `delete` forgets it"
-    )]
+    #[error("overlay {overlay:?} did not start: {reason}")]
     NotStarted {
         /// The overlay.
         overlay: String,
@@ -459,6 +457,8 @@ pub(crate) enum SlotState {
 /// An overlay that did not start (see [`SlotState::Failed`]).
 pub(crate) struct NotStarted {
     record: OverlayRecord,
+    /// The table of the record that does not decode.
+    table: &'static str,
     reason: String,
 }
 
@@ -660,10 +660,18 @@ impl<N: Net> Agent<N> {
                     key,
                     reason,
                 })) => {
+                    let advice = if table == crate::persist::RAFT_TABLE {
+                        // Never a blank Raft state in its place: this
+                        // candidate could vote twice in a term.
+                        "without it this gateway candidate could vote twice in one Raft term: restore the data directory from a backup, or `delete` the overlay and create it again"
+                    } else {
+                        "`join` starts it with an empty de-duplication window (events delivered before may be delivered again), `delete` forgets it"
+                    };
                     let failed = NotStarted {
                         record: rec,
+                        table,
                         reason: format!(
-                            "its record {table}/{key} in {} does not decode ({reason})",
+                            "its record {table}/{key} in {} does not decode ({reason}); {advice}",
                             path.display()
                         ),
                     };
@@ -786,10 +794,32 @@ impl<N: Net> Agent<N> {
         let seed = rand::random::<u64>();
         let restore = self.prepare_restore(&name, &rec.topics)?;
         let keyring = crate::keyring::keyring_of(&rec);
+        let rack = spec.rack_spec(self.remote_seeds(&spec).await)?;
+        if let Some(warning) = spec.candidates_warning() {
+            tracing::warn!(overlay = %name, "{warning}");
+        }
+        let raft = match (&rack, self.db.raft(&name)?) {
+            (Some(r), Some(record)) if r.gateway => Some(record),
+            (_, Some(_)) => {
+                tracing::warn!(overlay = %name, "a Raft record is kept but this member is no gateway candidate now: not used");
+                None
+            }
+            (_, None) => None,
+        };
         let handle = Driver::start(self.net.clone(), options, move |addr| {
             let now = tokio::time::Instant::now().into_std();
-            let identity = Identity::new(identity_name, addr, epoch);
+            let mut identity = Identity::new(identity_name, addr, epoch);
+            if let Some(r) = rack {
+                identity = identity.in_rack(r);
+            }
             let mut overlay = Overlay::with_overlay_id(config, identity, security, seed, now, overlay_id);
+            if let Some(record) = &raft {
+                // Before the first input: the candidate's term and vote
+                // come back before it can vote again.
+                if let Err(e) = overlay.restore_raft(record) {
+                    tracing::error!(member = %overlay.name(), error = %e, "the kept Raft record was refused");
+                }
+            }
             restore.apply(&mut overlay, now);
             if let Some(k) = &keyring {
                 // The report goes out; a refusal (a key of another length
@@ -805,23 +835,6 @@ impl<N: Net> Agent<N> {
             source,
         })?;
         tracing::info!(overlay = %name, member = %rec.member, addr = %handle.addr(), epoch, "overlay started");
-        if let Some(rack) = spec.rack.clone() {
-            let key = rack_key(&rec.member);
-            let _ = handle
-                .call(move |o, now| {
-                    o.put(
-                        now,
-                        wall(),
-                        &key,
-                        rumormill_core::reserved::Rack {
-                            name: rack,
-                            gateway: false,
-                        }
-                        .encode(),
-                    )
-                })
-                .await;
-        }
         let topics = Arc::new(std::sync::Mutex::new(rec.topics.clone()));
         let mut running = Running {
             record: rec,
@@ -841,6 +854,22 @@ impl<N: Net> Agent<N> {
             wait_for_store(&name, &running.handle, events).await;
         }
         Ok(running)
+    }
+
+    /// The addresses of `remote_seeds`, DNS names resolved once (one that
+    /// does not resolve is left out, with a warning).
+    async fn remote_seeds(&self, spec: &OverlaySpec) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for seed in spec.remote_seeds.iter().filter_map(|s| config::parse_seed(s).ok()) {
+            match seed {
+                Seed::Addr(a) => out.push(a),
+                Seed::Dns(host, port) => match self.net.resolve(&host, port).await {
+                    Ok(addrs) => out.extend(addrs),
+                    Err(e) => tracing::warn!(overlay = %spec.name, seed = %host, error = %e, "remote seed not resolved"),
+                },
+            }
+        }
+        out
     }
 
     /// Seeds (joined at once, DNS ones re-resolved), saved peers, multicast
@@ -1192,6 +1221,10 @@ impl<N: Net> Agent<N> {
         let SlotState::Failed(f) = &mut *state else {
             return Ok(()); // started, or gone, meanwhile
         };
+        if f.table != crate::persist::DEDUP_TABLE {
+            // Only a de-duplication window may be started afresh.
+            return Err(f.error());
+        }
         self.db
             .write_holding(name, vec![crate::persist::Op::Dedup(Vec::new())], true, ())
             .await?;

@@ -207,6 +207,9 @@ fn status_of(e: &AgentError) -> StatusCode {
         | AgentError::NotStarted { .. }
         | AgentError::Plaintext(_)
         | AgentError::Core(rumormill_core::CoreError::Left) => StatusCode::CONFLICT,
+        // Rack settings that contradict each other, or a rack name outside
+        // its rules: the request itself is wrong.
+        AgentError::Config(crate::config::ConfigError::Rack { .. }) => StatusCode::BAD_REQUEST,
         AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
         AgentError::NoAddresses
         | AgentError::Update(_)
