@@ -79,6 +79,9 @@ pub enum AgentError {
     /// The topic is one of the agent's local ones.
     #[error("topic {0:?} is the agent's own: it cannot be published")]
     LocalTopic(String),
+    /// A rack name that breaks the rules (the message says which).
+    #[error("{0}")]
+    InvalidRack(String),
     /// The topic's name is invalid (the message says why).
     #[error("{0}")]
     InvalidTopic(String),
@@ -194,6 +197,67 @@ pub struct MemberRow {
     /// Rack, when the member announced one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rack: Option<String>,
+    /// Whether this is the local member.
+    pub local: bool,
+}
+
+/// One rack as this member knows it (`GET …/racks`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RackRow {
+    /// The rack's name.
+    pub name: String,
+    /// Its active gateway, when one is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The gateway's Raft term (0: no gateway known).
+    pub term: u64,
+    /// The gateway candidates and their Raft roles (`leader`, `follower`,
+    /// `candidate`, `pre-candidate`, `unknown`).
+    pub candidates: Vec<CandidateRow>,
+    /// Members alive.
+    pub alive: usize,
+    /// Members suspect.
+    pub suspect: usize,
+    /// Members failed.
+    pub failed: usize,
+    /// Seconds since the rack was last heard from (its gateway's latest
+    /// report; 0 for this member's own rack), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_s: Option<f64>,
+    /// Whether this is the local member's rack.
+    pub local: bool,
+}
+
+/// A gateway candidate of a rack.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct CandidateRow {
+    /// Member name.
+    pub name: String,
+    /// Its Raft role, as known here.
+    pub role: String,
+}
+
+/// A member of any rack (`GET …/members?rack=R` or `?all_racks=true`):
+/// those of this member's rack as it sees them, those of other racks as
+/// their gateway reports them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RackMemberRow {
+    /// Name.
+    pub name: String,
+    /// Its rack (none for a member that announced none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    /// `alive`, `suspect`, `failed` or `left`: seen here for this member's
+    /// rack, as the gateway reports it for the others.
+    pub state: String,
+    /// Gossip address (members of this member's rack only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub addr: Option<SocketAddr>,
+    /// Age in seconds of the gateway report that gave the state (members
+    /// of other racks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_age_s: Option<f64>,
     /// Whether this is the local member.
     pub local: bool,
 }
@@ -1188,6 +1252,69 @@ impl<N: Net> Agent<N> {
                     .collect::<Vec<_>>()
             })
             .await?;
+        Ok(rows)
+    }
+
+    /// Every rack this member knows, its own first.
+    pub async fn racks(&self, name: &str) -> Result<Vec<RackRow>, AgentError> {
+        let racks = self.call(name, |o, now| o.racks(now)).await?;
+        Ok(racks
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| RackRow {
+                // The core lists this member's own rack first.
+                local: i == 0,
+                name: r.name.to_string(),
+                gateway: r.gateway.map(|g| g.to_string()),
+                term: r.term,
+                candidates: r
+                    .candidates
+                    .into_iter()
+                    .map(|(name, role)| CandidateRow {
+                        name: name.to_string(),
+                        role: role.as_str().into(),
+                    })
+                    .collect(),
+                alive: r.alive,
+                suspect: r.suspect,
+                failed: r.failed,
+                last_heard_s: r.last_heard.map(|d| d.as_secs_f64()),
+            })
+            .collect())
+    }
+
+    /// The members of rack `rack`, or of every rack (`None`): this
+    /// member's rack as seen here, local member first, then the others as
+    /// their gateways report them, by rack and name.
+    pub async fn rack_members(&self, name: &str, rack: Option<String>) -> Result<Vec<RackMemberRow>, AgentError> {
+        if let Some(r) = &rack {
+            rumormill_core::racks::check_rack_name(r).map_err(|e| AgentError::InvalidRack(e.to_string()))?;
+        }
+        let own = self
+            .call(name, |o, now| o.racks(now).first().map(|r| r.name.to_string()))
+            .await?;
+        let mut rows = Vec::new();
+        if rack.is_none() || rack == own {
+            rows.extend(self.members(name).await?.into_iter().map(|m| RackMemberRow {
+                name: m.name,
+                rack: m.rack,
+                state: m.state,
+                addr: Some(m.addr),
+                report_age_s: None,
+                local: m.local,
+            }));
+        }
+        let mut remote = self.call(name, |o, now| o.remote_members(now)).await?;
+        remote.retain(|m| rack.as_deref().is_none_or(|r| *m.rack == *r) && own.as_deref() != Some(&*m.rack));
+        remote.sort_by(|a, b| (&a.rack, &a.name).cmp(&(&b.rack, &b.name)));
+        rows.extend(remote.into_iter().map(|m| RackMemberRow {
+            name: m.name.to_string(),
+            rack: Some(m.rack.to_string()),
+            state: state_name(m.state).into(),
+            addr: None,
+            report_age_s: m.report_age.map(|d| d.as_secs_f64()),
+            local: false,
+        }));
         Ok(rows)
     }
 

@@ -43,7 +43,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
-use crate::agent::{Agent, AgentError, MemberRow, OverlayStats, OverlaySummary, UpdateRow};
+use crate::agent::{
+    Agent, AgentError, CandidateRow, MemberRow, OverlayStats, OverlaySummary, RackMemberRow, RackRow, UpdateRow,
+};
 use crate::config::OverlaySpec;
 use crate::events::{DeliverySpec, EventRecord, InboxItem, SubscriberReport};
 use crate::keyring::{KeyChange, KeyRow};
@@ -216,6 +218,7 @@ fn status_of(e: &AgentError) -> StatusCode {
         | AgentError::ValueKey(_)
         | AgentError::LocalTopic(_)
         | AgentError::InvalidTopic(_)
+        | AgentError::InvalidRack(_)
         | AgentError::InvalidDelivery(_)
         | AgentError::NothingStored => StatusCode::BAD_REQUEST,
         // The writer's data would be larger than the overlay stores for
@@ -407,14 +410,14 @@ pub struct Health {
         Health and this document need no token; every other read needs the read token or the admin token; \
         changes and the key export need the admin token."),
     paths(
-        health, list_overlays, create_overlay, get_overlay, update_overlay, delete_overlay, members, join, leave,
+        health, list_overlays, create_overlay, get_overlay, update_overlay, delete_overlay, members, racks, join, leave,
         list_updates, get_update, put_update, delete_update, list_keys, install_key, use_key, remove_key, export_keys,
         publish, get_event, read_inbox, events_ws, list_subscriptions, subscribe, unsubscribe, list_luggage, set_luggage,
         delete_luggage
     ),
     components(schemas(
         ErrorBody, JoinRequest, PutRequest, KeyRequest, KeyExport, Health, OverlaySummary, OverlayStats, OverlaySpec,
-        MemberRow, UpdateRow, KeyRow, KeyChange, PublishRequest, InboxItem, EventRecord, SubscriberReport, DeliverySpec,
+        MemberRow, RackMemberRow, MemberList, RackRow, CandidateRow, UpdateRow, KeyRow, KeyChange, PublishRequest, InboxItem, EventRecord, SubscriberReport, DeliverySpec,
         Topics, LuggageRow, crate::config::Limits, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
     )),
     modifiers(&BearerAuth)
@@ -473,6 +476,7 @@ pub fn router_with(agent: AgentRef, options: &ApiOptions) -> Result<Router, Stri
         .route("/v1/overlays", get(list_overlays).post(create_overlay))
         .route(o, get(get_overlay).put(update_overlay).delete(delete_overlay))
         .route(&format!("{o}/members"), get(members))
+        .route(&format!("{o}/racks"), get(racks))
         .route(&format!("{o}/join"), post(join))
         .route(&format!("{o}/leave"), post(leave))
         .route(&format!("{o}/updates"), get(list_updates))
@@ -745,11 +749,56 @@ async fn delete_overlay(State(s): State<AppState>, Path(overlay): Path<String>) 
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The members: the local one first, then by name.
-#[utoipa::path(get, path = "/v1/overlays/{overlay}/members", params(("overlay" = String, Path)),
-    responses((status = 200, body = [MemberRow]), (status = 404, body = ErrorBody)))]
-async fn members(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<Vec<MemberRow>>> {
-    Ok(Json(s.agent.members(&overlay).await?))
+/// Which racks a member listing covers.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MembersQuery {
+    /// Only the members of this rack: this member's rack as seen here,
+    /// another as its gateway reports it (rows as `RackMemberRow`).
+    pub rack: Option<String>,
+    /// The members of every rack (rows as `RackMemberRow`).
+    pub all_racks: Option<bool>,
+}
+
+/// A member listing: of this member's rack (or overlay, without racks) as
+/// `MemberRow`s, or of other racks too as `RackMemberRow`s.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MemberList {
+    /// Without `rack` or `all_racks`.
+    Members(Vec<MemberRow>),
+    /// With `rack` or `all_racks=true`.
+    Racks(Vec<RackMemberRow>),
+}
+
+/// The members: the local one first, then by name; with `rack=R` those
+/// of rack R, with `all_racks=true` those of every rack (other racks'
+/// members with the state their gateway reports and the report's age).
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/members", params(("overlay" = String, Path), MembersQuery),
+    responses((status = 200, body = MemberList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn members(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    q: Result<Query<MembersQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<MemberList>> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    match (q.rack, q.all_racks.unwrap_or(false)) {
+        (Some(_), true) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "rack and all_racks=true are exclusive: give one".into(),
+        )),
+        (None, false) => Ok(Json(MemberList::Members(s.agent.members(&overlay).await?))),
+        (rack, _) => Ok(Json(MemberList::Racks(s.agent.rack_members(&overlay, rack).await?))),
+    }
+}
+
+/// The racks this member knows, its own first: gateway, Raft term,
+/// candidates with their roles, members alive/suspect/failed, and how long
+/// ago each was last heard from. Empty for an overlay without racks.
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/racks", params(("overlay" = String, Path)),
+    responses((status = 200, body = [RackRow]), (status = 404, body = ErrorBody)))]
+async fn racks(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<Vec<RackRow>>> {
+    Ok(Json(s.agent.racks(&overlay).await?))
 }
 
 /// Joins members (after a leave, the overlay restarts first).
