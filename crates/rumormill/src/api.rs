@@ -2342,3 +2342,135 @@ mod tests {
         f.finish().await;
     }
 }
+
+#[cfg(test)]
+mod racks_tests {
+    //! The racks view through the API: three racks on loopback, one
+    //! candidate each (a Raft group of one elects itself at once).
+    use super::*;
+    use crate::agent::tests::{scratch, spec, start, wait_until};
+    use crate::client::{Client, ClientError};
+
+    /// A candidate of `rack` (the only one), knowing `remote` gateways.
+    fn candidate(rack: &str, member: &str, remote: &[SocketAddr]) -> OverlaySpec {
+        let mut s = spec("a", member, &[]);
+        s.rack = Some(rack.into());
+        s.gateway = true;
+        s.candidates = Some(1);
+        s.remote_seeds = remote.iter().map(ToString::to_string).collect();
+        s
+    }
+
+    async fn api(agent: &AgentRef) -> (Client, tokio::task::JoinHandle<()>) {
+        let mut options = ApiOptions::new("127.0.0.1:0".parse().expect("addr"), "sesame".into());
+        options.read_token = Some("reader".into());
+        let (addr, server) = serve_with(agent.clone(), options).await.expect("api");
+        (Client::new(addr, Some("reader".into())), server)
+    }
+
+    /// Waits until `c` lists `racks` racks, each with a gateway.
+    async fn all_gateways(c: &Client, racks: usize) -> Vec<RackRow> {
+        let mut last = Vec::new();
+        wait_until("every rack to show a gateway", 30, async || {
+            last = c.on("a").racks().await.map_err(|e| e.to_string())?;
+            if last.len() == racks && last.iter().all(|r| r.gateway.is_some() && r.term > 0) {
+                Ok(())
+            } else {
+                Err(format!("{last:?}"))
+            }
+        })
+        .await;
+        last
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_racks_show_their_gateways_and_a_restarted_candidate_keeps_its_term() {
+        let dirs = [scratch("racks-eu"), scratch("racks-us"), scratch("racks-ap")];
+        let eu = start(&dirs[0], vec![candidate("eu", "eu-1", &[])]).await;
+        let eu_addr = eu.overlay("a").await.expect("a on eu").addr;
+        let us = start(&dirs[1], vec![candidate("us", "us-1", &[eu_addr])]).await;
+        let us_addr = us.overlay("a").await.expect("a on us").addr;
+        let ap = start(&dirs[2], vec![candidate("ap", "ap-1", &[eu_addr, us_addr])]).await;
+        let (c, server) = api(&ap).await;
+        let racks = all_gateways(&c, 3).await;
+        assert!(racks[0].local && racks[0].name == "ap", "own rack first: {racks:?}");
+        assert_eq!(racks[0].gateway.as_deref(), Some("ap-1"));
+        assert_eq!(racks[0].candidates, vec![CandidateRow { name: "ap-1".into(), role: "leader".into() }]);
+        assert!(racks.iter().skip(1).all(|r| !r.local && r.last_heard_s.is_some()), "{racks:?}");
+
+        // Members of other racks come from their gateways' reports.
+        wait_until("ap to list eu's member from eu's report", 30, async || {
+            let rows = c.on("a").rack_members(Some("eu")).await.map_err(|e| e.to_string())?;
+            match rows.as_slice() {
+                [m] if m.name == "eu-1" && m.state == "alive" && m.report_age_s.is_some() && m.addr.is_none() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let all = c.on("a").rack_members(None).await.expect("all racks");
+        let names: Vec<(&str, Option<&str>)> = all.iter().map(|m| (m.name.as_str(), m.rack.as_deref())).collect();
+        assert_eq!(names[0], ("ap-1", Some("ap")), "the local member first: {names:?}");
+        assert!(all[0].local && all[0].addr.is_some());
+        // The plain listing stays this rack's members, as before.
+        let plain = c.on("a").members().await.expect("members");
+        assert_eq!(plain.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["ap-1"]);
+
+        // Bad rack names are refused with the rule they break.
+        let bad = c.get("/v1/overlays/a/members?rack=EU").await;
+        match bad {
+            Err(ClientError::Api { status: 400, message }) => {
+                assert!(message.contains("'E' is not one of a-z"), "{message}")
+            }
+            other => panic!("expected 400, got {other:?}"),
+        }
+        let both = c.get("/v1/overlays/a/members?rack=eu&all_racks=true").await;
+        assert!(matches!(both, Err(ClientError::Api { status: 400, .. })), "{both:?}");
+
+        // eu's candidate restarts from its data directory: its Raft term
+        // comes back from redb, so its next term is above the last.
+        let (ce, server_eu) = api(&eu).await;
+        let before = all_gateways(&ce, 3).await[0].term;
+        server_eu.abort();
+        eu.shutdown(false).await;
+        drop(eu);
+        let ap_addr = ap.overlay("a").await.expect("a on ap").addr;
+        let eu = start(&dirs[0], vec![candidate("eu", "eu-1", &[us_addr, ap_addr])]).await;
+        let (ce, server_eu) = api(&eu).await;
+        let after = all_gateways(&ce, 1).await;
+        assert!(
+            after[0].term > before,
+            "a restarted candidate must keep its term: {before} before, {:?} after",
+            after[0]
+        );
+        wait_until("ap to see eu's new term", 30, async || {
+            let racks = c.on("a").racks().await.map_err(|e| e.to_string())?;
+            match racks.iter().find(|r| r.name == "eu") {
+                Some(r) if r.term > before => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        server.abort();
+        server_eu.abort();
+        for a in [eu, us, ap] {
+            a.shutdown(false).await;
+        }
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overlay_without_racks_lists_none() {
+        let dir = scratch("racks-flat");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        let (c, server) = api(&x).await;
+        assert!(c.on("a").racks().await.expect("racks").is_empty());
+        let all = c.on("a").rack_members(None).await.expect("all racks");
+        assert_eq!(all.len(), 1);
+        assert_eq!((all[0].name.as_str(), all[0].rack.as_deref()), ("x", None));
+        server.abort();
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1079,6 +1079,61 @@ mod tests {
     }
 
     #[test]
+    fn rack_settings_are_checked_one_line_each() {
+        let base = "[[overlay]]\nname = \"a\"\nplaintext = true\n";
+        let c = AgentConfig::from_toml(&format!(
+            "{base}rack = \"eu-1\"\ngateway = true\nremote_seeds = [\"127.0.0.1:7951\", \"gw.us-1:7950\"]"
+        ))
+        .unwrap();
+        let o = &c.overlays[0];
+        assert_eq!(o.candidates(), DEFAULT_CANDIDATES);
+        let spec = o.rack_spec(vec!["127.0.0.1:7951".parse().unwrap()]).unwrap().unwrap();
+        assert_eq!((&*spec.name, spec.gateway, spec.candidates), ("eu-1", true, 3));
+        assert_eq!(spec.remote_seeds.len(), 1);
+        assert!(o.candidates_warning().is_none(), "3 is odd");
+        let plain = AgentConfig::from_toml(&format!("{base}rack = \"eu-1\"")).unwrap();
+        let spec = plain.overlays[0].rack_spec(Vec::new()).unwrap().unwrap();
+        assert!(!spec.gateway);
+        let flat = AgentConfig::from_toml(base).unwrap();
+        assert_eq!(flat.overlays[0].rack_spec(Vec::new()).unwrap(), None);
+        for (extra, needle) in [
+            ("rack = \"EU 1\"", "rack: rack name \"EU 1\": 'E' is not one of a-z"),
+            ("rack = \"-eu\"", "must start with a letter or a digit"),
+            ("rack = \"\"", "must not be empty"),
+            (&format!("rack = \"{}\"", "r".repeat(64)), "at most 63"),
+            ("gateway = true", "gateway = true needs a rack"),
+            ("rack = \"eu\"\ngateway = true\ncandidates = 0", "candidates = 0"),
+            ("rack = \"eu\"\ncandidates = 3", "candidates is set but gateway is not"),
+            ("rack = \"eu\"\nremote_seeds = [\"127.0.0.1:1\"]", "remote_seeds needs gateway = true"),
+            ("rack = \"eu\"\ngateway = true\nremote_seeds = [\"nowhere\"]", "remote_seeds: seed \"nowhere\""),
+        ] {
+            let e = AgentConfig::from_toml(&format!("{base}{extra}")).unwrap_err();
+            assert!(matches!(e, ConfigError::Rack { .. }), "{extra}: {e:?}");
+            let text = e.to_string();
+            assert!(text.starts_with("overlay \"a\": "), "{text}");
+            assert!(text.contains(needle), "{extra}: {text:?} lacks {needle:?}");
+            assert!(!text.contains('\n'), "one line: {text:?}");
+        }
+    }
+
+    #[test]
+    fn an_even_number_of_candidates_is_allowed_with_a_reason_to_prefer_odd() {
+        let mut s = OverlaySpec::named("a");
+        s.plaintext = true;
+        s.rack = Some("eu".into());
+        s.gateway = true;
+        s.candidates = Some(4);
+        s.validate().unwrap();
+        let w = s.candidates_warning().expect("a warning for 4");
+        assert!(w.contains("tolerates 1 failed candidate(s), as 3 candidates would"), "{w}");
+        assert!(!w.contains('\n'));
+        s.candidates = Some(1);
+        assert!(s.candidates_warning().is_none());
+        s.candidates = Some(2);
+        assert!(s.candidates_warning().unwrap().contains("tolerates 0 failed"));
+    }
+
+    #[test]
     fn timings_override_the_preset() {
         let c = AgentConfig::from_toml(
             "[[overlay]]\nname = \"a\"\nplaintext = true\nprofile = \"wan\"\n[overlay.timings]\nprobe_interval = \"7s\"\nmode = \"rumor\"",
