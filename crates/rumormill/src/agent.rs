@@ -2173,6 +2173,43 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raft_record_that_does_not_decode_stops_its_overlay_and_join_does_not_start_it_blank() {
+        let dir = scratch("spoiled-raft");
+        let candidate = || {
+            let mut s = spec("a", "x", &[]);
+            s.rack = Some("eu".into());
+            s.gateway = true;
+            s.candidates = Some(1);
+            s
+        };
+        let x = start(&dir, vec![candidate(), spec("b", "x", &[])]).await;
+        wait_until("x's Raft record to be saved", 10, async || match x.db.raft("a") {
+            Ok(Some(r)) if r.term() > 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        })
+        .await;
+        x.db.spoil_raft("a");
+        x.shutdown(false).await;
+        drop(x);
+        let x = start(&dir, vec![candidate(), spec("b", "x", &[])]).await;
+        let listing = x.overlays().await;
+        let status: Vec<(&str, &str)> = listing.iter().map(|o| (o.name.as_str(), o.status.as_str())).collect();
+        assert_eq!(status, vec![("a", "stopped"), ("b", "running")]);
+        let error = listing[0].error.clone().unwrap_or_default();
+        assert!(
+            error.starts_with("overlay \"a\" did not start: its record raft/a")
+                && error.contains("could vote twice in one Raft term")
+                && !error.contains('\n'),
+            "{error}"
+        );
+        let refused = x.join("a", vec![gone_peer()]).await;
+        assert!(matches!(refused, Err(AgentError::NotStarted { .. })), "{refused:?}");
+        assert_eq!(x.overlay("a").await.expect("a").status, "stopped");
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// While every commit of x's database takes 300 ms, x keeps answering
     /// y's probes and its own calls: commits run on blocking threads, not
     /// on the one thread of x's runtime that also drives x's overlay.

@@ -729,6 +729,59 @@ mod tests {
         }
     }
 
+    #[test]
+    fn racks_notices_are_local_topic_entries() {
+        let notices = [
+            RackNotification::GatewayChanged {
+                rack: "eu".into(),
+                gateway: "eu-2".into(),
+                term: 7,
+            },
+            RackNotification::Unreachable { rack: "us".into() },
+            RackNotification::Reachable { rack: "us".into() },
+        ];
+        let topics: Vec<String> = notices
+            .iter()
+            .map(|n| rack_topic(n).expect("a topic").0.to_owned())
+            .collect();
+        assert_eq!(topics, ["rack.gateway_changed", "rack.unreachable", "rack.reachable"]);
+        assert!(topics.iter().all(|t| crate::events::is_local(t)));
+        let batch = notices.iter().cloned().map(Notification::Rack).collect();
+        let (entries, _) = to_inbox(batch, &topics);
+        let got: Vec<(&str, Option<&str>, Option<&str>, Option<u64>)> = entries
+            .iter()
+            .map(|e| {
+                let i = &e.item;
+                (i.topic.as_str(), i.rack.as_deref(), i.member.as_deref(), i.term)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("rack.gateway_changed", Some("eu"), Some("eu-2"), Some(7)),
+                ("rack.unreachable", Some("us"), None, None),
+                ("rack.reachable", Some("us"), None, None),
+            ]
+        );
+        // Not subscribed: nothing.
+        let batch = notices.iter().cloned().map(Notification::Rack).collect();
+        assert!(to_inbox(batch, &[]).0.is_empty());
+    }
+
+    #[test]
+    fn only_the_latest_raft_record_of_a_batch_is_saved_and_none_reaches_the_inbox() {
+        let record = |seq| {
+            let mut r = RaftRecord::decode(&[]).expect("an empty record");
+            r.seq = seq;
+            Notification::Raft(r)
+        };
+        let mut batch = vec![record(3), Notification::StoreSynced, record(5), record(4)];
+        let latest = latest_raft(&mut batch).expect("a record");
+        assert_eq!(latest.seq, 5);
+        assert!(matches!(batch.as_slice(), [Notification::StoreSynced]));
+        assert!(latest_raft(&mut batch).is_none());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_the_stopped_overlay_cannot_take_keeps_its_reservation() {
         let dir = scratch("stopped-batch");
