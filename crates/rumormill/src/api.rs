@@ -2221,6 +2221,15 @@ mod tests {
         ] {
             assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
         }
+        assert!(paths.contains_key("/v1/overlays/{overlay}/racks"), "racks missing");
+        let params = doc["paths"]["/v1/overlays/{overlay}/members"]["get"]["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for name in ["rack", "all_racks"] {
+            let p = params.iter().find(|p| p["name"] == name);
+            assert_eq!(p.map(|p| p["in"].clone()), Some(json!("query")), "{name}: {params:?}");
+        }
         assert!(doc["components"]["securitySchemes"]["admin_token"].is_object());
         assert!(doc["components"]["securitySchemes"]["read_token"].is_object());
         f.finish().await;
@@ -2350,6 +2359,7 @@ mod racks_tests {
     use super::*;
     use crate::agent::tests::{scratch, spec, start, wait_until};
     use crate::client::{Client, ClientError};
+    use serde_json::json;
 
     /// A candidate of `rack` (the only one), knowing `remote` gateways.
     fn candidate(rack: &str, member: &str, remote: &[SocketAddr]) -> OverlaySpec {
@@ -2395,8 +2405,17 @@ mod racks_tests {
         let racks = all_gateways(&c, 3).await;
         assert!(racks[0].local && racks[0].name == "ap", "own rack first: {racks:?}");
         assert_eq!(racks[0].gateway.as_deref(), Some("ap-1"));
-        assert_eq!(racks[0].candidates, vec![CandidateRow { name: "ap-1".into(), role: "leader".into() }]);
-        assert!(racks.iter().skip(1).all(|r| !r.local && r.last_heard_s.is_some()), "{racks:?}");
+        assert_eq!(
+            racks[0].candidates,
+            vec![CandidateRow {
+                name: "ap-1".into(),
+                role: "leader".into()
+            }]
+        );
+        assert!(
+            racks.iter().skip(1).all(|r| !r.local && r.last_heard_s.is_some()),
+            "{racks:?}"
+        );
 
         // Members of other racks come from their gateways' reports.
         wait_until("ap to list eu's member from eu's report", 30, async || {
@@ -2469,6 +2488,49 @@ mod racks_tests {
         let all = c.on("a").rack_members(None).await.expect("all racks");
         assert_eq!(all.len(), 1);
         assert_eq!((all[0].name.as_str(), all[0].rack.as_deref()), ("x", None));
+        server.abort();
+
+        // Bad rack settings in a create are 400s naming the rule.
+        let mut options = ApiOptions::new("127.0.0.1:0".parse().expect("addr"), "sesame".into());
+        options.read_token = None;
+        let (addr, server) = serve_with(x.clone(), options).await.expect("api");
+        let admin = Client::new(addr, Some("sesame".into()));
+        let base = json!({"name": "r", "bind": "127.0.0.1:0", "plaintext": true});
+        for (extra, needle) in [
+            (json!({"rack": "Eu"}), "'E' is not one of a-z"),
+            (json!({"gateway": true}), "gateway = true needs a rack"),
+            (
+                json!({"rack": "eu", "gateway": true, "candidates": 0}),
+                "candidates = 0",
+            ),
+            (
+                json!({"rack": "eu", "remote_seeds": ["127.0.0.1:1"]}),
+                "remote_seeds needs gateway = true",
+            ),
+        ] {
+            let mut body = base.clone();
+            body.as_object_mut()
+                .expect("object")
+                .extend(extra.as_object().expect("object").clone());
+            match admin.request("POST", "/v1/overlays", Some(body.clone())).await {
+                Err(ClientError::Api { status: 400, message }) => {
+                    assert!(message.contains(needle) && !message.contains('\n'), "{body}: {message}")
+                }
+                other => panic!("{body}: expected 400, got {other:?}"),
+            }
+        }
+        // An even number of candidates is allowed (with a warning in the log).
+        let mut body = base.clone();
+        body.as_object_mut().expect("object").extend(
+            json!({"rack": "eu", "gateway": true, "candidates": 2})
+                .as_object()
+                .expect("object")
+                .clone(),
+        );
+        admin
+            .request("POST", "/v1/overlays", Some(body))
+            .await
+            .expect("two candidates");
         server.abort();
         x.shutdown(false).await;
         let _ = std::fs::remove_dir_all(dir);

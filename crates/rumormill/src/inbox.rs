@@ -748,7 +748,9 @@ mod tests {
         assert!(topics.iter().all(|t| crate::events::is_local(t)));
         let batch = notices.iter().cloned().map(Notification::Rack).collect();
         let (entries, _) = to_inbox(batch, &topics);
-        let got: Vec<(&str, Option<&str>, Option<&str>, Option<u64>)> = entries
+        /// Topic, rack, member, term.
+        type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, Option<u64>);
+        let got: Vec<Row<'_>> = entries
             .iter()
             .map(|e| {
                 let i = &e.item;

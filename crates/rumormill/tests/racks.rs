@@ -20,7 +20,11 @@ fn refused(scratch: &Scratch, flags: &[&str], needle: &str) {
         .arg(scratch.path("refused"))
         .args(["--plaintext", "--bind", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
         .args(flags);
-    let ran = run(c, format!("rumormill agent {}", flags.join(" ")), Duration::from_secs(20));
+    let ran = run(
+        c,
+        format!("rumormill agent {}", flags.join(" ")),
+        Duration::from_secs(20),
+    );
     let line = ran.error_line();
     assert!(line.contains(needle), "{line:?} lacks {needle:?}");
 }
@@ -28,10 +32,18 @@ fn refused(scratch: &Scratch, flags: &[&str], needle: &str) {
 #[test]
 fn bad_rack_settings_are_refused_with_one_line_each() {
     let scratch = Scratch::new("racks-refused");
-    refused(&scratch, &["--rack", "EU 1"], "rack name \"EU 1\": 'E' is not one of a-z");
+    refused(
+        &scratch,
+        &["--rack", "EU 1"],
+        "rack name \"EU 1\": 'E' is not one of a-z",
+    );
     refused(&scratch, &["--rack", "_eu"], "must start with a letter or a digit");
     refused(&scratch, &["--gateway"], "gateway = true needs a rack");
-    refused(&scratch, &["--rack", "eu", "--gateway", "--candidates", "0"], "candidates = 0");
+    refused(
+        &scratch,
+        &["--rack", "eu", "--gateway", "--candidates", "0"],
+        "candidates = 0",
+    );
     refused(
         &scratch,
         &["--rack", "eu", "--remote-seed", "127.0.0.1:7950"],
@@ -94,30 +106,44 @@ fn three_racks_of_three_elect_gateways_and_a_killed_gateway_is_replaced_in_a_hig
         a.ready(false);
     }
     // Every agent sees three racks, each with a gateway.
-    let (seen, took) = wait_until("every agent to list three racks with gateways", Duration::from_secs(60), || {
-        let mut all = Vec::new();
-        for a in &agents {
-            let r = racks(&a.ep)?;
-            if r.len() != 3 || r.iter().any(|(_, g, t)| g.is_none() || *t == 0) {
-                return Err(format!("{}: {r:?}", a.ep.name));
+    let (seen, took) = wait_until(
+        "every agent to list three racks with gateways",
+        Duration::from_secs(60),
+        || {
+            let mut all = Vec::new();
+            for a in &agents {
+                let r = racks(&a.ep)?;
+                if r.len() != 3 || r.iter().any(|(_, g, t)| g.is_none() || *t == 0) {
+                    return Err(format!("{}: {r:?}", a.ep.name));
+                }
+                all.push(r);
             }
-            all.push(r);
-        }
-        Ok(all)
-    });
+            Ok(all)
+        },
+    );
     eprintln!("gateways elected and known everywhere after {took:?}: {:?}", seen[0]);
     // ap's view of eu: the gateway eu elected, and eu's members from its report.
-    let eu_gateway = racks(&agents[0].ep).expect("eu's racks")[0].1.clone().expect("a gateway");
+    let eu_gateway = racks(&agents[0].ep).expect("eu's racks")[0]
+        .1
+        .clone()
+        .expect("a gateway");
     assert!(eu_gateway.starts_with("eu-"), "{eu_gateway}");
-    wait_until("ap to list eu's members as eu's gateway reports them", Duration::from_secs(30), || {
-        let v = agents[6].ep.try_json(&["members", "--rack", "eu"])?;
-        let rows = v.as_array().cloned().unwrap_or_default();
-        let alive = rows.iter().filter(|m| m["state"] == "alive" && m["report_age_s"].is_number()).count();
-        match alive {
-            3 => Ok(()),
-            _ => Err(format!("{v}")),
-        }
-    });
+    wait_until(
+        "ap to list eu's members as eu's gateway reports them",
+        Duration::from_secs(30),
+        || {
+            let v = agents[6].ep.try_json(&["members", "--rack", "eu"])?;
+            let rows = v.as_array().cloned().unwrap_or_default();
+            let alive = rows
+                .iter()
+                .filter(|m| m["state"] == "alive" && m["report_age_s"].is_number())
+                .count();
+            match alive {
+                3 => Ok(()),
+                _ => Err(format!("{v}")),
+            }
+        },
+    );
     let all: Value = agents[6].ep.json(&["members", "--all-racks"]);
     assert_eq!(all.as_array().map(Vec::len), Some(9), "{all}");
 

@@ -133,7 +133,10 @@ async fn rack_nodes(racks: u16, key: &str, root: &std::path::Path) -> Result<Vec
 }
 
 async fn addr_of(node: &Node) -> Result<std::net::SocketAddr, String> {
-    let a = node.agent.as_ref().ok_or_else(|| format!("{} did not start", node.name))?;
+    let a = node
+        .agent
+        .as_ref()
+        .ok_or_else(|| format!("{} did not start", node.name))?;
     Ok(a.overlay("default").await.map_err(|e| e.to_string())?.addr)
 }
 
