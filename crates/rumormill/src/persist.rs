@@ -5,7 +5,9 @@
 //! the crate reads and writes through [`Db`], in typed records — overlay
 //! records, pending events ([`PendingEvent`]), report records
 //! ([`EventRecord`]), inbox entries ([`InboxItem`], written as
-//! [`EncodedEntry`]), the de-duplication window ([`DedupEntry`]) — whose
+//! [`EncodedEntry`]), the de-duplication window ([`DedupEntry`]), a
+//! gateway candidate's latest Raft record ([`RaftRecord`], saved before
+//! the core lets out the votes and messages that depend on it) — whose
 //! stored forms live here alone. A record that does not decode is an
 //! error naming its table and key ([`PersistError::Record`]), logged the
 //! first time it is found; lists leave it out, single reads return it.
