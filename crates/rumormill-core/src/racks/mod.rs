@@ -976,35 +976,4 @@ fn candidates(me: &Arc<str>, spec: &RackSpec, members: &Members, store: &Store) 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rack_names_are_checked() {
-        for good in ["a", "0", "eu-west-1", "r.1_b", &"a".repeat(63)] {
-            assert_eq!(check_rack_name(good), Ok(()), "{good}");
-        }
-        assert_eq!(check_rack_name(""), Err(RackNameError::Empty));
-        assert_eq!(check_rack_name(&"a".repeat(64)), Err(RackNameError::TooLong(64)));
-        for bad in ["A", "a b", "a/b", "é", "a\0"] {
-            assert!(
-                matches!(check_rack_name(bad), Err(RackNameError::Character { .. })),
-                "{bad}"
-            );
-        }
-        for bad in ["-a", ".a", "_a"] {
-            assert!(matches!(check_rack_name(bad), Err(RackNameError::Start(_))), "{bad}");
-        }
-    }
-
-    #[test]
-    fn presets_are_valid() {
-        for c in [RackConfig::new_lan(), RackConfig::new_wan()] {
-            c.validate().expect("valid");
-            c.wan_config().validate().expect("valid WAN timings");
-        }
-        let mut c = RackConfig::new_lan();
-        c.election_ticks = 1;
-        assert!(c.validate().is_err());
-    }
-}
+mod tests;
