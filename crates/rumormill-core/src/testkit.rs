@@ -280,7 +280,19 @@ impl Net {
     /// Delivers `envelopes` to node `to` as if sent by a plain-text member
     /// at `from` (a datagram, or one stream frame per envelope).
     pub(crate) fn inject(&mut self, to: usize, from: SocketAddr, kind: FrameKind, envelopes: Vec<Envelope>) {
-        let mut codec = Codec::new(0, u64::from(from.port()) << 8 | 0xfe, 1, 1, Security::Plaintext);
+        self.inject_in(0, to, from, kind, envelopes);
+    }
+
+    /// Like [`Net::inject`], sealed in `scope` (a rack's, see [`rumormill_wire::scope_id`]).
+    pub(crate) fn inject_in(
+        &mut self,
+        scope: u32,
+        to: usize,
+        from: SocketAddr,
+        kind: FrameKind,
+        envelopes: Vec<Envelope>,
+    ) {
+        let mut codec = Codec::new(scope, u64::from(from.port()) << 8 | 0xfe, 1, 1, Security::Plaintext);
         let frames: Vec<Vec<u8>> = match kind {
             FrameKind::Datagram => vec![rumormill_wire::proto::Packet { envelopes }.encode_to_vec()],
             FrameKind::Stream => envelopes.iter().map(rumormill_wire::encode_envelope).collect(),
