@@ -224,15 +224,20 @@ pub(crate) struct Election {
 impl Election {
     /// This member's node, not bootstrapped yet.
     pub(crate) fn new(me: &str, timing: ElectionTiming, seed: u64, now: Instant) -> Election {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Candidates started together would tick together, and those whose
+        // timeouts drew the same number of ticks would campaign at the same
+        // instant and split the vote: a random phase sets them apart.
+        let phase = timing.tick.mul_f64(rng.random::<f64>());
         Election {
             me: me.into(),
             id: raft_id(me),
             timing,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            rng,
             node: None,
             voters: BTreeMap::new(),
             group: 0,
-            next_tick: now + timing.tick,
+            next_tick: now + phase,
             drawn: None,
             seq: 0,
             durable: 0,
@@ -295,22 +300,14 @@ impl Election {
             MemStorage::new_with_conf_state(ConfState::from((voters.keys().copied().collect::<Vec<_>>(), vec![])));
         {
             let mut w = storage.wl();
-            let entries: Vec<Entry> = state
-                .entries
-                .iter()
-                .map(|e| {
-                    let mut entry = Entry::default();
-                    entry.term = e.term;
-                    entry.index = e.index;
-                    entry
-                })
-                .collect();
+            let entries: Vec<Entry> = state.entries.iter().map(|e| entry(e.term, e.index)).collect();
             w.append(&entries).map_err(|e| RaftError::State(e.to_string()))?;
-            let mut hs = HardState::default();
-            hs.term = state.term;
-            hs.vote = state.vote;
-            hs.commit = state.commit;
-            w.set_hardstate(hs);
+            w.set_hardstate(HardState {
+                term: state.term,
+                vote: state.vote,
+                commit: state.commit,
+                ..Default::default()
+            });
         }
         let config = raft::Config {
             id: self.id,
@@ -567,6 +564,15 @@ fn message_type(t: u32) -> Result<MessageType, RaftError> {
     Ok(ty)
 }
 
+/// An empty entry: the only kind the log holds.
+fn entry(term: u64, index: u64) -> Entry {
+    Entry {
+        term,
+        index,
+        ..Default::default()
+    }
+}
+
 fn from_proto(msg: proto::RaftMessage) -> Result<Message, RaftError> {
     let mut m = Message::default();
     m.set_msg_type(message_type(msg.msg_type)?);
@@ -582,12 +588,7 @@ fn from_proto(msg: proto::RaftMessage) -> Result<Message, RaftError> {
     m.entries = msg
         .entries
         .into_iter()
-        .map(|e| {
-            let mut entry = Entry::default();
-            entry.term = e.term;
-            entry.index = e.index;
-            entry
-        })
+        .map(|e| entry(e.term, e.index))
         .collect::<Vec<_>>()
         .into();
     Ok(m)
@@ -616,3 +617,6 @@ fn to_proto(m: &Message, group: u64) -> proto::RaftMessage {
         group,
     }
 }
+
+#[cfg(test)]
+mod tests;
