@@ -24,6 +24,7 @@ use crate::overlay::{Crossing, Identity, Wire};
 use crate::replication::Store;
 
 mod report;
+pub(crate) mod routes;
 pub(crate) use report::is_report;
 
 mod election;
@@ -348,6 +349,8 @@ pub(crate) struct Racks {
     remotes: BTreeMap<Arc<str>, Remote>,
     /// Other racks whose gateway the pool has lost.
     unreachable: BTreeSet<Arc<str>>,
+    /// Other racks' reachable gateways, while active (what events route by).
+    reachable: BTreeMap<Arc<str>, SocketAddr>,
     /// The gateway last announced for each rack (name, term).
     announced: BTreeMap<Arc<str>, (Arc<str>, u64)>,
     /// When each rack's latest report arrived here.
@@ -409,6 +412,7 @@ impl Racks {
             active: None,
             remotes: BTreeMap::new(),
             unreachable: BTreeSet::new(),
+            reachable: BTreeMap::new(),
             announced: BTreeMap::new(),
             heard: BTreeMap::new(),
             report: {
@@ -447,15 +451,19 @@ impl Racks {
     }
 
     /// Other racks' reachable gateways (only while active).
-    pub(crate) fn remote_gateways(&self) -> BTreeMap<Arc<str>, SocketAddr> {
-        if !self.is_active() {
-            return BTreeMap::new();
+    pub(crate) fn remote_gateways(&self) -> &BTreeMap<Arc<str>, SocketAddr> {
+        &self.reachable
+    }
+
+    /// What events route copies for other racks by.
+    #[allow(dead_code)] // lent to events once their `Env` takes it
+    pub(crate) fn routes<'a>(&'a self, members: &Members, store: &Store) -> routes::Routes<'a> {
+        routes::Routes {
+            rack: Some(&self.spec.name),
+            gateway: self.gateway(members, store),
+            active: self.is_active(),
+            gateways: &self.reachable,
         }
-        self.remotes
-            .iter()
-            .filter(|(rack, _)| !self.unreachable.contains(*rack))
-            .map(|(rack, r)| (rack.clone(), r.addr))
-            .collect()
     }
 
     /// The pool of gateways with what it borrows, while active.
@@ -736,6 +744,7 @@ impl Racks {
                 writes.push(report::write(&self.me, &r));
                 self.active = None;
                 view.wire.set_crossing(None);
+                self.update_route(view.wire);
                 if leading {
                     self.become_active(now, term, view);
                 }
@@ -770,7 +779,7 @@ impl Racks {
         if seeds.is_empty() {
             seeds = self.spec.remote_seeds.clone();
         }
-        view.wire.set_crossing(Some(self.crossing()));
+        self.update_route(view.wire);
         if let Some((pool, mut env)) = self.pool(view.wire) {
             pool.set_seeds(seeds.clone());
             pool.join_via(now, &seeds, &mut env);
@@ -793,8 +802,18 @@ impl Racks {
         }
     }
 
-    /// Keeps the wire's crossing in step with the pool.
+    /// Keeps the wire's crossing, and the reachable gateways, in step
+    /// with the pool.
     pub(crate) fn update_route(&mut self, wire: &mut Wire) {
+        self.reachable = match self.active {
+            Some(_) => self
+                .remotes
+                .iter()
+                .filter(|(rack, _)| !self.unreachable.contains(*rack))
+                .map(|(rack, r)| (rack.clone(), r.addr))
+                .collect(),
+            None => BTreeMap::new(),
+        };
         if self.is_active() {
             wire.set_crossing(Some(self.crossing()));
         }

@@ -429,3 +429,29 @@ fn no_rack_no_change_a_rackless_overlay_never_crosses() {
             .is_err()
     );
 }
+
+#[test]
+fn events_are_lent_the_routes_between_racks() {
+    let mut net = Net::with_racks(&[3, 3, 3], 3, lan());
+    net.run_for(Duration::from_secs(8));
+    let g = gateways(&net);
+    for i in 0..9 {
+        let rack = net.racks[i].expect("in a rack");
+        let (gw, _) = g[&rack][0];
+        let (name_of_rack, gateway, active, others) = net.node(i).routes().expect("in a rack");
+        assert_eq!(name_of_rack, format!("r{rack}"));
+        assert_eq!(gateway, Some(addr(gw)), "node {i}");
+        assert_eq!(active, i == gw);
+        if active {
+            let expected: Vec<(Arc<str>, SocketAddr)> = (0..3)
+                .filter(|&r| r != rack)
+                .map(|r| (Arc::from(format!("r{r}").as_str()), addr(g[&r][0].0)))
+                .collect();
+            assert_eq!(others, expected, "node {i}");
+        } else {
+            assert!(others.is_empty());
+        }
+    }
+    assert!(net.node(0).routes().is_some());
+    assert!(Net::new(2, lan()).node(0).routes().is_none(), "no racks, no routes");
+}
