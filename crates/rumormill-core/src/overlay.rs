@@ -1553,6 +1553,7 @@ impl Overlay {
     /// The routes events get, owned: (rack, gateway, active, other racks'
     /// gateways).
     #[cfg(test)]
+    #[allow(clippy::type_complexity)]
     pub(crate) fn routes(&self) -> Option<(String, Option<SocketAddr>, bool, Vec<(Arc<str>, SocketAddr)>)> {
         let r = self.racks.as_ref()?;
         let routes = r.routes(self.membership.table(), self.replication.store());

@@ -190,7 +190,6 @@ fn a_crashed_gateway_is_replaced_with_a_higher_term_and_the_others_learn_it() {
     }
     let (new, term, took) = failover.expect("a new gateway in rack 0");
     assert!(took < Duration::from_secs(3), "failover took {took:?}");
-    eprintln!("FIGURES failover {took:?} term {old_term} -> {term}");
     // The other racks learn it, and traffic crosses through it.
     run_checked(&mut net, Duration::from_secs(4), &mut leaders);
     for i in 4..12 {
@@ -227,7 +226,6 @@ fn a_deposed_gateway_sending_with_its_old_term_is_refused() {
     net.run_for(Duration::from_secs(3));
     let after: u64 = (3..9).map(|i| net.node(i).stats().stale_term).sum();
     assert!(after > refused, "the old term is fenced out ({refused} → {after})");
-    eprintln!("FIGURES stale {refused} -> {after}");
     assert!(!net.node(old).is_active_gateway(), "it stepped down");
     for i in 3..9 {
         assert_eq!(known_gateway(&mut net, i, 0).map(|g| g.1), Some(term), "node {i}");
