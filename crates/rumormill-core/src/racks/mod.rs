@@ -7,6 +7,48 @@
 //! Raft; the leader, the *active gateway*, also seals and opens the cross
 //! scope, joins the other racks' gateways in a second, WAN-timed membership
 //! pool, and carries the replicated store across.
+//!
+//! Packets between racks carry one `Crossing` message: the sender's rack
+//! and the Raft term in which it leads it. Each member keeps the highest
+//! term heard of each rack and refuses a crossing below it
+//! ([`crate::Stats::stale_term`]), so a deposed gateway's packets count for
+//! nothing. The gateway writes a report of its rack into the store
+//! ([`crate::reserved::GatewayReport`]), from which every member of every
+//! rack lists the other racks ([`crate::Overlay::racks`]) and their members
+//! ([`crate::Overlay::remote_members`]).
+//!
+//! A rack of one candidate elects it alone (without failover):
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use rumormill_core::racks::{RackNotification, RackSpec};
+//! use rumormill_core::{Config, Identity, Notification, Overlay, Security};
+//!
+//! let mut now = Instant::now();
+//! let spec = RackSpec::new("eu-1")?.candidate(1);
+//! let id = Identity::new("gw", "127.0.0.1:7001".parse().unwrap(), 1).in_rack(spec);
+//! let mut o = Overlay::new(Config::new_lan(), id, Security::Plaintext, 1, now);
+//! let mut elected = false;
+//! for _ in 0..40 {
+//!     now += Duration::from_millis(100);
+//!     o.handle_timeout(now);
+//!     while let Some(n) = o.poll_notification() {
+//!         match n {
+//!             // The simulator's way: durable at once. An agent saves the
+//!             // record first.
+//!             Notification::Raft(record) => o.raft_persisted(now, record.seq),
+//!             Notification::Rack(RackNotification::GatewayChanged { gateway, .. }) => {
+//!                 elected |= &*gateway == "gw";
+//!             }
+//!             _ => {}
+//!         }
+//!     }
+//! }
+//! assert!(elected && o.is_active_gateway());
+//! let racks = o.racks(now);
+//! assert_eq!((&*racks[0].name, racks[0].gateway.as_deref()), ("eu-1", Some("gw")));
+//! # Ok::<(), rumormill_core::racks::RackNameError>(())
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
