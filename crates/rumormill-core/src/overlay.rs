@@ -1007,7 +1007,7 @@ impl Overlay {
                 let remote: Vec<SocketAddr> = self
                     .racks
                     .as_ref()
-                    .map(|r| r.remote_gateways().into_values().collect())
+                    .map(|r| r.remote_gateways().values().copied().collect())
                     .unwrap_or_default();
                 let mut peers = |k: usize| {
                     let mut v: Vec<SocketAddr> = peers(k);
@@ -1548,6 +1548,21 @@ impl Overlay {
             Some(r) => Ok(r.restore(record)?),
             None => Err(RaftError::State("this member is in no rack".into()).into()),
         }
+    }
+
+    /// The routes events get, owned: (rack, gateway, active, other racks'
+    /// gateways).
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn routes(&self) -> Option<(String, Option<SocketAddr>, bool, Vec<(Arc<str>, SocketAddr)>)> {
+        let r = self.racks.as_ref()?;
+        let routes = r.routes(self.membership.table(), self.replication.store());
+        Some((
+            routes.rack?.to_owned(),
+            routes.gateway,
+            routes.active,
+            routes.gateways.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        ))
     }
 
     /// Whether this member is its rack's active gateway.
