@@ -708,7 +708,7 @@ impl OverlaySpec {
         let n = self.candidates();
         (self.gateway && n % 2 == 0).then(|| {
             format!(
-                "candidates = {n} is even: a Raft majority of {n} is {}, so it tolerates {} failed candidate(s), as {} candidates would; an odd number gets the most out of each candidate",
+                "candidates = {n} is even: a Raft majority of {n} is {}, so {n} candidates tolerate {} failure(s), no more than {} would; an odd number gets the most out of each candidate",
                 n / 2 + 1,
                 (n - 1) / 2,
                 n - 1
@@ -1132,14 +1132,14 @@ mod tests {
         s.validate().unwrap();
         let w = s.candidates_warning().expect("a warning for 4");
         assert!(
-            w.contains("tolerates 1 failed candidate(s), as 3 candidates would"),
+            w.contains("so 4 candidates tolerate 1 failure(s), no more than 3 would"),
             "{w}"
         );
         assert!(!w.contains('\n'));
         s.candidates = Some(1);
         assert!(s.candidates_warning().is_none());
         s.candidates = Some(2);
-        assert!(s.candidates_warning().unwrap().contains("tolerates 0 failed"));
+        assert!(s.candidates_warning().unwrap().contains("tolerate 0 failure(s)"));
     }
 
     #[test]

@@ -188,3 +188,29 @@ fn three_racks_of_three_elect_gateways_and_a_killed_gateway_is_replaced_in_a_hig
         table.stdout
     );
 }
+
+#[test]
+fn an_even_number_of_candidates_starts_with_one_warning_line_explaining_odd() {
+    let scratch = Scratch::new("racks-even");
+    let key = keygen();
+    let flags = ["--rack", "eu", "--gateway", "--candidates", "2"]
+        .map(String::from)
+        .to_vec();
+    let mut a = Agent::launch_with(&scratch, "eu-0", &key, None, loopback(free_gossip_port()), flags);
+    a.ready(false);
+    let log = a.log_tail();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("candidates = 2 is even")).collect();
+    assert_eq!(warnings.len(), 1, "one warning line expected in:\n{log}");
+    assert!(
+        warnings[0].contains("so 2 candidates tolerate 0 failure(s), no more than 1 would"),
+        "{}",
+        warnings[0]
+    );
+    // It runs: its rack is listed (no gateway yet: a group of two waits
+    // for its second candidate).
+    let (r, _) = wait_until("the agent to list its rack", Duration::from_secs(20), || {
+        let r = racks(&a.ep)?;
+        if r.len() == 1 { Ok(r) } else { Err(format!("{r:?}")) }
+    });
+    assert_eq!(r[0].0, "eu");
+}
