@@ -728,7 +728,9 @@ impl Overlay {
             .open(FrameKind::Datagram, bytes)
             .and_then(|o| Ok((o.scope(), rumormill_wire::decode_packet(&o.body)?)));
         match packet {
-            Ok((scope, p)) if Some(scope) == self.wire.cross_scope() => self.handle_crossing(now, from, p.envelopes),
+            Ok((scope, p)) if Some(scope) == self.wire.cross_scope() => {
+                self.handle_crossing(now, from, FrameKind::Datagram, p.envelopes);
+            }
             Ok((_, p)) => {
                 for e in p.envelopes {
                     self.handle_envelope(now, from, e, false);
@@ -758,7 +760,9 @@ impl Overlay {
             .open(FrameKind::Stream, frame)
             .and_then(|o| Ok((o.scope(), rumormill_wire::decode_envelope(&o.body)?)))
         {
-            Ok((scope, e)) if Some(scope) == self.wire.cross_scope() => self.handle_crossing(now, from, vec![e]),
+            Ok((scope, e)) if Some(scope) == self.wire.cross_scope() => {
+                self.handle_crossing(now, from, FrameKind::Stream, vec![e]);
+            }
             Ok((_, e)) => self.handle_envelope(now, from, e, false),
             Err(e) => self.wire.reject(e),
         }
@@ -767,7 +771,7 @@ impl Overlay {
     /// A packet between racks (this member is its rack's active gateway,
     /// or the codec would have refused it): one `Crossing`, whose fence is
     /// checked before its messages are handled as traffic between racks.
-    fn handle_crossing(&mut self, now: Instant, from: SocketAddr, mut envelopes: Vec<Envelope>) {
+    fn handle_crossing(&mut self, now: Instant, from: SocketAddr, kind: FrameKind, mut envelopes: Vec<Envelope>) {
         let crossing = match (envelopes.pop(), envelopes.is_empty()) {
             (
                 Some(Envelope {
@@ -784,7 +788,8 @@ impl Overlay {
             self.wire.stats.malformed += 1;
             return;
         };
-        match racks.admit(now, from, &crossing.rack, crossing.term, &mut self.wire) {
+        let datagram = kind == FrameKind::Datagram;
+        match racks.admit(now, from, datagram, &crossing.rack, crossing.term, &mut self.wire) {
             Fence::Pass => {
                 for e in crossing.envelopes {
                     self.handle_envelope(now, from, e, true);

@@ -524,8 +524,18 @@ impl Racks {
     // ----- inputs -------------------------------------------------------
 
     /// Checks the fence of a crossing from `from`; one of a higher term
-    /// makes its sender its rack's gateway.
-    pub(crate) fn admit(&mut self, now: Instant, from: SocketAddr, rack: &str, term: u64, wire: &mut Wire) -> Fence {
+    /// makes its sender its rack's gateway. `datagram`: `from` is the
+    /// sender's own address (a stream's may be a connection's port, so a
+    /// stream raises the term but moves no address).
+    pub(crate) fn admit(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: bool,
+        rack: &str,
+        term: u64,
+        wire: &mut Wire,
+    ) -> Fence {
         if check_rack_name(rack).is_err() || rack == &*self.spec.name || !self.is_active() {
             return Fence::Malformed;
         }
@@ -533,7 +543,12 @@ impl Racks {
         let known = self.remotes.get(&rack).map(|r| (r.term, r.addr));
         match known {
             Some((t, _)) if term < t => return Fence::Stale,
-            Some((t, addr)) if term == t && addr == from => return Fence::Pass,
+            Some((t, addr)) if term == t && (addr == from || !datagram) => return Fence::Pass,
+            Some((_, addr)) if !datagram => {
+                self.remotes.insert(rack, Remote { addr, term });
+                return Fence::Pass;
+            }
+            None if !datagram => return Fence::Pass,
             _ => {}
         }
         // A new term (or the first heard): the sender is the rack's gateway,
