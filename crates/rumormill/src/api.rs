@@ -2445,6 +2445,9 @@ mod racks_tests {
         let both = c.get("/v1/overlays/a/members?rack=eu&all_racks=true").await;
         assert!(matches!(both, Err(ClientError::Api { status: 400, .. })), "{both:?}");
 
+        ap.subscribe("a", &["rack.gateway_changed".to_owned()])
+            .await
+            .expect("subscribe");
         // eu's candidate restarts from its data directory: its Raft term
         // comes back from redb, so its next term is above the last.
         let (ce, server_eu) = api(&eu).await;
@@ -2467,6 +2470,18 @@ mod racks_tests {
                 Some(r) if r.term > before => Ok(()),
                 other => Err(format!("{other:?}")),
             }
+        })
+        .await;
+        // ...and its inbox tells of it.
+        wait_until("ap's inbox to hold eu's new gateway", 10, async || {
+            let items = ap.inbox("a", 0, 1000).await.map_err(|e| e.to_string())?;
+            let found = items.iter().any(|i| {
+                i.topic == "rack.gateway_changed"
+                    && i.rack.as_deref() == Some("eu")
+                    && i.member.as_deref() == Some("eu-1")
+                    && i.term.is_some_and(|t| t > before)
+            });
+            if found { Ok(()) } else { Err(format!("{items:?}")) }
         })
         .await;
         server.abort();
