@@ -15,6 +15,7 @@ use crate::luggage;
 use crate::membership::piggyback::Piggyback;
 use crate::membership::{self, Member, MemberInfo, MemberState, Membership};
 use crate::notification::Notification;
+use crate::racks::routes::Routes;
 use crate::replication::{Replication, ReplicationStats, Store, Update, UpdateHandler};
 use crate::reserved::KeyReport;
 use crate::wall::{WallClock, WallTime};
@@ -462,6 +463,9 @@ impl Overlay {
             store: self.replication.store(),
             rng: &mut self.rng,
             out,
+            // The racks sub-machine lends its routes here; until then, an
+            // overlay is flat.
+            routes: Routes::flat(),
         };
         (&mut self.events, env)
     }

@@ -8,7 +8,8 @@
 //!
 //! - [`ReservedKey`] is the one list of kinds, with the one way to build a
 //!   key ([`ReservedKey::key`]) and to read one ([`ReservedKey::parse`]);
-//! - [`Topics`], [`Rack`], [`KeyReport`] and [`DesiredKeyring`] are their
+//! - [`Topics`], [`Rack`], [`KeyReport`], [`DesiredKeyring`] and
+//!   [`GatewayReport`] are their
 //!   values, encoded as the protobuf messages of
 //!   `proto/rumormill/v1/reserved.proto` and decoded with a typed
 //!   [`ValueError`], never a panic. Luggage values are the application's
@@ -31,11 +32,14 @@
 //! assert_eq!(Topics::decode(&value).unwrap().0, vec!["orders".to_owned()]);
 //! ```
 
+use std::net::SocketAddr;
+
 use prost::Message;
 use rumormill_wire::KeyId;
 use rumormill_wire::proto;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::membership::MemberState;
 use crate::replication::Update;
 
 /// Keys under this prefix hold the members' own data; applications should
@@ -78,6 +82,12 @@ pub enum ReservedKey {
         /// The member.
         member: String,
     },
+    /// `_rumormill/gateway/<member>`: what the member, elected its rack's
+    /// gateway, reports of its rack ([`GatewayReport`]).
+    Gateway {
+        /// The member.
+        member: String,
+    },
 }
 
 const TOPICS: &str = "topics";
@@ -85,6 +95,7 @@ const LUGGAGE: &str = "luggage";
 const RACK: &str = "rack";
 const KEY_REPORT: &str = "keys";
 const DESIRED_KEYRING: &str = "keyring";
+const GATEWAY: &str = "gateway";
 
 impl ReservedKey {
     /// The store key.
@@ -95,6 +106,7 @@ impl ReservedKey {
             ReservedKey::Rack { member } => format!("{PREFIX}{RACK}/{member}"),
             ReservedKey::KeyReport { member } => format!("{PREFIX}{KEY_REPORT}/{member}"),
             ReservedKey::DesiredKeyring { member } => format!("{PREFIX}{DESIRED_KEYRING}/{member}"),
+            ReservedKey::Gateway { member } => format!("{PREFIX}{GATEWAY}/{member}"),
         }
     }
 
@@ -120,6 +132,7 @@ impl ReservedKey {
             RACK => ReservedKey::Rack { member },
             KEY_REPORT => ReservedKey::KeyReport { member },
             DESIRED_KEYRING => ReservedKey::DesiredKeyring { member },
+            GATEWAY => ReservedKey::Gateway { member },
             _ => return None,
         })
     }
@@ -131,7 +144,8 @@ impl ReservedKey {
             | ReservedKey::Luggage { member, .. }
             | ReservedKey::Rack { member }
             | ReservedKey::KeyReport { member }
-            | ReservedKey::DesiredKeyring { member } => member,
+            | ReservedKey::DesiredKeyring { member }
+            | ReservedKey::Gateway { member } => member,
         }
     }
 }
@@ -188,6 +202,10 @@ pub enum ValueError {
     /// member without one).
     #[error("a desired keyring must name at least one key")]
     NoKeys,
+    /// A gateway report without a valid address (other racks could not
+    /// reach its gateway).
+    #[error("a gateway report must carry a valid address")]
+    NoAddress,
 }
 
 fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, ValueError> {
@@ -342,6 +360,151 @@ impl DesiredKeyring {
     }
 }
 
+/// What a rack's elected gateway reports of its rack
+/// (`_rumormill/gateway/<member>`): written by the gateway when elected, as
+/// its rack's membership changes and periodically, and once more with
+/// `active = false` when it steps down. The gateway of a rack is the member
+/// of its highest-term active report; members of other racks are listed,
+/// with their states, from these reports.
+///
+/// ```
+/// use rumormill_core::MemberState;
+/// use rumormill_core::reserved::{GatewayReport, ReportedMember};
+/// let r = GatewayReport {
+///     rack: "eu-1".into(),
+///     term: 3,
+///     addr: "10.0.0.1:7946".parse().unwrap(),
+///     wall_ms: 1_700_000_000_000,
+///     members: vec![ReportedMember { name: "a".into(), state: MemberState::Alive, epoch: 1, incarnation: 0 }],
+///     candidates: Vec::new(),
+///     active: true,
+/// };
+/// assert_eq!(GatewayReport::decode(&r.encode()), Ok(r));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayReport {
+    /// The rack.
+    pub rack: String,
+    /// The Raft term in which the writer leads the rack.
+    pub term: u64,
+    /// The gateway's address, where other racks' gateways reach it.
+    pub addr: SocketAddr,
+    /// The writer's wall clock when it wrote the report, in milliseconds.
+    pub wall_ms: u64,
+    /// The rack's members as the gateway sees them.
+    pub members: Vec<ReportedMember>,
+    /// The rack's gateway candidates and their Raft roles.
+    pub candidates: Vec<ReportedCandidate>,
+    /// False once the writer stepped down.
+    pub active: bool,
+}
+
+/// One member of a rack, as its gateway reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedMember {
+    /// The member.
+    pub name: String,
+    /// Its state.
+    pub state: MemberState,
+    /// Its boot epoch.
+    pub epoch: u64,
+    /// Its incarnation.
+    pub incarnation: u32,
+}
+
+/// One gateway candidate of a rack, as its gateway reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedCandidate {
+    /// The candidate.
+    pub name: String,
+    /// Its role in the rack's Raft group.
+    pub role: proto::RaftRole,
+}
+
+impl GatewayReport {
+    /// The stored value.
+    pub fn encode(&self) -> Vec<u8> {
+        proto::GatewayReport {
+            rack: self.rack.clone(),
+            term: self.term,
+            addr: Some(self.addr.into()),
+            wall_ms: self.wall_ms,
+            members: self
+                .members
+                .iter()
+                .map(|m| proto::RackMember {
+                    name: m.name.clone(),
+                    status: member_status(m.state) as i32,
+                    epoch: m.epoch,
+                    incarnation: m.incarnation,
+                })
+                .collect(),
+            candidates: self
+                .candidates
+                .iter()
+                .map(|c| proto::RackCandidate {
+                    name: c.name.clone(),
+                    role: c.role as i32,
+                })
+                .collect(),
+            active: self.active,
+        }
+        .encode_to_vec()
+    }
+
+    /// From a stored value; one without a valid address is refused. A
+    /// member state or Raft role this version does not know reads as
+    /// failed, and as unknown.
+    pub fn decode(bytes: &[u8]) -> Result<GatewayReport, ValueError> {
+        let m: proto::GatewayReport = decode("GatewayReport", bytes)?;
+        let addr = rumormill_wire::socket_addr(m.addr.as_ref()).map_err(|_| ValueError::NoAddress)?;
+        Ok(GatewayReport {
+            rack: m.rack,
+            term: m.term,
+            addr,
+            wall_ms: m.wall_ms,
+            members: m
+                .members
+                .into_iter()
+                .map(|r| ReportedMember {
+                    name: r.name,
+                    state: match proto::MemberStatus::try_from(r.status) {
+                        Ok(proto::MemberStatus::Alive) => MemberState::Alive,
+                        Ok(proto::MemberStatus::Suspect) => MemberState::Suspect,
+                        Ok(proto::MemberStatus::Left) => MemberState::Left,
+                        Ok(proto::MemberStatus::Failed) | Err(_) => MemberState::Failed,
+                    },
+                    epoch: r.epoch,
+                    incarnation: r.incarnation,
+                })
+                .collect(),
+            candidates: m
+                .candidates
+                .into_iter()
+                .map(|c| ReportedCandidate {
+                    name: c.name,
+                    role: proto::RaftRole::try_from(c.role).unwrap_or(proto::RaftRole::Unknown),
+                })
+                .collect(),
+            active: m.active,
+        })
+    }
+
+    /// The state this report gives `member`, if it lists it.
+    pub fn state_of(&self, member: &str) -> Option<MemberState> {
+        self.members.iter().find(|m| m.name == member).map(|m| m.state)
+    }
+}
+
+fn member_status(s: MemberState) -> proto::MemberStatus {
+    match s {
+        MemberState::Alive => proto::MemberStatus::Alive,
+        MemberState::Suspect => proto::MemberStatus::Suspect,
+        MemberState::Failed => proto::MemberStatus::Failed,
+        MemberState::Left => proto::MemberStatus::Left,
+    }
+}
+
 /// A desired keyring's message, its secrets wiped when it is dropped.
 struct WipedKeyring(proto::DesiredKeyring);
 
@@ -388,6 +551,7 @@ mod tests {
                 Rack::decode(&bytes).is_err(),
                 KeyReport::decode(&bytes).is_err(),
                 DesiredKeyring::decode(&bytes).is_err(),
+                GatewayReport::decode(&bytes).is_err(),
             ]
             .iter()
             .filter(|&&e| e)
@@ -407,6 +571,7 @@ mod tests {
             ReservedKey::Rack { member: "r".into() },
             ReservedKey::KeyReport { member: "m".into() },
             ReservedKey::DesiredKeyring { member: "m".into() },
+            ReservedKey::Gateway { member: "g".into() },
         ];
         for k in all {
             assert_eq!(ReservedKey::parse(&k.key()).as_ref(), Some(&k), "{}", k.key());
