@@ -288,6 +288,34 @@ impl Wire {
     }
 }
 
+#[cfg(test)]
+impl Wire {
+    /// A plain-text wire for sub-machine tests, with `sender_id` in its
+    /// headers.
+    pub(crate) fn plaintext(sender_id: u64, mtu: usize) -> Wire {
+        Wire {
+            codec: Codec::new(0, sender_id, 1, 0, Security::Plaintext),
+            mtu,
+            transmits: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// What was sent, taken out.
+    pub(crate) fn take_transmits(&mut self) -> Vec<Transmit> {
+        self.transmits.drain(..).collect()
+    }
+
+    /// Opens a transmit sent to this wire: its messages.
+    pub(crate) fn open_transmit(&mut self, t: &Transmit) -> Result<Vec<Envelope>, WireError> {
+        let opened = self.codec.open(t.kind, &t.payload)?;
+        match t.kind {
+            FrameKind::Datagram => rumormill_wire::decode_packet(&opened.body).map(|p| p.envelopes),
+            FrameKind::Stream => rumormill_wire::decode_envelope(&opened.body).map(|e| vec![e]),
+        }
+    }
+}
+
 /// A sender lent out by membership (to events, and for replication's
 /// messages): its datagrams carry membership's piggybacked changes like
 /// membership's own.

@@ -31,6 +31,8 @@
 
 pub mod dedup;
 mod remote;
+#[cfg(test)]
+mod remote_tests;
 pub mod subscriptions;
 pub mod tree;
 

@@ -79,7 +79,10 @@ pub(crate) fn rack_of(store: &Store, member: &str) -> Option<String> {
     if !reserved::from_owner(u) {
         return None;
     }
-    Rack::decode(u.value.as_deref()?).ok().map(|r| r.0).filter(|r| !r.is_empty())
+    Rack::decode(u.value.as_deref()?)
+        .ok()
+        .map(|r| r.0)
+        .filter(|r| !r.is_empty())
 }
 
 /// The latest report of each rack: highest term, then latest written.
