@@ -42,7 +42,7 @@ pub mod luggage;
 mod membership;
 mod notification;
 mod overlay;
-mod racks;
+pub mod racks;
 pub mod replication;
 pub mod reserved;
 mod wall;

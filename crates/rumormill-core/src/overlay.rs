@@ -664,6 +664,9 @@ impl Overlay {
                 let (events, mut env) = self.events();
                 events.on_event_ack(from, a, &mut env);
             }
+            // Elections are not routed yet: a rack-less overlay has no
+            // candidates, so a Raft message makes no sense here.
+            Body::Raft(_) => self.wire.stats.malformed += 1,
             body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
                 let handled = self.replication.handle(now, from, body);
                 debug_assert!(handled, "only replication's messages are handed to it");

@@ -458,7 +458,8 @@ impl Replication {
             | Body::Dead(_)
             | Body::PushPull(_)
             | Body::Event(_)
-            | Body::EventAck(_) => return false,
+            | Body::EventAck(_)
+            | Body::Raft(_) => return false,
         }
         true
     }
