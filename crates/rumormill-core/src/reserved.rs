@@ -8,8 +8,7 @@
 //!
 //! - [`ReservedKey`] is the one list of kinds, with the one way to build a
 //!   key ([`ReservedKey::key`]) and to read one ([`ReservedKey::parse`]);
-//! - [`Topics`], [`Rack`], [`KeyReport`], [`DesiredKeyring`] and
-//!   [`GatewayReport`] are their
+//! - [`Topics`], [`Rack`], [`KeyReport`] and [`DesiredKeyring`] are their
 //!   values, encoded as the protobuf messages of
 //!   `proto/rumormill/v1/reserved.proto` and decoded with a typed
 //!   [`ValueError`], never a panic. Luggage values are the application's
@@ -32,14 +31,11 @@
 //! assert_eq!(Topics::decode(&value).unwrap().0, vec!["orders".to_owned()]);
 //! ```
 
-use std::net::SocketAddr;
-
 use prost::Message;
 use rumormill_wire::KeyId;
 use rumormill_wire::proto;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::membership::MemberState;
 use crate::replication::Update;
 
 /// Keys under this prefix hold the members' own data; applications should
@@ -82,9 +78,9 @@ pub enum ReservedKey {
         /// The member.
         member: String,
     },
-    /// `_rumormill/gateway/<member>`: what the member, elected its rack's
+    /// `_rumormill/gateway/<member>`: what the member, as its rack's
     /// gateway, reports of its rack ([`GatewayReport`]).
-    Gateway {
+    GatewayReport {
         /// The member.
         member: String,
     },
@@ -95,7 +91,7 @@ const LUGGAGE: &str = "luggage";
 const RACK: &str = "rack";
 const KEY_REPORT: &str = "keys";
 const DESIRED_KEYRING: &str = "keyring";
-const GATEWAY: &str = "gateway";
+const GATEWAY_REPORT: &str = "gateway";
 
 impl ReservedKey {
     /// The store key.
@@ -106,7 +102,7 @@ impl ReservedKey {
             ReservedKey::Rack { member } => format!("{PREFIX}{RACK}/{member}"),
             ReservedKey::KeyReport { member } => format!("{PREFIX}{KEY_REPORT}/{member}"),
             ReservedKey::DesiredKeyring { member } => format!("{PREFIX}{DESIRED_KEYRING}/{member}"),
-            ReservedKey::Gateway { member } => format!("{PREFIX}{GATEWAY}/{member}"),
+            ReservedKey::GatewayReport { member } => format!("{PREFIX}{GATEWAY_REPORT}/{member}"),
         }
     }
 
@@ -132,7 +128,7 @@ impl ReservedKey {
             RACK => ReservedKey::Rack { member },
             KEY_REPORT => ReservedKey::KeyReport { member },
             DESIRED_KEYRING => ReservedKey::DesiredKeyring { member },
-            GATEWAY => ReservedKey::Gateway { member },
+            GATEWAY_REPORT => ReservedKey::GatewayReport { member },
             _ => return None,
         })
     }
@@ -145,7 +141,7 @@ impl ReservedKey {
             | ReservedKey::Rack { member }
             | ReservedKey::KeyReport { member }
             | ReservedKey::DesiredKeyring { member }
-            | ReservedKey::Gateway { member } => member,
+            | ReservedKey::GatewayReport { member } => member,
         }
     }
 }
@@ -202,10 +198,9 @@ pub enum ValueError {
     /// member without one).
     #[error("a desired keyring must name at least one key")]
     NoKeys,
-    /// A gateway report without a valid address (other racks could not
-    /// reach its gateway).
-    #[error("a gateway report must carry a valid address")]
-    NoAddress,
+    /// A gateway report whose rack name or address is not valid.
+    #[error("gateway report: {0}")]
+    Report(String),
 }
 
 fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, ValueError> {
@@ -242,17 +237,185 @@ impl Topics {
 
 /// A member's rack (`_rumormill/rack/<member>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rack(pub String);
+pub struct Rack {
+    /// The rack's name.
+    pub name: String,
+    /// The member is a gateway candidate of the rack.
+    pub gateway: bool,
+}
 
 impl Rack {
     /// The stored value.
     pub fn encode(&self) -> Vec<u8> {
-        proto::Rack { name: self.0.clone() }.encode_to_vec()
+        proto::Rack {
+            name: self.name.clone(),
+            gateway: self.gateway,
+        }
+        .encode_to_vec()
     }
 
     /// From a stored value.
     pub fn decode(bytes: &[u8]) -> Result<Rack, ValueError> {
-        decode::<proto::Rack>("Rack", bytes).map(|m| Rack(m.name))
+        decode::<proto::Rack>("Rack", bytes).map(|m| Rack {
+            name: m.name,
+            gateway: m.gateway,
+        })
+    }
+}
+
+/// What a rack's active gateway reports of its rack
+/// (`_rumormill/gateway/<member>`): written when it is elected, when the
+/// rack's membership changes and now and then, so that every member of
+/// every rack knows each rack's gateway and members, and how old that news
+/// is. The gateway of a rack is the writer of its highest-term active report.
+///
+/// ```
+/// use rumormill_core::reserved::GatewayReport;
+/// let r = GatewayReport {
+///     rack: "eu-1".into(),
+///     term: 3,
+///     addr: "10.0.0.1:7946".parse().unwrap(),
+///     wall_ms: 1_800_000_000_000,
+///     members: Vec::new(),
+///     candidates: Vec::new(),
+///     active: true,
+/// };
+/// assert_eq!(GatewayReport::decode(&r.encode()), Ok(r));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayReport {
+    /// The rack.
+    pub rack: String,
+    /// The Raft term in which the writer leads (or led) the rack.
+    pub term: u64,
+    /// Where the other racks' gateways reach the writer.
+    pub addr: std::net::SocketAddr,
+    /// The writer's wall clock when it wrote, in Unix milliseconds.
+    pub wall_ms: u64,
+    /// The rack's members as the writer sees them (itself included).
+    pub members: Vec<RackMember>,
+    /// The rack's gateway candidates and their Raft roles.
+    pub candidates: Vec<RackCandidate>,
+    /// False once the writer stepped down.
+    pub active: bool,
+}
+
+/// One member of a rack in a [`GatewayReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RackMember {
+    /// The member's name.
+    pub name: String,
+    /// Its state as the gateway sees it.
+    pub state: crate::MemberState,
+    /// Its boot epoch.
+    pub epoch: u64,
+    /// Its incarnation.
+    pub incarnation: u32,
+}
+
+/// One gateway candidate of a rack in a [`GatewayReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RackCandidate {
+    /// The candidate's name.
+    pub name: String,
+    /// Its Raft role as the gateway last knew it.
+    pub role: crate::racks::RaftRole,
+}
+
+impl GatewayReport {
+    /// The stored value.
+    pub fn encode(&self) -> Vec<u8> {
+        use crate::MemberState as S;
+        use crate::racks::RaftRole as R;
+        proto::GatewayReport {
+            rack: self.rack.clone(),
+            term: self.term,
+            addr: Some(self.addr.into()),
+            wall_ms: self.wall_ms,
+            members: self
+                .members
+                .iter()
+                .map(|m| proto::RackMember {
+                    name: m.name.clone(),
+                    state: match m.state {
+                        S::Alive => 0,
+                        S::Suspect => 1,
+                        S::Failed => 2,
+                        S::Left => 3,
+                    },
+                    epoch: m.epoch,
+                    incarnation: m.incarnation,
+                })
+                .collect(),
+            candidates: self
+                .candidates
+                .iter()
+                .map(|c| proto::RackCandidate {
+                    name: c.name.clone(),
+                    role: match c.role {
+                        R::Unknown => 0,
+                        R::Follower => 1,
+                        R::Candidate => 2,
+                        R::PreCandidate => 3,
+                        R::Leader => 4,
+                    },
+                })
+                .collect(),
+            active: self.active,
+        }
+        .encode_to_vec()
+    }
+
+    /// From a stored value. Members of an unknown state are left out, and
+    /// roles this version does not know read as unknown.
+    pub fn decode(bytes: &[u8]) -> Result<GatewayReport, ValueError> {
+        use crate::MemberState as S;
+        use crate::racks::RaftRole as R;
+        let m: proto::GatewayReport = decode("GatewayReport", bytes)?;
+        if m.rack.is_empty() {
+            return Err(ValueError::Report("no rack name".into()));
+        }
+        let addr = rumormill_wire::socket_addr(m.addr.as_ref()).map_err(|e| ValueError::Report(e.to_string()))?;
+        Ok(GatewayReport {
+            rack: m.rack,
+            term: m.term,
+            addr,
+            wall_ms: m.wall_ms,
+            members: m
+                .members
+                .into_iter()
+                .filter_map(|r| {
+                    let state = match r.state {
+                        0 => S::Alive,
+                        1 => S::Suspect,
+                        2 => S::Failed,
+                        3 => S::Left,
+                        _ => return None,
+                    };
+                    Some(RackMember {
+                        name: r.name,
+                        state,
+                        epoch: r.epoch,
+                        incarnation: r.incarnation,
+                    })
+                })
+                .collect(),
+            candidates: m
+                .candidates
+                .into_iter()
+                .map(|c| RackCandidate {
+                    name: c.name,
+                    role: match c.role {
+                        1 => R::Follower,
+                        2 => R::Candidate,
+                        3 => R::PreCandidate,
+                        4 => R::Leader,
+                        _ => R::Unknown,
+                    },
+                })
+                .collect(),
+            active: m.active,
+        })
     }
 }
 
@@ -360,151 +523,6 @@ impl DesiredKeyring {
     }
 }
 
-/// What a rack's elected gateway reports of its rack
-/// (`_rumormill/gateway/<member>`): written by the gateway when elected, as
-/// its rack's membership changes and periodically, and once more with
-/// `active = false` when it steps down. The gateway of a rack is the member
-/// of its highest-term active report; members of other racks are listed,
-/// with their states, from these reports.
-///
-/// ```
-/// use rumormill_core::MemberState;
-/// use rumormill_core::reserved::{GatewayReport, ReportedMember};
-/// let r = GatewayReport {
-///     rack: "eu-1".into(),
-///     term: 3,
-///     addr: "10.0.0.1:7946".parse().unwrap(),
-///     wall_ms: 1_700_000_000_000,
-///     members: vec![ReportedMember { name: "a".into(), state: MemberState::Alive, epoch: 1, incarnation: 0 }],
-///     candidates: Vec::new(),
-///     active: true,
-/// };
-/// assert_eq!(GatewayReport::decode(&r.encode()), Ok(r));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GatewayReport {
-    /// The rack.
-    pub rack: String,
-    /// The Raft term in which the writer leads the rack.
-    pub term: u64,
-    /// The gateway's address, where other racks' gateways reach it.
-    pub addr: SocketAddr,
-    /// The writer's wall clock when it wrote the report, in milliseconds.
-    pub wall_ms: u64,
-    /// The rack's members as the gateway sees them.
-    pub members: Vec<ReportedMember>,
-    /// The rack's gateway candidates and their Raft roles.
-    pub candidates: Vec<ReportedCandidate>,
-    /// False once the writer stepped down.
-    pub active: bool,
-}
-
-/// One member of a rack, as its gateway reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReportedMember {
-    /// The member.
-    pub name: String,
-    /// Its state.
-    pub state: MemberState,
-    /// Its boot epoch.
-    pub epoch: u64,
-    /// Its incarnation.
-    pub incarnation: u32,
-}
-
-/// One gateway candidate of a rack, as its gateway reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReportedCandidate {
-    /// The candidate.
-    pub name: String,
-    /// Its role in the rack's Raft group.
-    pub role: proto::RaftRole,
-}
-
-impl GatewayReport {
-    /// The stored value.
-    pub fn encode(&self) -> Vec<u8> {
-        proto::GatewayReport {
-            rack: self.rack.clone(),
-            term: self.term,
-            addr: Some(self.addr.into()),
-            wall_ms: self.wall_ms,
-            members: self
-                .members
-                .iter()
-                .map(|m| proto::RackMember {
-                    name: m.name.clone(),
-                    status: member_status(m.state) as i32,
-                    epoch: m.epoch,
-                    incarnation: m.incarnation,
-                })
-                .collect(),
-            candidates: self
-                .candidates
-                .iter()
-                .map(|c| proto::RackCandidate {
-                    name: c.name.clone(),
-                    role: c.role as i32,
-                })
-                .collect(),
-            active: self.active,
-        }
-        .encode_to_vec()
-    }
-
-    /// From a stored value; one without a valid address is refused. A
-    /// member state or Raft role this version does not know reads as
-    /// failed, and as unknown.
-    pub fn decode(bytes: &[u8]) -> Result<GatewayReport, ValueError> {
-        let m: proto::GatewayReport = decode("GatewayReport", bytes)?;
-        let addr = rumormill_wire::socket_addr(m.addr.as_ref()).map_err(|_| ValueError::NoAddress)?;
-        Ok(GatewayReport {
-            rack: m.rack,
-            term: m.term,
-            addr,
-            wall_ms: m.wall_ms,
-            members: m
-                .members
-                .into_iter()
-                .map(|r| ReportedMember {
-                    name: r.name,
-                    state: match proto::MemberStatus::try_from(r.status) {
-                        Ok(proto::MemberStatus::Alive) => MemberState::Alive,
-                        Ok(proto::MemberStatus::Suspect) => MemberState::Suspect,
-                        Ok(proto::MemberStatus::Left) => MemberState::Left,
-                        Ok(proto::MemberStatus::Failed) | Err(_) => MemberState::Failed,
-                    },
-                    epoch: r.epoch,
-                    incarnation: r.incarnation,
-                })
-                .collect(),
-            candidates: m
-                .candidates
-                .into_iter()
-                .map(|c| ReportedCandidate {
-                    name: c.name,
-                    role: proto::RaftRole::try_from(c.role).unwrap_or(proto::RaftRole::Unknown),
-                })
-                .collect(),
-            active: m.active,
-        })
-    }
-
-    /// The state this report gives `member`, if it lists it.
-    pub fn state_of(&self, member: &str) -> Option<MemberState> {
-        self.members.iter().find(|m| m.name == member).map(|m| m.state)
-    }
-}
-
-fn member_status(s: MemberState) -> proto::MemberStatus {
-    match s {
-        MemberState::Alive => proto::MemberStatus::Alive,
-        MemberState::Suspect => proto::MemberStatus::Suspect,
-        MemberState::Failed => proto::MemberStatus::Failed,
-        MemberState::Left => proto::MemberStatus::Left,
-    }
-}
-
 /// A desired keyring's message, its secrets wiped when it is dropped.
 struct WipedKeyring(proto::DesiredKeyring);
 
@@ -524,7 +542,11 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         let valid = [
             Topics(vec!["a".into(), "b".into()]).encode(),
-            Rack("eu-1".into()).encode(),
+            Rack {
+                name: "eu-1".into(),
+                gateway: true,
+            }
+            .encode(),
             DesiredKeyring {
                 version: 7,
                 ids: vec![1, 2],
@@ -549,9 +571,9 @@ mod tests {
             refused += [
                 Topics::decode(&bytes).is_err(),
                 Rack::decode(&bytes).is_err(),
+                GatewayReport::decode(&bytes).is_err(),
                 KeyReport::decode(&bytes).is_err(),
                 DesiredKeyring::decode(&bytes).is_err(),
-                GatewayReport::decode(&bytes).is_err(),
             ]
             .iter()
             .filter(|&&e| e)
@@ -571,7 +593,7 @@ mod tests {
             ReservedKey::Rack { member: "r".into() },
             ReservedKey::KeyReport { member: "m".into() },
             ReservedKey::DesiredKeyring { member: "m".into() },
-            ReservedKey::Gateway { member: "g".into() },
+            ReservedKey::GatewayReport { member: "g".into() },
         ];
         for k in all {
             assert_eq!(ReservedKey::parse(&k.key()).as_ref(), Some(&k), "{}", k.key());
@@ -627,7 +649,11 @@ mod tests {
         assert!(t.lists("orders.eu") && !t.lists("orders"));
         let bad = Topics(vec!["ok".into(), "a\nb".into(), String::new()]).encode();
         assert_eq!(Topics::decode(&bad), Ok(Topics(vec!["ok".into()])));
-        assert_eq!(Rack::decode(&Rack("eu-1".into()).encode()), Ok(Rack("eu-1".into())));
+        let rack = Rack {
+            name: "eu-1".into(),
+            gateway: true,
+        };
+        assert_eq!(Rack::decode(&rack.encode()), Ok(rack));
         let r = KeyReport {
             primary: 7,
             installed: vec![7, 9],

@@ -808,7 +808,18 @@ impl<N: Net> Agent<N> {
         if let Some(rack) = spec.rack.clone() {
             let key = rack_key(&rec.member);
             let _ = handle
-                .call(move |o, now| o.put(now, wall(), &key, rumormill_core::reserved::Rack(rack).encode()))
+                .call(move |o, now| {
+                    o.put(
+                        now,
+                        wall(),
+                        &key,
+                        rumormill_core::reserved::Rack {
+                            name: rack,
+                            gateway: false,
+                        }
+                        .encode(),
+                    )
+                })
                 .await;
         }
         let topics = Arc::new(std::sync::Mutex::new(rec.topics.clone()));
@@ -1134,7 +1145,7 @@ impl<N: Net> Agent<N> {
                             .get(&rack_key(&m.name))
                             .filter(|u| rumormill_core::reserved::from_owner(u))
                             .and_then(|u| rumormill_core::reserved::Rack::decode(u.value.as_deref()?).ok())
-                            .map(|r| r.0);
+                            .map(|r| r.name);
                         MemberRow {
                             local: m.name == local.name,
                             name: m.name.to_string(),

@@ -20,7 +20,7 @@ use crate::notification::Notification;
 use crate::overlay::{Identity, Sender, Wire};
 use crate::racks::routes::Routes;
 use crate::replication::{Store, Update};
-use crate::reserved::{GatewayReport, Rack, ReportedMember, ReservedKey, Topics};
+use crate::reserved::{GatewayReport, Rack, RackMember, ReservedKey, Topics};
 
 const TOPIC: &str = "orders";
 
@@ -129,7 +129,11 @@ impl Racks {
                 ReservedKey::Rack {
                     member: name.to_string(),
                 },
-                Rack(rack.to_string()).encode(),
+                Rack {
+                    name: rack.to_string(),
+                    gateway: false,
+                }
+                .encode(),
             );
             if *subscribes {
                 net.subscribe(name, true);
@@ -185,7 +189,7 @@ impl Racks {
             .nodes
             .iter()
             .filter(|n| n.rack == rack)
-            .map(|n| ReportedMember {
+            .map(|n| RackMember {
                 name: n.name.to_string(),
                 state: states
                     .iter()
@@ -205,7 +209,11 @@ impl Racks {
             active,
         };
         let name = self.nodes[g].name.to_string();
-        self.write(&name, ReservedKey::Gateway { member: name.clone() }, report.encode());
+        self.write(
+            &name,
+            ReservedKey::GatewayReport { member: name.clone() },
+            report.encode(),
+        );
     }
 
     /// Runs `f` on node `i`'s events with its views.

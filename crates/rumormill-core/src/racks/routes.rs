@@ -81,14 +81,15 @@ pub(crate) fn rack_of(store: &Store, member: &str) -> Option<String> {
     }
     Rack::decode(u.value.as_deref()?)
         .ok()
-        .map(|r| r.0)
+        .map(|r| r.name)
         .filter(|r| !r.is_empty())
 }
 
-/// The latest report of each rack: highest term, then latest written.
-/// Only reports written by the member they name count.
+/// The latest report of each rack: highest term, and at one term the
+/// active one (a term has one leader; its last report says whether it
+/// stepped down). Only reports written by the member they name count.
 fn latest_reports(store: &Store) -> BTreeMap<String, GatewayReport> {
-    let every = ReservedKey::Gateway { member: String::new() }.key();
+    let every = ReservedKey::GatewayReport { member: String::new() }.key();
     let mut latest: BTreeMap<String, GatewayReport> = BTreeMap::new();
     for u in store.prefixed(&every) {
         let Some(r) = reserved::owned(u)
@@ -98,7 +99,7 @@ fn latest_reports(store: &Store) -> BTreeMap<String, GatewayReport> {
             continue;
         };
         match latest.get(&r.rack) {
-            Some(l) if (l.term, l.wall_ms) >= (r.term, r.wall_ms) => {}
+            Some(l) if (l.term, l.active) >= (r.term, r.active) => {}
             _ => {
                 latest.insert(r.rack.clone(), r);
             }
@@ -107,7 +108,7 @@ fn latest_reports(store: &Store) -> BTreeMap<String, GatewayReport> {
     latest
 }
 
-/// The latest report of `rack` (highest term, then latest written).
+/// The latest report of `rack` (see [`latest_reports`]).
 pub(crate) fn latest_report(store: &Store, rack: &str) -> Option<GatewayReport> {
     latest_reports(store).remove(rack)
 }
@@ -115,7 +116,7 @@ pub(crate) fn latest_report(store: &Store, rack: &str) -> Option<GatewayReport> 
 /// The state of `member` of rack `rack`, as the latest report of its rack
 /// gives it (`None`: no report, or not listed).
 pub(crate) fn remote_state(store: &Store, rack: &str, member: &str) -> Option<MemberState> {
-    latest_report(store, rack)?.state_of(member)
+    state_in(&latest_report(store, rack)?, member)
 }
 
 /// The subscribers of `topic` in racks other than `mine`, by rack: members
@@ -144,11 +145,16 @@ pub(crate) fn subscribers(store: &Store, mine: &str, topic: &str) -> BTreeMap<St
         let reports = reports.get_or_insert_with(|| latest_reports(store));
         let live = reports
             .get(&rack)
-            .and_then(|r| r.state_of(&member))
+            .and_then(|r| state_in(r, &member))
             .is_some_and(MemberState::is_live);
         if live {
             out.entry(rack).or_default().push(Arc::from(member.as_str()));
         }
     }
     out
+}
+
+/// The state `report` gives `member`, if it lists it.
+fn state_in(report: &GatewayReport, member: &str) -> Option<MemberState> {
+    report.members.iter().find(|m| m.name == member).map(|m| m.state)
 }
