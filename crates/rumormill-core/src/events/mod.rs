@@ -48,7 +48,7 @@ use crate::config::Config;
 use crate::membership::{MemberState, Members};
 use crate::notification::Notification;
 use crate::overlay::{CoreError, Identity, Sender};
-use crate::racks::routes::Routes;
+use crate::racks::routes::{RemoteRacks, Routes};
 use crate::replication::Store;
 use crate::reserved::{self, ReservedKey, Topics};
 
@@ -810,6 +810,8 @@ impl Events {
     /// reports subscribers that are gone.
     pub(crate) fn handle_timeout(&mut self, now: Instant, env: &mut Env<'_>) {
         self.hops_tick(now, env);
+        // The other racks' reports, read once if a subscriber there waits.
+        let mut remote: Option<RemoteRacks> = None;
         let due: Vec<EventId> = self
             .pending
             .iter()
@@ -828,7 +830,8 @@ impl Events {
             let mut across: BTreeMap<Arc<str>, Vec<Arc<str>>> = BTreeMap::new();
             for (name, mut t) in std::mem::take(&mut p.targets) {
                 if let Some(rack) = self.remote_rack(&name, env) {
-                    match self.remote_outcome(&name, &rack, &p, &t, env) {
+                    let remote = remote.get_or_insert_with(|| RemoteRacks::read(env.store));
+                    match self.remote_outcome((&name, &rack), &p, &t, remote, env) {
                         Some(outcome) => self.report(&id, name, outcome, t.attempts, Some(rack)),
                         None => {
                             t.resends += 1;

@@ -36,7 +36,7 @@ use rumormill_wire::proto::{self, Envelope, envelope::Body};
 
 use super::{Env, EventId, Events, Outcome, Pending, Target, envelope, subscribes, topics_value, tree};
 use crate::membership::MemberState;
-use crate::racks::routes::{self, Routes};
+use crate::racks::routes::{self, RemoteRacks, Routes};
 
 impl Events {
     /// The rack of `name` when it is a member of another rack: not in the
@@ -112,21 +112,21 @@ impl Events {
     /// own rack.
     pub(super) fn remote_outcome(
         &self,
-        name: &str,
-        rack: &str,
+        (name, rack): (&str, &str),
         p: &Pending,
         t: &Target,
+        remote: &RemoteRacks,
         env: &Env<'_>,
     ) -> Option<Outcome> {
         let unsubscribed = topics_value(env.store, name).is_some() && !subscribes(env.store, name, &p.topic);
-        match routes::remote_state(env.store, rack, name) {
+        match remote.state(rack, name) {
             Some(MemberState::Failed) => return Some(Outcome::SubscriberFailed),
             Some(MemberState::Left) => return Some(Outcome::SubscriberLeft),
             Some(_) if unsubscribed => return Some(Outcome::Unsubscribed),
             _ => {}
         }
         if p.retry_max != 0 && t.resends >= p.retry_max {
-            return Some(if env.routes.reaches(env.store, rack) {
+            return Some(if env.routes.reaches(remote, rack) {
                 Outcome::RetriesExhausted
             } else {
                 Outcome::RackUnreachable

@@ -59,13 +59,13 @@ impl Routes<'_> {
 
     /// Whether rack `rack` can be reached from here: this rack has a
     /// gateway and, as far as this member knows, so has `rack` (the
-    /// gateways it knows when it is the gateway, the store's reports
+    /// gateways it knows when it is the gateway, the latest reports
     /// otherwise).
-    pub(crate) fn reaches(&self, store: &Store, rack: &str) -> bool {
+    pub(crate) fn reaches(&self, remote: &RemoteRacks, rack: &str) -> bool {
         if self.active {
             return self.gateways.contains_key(rack);
         }
-        self.gateway.is_some() && latest_report(store, rack).is_some_and(|r| r.active)
+        self.gateway.is_some() && remote.racks.get(rack).is_some_and(|r| r.active)
     }
 }
 
@@ -85,38 +85,55 @@ pub(crate) fn rack_of(store: &Store, member: &str) -> Option<String> {
         .filter(|r| !r.is_empty())
 }
 
-/// The latest report of each rack: highest term, and at one term the
-/// active one (a term has one leader; its last report says whether it
-/// stepped down). Only reports written by the member they name count.
-fn latest_reports(store: &Store) -> BTreeMap<String, GatewayReport> {
-    let every = ReservedKey::GatewayReport { member: String::new() }.key();
-    let mut latest: BTreeMap<String, GatewayReport> = BTreeMap::new();
-    for u in store.prefixed(&every) {
-        let Some(r) = reserved::owned(u)
-            .and(u.value.as_deref())
-            .and_then(|v| GatewayReport::decode(v).ok())
-        else {
-            continue;
-        };
-        match latest.get(&r.rack) {
-            Some(l) if (l.term, l.active) >= (r.term, r.active) => {}
-            _ => {
-                latest.insert(r.rack.clone(), r);
+/// The other racks as their latest gateway reports give them: highest
+/// term, and at one term the active report (a term has one leader; its
+/// last report says whether it stepped down). Only reports written by the
+/// member they name count. Read once per input that needs it: every report
+/// lists its whole rack.
+#[derive(Debug, Default)]
+pub(crate) struct RemoteRacks {
+    racks: BTreeMap<String, Reported>,
+}
+
+#[derive(Debug)]
+struct Reported {
+    term: u64,
+    active: bool,
+    members: BTreeMap<String, MemberState>,
+}
+
+impl RemoteRacks {
+    pub(crate) fn read(store: &Store) -> RemoteRacks {
+        let every = ReservedKey::GatewayReport { member: String::new() }.key();
+        let mut racks: BTreeMap<String, Reported> = BTreeMap::new();
+        for u in store.prefixed(&every) {
+            let Some(r) = reserved::owned(u)
+                .and(u.value.as_deref())
+                .and_then(|v| GatewayReport::decode(v).ok())
+            else {
+                continue;
+            };
+            if racks
+                .get(&r.rack)
+                .is_some_and(|l| (l.term, l.active) >= (r.term, r.active))
+            {
+                continue;
             }
+            let reported = Reported {
+                term: r.term,
+                active: r.active,
+                members: r.members.into_iter().map(|m| (m.name, m.state)).collect(),
+            };
+            racks.insert(r.rack, reported);
         }
+        RemoteRacks { racks }
     }
-    latest
-}
 
-/// The latest report of `rack` (see [`latest_reports`]).
-pub(crate) fn latest_report(store: &Store, rack: &str) -> Option<GatewayReport> {
-    latest_reports(store).remove(rack)
-}
-
-/// The state of `member` of rack `rack`, as the latest report of its rack
-/// gives it (`None`: no report, or not listed).
-pub(crate) fn remote_state(store: &Store, rack: &str, member: &str) -> Option<MemberState> {
-    state_in(&latest_report(store, rack)?, member)
+    /// The state of `member` of rack `rack` in its rack's latest report
+    /// (`None`: no report, or not listed).
+    pub(crate) fn state(&self, rack: &str, member: &str) -> Option<MemberState> {
+        self.racks.get(rack)?.members.get(member).copied()
+    }
 }
 
 /// The subscribers of `topic` in racks other than `mine`, by rack: members
@@ -124,7 +141,7 @@ pub(crate) fn remote_state(store: &Store, rack: &str, member: &str) -> Option<Me
 /// report of their rack has alive or suspect.
 pub(crate) fn subscribers(store: &Store, mine: &str, topic: &str) -> BTreeMap<String, Vec<Arc<str>>> {
     let every = ReservedKey::Topics { member: String::new() }.key();
-    let mut reports: Option<BTreeMap<String, GatewayReport>> = None;
+    let mut remote: Option<RemoteRacks> = None;
     let mut out: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
     for u in store.prefixed(&every) {
         let Some(ReservedKey::Topics { member }) = reserved::owned(u) else {
@@ -141,20 +158,11 @@ pub(crate) fn subscribers(store: &Store, mine: &str, topic: &str) -> BTreeMap<St
         let Some(rack) = rack_of(store, &member).filter(|r| r != mine) else {
             continue;
         };
-        // Decoded once per call, and only when a remote member subscribes.
-        let reports = reports.get_or_insert_with(|| latest_reports(store));
-        let live = reports
-            .get(&rack)
-            .and_then(|r| state_in(r, &member))
-            .is_some_and(MemberState::is_live);
-        if live {
+        // Read only when a member of another rack subscribes.
+        let remote = remote.get_or_insert_with(|| RemoteRacks::read(store));
+        if remote.state(&rack, &member).is_some_and(MemberState::is_live) {
             out.entry(rack).or_default().push(Arc::from(member.as_str()));
         }
     }
     out
-}
-
-/// The state `report` gives `member`, if it lists it.
-fn state_in(report: &GatewayReport, member: &str) -> Option<MemberState> {
-    report.members.iter().find(|m| m.name == member).map(|m| m.state)
 }
