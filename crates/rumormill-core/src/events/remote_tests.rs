@@ -37,6 +37,8 @@ struct Node {
     gateways: BTreeMap<Arc<str>, SocketAddr>,
     got: Vec<EventId>,
     reports: Vec<DeliveryReport>,
+    /// Lent flat routes, as without racks.
+    flat: bool,
 }
 
 /// One message that went over the network.
@@ -87,6 +89,7 @@ impl Racks {
                     gateways: BTreeMap::new(),
                     got: Vec::new(),
                     reports: Vec::new(),
+                    flat: false,
                 }
             })
             .collect();
@@ -224,11 +227,15 @@ impl Racks {
             store: &self.store,
             rng: &mut self.rng,
             out: Sender::new(&mut n.wire, &mut n.piggyback, 0),
-            routes: Routes {
-                rack: Some(n.rack),
-                gateway: n.gateway,
-                active: n.active,
-                gateways: &n.gateways,
+            routes: if n.flat {
+                Routes::flat()
+            } else {
+                Routes {
+                    rack: Some(n.rack),
+                    gateway: n.gateway,
+                    active: n.active,
+                    gateways: &n.gateways,
+                }
             },
         };
         let out = f(&mut n.events, &mut env);
@@ -592,4 +599,68 @@ fn a_copy_from_another_rack_is_never_sent_across_again() {
     net.with(gb, |e, env| e.on_event(now, at(1), copy, env));
     net.deliver();
     assert!(net.log.is_empty(), "{:?}", net.log);
+}
+
+#[test]
+fn with_flat_routes_nothing_crosses() {
+    let mut net = four_racks();
+    for n in &mut net.nodes {
+        n.flat = true;
+    }
+    let id = net.publish("p", AT_LEAST_ONCE);
+    net.deliver();
+    assert!(net.events_sent("p", "ga").is_empty(), "no copy to the gateway");
+    assert!(net.log.iter().all(|s| net.nodes[s.to].rack == "a"), "{:?}", net.log);
+    assert_eq!(net.nodes[net.index("a1")].got, vec![id]);
+    assert_eq!(
+        net.outcomes("p").into_keys().collect::<Vec<_>>(),
+        vec!["a1".to_owned()],
+        "only the subscribers in the member table count"
+    );
+}
+
+#[test]
+fn a_manual_acknowledgement_in_another_rack_goes_back_through_the_gateways() {
+    let mut net = four_racks();
+    let b1 = net.index("b1");
+    net.nodes[b1].events.set_manual_acks(true);
+    let id = net.publish("p", AT_LEAST_ONCE);
+    net.deliver();
+    assert_eq!(net.nodes[b1].got, vec![id.clone()]);
+    assert!(!net.outcomes("p").contains_key("b1"), "not acknowledged yet");
+    net.with(b1, |e, env| e.acknowledge(&id, &mut env.out));
+    net.deliver();
+    assert_eq!(net.outcomes("p")["b1"], (Outcome::Delivered, Some("b".to_owned())));
+}
+
+#[test]
+fn a_gateway_lost_mid_delivery_costs_a_resend_through_its_successor() {
+    let mut net = four_racks();
+    let (gb, b1, b2) = (net.index("gb"), net.index("b1"), net.index("b2"));
+    // gb dies with the copy: nothing it sends arrives.
+    for j in 0..net.nodes.len() {
+        net.cut.insert((gb, j));
+    }
+    let id = net.publish("p", AT_LEAST_ONCE);
+    net.deliver();
+    assert!(net.nodes[b1].got.is_empty() && net.nodes[b2].got.is_empty());
+    // b1 is elected in term 2; the others learn it (a's gateway from the
+    // pool of gateways, everyone from the report).
+    net.nodes[b1].active = true;
+    net.nodes[b1].gateway = Some(at(b1));
+    net.nodes[b1].gateways = net.nodes[gb].gateways.clone();
+    net.nodes[b2].gateway = Some(at(b1));
+    net.nodes[1].gateways.insert(Arc::from("b"), at(b1));
+    net.report(b1, 2, true, &[("gb", MemberState::Failed)]);
+    net.tick(Duration::from_secs(1));
+    assert_eq!(net.nodes[b1].got, vec![id.clone()]);
+    assert_eq!(net.nodes[b2].got, vec![id.clone()]);
+    let outcomes = net.outcomes("p");
+    assert_eq!(outcomes["b1"], (Outcome::Delivered, Some("b".to_owned())));
+    assert_eq!(outcomes["b2"], (Outcome::Delivered, Some("b".to_owned())));
+    assert!(!net.nodes[0].events.pending.contains_key(&id), "every report final");
+    // Delivered once each, whatever was resent.
+    for n in ["a1", "b1", "b2", "gc", "c1"] {
+        assert_eq!(net.nodes[net.index(n)].got.len(), 1, "{n}");
+    }
 }
