@@ -20,7 +20,7 @@
 //! - **Once at the application**: receivers remember the events they
 //!   delivered ([`dedup`]) and acknowledge duplicates without delivering
 //!   them again.
-//! - **Across racks** ([`remote`]): subscribers in other racks get the
+//! - **Across racks** (`remote.rs`): subscribers in other racks get the
 //!   event through the gateways, one copy per rack that has subscribers,
 //!   and acknowledge back through them; the publisher tracks and reports
 //!   them like the others.
