@@ -166,3 +166,122 @@ pub(crate) fn subscribers(store: &Store, mine: &str, topic: &str) -> BTreeMap<St
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::Update;
+    use crate::reserved::RackMember;
+
+    struct Writes {
+        store: Store,
+        seq: u64,
+    }
+
+    impl Writes {
+        fn put(&mut self, origin: &str, key: ReservedKey, value: Vec<u8>) {
+            self.seq += 1;
+            let u = Update {
+                key: key.key(),
+                value: Some(value),
+                lamport: self.seq,
+                origin: Arc::from(origin),
+                epoch: 1,
+                seq: self.seq,
+            };
+            self.store.apply(u, 0);
+        }
+
+        fn member(&mut self, name: &str, rack: &str, topics: &[&str]) {
+            let rack = Rack {
+                name: rack.into(),
+                gateway: false,
+            };
+            self.put(name, ReservedKey::Rack { member: name.into() }, rack.encode());
+            let topics = Topics(topics.iter().map(|t| t.to_string()).collect());
+            self.put(name, ReservedKey::Topics { member: name.into() }, topics.encode());
+        }
+
+        fn report(&mut self, writer: &str, rack: &str, term: u64, active: bool, members: &[(&str, MemberState)]) {
+            let r = GatewayReport {
+                rack: rack.into(),
+                term,
+                addr: SocketAddr::from(([10, 0, 0, 1], 7000)),
+                wall_ms: 1,
+                members: members
+                    .iter()
+                    .map(|(name, state)| RackMember {
+                        name: name.to_string(),
+                        state: *state,
+                        epoch: 1,
+                        incarnation: 0,
+                    })
+                    .collect(),
+                candidates: Vec::new(),
+                active,
+            };
+            self.put(writer, ReservedKey::GatewayReport { member: writer.into() }, r.encode());
+        }
+    }
+
+    #[test]
+    fn remote_subscribers_are_grouped_by_rack_with_the_states_of_the_latest_reports() {
+        use MemberState::*;
+        let mut w = Writes {
+            store: Store::default(),
+            seq: 0,
+        };
+        w.member("a1", "a", &["t"]);
+        w.member("b1", "b", &["t"]);
+        w.member("b2", "b", &["t", "u"]);
+        w.member("b3", "b", &["u"]);
+        w.member("c1", "c", &["t"]);
+        w.member("c2", "c", &["t"]);
+        w.member("d1", "d", &["t"]);
+        w.report("gb", "b", 1, true, &[("b1", Alive), ("b2", Suspect), ("b3", Alive)]);
+        // c: term 2 beats term 1; at term 2, the active report beats the
+        // one of the same term that stepped down.
+        w.report("gc1", "c", 1, true, &[("c1", Alive), ("c2", Alive)]);
+        w.report("gc2", "c", 2, true, &[("c1", Alive), ("c2", Failed)]);
+        w.report("gc3", "c", 2, false, &[("c1", Failed), ("c2", Alive)]);
+        // d: only a forged report (written by someone else) names it.
+        w.put(
+            "gb",
+            ReservedKey::GatewayReport { member: "gd".into() },
+            GatewayReport::decode(&w.store.get("_rumormill/gateway/gb").unwrap().value.clone().unwrap())
+                .map(|mut r| {
+                    r.rack = "d".into();
+                    r.members.push(RackMember {
+                        name: "d1".into(),
+                        state: Alive,
+                        epoch: 1,
+                        incarnation: 0,
+                    });
+                    r.encode()
+                })
+                .unwrap(),
+        );
+        let got = subscribers(&w.store, "a", "t");
+        let want: BTreeMap<String, Vec<Arc<str>>> = [
+            ("b".to_string(), vec![Arc::from("b1"), Arc::from("b2")]),
+            ("c".to_string(), vec![Arc::from("c1")]),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(got, want, "not a1 (our rack), c2 (failed), d1 (no true report)");
+        let remote = RemoteRacks::read(&w.store);
+        assert_eq!(remote.state("c", "c2"), Some(Failed));
+        assert_eq!(remote.state("d", "d1"), None);
+        assert_eq!(rack_of(&w.store, "b3").as_deref(), Some("b"));
+        let routes = Routes {
+            rack: Some("a"),
+            gateway: Some(SocketAddr::from(([10, 0, 0, 9], 7000))),
+            active: false,
+            gateways: &NO_GATEWAYS,
+        };
+        assert!(routes.reaches(&remote, "b") && routes.reaches(&remote, "c"));
+        assert!(!routes.reaches(&remote, "d"), "no report, no gateway");
+        assert_eq!(routes.toward("d"), routes.gateway, "copies go to this rack's gateway");
+        assert!(!Routes::flat().reaches(&remote, "b"));
+    }
+}
