@@ -15,6 +15,7 @@ use crate::luggage;
 use crate::membership::piggyback::Piggyback;
 use crate::membership::{self, Member, MemberInfo, MemberState, Membership};
 use crate::notification::Notification;
+use crate::racks::routes::Routes;
 use crate::racks::{self, Fence, RackInfo, RackSpec, Racks, RaftError, RaftRecord, RemoteMember};
 use crate::replication::{Replication, ReplicationStats, Store, Update, UpdateHandler};
 use crate::reserved::KeyReport;
@@ -419,6 +420,36 @@ impl Wire {
     }
 }
 
+#[cfg(test)]
+impl Wire {
+    /// A plain-text wire for sub-machine tests, with `sender_id` in its
+    /// headers.
+    pub(crate) fn plaintext(sender_id: u64, mtu: usize) -> Wire {
+        Wire {
+            codec: Codec::new(0, sender_id, 1, 0, Security::Plaintext),
+            mtu,
+            transmits: VecDeque::new(),
+            stats: Stats::default(),
+            cross_scope: None,
+            crossing: None,
+        }
+    }
+
+    /// What was sent, taken out.
+    pub(crate) fn take_transmits(&mut self) -> Vec<Transmit> {
+        self.transmits.drain(..).collect()
+    }
+
+    /// Opens a transmit sent to this wire: its messages.
+    pub(crate) fn open_transmit(&mut self, t: &Transmit) -> Result<Vec<Envelope>, WireError> {
+        let opened = self.codec.open(t.kind, &t.payload)?;
+        match t.kind {
+            FrameKind::Datagram => rumormill_wire::decode_packet(&opened.body).map(|p| p.envelopes),
+            FrameKind::Stream => rumormill_wire::decode_envelope(&opened.body).map(|e| vec![e]),
+        }
+    }
+}
+
 /// A sender lent out by membership (to events, and for replication's
 /// messages): its datagrams carry membership's piggybacked changes like
 /// membership's own.
@@ -601,11 +632,17 @@ impl Overlay {
     /// Events, with their views of the others for one call.
     fn events(&mut self) -> (&mut Events, events::Env<'_>) {
         let (members, out) = self.membership.lend(&mut self.wire, &self.config);
+        let store = self.replication.store();
+        let routes: Routes<'_> = match &self.racks {
+            Some(r) => r.routes(members, store),
+            None => Routes::flat(),
+        };
         let env = events::Env {
             members,
-            store: self.replication.store(),
+            store,
             rng: &mut self.rng,
             out,
+            routes,
         };
         (&mut self.events, env)
     }

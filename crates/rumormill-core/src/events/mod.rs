@@ -20,12 +20,19 @@
 //! - **Once at the application**: receivers remember the events they
 //!   delivered ([`dedup`]) and acknowledge duplicates without delivering
 //!   them again.
+//! - **Across racks** (`remote.rs`): subscribers in other racks get the
+//!   event through the gateways, one copy per rack that has subscribers,
+//!   and acknowledge back through them; the publisher tracks and reports
+//!   them like the others.
 //!
 //! All of it is one sub-machine of the overlay, with private state: it
 //! reads the member table and the store, and sends through a sender that
 //! piggybacks membership changes, all lent to it for each call.
 
 pub mod dedup;
+mod remote;
+#[cfg(test)]
+mod remote_tests;
 pub mod subscriptions;
 pub mod tree;
 
@@ -41,6 +48,7 @@ use crate::config::Config;
 use crate::membership::{MemberState, Members};
 use crate::notification::Notification;
 use crate::overlay::{CoreError, Identity, Sender};
+use crate::racks::routes::{RemoteRacks, Routes};
 use crate::replication::Store;
 use crate::reserved::{self, ReservedKey, Topics};
 
@@ -122,11 +130,15 @@ pub enum Outcome {
     SubscriberLeft,
     /// The subscriber no longer subscribes to the topic.
     Unsubscribed,
+    /// The subscriber is in another rack, and `retry_max` resends went
+    /// unacknowledged while its rack could not be reached (no gateway
+    /// there, or none here).
+    RackUnreachable,
 }
 
 impl Outcome {
     /// A short name: `delivered`, `retries_exhausted`, `failed`, `left`,
-    /// `unsubscribed`.
+    /// `unsubscribed`, `rack_unreachable`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Delivered => "delivered",
@@ -134,6 +146,7 @@ impl Outcome {
             Outcome::SubscriberFailed => "failed",
             Outcome::SubscriberLeft => "left",
             Outcome::Unsubscribed => "unsubscribed",
+            Outcome::RackUnreachable => "rack_unreachable",
         }
     }
 }
@@ -178,8 +191,12 @@ pub struct DeliveryReport {
     pub subscriber: Arc<str>,
     /// What happened.
     pub outcome: Outcome,
-    /// Direct sends made by the publisher (the first push included).
+    /// Direct sends made by the publisher (the first push included); for
+    /// a subscriber in another rack, copies sent towards its rack.
     pub attempts: u32,
+    /// The subscriber's rack, when it is not the publisher's (`None`
+    /// without racks, and for subscribers of the publisher's rack).
+    pub rack: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +228,8 @@ pub(crate) struct Env<'a> {
     /// Sends in datagrams that carry piggybacked membership changes, and
     /// counts.
     pub(crate) out: Sender<'a>,
+    /// Where copies for other racks go (without racks: nowhere).
+    pub(crate) routes: Routes<'a>,
 }
 
 /// The events sub-machine of one member: what it published and awaits
@@ -278,6 +297,8 @@ fn event_message(
         reply_to: Some(reply_to.into()),
         pending_floor,
         relay: None,
+        racks: Vec::new(),
+        targets: Vec::new(),
     }
 }
 
@@ -476,9 +497,13 @@ impl Events {
         let floor = self.pending_floor(id.epoch).min(id.seq);
         let message = event_message(&id, topic, &payload, ack, self.addr, floor);
         let direct = self.relay(now, &id, &message, tree::Span::WHOLE, &[], env);
+        let across = self.publish_across(&message, &remote, env);
         for (name, _) in remote {
             let attempts = u32::from(direct.contains(&name));
             targets.insert(name, Target { attempts, resends: 0 });
+        }
+        for (name, attempts) in across {
+            targets.entry(name).or_insert(Target { attempts, resends: 0 });
         }
         if let Delivery::AtLeastOnce { retry_every, retry_max } = delivery {
             if !targets.is_empty() {
@@ -610,12 +635,13 @@ impl Events {
         self.output.push_back(Notification::Event(m));
     }
 
-    fn report(&mut self, id: &EventId, subscriber: Arc<str>, outcome: Outcome, attempts: u32) {
+    fn report(&mut self, id: &EventId, subscriber: Arc<str>, outcome: Outcome, attempts: u32, rack: Option<Arc<str>>) {
         self.output.push_back(Notification::Report(DeliveryReport {
             id: id.clone(),
             subscriber,
             outcome,
             attempts,
+            rack,
         }));
     }
 
@@ -652,6 +678,24 @@ impl Events {
             stats.malformed += 1;
             return;
         }
+        if !e.racks.is_empty() {
+            self.cross(now, id, e, env);
+            return;
+        }
+        self.take(now, from, id, reply_to, e, env);
+    }
+
+    /// Takes an event for the local member: delivers it once if it
+    /// subscribes, relays it down its span, acknowledges it.
+    fn take(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        id: EventId,
+        reply_to: SocketAddr,
+        e: proto::Event,
+        env: &mut Env<'_>,
+    ) {
         let subscribed = subscribes(env.store, &self.name, &e.topic);
         // What the publisher has settled need not be remembered any more.
         let settled = e.pending_floor.saturating_sub(1).min(id.seq.saturating_sub(1));
@@ -716,13 +760,18 @@ impl Events {
             return;
         };
         // Only the subscriber itself may acknowledge: the datagram must come
-        // from its host.
+        // from its host — or, for a subscriber in another rack, from the
+        // gateway its acknowledgements come through.
+        let local = a.from == *self.name || env.members.position(&a.from).is_some();
         let sender_ok = if a.from == *self.name {
             from.ip() == self.addr.ip()
-        } else {
+        } else if local {
             env.members
                 .position(&a.from)
                 .is_some_and(|i| env.members.at(i).addr().ip() == from.ip())
+        } else {
+            self.remote_ack_source(&a.from, env)
+                .is_some_and(|via| via.ip() == from.ip())
         };
         if !sender_ok {
             env.out.stats().malformed += 1;
@@ -730,6 +779,11 @@ impl Events {
         }
         if a.relay {
             self.hops.remove(&(id, Arc::from(a.from.as_str())));
+            return;
+        }
+        if *id.origin != *self.name {
+            // Not ours: a gateway passes it on towards the publisher.
+            self.forward_ack(&id, local, a, env);
             return;
         }
         let Some(p) = self.pending.get_mut(&id) else {
@@ -748,13 +802,16 @@ impl Events {
         } else {
             Outcome::Delivered
         };
-        self.report(&id, name, outcome, t.attempts.max(1));
+        let rack = (!local).then(|| self.remote_rack(&name, env)).flatten();
+        self.report(&id, name, outcome, t.attempts.max(1), rack);
     }
 
     /// Resends relay copies and unacknowledged at-least-once events;
     /// reports subscribers that are gone.
     pub(crate) fn handle_timeout(&mut self, now: Instant, env: &mut Env<'_>) {
         self.hops_tick(now, env);
+        // The other racks' reports, read once if a subscriber there waits.
+        let mut remote: Option<RemoteRacks> = None;
         let due: Vec<EventId> = self
             .pending
             .iter()
@@ -767,8 +824,23 @@ impl Events {
             };
             let mut keep = BTreeMap::new();
             let floor = self.pending_floor(id.epoch).min(id.seq);
-            let msg = envelope(event_message(&id, &p.topic, &p.payload, true, self.addr, floor));
+            let message = event_message(&id, &p.topic, &p.payload, true, self.addr, floor);
+            let msg = envelope(message.clone());
+            // Subscribers of other racks still waiting, by rack.
+            let mut across: BTreeMap<Arc<str>, Vec<Arc<str>>> = BTreeMap::new();
             for (name, mut t) in std::mem::take(&mut p.targets) {
+                if let Some(rack) = self.remote_rack(&name, env) {
+                    let remote = remote.get_or_insert_with(|| RemoteRacks::read(env.store));
+                    match self.remote_outcome((&name, &rack), &p, &t, remote, env) {
+                        Some(outcome) => self.report(&id, name, outcome, t.attempts, Some(rack)),
+                        None => {
+                            t.resends += 1;
+                            across.entry(rack).or_default().push(name.clone());
+                            keep.insert(name, t);
+                        }
+                    }
+                    continue;
+                }
                 let member = env.members.position(&name).map(|i| env.members.at(i));
                 // Unknown members and topics (a publisher that just
                 // restarted has not synced yet) are waited for, not judged.
@@ -781,7 +853,7 @@ impl Events {
                     _ => None,
                 };
                 match gone {
-                    Some(outcome) => self.report(&id, name, outcome, t.attempts),
+                    Some(outcome) => self.report(&id, name, outcome, t.attempts, None),
                     None => {
                         if let Some(addr) = member.map(|m| m.addr()) {
                             env.out.send(addr, vec![msg.clone()]);
@@ -790,6 +862,11 @@ impl Events {
                         t.resends += 1;
                         keep.insert(name, t);
                     }
+                }
+            }
+            for name in self.resend_across(&message, &across, env) {
+                if let Some(t) = keep.get_mut(&name) {
+                    t.attempts += 1;
                 }
             }
             if keep.is_empty() {
