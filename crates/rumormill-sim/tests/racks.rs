@@ -269,3 +269,17 @@ fn racks_cut_off_from_each_other_heal_and_resync_the_store() {
     assert!(r.everyone_has("a", b"1") && r.everyone_has("b", b"2"), "resynced");
     assert_eq!(r.crossings().1, 0);
 }
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let run = || {
+        let mut r = racks(&[3, 4, 3], 0.02, 9);
+        let mut leaders = BTreeMap::new();
+        r.run_checked(8.0, &mut leaders);
+        r.put(4, "k", b"v");
+        r.run_checked(12.0, &mut leaders);
+        let sent: Vec<(usize, SocketAddr, bool)> = r.sent.borrow().clone();
+        (r.sim.traffic(), sent, r.gateways())
+    };
+    assert_eq!(run(), run());
+}

@@ -222,14 +222,18 @@ pub struct RackConfig {
 
 impl RackConfig {
     /// Racks within a data centre or on one host: 100 ms ticks, so an
-    /// election takes 1–2 s; a report at most every 2 s, and every 30 s.
+    /// election takes 1–2 s; a report at most every 2 s when the rack
+    /// changes, and every 5 minutes when it does not. (Each report is
+    /// replicated to every member of every rack with the rack's whole
+    /// member list: refreshed every 30 s, three racks of 100 members spent
+    /// 175 kB/s on it, three times a flat overlay's whole traffic.)
     pub fn new_lan() -> RackConfig {
         RackConfig {
             raft_tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 1,
             report_interval: Duration::from_secs(2),
-            report_refresh: Duration::from_secs(30),
+            report_refresh: Duration::from_secs(300),
             wan: None,
         }
     }

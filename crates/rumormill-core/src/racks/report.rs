@@ -38,7 +38,7 @@ impl Schedule {
     pub(super) fn new(now: Instant) -> Schedule {
         Schedule {
             interval: Duration::from_secs(2),
-            refresh: Duration::from_secs(30),
+            refresh: Duration::from_secs(300),
             started: now,
             last: None,
             dirty: true,
