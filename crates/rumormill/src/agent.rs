@@ -929,7 +929,9 @@ impl<N: Net> Agent<N> {
                 Seed::Addr(a) => out.push(a),
                 Seed::Dns(host, port) => match self.net.resolve(&host, port).await {
                     Ok(addrs) => out.extend(addrs),
-                    Err(e) => tracing::warn!(overlay = %spec.name, seed = %host, error = %e, "remote seed not resolved"),
+                    Err(e) => {
+                        tracing::warn!(overlay = %spec.name, seed = %host, error = %e, "remote seed not resolved")
+                    }
                 },
             }
         }

@@ -2395,8 +2395,17 @@ mod racks_tests {
         let racks = all_gateways(&c, 3).await;
         assert!(racks[0].local && racks[0].name == "ap", "own rack first: {racks:?}");
         assert_eq!(racks[0].gateway.as_deref(), Some("ap-1"));
-        assert_eq!(racks[0].candidates, vec![CandidateRow { name: "ap-1".into(), role: "leader".into() }]);
-        assert!(racks.iter().skip(1).all(|r| !r.local && r.last_heard_s.is_some()), "{racks:?}");
+        assert_eq!(
+            racks[0].candidates,
+            vec![CandidateRow {
+                name: "ap-1".into(),
+                role: "leader".into()
+            }]
+        );
+        assert!(
+            racks.iter().skip(1).all(|r| !r.local && r.last_heard_s.is_some()),
+            "{racks:?}"
+        );
 
         // Members of other racks come from their gateways' reports.
         wait_until("ap to list eu's member from eu's report", 30, async || {

@@ -664,12 +664,12 @@ impl OverlaySpec {
             return refuse("candidates = 0: a rack with gateways has at least 1 candidate (3 or 5 recommended)".into());
         }
         if self.candidates.is_some() && !self.gateway {
-            return refuse("candidates is set but gateway is not: only a gateway candidate counts its rack's candidates".into());
+            return refuse(
+                "candidates is set but gateway is not: only a gateway candidate counts its rack's candidates".into(),
+            );
         }
         if !self.remote_seeds.is_empty() && !self.gateway {
-            return refuse(
-                "remote_seeds needs gateway = true: only a rack's gateway contacts other racks".into(),
-            );
+            return refuse("remote_seeds needs gateway = true: only a rack's gateway contacts other racks".into());
         }
         for s in &self.remote_seeds {
             parse_seed(s).map_err(|m| ConfigError::Rack {
@@ -1104,8 +1104,14 @@ mod tests {
             ("gateway = true", "gateway = true needs a rack"),
             ("rack = \"eu\"\ngateway = true\ncandidates = 0", "candidates = 0"),
             ("rack = \"eu\"\ncandidates = 3", "candidates is set but gateway is not"),
-            ("rack = \"eu\"\nremote_seeds = [\"127.0.0.1:1\"]", "remote_seeds needs gateway = true"),
-            ("rack = \"eu\"\ngateway = true\nremote_seeds = [\"nowhere\"]", "remote_seeds: seed \"nowhere\""),
+            (
+                "rack = \"eu\"\nremote_seeds = [\"127.0.0.1:1\"]",
+                "remote_seeds needs gateway = true",
+            ),
+            (
+                "rack = \"eu\"\ngateway = true\nremote_seeds = [\"nowhere\"]",
+                "remote_seeds: seed \"nowhere\"",
+            ),
         ] {
             let e = AgentConfig::from_toml(&format!("{base}{extra}")).unwrap_err();
             assert!(matches!(e, ConfigError::Rack { .. }), "{extra}: {e:?}");
@@ -1125,7 +1131,10 @@ mod tests {
         s.candidates = Some(4);
         s.validate().unwrap();
         let w = s.candidates_warning().expect("a warning for 4");
-        assert!(w.contains("tolerates 1 failed candidate(s), as 3 candidates would"), "{w}");
+        assert!(
+            w.contains("tolerates 1 failed candidate(s), as 3 candidates would"),
+            "{w}"
+        );
         assert!(!w.contains('\n'));
         s.candidates = Some(1);
         assert!(s.candidates_warning().is_none());

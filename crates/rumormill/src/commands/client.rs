@@ -372,7 +372,10 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
             value_base64: None,
         };
         let out = match cmd {
-            ClientCommand::Members { rack: None, all_racks: false } => Output::Table(
+            ClientCommand::Members {
+                rack: None,
+                all_racks: false,
+            } => Output::Table(
                 value(&o.members().await.map_err(e)?),
                 &["name", "addr", "state", "incarnation", "epoch", "rack"],
             ),
@@ -387,7 +390,16 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                 } else {
                     Output::Table(
                         Value::Array(racks.iter().map(rack_line).collect()),
-                        &["name", "gateway", "term", "candidates", "alive", "suspect", "failed", "last_heard"],
+                        &[
+                            "name",
+                            "gateway",
+                            "term",
+                            "candidates",
+                            "alive",
+                            "suspect",
+                            "failed",
+                            "last_heard",
+                        ],
                     )
                 }
             }
