@@ -18,7 +18,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -381,8 +381,12 @@ impl<N: Net> Task<N> {
                     };
                     let net = self.net.clone();
                     let stats = self.stats.clone();
+                    let from = self
+                        .udp
+                        .local_addr()
+                        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
                     tokio::spawn(async move {
-                        if let Err(e) = transport::send_frame(&net, t.to, &t.payload).await {
+                        if let Err(e) = transport::send_frame(&net, from, t.to, &t.payload).await {
                             stats.stream_errors.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(to = %t.to, error = %e, "stream frame not sent");
                         }

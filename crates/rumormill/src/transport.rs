@@ -79,8 +79,10 @@ pub trait Net: Clone + Send + Sync + 'static {
     fn bind_udp(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Udp>> + Send;
     /// Binds a stream listener.
     fn bind_tcp(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Listener>> + Send;
-    /// Opens a stream connection.
-    fn connect(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+    /// Opens a stream connection from the local address `from` (the gossip
+    /// socket's: on a host with several addresses the peer must see the one
+    /// the member is known by; unspecified lets the system choose).
+    fn connect(&self, from: IpAddr, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Stream>> + Send;
     /// Resolves `host:port`.
     fn resolve(&self, host: &str, port: u16) -> impl Future<Output = io::Result<Vec<SocketAddr>>> + Send;
 }
@@ -137,8 +139,15 @@ impl Net for TokioNet {
         socket.listen(1024)
     }
 
-    async fn connect(&self, addr: SocketAddr) -> io::Result<Self::Stream> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
+    async fn connect(&self, from: IpAddr, addr: SocketAddr) -> io::Result<Self::Stream> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        if !from.is_unspecified() && from.is_ipv4() == addr.is_ipv4() {
+            socket.bind(SocketAddr::new(from, 0))?;
+        }
+        let stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -148,10 +157,10 @@ impl Net for TokioNet {
     }
 }
 
-/// Sends a frame over one new connection: connect, write, close; each step
-/// bounded by [`STREAM_TIMEOUT`].
-pub async fn send_frame<N: Net>(net: &N, to: SocketAddr, frame: &[u8]) -> io::Result<()> {
-    let mut stream = tokio::time::timeout(STREAM_TIMEOUT, net.connect(to))
+/// Sends a frame over one new connection from `from` (see [`Net::connect`]):
+/// connect, write, close; each step bounded by [`STREAM_TIMEOUT`].
+pub async fn send_frame<N: Net>(net: &N, from: IpAddr, to: SocketAddr, frame: &[u8]) -> io::Result<()> {
+    let mut stream = tokio::time::timeout(STREAM_TIMEOUT, net.connect(from, to))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     let write = async {

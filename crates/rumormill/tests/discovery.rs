@@ -107,8 +107,8 @@ impl rumormill::transport::Net for ScriptedDns {
     async fn bind_tcp(&self, addr: std::net::SocketAddr) -> std::io::Result<Self::Listener> {
         TokioNet.bind_tcp(addr).await
     }
-    async fn connect(&self, addr: std::net::SocketAddr) -> std::io::Result<Self::Stream> {
-        TokioNet.connect(addr).await
+    async fn connect(&self, from: std::net::IpAddr, addr: std::net::SocketAddr) -> std::io::Result<Self::Stream> {
+        TokioNet.connect(from, addr).await
     }
     async fn resolve(&self, host: &str, _port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
         assert_eq!(host, "seeds.example");

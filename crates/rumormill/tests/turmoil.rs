@@ -113,7 +113,7 @@ impl Net for TurmoilNet {
     async fn bind_tcp(&self, addr: SocketAddr) -> io::Result<SimListener> {
         turmoil::net::TcpListener::bind(addr).await.map(SimListener)
     }
-    async fn connect(&self, addr: SocketAddr) -> io::Result<turmoil::net::TcpStream> {
+    async fn connect(&self, _from: std::net::IpAddr, addr: SocketAddr) -> io::Result<turmoil::net::TcpStream> {
         turmoil::net::TcpStream::connect(addr).await
     }
     async fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
