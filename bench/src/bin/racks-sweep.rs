@@ -61,14 +61,19 @@ struct Case {
 fn cases(quick: bool, only_racks: &[usize], only_members: &[usize]) -> Vec<Case> {
     let mut out = Vec::new();
     for members_per_rack in [100, 1000] {
-        if (quick && members_per_rack > 100) || (!only_members.is_empty() && !only_members.contains(&members_per_rack)) {
+        if (quick && members_per_rack > 100) || (!only_members.is_empty() && !only_members.contains(&members_per_rack))
+        {
             continue;
         }
         for racks in [2, 3, 5, 10] {
             if !only_racks.is_empty() && !only_racks.contains(&racks) {
                 continue;
             }
-            let duration_s = if racks * members_per_rack >= 10_000 { 60.0 } else { 120.0 };
+            let duration_s = if racks * members_per_rack >= 10_000 {
+                60.0
+            } else {
+                120.0
+            };
             out.push(Case {
                 racks,
                 members_per_rack,
@@ -192,7 +197,12 @@ const RACKED: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(44, 160, 44)];
 fn cross_bytes_chart(rows: &[Row], path: &Path) -> Result<()> {
     let values = rows
         .iter()
-        .flat_map(|r| [Some(r.flat.cross_rack_bytes_per_s), r.racked.as_ref().map(|m| m.cross_rack_bytes_per_s)])
+        .flat_map(|r| {
+            [
+                Some(r.flat.cross_rack_bytes_per_s),
+                r.racked.as_ref().map(|m| m.cross_rack_bytes_per_s),
+            ]
+        })
         .flatten()
         .filter(|v| *v > 0.0);
     let (lo, hi) = values.fold((f64::MAX, 1.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
@@ -322,7 +332,10 @@ fn failover_chart(rows: &[Row], path: &Path) -> Result<()> {
         }
     }
     chart
-        .draw_series(LineSeries::new(vec![(0.0, 1.0), (0.0, hi * 3.0)], BLACK.stroke_width(1)))?
+        .draw_series(LineSeries::new(
+            vec![(0.0, 1.0), (0.0, hi * 3.0)],
+            BLACK.stroke_width(1),
+        ))?
         .label("gateway killed")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], BLACK));
     draw_legend(&mut chart)?;
@@ -349,7 +362,8 @@ fn markdown(rows: &[Row]) -> String {
                 r.members_per_rack,
                 m.cross_rack_bytes_per_s,
                 opt(ratio, 1),
-                m.cross_rack_packets_from_non_gateways.map_or("n/a".into(), |n| n.to_string()),
+                m.cross_rack_packets_from_non_gateways
+                    .map_or("n/a".into(), |n| n.to_string()),
                 opt(m.update_all_p99_ms, 0),
                 opt(m.event_remote_p99_ms, 0),
                 opt(m.gateway_failover_s, 2),
