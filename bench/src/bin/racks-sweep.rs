@@ -101,7 +101,11 @@ struct Measures {
     #[serde(default)]
     cross_rack_packets_from_non_gateways: Option<u64>,
     #[serde(default)]
+    update_all_p50_ms: Option<f64>,
+    #[serde(default)]
     update_all_p99_ms: Option<f64>,
+    #[serde(default)]
+    event_remote_p50_ms: Option<f64>,
     #[serde(default)]
     event_remote_p99_ms: Option<f64>,
     #[serde(default)]
@@ -346,8 +350,8 @@ fn failover_chart(rows: &[Row], path: &Path) -> Result<()> {
 fn markdown(rows: &[Row]) -> String {
     let opt = |v: Option<f64>, digits: usize| v.map_or("n/a".to_string(), |v| format!("{v:.digits$}"));
     let mut out = String::from(
-        "| racks × members | run | cross-rack B/s | flat ÷ racked | from non-gateways | update_all_p99_ms | \
-         event_remote_p99_ms | gateway_failover_s | events published / lost | payload to racks without subscribers | \
+        "| racks × members | run | cross-rack B/s | flat ÷ racked | from non-gateways | update_all p50 / p99 ms | \
+         event_remote p50 / p99 ms | gateway_failover_s | events published / lost | payload to racks without subscribers | \
          false positives | converged | wall s |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|\n",
     );
@@ -357,14 +361,16 @@ fn markdown(rows: &[Row]) -> String {
             let Some(m) = m else { continue };
             let ratio = (kind == "racked").then(|| r.flat.cross_rack_bytes_per_s / m.cross_rack_bytes_per_s.max(1e-9));
             out += &format!(
-                "| {} × {} | {kind} | {:.0} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {:.1} |\n",
+                "| {} × {} | {kind} | {:.0} | {} | {} | {} / {} | {} / {} | {} | {} / {} | {} | {} | {} | {:.1} |\n",
                 r.racks,
                 r.members_per_rack,
                 m.cross_rack_bytes_per_s,
                 opt(ratio, 1),
                 m.cross_rack_packets_from_non_gateways
                     .map_or("n/a".into(), |n| n.to_string()),
+                opt(m.update_all_p50_ms, 0),
                 opt(m.update_all_p99_ms, 0),
+                opt(m.event_remote_p50_ms, 0),
                 opt(m.event_remote_p99_ms, 0),
                 opt(m.gateway_failover_s, 2),
                 m.events_published,

@@ -295,13 +295,18 @@ pub struct RunMeasures {
     pub writes: usize,
     /// Writes that had not reached every running member by the end.
     pub writes_incomplete: usize,
-    /// 99th percentile over writes of the time until every running member
-    /// of every rack had it, milliseconds.
+    /// Median over writes of the time until every running member of every
+    /// rack had it, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_all_p50_ms: Option<f64>,
+    /// 99th percentile of that time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub update_all_p99_ms: Option<f64>,
-    /// 99th percentile over events and subscribers outside the
-    /// publisher's rack of the time from publishing to delivery,
-    /// milliseconds.
+    /// Median over events and subscribers outside the publisher's rack of
+    /// the time from publishing to delivery, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_remote_p50_ms: Option<f64>,
+    /// 99th percentile of that time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_remote_p99_ms: Option<f64>,
     /// The member killed, if any.
@@ -587,8 +592,10 @@ pub fn measure(
         cross_rack_bytes_per_s: (traffic.cross_rack_bytes - bytes_at_warm.unwrap_or(0)) as f64 / workload_s,
         writes: writes.len(),
         writes_incomplete,
-        update_all_p99_ms: p99(update_all),
-        event_remote_p99_ms: p99(remote),
+        update_all_p50_ms: percentile(&mut update_all, 0.5),
+        update_all_p99_ms: percentile(&mut update_all, 0.99),
+        event_remote_p50_ms: percentile(&mut remote, 0.5),
+        event_remote_p99_ms: percentile(&mut remote, 0.99),
         killed: killed.map(member_name),
         gateway_failover_s: failover.map(|t| t as f64 / 1e9),
         events_published: published.len(),
@@ -611,12 +618,14 @@ fn views_agree_among(sim: &Simulation, scope: &[usize]) -> bool {
         .all(|o| o.live_count() == running.len() && o.view_digest() == digest)
 }
 
-fn p99(mut v: Vec<f64>) -> Option<f64> {
+/// The `q`-quantile of `v` by rank (the smallest value at or above a
+/// fraction `q` of them).
+fn percentile(v: &mut [f64], q: f64) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
     v.sort_by(f64::total_cmp);
-    let k = ((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1;
+    let k = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
     Some(v[k])
 }
 
@@ -645,9 +654,11 @@ mod tests {
     }
 
     #[test]
-    fn p99_is_a_rank() {
-        assert_eq!(p99(Vec::new()), None);
-        assert_eq!(p99((1..=100).map(f64::from).collect()), Some(99.0));
-        assert_eq!(p99(vec![5.0]), Some(5.0));
+    fn percentiles_are_ranks() {
+        assert_eq!(percentile(&mut [], 0.99), None);
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 0.99), Some(99.0));
+        assert_eq!(percentile(&mut v, 0.5), Some(50.0));
+        assert_eq!(percentile(&mut [5.0], 0.99), Some(5.0));
     }
 }

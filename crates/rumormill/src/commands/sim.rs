@@ -406,18 +406,20 @@ fn racks_cmd(a: RacksArgs) -> Result<(), String> {
     let measures = |m: &racks::RunMeasures| {
         format!(
             "cross-rack: {} packets, {:.0} bytes/s{}\n    \
-             writes reaching everyone: p99 {} ({} of {} incomplete)\n    \
-             events: {} published, {} lost, remote p99 {}, {} payload bytes to racks without subscribers\n    \
+             writes reaching everyone: p50 {}, p99 {} ({} of {} incomplete)\n    \
+             events: {} published, {} lost, remote p50 {}, p99 {}, {} payload bytes to racks without subscribers\n    \
              {}false positives {}, converged {}",
             m.cross_rack_packets,
             m.cross_rack_bytes_per_s,
             m.cross_rack_packets_from_non_gateways
                 .map_or(String::new(), |n| format!(", {n} packets from non-gateways")),
+            ms(m.update_all_p50_ms),
             ms(m.update_all_p99_ms),
             m.writes_incomplete,
             m.writes,
             m.events_published,
             m.events_lost,
+            ms(m.event_remote_p50_ms),
             ms(m.event_remote_p99_ms),
             m.payload_bytes_to_racks_without_subscribers,
             m.gateway_failover_s
