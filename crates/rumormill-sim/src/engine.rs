@@ -473,6 +473,9 @@ impl<N: SimNode> Simulation<N> {
     /// Sends what member `i` queued, collects its events, reschedules it.
     pub fn flush(&mut self, i: usize) {
         let from = self.slots[i].addr;
+        // Every packet of one flush leaves at the same instant: the sender
+        // is or is not its rack's gateway for all of them.
+        let mut from_gateway: Option<bool> = None;
         let Some(o) = self.slots[i].node.as_mut() else {
             return;
         };
@@ -483,9 +486,6 @@ impl<N: SimNode> Simulation<N> {
         while let Some(e) = o.poll_notification() {
             self.events.push((self.now, i, e));
         }
-        // Every packet of one flush leaves at the same instant: the sender
-        // is or is not its rack's gateway for all of them.
-        let mut from_gateway: Option<bool> = None;
         for t in out {
             self.traffic.packets += 1;
             self.traffic.bytes += t.payload.len() as u64;

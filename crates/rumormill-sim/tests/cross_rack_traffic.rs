@@ -1,4 +1,4 @@
-//! Racks in the simulator: the topology's accounting, and the racks
+//! Cross-rack traffic in the simulator: the topology's accounting, and the racks
 //! experiment's determinism.
 
 use std::collections::VecDeque;
