@@ -9,7 +9,7 @@
 //!
 //! Experiments built on it:
 //! - [`membership`]: failure detection speed, accuracy and cost;
-//! - [`broadcast`]: how fast and how completely an update reaches
+//! - [`replication`]: how fast and how completely an update reaches
 //!   everyone, and at what cost, with rumor mongering, anti-entropy or both;
 //! - [`racks`]: members in racks over a topology, what crosses between
 //!   racks and at what cost, against the same members in one flat overlay;
