@@ -409,9 +409,17 @@ impl<N: SimNode> Simulation<N> {
         self.slots[i].node.as_mut()
     }
 
-    /// Events seen so far, with time and observer, in order.
+    /// Events seen so far (since the last [`Simulation::take_events`]),
+    /// with time and observer, in order.
     pub fn events(&self) -> &[(Nanos, usize, Notification)] {
         &self.events
+    }
+
+    /// Takes the events seen since the last call (all of them the first
+    /// time): a long run can digest them as it goes instead of keeping
+    /// every notification.
+    pub fn take_events(&mut self) -> Vec<(Nanos, usize, Notification)> {
+        std::mem::take(&mut self.events)
     }
 
     /// Traffic so far.

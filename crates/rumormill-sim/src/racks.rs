@@ -455,6 +455,7 @@ pub fn measure(
         retry_every: Duration::from_secs(1),
         retry_max: 0,
     };
+    let mut seen = Seen::default();
     for (at, step) in plan {
         sim.run_until(at);
         if at >= warm && bytes_at_warm.is_none() {
@@ -494,6 +495,9 @@ pub fn measure(
             }
             Step::Sample => {
                 if at % secs(1.0) == 0 {
+                    // Kept as they come, notifications would hold every
+                    // value written (gateway reports too) once per member.
+                    seen.absorb(sim.take_events(), layout);
                     let b = sim.traffic().cross_rack_bytes;
                     timeline.push((b - last_second_bytes) as f64);
                     last_second_bytes = b;
@@ -515,32 +519,13 @@ pub fn measure(
     let killed = victim.map(|(v, _)| v);
     let running_all_along = |i: usize| Some(i) != killed;
 
-    // Writes: the time each running member first had each key.
-    let mut got: BTreeMap<&str, BTreeMap<usize, Nanos>> = BTreeMap::new();
-    let mut delivered: BTreeMap<usize, BTreeMap<u64, Nanos>> = BTreeMap::new();
-    let mut failed: BTreeSet<&str> = BTreeSet::new();
-    for (t, i, e) in sim.events() {
-        match e {
-            Notification::Update(u) => {
-                got.entry(&u.update.key).or_default().entry(*i).or_insert(*t);
-            }
-            Notification::Event(m) if m.topic == TOPIC && *m.id.origin == *member_name(layout.publisher) => {
-                delivered.entry(*i).or_default().entry(m.id.seq).or_insert(*t);
-            }
-            Notification::Member {
-                change: MemberChange::Failed,
-                member,
-            } => {
-                failed.insert(&member.name);
-            }
-            _ => {}
-        }
-    }
+    seen.absorb(sim.take_events(), layout);
+    let Seen { got, delivered, failed } = seen;
     let running: Vec<usize> = (0..n).filter(|&i| sim.is_running(i)).collect();
     let mut update_all: Vec<f64> = Vec::new();
     let mut writes_incomplete = 0;
     for (at, w, key) in &writes {
-        let seen = got.get(key.as_str());
+        let seen = got.get(key);
         let last = running
             .iter()
             .filter(|&&i| i != *w)
@@ -604,6 +589,40 @@ pub fn measure(
         false_positives,
         converged: views && writes_incomplete == 0,
         cross_rack_timeline: timeline,
+    }
+}
+
+/// What the members' notifications told, kept small.
+#[derive(Default)]
+struct Seen {
+    /// Per write key, the time each member first had it.
+    got: BTreeMap<String, BTreeMap<usize, Nanos>>,
+    /// Per member, the time each of the publisher's events reached it.
+    delivered: BTreeMap<usize, BTreeMap<u64, Nanos>>,
+    /// Members someone declared failed.
+    failed: BTreeSet<String>,
+}
+
+impl Seen {
+    fn absorb(&mut self, events: Vec<(Nanos, usize, Notification)>, layout: &Layout) {
+        let publisher = member_name(layout.publisher);
+        for (t, i, e) in events {
+            match e {
+                Notification::Update(u) if u.update.key.starts_with("w/") => {
+                    self.got.entry(u.update.key).or_default().entry(i).or_insert(t);
+                }
+                Notification::Event(m) if m.topic == TOPIC && *m.id.origin == *publisher => {
+                    self.delivered.entry(i).or_default().entry(m.id.seq).or_insert(t);
+                }
+                Notification::Member {
+                    change: MemberChange::Failed,
+                    member,
+                } => {
+                    self.failed.insert(member.name.to_string());
+                }
+                _ => {}
+            }
+        }
     }
 }
 
