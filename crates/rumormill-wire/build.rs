@@ -9,6 +9,7 @@ fn main() {
         "rumormill/v1/dissemination.proto",
         "rumormill/v1/events.proto",
         "rumormill/v1/reserved.proto",
+        "rumormill/v1/racks.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
@@ -20,6 +21,7 @@ fn main() {
     // Events are the largest message: boxed, they keep every envelope small.
     if let Err(e) = prost_build::Config::new()
         .boxed(".rumormill.v1.Envelope.body.event")
+        .boxed(".rumormill.v1.Envelope.body.raft")
         .compile_fds(fds)
     {
         panic!("prost-build failed: {e}");

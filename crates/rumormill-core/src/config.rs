@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use crate::racks::RackConfig;
 use crate::replication::ReplicationConfig;
 
 /// Timings and limits of one overlay.
@@ -84,6 +85,9 @@ pub struct Config {
     pub max_luggage_total: usize,
     /// How updates spread: rumor mongering, anti-entropy, or both.
     pub replication: ReplicationConfig,
+    /// Raft ticks, gateway reports and the gateways' pool, for members in a
+    /// rack (see [`crate::racks`]).
+    pub racks: RackConfig,
 }
 
 impl Config {
@@ -121,6 +125,7 @@ impl Config {
             max_luggage_value: crate::luggage::DEFAULT_MAX_VALUE,
             max_luggage_total: crate::luggage::DEFAULT_MAX_TOTAL,
             replication: ReplicationConfig::default(),
+            racks: RackConfig::new_lan(),
         }
     }
 
@@ -144,6 +149,7 @@ impl Config {
                 anti_entropy_interval: Duration::from_secs(30),
                 ..ReplicationConfig::default()
             },
+            racks: RackConfig::new_wan(),
             ..Config::new_lan()
         }
     }
@@ -189,7 +195,8 @@ impl Config {
         if self.event_relay_fanout < 2 || self.event_hop_timeout.is_zero() {
             return Err("event_relay_fanout must be at least 2 and event_hop_timeout above zero".into());
         }
-        self.replication.validate()
+        self.replication.validate()?;
+        self.racks.validate()
     }
 
     /// Times a membership change is retransmitted in a cluster of `n`.

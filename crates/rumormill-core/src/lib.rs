@@ -42,6 +42,7 @@ pub mod luggage;
 mod membership;
 mod notification;
 mod overlay;
+pub mod racks;
 pub mod replication;
 pub mod reserved;
 mod wall;

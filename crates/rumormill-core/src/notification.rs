@@ -43,4 +43,10 @@ pub enum Notification {
     /// Key rotation: the keyring changed (save it), or a desired keyring
     /// was refused or could not be followed in full.
     Keys(crate::keys::KeysNotification),
+    /// Racks: a Raft record to make durable, then to acknowledge with
+    /// [`crate::Overlay::raft_persisted`] (the messages that depend on it
+    /// wait until then).
+    Raft(crate::racks::RaftRecord),
+    /// Racks: a gateway changed, a rack became unreachable or reachable.
+    Rack(crate::racks::RackNotification),
 }

@@ -15,6 +15,7 @@ use crate::luggage;
 use crate::membership::piggyback::Piggyback;
 use crate::membership::{self, Member, MemberInfo, MemberState, Membership};
 use crate::notification::Notification;
+use crate::racks::{self, Fence, RackInfo, RackSpec, Racks, RaftError, RaftRecord, RemoteMember};
 use crate::replication::{Replication, ReplicationStats, Store, Update, UpdateHandler};
 use crate::reserved::KeyReport;
 use crate::wall::{WallClock, WallTime};
@@ -37,6 +38,9 @@ pub struct Identity {
     /// into the subkey of its packets, but nonce uniqueness does not rest on
     /// it: each life adds a random salt, see [`Overlay::new`].)
     pub epoch: u64,
+    /// The member's rack, or `None` for an overlay without racks (one flat
+    /// pool, as if every member were in the same rack).
+    pub rack: Option<RackSpec>,
 }
 
 impl Identity {
@@ -46,7 +50,21 @@ impl Identity {
             name: name.into(),
             addr,
             epoch,
+            rack: None,
         }
+    }
+
+    /// The same identity in a rack.
+    ///
+    /// ```
+    /// use rumormill_core::{Identity, racks::RackSpec};
+    /// let id = Identity::new("web-1", "127.0.0.1:7950".parse().unwrap(), 3)
+    ///     .in_rack(RackSpec::new("eu-1").unwrap().candidate(3));
+    /// assert_eq!(id.rack.map(|r| r.name), Some("eu-1".into()));
+    /// ```
+    pub fn in_rack(mut self, rack: RackSpec) -> Identity {
+        self.rack = Some(rack);
+        self
     }
 
     /// The sender id in packet headers: derived from the name, so unique in
@@ -94,6 +112,9 @@ pub enum CoreError {
     /// The write would take this member beyond its quota in the store.
     #[error(transparent)]
     Quota(#[from] crate::replication::QuotaExceeded),
+    /// A Raft state could not be restored (or this member is no candidate).
+    #[error(transparent)]
+    Raft(#[from] RaftError),
 }
 
 /// Something the driver must send.
@@ -160,6 +181,20 @@ pub struct Stats {
     pub event_hop_resends: u64,
     /// Spans taken back from a receiver that never acknowledged.
     pub event_hop_takeovers: u64,
+    /// Packets refused at the header because they were sealed for the
+    /// traffic between racks and this member is not its rack's active
+    /// gateway (also counted in `rejected`).
+    pub foreign_rack: u64,
+    /// Packets between racks refused because their sender's term is below
+    /// the highest this member has heard for its rack: a deposed gateway's.
+    pub stale_term: u64,
+    /// Raft messages refused: from a member that is not a voter, of another
+    /// group, or forged.
+    pub raft_refused: u64,
+    /// Datagrams and stream frames sent to other racks' gateways.
+    pub cross_packets_sent: u64,
+    /// Bytes of those.
+    pub cross_bytes_sent: u64,
 }
 
 /// A source of timeouts, as [`Overlay::handle_timeout`] runs them.
@@ -176,10 +211,12 @@ enum Timer {
     Events,
     /// Rumor rounds, anti-entropy exchanges and garbage collection.
     Replication,
+    /// Raft ticks, gateway reports and the pool of gateways ([`crate::racks`]).
+    Racks,
 }
 
 impl Timer {
-    const ALL: [Timer; 11] = [
+    const ALL: [Timer; 12] = [
         Timer::Membership(membership::Timer::ProbeDeadline),
         Timer::Membership(membership::Timer::IndirectProbes),
         Timer::Membership(membership::Timer::Reconnects),
@@ -190,6 +227,7 @@ impl Timer {
         Timer::Membership(membership::Timer::Reap),
         Timer::Events,
         Timer::Replication,
+        Timer::Racks,
         // Last: it also runs while leaving, and its round carries the
         // changes the entries above just made.
         Timer::Membership(membership::Timer::Gossip),
@@ -220,9 +258,64 @@ pub(crate) struct Wire {
     mtu: usize,
     transmits: VecDeque<Transmit>,
     pub(crate) stats: Stats,
+    /// In a rack: the scope of the traffic between racks, whether this
+    /// member accepts it or not (see [`Wire::send`]).
+    cross_scope: Option<u32>,
+    /// While this member is its rack's active gateway: how it crosses.
+    crossing: Option<Crossing>,
+}
+
+/// How an active gateway's packets cross to other racks: the fence every
+/// one of them carries, and where they go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Crossing {
+    pub(crate) rack: Arc<str>,
+    pub(crate) term: u64,
+    /// The other racks' gateways and the addresses being contacted.
+    pub(crate) peers: std::collections::BTreeSet<SocketAddr>,
+}
+
+impl Crossing {
+    /// Bytes the `Crossing` wrapper adds to a packet's envelopes, at most:
+    /// the rack name, the term, and three tags with lengths.
+    fn overhead(&self) -> usize {
+        self.rack.len() + 2 + 11 + 3 * 4
+    }
+
+    fn wrap(&self, envelopes: Vec<Envelope>) -> Envelope {
+        Envelope {
+            body: Some(Body::Crossing(rumormill_wire::proto::Crossing {
+                rack: self.rack.to_string(),
+                term: self.term,
+                envelopes,
+            })),
+        }
+    }
 }
 
 impl Wire {
+    /// The cross scope, when this member is in a rack.
+    pub(crate) fn cross_scope(&self) -> Option<u32> {
+        self.cross_scope
+    }
+
+    /// Starts (or, with `None`, stops) sealing and opening the traffic
+    /// between racks.
+    pub(crate) fn set_crossing(&mut self, crossing: Option<Crossing>) {
+        let Some(scope) = self.cross_scope else { return };
+        match &crossing {
+            Some(_) => self.codec.accept_scope(scope),
+            None => self.codec.refuse_scope(scope),
+        }
+        self.crossing = crossing;
+    }
+
+    /// The crossing, if `to` is another rack's gateway: the one rule by
+    /// which scope and wrapping are chosen.
+    fn crossing_to(&self, to: SocketAddr) -> Option<&Crossing> {
+        self.crossing.as_ref().filter(|c| c.peers.contains(&to))
+    }
+
     /// Room for messages in one datagram.
     pub(crate) fn datagram_budget(&self) -> usize {
         self.mtu.saturating_sub(self.codec.overhead())
@@ -230,27 +323,57 @@ impl Wire {
 
     /// Sends messages in one datagram, filling the rest with piggybacked
     /// membership changes, each of which goes out at most `limit` times.
+    ///
+    /// Scope and wrapping follow the destination: to another rack's gateway
+    /// (only while this member is its rack's active gateway) the packet is
+    /// sealed in the cross scope and its messages wrapped in one `Crossing`
+    /// with this rack's name and term; to anyone else, in the home scope
+    /// (the rack's, or the overlay's without racks). Piggybacked changes go
+    /// only to their own pool: a rack's to the rack, the gateways' pool's
+    /// between racks.
     pub(crate) fn send(&mut self, to: SocketAddr, msgs: Vec<Envelope>, piggyback: &mut Piggyback, limit: u32) {
-        let mut packet = PacketBuilder::new(self.datagram_budget());
+        let crossing = self.crossing_to(to).cloned();
+        let overhead = crossing.as_ref().map_or(0, Crossing::overhead);
+        let mut packet = PacketBuilder::new(self.datagram_budget().saturating_sub(overhead));
         for m in msgs {
             if let Err(m) = packet.push(m) {
                 // Too big for one datagram: it goes over a stream instead.
                 self.send_stream(to, m);
             }
         }
-        piggyback.fill(&mut packet, limit);
+        if piggyback.is_crossing() == crossing.is_some() {
+            piggyback.fill(&mut packet, limit);
+        }
         if packet.is_empty() {
             return;
         }
-        self.seal(to, FrameKind::Datagram, &packet.finish());
+        match crossing {
+            Some(c) => {
+                let body = rumormill_wire::proto::Packet {
+                    envelopes: vec![c.wrap(packet.into_envelopes())],
+                };
+                self.seal(to, FrameKind::Datagram, &prost::Message::encode_to_vec(&body), true);
+            }
+            None => self.seal(to, FrameKind::Datagram, &packet.finish(), false),
+        }
     }
 
     pub(crate) fn send_stream(&mut self, to: SocketAddr, msg: Envelope) {
-        self.seal(to, FrameKind::Stream, &rumormill_wire::encode_envelope(&msg));
+        match self.crossing_to(to) {
+            Some(c) => {
+                let body = rumormill_wire::encode_envelope(&c.wrap(vec![msg]));
+                self.seal(to, FrameKind::Stream, &body, true);
+            }
+            None => self.seal(to, FrameKind::Stream, &rumormill_wire::encode_envelope(&msg), false),
+        }
     }
 
-    fn seal(&mut self, to: SocketAddr, kind: FrameKind, body: &[u8]) {
-        match self.codec.seal(kind, body) {
+    fn seal(&mut self, to: SocketAddr, kind: FrameKind, body: &[u8], crossing: bool) {
+        let sealed = match (crossing, self.cross_scope) {
+            (true, Some(scope)) => self.codec.seal_in(scope, kind, body),
+            _ => self.codec.seal(kind, body),
+        };
+        match sealed {
             Ok(payload) => {
                 match kind {
                     FrameKind::Datagram => {
@@ -261,6 +384,10 @@ impl Wire {
                         self.stats.frames_sent += 1;
                         self.stats.frame_bytes_sent += payload.len() as u64;
                     }
+                }
+                if crossing {
+                    self.stats.cross_packets_sent += 1;
+                    self.stats.cross_bytes_sent += payload.len() as u64;
                 }
                 self.transmits.push_back(Transmit { to, kind, payload });
             }
@@ -282,6 +409,11 @@ impl Wire {
     }
 
     fn reject(&mut self, e: WireError) {
+        if let WireError::WrongOverlay { got, .. } = e
+            && Some(got) == self.cross_scope
+        {
+            self.stats.foreign_rack += 1;
+        }
         self.stats.rejected += 1;
         self.stats.last_rejection = Some(e);
     }
@@ -369,6 +501,8 @@ pub struct Overlay {
     /// After a join, the store's exchanges completed before it: the next
     /// one is reported as [`Notification::StoreSynced`].
     first_sync: Option<u64>,
+    /// The member's rack, its election and crossings; `None` without racks.
+    racks: Option<Racks>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -404,13 +538,20 @@ impl Overlay {
     ) -> Overlay {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let membership = Membership::new(&config, &identity, now, &mut rng);
-        let codec = Codec::new(
-            overlay_id,
-            identity.sender_id(),
-            identity.epoch,
-            life_salt(seed),
-            security,
-        );
+        // In a rack, the rack's scope is home; the cross scope is known
+        // (to count what is refused) and accepted only while active.
+        let (home, cross_scope) = match &identity.rack {
+            Some(r) => (
+                rumormill_wire::scope_id(overlay_id, &format!("rack/{}", r.name)),
+                Some(rumormill_wire::scope_id(overlay_id, "cross")),
+            ),
+            None => (overlay_id, None),
+        };
+        let racks = identity
+            .rack
+            .clone()
+            .map(|spec| Racks::new(&config, &identity, spec, seed, now));
+        let codec = Codec::new(home, identity.sender_id(), identity.epoch, life_salt(seed), security);
         let budget = config.mtu.saturating_sub(codec.overhead());
         let mut rconfig = config.replication.clone();
         rconfig.limits.luggage_value = config.max_luggage_value as u64;
@@ -433,6 +574,8 @@ impl Overlay {
                 mtu: config.mtu,
                 transmits: VecDeque::new(),
                 stats: Stats::default(),
+                cross_scope,
+                crossing: None,
             },
             config,
             rng,
@@ -441,6 +584,7 @@ impl Overlay {
             closed: false,
             wall: WallClock::default(),
             first_sync: None,
+            racks,
         }
     }
 
@@ -470,21 +614,79 @@ impl Overlay {
     /// input reaches one of them at a time, so the order is kept.
     fn collect(&mut self) {
         while let Some(e) = self.membership.poll_notification() {
+            if let Some(r) = self.racks.as_mut() {
+                r.rack_changed();
+            }
             self.output.push_back(e);
         }
         while let Some(e) = self.events.poll_notification() {
             self.output.push_back(e);
         }
+        if let Some(r) = self.racks.as_mut() {
+            while let Some(e) = r.poll_notification() {
+                self.output.push_back(e);
+            }
+        }
+    }
+
+    /// Sends the Raft messages the election queued, in the rack's scope.
+    fn drain_racks(&mut self) {
+        let Some(racks) = self.racks.as_mut() else { return };
+        let mut out = self.membership.sender(&mut self.wire, &self.config);
+        while let Some((to, msg)) = racks.poll_raft() {
+            out.send(
+                to,
+                vec![Envelope {
+                    body: Some(Body::Raft(Box::new(msg))),
+                }],
+            );
+        }
+    }
+
+    /// What an accepted update means to racks: a gateway report moves
+    /// terms and gateways; a stale copy of this member's `Rack` value is
+    /// written again.
+    fn follow_update(&mut self, now: Instant, u: &Update) {
+        let Some(racks) = self.racks.as_mut() else { return };
+        if let Some(writer) = racks::is_report(&u.key) {
+            racks.on_report(now, writer, self.replication.store(), &mut self.wire);
+        } else if racks.is_own_rack_key(&u.key) {
+            racks.check_rack_value(u.value.as_deref());
+        }
+    }
+
+    /// A non-gateway member's own write goes to its rack's gateway at once
+    /// as well, so it crosses without waiting for the rack's epidemic.
+    fn push_to_gateway(&mut self, u: &Update) {
+        let Some(racks) = self.racks.as_ref() else { return };
+        if racks.is_active() {
+            return;
+        }
+        if let Some(g) = racks.gateway(self.membership.table(), self.replication.store())
+            && g != self.membership.addr()
+        {
+            self.replication.push(g, u);
+            self.drain_replication_sends();
+        }
+    }
+
+    /// Sends what replication queued (without its notifications).
+    fn drain_replication_sends(&mut self) {
+        forward(
+            &mut self.replication,
+            &mut self.membership.sender(&mut self.wire, &self.config),
+        );
     }
 
     /// Sends what replication queued and forwards its events.
-    fn drain_replication(&mut self) {
+    fn drain_replication(&mut self, now: Instant) {
         forward(
             &mut self.replication,
             &mut self.membership.sender(&mut self.wire, &self.config),
         );
         while let Some(e) = self.replication.poll_notification() {
             self.rotation.on_update(&e.update);
+            self.follow_update(now, &e.update);
             self.output.push_back(Notification::Update(e));
         }
         if let Some(before) = self.first_sync
@@ -524,11 +726,14 @@ impl Overlay {
             .wire
             .codec
             .open(FrameKind::Datagram, bytes)
-            .and_then(|o| rumormill_wire::decode_packet(&o.body));
+            .and_then(|o| Ok((o.scope(), rumormill_wire::decode_packet(&o.body)?)));
         match packet {
-            Ok(p) => {
+            Ok((scope, p)) if Some(scope) == self.wire.cross_scope() => {
+                self.handle_crossing(now, from, FrameKind::Datagram, p.envelopes);
+            }
+            Ok((_, p)) => {
                 for e in p.envelopes {
-                    self.handle_envelope(now, from, e);
+                    self.handle_envelope(now, from, e, false);
                 }
             }
             Err(e) => self.wire.reject(e),
@@ -553,11 +758,80 @@ impl Overlay {
             .wire
             .codec
             .open(FrameKind::Stream, frame)
-            .and_then(|o| rumormill_wire::decode_envelope(&o.body))
+            .and_then(|o| Ok((o.scope(), rumormill_wire::decode_envelope(&o.body)?)))
         {
-            Ok(e) => self.handle_envelope(now, from, e),
+            Ok((scope, e)) if Some(scope) == self.wire.cross_scope() => {
+                self.handle_crossing(now, from, FrameKind::Stream, vec![e]);
+            }
+            Ok((_, e)) => self.handle_envelope(now, from, e, false),
             Err(e) => self.wire.reject(e),
         }
+    }
+
+    /// A packet between racks (this member is its rack's active gateway,
+    /// or the codec would have refused it): one `Crossing`, whose fence is
+    /// checked before its messages are handled as traffic between racks.
+    fn handle_crossing(&mut self, now: Instant, from: SocketAddr, kind: FrameKind, mut envelopes: Vec<Envelope>) {
+        let crossing = match (envelopes.pop(), envelopes.is_empty()) {
+            (
+                Some(Envelope {
+                    body: Some(Body::Crossing(c)),
+                }),
+                true,
+            ) => c,
+            _ => {
+                self.wire.stats.malformed += 1;
+                return;
+            }
+        };
+        let Some(racks) = self.racks.as_mut() else {
+            self.wire.stats.malformed += 1;
+            return;
+        };
+        let datagram = kind == FrameKind::Datagram;
+        match racks.admit(now, from, datagram, &crossing.rack, crossing.term, &mut self.wire) {
+            Fence::Pass => {
+                for e in crossing.envelopes {
+                    self.handle_envelope(now, from, e, true);
+                }
+                if let Some(racks) = self.racks.as_mut() {
+                    racks.follow_pool(&mut self.wire);
+                    racks.update_route(&mut self.wire);
+                }
+                self.collect();
+            }
+            Fence::Stale => self.wire.stats.stale_term += 1,
+            Fence::Malformed => self.wire.stats.malformed += 1,
+        }
+    }
+
+    /// A membership message between racks, for the pool of gateways.
+    fn handle_pool(&mut self, now: Instant, from: SocketAddr, body: Body) {
+        let Some(racks) = self.racks.as_mut() else { return };
+        let store = &mut self.replication;
+        let Some((pool, mut env)) = racks.pool(&mut self.wire) else {
+            return;
+        };
+        match body {
+            Body::Ping(p) => pool.on_ping(from, p, &mut env),
+            Body::Ack(a) => pool.on_ack(a, &mut env),
+            Body::PingReq(r) => pool.on_ping_req(now, from, r, &mut env),
+            Body::Nack(n) => pool.on_nack(n),
+            Body::Alive(a) => pool.on_alive(now, a, &mut env),
+            Body::Suspect(s) => pool.on_suspect(now, s, &mut env),
+            Body::Dead(d) => pool.on_dead(now, d, &mut env),
+            Body::PushPull(pp) => {
+                // Gateways that meet sync the store at once, across.
+                let mut sync = |peer: SocketAddr, out: &mut Sender<'_>| {
+                    store.exchange_now(peer);
+                    forward(store, out);
+                };
+                pool.on_push_pull(now, from, pp, &mut env, &mut sync);
+                // Its exchange is on its way; nothing else to drain.
+            }
+            _ => env.wire.stats.malformed += 1,
+        }
+        racks.update_route(&mut self.wire);
     }
 
     /// Counts a stream frame the driver refused on its header, before
@@ -575,12 +849,43 @@ impl Overlay {
     /// Hands one message to the sub-machine whose protocol it belongs to.
     /// Every message type is named: one that nothing handled would be
     /// counted as malformed, never dropped unseen.
-    fn handle_envelope(&mut self, now: Instant, from: SocketAddr, e: Envelope) {
+    ///
+    /// `crossed`: the message came from another rack's gateway. Its
+    /// membership messages are the pool of gateways'; a Raft message or a
+    /// crossing inside a crossing is malformed.
+    fn handle_envelope(&mut self, now: Instant, from: SocketAddr, e: Envelope, crossed: bool) {
         let Some(body) = e.body else {
             self.wire.stats.malformed += 1;
             return;
         };
         match body {
+            Body::Raft(_) | Body::Crossing(_) if crossed => self.wire.stats.malformed += 1,
+            body @ (Body::Ping(_)
+            | Body::Ack(_)
+            | Body::PingReq(_)
+            | Body::Nack(_)
+            | Body::Alive(_)
+            | Body::Suspect(_)
+            | Body::Dead(_)
+            | Body::PushPull(_))
+                if crossed =>
+            {
+                self.handle_pool(now, from, body);
+            }
+            Body::Raft(msg) => {
+                let Some(racks) = self.racks.as_mut() else {
+                    self.wire.stats.malformed += 1;
+                    return;
+                };
+                // Only a member of this rack can have sealed it; which one
+                // its address says.
+                let members = self.membership.table();
+                let sender = members.iter().find(|m| m.addr() == from).map(|m| m.name.clone());
+                racks.on_raft(sender.as_deref(), *msg, &mut self.wire.stats);
+                self.settle_racks(now, None);
+            }
+            // A crossing is only ever a cross-scope packet's one message.
+            Body::Crossing(_) => self.wire.stats.malformed += 1,
             Body::Ping(p) => {
                 let (m, mut env) = self.membership();
                 m.on_ping(from, p, &mut env);
@@ -622,7 +927,7 @@ impl Overlay {
                 self.membership.on_push_pull(now, from, pp, &mut env, &mut sync);
                 // Membership's changes came first, then the store's.
                 self.collect();
-                self.drain_replication();
+                self.drain_replication(now);
             }
             Body::Event(ev) => {
                 let (events, mut env) = self.events();
@@ -635,7 +940,7 @@ impl Overlay {
             body @ (Body::Rumor(_) | Body::RumorFeedback(_) | Body::Digest(_) | Body::Delta(_)) => {
                 let handled = self.replication.handle(now, from, body);
                 debug_assert!(handled, "only replication's messages are handed to it");
-                self.drain_replication();
+                self.drain_replication(now);
                 // The store may hold a newer desired keyring now.
                 self.follow_keyring(now);
             }
@@ -654,8 +959,33 @@ impl Overlay {
             Timer::Membership(t) => self.membership.deadline(t),
             Timer::Events if active => self.events.poll_timeout().map(Deadline::wake),
             Timer::Replication if active => Some(Deadline::wake(self.replication.poll_timeout())),
-            Timer::Events | Timer::Replication => None,
+            Timer::Racks if active => self.racks.as_ref().and_then(Racks::poll_timeout).map(Deadline::wake),
+            Timer::Events | Timer::Replication | Timer::Racks => None,
         }
+    }
+
+    /// Runs racks' timer (`Some(now)`) or follows what an input changed
+    /// (`None`): sends the Raft messages, makes the store writes.
+    fn settle_racks(&mut self, now: Instant, timer: Option<Instant>) {
+        let wall_ms = self.wall.read(now).map_or(0, |w| w.as_unix_ms());
+        let Some(racks) = self.racks.as_mut() else { return };
+        let mut view = racks::View {
+            members: self.membership.table(),
+            store: self.replication.store(),
+            wire: &mut self.wire,
+        };
+        let writes = match timer {
+            Some(now) => racks.handle_timeout(now, wall_ms, &mut view),
+            None => racks.settle(now, wall_ms, &mut view),
+        };
+        self.drain_racks();
+        for (key, value) in writes {
+            if let Ok(u) = self.replication.try_put(now, &key, value) {
+                self.push_to_gateway(&u);
+            }
+        }
+        self.drain_replication(now);
+        self.collect();
     }
 
     /// Runs `timer`, due at `now`.
@@ -677,9 +1007,22 @@ impl Overlay {
                     let picked = members.random(k, rng, |m| m.state == MemberState::Alive);
                     picked.into_iter().map(|i| members.at(i).addr()).collect()
                 };
+                // An active gateway also spreads to every reachable
+                // gateway of the other racks.
+                let remote: Vec<SocketAddr> = self
+                    .racks
+                    .as_ref()
+                    .map(|r| r.remote_gateways().values().copied().collect())
+                    .unwrap_or_default();
+                let mut peers = |k: usize| {
+                    let mut v: Vec<SocketAddr> = peers(k);
+                    v.extend(remote.iter().copied());
+                    v
+                };
                 self.replication.handle_timeout(now, &mut peers);
-                self.drain_replication();
+                self.drain_replication(now);
             }
+            Timer::Racks => self.settle_racks(now, Some(now)),
         }
         self.collect();
     }
@@ -740,14 +1083,18 @@ impl Overlay {
     pub fn put(&mut self, now: Instant, wall: WallTime, key: &str, value: Vec<u8>) -> Result<Update, CoreError> {
         self.check_active()?;
         self.floor_write_clock(now, wall);
-        Ok(self.replication.try_put(now, key, value)?)
+        let u = self.replication.try_put(now, key, value)?;
+        self.push_to_gateway(&u);
+        Ok(u)
     }
 
     /// Deletes `key` everywhere.
     pub fn delete(&mut self, now: Instant, wall: WallTime, key: &str) -> Result<Update, CoreError> {
         self.check_active()?;
         self.floor_write_clock(now, wall);
-        Ok(self.replication.try_delete(now, key)?)
+        let u = self.replication.try_delete(now, key)?;
+        self.push_to_gateway(&u);
+        Ok(u)
     }
 
     /// Raises the write clock to the wall clock in milliseconds (a hybrid
@@ -1186,6 +1533,66 @@ impl Overlay {
         luggage::entries(self.store(), member)
     }
 
+    // ----- racks --------------------------------------------------------
+
+    /// The driver has made the Raft record `seq` of a
+    /// [`Notification::Raft`] durable: the messages that depend on it
+    /// leave. Without racks, or on a member that is no candidate, nothing
+    /// happens.
+    pub fn raft_persisted(&mut self, now: Instant, seq: u64) {
+        if let Some(racks) = self.racks.as_mut() {
+            racks.persisted(seq, self.membership.table());
+            self.settle_racks(now, None);
+        }
+    }
+
+    /// Brings a restarted candidate's Raft state back from its latest
+    /// durable record, before the first input.
+    pub fn restore_raft(&mut self, record: &RaftRecord) -> Result<(), CoreError> {
+        match self.racks.as_mut() {
+            Some(r) => Ok(r.restore(record)?),
+            None => Err(RaftError::State("this member is in no rack".into()).into()),
+        }
+    }
+
+    /// The routes events get, owned: (rack, gateway, active, other racks'
+    /// gateways).
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn routes(&self) -> Option<(String, Option<SocketAddr>, bool, Vec<(Arc<str>, SocketAddr)>)> {
+        let r = self.racks.as_ref()?;
+        let routes = r.routes(self.membership.table(), self.replication.store());
+        Some((
+            routes.rack?.to_owned(),
+            routes.gateway,
+            routes.active,
+            routes.gateways.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        ))
+    }
+
+    /// Whether this member is its rack's active gateway.
+    pub fn is_active_gateway(&self) -> bool {
+        self.racks.as_ref().is_some_and(Racks::is_active)
+    }
+
+    /// Every rack known, this member's own first: its gateway, term,
+    /// candidates, members, and how long ago it was heard from. Empty
+    /// without racks.
+    pub fn racks(&self, now: Instant) -> Vec<RackInfo> {
+        let wall = self.wall.read(now).map(|w| w.as_unix_ms());
+        self.racks.as_ref().map_or_else(Vec::new, |r| {
+            r.racks(now, wall, self.membership.table(), self.replication.store())
+        })
+    }
+
+    /// Members of the other racks as their gateways report them.
+    pub fn remote_members(&self, now: Instant) -> Vec<RemoteMember> {
+        let wall = self.wall.read(now).map(|w| w.as_unix_ms());
+        self.racks
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.remote_members(now, wall, self.replication.store()))
+    }
+
     // ----- outputs ------------------------------------------------------
 
     /// The next datagram or stream frame to send.
@@ -1335,9 +1742,10 @@ mod tests {
             },
             Timer::Events => 9,
             Timer::Replication => 10,
+            Timer::Racks => 11,
         };
         let mut listed: Vec<usize> = Timer::ALL.iter().map(|&t| number(t)).collect();
         listed.sort_unstable();
-        assert_eq!(listed, (0..=10).collect::<Vec<_>>(), "each timer once in Timer::ALL");
+        assert_eq!(listed, (0..=11).collect::<Vec<_>>(), "each timer once in Timer::ALL");
     }
 }

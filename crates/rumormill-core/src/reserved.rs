@@ -78,6 +78,12 @@ pub enum ReservedKey {
         /// The member.
         member: String,
     },
+    /// `_rumormill/gateway/<member>`: what the member, as its rack's
+    /// gateway, reports of its rack ([`GatewayReport`]).
+    GatewayReport {
+        /// The member.
+        member: String,
+    },
 }
 
 const TOPICS: &str = "topics";
@@ -85,6 +91,7 @@ const LUGGAGE: &str = "luggage";
 const RACK: &str = "rack";
 const KEY_REPORT: &str = "keys";
 const DESIRED_KEYRING: &str = "keyring";
+const GATEWAY_REPORT: &str = "gateway";
 
 impl ReservedKey {
     /// The store key.
@@ -95,6 +102,7 @@ impl ReservedKey {
             ReservedKey::Rack { member } => format!("{PREFIX}{RACK}/{member}"),
             ReservedKey::KeyReport { member } => format!("{PREFIX}{KEY_REPORT}/{member}"),
             ReservedKey::DesiredKeyring { member } => format!("{PREFIX}{DESIRED_KEYRING}/{member}"),
+            ReservedKey::GatewayReport { member } => format!("{PREFIX}{GATEWAY_REPORT}/{member}"),
         }
     }
 
@@ -120,6 +128,7 @@ impl ReservedKey {
             RACK => ReservedKey::Rack { member },
             KEY_REPORT => ReservedKey::KeyReport { member },
             DESIRED_KEYRING => ReservedKey::DesiredKeyring { member },
+            GATEWAY_REPORT => ReservedKey::GatewayReport { member },
             _ => return None,
         })
     }
@@ -131,7 +140,8 @@ impl ReservedKey {
             | ReservedKey::Luggage { member, .. }
             | ReservedKey::Rack { member }
             | ReservedKey::KeyReport { member }
-            | ReservedKey::DesiredKeyring { member } => member,
+            | ReservedKey::DesiredKeyring { member }
+            | ReservedKey::GatewayReport { member } => member,
         }
     }
 }
@@ -188,6 +198,9 @@ pub enum ValueError {
     /// member without one).
     #[error("a desired keyring must name at least one key")]
     NoKeys,
+    /// A gateway report whose rack name or address is not valid.
+    #[error("gateway report: {0}")]
+    Report(String),
 }
 
 fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, ValueError> {
@@ -224,17 +237,183 @@ impl Topics {
 
 /// A member's rack (`_rumormill/rack/<member>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rack(pub String);
+pub struct Rack {
+    /// The rack's name.
+    pub name: String,
+    /// The member is a gateway candidate of the rack.
+    pub gateway: bool,
+}
 
 impl Rack {
     /// The stored value.
     pub fn encode(&self) -> Vec<u8> {
-        proto::Rack { name: self.0.clone() }.encode_to_vec()
+        proto::Rack {
+            name: self.name.clone(),
+            gateway: self.gateway,
+        }
+        .encode_to_vec()
     }
 
     /// From a stored value.
     pub fn decode(bytes: &[u8]) -> Result<Rack, ValueError> {
-        decode::<proto::Rack>("Rack", bytes).map(|m| Rack(m.name))
+        decode::<proto::Rack>("Rack", bytes).map(|m| Rack {
+            name: m.name,
+            gateway: m.gateway,
+        })
+    }
+}
+
+/// What a rack's active gateway reports of its rack
+/// (`_rumormill/gateway/<member>`): written when it is elected, when the
+/// rack's membership changes and now and then, so that every member of
+/// every rack knows each rack's gateway and members, and how old that news
+/// is. The gateway of a rack is the writer of its highest-term active report.
+///
+/// ```
+/// use rumormill_core::reserved::GatewayReport;
+/// let r = GatewayReport {
+///     rack: "eu-1".into(),
+///     term: 3,
+///     addr: "10.0.0.1:7946".parse().unwrap(),
+///     wall_ms: 1_800_000_000_000,
+///     members: Vec::new(),
+///     candidates: Vec::new(),
+///     active: true,
+/// };
+/// assert_eq!(GatewayReport::decode(&r.encode()), Ok(r));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayReport {
+    /// The rack.
+    pub rack: String,
+    /// The Raft term in which the writer leads (or led) the rack.
+    pub term: u64,
+    /// Where the other racks' gateways reach the writer.
+    pub addr: std::net::SocketAddr,
+    /// The writer's wall clock when it wrote, in Unix milliseconds.
+    pub wall_ms: u64,
+    /// The rack's members as the writer sees them (itself included).
+    pub members: Vec<RackMember>,
+    /// The rack's gateway candidates and their Raft roles.
+    pub candidates: Vec<RackCandidate>,
+    /// False once the writer stepped down.
+    pub active: bool,
+}
+
+/// One member of a rack in a [`GatewayReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RackMember {
+    /// The member's name.
+    pub name: String,
+    /// Its state as the gateway sees it.
+    pub state: crate::MemberState,
+    /// Its boot epoch.
+    pub epoch: u64,
+    /// Its incarnation.
+    pub incarnation: u32,
+}
+
+/// One gateway candidate of a rack in a [`GatewayReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RackCandidate {
+    /// The candidate's name.
+    pub name: String,
+    /// Its Raft role as the gateway last knew it.
+    pub role: crate::racks::RaftRole,
+}
+
+impl GatewayReport {
+    /// The stored value.
+    pub fn encode(&self) -> Vec<u8> {
+        use crate::MemberState as S;
+        use crate::racks::RaftRole as R;
+        proto::GatewayReport {
+            rack: self.rack.clone(),
+            term: self.term,
+            addr: Some(self.addr.into()),
+            wall_ms: self.wall_ms,
+            members: self
+                .members
+                .iter()
+                .map(|m| proto::RackMember {
+                    name: m.name.clone(),
+                    state: match m.state {
+                        S::Alive => 0,
+                        S::Suspect => 1,
+                        S::Failed => 2,
+                        S::Left => 3,
+                    },
+                    epoch: m.epoch,
+                    incarnation: m.incarnation,
+                })
+                .collect(),
+            candidates: self
+                .candidates
+                .iter()
+                .map(|c| proto::RackCandidate {
+                    name: c.name.clone(),
+                    role: match c.role {
+                        R::Unknown => 0,
+                        R::Follower => 1,
+                        R::Candidate => 2,
+                        R::PreCandidate => 3,
+                        R::Leader => 4,
+                    },
+                })
+                .collect(),
+            active: self.active,
+        }
+        .encode_to_vec()
+    }
+
+    /// From a stored value. Members of an unknown state are left out, and
+    /// roles this version does not know read as unknown.
+    pub fn decode(bytes: &[u8]) -> Result<GatewayReport, ValueError> {
+        use crate::MemberState as S;
+        use crate::racks::RaftRole as R;
+        let m: proto::GatewayReport = decode("GatewayReport", bytes)?;
+        crate::racks::check_rack_name(&m.rack).map_err(|e| ValueError::Report(e.to_string()))?;
+        let addr = rumormill_wire::socket_addr(m.addr.as_ref()).map_err(|e| ValueError::Report(e.to_string()))?;
+        Ok(GatewayReport {
+            rack: m.rack,
+            term: m.term,
+            addr,
+            wall_ms: m.wall_ms,
+            members: m
+                .members
+                .into_iter()
+                .filter_map(|r| {
+                    let state = match r.state {
+                        0 => S::Alive,
+                        1 => S::Suspect,
+                        2 => S::Failed,
+                        3 => S::Left,
+                        _ => return None,
+                    };
+                    Some(RackMember {
+                        name: r.name,
+                        state,
+                        epoch: r.epoch,
+                        incarnation: r.incarnation,
+                    })
+                })
+                .collect(),
+            candidates: m
+                .candidates
+                .into_iter()
+                .map(|c| RackCandidate {
+                    name: c.name,
+                    role: match c.role {
+                        1 => R::Follower,
+                        2 => R::Candidate,
+                        3 => R::PreCandidate,
+                        4 => R::Leader,
+                        _ => R::Unknown,
+                    },
+                })
+                .collect(),
+            active: m.active,
+        })
     }
 }
 
@@ -361,7 +540,11 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         let valid = [
             Topics(vec!["a".into(), "b".into()]).encode(),
-            Rack("eu-1".into()).encode(),
+            Rack {
+                name: "eu-1".into(),
+                gateway: true,
+            }
+            .encode(),
             DesiredKeyring {
                 version: 7,
                 ids: vec![1, 2],
@@ -386,6 +569,7 @@ mod tests {
             refused += [
                 Topics::decode(&bytes).is_err(),
                 Rack::decode(&bytes).is_err(),
+                GatewayReport::decode(&bytes).is_err(),
                 KeyReport::decode(&bytes).is_err(),
                 DesiredKeyring::decode(&bytes).is_err(),
             ]
@@ -407,6 +591,7 @@ mod tests {
             ReservedKey::Rack { member: "r".into() },
             ReservedKey::KeyReport { member: "m".into() },
             ReservedKey::DesiredKeyring { member: "m".into() },
+            ReservedKey::GatewayReport { member: "g".into() },
         ];
         for k in all {
             assert_eq!(ReservedKey::parse(&k.key()).as_ref(), Some(&k), "{}", k.key());
@@ -462,7 +647,11 @@ mod tests {
         assert!(t.lists("orders.eu") && !t.lists("orders"));
         let bad = Topics(vec!["ok".into(), "a\nb".into(), String::new()]).encode();
         assert_eq!(Topics::decode(&bad), Ok(Topics(vec!["ok".into()])));
-        assert_eq!(Rack::decode(&Rack("eu-1".into()).encode()), Ok(Rack("eu-1".into())));
+        let rack = Rack {
+            name: "eu-1".into(),
+            gateway: true,
+        };
+        assert_eq!(Rack::decode(&rack.encode()), Ok(rack));
         let r = KeyReport {
             primary: 7,
             installed: vec![7, 9],

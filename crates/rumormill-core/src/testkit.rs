@@ -21,6 +21,13 @@ pub(crate) struct Net {
     pub(crate) log: Vec<(Duration, usize, Notification)>,
     config: Config,
     security: fn() -> Security,
+    /// Each node's rack (index), when the net has racks.
+    pub(crate) racks: Vec<Option<usize>>,
+    /// Candidates per rack, when the net has racks.
+    candidates: usize,
+    /// Packets between nodes of different racks: (when, from, to, whether
+    /// the sender was its rack's active gateway at the time).
+    pub(crate) crossings: Vec<(Duration, usize, usize, bool)>,
 }
 
 pub(crate) fn addr(i: usize) -> SocketAddr {
@@ -46,6 +53,9 @@ impl Net {
             log: Vec::new(),
             config,
             security,
+            racks: Vec::new(),
+            candidates: 0,
+            crossings: Vec::new(),
         };
         for i in 0..n {
             let o = net.spawn(i, addr(i), 1);
@@ -57,8 +67,76 @@ impl Net {
         net
     }
 
+    /// `racks.len()` racks of `racks[r]` members each, the first
+    /// `candidates` of each rack its gateway candidates; each member joins
+    /// its rack's first member.
+    pub(crate) fn with_racks(racks: &[usize], candidates: usize, config: Config) -> Net {
+        let now = Instant::now();
+        let mut net = Net {
+            nodes: Vec::new(),
+            now,
+            start: now,
+            cut: BTreeSet::new(),
+            log: Vec::new(),
+            config,
+            security: || Security::Plaintext,
+            racks: Vec::new(),
+            candidates,
+            crossings: Vec::new(),
+        };
+        for (r, &n) in racks.iter().enumerate() {
+            for _ in 0..n {
+                net.racks.push(Some(r));
+            }
+        }
+        for i in 0..net.racks.len() {
+            let o = net.spawn(i, addr(i), 1);
+            net.nodes.push(Some(o));
+        }
+        for i in 0..net.racks.len() {
+            let first = net.rack_members(net.racks[i].unwrap_or(0))[0];
+            if first != i {
+                let now = net.now;
+                net.node(i).join(now, &[addr(first)]).expect("active");
+            }
+        }
+        net
+    }
+
+    /// The nodes of rack `r`.
+    pub(crate) fn rack_members(&self, r: usize) -> Vec<usize> {
+        (0..self.racks.len()).filter(|&i| self.racks[i] == Some(r)).collect()
+    }
+
+    /// The rack spec of node `i`, if the net has racks.
+    fn rack_spec(&self, i: usize) -> Option<crate::racks::RackSpec> {
+        let r = (*self.racks.get(i)?)?;
+        let members = self.rack_members(r);
+        let spec = crate::racks::RackSpec::new(&format!("r{r}")).expect("a valid rack name");
+        let first = members.iter().position(|&m| m == i)?;
+        if first >= self.candidates {
+            return Some(spec);
+        }
+        // A candidate knows the other racks' candidates.
+        let seeds = (0..self.racks.len())
+            .filter(|&j| self.racks[j].is_some_and(|q| q != r))
+            .filter(|&j| {
+                let q = self.racks[j].unwrap_or(0);
+                self.rack_members(q)
+                    .iter()
+                    .position(|&m| m == j)
+                    .is_some_and(|p| p < self.candidates)
+            })
+            .map(addr)
+            .collect();
+        Some(spec.candidate(self.candidates).with_remote_seeds(seeds))
+    }
+
     fn spawn(&self, i: usize, at: SocketAddr, epoch: u64) -> Overlay {
-        let id = Identity::new(name(i), at, epoch);
+        let mut id = Identity::new(name(i), at, epoch);
+        if let Some(spec) = self.rack_spec(i) {
+            id = id.in_rack(spec);
+        }
         Overlay::new(
             self.config.clone(),
             id,
@@ -80,7 +158,11 @@ impl Net {
     /// joining through node 0.
     pub(crate) fn restart(&mut self, i: usize, epoch: u64, at: SocketAddr) {
         let mut o = self.spawn(i, at, epoch);
-        o.join(self.now, &[addr(0)]).expect("active");
+        let seed = match self.racks.get(i).copied().flatten() {
+            Some(r) => addr(*self.rack_members(r).iter().find(|&&m| m != i).unwrap_or(&0)),
+            None => addr(0),
+        };
+        o.join(self.now, &[seed]).expect("active");
         self.nodes[i] = Some(o);
     }
 
@@ -111,6 +193,12 @@ impl Net {
                 for t in out {
                     moved = true;
                     let Some(j) = self.index_of(t.to) else { continue };
+                    if let (Some(Some(a)), Some(Some(b))) = (self.racks.get(i), self.racks.get(j))
+                        && a != b
+                    {
+                        let gateway = self.nodes[i].as_ref().is_some_and(Overlay::is_active_gateway);
+                        self.crossings.push((self.now - self.start, i, j, gateway));
+                    }
                     if self.cut.contains(&(i, j)) {
                         continue;
                     }
@@ -120,7 +208,7 @@ impl Net {
                     }
                 }
             }
-            self.collect_events();
+            moved |= self.collect_events();
             if !moved {
                 return;
             }
@@ -128,15 +216,24 @@ impl Net {
         panic!("packets kept flowing for 10,000 rounds at one instant");
     }
 
-    fn collect_events(&mut self) {
+    /// Moves the nodes' notifications into the log; Raft records are
+    /// durable at once. Whether any was.
+    fn collect_events(&mut self) -> bool {
         let at = self.now - self.start;
+        let now = self.now;
+        let mut persisted = false;
         for (i, n) in self.nodes.iter_mut().enumerate() {
             if let Some(o) = n.as_mut() {
                 while let Some(e) = o.poll_notification() {
+                    if let Notification::Raft(r) = &e {
+                        o.raft_persisted(now, r.seq);
+                        persisted = true;
+                    }
                     self.log.push((at, i, e));
                 }
             }
         }
+        persisted
     }
 
     /// Advances time in 10 ms steps, firing due timers and delivering.
@@ -183,7 +280,19 @@ impl Net {
     /// Delivers `envelopes` to node `to` as if sent by a plain-text member
     /// at `from` (a datagram, or one stream frame per envelope).
     pub(crate) fn inject(&mut self, to: usize, from: SocketAddr, kind: FrameKind, envelopes: Vec<Envelope>) {
-        let mut codec = Codec::new(0, u64::from(from.port()) << 8 | 0xfe, 1, 1, Security::Plaintext);
+        self.inject_in(0, to, from, kind, envelopes);
+    }
+
+    /// Like [`Net::inject`], sealed in `scope` (a rack's, see [`rumormill_wire::scope_id`]).
+    pub(crate) fn inject_in(
+        &mut self,
+        scope: u32,
+        to: usize,
+        from: SocketAddr,
+        kind: FrameKind,
+        envelopes: Vec<Envelope>,
+    ) {
+        let mut codec = Codec::new(scope, u64::from(from.port()) << 8 | 0xfe, 1, 1, Security::Plaintext);
         let frames: Vec<Vec<u8>> = match kind {
             FrameKind::Datagram => vec![rumormill_wire::proto::Packet { envelopes }.encode_to_vec()],
             FrameKind::Stream => envelopes.iter().map(rumormill_wire::encode_envelope).collect(),

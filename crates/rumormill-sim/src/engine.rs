@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rumormill_core::keys::KeyringRecord;
+use rumormill_core::racks::{RackSpec, RaftRecord};
 use rumormill_core::{
     Config, FrameKind, Identity, Keyring, MemberInfo, Notification, Overlay, Security, Transmit, WallTime,
 };
@@ -73,6 +74,9 @@ pub trait SimNode {
     fn poll_notification(&mut self) -> Option<Notification>;
     /// The next wake-up.
     fn poll_timeout(&self) -> Option<Instant>;
+    /// A Raft record it handed out is durable (the simulator keeps records
+    /// in memory: at once).
+    fn raft_persisted(&mut self, _now: Instant, _seq: u64) {}
 }
 
 impl SimNode for Overlay {
@@ -91,6 +95,9 @@ impl SimNode for Overlay {
     fn poll_timeout(&self) -> Option<Instant> {
         Overlay::poll_timeout(self)
     }
+    fn raft_persisted(&mut self, now: Instant, seq: u64) {
+        Overlay::raft_persisted(self, now, seq);
+    }
 }
 
 struct Slot<N> {
@@ -101,6 +108,11 @@ struct Slot<N> {
     keys: Vec<Vec<u8>>,
     /// The wake-up currently scheduled for this node, if any.
     timer: Option<Nanos>,
+    /// The member's rack, given to it at every start.
+    rack: Option<RackSpec>,
+    /// The latest Raft record the member handed out: its durable Raft
+    /// state, restored at its next start.
+    raft: Option<RaftRecord>,
 }
 
 /// Traffic counted by the engine as it leaves the senders.
@@ -220,10 +232,24 @@ impl Simulation<Overlay> {
                 epoch: 1,
                 keys: keys.clone(),
                 timer: None,
+                rack: None,
+                raft: None,
             });
             sim.start(i);
         }
         sim
+    }
+
+    /// Member `i`'s rack from its next start on (see [`Identity::in_rack`]).
+    pub fn set_rack(&mut self, i: usize, rack: RackSpec) {
+        self.slots[i].rack = Some(rack);
+    }
+
+    /// Starts member `i` again (after [`Simulation::set_rack`], say) under
+    /// the same epoch and address: for building an overlay of racks.
+    pub fn start_again(&mut self, i: usize) {
+        self.kill(i);
+        self.start(i);
     }
 
     /// The keys member `i` starts with from its next restart on, primary
@@ -235,7 +261,10 @@ impl Simulation<Overlay> {
     fn start(&mut self, i: usize) {
         let Some(config) = self.config.clone() else { return };
         let slot = &self.slots[i];
-        let id = Identity::new(member_name(i), slot.addr, slot.epoch);
+        let mut id = Identity::new(member_name(i), slot.addr, slot.epoch);
+        if let Some(rack) = slot.rack.clone() {
+            id = id.in_rack(rack);
+        }
         let seed = self.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ slot.epoch.rotate_left(32);
         let security = match slot.keys.split_first() {
             None => Security::Plaintext,
@@ -255,6 +284,11 @@ impl Simulation<Overlay> {
         let encrypted = !slot.keys.is_empty();
         let now = self.instant();
         let mut o = Overlay::new(config, id, security, seed, now);
+        if let Some(record) = &self.slots[i].raft
+            && let Err(e) = o.restore_raft(record)
+        {
+            panic!("member {i}: its own Raft record does not restore: {e}");
+        }
         if encrypted {
             // A fresh start: the keys given, and the key report out.
             let _ = o.restore_keyring(now, self.wall(), &KeyringRecord::default());
@@ -355,6 +389,8 @@ impl<N: SimNode> Simulation<N> {
                 epoch: 1,
                 keys: Vec::new(),
                 timer: None,
+                rack: None,
+                raft: None,
             });
             sim.reschedule(i);
         }
@@ -488,11 +524,29 @@ impl<N: SimNode> Simulation<N> {
             return;
         };
         let mut out = Vec::new();
-        while let Some(t) = o.poll_transmit() {
-            out.push(t);
+        let now = self.base + Duration::from_nanos(self.now);
+        let mut raft = None;
+        loop {
+            while let Some(t) = o.poll_transmit() {
+                out.push(t);
+            }
+            let mut persisted = false;
+            while let Some(e) = o.poll_notification() {
+                // Raft records are durable at once (kept for a restart):
+                // the messages that waited for them leave now.
+                if let Notification::Raft(r) = &e {
+                    o.raft_persisted(now, r.seq);
+                    raft = Some(r.clone());
+                    persisted = true;
+                }
+                self.events.push((self.now, i, e));
+            }
+            if !persisted {
+                break;
+            }
         }
-        while let Some(e) = o.poll_notification() {
-            self.events.push((self.now, i, e));
+        if raft.is_some() {
+            self.slots[i].raft = raft;
         }
         for t in out {
             self.traffic.packets += 1;

@@ -38,6 +38,9 @@ pub enum WireError {
         /// The id in the packet.
         got: u32,
     },
+    /// A packet was to be sealed in a scope the codec does not accept.
+    #[error("scope {0:#010x} is not accepted by this codec")]
+    ScopeNotAccepted(u32),
     /// A plain-text packet reached an encrypted overlay.
     #[error("plain-text packet rejected: this overlay is encrypted")]
     PlaintextRejected,

@@ -26,7 +26,8 @@ use crate::keyring::KeyId;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderFilter {
-    overlay_id: u32,
+    /// The scopes accepted (overlay ids in the header), the home scope first.
+    scopes: Vec<u32>,
     /// `None` on a plain-text overlay; else the installed keys and their
     /// cipher suites.
     keys: Option<Vec<(KeyId, u8)>>,
@@ -35,16 +36,29 @@ pub struct HeaderFilter {
 impl HeaderFilter {
     /// A filter for a plain-text overlay: suite 0, key id 0.
     pub fn plaintext(overlay_id: u32) -> HeaderFilter {
-        HeaderFilter { overlay_id, keys: None }
+        HeaderFilter {
+            scopes: vec![overlay_id],
+            keys: None,
+        }
     }
 
     /// A filter for an encrypted overlay with these installed keys, each
     /// with its cipher suite id.
     pub fn encrypted(overlay_id: u32, keys: Vec<(KeyId, u8)>) -> HeaderFilter {
         HeaderFilter {
-            overlay_id,
+            scopes: vec![overlay_id],
             keys: Some(keys),
         }
+    }
+
+    /// The same filter accepting these scopes as well (see [`crate::Codec::accept_scope`]).
+    pub fn with_scopes(mut self, scopes: &[u32]) -> HeaderFilter {
+        for &s in scopes {
+            if !self.scopes.contains(&s) {
+                self.scopes.push(s);
+            }
+        }
+        self
     }
 
     /// Checks the header at the start of `head` (at least [`HEADER_LEN`]
@@ -58,9 +72,9 @@ impl HeaderFilter {
         }
         let header = Header::decode(head)?;
         header.expect_kind(kind)?;
-        if header.overlay_id != self.overlay_id {
+        if !self.scopes.contains(&header.overlay_id) {
             return Err(WireError::WrongOverlay {
-                expected: self.overlay_id,
+                expected: self.scopes[0],
                 got: header.overlay_id,
             });
         }
@@ -114,6 +128,8 @@ mod tests {
             encrypted(8, &key),
             Codec::new(7, 10, 1, 0x1a, Security::Plaintext),
             Codec::new(8, 10, 1, 0x1b, Security::Plaintext),
+            encrypted(crate::scope_id(7, "cross"), &key),
+            encrypted(crate::scope_id(7, "rack/a"), &key),
         ];
         let mut packets = Vec::new();
         for s in &mut senders {
@@ -144,6 +160,13 @@ mod tests {
         let mut two = encrypted(7, &[6u8; 16]);
         two.with_keyring(|r| r.install(&key)).unwrap();
         receivers.push((two, 0));
+        // A gateway: its rack's scope and the cross scope.
+        let mut gateway = encrypted(crate::scope_id(7, "rack/b"), &key);
+        gateway.accept_scope(crate::scope_id(7, "cross"));
+        receivers.push((gateway, 0));
+        let mut plain_gateway = Codec::new(7, 12, 1, 0x1d, Security::Plaintext);
+        plain_gateway.accept_scope(8);
+        receivers.push((plain_gateway, 0));
         let mut passed = 0;
         for (receiver, opened) in &mut receivers {
             let filter = receiver.header_filter();

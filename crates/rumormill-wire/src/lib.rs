@@ -65,3 +65,27 @@ pub fn overlay_id(name: &str) -> u32 {
         .finalize();
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
+
+/// The scope id of one part of an overlay, carried in the header's overlay
+/// id field in place of the overlay id: `scope_id(overlay, "rack/eu-1")` for
+/// the traffic inside rack `eu-1`, `scope_id(overlay, "cross")` for the
+/// traffic between racks' gateways. It is mixed into the subkey like an
+/// overlay id, so a member that does not accept a scope refuses its packets
+/// at the header, before any decryption.
+///
+/// ```
+/// use rumormill_wire::{overlay_id, scope_id};
+/// let o = overlay_id("default");
+/// assert_ne!(scope_id(o, "rack/a"), scope_id(o, "rack/b"));
+/// assert_ne!(scope_id(o, "cross"), o);
+/// assert_ne!(scope_id(o, "cross"), scope_id(overlay_id("other"), "cross"));
+/// ```
+pub fn scope_id(overlay_id: u32, scope: &str) -> u32 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"rumormill scope id\0")
+        .chain_update(overlay_id.to_be_bytes())
+        .chain_update(scope.as_bytes())
+        .finalize();
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}

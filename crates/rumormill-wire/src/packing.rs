@@ -91,6 +91,11 @@ impl PacketBuilder {
         self.size
     }
 
+    /// The envelopes packed, to wrap them in another message.
+    pub fn into_envelopes(self) -> Vec<Envelope> {
+        self.packet.envelopes
+    }
+
     /// The encoded body.
     pub fn finish(self) -> Vec<u8> {
         self.packet.encode_to_vec()

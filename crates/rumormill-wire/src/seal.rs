@@ -31,6 +31,13 @@ pub struct Opened {
     pub body: Vec<u8>,
 }
 
+impl Opened {
+    /// The scope the packet was sealed and opened in (the header's overlay id).
+    pub fn scope(&self) -> u32 {
+        self.header.overlay_id
+    }
+}
+
 /// Seals outgoing and opens incoming packets of one member of one overlay.
 ///
 /// Nonces never repeat under one key: each sender seals with a subkey derived
@@ -40,14 +47,37 @@ pub struct Opened {
 /// codec a fresh random salt (64 bits from the operating system), and a lost
 /// or copied epoch, or two members with one name, still seal under different
 /// subkeys. Receivers reject replays with a [`ReplayGuard`].
+///
+/// A codec may accept several *scopes* (overlay ids in the header: a
+/// rack's and the one between racks, see [`crate::scope_id`]). The scope is
+/// mixed into the subkey like the overlay id, so a packet sealed in one
+/// scope opens in no other; the counter and the replay window are the
+/// sender life's, shared by every scope, so nonces never repeat across
+/// scopes either.
+///
+/// ```
+/// use rumormill_wire::{Codec, FrameKind, Keyring, Security, scope_id};
+/// let (home, cross) = (scope_id(7, "rack/a"), scope_id(7, "cross"));
+/// let ring = || Security::Encrypted(Keyring::new(&[1u8; 32]).unwrap());
+/// let mut gateway = Codec::new(home, 1, 1, 0x11, ring());
+/// gateway.accept_scope(cross);
+/// let mut other = Codec::new(scope_id(7, "rack/b"), 2, 1, 0x12, ring());
+/// other.accept_scope(cross);
+/// let p = gateway.seal_in(cross, FrameKind::Datagram, b"across")?;
+/// assert_eq!(other.open(FrameKind::Datagram, &p)?.scope(), cross);
+/// let q = gateway.seal(FrameKind::Datagram, b"at home")?;
+/// assert!(other.open(FrameKind::Datagram, &q).is_err(), "rack a's scope is not b's");
+/// # Ok::<(), rumormill_wire::WireError>(())
+/// ```
 pub struct Codec {
-    overlay_id: u32,
+    /// The scopes accepted; the first is the home scope, which `seal` uses.
+    scopes: Vec<u32>,
     sender_id: u64,
     epoch: u64,
     salt: u64,
     security: Security,
     counter: u64,
-    own: BTreeMap<KeyId, Box<dyn Cipher>>,
+    own: BTreeMap<(u32, KeyId), Box<dyn Cipher>>,
     peers: BTreeMap<SubkeyId, Box<dyn Cipher>>,
     replay: ReplayGuard,
 }
@@ -55,7 +85,7 @@ pub struct Codec {
 impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Codec")
-            .field("overlay_id", &self.overlay_id)
+            .field("scopes", &self.scopes)
             .field("sender_id", &self.sender_id)
             .field("epoch", &self.epoch)
             .field("salt", &self.salt)
@@ -77,7 +107,7 @@ impl Codec {
     /// whenever packets are sealed (see the type's documentation).
     pub fn new(overlay_id: u32, sender_id: u64, epoch: u64, salt: u64, security: Security) -> Codec {
         Codec {
-            overlay_id,
+            scopes: vec![overlay_id],
             sender_id,
             epoch,
             salt,
@@ -86,6 +116,33 @@ impl Codec {
             own: BTreeMap::new(),
             peers: BTreeMap::new(),
             replay: ReplayGuard::default(),
+        }
+    }
+
+    /// The home scope: the overlay id given to [`Codec::new`], which
+    /// [`Codec::seal`] seals in.
+    pub fn scope(&self) -> u32 {
+        self.scopes[0]
+    }
+
+    /// Every scope accepted, the home scope first.
+    pub fn scopes(&self) -> &[u32] {
+        &self.scopes
+    }
+
+    /// Accepts (and may seal in) one more scope.
+    pub fn accept_scope(&mut self, scope: u32) {
+        if !self.scopes.contains(&scope) {
+            self.scopes.push(scope);
+        }
+    }
+
+    /// No longer accepts `scope` (the home scope is always accepted).
+    pub fn refuse_scope(&mut self, scope: u32) {
+        if let Some(i) = self.scopes.iter().skip(1).position(|&s| s == scope) {
+            self.scopes.remove(i + 1);
+            self.own.retain(|(s, _), _| *s != scope);
+            self.peers.retain(|slot, _| slot.scope != scope);
         }
     }
 
@@ -124,7 +181,7 @@ impl Codec {
         let out = f(ring)?;
         // Drop cached ciphers of keys that are gone.
         let installed: Vec<KeyId> = ring.list().iter().map(|k| k.id).collect();
-        self.own.retain(|id, _| installed.contains(id));
+        self.own.retain(|(_, id), _| installed.contains(id));
         self.peers.retain(|slot, _| installed.contains(&slot.key_id));
         Ok(out)
     }
@@ -134,19 +191,29 @@ impl Codec {
     /// with the keyring: take a new one after every keyring change.
     pub fn header_filter(&self) -> HeaderFilter {
         match &self.security {
-            Security::Plaintext => HeaderFilter::plaintext(self.overlay_id),
+            Security::Plaintext => HeaderFilter::plaintext(self.scope()),
             Security::Encrypted(ring) => HeaderFilter::encrypted(
-                self.overlay_id,
+                self.scope(),
                 ring.list()
                     .iter()
                     .filter_map(|k| ring.get(k.id).map(|e| (k.id, e.suite.id())))
                     .collect(),
             ),
         }
+        .with_scopes(&self.scopes)
     }
 
-    /// Seals `body` as a datagram or stream frame.
+    /// Seals `body` as a datagram or stream frame in the home scope.
     pub fn seal(&mut self, kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, WireError> {
+        self.seal_in(self.scope(), kind, body)
+    }
+
+    /// Seals `body` as a datagram or stream frame in `scope`, one of the
+    /// scopes accepted.
+    pub fn seal_in(&mut self, scope: u32, kind: FrameKind, body: &[u8]) -> Result<Vec<u8>, WireError> {
+        if !self.scopes.contains(&scope) {
+            return Err(WireError::ScopeNotAccepted(scope));
+        }
         let counter = self.counter;
         self.counter = counter.checked_add(1).ok_or(WireError::NonceExhausted)?;
         let (suite, key_id) = match &self.security {
@@ -160,7 +227,7 @@ impl Codec {
         let header = Header {
             suite,
             kind,
-            overlay_id: self.overlay_id,
+            overlay_id: scope,
             key_id,
             sender_id: self.sender_id,
             epoch: self.epoch,
@@ -171,23 +238,27 @@ impl Codec {
         out.extend_from_slice(&header.encode());
         out.extend_from_slice(body);
         if let Security::Encrypted(ring) = &self.security {
-            if !self.own.contains_key(&key_id) {
-                let c = derive(ring, self.overlay_id, self.subkey_id(key_id))?;
-                self.own.insert(key_id, c);
+            if !self.own.contains_key(&(scope, key_id)) {
+                let c = derive(ring, self.subkey_id(scope, key_id))?;
+                self.own.insert((scope, key_id), c);
             }
-            let cipher = self.own.get(&key_id).ok_or(WireError::KeyNotInstalled(key_id))?;
+            let cipher = self
+                .own
+                .get(&(scope, key_id))
+                .ok_or(WireError::KeyNotInstalled(key_id))?;
             cipher.seal(&nonce(counter), &mut out, HEADER_LEN)?;
         }
         Ok(out)
     }
 
-    /// Checks and opens a received packet of the expected kind.
+    /// Checks and opens a received packet of the expected kind, in any of
+    /// the scopes accepted ([`Opened::scope`] says which).
     pub fn open(&mut self, kind: FrameKind, packet: &[u8]) -> Result<Opened, WireError> {
         let header = Header::decode(packet)?;
         header.expect_kind(kind)?;
-        if header.overlay_id != self.overlay_id {
+        if !self.scopes.contains(&header.overlay_id) {
             return Err(WireError::WrongOverlay {
-                expected: self.overlay_id,
+                expected: self.scope(),
                 got: header.overlay_id,
             });
         }
@@ -224,7 +295,7 @@ impl Codec {
             None => {
                 // Cache the subkey only once a packet authenticated under it,
                 // so forged headers cannot evict the ciphers of real peers.
-                let cipher = derive(ring, self.overlay_id, slot)?;
+                let cipher = derive(ring, slot)?;
                 cipher.open(&nonce(header.counter), &mut buf, HEADER_LEN)?;
                 if self.peers.len() >= MAX_CACHED_PEER_CIPHERS {
                     self.peers.pop_first();
@@ -238,10 +309,11 @@ impl Codec {
     }
 }
 
-/// What a subkey is derived from, besides the overlay key and id: one per
+/// What a subkey is derived from, besides the overlay key: one per scope,
 /// key and sender life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct SubkeyId {
+    scope: u32,
     key_id: KeyId,
     sender_id: u64,
     epoch: u64,
@@ -251,6 +323,7 @@ struct SubkeyId {
 impl SubkeyId {
     fn of(h: &Header) -> SubkeyId {
         SubkeyId {
+            scope: h.overlay_id,
             key_id: h.key_id,
             sender_id: h.sender_id,
             epoch: h.epoch,
@@ -260,8 +333,9 @@ impl SubkeyId {
 }
 
 impl Codec {
-    fn subkey_id(&self, key_id: KeyId) -> SubkeyId {
+    fn subkey_id(&self, scope: u32, key_id: KeyId) -> SubkeyId {
         SubkeyId {
+            scope,
             key_id,
             sender_id: self.sender_id,
             epoch: self.epoch,
@@ -270,15 +344,16 @@ impl Codec {
     }
 }
 
-/// HKDF-SHA256 over the overlay key, with (overlay id, key id, sender id,
-/// epoch, salt) as info: a distinct subkey for every sender life in every
-/// overlay, so counter nonces never collide — not even for a member that
-/// uses one key in two overlays, lost its epoch, or shares its name.
-fn derive(ring: &Keyring, overlay: u32, id: SubkeyId) -> Result<Box<dyn Cipher>, WireError> {
+/// HKDF-SHA256 over the overlay key, with (overlay id or scope, key id,
+/// sender id, epoch, salt) as info: a distinct subkey for every sender life
+/// in every overlay and scope, so counter nonces never collide — not even
+/// for a member that uses one key in two overlays, lost its epoch, or
+/// shares its name.
+fn derive(ring: &Keyring, id: SubkeyId) -> Result<Box<dyn Cipher>, WireError> {
     let entry = ring.get(id.key_id).ok_or(WireError::KeyNotInstalled(id.key_id))?;
     let hk = Hkdf::<Sha256>::new(Some(b"rumormill v2 subkey"), &entry.secret);
     let mut info = [0u8; 32];
-    info[..4].copy_from_slice(&overlay.to_be_bytes());
+    info[..4].copy_from_slice(&id.scope.to_be_bytes());
     info[4..8].copy_from_slice(&id.key_id.to_be_bytes());
     info[8..16].copy_from_slice(&id.sender_id.to_be_bytes());
     info[16..24].copy_from_slice(&id.epoch.to_be_bytes());
@@ -458,5 +533,86 @@ mod tests {
             receiver.open(FrameKind::Datagram, &forged),
             Err(WireError::Authentication)
         );
+    }
+
+    #[test]
+    fn a_packet_sealed_in_one_scope_opens_in_no_other() {
+        let ring = || Security::Encrypted(Keyring::new(&[5; 32]).unwrap());
+        let (a, b, cross) = (
+            crate::scope_id(7, "rack/a"),
+            crate::scope_id(7, "rack/b"),
+            crate::scope_id(7, "cross"),
+        );
+        let mut gateway = Codec::new(a, 1, 1, 1, ring());
+        gateway.accept_scope(cross);
+        let mut in_b = Codec::new(b, 2, 1, 2, ring());
+        let mut other_gateway = Codec::new(b, 3, 1, 3, ring());
+        other_gateway.accept_scope(cross);
+        let home = gateway.seal(FrameKind::Datagram, b"x").unwrap();
+        let across = gateway.seal_in(cross, FrameKind::Datagram, b"y").unwrap();
+        assert!(matches!(
+            in_b.open(FrameKind::Datagram, &home),
+            Err(WireError::WrongOverlay { .. })
+        ));
+        assert!(matches!(
+            in_b.open(FrameKind::Datagram, &across),
+            Err(WireError::WrongOverlay { .. })
+        ));
+        assert!(matches!(
+            other_gateway.open(FrameKind::Datagram, &home),
+            Err(WireError::WrongOverlay { .. })
+        ));
+        assert_eq!(other_gateway.open(FrameKind::Datagram, &across).unwrap().scope(), cross);
+        // Relabelling a rack packet as cross-scope: the subkey differs, so it
+        // does not authenticate.
+        let mut relabelled = gateway.seal(FrameKind::Datagram, b"z").unwrap();
+        relabelled[4..8].copy_from_slice(&cross.to_be_bytes());
+        assert_eq!(
+            other_gateway.open(FrameKind::Datagram, &relabelled),
+            Err(WireError::Authentication)
+        );
+        // A scope refused again is closed, for sealing and opening.
+        other_gateway.refuse_scope(cross);
+        let again = gateway.seal_in(cross, FrameKind::Datagram, b"w").unwrap();
+        assert!(matches!(
+            other_gateway.open(FrameKind::Datagram, &again),
+            Err(WireError::WrongOverlay { .. })
+        ));
+        assert_eq!(
+            other_gateway.seal_in(cross, FrameKind::Datagram, b"v"),
+            Err(WireError::ScopeNotAccepted(cross))
+        );
+        other_gateway.refuse_scope(b);
+        assert_eq!(other_gateway.scopes(), &[b], "the home scope stays");
+    }
+
+    #[test]
+    fn nonces_never_repeat_across_scopes() {
+        let ring = || Security::Encrypted(Keyring::new(&[5; 32]).unwrap());
+        let (home, cross) = (crate::scope_id(7, "rack/a"), crate::scope_id(7, "cross"));
+        let mut sender = Codec::new(home, 1, 1, 1, ring());
+        sender.accept_scope(cross);
+        let mut receiver = Codec::new(crate::scope_id(7, "rack/a"), 2, 1, 2, ring());
+        receiver.accept_scope(cross);
+        let mut counters = std::collections::BTreeSet::new();
+        let mut sealed = Vec::new();
+        for i in 0..200u32 {
+            let scope = if i % 3 == 0 { cross } else { home };
+            let kind = if i % 2 == 0 {
+                FrameKind::Datagram
+            } else {
+                FrameKind::Stream
+            };
+            let p = sender.seal_in(scope, kind, &i.to_be_bytes()).unwrap();
+            let h = Header::decode(&p).unwrap();
+            assert!(counters.insert(h.counter), "counter {} used twice", h.counter);
+            sealed.push((kind, p));
+        }
+        // One replay window per sender life: a packet replayed in the
+        // other scope's label is still a replay, or fails authentication.
+        for (kind, p) in &sealed {
+            receiver.open(*kind, p).unwrap();
+            assert_eq!(receiver.open(*kind, p), Err(WireError::Replay { sender: 1 }));
+        }
     }
 }

@@ -79,6 +79,9 @@ pub enum AgentError {
     /// The topic is one of the agent's local ones.
     #[error("topic {0:?} is the agent's own: it cannot be published")]
     LocalTopic(String),
+    /// A rack name that breaks the rules (the message says which).
+    #[error("{0}")]
+    InvalidRack(String),
     /// The topic's name is invalid (the message says why).
     #[error("{0}")]
     InvalidTopic(String),
@@ -93,9 +96,7 @@ pub enum AgentError {
     AlreadyLeft(String),
     /// The overlay did not start at the agent's start: a record it needs
     /// does not decode (the message says which, and what to do).
-    #[error(
-        "overlay {overlay:?} did not start: {reason}; `join` starts it with an empty de-duplication window (events delivered before may be delivered again), `delete` forgets it"
-    )]
+    #[error("overlay {overlay:?} did not start: {reason}")]
     NotStarted {
         /// The overlay.
         overlay: String,
@@ -196,6 +197,67 @@ pub struct MemberRow {
     /// Rack, when the member announced one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rack: Option<String>,
+    /// Whether this is the local member.
+    pub local: bool,
+}
+
+/// One rack as this member knows it (`GET …/racks`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RackRow {
+    /// The rack's name.
+    pub name: String,
+    /// Its active gateway, when one is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The gateway's Raft term (0: no gateway known).
+    pub term: u64,
+    /// The gateway candidates and their Raft roles (`leader`, `follower`,
+    /// `candidate`, `pre-candidate`, `unknown`).
+    pub candidates: Vec<CandidateRow>,
+    /// Members alive.
+    pub alive: usize,
+    /// Members suspect.
+    pub suspect: usize,
+    /// Members failed.
+    pub failed: usize,
+    /// Seconds since the rack was last heard from (its gateway's latest
+    /// report; 0 for this member's own rack), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_s: Option<f64>,
+    /// Whether this is the local member's rack.
+    pub local: bool,
+}
+
+/// A gateway candidate of a rack.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct CandidateRow {
+    /// Member name.
+    pub name: String,
+    /// Its Raft role, as known here.
+    pub role: String,
+}
+
+/// A member of any rack (`GET …/members?rack=R` or `?all_racks=true`):
+/// those of this member's rack as it sees them, those of other racks as
+/// their gateway reports them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RackMemberRow {
+    /// Name.
+    pub name: String,
+    /// Its rack (none for a member that announced none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    /// `alive`, `suspect`, `failed` or `left`: seen here for this member's
+    /// rack, as the gateway reports it for the others.
+    pub state: String,
+    /// Gossip address (members of this member's rack only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub addr: Option<SocketAddr>,
+    /// Age in seconds of the gateway report that gave the state (members
+    /// of other racks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_age_s: Option<f64>,
     /// Whether this is the local member.
     pub local: bool,
 }
@@ -459,6 +521,8 @@ pub(crate) enum SlotState {
 /// An overlay that did not start (see [`SlotState::Failed`]).
 pub(crate) struct NotStarted {
     record: OverlayRecord,
+    /// The table of the record that does not decode.
+    table: &'static str,
     reason: String,
 }
 
@@ -660,10 +724,18 @@ impl<N: Net> Agent<N> {
                     key,
                     reason,
                 })) => {
+                    let advice = if table == crate::persist::RAFT_TABLE {
+                        // Never a blank Raft state in its place: this
+                        // candidate could vote twice in a term.
+                        "without it this gateway candidate could vote twice in one Raft term: restore the data directory from a backup, or `delete` the overlay and create it again"
+                    } else {
+                        "`join` starts it with an empty de-duplication window (events delivered before may be delivered again), `delete` forgets it"
+                    };
                     let failed = NotStarted {
                         record: rec,
+                        table,
                         reason: format!(
-                            "its record {table}/{key} in {} does not decode ({reason})",
+                            "its record {table}/{key} in {} does not decode ({reason}); {advice}",
                             path.display()
                         ),
                     };
@@ -786,10 +858,32 @@ impl<N: Net> Agent<N> {
         let seed = rand::random::<u64>();
         let restore = self.prepare_restore(&name, &rec.topics)?;
         let keyring = crate::keyring::keyring_of(&rec);
+        let rack = spec.rack_spec(self.remote_seeds(&spec).await)?;
+        if let Some(warning) = spec.candidates_warning() {
+            tracing::warn!(overlay = %name, "{warning}");
+        }
+        let raft = match (&rack, self.db.raft(&name)?) {
+            (Some(r), Some(record)) if r.gateway => Some(record),
+            (_, Some(_)) => {
+                tracing::warn!(overlay = %name, "a Raft record is kept but this member is no gateway candidate now: not used");
+                None
+            }
+            (_, None) => None,
+        };
         let handle = Driver::start(self.net.clone(), options, move |addr| {
             let now = tokio::time::Instant::now().into_std();
-            let identity = Identity::new(identity_name, addr, epoch);
+            let mut identity = Identity::new(identity_name, addr, epoch);
+            if let Some(r) = rack {
+                identity = identity.in_rack(r);
+            }
             let mut overlay = Overlay::with_overlay_id(config, identity, security, seed, now, overlay_id);
+            if let Some(record) = &raft {
+                // Before the first input: the candidate's term and vote
+                // come back before it can vote again.
+                if let Err(e) = overlay.restore_raft(record) {
+                    tracing::error!(member = %overlay.name(), error = %e, "the kept Raft record was refused");
+                }
+            }
             restore.apply(&mut overlay, now);
             if let Some(k) = &keyring {
                 // The report goes out; a refusal (a key of another length
@@ -805,12 +899,6 @@ impl<N: Net> Agent<N> {
             source,
         })?;
         tracing::info!(overlay = %name, member = %rec.member, addr = %handle.addr(), epoch, "overlay started");
-        if let Some(rack) = spec.rack.clone() {
-            let key = rack_key(&rec.member);
-            let _ = handle
-                .call(move |o, now| o.put(now, wall(), &key, rumormill_core::reserved::Rack(rack).encode()))
-                .await;
-        }
         let topics = Arc::new(std::sync::Mutex::new(rec.topics.clone()));
         let mut running = Running {
             record: rec,
@@ -830,6 +918,24 @@ impl<N: Net> Agent<N> {
             wait_for_store(&name, &running.handle, events).await;
         }
         Ok(running)
+    }
+
+    /// The addresses of `remote_seeds`, DNS names resolved once (one that
+    /// does not resolve is left out, with a warning).
+    async fn remote_seeds(&self, spec: &OverlaySpec) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for seed in spec.remote_seeds.iter().filter_map(|s| config::parse_seed(s).ok()) {
+            match seed {
+                Seed::Addr(a) => out.push(a),
+                Seed::Dns(host, port) => match self.net.resolve(&host, port).await {
+                    Ok(addrs) => out.extend(addrs),
+                    Err(e) => {
+                        tracing::warn!(overlay = %spec.name, seed = %host, error = %e, "remote seed not resolved")
+                    }
+                },
+            }
+        }
+        out
     }
 
     /// Seeds (joined at once, DNS ones re-resolved), saved peers, multicast
@@ -1134,7 +1240,7 @@ impl<N: Net> Agent<N> {
                             .get(&rack_key(&m.name))
                             .filter(|u| rumormill_core::reserved::from_owner(u))
                             .and_then(|u| rumormill_core::reserved::Rack::decode(u.value.as_deref()?).ok())
-                            .map(|r| r.0);
+                            .map(|r| r.name);
                         MemberRow {
                             local: m.name == local.name,
                             name: m.name.to_string(),
@@ -1148,6 +1254,69 @@ impl<N: Net> Agent<N> {
                     .collect::<Vec<_>>()
             })
             .await?;
+        Ok(rows)
+    }
+
+    /// Every rack this member knows, its own first.
+    pub async fn racks(&self, name: &str) -> Result<Vec<RackRow>, AgentError> {
+        let racks = self.call(name, |o, now| o.racks(now)).await?;
+        Ok(racks
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| RackRow {
+                // The core lists this member's own rack first.
+                local: i == 0,
+                name: r.name.to_string(),
+                gateway: r.gateway.map(|g| g.to_string()),
+                term: r.term,
+                candidates: r
+                    .candidates
+                    .into_iter()
+                    .map(|(name, role)| CandidateRow {
+                        name: name.to_string(),
+                        role: role.as_str().into(),
+                    })
+                    .collect(),
+                alive: r.alive,
+                suspect: r.suspect,
+                failed: r.failed,
+                last_heard_s: r.last_heard.map(|d| d.as_secs_f64()),
+            })
+            .collect())
+    }
+
+    /// The members of rack `rack`, or of every rack (`None`): this
+    /// member's rack as seen here, local member first, then the others as
+    /// their gateways report them, by rack and name.
+    pub async fn rack_members(&self, name: &str, rack: Option<String>) -> Result<Vec<RackMemberRow>, AgentError> {
+        if let Some(r) = &rack {
+            rumormill_core::racks::check_rack_name(r).map_err(|e| AgentError::InvalidRack(e.to_string()))?;
+        }
+        let own = self
+            .call(name, |o, now| o.racks(now).first().map(|r| r.name.to_string()))
+            .await?;
+        let mut rows = Vec::new();
+        if rack.is_none() || rack == own {
+            rows.extend(self.members(name).await?.into_iter().map(|m| RackMemberRow {
+                name: m.name,
+                rack: m.rack,
+                state: m.state,
+                addr: Some(m.addr),
+                report_age_s: None,
+                local: m.local,
+            }));
+        }
+        let mut remote = self.call(name, |o, now| o.remote_members(now)).await?;
+        remote.retain(|m| rack.as_deref().is_none_or(|r| *m.rack == *r) && own.as_deref() != Some(&*m.rack));
+        remote.sort_by(|a, b| (&a.rack, &a.name).cmp(&(&b.rack, &b.name)));
+        rows.extend(remote.into_iter().map(|m| RackMemberRow {
+            name: m.name.to_string(),
+            rack: Some(m.rack.to_string()),
+            state: state_name(m.state).into(),
+            addr: None,
+            report_age_s: m.report_age.map(|d| d.as_secs_f64()),
+            local: false,
+        }));
         Ok(rows)
     }
 
@@ -1181,6 +1350,10 @@ impl<N: Net> Agent<N> {
         let SlotState::Failed(f) = &mut *state else {
             return Ok(()); // started, or gone, meanwhile
         };
+        if f.table != crate::persist::DEDUP_TABLE {
+            // Only a de-duplication window may be started afresh.
+            return Err(f.error());
+        }
         self.db
             .write_holding(name, vec![crate::persist::Op::Dedup(Vec::new())], true, ())
             .await?;
@@ -1998,6 +2171,43 @@ pub(crate) mod tests {
         x.join("a", vec![gone_peer()]).await.expect("join starts it");
         assert_eq!(x.overlay("a").await.expect("a").status, "running");
         assert!(x.db.dedup("a").expect("a readable window").is_empty());
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raft_record_that_does_not_decode_stops_its_overlay_and_join_does_not_start_it_blank() {
+        let dir = scratch("spoiled-raft");
+        let candidate = || {
+            let mut s = spec("a", "x", &[]);
+            s.rack = Some("eu".into());
+            s.gateway = true;
+            s.candidates = Some(1);
+            s
+        };
+        let x = start(&dir, vec![candidate(), spec("b", "x", &[])]).await;
+        wait_until("x's Raft record to be saved", 10, async || match x.db.raft("a") {
+            Ok(Some(r)) if r.term() > 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        })
+        .await;
+        x.db.spoil_raft("a");
+        x.shutdown(false).await;
+        drop(x);
+        let x = start(&dir, vec![candidate(), spec("b", "x", &[])]).await;
+        let listing = x.overlays().await;
+        let status: Vec<(&str, &str)> = listing.iter().map(|o| (o.name.as_str(), o.status.as_str())).collect();
+        assert_eq!(status, vec![("a", "stopped"), ("b", "running")]);
+        let error = listing[0].error.clone().unwrap_or_default();
+        assert!(
+            error.starts_with("overlay \"a\" did not start: its record raft/a")
+                && error.contains("could vote twice in one Raft term")
+                && !error.contains('\n'),
+            "{error}"
+        );
+        let refused = x.join("a", vec![gone_peer()]).await;
+        assert!(matches!(refused, Err(AgentError::NotStarted { .. })), "{refused:?}");
+        assert_eq!(x.overlay("a").await.expect("a").status, "stopped");
         x.shutdown(false).await;
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -43,7 +43,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
-use crate::agent::{Agent, AgentError, MemberRow, OverlayStats, OverlaySummary, UpdateRow};
+use crate::agent::{
+    Agent, AgentError, CandidateRow, MemberRow, OverlayStats, OverlaySummary, RackMemberRow, RackRow, UpdateRow,
+};
 use crate::config::OverlaySpec;
 use crate::events::{DeliverySpec, EventRecord, InboxItem, SubscriberReport};
 use crate::keyring::{KeyChange, KeyRow};
@@ -207,12 +209,16 @@ fn status_of(e: &AgentError) -> StatusCode {
         | AgentError::NotStarted { .. }
         | AgentError::Plaintext(_)
         | AgentError::Core(rumormill_core::CoreError::Left) => StatusCode::CONFLICT,
+        // Rack settings that contradict each other, or a rack name outside
+        // its rules: the request itself is wrong.
+        AgentError::Config(crate::config::ConfigError::Rack { .. }) => StatusCode::BAD_REQUEST,
         AgentError::Config(_) => StatusCode::UNPROCESSABLE_ENTITY,
         AgentError::NoAddresses
         | AgentError::Update(_)
         | AgentError::ValueKey(_)
         | AgentError::LocalTopic(_)
         | AgentError::InvalidTopic(_)
+        | AgentError::InvalidRack(_)
         | AgentError::InvalidDelivery(_)
         | AgentError::NothingStored => StatusCode::BAD_REQUEST,
         // The writer's data would be larger than the overlay stores for
@@ -404,14 +410,14 @@ pub struct Health {
         Health and this document need no token; every other read needs the read token or the admin token; \
         changes and the key export need the admin token."),
     paths(
-        health, list_overlays, create_overlay, get_overlay, update_overlay, delete_overlay, members, join, leave,
+        health, list_overlays, create_overlay, get_overlay, update_overlay, delete_overlay, members, racks, join, leave,
         list_updates, get_update, put_update, delete_update, list_keys, install_key, use_key, remove_key, export_keys,
         publish, get_event, read_inbox, events_ws, list_subscriptions, subscribe, unsubscribe, list_luggage, set_luggage,
         delete_luggage
     ),
     components(schemas(
         ErrorBody, JoinRequest, PutRequest, KeyRequest, KeyExport, Health, OverlaySummary, OverlayStats, OverlaySpec,
-        MemberRow, UpdateRow, KeyRow, KeyChange, PublishRequest, InboxItem, EventRecord, SubscriberReport, DeliverySpec,
+        MemberRow, RackMemberRow, MemberList, RackRow, CandidateRow, UpdateRow, KeyRow, KeyChange, PublishRequest, InboxItem, EventRecord, SubscriberReport, DeliverySpec,
         Topics, LuggageRow, crate::config::Limits, crate::config::Profile, crate::config::Timings, crate::config::MulticastSpec
     )),
     modifiers(&BearerAuth)
@@ -470,6 +476,7 @@ pub fn router_with(agent: AgentRef, options: &ApiOptions) -> Result<Router, Stri
         .route("/v1/overlays", get(list_overlays).post(create_overlay))
         .route(o, get(get_overlay).put(update_overlay).delete(delete_overlay))
         .route(&format!("{o}/members"), get(members))
+        .route(&format!("{o}/racks"), get(racks))
         .route(&format!("{o}/join"), post(join))
         .route(&format!("{o}/leave"), post(leave))
         .route(&format!("{o}/updates"), get(list_updates))
@@ -742,11 +749,56 @@ async fn delete_overlay(State(s): State<AppState>, Path(overlay): Path<String>) 
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The members: the local one first, then by name.
-#[utoipa::path(get, path = "/v1/overlays/{overlay}/members", params(("overlay" = String, Path)),
-    responses((status = 200, body = [MemberRow]), (status = 404, body = ErrorBody)))]
-async fn members(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<Vec<MemberRow>>> {
-    Ok(Json(s.agent.members(&overlay).await?))
+/// Which racks a member listing covers.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MembersQuery {
+    /// Only the members of this rack: this member's rack as seen here,
+    /// another as its gateway reports it (rows as `RackMemberRow`).
+    pub rack: Option<String>,
+    /// The members of every rack (rows as `RackMemberRow`).
+    pub all_racks: Option<bool>,
+}
+
+/// A member listing: of this member's rack (or overlay, without racks) as
+/// `MemberRow`s, or of other racks too as `RackMemberRow`s.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MemberList {
+    /// Without `rack` or `all_racks`.
+    Members(Vec<MemberRow>),
+    /// With `rack` or `all_racks=true`.
+    Racks(Vec<RackMemberRow>),
+}
+
+/// The members: the local one first, then by name; with `rack=R` those
+/// of rack R, with `all_racks=true` those of every rack (other racks'
+/// members with the state their gateway reports and the report's age).
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/members", params(("overlay" = String, Path), MembersQuery),
+    responses((status = 200, body = MemberList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn members(
+    State(s): State<AppState>,
+    Path(overlay): Path<String>,
+    q: Result<Query<MembersQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<MemberList>> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    match (q.rack, q.all_racks.unwrap_or(false)) {
+        (Some(_), true) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "rack and all_racks=true are exclusive: give one".into(),
+        )),
+        (None, false) => Ok(Json(MemberList::Members(s.agent.members(&overlay).await?))),
+        (rack, _) => Ok(Json(MemberList::Racks(s.agent.rack_members(&overlay, rack).await?))),
+    }
+}
+
+/// The racks this member knows, its own first: gateway, Raft term,
+/// candidates with their roles, members alive/suspect/failed, and how long
+/// ago each was last heard from. Empty for an overlay without racks.
+#[utoipa::path(get, path = "/v1/overlays/{overlay}/racks", params(("overlay" = String, Path)),
+    responses((status = 200, body = [RackRow]), (status = 404, body = ErrorBody)))]
+async fn racks(State(s): State<AppState>, Path(overlay): Path<String>) -> ApiResult<Json<Vec<RackRow>>> {
+    Ok(Json(s.agent.racks(&overlay).await?))
 }
 
 /// Joins members (after a leave, the overlay restarts first).
@@ -2169,6 +2221,15 @@ mod tests {
         ] {
             assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
         }
+        assert!(paths.contains_key("/v1/overlays/{overlay}/racks"), "racks missing");
+        let params = doc["paths"]["/v1/overlays/{overlay}/members"]["get"]["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for name in ["rack", "all_racks"] {
+            let p = params.iter().find(|p| p["name"] == name);
+            assert_eq!(p.map(|p| p["in"].clone()), Some(json!("query")), "{name}: {params:?}");
+        }
         assert!(doc["components"]["securitySchemes"]["admin_token"].is_object());
         assert!(doc["components"]["securitySchemes"]["read_token"].is_object());
         f.finish().await;
@@ -2288,5 +2349,205 @@ mod tests {
             (404, "the agent does not subscribe to \"nothing\"")
         );
         f.finish().await;
+    }
+}
+
+#[cfg(test)]
+mod racks_tests {
+    //! The racks view through the API: three racks on loopback, one
+    //! candidate each (a Raft group of one elects itself at once).
+    use super::*;
+    use crate::agent::tests::{scratch, spec, start, wait_until};
+    use crate::client::{Client, ClientError};
+    use serde_json::json;
+
+    /// A candidate of `rack` (the only one), knowing `remote` gateways.
+    fn candidate(rack: &str, member: &str, remote: &[SocketAddr]) -> OverlaySpec {
+        let mut s = spec("a", member, &[]);
+        s.rack = Some(rack.into());
+        s.gateway = true;
+        s.candidates = Some(1);
+        s.remote_seeds = remote.iter().map(ToString::to_string).collect();
+        s
+    }
+
+    async fn api(agent: &AgentRef) -> (Client, tokio::task::JoinHandle<()>) {
+        let mut options = ApiOptions::new("127.0.0.1:0".parse().expect("addr"), "sesame".into());
+        options.read_token = Some("reader".into());
+        let (addr, server) = serve_with(agent.clone(), options).await.expect("api");
+        (Client::new(addr, Some("reader".into())), server)
+    }
+
+    /// Waits until `c` lists `racks` racks, each with a gateway.
+    async fn all_gateways(c: &Client, racks: usize) -> Vec<RackRow> {
+        let mut last = Vec::new();
+        wait_until("every rack to show a gateway", 30, async || {
+            last = c.on("a").racks().await.map_err(|e| e.to_string())?;
+            if last.len() == racks && last.iter().all(|r| r.gateway.is_some() && r.term > 0) {
+                Ok(())
+            } else {
+                Err(format!("{last:?}"))
+            }
+        })
+        .await;
+        last
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_racks_show_their_gateways_and_a_restarted_candidate_keeps_its_term() {
+        let dirs = [scratch("racks-eu"), scratch("racks-us"), scratch("racks-ap")];
+        let eu = start(&dirs[0], vec![candidate("eu", "eu-1", &[])]).await;
+        let eu_addr = eu.overlay("a").await.expect("a on eu").addr;
+        let us = start(&dirs[1], vec![candidate("us", "us-1", &[eu_addr])]).await;
+        let us_addr = us.overlay("a").await.expect("a on us").addr;
+        let ap = start(&dirs[2], vec![candidate("ap", "ap-1", &[eu_addr, us_addr])]).await;
+        let (c, server) = api(&ap).await;
+        let racks = all_gateways(&c, 3).await;
+        assert!(racks[0].local && racks[0].name == "ap", "own rack first: {racks:?}");
+        assert_eq!(racks[0].gateway.as_deref(), Some("ap-1"));
+        assert_eq!(
+            racks[0].candidates,
+            vec![CandidateRow {
+                name: "ap-1".into(),
+                role: "leader".into()
+            }]
+        );
+        assert!(
+            racks.iter().skip(1).all(|r| !r.local && r.last_heard_s.is_some()),
+            "{racks:?}"
+        );
+
+        // Members of other racks come from their gateways' reports.
+        wait_until("ap to list eu's member from eu's report", 30, async || {
+            let rows = c.on("a").rack_members(Some("eu")).await.map_err(|e| e.to_string())?;
+            match rows.as_slice() {
+                [m] if m.name == "eu-1" && m.state == "alive" && m.report_age_s.is_some() && m.addr.is_none() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let all = c.on("a").rack_members(None).await.expect("all racks");
+        let names: Vec<(&str, Option<&str>)> = all.iter().map(|m| (m.name.as_str(), m.rack.as_deref())).collect();
+        assert_eq!(names[0], ("ap-1", Some("ap")), "the local member first: {names:?}");
+        assert!(all[0].local && all[0].addr.is_some());
+        // The plain listing stays this rack's members, as before.
+        let plain = c.on("a").members().await.expect("members");
+        assert_eq!(plain.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["ap-1"]);
+
+        // Bad rack names are refused with the rule they break.
+        let bad = c.get("/v1/overlays/a/members?rack=EU").await;
+        match bad {
+            Err(ClientError::Api { status: 400, message }) => {
+                assert!(message.contains("'E' is not one of a-z"), "{message}")
+            }
+            other => panic!("expected 400, got {other:?}"),
+        }
+        let both = c.get("/v1/overlays/a/members?rack=eu&all_racks=true").await;
+        assert!(matches!(both, Err(ClientError::Api { status: 400, .. })), "{both:?}");
+
+        ap.subscribe("a", &["rack.gateway_changed".to_owned()])
+            .await
+            .expect("subscribe");
+        // eu's candidate restarts from its data directory: its Raft term
+        // comes back from redb, so its next term is above the last.
+        let (ce, server_eu) = api(&eu).await;
+        let before = all_gateways(&ce, 3).await[0].term;
+        server_eu.abort();
+        eu.shutdown(false).await;
+        drop(eu);
+        let ap_addr = ap.overlay("a").await.expect("a on ap").addr;
+        let eu = start(&dirs[0], vec![candidate("eu", "eu-1", &[us_addr, ap_addr])]).await;
+        let (ce, server_eu) = api(&eu).await;
+        let after = all_gateways(&ce, 1).await;
+        assert!(
+            after[0].term > before,
+            "a restarted candidate must keep its term: {before} before, {:?} after",
+            after[0]
+        );
+        wait_until("ap to see eu's new term", 30, async || {
+            let racks = c.on("a").racks().await.map_err(|e| e.to_string())?;
+            match racks.iter().find(|r| r.name == "eu") {
+                Some(r) if r.term > before => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        // ...and its inbox tells of it.
+        wait_until("ap's inbox to hold eu's new gateway", 10, async || {
+            let items = ap.inbox("a", 0, 1000).await.map_err(|e| e.to_string())?;
+            let found = items.iter().any(|i| {
+                i.topic == "rack.gateway_changed"
+                    && i.rack.as_deref() == Some("eu")
+                    && i.member.as_deref() == Some("eu-1")
+                    && i.term.is_some_and(|t| t > before)
+            });
+            if found { Ok(()) } else { Err(format!("{items:?}")) }
+        })
+        .await;
+        server.abort();
+        server_eu.abort();
+        for a in [eu, us, ap] {
+            a.shutdown(false).await;
+        }
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overlay_without_racks_lists_none() {
+        let dir = scratch("racks-flat");
+        let x = start(&dir, vec![spec("a", "x", &[])]).await;
+        let (c, server) = api(&x).await;
+        assert!(c.on("a").racks().await.expect("racks").is_empty());
+        let all = c.on("a").rack_members(None).await.expect("all racks");
+        assert_eq!(all.len(), 1);
+        assert_eq!((all[0].name.as_str(), all[0].rack.as_deref()), ("x", None));
+        server.abort();
+
+        // Bad rack settings in a create are 400s naming the rule.
+        let mut options = ApiOptions::new("127.0.0.1:0".parse().expect("addr"), "sesame".into());
+        options.read_token = None;
+        let (addr, server) = serve_with(x.clone(), options).await.expect("api");
+        let admin = Client::new(addr, Some("sesame".into()));
+        let base = json!({"name": "r", "bind": "127.0.0.1:0", "plaintext": true});
+        for (extra, needle) in [
+            (json!({"rack": "Eu"}), "'E' is not one of a-z"),
+            (json!({"gateway": true}), "gateway = true needs a rack"),
+            (
+                json!({"rack": "eu", "gateway": true, "candidates": 0}),
+                "candidates = 0",
+            ),
+            (
+                json!({"rack": "eu", "remote_seeds": ["127.0.0.1:1"]}),
+                "remote_seeds needs gateway = true",
+            ),
+        ] {
+            let mut body = base.clone();
+            body.as_object_mut()
+                .expect("object")
+                .extend(extra.as_object().expect("object").clone());
+            match admin.request("POST", "/v1/overlays", Some(body.clone())).await {
+                Err(ClientError::Api { status: 400, message }) => {
+                    assert!(message.contains(needle) && !message.contains('\n'), "{body}: {message}")
+                }
+                other => panic!("{body}: expected 400, got {other:?}"),
+            }
+        }
+        // An even number of candidates is allowed (with a warning in the log).
+        let mut body = base.clone();
+        body.as_object_mut().expect("object").extend(
+            json!({"rack": "eu", "gateway": true, "candidates": 2})
+                .as_object()
+                .expect("object")
+                .clone(),
+        );
+        admin
+            .request("POST", "/v1/overlays", Some(body))
+            .await
+            .expect("two candidates");
+        server.abort();
+        x.shutdown(false).await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::agent::{MemberRow, OverlaySummary, UpdateRow};
+use crate::agent::{MemberRow, OverlaySummary, RackMemberRow, RackRow, UpdateRow};
 use crate::api::{JoinRequest, KeyExport, KeyRequest, LuggageRow, PublishRequest, PutRequest, Topics};
 use crate::config::OverlaySpec;
 use crate::events::EventRecord;
@@ -272,6 +272,20 @@ impl OverlayApi<'_> {
     /// The members, the local one first.
     pub async fn members(&self) -> Result<Vec<MemberRow>, ClientError> {
         self.read("/members").await
+    }
+
+    /// The members of rack `rack`, or (`None`) of every rack: this
+    /// member's rack as seen here, the others as their gateways report.
+    pub async fn rack_members(&self, rack: Option<&str>) -> Result<Vec<RackMemberRow>, ClientError> {
+        match rack {
+            Some(r) => self.read(&format!("/members?rack={}", encode_segment(r))).await,
+            None => self.read("/members?all_racks=true").await,
+        }
+    }
+
+    /// The racks this member knows, its own first.
+    pub async fn racks(&self) -> Result<Vec<RackRow>, ClientError> {
+        self.read("/racks").await
     }
 
     /// Joins members at these gossip addresses.

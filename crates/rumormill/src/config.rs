@@ -32,6 +32,8 @@ pub use crate::persist::create_private_dir;
 pub const DEFAULT_GOSSIP_PORT: u16 = 7950;
 /// Port of the HTTP control API.
 pub const DEFAULT_API_PORT: u16 = 7980;
+/// Gateway candidates of a rack when `gateway = true` does not say.
+pub const DEFAULT_CANDIDATES: usize = 3;
 /// Key length `rumormill keygen` produces (AES-256-GCM).
 pub const KEY_LEN: usize = 32;
 
@@ -60,6 +62,15 @@ pub enum ConfigError {
     /// A setting of the `[api]` table is invalid.
     #[error("[api] {0}")]
     Api(String),
+    /// The rack settings (`rack`, `gateway`, `candidates`,
+    /// `remote_seeds`) are invalid or inconsistent.
+    #[error("overlay {overlay:?}: {message}")]
+    Rack {
+        /// The overlay the settings belong to.
+        overlay: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// The whole agent configuration (the TOML file's top level).
@@ -114,6 +125,10 @@ impl AgentConfig {
                 message: format!("{message} (in {})", path.display()),
             },
             ConfigError::Api(m) => ConfigError::Api(format!("{m} (in {})", path.display())),
+            ConfigError::Rack { overlay, message } => ConfigError::Rack {
+                overlay,
+                message: format!("{message} (in {})", path.display()),
+            },
             other => other,
         })
     }
@@ -324,9 +339,27 @@ pub struct OverlaySpec {
     /// Member name, unique in the overlay. Default: the host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<String>,
-    /// Rack (or zone) of this member, shown in member lists.
+    /// Rack of this member (a data centre, a zone): members talk to the
+    /// members of their own rack only, and across racks through the rack's
+    /// active gateway. 1 to 63 of `a-z`, `0-9`, `.`, `_`, `-`, starting
+    /// with a letter or a digit. Default: none (one flat overlay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rack: Option<String>,
+    /// This member is one of its rack's gateway candidates, which elect the
+    /// rack's active gateway by Raft. Needs `rack`. Default `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
+    /// How many gateway candidates the rack has, the same on each of them:
+    /// the election starts once that many are known. An odd number is
+    /// best (a group of 2k tolerates as many failures as one of 2k−1).
+    /// Default 3 when `gateway = true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<usize>,
+    /// Gossip addresses (`ip:port` or `host:port`) of gateway candidates of
+    /// other racks, contacted while this member is its rack's active
+    /// gateway and knows no other rack's gateway yet. Needs `gateway`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_seeds: Vec<String>,
     /// Members to join at start and to re-contact while none is seen:
     /// `ip:port` or `host:port` (re-resolved every `dns_refresh`).
     #[serde(default)]
@@ -421,6 +454,9 @@ impl std::fmt::Debug for OverlaySpec {
             .field("advertise", &self.advertise)
             .field("member", &self.member)
             .field("rack", &self.rack)
+            .field("gateway", &self.gateway)
+            .field("candidates", &self.candidates)
+            .field("remote_seeds", &self.remote_seeds)
             .field("seeds", &self.seeds)
             .field("dns_refresh", &self.dns_refresh)
             .field("profile", &self.profile)
@@ -548,6 +584,9 @@ impl OverlaySpec {
             advertise: None,
             member: None,
             rack: None,
+            gateway: false,
+            candidates: None,
+            remote_seeds: Vec::new(),
             seeds: Vec::new(),
             dns_refresh: default_dns_refresh(),
             profile: Profile::Lan,
@@ -573,6 +612,7 @@ impl OverlaySpec {
         for s in &self.seeds {
             parse_seed(s).map_err(|m| invalid(&self.name, m))?;
         }
+        self.check_rack()?;
         for k in &self.keys {
             decode_key(k).map_err(|m| invalid(&self.name, m))?;
         }
@@ -601,6 +641,79 @@ impl OverlaySpec {
         }
         self.core_config()?;
         Ok(())
+    }
+
+    /// Checks the rack settings: a valid rack name, `gateway` only with a
+    /// rack, at least one candidate, `remote_seeds` only on a candidate.
+    pub fn check_rack(&self) -> Result<(), ConfigError> {
+        let refuse = |message: String| {
+            Err(ConfigError::Rack {
+                overlay: self.name.clone(),
+                message,
+            })
+        };
+        if let Some(rack) = &self.rack
+            && let Err(e) = rumormill_core::racks::check_rack_name(rack)
+        {
+            return refuse(format!("rack: {e}"));
+        }
+        if self.gateway && self.rack.is_none() {
+            return refuse("gateway = true needs a rack: a gateway speaks for its rack (set rack = \"…\")".into());
+        }
+        if self.candidates == Some(0) {
+            return refuse("candidates = 0: a rack with gateways has at least 1 candidate (3 or 5 recommended)".into());
+        }
+        if self.candidates.is_some() && !self.gateway {
+            return refuse(
+                "candidates is set but gateway is not: only a gateway candidate counts its rack's candidates".into(),
+            );
+        }
+        if !self.remote_seeds.is_empty() && !self.gateway {
+            return refuse("remote_seeds needs gateway = true: only a rack's gateway contacts other racks".into());
+        }
+        for s in &self.remote_seeds {
+            parse_seed(s).map_err(|m| ConfigError::Rack {
+                overlay: self.name.clone(),
+                message: format!("remote_seeds: {m}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// How many candidates the rack has, for a candidate.
+    pub fn candidates(&self) -> usize {
+        self.candidates.unwrap_or(DEFAULT_CANDIDATES)
+    }
+
+    /// Where the member stands among racks, with `remote_seeds` resolved
+    /// to `remote`; `None` without a rack.
+    pub fn rack_spec(&self, remote: Vec<SocketAddr>) -> Result<Option<rumormill_core::racks::RackSpec>, ConfigError> {
+        self.check_rack()?;
+        let Some(name) = &self.rack else {
+            return Ok(None);
+        };
+        let mut spec = rumormill_core::racks::RackSpec::new(name).map_err(|e| ConfigError::Rack {
+            overlay: self.name.clone(),
+            message: format!("rack: {e}"),
+        })?;
+        if self.gateway {
+            spec = spec.candidate(self.candidates()).with_remote_seeds(remote);
+        }
+        Ok(Some(spec))
+    }
+
+    /// A warning for a candidate of a rack with an even number of
+    /// candidates (allowed, but one fewer would do as well).
+    pub fn candidates_warning(&self) -> Option<String> {
+        let n = self.candidates();
+        (self.gateway && n % 2 == 0).then(|| {
+            format!(
+                "candidates = {n} is even: a Raft majority of {n} is {}, so {n} candidates tolerate {} failure(s), no more than {} would; an odd number gets the most out of each candidate",
+                n / 2 + 1,
+                (n - 1) / 2,
+                n - 1
+            )
+        })
     }
 
     /// Refuses a plaintext overlay bound to an address other than loopback
@@ -963,6 +1076,70 @@ mod tests {
         let e =
             AgentConfig::from_toml("[[overlay]]\nname = \"a\"\nplaintext = true\nseeds = [\"no port\"]").unwrap_err();
         assert!(e.to_string().contains("neither ip:port"), "{e}");
+    }
+
+    #[test]
+    fn rack_settings_are_checked_one_line_each() {
+        let base = "[[overlay]]\nname = \"a\"\nplaintext = true\n";
+        let c = AgentConfig::from_toml(&format!(
+            "{base}rack = \"eu-1\"\ngateway = true\nremote_seeds = [\"127.0.0.1:7951\", \"gw.us-1:7950\"]"
+        ))
+        .unwrap();
+        let o = &c.overlays[0];
+        assert_eq!(o.candidates(), DEFAULT_CANDIDATES);
+        let spec = o.rack_spec(vec!["127.0.0.1:7951".parse().unwrap()]).unwrap().unwrap();
+        assert_eq!((&*spec.name, spec.gateway, spec.candidates), ("eu-1", true, 3));
+        assert_eq!(spec.remote_seeds.len(), 1);
+        assert!(o.candidates_warning().is_none(), "3 is odd");
+        let plain = AgentConfig::from_toml(&format!("{base}rack = \"eu-1\"")).unwrap();
+        let spec = plain.overlays[0].rack_spec(Vec::new()).unwrap().unwrap();
+        assert!(!spec.gateway);
+        let flat = AgentConfig::from_toml(base).unwrap();
+        assert_eq!(flat.overlays[0].rack_spec(Vec::new()).unwrap(), None);
+        for (extra, needle) in [
+            ("rack = \"EU 1\"", "rack: rack name \"EU 1\": 'E' is not one of a-z"),
+            ("rack = \"-eu\"", "must start with a letter or a digit"),
+            ("rack = \"\"", "must not be empty"),
+            (&format!("rack = \"{}\"", "r".repeat(64)), "at most 63"),
+            ("gateway = true", "gateway = true needs a rack"),
+            ("rack = \"eu\"\ngateway = true\ncandidates = 0", "candidates = 0"),
+            ("rack = \"eu\"\ncandidates = 3", "candidates is set but gateway is not"),
+            (
+                "rack = \"eu\"\nremote_seeds = [\"127.0.0.1:1\"]",
+                "remote_seeds needs gateway = true",
+            ),
+            (
+                "rack = \"eu\"\ngateway = true\nremote_seeds = [\"nowhere\"]",
+                "remote_seeds: seed \"nowhere\"",
+            ),
+        ] {
+            let e = AgentConfig::from_toml(&format!("{base}{extra}")).unwrap_err();
+            assert!(matches!(e, ConfigError::Rack { .. }), "{extra}: {e:?}");
+            let text = e.to_string();
+            assert!(text.starts_with("overlay \"a\": "), "{text}");
+            assert!(text.contains(needle), "{extra}: {text:?} lacks {needle:?}");
+            assert!(!text.contains('\n'), "one line: {text:?}");
+        }
+    }
+
+    #[test]
+    fn an_even_number_of_candidates_is_allowed_with_a_reason_to_prefer_odd() {
+        let mut s = OverlaySpec::named("a");
+        s.plaintext = true;
+        s.rack = Some("eu".into());
+        s.gateway = true;
+        s.candidates = Some(4);
+        s.validate().unwrap();
+        let w = s.candidates_warning().expect("a warning for 4");
+        assert!(
+            w.contains("so 4 candidates tolerate 1 failure(s), no more than 3 would"),
+            "{w}"
+        );
+        assert!(!w.contains('\n'));
+        s.candidates = Some(1);
+        assert!(s.candidates_warning().is_none());
+        s.candidates = Some(2);
+        assert!(s.candidates_warning().unwrap().contains("tolerate 0 failure(s)"));
     }
 
     #[test]

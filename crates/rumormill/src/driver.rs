@@ -54,6 +54,10 @@ pub struct DriverOptions {
     /// Name in log lines (the overlay's).
     pub label: String,
     /// Keep a lossless stream of events for [`OverlayHandle::take_event_stream`].
+    /// A gateway candidate needs one: its Raft records
+    /// ([`Notification::Raft`]) go there alone, and its votes leave only
+    /// once the stream's consumer has saved them and called
+    /// [`Overlay::raft_persisted`].
     pub event_stream: bool,
 }
 
@@ -412,8 +416,11 @@ impl<N: Net> Task<N> {
                             )
                         ),
                 ),
-                Notification::Event(_) => (true, false),
+                // Raft records go to the pump alone, which makes each
+                // durable before it acknowledges it (Raft's rule).
+                Notification::Event(_) | Notification::Raft(_) => (true, false),
                 Notification::Member { .. }
+                | Notification::Rack(_)
                 | Notification::Report(_)
                 | Notification::StoreSynced
                 | Notification::Keys(_) => (true, true),

@@ -15,8 +15,10 @@
 //!   membership changes (`member.joined`, `member.suspect`,
 //!   `member.failed`, `member.left`, `member.alive`, and `member.updated`
 //!   for a member that restarted or moved to a new address), luggage changes
-//!   (`luggage.changed`) and delivery reports (`delivery.report`) for the
-//!   topics the agent subscribes to. Applications read it from a sequence
+//!   (`luggage.changed`), delivery reports (`delivery.report`) and racks
+//!   (`rack.gateway_changed`: a rack has a new gateway, with its term;
+//!   `rack.unreachable`, `rack.reachable`: the gateways' pool lost or found
+//!   a rack's gateway again) for the topics the agent subscribes to. Applications read it from a sequence
 //!   number on (`?from=`), so one that reconnects misses nothing and sees
 //!   nothing twice. The last [`INBOX_KEEP`] entries are kept, within a
 //!   byte cap (`[overlay.limits] inbox_bytes`, 256 MiB by default): to make
@@ -52,7 +54,7 @@ pub const INBOX_READ_BYTES: usize = 16 << 20;
 /// thousand at-least-once publications).
 pub const REPORTS_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// Topics handled by the agent itself, never gossiped.
-pub const LOCAL_TOPICS: [&str; 8] = [
+pub const LOCAL_TOPICS: [&str; 11] = [
     "member.joined",
     "member.suspect",
     "member.failed",
@@ -61,6 +63,9 @@ pub const LOCAL_TOPICS: [&str; 8] = [
     "member.updated",
     "luggage.changed",
     "delivery.report",
+    "rack.gateway_changed",
+    "rack.unreachable",
+    "rack.reachable",
 ];
 
 /// One entry of the inbox, as applications receive it.
@@ -71,7 +76,8 @@ pub struct InboxItem {
     /// The topic: an application topic, or one of the local ones —
     /// `member.joined`, `member.suspect`, `member.failed`, `member.left`,
     /// `member.alive`, `member.updated` (a member restarted or moved to a
-    /// new address), `luggage.changed`, `delivery.report`.
+    /// new address), `luggage.changed`, `delivery.report`,
+    /// `rack.gateway_changed`, `rack.unreachable`, `rack.reachable`.
     pub topic: String,
     /// Event id (`publisher/epoch/seq`) for events and reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,6 +97,13 @@ pub struct InboxItem {
     /// A report's outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
+    /// The rack concerned (`rack.*` topics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
+    /// The new gateway's Raft term (`rack.gateway_changed`; the gateway
+    /// is `member`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
     /// Wall-clock milliseconds when the agent stored it.
     pub time_ms: u64,
     /// On the live feed: the payload was left out (too large to keep in

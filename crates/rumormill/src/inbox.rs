@@ -27,6 +27,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rumormill_core::events::{DeliveryReport, Event, EventId};
+use rumormill_core::racks::{RackNotification, RaftRecord};
 use rumormill_core::{MemberChange, Notification};
 use tokio::sync::{broadcast, mpsc};
 
@@ -98,8 +99,11 @@ pub(crate) async fn pump<N: Net>(
             }
             return;
         };
-        let batch = take_batch(first, &mut stream);
+        let mut batch = take_batch(first, &mut stream);
         let Some(agent) = agent.upgrade() else { return };
+        if let Some(record) = latest_raft(&mut batch) {
+            writer.save_raft(&agent, &handle, record).await;
+        }
         let wanted: Vec<String> = topics.lock().map(|t| t.clone()).unwrap_or_default();
         let (entries, reports) = to_inbox(batch, &wanted);
         let stored = writer.store(&agent, &handle, entries, reports).await;
@@ -120,6 +124,34 @@ fn take_batch(first: Notification, stream: &mut mpsc::UnboundedReceiver<Notifica
         }
     }
     batch
+}
+
+/// Takes the Raft records out of `batch` and returns the latest: it holds
+/// the whole durable state, so saving it saves those before it too.
+fn latest_raft(batch: &mut Vec<Notification>) -> Option<RaftRecord> {
+    let mut latest: Option<RaftRecord> = None;
+    batch.retain(|n| match n {
+        Notification::Raft(r) => {
+            if latest.as_ref().is_none_or(|l| l.seq < r.seq) {
+                latest = Some(r.clone());
+            }
+            false
+        }
+        _ => true,
+    });
+    latest
+}
+
+/// The local topic of each racks notification (see [`member_topic`]), and
+/// the member it names (a rack's new gateway).
+pub(crate) fn rack_topic(n: &RackNotification) -> Option<(&'static str, &str, Option<&str>)> {
+    Some(match n {
+        RackNotification::GatewayChanged { rack, gateway, .. } => ("rack.gateway_changed", rack, Some(gateway)),
+        RackNotification::Unreachable { rack } => ("rack.unreachable", rack, None),
+        RackNotification::Reachable { rack } => ("rack.reachable", rack, None),
+        // A kind of notice a newer core tells of: no topic for it yet.
+        _ => return None,
+    })
 }
 
 /// The local topic of each membership change. One arm per change and no
@@ -158,6 +190,8 @@ impl Incoming {
                 member: None,
                 key: None,
                 outcome: None,
+                rack: None,
+                term: None,
                 time_ms: wall_ms(),
                 elided: false,
             },
@@ -222,9 +256,24 @@ pub(crate) fn to_inbox(batch: Vec<Notification>, subscribed: &[String]) -> (Vec<
                     entries.push(entry);
                 }
             }
+            Notification::Rack(r) => {
+                if let Some((topic, rack, gateway)) = rack_topic(&r)
+                    && wants(topic)
+                {
+                    let mut entry = Incoming::local(topic);
+                    entry.item.rack = Some(rack.to_owned());
+                    entry.item.member = gateway.map(str::to_owned);
+                    if let RackNotification::GatewayChanged { term, .. } = r {
+                        entry.item.term = Some(term);
+                    }
+                    entries.push(entry);
+                }
+            }
             // Not for the inbox: the first sync after a join (the start
-            // waits for it), key rotation (the keyring watcher's).
-            Notification::StoreSynced | Notification::Keys(_) => {}
+            // waits for it), key rotation (the keyring watcher's), Raft
+            // records (saved by the pump before the batch, see
+            // [`latest_raft`]).
+            Notification::StoreSynced | Notification::Keys(_) | Notification::Raft(_) => {}
         }
     }
     (entries, reports)
@@ -327,6 +376,30 @@ impl InboxWriter {
             reserved: next_seq,
             flush_by: None,
         }
+    }
+
+    /// Saves a Raft record durably, then tells the core, which lets out
+    /// the messages that waited for it (Raft's rule: a vote or an entry is
+    /// on disk before anyone hears of it). A failed commit is retried; once
+    /// the overlay's gate is closed nothing is saved and nothing let out.
+    pub(crate) async fn save_raft<N: Net>(&mut self, agent: &Agent<N>, handle: &OverlayHandle, record: RaftRecord) {
+        let seq = record.seq;
+        let ops: Arc<[Op]> = vec![Op::Raft(record)].into();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let Some(passage) = self.writes.enter().await else {
+                return;
+            };
+            match agent.db.write_holding(&self.name, ops.clone(), true, passage).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(overlay = %self.name, error = %e, "Raft state not stored yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let _ = handle.call(move |o, now| o.raft_persisted(now, seq)).await;
     }
 
     /// Flushes the volatile writes made so far to disk.
@@ -654,6 +727,61 @@ mod tests {
             assert_eq!(entries.len(), 1, "{change:?}");
             assert_eq!(entries[0].item.topic, topic);
         }
+    }
+
+    #[test]
+    fn racks_notices_are_local_topic_entries() {
+        let notices = [
+            RackNotification::GatewayChanged {
+                rack: "eu".into(),
+                gateway: "eu-2".into(),
+                term: 7,
+            },
+            RackNotification::Unreachable { rack: "us".into() },
+            RackNotification::Reachable { rack: "us".into() },
+        ];
+        let topics: Vec<String> = notices
+            .iter()
+            .map(|n| rack_topic(n).expect("a topic").0.to_owned())
+            .collect();
+        assert_eq!(topics, ["rack.gateway_changed", "rack.unreachable", "rack.reachable"]);
+        assert!(topics.iter().all(|t| crate::events::is_local(t)));
+        let batch = notices.iter().cloned().map(Notification::Rack).collect();
+        let (entries, _) = to_inbox(batch, &topics);
+        /// Topic, rack, member, term.
+        type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, Option<u64>);
+        let got: Vec<Row<'_>> = entries
+            .iter()
+            .map(|e| {
+                let i = &e.item;
+                (i.topic.as_str(), i.rack.as_deref(), i.member.as_deref(), i.term)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("rack.gateway_changed", Some("eu"), Some("eu-2"), Some(7)),
+                ("rack.unreachable", Some("us"), None, None),
+                ("rack.reachable", Some("us"), None, None),
+            ]
+        );
+        // Not subscribed: nothing.
+        let batch = notices.iter().cloned().map(Notification::Rack).collect();
+        assert!(to_inbox(batch, &[]).0.is_empty());
+    }
+
+    #[test]
+    fn only_the_latest_raft_record_of_a_batch_is_saved_and_none_reaches_the_inbox() {
+        let record = |seq| {
+            let mut r = RaftRecord::decode(&[]).expect("an empty record");
+            r.seq = seq;
+            Notification::Raft(r)
+        };
+        let mut batch = vec![record(3), Notification::StoreSynced, record(5), record(4)];
+        let latest = latest_raft(&mut batch).expect("a record");
+        assert_eq!(latest.seq, 5);
+        assert!(matches!(batch.as_slice(), [Notification::StoreSynced]));
+        assert!(latest_raft(&mut batch).is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

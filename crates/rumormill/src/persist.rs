@@ -5,7 +5,9 @@
 //! the crate reads and writes through [`Db`], in typed records — overlay
 //! records, pending events ([`PendingEvent`]), report records
 //! ([`EventRecord`]), inbox entries ([`InboxItem`], written as
-//! [`EncodedEntry`]), the de-duplication window ([`DedupEntry`]) — whose
+//! [`EncodedEntry`]), the de-duplication window ([`DedupEntry`]), a
+//! gateway candidate's latest Raft record ([`RaftRecord`], saved before
+//! the core lets out the votes and messages that depend on it) — whose
 //! stored forms live here alone. A record that does not decode is an
 //! error naming its table and key ([`PersistError::Record`]), logged the
 //! first time it is found; lists leave it out, single reads return it.
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use base64::Engine;
 use rumormill_core::events::dedup::DedupEntry;
 use rumormill_core::events::{DeliveryReport, EventId, PendingEvent};
+use rumormill_core::racks::RaftRecord;
 
 use crate::config::OverlaySpec;
 use crate::events::{EventRecord, InboxItem, is_local, payload_fields};
@@ -34,11 +37,18 @@ const REPORTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("even
 /// What the local applications read, in order: (overlay, sequence) → JSON.
 const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
 /// The de-duplication window of delivered events: overlay → JSON.
-const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("events_dedup");
+const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new(DEDUP_TABLE);
 /// Inbox sequence numbers below this one may have been handed out (written
 /// durably before any of them is): overlay → sequence number.
 const INBOX_RESERVED: TableDefinition<&str, u64> = TableDefinition::new("inbox_reserved");
+/// The latest Raft record of a gateway candidate (see
+/// [`rumormill_core::racks::RaftRecord`]): overlay → its encoded bytes.
+const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new(RAFT_TABLE);
 const FORMAT: &str = "rumormill-agent/1";
+/// The name of the table of Raft records, in errors.
+pub const RAFT_TABLE: &str = "raft";
+/// The name of the table of de-duplication windows, in errors.
+pub const DEDUP_TABLE: &str = "events_dedup";
 /// The database's file name in the data directory.
 pub const DB_FILE: &str = "rumormill.redb";
 
@@ -239,6 +249,17 @@ impl Db {
         self.commit_delay_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Stores a Raft record that does not decode, for tests.
+    #[cfg(test)]
+    pub(crate) fn spoil_raft(&self, overlay: &str) {
+        let tx = self.db.begin_write().expect("a write transaction");
+        tx.open_table(RAFT)
+            .expect("the Raft table")
+            .insert(overlay, [0xffu8].as_slice())
+            .expect("a spoiled record");
+        tx.commit().expect("committed");
+    }
+
     /// Stores a de-duplication window that does not decode, for tests.
     #[cfg(test)]
     pub(crate) fn spoil_window(&self, overlay: &str) {
@@ -436,6 +457,7 @@ impl Tables {
             tx.open_table(INBOX).map_err(|e| self.corrupt(e.to_string()))?;
             tx.open_table(DEDUP).map_err(|e| self.corrupt(e.to_string()))?;
             tx.open_table(INBOX_RESERVED).map_err(|e| self.corrupt(e.to_string()))?;
+            tx.open_table(RAFT).map_err(|e| self.corrupt(e.to_string()))?;
         }
         self.commit_now(tx)
     }
@@ -481,6 +503,8 @@ impl Tables {
             t.remove(name).map_err(|e| self.io(e))?;
             let mut t = tx.open_table(INBOX_RESERVED).map_err(|e| self.io(e))?;
             t.remove(name).map_err(|e| self.io(e))?;
+            let mut t = tx.open_table(RAFT).map_err(|e| self.io(e))?;
+            t.remove(name).map_err(|e| self.io(e))?;
         }
         self.commit_now(tx)
     }
@@ -494,6 +518,7 @@ impl Tables {
             let mut inbox = tx.open_table(INBOX).map_err(|e| self.io(e))?;
             let mut dedup = tx.open_table(DEDUP).map_err(|e| self.io(e))?;
             let mut reserved = tx.open_table(INBOX_RESERVED).map_err(|e| self.io(e))?;
+            let mut raft = tx.open_table(RAFT).map_err(|e| self.io(e))?;
             for op in ops {
                 // Records are encoded here, on the committing thread.
                 let r = match op {
@@ -514,6 +539,7 @@ impl Tables {
                         dedup.insert(overlay, v.as_slice()).map(|_| ())
                     }
                     Op::ReserveInbox(below) => reserved.insert(overlay, *below).map(|_| ()),
+                    Op::Raft(record) => raft.insert(overlay, record.encode().as_slice()).map(|_| ()),
                     Op::Reports(rs) => {
                         self.merge_reports(overlay, rs, &mut reports, &mut pending)?;
                         Ok(())
@@ -731,7 +757,21 @@ impl Tables {
         };
         serde_json::from_slice::<Vec<StoredDedup>>(v.value())
             .map(|w| w.into_iter().map(StoredDedup::into_core).collect())
-            .map_err(|e| self.undecodable("events_dedup", overlay.to_owned(), e.to_string()))
+            .map_err(|e| self.undecodable(DEDUP_TABLE, overlay.to_owned(), e.to_string()))
+    }
+
+    /// The saved Raft record of an overlay (`None`: none saved). One that
+    /// does not decode is an error: a candidate that started without it
+    /// could vote twice in one term.
+    pub fn raft(&self, overlay: &str) -> Result<Option<RaftRecord>, PersistError> {
+        let tx = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = tx.open_table(RAFT).map_err(|e| self.io(e))?;
+        let Some(v) = t.get(overlay).map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        RaftRecord::decode(v.value())
+            .map(Some)
+            .map_err(|e| self.undecodable(RAFT_TABLE, overlay.to_owned(), e.to_string()))
     }
 
     /// The error for a record that does not decode, logged the first time
@@ -771,6 +811,8 @@ pub enum Op {
     Dedup(Vec<DedupEntry>),
     /// Inbox sequence numbers up to this one (excluded) may be handed out.
     ReserveInbox(u64),
+    /// Saves the overlay's latest Raft record over the one before.
+    Raft(RaftRecord),
     /// Takes delivery reports into their events' stored records (and
     /// pending events), read and written in the same transaction.
     Reports(Vec<DeliveryReport>),
@@ -1022,6 +1064,8 @@ mod tests {
             member: None,
             key: None,
             outcome: None,
+            rack: None,
+            term: None,
             time_ms: 0,
             elided: false,
         };

@@ -75,6 +75,15 @@ impl Membership {
         self.apply_suspect(now, &s.name, s.incarnation, s.epoch, &s.from, env);
     }
 
+    /// Marks a member as left, as if it had announced it: for a pool whose
+    /// members are superseded by news from outside it (a rack's gateway
+    /// replaced by one of a higher term). The departure is gossiped.
+    pub(crate) fn retire(&mut self, now: Instant, name: &str, env: &mut Env<'_>) {
+        if let Some((epoch, incarnation)) = self.members.get(name).map(Member::version) {
+            self.apply_dead(now, name, incarnation, epoch, name, env);
+        }
+    }
+
     pub(crate) fn on_dead(&mut self, now: Instant, d: Dead, env: &mut Env<'_>) {
         self.apply_dead(now, &d.name, d.incarnation, d.epoch, &d.from, env);
     }

@@ -411,6 +411,22 @@ pub(crate) enum Timer {
     Gossip,
 }
 
+impl Timer {
+    /// Every timer, in the order the overlay runs them (gossip last: its
+    /// round carries the changes the others just made).
+    pub(crate) const ALL: [Timer; 9] = [
+        Timer::ProbeDeadline,
+        Timer::IndirectProbes,
+        Timer::Reconnects,
+        Timer::Suspicions,
+        Timer::Probe,
+        Timer::PushPull,
+        Timer::Reconnect,
+        Timer::Reap,
+        Timer::Gossip,
+    ];
+}
+
 /// The membership sub-machine of one member: the member table, the failure
 /// detector, the piggyback queue and the local member's own life.
 #[derive(Debug)]
@@ -469,6 +485,14 @@ impl Membership {
             leaving: false,
             events: VecDeque::new(),
         }
+    }
+
+    /// The local member `identity` in the pool of racks' active gateways:
+    /// its changes go only on packets between racks.
+    pub(crate) fn new_crossing(config: &Config, identity: &Identity, now: Instant, rng: &mut ChaCha8Rng) -> Membership {
+        let mut m = Membership::new(config, identity, now, rng);
+        m.piggyback.crossing = true;
+        m
     }
 
     // ----- views for the other sub-machines -----------------------------

@@ -30,6 +30,9 @@ struct Entry {
 
 #[derive(Debug, Default)]
 pub(crate) struct Piggyback {
+    /// The changes are the pool of active gateways': they go only on
+    /// packets between racks, and a rack's changes never do.
+    pub(crate) crossing: bool,
     queue: BTreeMap<Priority, Entry>,
     by_member: HashMap<Arc<str>, Priority>,
     next_id: u64,
@@ -49,6 +52,11 @@ impl Piggyback {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Whether these are the changes of the pool between racks.
+    pub(crate) fn is_crossing(&self) -> bool {
+        self.crossing
     }
 
     /// Forgets everything queued.

@@ -458,7 +458,9 @@ impl Replication {
             | Body::Dead(_)
             | Body::PushPull(_)
             | Body::Event(_)
-            | Body::EventAck(_) => return false,
+            | Body::EventAck(_)
+            | Body::Raft(_)
+            | Body::Crossing(_) => return false,
         }
         true
     }
@@ -601,6 +603,20 @@ impl Replication {
         self.removed.retain(|_, at| t.saturating_sub(*at) < ttl);
         self.store
             .forget_tombstones(t, self.config.tombstone_ttl.as_millis() as u64);
+    }
+
+    /// Pushes one update to `to` at once, outside the rounds (a rack
+    /// member's own write to its gateway): the rounds spread it as usual.
+    pub(crate) fn push(&mut self, to: SocketAddr, u: &Update) {
+        self.stats.updates_sent += 1;
+        self.send(
+            to,
+            Body::Rumor(rumormill_wire::proto::Rumor {
+                updates: vec![u.to_wire()],
+                want_feedback: false,
+                reply_to: None,
+            }),
+        );
     }
 
     /// Queues a message; one too big for a datagram goes over a stream and,

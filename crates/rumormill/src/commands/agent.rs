@@ -36,9 +36,20 @@ pub struct AgentArgs {
     /// Member name [default: the host name].
     #[arg(long)]
     name: Option<String>,
-    /// Rack (or zone) of this member.
+    /// Rack of this member: it talks to its rack, and across racks
+    /// through the rack's gateway (see the README's racks reference).
     #[arg(long)]
     rack: Option<String>,
+    /// This member is a gateway candidate of its rack (needs --rack).
+    #[arg(long)]
+    gateway: bool,
+    /// How many gateway candidates the rack has [default: 3 with --gateway].
+    #[arg(long, value_name = "N")]
+    candidates: Option<usize>,
+    /// Gossip address (ip:port or host:port) of a gateway candidate of
+    /// another rack; repeatable (needs --gateway).
+    #[arg(long = "remote-seed", value_name = "ADDR")]
+    remote_seeds: Vec<String>,
     /// Members to join (ip:port or host:port); repeatable.
     #[arg(long = "seed", value_name = "ADDR")]
     seeds: Vec<String>,
@@ -91,6 +102,9 @@ pub fn build_config(args: &AgentArgs, data_dir: Option<PathBuf>) -> Result<Agent
         || args.advertise.is_some()
         || args.name.is_some()
         || args.rack.is_some()
+        || args.gateway
+        || args.candidates.is_some()
+        || !args.remote_seeds.is_empty()
         || !args.seeds.is_empty()
         || args.key.is_some()
         || args.key_file.is_some()
@@ -109,6 +123,9 @@ pub fn build_config(args: &AgentArgs, data_dir: Option<PathBuf>) -> Result<Agent
         spec.advertise = args.advertise.clone();
         spec.member = args.name.clone();
         spec.rack = args.rack.clone();
+        spec.gateway = args.gateway;
+        spec.candidates = args.candidates;
+        spec.remote_seeds = args.remote_seeds.clone();
         spec.seeds = args.seeds.clone();
         spec.plaintext = args.plaintext;
         spec.allow_plaintext_network = args.allow_plaintext_network;

@@ -147,9 +147,19 @@ pub enum OverlaysCommand {
         /// Member name [default: the host name].
         #[arg(long)]
         member: Option<String>,
-        /// Rack.
+        /// Rack of this member (see the README's racks reference).
         #[arg(long)]
         rack: Option<String>,
+        /// This member is a gateway candidate of its rack (needs --rack).
+        #[arg(long)]
+        gateway: bool,
+        /// How many gateway candidates the rack has [default: 3 with --gateway].
+        #[arg(long, value_name = "N")]
+        candidates: Option<usize>,
+        /// Gossip address of a candidate of another rack; repeatable
+        /// (needs --gateway).
+        #[arg(long = "remote-seed", value_name = "ADDR")]
+        remote_seeds: Vec<String>,
         /// Seeds; repeatable.
         #[arg(long = "seed")]
         seeds: Vec<String>,
@@ -180,8 +190,20 @@ pub enum OverlaysCommand {
 /// A client command.
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
-    /// Lists the members of the overlay.
-    Members,
+    /// Lists the members of the overlay (of this member's rack, when it
+    /// is in one).
+    Members {
+        /// Only the members of this rack (another rack's as its gateway
+        /// reports them).
+        #[arg(long, value_name = "RACK")]
+        rack: Option<String>,
+        /// The members of every rack.
+        #[arg(long, conflicts_with = "rack")]
+        all_racks: bool,
+    },
+    /// Lists the racks: gateway, Raft term, candidates with their roles,
+    /// members alive/suspect/failed, when each was last heard from.
+    Racks,
     /// Joins members at these gossip addresses.
     Join {
         /// ip:port addresses.
@@ -350,10 +372,37 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
             value_base64: None,
         };
         let out = match cmd {
-            ClientCommand::Members => Output::Table(
+            ClientCommand::Members {
+                rack: None,
+                all_racks: false,
+            } => Output::Table(
                 value(&o.members().await.map_err(e)?),
                 &["name", "addr", "state", "incarnation", "epoch", "rack"],
             ),
+            ClientCommand::Members { rack, .. } => Output::Table(
+                value(&o.rack_members(rack.as_deref()).await.map_err(e)?),
+                &["name", "rack", "state", "addr", "report_age_s"],
+            ),
+            ClientCommand::Racks => {
+                let racks = o.racks().await.map_err(e)?;
+                if target.json {
+                    Output::Value(value(&racks))
+                } else {
+                    Output::Table(
+                        Value::Array(racks.iter().map(rack_line).collect()),
+                        &[
+                            "name",
+                            "gateway",
+                            "term",
+                            "candidates",
+                            "alive",
+                            "suspect",
+                            "failed",
+                            "last_heard",
+                        ],
+                    )
+                }
+            }
             ClientCommand::Join { addrs } => {
                 let n = addrs.len();
                 o.join(&JoinRequest { addrs }).await.map_err(e)?;
@@ -524,6 +573,9 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     bind,
                     member,
                     rack,
+                    gateway,
+                    candidates,
+                    remote_seeds,
                     seeds,
                     key,
                     key_file,
@@ -544,6 +596,9 @@ pub fn run(cmd: ClientCommand, target: Target, data_dir: PathBuf) -> Result<(), 
                     spec.profile = profile;
                     spec.member = member;
                     spec.rack = rack;
+                    spec.gateway = gateway;
+                    spec.candidates = candidates;
+                    spec.remote_seeds = remote_seeds;
                     let summary = c.create_overlay(&spec).await.map_err(e)?;
                     Output::Row(value(&summary), &["name", "member", "addr", "status"])
                 }
@@ -670,6 +725,22 @@ fn key_change(change: &KeyChange, what: &str, json: bool) -> Result<Output, Stri
 /// An answer as JSON, for printing.
 fn value<T: serde::Serialize>(answer: &T) -> Value {
     serde_json::to_value(answer).unwrap_or(Value::Null)
+}
+
+/// One line of the `racks` table: candidates as `name:role`, the time
+/// since the rack was heard from in seconds.
+fn rack_line(r: &rumormill::agent::RackRow) -> Value {
+    let candidates: Vec<String> = r.candidates.iter().map(|c| format!("{}:{}", c.name, c.role)).collect();
+    json!({
+        "name": if r.local { format!("{} (here)", r.name) } else { r.name.clone() },
+        "gateway": r.gateway,
+        "term": r.term,
+        "candidates": candidates.join(","),
+        "alive": r.alive,
+        "suspect": r.suspect,
+        "failed": r.failed,
+        "last_heard": r.last_heard_s.map(|s| format!("{s:.1}s ago")),
+    })
 }
 
 enum Output {

@@ -346,6 +346,8 @@ pub struct Agent {
     pub gossip: SocketAddr,
     /// Given as `--seed` on every start, if any.
     seed: Option<SocketAddr>,
+    /// More flags given on every start.
+    extra: Vec<String>,
     key: String,
     log: PathBuf,
     child: ChildGuard,
@@ -363,25 +365,53 @@ impl Agent {
     /// Starts an agent on the data directory `dir` (created if missing)
     /// under the member name `member`.
     pub fn launch_as(scratch: &Scratch, dir: &str, member: &str, key: &str, seed: Option<SocketAddr>) -> Agent {
+        let mut agent = Agent::unstarted(scratch, dir, key, seed, loopback(free_gossip_port()), Vec::new());
+        member.clone_into(&mut agent.member);
+        agent.spawn();
+        agent
+    }
+
+    /// Starts an agent on the data directory `dir` (also its member
+    /// name), gossiping on `gossip`, with `extra` flags on every start.
+    pub fn launch_with(
+        scratch: &Scratch,
+        dir: &str,
+        key: &str,
+        seed: Option<SocketAddr>,
+        gossip: SocketAddr,
+        extra: Vec<String>,
+    ) -> Agent {
+        let mut agent = Agent::unstarted(scratch, dir, key, seed, gossip, extra);
+        agent.spawn();
+        agent
+    }
+
+    fn unstarted(
+        scratch: &Scratch,
+        dir: &str,
+        key: &str,
+        seed: Option<SocketAddr>,
+        gossip: SocketAddr,
+        extra: Vec<String>,
+    ) -> Agent {
         let name = dir.to_owned();
         let dir = scratch.path(&name);
         private_dir(&dir);
-        let mut agent = Agent {
+        Agent {
             ep: Endpoint {
                 name: name.clone(),
                 dir,
                 api: loopback(free_tcp_port()),
             },
-            member: member.to_owned(),
-            gossip: loopback(free_gossip_port()),
+            member: name.clone(),
+            gossip,
             seed,
+            extra,
             key: key.to_owned(),
             log: scratch.path(&format!("{name}.log")),
             child: ChildGuard(None),
             started: Instant::now(),
-        };
-        agent.spawn();
-        agent
+        }
     }
 
     /// Starts the process with the agent's data directory and flags (the
@@ -413,6 +443,7 @@ impl Agent {
         if let Some(seed) = self.seed {
             c.arg("--seed").arg(seed.to_string());
         }
+        c.args(&self.extra);
         c.stdout(Stdio::from(log.try_clone().expect("log file")))
             .stderr(Stdio::from(log));
         self.child.0 = Some(
