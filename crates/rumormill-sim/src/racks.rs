@@ -25,10 +25,11 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rumormill_core::events::Delivery;
-use rumormill_core::{Config, MemberChange, Notification, Overlay};
+use rumormill_core::racks::RackSpec;
+use rumormill_core::{Config, MemberChange, MemberInfo, Notification, Overlay};
 use serde::Serialize;
 
-use crate::engine::{Nanos, Simulation, member_name, secs};
+use crate::engine::{Nanos, Simulation, member_addr, member_name, secs};
 use crate::network::{Link, NetworkModel};
 
 /// The topic of the experiment's events.
@@ -262,14 +263,46 @@ pub struct RackedRun {
 
 /// The racked overlay of `p`: every member of rack `r` placed in the rack
 /// named [`Layout::rack_name`], [`Layout::candidates`] as its gateway
-/// candidates, over [`RacksParams::network`] with seed `p.seed`.
-///
-/// `None` while the core has no racks: the experiment then measures the
-/// flat overlay only, and every figure of the racked run is absent from
-/// the report (never made up).
+/// candidates (each knowing the other racks' candidates as remote seeds),
+/// over [`RacksParams::network`] with seed `p.seed`; each member starts
+/// knowing the members of its own rack (a warm start, like
+/// [`Simulation::bootstrap`] within each rack).
 pub fn racked_simulation(p: &RacksParams, layout: &Layout) -> Option<RackedRun> {
-    let _ = (p, layout);
-    None
+    let n = p.members();
+    let mut sim = Simulation::new(n, p.config.clone(), p.network(), p.seed);
+    for i in 0..n {
+        let r = layout.rack(i);
+        // Rack names are ours and valid ("rack-<r>").
+        let mut spec = RackSpec::new(&Layout::rack_name(r)).ok()?;
+        if layout.is_candidate(i) {
+            let seeds = layout
+                .candidates
+                .iter()
+                .filter(|&&c| layout.rack(c) != r)
+                .map(|&c| member_addr(c, 1))
+                .collect();
+            spec = spec.candidate(p.candidates).with_remote_seeds(seeds);
+        }
+        sim.set_rack(i, spec);
+        sim.start_again(i);
+    }
+    for r in 0..layout.racks {
+        let members: Vec<MemberInfo> = layout
+            .members_of(r)
+            .filter_map(|i| sim.node(i).map(Overlay::local))
+            .collect();
+        let seed = member_addr(layout.members_of(r).start, 1);
+        for i in layout.members_of(r) {
+            sim.with_node(i, |o, now| {
+                o.restore(now, members.iter().cloned());
+                o.set_seeds(vec![seed]);
+            });
+        }
+    }
+    Some(RackedRun {
+        sim,
+        is_active_gateway: Overlay::is_active_gateway,
+    })
 }
 
 /// The same members as one flat overlay, same network, same seed.
