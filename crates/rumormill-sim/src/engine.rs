@@ -124,6 +124,35 @@ pub struct Traffic {
     pub bytes: u64,
     /// Datagrams lost by the network model.
     pub lost: u64,
+    /// Datagrams and stream frames from a member of one rack to a member
+    /// of another ([`NetworkModel::crosses_racks`]), counted once as they
+    /// leave (whether or not they arrive).
+    pub cross_rack_packets: u64,
+    /// Their bytes.
+    pub cross_rack_bytes: u64,
+    /// Those whose sender was not its rack's active gateway when it sent
+    /// them, as judged by [`Simulation::judge_gateways_by`] (0 until a rule
+    /// is given).
+    pub cross_rack_packets_from_non_gateways: u64,
+}
+
+/// Whether a member is its rack's active gateway now.
+type GatewayRule<N> = Box<dyn Fn(&N) -> bool>;
+
+/// Who sends across racks: the rule telling an active gateway, and the
+/// cross-rack packets each member sent.
+struct CrossRack<N> {
+    is_active_gateway: Option<GatewayRule<N>>,
+    sent_by: Vec<u64>,
+}
+
+impl<N> Default for CrossRack<N> {
+    fn default() -> Self {
+        CrossRack {
+            is_active_gateway: None,
+            sent_by: Vec::new(),
+        }
+    }
 }
 
 /// Many members of one overlay over a [`NetworkModel`], with simulated time.
@@ -151,6 +180,7 @@ pub struct Simulation<N = Overlay> {
     pub network: NetworkModel,
     events: Vec<(Nanos, usize, Notification)>,
     traffic: Traffic,
+    cross: CrossRack<N>,
     processed: u64,
 }
 
@@ -342,6 +372,7 @@ impl<N: SimNode> Simulation<N> {
             network,
             events: Vec::new(),
             traffic: Traffic::default(),
+            cross: CrossRack::default(),
             processed: 0,
         }
     }
@@ -414,14 +445,34 @@ impl<N: SimNode> Simulation<N> {
         self.slots[i].node.as_mut()
     }
 
-    /// Events seen so far, with time and observer, in order.
+    /// Events seen so far (since the last [`Simulation::take_events`]),
+    /// with time and observer, in order.
     pub fn events(&self) -> &[(Nanos, usize, Notification)] {
         &self.events
+    }
+
+    /// Takes the events seen since the last call (all of them the first
+    /// time): a long run can digest them as it goes instead of keeping
+    /// every notification.
+    pub fn take_events(&mut self) -> Vec<(Nanos, usize, Notification)> {
+        std::mem::take(&mut self.events)
     }
 
     /// Traffic so far.
     pub fn traffic(&self) -> Traffic {
         self.traffic
+    }
+
+    /// Judges senders of cross-rack packets from now on: a packet from one
+    /// rack to another whose sender `is_active_gateway` does not accept at
+    /// send time counts in [`Traffic::cross_rack_packets_from_non_gateways`].
+    pub fn judge_gateways_by(&mut self, is_active_gateway: impl Fn(&N) -> bool + 'static) {
+        self.cross.is_active_gateway = Some(Box::new(is_active_gateway));
+    }
+
+    /// Cross-rack packets member `i` has sent so far (all its lives).
+    pub fn cross_rack_packets_sent_by(&self, i: usize) -> u64 {
+        self.cross.sent_by.get(i).copied().unwrap_or(0)
     }
 
     /// Scheduled actions processed so far.
@@ -466,6 +517,9 @@ impl<N: SimNode> Simulation<N> {
     /// Sends what member `i` queued, collects its events, reschedules it.
     pub fn flush(&mut self, i: usize) {
         let from = self.slots[i].addr;
+        // Every packet of one flush leaves at the same instant: the sender
+        // is or is not its rack's gateway for all of them.
+        let mut from_gateway: Option<bool> = None;
         let Some(o) = self.slots[i].node.as_mut() else {
             return;
         };
@@ -498,18 +552,33 @@ impl<N: SimNode> Simulation<N> {
             self.traffic.packets += 1;
             self.traffic.bytes += t.payload.len() as u64;
             let Some(&to) = self.by_addr.get(&t.to) else { continue };
+            if self.network.crosses_racks(i, to) {
+                self.traffic.cross_rack_packets += 1;
+                self.traffic.cross_rack_bytes += t.payload.len() as u64;
+                if self.cross.sent_by.len() <= i {
+                    self.cross.sent_by.resize(i + 1, 0);
+                }
+                self.cross.sent_by[i] += 1;
+                if let Some(rule) = &self.cross.is_active_gateway {
+                    let node = self.slots[i].node.as_ref();
+                    let gateway = *from_gateway.get_or_insert_with(|| node.is_some_and(rule));
+                    if !gateway {
+                        self.traffic.cross_rack_packets_from_non_gateways += 1;
+                    }
+                }
+            }
             if !self.network.connected(i, to) {
                 continue;
             }
             let delay = match t.kind {
-                FrameKind::Datagram => match self.network.datagram_delay(&mut self.rng) {
+                FrameKind::Datagram => match self.network.datagram_delay(&mut self.rng, i, to) {
                     Some(d) => d,
                     None => {
                         self.traffic.lost += 1;
                         continue;
                     }
                 },
-                FrameKind::Stream => self.network.stream_delay(&mut self.rng, t.payload.len()),
+                FrameKind::Stream => self.network.stream_delay(&mut self.rng, i, to, t.payload.len()),
             };
             self.push(
                 self.now + delay,

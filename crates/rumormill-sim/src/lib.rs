@@ -9,8 +9,10 @@
 //!
 //! Experiments built on it:
 //! - [`membership`]: failure detection speed, accuracy and cost;
-//! - [`broadcast`]: how fast and how completely an update reaches
+//! - [`replication`]: how fast and how completely an update reaches
 //!   everyone, and at what cost, with rumor mongering, anti-entropy or both;
+//! - [`racks`]: members in racks over a topology, what crosses between
+//!   racks and at what cost, against the same members in one flat overlay;
 //! - [`epidemic`]: the synchronous models of Demers et al. (1987), the theory
 //!   the replication protocols are compared against.
 #![warn(missing_docs)]
@@ -19,7 +21,8 @@ mod engine;
 pub mod epidemic;
 pub mod membership;
 mod network;
+pub mod racks;
 pub mod replication;
 
 pub use engine::{Nanos, SimNode, Simulation, Traffic, member_addr, member_name, secs};
-pub use network::NetworkModel;
+pub use network::{Link, NetworkModel};

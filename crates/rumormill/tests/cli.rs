@@ -42,6 +42,47 @@ fn sim_membership_prints_one_json_object_with_the_promised_fields() {
 }
 
 #[test]
+fn sim_racks_prints_the_flat_run_and_the_racked_run_once_measurable() {
+    let out = rumormill(&[
+        "sim",
+        "racks",
+        "--racks",
+        "2",
+        "--members-per-rack",
+        "8",
+        "--kill-gateway",
+        "--duration-s",
+        "30",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(stdout.lines().count(), 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert!(
+        v["flat_cross_rack_bytes_per_s"].as_f64().is_some_and(|b| b > 0.0),
+        "{stdout}"
+    );
+    assert_eq!(v["flat"]["events_lost"], 0, "{stdout}");
+    // The racked run's figures are there together, or not at all.
+    let racked = [
+        "cross_rack_packets",
+        "cross_rack_packets_from_non_gateways",
+        "cross_rack_bytes_per_s",
+        "update_all_p99_ms",
+        "event_remote_p99_ms",
+        "gateway_failover_s",
+        "events_published",
+        "events_lost",
+        "payload_bytes_to_racks_without_subscribers",
+        "false_positives",
+        "converged",
+    ];
+    let present = racked.iter().filter(|k| v.get(**k).is_some()).count();
+    assert!(present == 0 || present == racked.len(), "{stdout}");
+}
+
+#[test]
 fn the_same_seed_prints_the_same_bytes() {
     let args = [
         "sim",
@@ -76,6 +117,11 @@ fn bad_arguments_give_one_readable_line_and_a_failure_status() {
         ),
         (vec!["sim", "membership", "--nodes", "many"], "invalid value 'many'"),
         (vec!["sim", "demers", "--k", "0"], "k"),
+        (vec!["sim", "racks", "--racks", "1"], "racks must be at least 2"),
+        (
+            vec!["sim", "racks", "--members-per-rack", "3"],
+            "members per rack must be at least",
+        ),
         (
             vec!["sim", "demers", "--direction", "sideways"],
             "push, pull, push-pull",

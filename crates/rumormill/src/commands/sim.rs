@@ -7,6 +7,7 @@ use rumormill_core::Config;
 use rumormill_core::replication::{self as diss, ReplicationConfig};
 use rumormill_sim::epidemic::{self, Direction, Loss, Removal};
 use rumormill_sim::membership::{self, MembershipParams};
+use rumormill_sim::racks::{self, RacksParams};
 use rumormill_sim::replication::{self, ReplicationParams};
 use serde::Serialize;
 
@@ -24,6 +25,50 @@ pub enum SimCommand {
     /// update, how fast and how completely it reaches everyone.
     #[command(alias = "broadcast")]
     Replication(ReplicationArgs),
+    /// Members in racks: what crosses between racks and at what cost,
+    /// against the same members in one flat overlay.
+    Racks(RacksArgs),
+}
+
+/// `rumormill sim racks`.
+#[derive(Debug, Args)]
+pub struct RacksArgs {
+    /// Racks.
+    #[arg(long, default_value_t = 3)]
+    racks: usize,
+    /// Members in each rack.
+    #[arg(long = "members-per-rack", default_value_t = 100)]
+    members_per_rack: usize,
+    /// Gateway candidates per rack.
+    #[arg(long, default_value_t = 3)]
+    candidates: usize,
+    /// Mean one-way latency between two racks, milliseconds (floor: 90 % of it).
+    #[arg(long = "cross-latency-ms", default_value_t = 80.0)]
+    cross_latency_ms: f64,
+    /// Probability that a datagram is lost, 0 ≤ P < 1, inside and between racks.
+    #[arg(long, default_value_t = 0.01)]
+    loss: f64,
+    /// Crash rack 1's active gateway half-way through the workload.
+    #[arg(long = "kill-gateway")]
+    kill_gateway: bool,
+    /// Simulated seconds.
+    #[arg(long = "duration-s", default_value_t = 120.0)]
+    duration_s: f64,
+    /// Writes per second, from random members.
+    #[arg(long = "writes-per-s", default_value_t = 1.0)]
+    writes_per_s: f64,
+    /// At-least-once events per second.
+    #[arg(long = "events-per-s", default_value_t = 5.0)]
+    events_per_s: f64,
+    /// Seed of both runs (racked and flat).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Protocol configuration preset.
+    #[arg(long, value_enum, default_value_t = Preset::Lan)]
+    preset: Preset,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `rumormill sim replication`.
@@ -180,6 +225,7 @@ pub fn run(cmd: SimCommand) -> Result<(), String> {
     match cmd {
         SimCommand::Membership(a) => membership_cmd(a),
         SimCommand::Replication(a) => replication_cmd(a),
+        SimCommand::Racks(a) => racks_cmd(a),
         SimCommand::Demers(a) => {
             let params = epidemic::DemersParams {
                 nodes: a.nodes,
@@ -334,6 +380,80 @@ fn replication_cmd(a: ReplicationArgs) -> Result<(), String> {
             r.messages_per_member,
             r.bytes_per_member,
             r.copies_per_member,
+        )
+    })
+}
+
+fn racks_cmd(a: RacksArgs) -> Result<(), String> {
+    let params = RacksParams {
+        racks: a.racks,
+        members_per_rack: a.members_per_rack,
+        candidates: a.candidates,
+        cross_latency_ms: a.cross_latency_ms,
+        loss: a.loss,
+        kill_gateway: a.kill_gateway,
+        duration_s: a.duration_s,
+        writes_per_s: a.writes_per_s,
+        events_per_s: a.events_per_s,
+        seed: a.seed,
+        config: a.preset.config(),
+        ..RacksParams::default()
+    };
+    let started = Instant::now();
+    let r = racks::run(&params).map_err(|e| e.to_string())?;
+    let wall = started.elapsed().as_secs_f64();
+    let ms = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1} ms"));
+    let measures = |m: &racks::RunMeasures| {
+        format!(
+            "cross-rack: {} packets, {:.0} bytes/s{}\n    \
+             writes reaching everyone: p50 {}, p99 {} ({} of {} incomplete)\n    \
+             events: {} published, {} lost, remote p50 {}, p99 {}, {} payload bytes to racks without subscribers\n    \
+             {}false positives {}, converged {}",
+            m.cross_rack_packets,
+            m.cross_rack_bytes_per_s,
+            m.cross_rack_packets_from_non_gateways
+                .map_or(String::new(), |n| format!(", {n} packets from non-gateways")),
+            ms(m.update_all_p50_ms),
+            ms(m.update_all_p99_ms),
+            m.writes_incomplete,
+            m.writes,
+            m.events_published,
+            m.events_lost,
+            ms(m.event_remote_p50_ms),
+            ms(m.event_remote_p99_ms),
+            m.payload_bytes_to_racks_without_subscribers,
+            m.gateway_failover_s
+                .map_or(String::new(), |s| format!("gateway failover {s:.2} s, ")),
+            m.false_positives,
+            m.converged,
+        )
+    };
+    print(a.json, &r, || {
+        let racked = r.racked.as_ref().map_or_else(
+            || "(the core has no racks yet: the racked run is not measured)".to_string(),
+            |m| {
+                format!(
+                    "{}\n    {:.1}× fewer cross-rack bytes than flat",
+                    measures(m),
+                    r.flat_cross_rack_bytes_per_s / m.cross_rack_bytes_per_s.max(f64::MIN_POSITIVE)
+                )
+            },
+        );
+        format!(
+            "{} racks × {} members, {} candidates, {} ms between racks, {:.1}% loss, {} s (seed {}){}:\n  \
+             racked:\n    {racked}\n  \
+             flat:\n    {}\n  \
+             ({wall:.1} s of wall time)",
+            r.racks,
+            r.members_per_rack,
+            r.candidates,
+            r.cross_latency_ms,
+            r.loss * 100.0,
+            r.duration_s,
+            r.seed,
+            r.kill_at_s
+                .map_or(String::new(), |t| format!(", gateway killed at {t} s")),
+            measures(&r.flat),
         )
     })
 }
